@@ -1,0 +1,3 @@
+from hoshikage_sd.cli import main
+
+raise SystemExit(main())

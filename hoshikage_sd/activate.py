@@ -1,0 +1,175 @@
+"""`hoshikage activate NAME`: ExecStart of hoshikage-model@NAME.service (Type=notify).
+
+Stage the model into the RAM disk, start llama-server on the staged file listening on a unix
+socket, and report READY=1 only once /health answers 200 (llama-server answers 503 while it
+loads). Then supervise: forward SIGTERM, exit with llama-server's status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import FrameType
+
+from hoshikage_sd import health, log, proc, systemd
+from hoshikage_sd.config import Config, Model
+from hoshikage_sd.errors import HoshikageError, die
+from hoshikage_sd.state import Running, Runtime
+from hoshikage_sd.store import Staged, Store, human
+
+EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
+HEARTBEAT = 5.0
+POLL = 0.02
+
+
+class Stopped(Exception):
+    """SIGTERM arrived before llama-server was running."""
+
+
+class Activator:
+    def __init__(self, config: Config, model: Model) -> None:
+        self.config = config
+        self.model = model
+        self.store = Store(config.ramdisk)
+        self.runtime = Runtime(config.runtime_dir)
+        self.socket = config.socket_path(model.name)
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self.deadline = time.monotonic() + config.start_timeout
+        self._last_beat = 0.0
+
+    # -- signals --------------------------------------------------------------------------
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            self.child.send_signal(signum)
+        elif self.child is None:
+            raise Stopped
+
+    def heartbeat(self, status: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat >= HEARTBEAT:
+            self._last_beat = now
+            systemd.notify(STATUS=status, EXTEND_TIMEOUT_USEC=EXTEND_USEC)
+
+    # -- steps ----------------------------------------------------------------------------
+    def stage(self, force: bool = False) -> Staged:
+        name = self.model.name
+
+        def progress(done: int, total: int) -> None:
+            if total == 0:
+                self.heartbeat(f"waiting for another copy of {name}")
+            else:
+                self.heartbeat(f"staging {name}: {human(done)} of {human(total)} "
+                               f"({100 * done // total}%)")
+
+        self.heartbeat(f"staging {name} from {self.model.path}", force=True)
+        staged = self.store.stage(name, self.model.path, progress, force=force)
+        if staged.copied:
+            rate = staged.size / max(staged.seconds, 1e-6)
+            log.event("staged", name,
+                      f"staged {name}: {human(staged.size)} from {self.model.path} in "
+                      f"{staged.seconds:.2f} s ({human(rate)}/s)",
+                      bytes=staged.size, seconds=f"{staged.seconds:.3f}",
+                      source=self.model.path, staged_path=staged.path)
+        return staged
+
+    def spawn(self, staged: Path) -> subprocess.Popen[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()  # llama-server does not remove a stale socket itself
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(self.config.llama_server), "-m", str(staged), "--host", str(self.socket),
+                "--alias", self.model.name, *self.model.args]
+        logging.getLogger("hoshikage").debug("starting %s", argv)
+        try:
+            self.child = subprocess.Popen(argv, env=proc.minimal_env(), stdin=subprocess.DEVNULL,
+                                          close_fds=True)
+        except OSError as exc:
+            die(f"cannot run llama-server {self.config.llama_server}: {exc.strerror}",
+                hint="set 'llama_server:' in the manifest to the binary's path")
+        return self.child
+
+    def wait_healthy(self, child: subprocess.Popen[bytes]) -> bool:
+        """True once /health is 200; False if llama-server exits first."""
+        while True:
+            if child.poll() is not None:
+                return False
+            if health.probe(str(self.socket), timeout=5.0) == 200:
+                return True
+            if time.monotonic() > self.deadline:
+                child.kill()
+                child.wait()
+                die(f"model '{self.model.name}' did not become ready within "
+                    f"{self.config.start_timeout:.0f} s",
+                    hint="raise 'start_timeout:' in the manifest for very large models")
+            self.heartbeat(f"loading {self.model.name}")
+            time.sleep(POLL)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        name = self.model.name
+        staged = self.stage()
+        load_start = time.monotonic()
+        child = self.spawn(staged.path)
+        if not self.wait_healthy(child):
+            if self.stopping:
+                raise Stopped
+            code = child.returncode
+            self.child = None
+            if self.store.matches_source(name, self.model.path):
+                die(f"llama-server exited with status {code} while loading '{name}' "
+                    f"({self.model.path})", hint=f"journalctl -u {systemd.model_unit(name)}")
+            log.event("restaged", name, f"staged copy of {name} does not match "
+                      f"{self.model.path}; copying it again", level=logging.WARNING,
+                      exit_status=code)
+            staged = self.stage(force=True)
+            load_start = time.monotonic()
+            child = self.spawn(staged.path)
+            if not self.wait_healthy(child):
+                if self.stopping:
+                    raise Stopped
+                die(f"llama-server exited with status {child.returncode} while loading "
+                    f"'{name}' even after a fresh copy",
+                    hint=f"journalctl -u {systemd.model_unit(name)}")
+        load = time.monotonic() - load_start
+        self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
+        systemd.notify(READY=1, STATUS=f"serving {name} on {self.socket}")
+        log.event("ready", name, f"{name} ready: llama-server pid {child.pid}, "
+                  f"load {load:.2f} s, staging {staged.seconds:.2f} s "
+                  f"({'copied' if staged.copied else 'reused'})",
+                  pid=child.pid, load_seconds=f"{load:.3f}",
+                  stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied))
+        return child
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        self.runtime.clear("error", self.model.name)
+        try:
+            child = self.start()
+        except Stopped:
+            return 0
+        except HoshikageError as err:
+            self.runtime.set_error(self.model.name, err.message)
+            systemd.notify(STATUS=f"failed: {err.message}")
+            log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",
+                      level=logging.ERROR, reason=err.message)
+            return err.code
+        code = child.wait()
+        if self.stopping and code in (0, -signal.SIGTERM, -signal.SIGINT):
+            return 0
+        return 128 - code if code < 0 else code
+
+
+def main(config: Config, name: str) -> int:
+    model = config.models.get(name)
+    if model is None:
+        Runtime(config.runtime_dir).set_error(name, f"'{name}' is not in {config.source}")
+        die(f"model '{name}' is not in {config.source}",
+            hint="known: " + ", ".join(config.models) if config.models else None)
+    os.umask(0o022)
+    return Activator(config, model).run()

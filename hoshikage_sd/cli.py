@@ -1,0 +1,87 @@
+"""The `hoshikage` command: unit helpers (activate, release, idle-watch, router) and the
+commands people type (status, check). Imports are per command: helpers sit on the cold-start
+path, so `activate` never pays for aiohttp."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hoshikage_sd import __version__, log
+from hoshikage_sd.errors import HoshikageError, die, report
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hoshikage", description="local LLMs, the systemd way")
+    ap.add_argument("--version", action="version", version=f"hoshikage {__version__}")
+    ap.add_argument("--debug", action="store_true", help="verbose logs, tracebacks on errors")
+    ap.add_argument("--config", help="manifest (default $HOSHIKAGE_CONFIG or "
+                                     "/etc/hoshikage/models.yaml)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="loaded models, RAM disk and memory")
+    sub.add_parser("check", help="validate the manifest without starting anything")
+    p = sub.add_parser("activate", help="(unit helper) stage and serve one model")
+    p.add_argument("name")
+    p = sub.add_parser("release", help="(unit helper) clean up after a model unit stopped")
+    p.add_argument("name")
+    sub.add_parser("idle-watch", help="(unit helper) stop models idle past their TTL")
+    p = sub.add_parser("router", help="(unit helper) the socket-activated request router")
+    p.add_argument("--listen", help="HOST:PORT when not socket-activated "
+                                    "(default 127.0.0.1:8080)")
+    return ap
+
+
+def model_name(name: str) -> str:
+    from hoshikage_sd.config import NAME_RE
+
+    # The instance name comes from a unit name: never let it reach a path unchecked.
+    if not NAME_RE.match(name):
+        die(f"'{name}' is not a valid model name")
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hoshikage_sd import config as manifest
+
+    config = manifest.load(Path(args.config) if args.config else None)
+    if args.command == "activate":
+        from hoshikage_sd import activate
+
+        return activate.main(config, model_name(args.name))
+    if args.command == "release":
+        from hoshikage_sd import release
+
+        return release.main(config, model_name(args.name))
+    if args.command == "idle-watch":
+        from hoshikage_sd import idle
+
+        return idle.main(config)
+    if args.command == "router":
+        from hoshikage_sd import router
+
+        return router.main(config, args.listen)
+    from hoshikage_sd import status
+
+    return status.status(config) if args.command == "status" else status.check(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    log.setup(f"hoshikage-{args.command}", args.debug)
+    try:
+        return run(args)
+    except HoshikageError as err:
+        if args.debug:
+            raise
+        if log.under_journal():
+            log.log.error("%s", err)
+            return err.code
+        return report(err)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`hoshikage idle-watch`, run by hoshikage-idle.timer: stop model units idle past their TTL.
+
+Idle time runs from the end of the last request with nothing in flight (the router's activity
+record), or from when the model became ready if it never served one. A model with a request in
+flight is never stopped, so a long streaming reply is never cut.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from hoshikage_sd import log, systemd
+from hoshikage_sd.config import Config
+from hoshikage_sd.state import Activity, Runtime
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def idle_seconds(now: float, ready_since: float, activity: Activity | None,
+                 router_alive: bool = True) -> float | None:
+    """Seconds the model has been idle, or None while a request is in flight.
+
+    A router that died mid-request cannot finish it, so its in-flight count no longer counts.
+    """
+    if activity is not None and activity.in_flight > 0 and router_alive:
+        return None
+    last = max(ready_since, activity.last_end if activity else 0.0)
+    return max(0.0, now - last)
+
+
+def should_stop(idle: float | None, ttl: float) -> bool:
+    return idle is not None and idle >= ttl
+
+
+def main(config: Config) -> int:
+    runtime = Runtime(config.runtime_dir)
+    now = time.time()
+    for name in systemd.active_model_units():
+        running = runtime.running(name)
+        if running is None:
+            continue  # still starting: READY not reached, nothing to be idle yet
+        model = config.models.get(name)
+        ttl = model.ttl if model else config.idle_ttl
+        activity = runtime.activity(name)
+        router_alive = activity is not None and pid_alive(activity.router_pid)
+        idle = idle_seconds(now, running.started, activity, router_alive)
+        if not should_stop(idle, ttl):
+            continue
+        assert idle is not None
+        runtime.set_stop_reason(name, "idle")
+        log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
+                  idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
+        systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
+    return 0

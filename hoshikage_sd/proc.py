@@ -1,0 +1,48 @@
+"""The one subprocess wrapper: argv lists, never a shell, checked, minimal environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from hoshikage_sd.errors import die
+
+# What a child may inherit. Everything else (LISTEN_FDS, NOTIFY_SOCKET, ...) is ours alone.
+_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "SYSTEMD_LOG_LEVEL")
+
+
+def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _KEEP if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = True,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    try:
+        result = subprocess.run(
+            list(argv),
+            check=False,
+            text=True,
+            capture_output=capture,
+            timeout=timeout,
+            env=minimal_env(env),
+        )
+    except FileNotFoundError:
+        die(f"{argv[0]} is not installed or not on PATH")
+    except subprocess.TimeoutExpired:
+        die(f"{' '.join(argv)} did not finish within {timeout} s")
+    if check and result.returncode != 0:
+        detail = (result.stderr or "").strip().splitlines()
+        die(f"{' '.join(argv)} failed (exit {result.returncode})"
+            + (f": {detail[-1]}" if detail else ""))
+    return result

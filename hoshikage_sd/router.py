@@ -1,0 +1,227 @@
+"""`hoshikage router`: hoshikage.service, the socket-activated front door.
+
+Takes the listening socket from systemd (LISTEN_FDS), finds the model a request names, starts
+hoshikage-model@NAME.service through systemctl (which returns once the activator said READY=1)
+and forwards the request to that model's unix socket, streaming the reply chunk by chunk.
+Exits once nothing is loaded and nobody asked for anything for `router_idle_exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, UnixConnector, client_exceptions, web
+
+from hoshikage_sd import log, proc, systemd
+from hoshikage_sd.config import Config, Model
+from hoshikage_sd.state import Activity, Runtime
+
+logger = logging.getLogger("hoshikage.router")
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
+MAX_BODY = 256 << 20
+
+
+class StartFailed(Exception):
+    pass
+
+
+def error(status: int, message: str, kind: str, **headers: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
+    """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON."""
+    if body.strip():
+        data = json.loads(body)
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            return str(data["model"])
+    return query.get("model")
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runtime = Runtime(config.runtime_dir)
+        self.sessions: dict[str, ClientSession] = {}
+        self.starting: dict[str, asyncio.Task[None]] = {}
+        self.ready: set[str] = set()
+        self.in_flight: dict[str, int] = {}
+        self.last_activity = time.monotonic()
+        self.done = asyncio.Event()
+
+    # -- model lifecycle ------------------------------------------------------------------
+    async def _start(self, model: Model) -> None:
+        unit = systemd.model_unit(model.name)
+        child = await asyncio.create_subprocess_exec(
+            "systemctl", "start", "--no-ask-password", unit, env=proc.minimal_env(),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await child.communicate()
+        if child.returncode != 0:
+            reason = self.runtime.error(model.name) or stderr.decode().strip() or \
+                f"{unit} failed to start"
+            raise StartFailed(reason)
+        self.ready.add(model.name)
+
+    async def ensure(self, model: Model) -> None:
+        """Return once the model serves; concurrent callers share one start."""
+        if model.name in self.ready:
+            return
+        task = self.starting.get(model.name)
+        if task is None:
+            task = asyncio.create_task(self._start(model))
+            self.starting[model.name] = task
+            task.add_done_callback(lambda _t: self.starting.pop(model.name, None))
+        await asyncio.shield(task)
+
+    def session(self, model: Model) -> ClientSession:
+        session = self.sessions.get(model.name)
+        if session is None:
+            connector = UnixConnector(path=str(self.config.socket_path(model.name)),
+                                      limit=0)
+            session = ClientSession(connector=connector, auto_decompress=False,
+                                    timeout=ClientTimeout(total=None))
+            self.sessions[model.name] = session
+        return session
+
+    # -- activity -------------------------------------------------------------------------
+    def _record(self, name: str, delta: int) -> None:
+        count = self.in_flight.get(name, 0) + delta
+        self.in_flight[name] = count
+        self.last_activity = time.monotonic()
+        self.runtime.set_activity(name, Activity(count, time.time(), os.getpid()))
+
+    # -- HTTP -----------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.last_activity = time.monotonic()
+        if request.path == "/v1/models" and request.method == "GET":
+            return self.list_models()
+        if request.path in ("/health", "/hoshikage/health") and "model" not in request.query:
+            return web.json_response({"status": "ok"})
+        body = await request.read()
+        try:
+            name = model_name_of(body, dict(request.query))
+        except ValueError as exc:
+            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        model = self.config.resolve(name)
+        if model is None:
+            known = ", ".join(self.config.models) or "(none)"
+            if name:
+                return error(404, f"model '{name}' is not known; known models: {known}",
+                             "model_not_found")
+            return error(400, f"the request names no model and there is no default; "
+                              f"known models: {known}", "invalid_request_error")
+        self._record(model.name, +1)
+        try:
+            return await self.forward(request, model, body)
+        finally:
+            self._record(model.name, -1)
+
+    async def forward(self, request: web.Request, model: Model,
+                      body: bytes) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        for attempt in (1, 2):
+            try:
+                await self.ensure(model)
+            except StartFailed as exc:
+                return error(503, f"model '{model.name}' could not be started: {exc}",
+                             "model_unavailable", **{"Retry-After": "10"})
+            try:
+                upstream = await self.session(model).request(
+                    request.method, request.rel_url, headers=headers, data=body or None,
+                    allow_redirects=False)
+                break
+            except (client_exceptions.ClientConnectorError,
+                    client_exceptions.ServerDisconnectedError) as exc:
+                # The unit was stopped (idle watch) or is restarting: start it again, once.
+                self.ready.discard(model.name)
+                if attempt == 2:
+                    return error(502, f"model '{model.name}' is not answering: {exc}",
+                                 "model_unavailable")
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        return response
+
+    def list_models(self) -> web.Response:
+        data: list[dict[str, Any]] = []
+        active = self.ready
+        for model in self.config.models.values():
+            data.append({"id": model.name, "object": "model", "owned_by": "hoshikage",
+                         "created": 0, "aliases": list(model.aliases),
+                         "loaded": model.name in active})
+        return web.json_response({"object": "list", "data": data})
+
+    # -- idle exit ------------------------------------------------------------------------
+    async def watch_idle(self) -> None:
+        period = max(0.2, min(5.0, self.config.router_idle_exit / 4))
+        while True:
+            await asyncio.sleep(period)
+            if any(self.in_flight.values()):
+                continue
+            if time.monotonic() - self.last_activity < self.config.router_idle_exit:
+                continue
+            loaded = await asyncio.to_thread(systemd.active_model_units)
+            self.ready.intersection_update(loaded)
+            if loaded:
+                continue
+            log.event("router-exit", "", "router exits: nothing loaded and idle for "
+                      f"{self.config.router_idle_exit:.0f} s")
+            self.done.set()
+            return
+
+    async def close(self) -> None:
+        for session in self.sessions.values():
+            await session.close()
+
+
+def listening_sockets(listen: str | None) -> list[socket.socket]:
+    fds = systemd.listen_fds()
+    if fds:
+        return [socket.socket(fileno=fd) for fd in fds]
+    host, _, port = (listen or "127.0.0.1:8080").rpartition(":")
+    sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), reuse_port=False)
+    return [sock]
+
+
+async def serve(config: Config, listen: str | None = None) -> int:
+    router = Router(config)
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_route("*", "/{tail:.*}", router.handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    for sock in listening_sockets(listen):
+        await web.SockSite(runner, sock).start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, router.done.set)
+    systemd.notify(READY=1, STATUS="routing")
+    idle = asyncio.create_task(router.watch_idle())
+    await router.done.wait()
+    idle.cancel()
+    systemd.notify(STOPPING=1)
+    await runner.cleanup()
+    await router.close()
+    return 0
+
+
+def main(config: Config, listen: str | None = None) -> int:
+    return asyncio.run(serve(config, listen))

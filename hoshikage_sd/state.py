@@ -1,0 +1,99 @@
+"""Runtime state shared by the router, the activator, the idle watch and `status`.
+
+Small JSON files under /run/hoshikage, each replaced atomically (temp + rename), so a reader
+never sees half a write and a crashed writer leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.rename(tmp, path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.rename(tmp, path)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Written by the router: requests in flight and when the last one ended (wall clock)."""
+
+    in_flight: int
+    last_end: float
+    router_pid: int = 0
+
+
+@dataclass(frozen=True)
+class Running:
+    """Written by the activator once llama-server runs."""
+
+    pid: int
+    staged: str
+    started: float
+
+
+class Runtime:
+    def __init__(self, runtime_dir: Path) -> None:
+        self.dir = runtime_dir
+
+    def _file(self, kind: str, name: str) -> Path:
+        return self.dir / kind / f"{name}.json"
+
+    def _read(self, kind: str, name: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._file(kind, name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write(self, kind: str, name: str, data: dict[str, Any]) -> None:
+        write_atomic(self._file(kind, name), json.dumps(data))
+
+    def clear(self, kind: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file(kind, name).unlink()
+
+    def activity(self, name: str) -> Activity | None:
+        data = self._read("activity", name)
+        try:
+            return Activity(**data) if data else None
+        except TypeError:
+            return None
+
+    def set_activity(self, name: str, activity: Activity) -> None:
+        self._write("activity", name, asdict(activity))
+
+    def running(self, name: str) -> Running | None:
+        data = self._read("running", name)
+        try:
+            return Running(**data) if data else None
+        except TypeError:
+            return None
+
+    def set_running(self, name: str, running: Running) -> None:
+        self._write("running", name, asdict(running))
+
+    def error(self, name: str) -> str | None:
+        data = self._read("error", name)
+        return str(data.get("reason")) if data else None
+
+    def set_error(self, name: str, reason: str) -> None:
+        self._write("error", name, {"reason": reason})
+
+    def stop_reason(self, name: str) -> str | None:
+        data = self._read("stop", name)
+        return str(data.get("reason")) if data else None
+
+    def set_stop_reason(self, name: str, reason: str) -> None:
+        self._write("stop", name, {"reason": reason})

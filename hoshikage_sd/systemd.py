@@ -1,0 +1,121 @@
+"""Small, dependency-free speakers of systemd's protocols.
+
+python-systemd would do, but its listen_fds() leaves LISTEN_* in os.environ for children to
+inherit and costs an import on the cold-start path; these protocols are a few lines each.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Mapping
+
+from hoshikage_sd import proc
+
+SD_LISTEN_FDS_START = 3
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+MODEL_UNIT_PREFIX = "hoshikage-model@"
+
+
+def listen_fds() -> list[int]:
+    """The sockets systemd passed us (sd_listen_fds), with LISTEN_* removed from os.environ."""
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None or int(pid) != os.getpid():
+        return []
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds
+
+
+def notify(**fields: str | int) -> bool:
+    """sd_notify: notify(READY=1, STATUS="..."). False when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(payload, address)
+        except OSError:
+            return False
+    return True
+
+
+def _journal_field(key: str, value: str) -> bytes:
+    data = value.encode("utf-8", "replace")
+    if b"\n" in data:
+        return key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+    return key.encode() + b"=" + data + b"\n"
+
+
+def journal_send(fields: Mapping[str, object], socket_path: str = JOURNAL_SOCKET) -> bool:
+    """Send one structured entry over journald's native protocol. False without journald."""
+    payload = b"".join(_journal_field(k, str(v)) for k, v in fields.items() if v is not None)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(payload, socket_path)
+        except OSError:
+            return False
+    return True
+
+
+def escape(text: str) -> str:
+    """systemd-escape for a unit instance string: nothing from a request reaches a unit raw."""
+    out = []
+    for i, byte in enumerate(text.encode()):
+        ch = chr(byte)
+        if ch == "/":
+            out.append("-")
+        elif (ch.isascii() and ch.isalnum()) or ch in ":_" or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def model_unit(name: str) -> str:
+    return f"{MODEL_UNIT_PREFIX}{escape(name)}.service"
+
+
+def unescape(text: str) -> str:
+    raw = bytearray()
+    i = 0
+    while i < len(text):
+        if text.startswith("\\x", i) and i + 4 <= len(text):
+            raw.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            raw.extend(b"/" if text[i] == "-" else text[i].encode())
+            i += 1
+    return raw.decode("utf-8", "replace")
+
+
+def systemctl(*args: str, check: bool = True, timeout: float | None = None) -> str:
+    return proc.run(["systemctl", *args], check=check, timeout=timeout).stdout
+
+
+def active_model_units() -> list[str]:
+    """Instance names (unescaped) of model units that are active, activating or deactivating."""
+    out = systemctl("list-units", "--plain", "--no-legend", "--all", "--type=service",
+                    f"{MODEL_UNIT_PREFIX}*", check=False)
+    names = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] in ("active", "activating", "deactivating", "reloading"):
+            names.append(unescape(parts[0][len(MODEL_UNIT_PREFIX) : -len(".service")]))
+    return names
+
+
+def show(unit: str, *props: str) -> dict[str, str]:
+    out = systemctl("show", unit, *(f"--property={p}" for p in props), check=False)
+    values = {}
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        values[key] = value
+    return values

