@@ -61,7 +61,21 @@ class Router:
         self.done = asyncio.Event()
 
     # -- model lifecycle ------------------------------------------------------------------
+    async def serving(self, model: Model) -> bool:
+        """Does the model's llama-server answer /health with 200 (not 503 'loading')?"""
+        if not self.config.socket_path(model.name).exists():
+            return False
+        try:
+            async with self.session(model).get("/health") as response:
+                return response.status == 200
+        except client_exceptions.ClientError:
+            return False
+
     async def _start(self, model: Model) -> None:
+        # A router started afresh finds a model still loaded: no systemctl round trip.
+        if await self.serving(model):
+            self.ready.add(model.name)
+            return
         unit = systemd.model_unit(model.name)
         child = await asyncio.create_subprocess_exec(
             "systemctl", "start", "--no-ask-password", unit, env=proc.minimal_env(),
@@ -89,7 +103,8 @@ class Router:
         if session is None:
             connector = UnixConnector(path=str(self.config.socket_path(model.name)),
                                       limit=0)
-            session = ClientSession(connector=connector, auto_decompress=False,
+            session = ClientSession("http://localhost", connector=connector,
+                                    auto_decompress=False,
                                     timeout=ClientTimeout(total=None))
             self.sessions[model.name] = session
         return session
