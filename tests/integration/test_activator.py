@@ -1,0 +1,110 @@
+"""The activator with a real llama-server under a real NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd import health
+from hoshikage_sd.store import file_digest
+
+from .conftest import NotifyListener, Setup, stop
+
+pytestmark = pytest.mark.integration
+
+
+def start_activator(setup: Setup, listener: NotifyListener) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(setup.hoshikage("activate", "tiny"),
+                            env=setup.env(NOTIFY_SOCKET=str(listener.path)),
+                            stderr=subprocess.PIPE)
+
+
+def test_ready_only_after_health_200(setup: Setup, notify_socket: NotifyListener) -> None:
+    before = setup.source.stat()
+    activator = start_activator(setup, notify_socket)
+    try:
+        ready = notify_socket.wait_for("READY")
+        # The instant READY=1 arrives, llama-server must already answer 200 (not 503 loading).
+        assert health.probe(str(setup.sock())) == 200
+        assert ready["READY"] == "1"
+        statuses = [m["STATUS"] for m in notify_socket.messages if "STATUS" in m]
+        assert any(s.startswith("staging tiny") for s in statuses), statuses
+        assert any("EXTEND_TIMEOUT_USEC" in m for m in notify_socket.messages)
+        staged = setup.ramdisk / "tiny.gguf"
+        assert file_digest(staged) == file_digest(setup.source)
+        running = json.loads((setup.runtime / "running" / "tiny.json").read_text())
+        llama_pid = running["pid"]
+        os.kill(llama_pid, 0)
+    finally:
+        code = stop(activator)
+    assert code == 0, activator.stderr.read().decode() if activator.stderr else ""
+    with pytest.raises(ProcessLookupError):
+        os.kill(llama_pid, 0)  # SIGTERM was forwarded to llama-server
+    after = setup.source.stat()
+    assert (after.st_mtime_ns, after.st_size, after.st_mode) == \
+        (before.st_mtime_ns, before.st_size, before.st_mode)
+
+
+def test_corrupted_staged_copy_is_restaged(setup: Setup, notify_socket: NotifyListener) -> None:
+    activator = start_activator(setup, notify_socket)
+    notify_socket.wait_for("READY")
+    assert stop(activator) == 0
+    staged = setup.ramdisk / "tiny.gguf"
+    with open(staged, "r+b") as f:  # same size, same recorded source: only the bytes differ
+        f.write(b"XXXX")
+    activator = start_activator(setup, notify_socket)
+    try:
+        notify_socket.wait_for("READY")
+        assert health.probe(str(setup.sock())) == 200
+    finally:
+        stop(activator)
+    stderr = activator.stderr.read().decode() if activator.stderr else ""
+    assert "does not match" in stderr and "copying it again" in stderr, stderr
+    assert file_digest(staged) == file_digest(setup.source)
+
+
+def test_missing_source_fails_with_reason(setup: Setup, notify_socket: NotifyListener) -> None:
+    setup.source.chmod(0o644)
+    setup.source.unlink()
+    activator = start_activator(setup, notify_socket)
+    code = activator.wait(30)
+    stderr = activator.stderr.read().decode() if activator.stderr else ""
+    assert code != 0
+    assert str(setup.source) in stderr and "does not exist" in stderr, stderr
+    reason = json.loads((setup.runtime / "error" / "tiny.json").read_text())["reason"]
+    assert str(setup.source) in reason
+    assert not (setup.ramdisk / "tiny.gguf").exists()
+    assert any(m.get("STATUS", "").startswith("failed:") for m in notify_socket.drain())
+
+
+def test_release_cleans_after_failed_start(setup: Setup) -> None:
+    (setup.ramdisk / "tiny.gguf").write_bytes(b"x" * 8192)
+    (setup.ramdisk / ".tiny.gguf.tmp-4242").write_bytes(b"y" * 4096)
+    setup.sock().touch()
+    env = setup.env(SERVICE_RESULT="exit-code", EXIT_CODE="exited", EXIT_STATUS="1")
+    for _ in range(2):  # idempotent
+        result = subprocess.run(setup.hoshikage("release", "tiny"), env=env,
+                                capture_output=True, text=True, check=True)
+    assert sorted(p.name for p in setup.ramdisk.iterdir() if not p.name.endswith(".lock")) == []
+    assert not setup.sock().exists()
+    assert "failure: exit-code (exited=1)" in result.stderr
+
+
+def test_activate_rejects_unsafe_instance_name(setup: Setup) -> None:
+    result = subprocess.run(setup.hoshikage("activate", "../../etc/passwd"), env=setup.env(),
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "not a valid model name" in result.stderr
+    assert not any(Path(setup.runtime).rglob("*passwd*"))
+
+
+def test_sigterm_during_load_exits_cleanly(setup: Setup, notify_socket: NotifyListener) -> None:
+    activator = start_activator(setup, notify_socket)
+    notify_socket.wait_for("STATUS")
+    activator.send_signal(signal.SIGTERM)
+    assert activator.wait(30) == 0

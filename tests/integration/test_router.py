@@ -1,0 +1,129 @@
+"""The router under systemd-socket-activate, forwarding to a real llama-server."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+import pytest
+
+from hoshikage_sd import health
+
+from .conftest import NotifyListener, Setup, stop, write_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def socket_activated_router(setup: Setup, port: int) -> subprocess.Popen[bytes]:
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.fail("systemd-socket-activate is missing (Debian package systemd)")
+    return subprocess.Popen([tool, "-l", f"127.0.0.1:{port}",
+                             "-E", f"HOSHIKAGE_CONFIG={setup.config}",
+                             *setup.hoshikage("router")], stderr=subprocess.PIPE)
+
+
+def request(port: int, method: str, path: str,
+            body: object = None) -> tuple[int, dict[str, object]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    conn.close()
+    return response.status, payload
+
+
+@pytest.fixture
+def served(setup: Setup, notify_socket: NotifyListener) -> Iterator[tuple[Setup, int]]:
+    activator = subprocess.Popen(setup.hoshikage("activate", "tiny"),
+                                 env=setup.env(NOTIFY_SOCKET=str(notify_socket.path)))
+    notify_socket.wait_for("READY")
+    port = free_port()
+    router = socket_activated_router(setup, port)
+    time.sleep(0.2)  # systemd-socket-activate binds before the first connection
+    try:
+        yield setup, port
+    finally:
+        stop(router)
+        stop(activator)
+
+
+def test_chat_completion_by_alias(served: tuple[Setup, int]) -> None:
+    setup, port = served
+    status, body = request(port, "POST", "/v1/chat/completions",
+                           {"model": "small", "max_tokens": 4,
+                            "messages": [{"role": "user", "content": "hello"}]})
+    assert status == 200, body
+    assert body["model"] == "tiny"
+    choices = body["choices"]
+    assert isinstance(choices, list) and choices[0]["message"]["content"]
+    activity = json.loads((setup.runtime / "activity" / "tiny.json").read_text())
+    assert activity["in_flight"] == 0 and activity["last_end"] > time.time() - 60
+
+
+def test_llama_server_endpoints_pass_through(served: tuple[Setup, int]) -> None:
+    _, port = served
+    status, body = request(port, "POST", "/tokenize", {"model": "tiny", "content": "hello"})
+    assert status == 200 and body["tokens"], body
+    status, body = request(port, "POST", "/completion", {"prompt": "hi", "n_predict": 3})
+    assert status == 200 and body["tokens_predicted"] == 3, body  # default model: the only one
+
+
+def test_models_unknown_and_malformed(served: tuple[Setup, int]) -> None:
+    setup, port = served
+    status, body = request(port, "GET", "/v1/models")
+    assert status == 200
+    assert body["data"] == [{"id": "tiny", "object": "model", "owned_by": "hoshikage",
+                             "created": 0, "aliases": ["small"], "loaded": False}]
+    status, body = request(port, "POST", "/v1/chat/completions", {"model": "nope"})
+    assert status == 404 and "tiny" in str(body["error"]), body
+    status, body = request(port, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in str(body["error"]), body
+    assert not (setup.runtime / "activity" / "tiny.json").exists()  # no request reached tiny
+
+
+def test_streaming_is_not_buffered(served: tuple[Setup, int]) -> None:
+    setup, port = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/completion", body=json.dumps(
+        {"prompt": "once upon a time", "n_predict": 3000, "stream": True}),
+        headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.readline()
+    assert first.startswith(b"data: "), first
+    # The first chunk reached us while llama-server is still generating: nothing buffered.
+    slots = health.UnixHTTPConnection(str(setup.sock()))
+    slots.request("GET", "/slots")
+    busy = [s for s in json.loads(slots.getresponse().read()) if s["is_processing"]]
+    slots.close()
+    assert busy, "generation had already finished when the first chunk arrived"
+    events = 1 + sum(1 for line in iter(response.readline, b"") if line.startswith(b"data: "))
+    conn.close()
+    assert events > 100
+
+
+def test_router_exits_when_idle_and_nothing_loaded(setup: Setup) -> None:
+    write_manifest(setup.root, setup.llama_server, setup.source, router_idle_exit="1s")
+    port = free_port()
+    router = socket_activated_router(setup, port)
+    time.sleep(0.2)
+    try:
+        status, _ = request(port, "GET", "/v1/models")
+        assert status == 200
+        router.wait(15)  # no model unit is loaded (no systemd here), so it may go
+    finally:
+        stop(router)
+    assert router.returncode == 0
+    assert b"router exits" in (router.stderr.read() if router.stderr else b"")
