@@ -1,0 +1,133 @@
+"""hoshikage end to end under real systemd (PID 1 in systemd-nspawn), driven over loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import ContainerFactory
+from tests.system.deploy import Deployment, deploy, manifest
+
+pytestmark = pytest.mark.system
+UNIT = "hoshikage-model@tiny.service"
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, tiny_gguf: Path) -> Path:
+    directory = tmp_path / "models"
+    directory.mkdir()
+    shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
+    return directory
+
+
+@pytest.fixture
+def hk(container_factory: ContainerFactory, models_dir: Path,
+       llama_server_bin: Path) -> Deployment:
+    text = manifest(llama_server_bin, {"tiny": "aliases: [small]\nttl: 3s",
+                                       "ghost": "ttl: 1h"},
+                    router_idle_exit="2s")
+    return deploy(container_factory, models_dir, text)
+
+
+def test_socket_listens_and_nothing_runs(hk: Deployment) -> None:
+    assert hk.state("hoshikage.socket") == "active"
+    assert hk.state("hoshikage.service") == "inactive"
+    assert hk.state(UNIT) == "inactive"
+    assert hk.processes("llama-server") == []
+    assert hk.processes("hoshikage") == []
+    listening = hk.container.exec("ss", "-Hltn", f"sport = :{hk.port}").stdout
+    assert f"127.0.0.1:{hk.port}" in listening
+
+
+def test_first_request_is_answered_from_the_ram_disk(hk: Deployment, models_dir: Path) -> None:
+    status, body = hk.chat("small")
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"]
+    assert hk.state(UNIT) == "active"
+    assert hk.state("mnt-hoshikage.mount") == "active"
+    mount = hk.container.exec("findmnt", "-n", "-o", "FSTYPE,OPTIONS", "/mnt/hoshikage").stdout
+    assert mount.startswith("tmpfs") and "huge=always" in mount, mount
+    staged = hk.container.root / "mnt/hoshikage/tiny.gguf"
+    assert staged.read_bytes() == (models_dir / "tiny.gguf").read_bytes()
+    (llama,) = hk.processes("llama-server")
+    assert "-m /mnt/hoshikage/tiny.gguf" in llama and "/run/hoshikage/tiny.sock" in llama
+    ready = hk.events("ready", "tiny")
+    assert len(ready) == 1 and ready[0]["HOSHIKAGE_COPIED"] == "1"
+
+
+def test_status_shows_the_loaded_model(hk: Deployment) -> None:
+    status, _ = hk.chat("tiny")
+    assert status == 200
+    exe = hk.container.exec("systemctl", "show", "-p", "ExecStart", "hoshikage.service").stdout
+    hoshikage = exe.split("path=")[1].split(" ")[0].strip(";")
+    out = hk.container.exec(hoshikage, "status").stdout
+    row = next(line for line in out.splitlines() if line.startswith("tiny "))
+    assert " active " in row and "616.9 KiB" in row, out
+    assert "RAM disk /mnt/hoshikage:" in out and "MemAvailable:" in out
+
+
+def test_twenty_concurrent_first_requests_load_once(hk: Deployment) -> None:
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _i: hk.chat("small"), range(20)))
+    assert [status for status, _ in results] == [200] * 20, results
+    assert len(hk.events("staged", "tiny")) == 1
+    assert len(hk.events("ready", "tiny")) == 1
+    assert len(hk.processes("llama-server")) == 1
+
+
+def test_idle_stop_releases_and_next_request_works(hk: Deployment) -> None:
+    status, _ = hk.chat("tiny")
+    assert status == 200
+    hk.wait_for("the idle stop", lambda: hk.state(UNIT) == "inactive", timeout=30)
+    assert not (hk.container.root / "mnt/hoshikage/tiny.gguf").exists()
+    assert hk.processes("llama-server") == []
+    (idle,) = hk.events("idle-stop", "tiny")
+    assert float(idle["HOSHIKAGE_IDLE_SECONDS"]) >= 3.0
+    (released,) = hk.events("released", "tiny")
+    assert released["MESSAGE_ID"] == "5c1a3e0f8b9d4a62a1f0e7d3b6c48a04"
+    assert released["HOSHIKAGE_REASON"] == "idle"
+    assert int(released["HOSHIKAGE_BYTES_FREED"]) >= 616 * 1024
+    assert int(released["HOSHIKAGE_PID"]) > 0
+    assert released["HOSHIKAGE_SERVICE_RESULT"] == "success"
+    # The router goes too, once nothing is loaded: zero hoshikage processes.
+    hk.wait_for("the router to exit", lambda: hk.state("hoshikage.service") == "inactive")
+    assert hk.processes("hoshikage") == []
+    assert hk.state("hoshikage.socket") == "active"
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    assert len(hk.events("staged", "tiny")) == 2
+
+
+def test_corrupted_staged_copy_is_detected_and_restaged(hk: Deployment,
+                                                        models_dir: Path) -> None:
+    hk.container.systemctl("start", "mnt-hoshikage.mount")
+    source = models_dir / "tiny.gguf"
+    staged = hk.container.root / "mnt/hoshikage/tiny.gguf"
+    data = bytearray(source.read_bytes())
+    data[0:4] = b"XXXX"  # a same-size copy that no longer loads
+    staged.write_bytes(bytes(data))
+    st = source.stat()  # the record the store keeps: the source as seen inside
+    (hk.container.root / "mnt/hoshikage/.tiny.source.json").write_text(json.dumps({
+        "path": "/srv/models/tiny.gguf", "dev": st.st_dev, "ino": st.st_ino,
+        "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    (restaged,) = hk.events("restaged", "tiny")
+    assert "does not match" in restaged["MESSAGE"]
+    assert staged.read_bytes() == source.read_bytes()
+
+
+def test_missing_source_gives_503_and_a_journal_line(hk: Deployment) -> None:
+    status, body = hk.chat("ghost")
+    assert status == 503, body
+    message = body["error"]["message"]
+    assert "/srv/models/ghost.gguf does not exist" in message, message
+    (failed,) = hk.events("start-failed", "ghost")
+    assert "/srv/models/ghost.gguf" in failed["MESSAGE"]
+    assert hk.state("hoshikage-model@ghost.service") in ("inactive", "failed")
+    status, _ = hk.chat("tiny")  # the router still serves the others
+    assert status == 200
