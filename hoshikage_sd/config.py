@@ -6,6 +6,7 @@ Every error names the file, the line and what is wrong; a missing model file is 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -78,8 +79,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration, not a boolean")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{value} is not a duration (a finite number of seconds >= 0)")
         return float(value)
     if isinstance(value, str):
         text = value.strip()
@@ -171,14 +172,14 @@ class _Parser:
     def strings(self, node: yaml.Node, what: str) -> tuple[str, ...]:
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, f"{what} must be a list")
-        values = [self.scalar(item) for item in node.value]
-        for item, value in zip(node.value, values, strict=True):
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
+        for item in node.value:
+            if not isinstance(item, yaml.ScalarNode):
                 raise self.fail(item, f"{what}: each entry must be a string")
-        return tuple(str(v) for v in values)
+        # The text as written: YAML 1.1 would turn 010 into 8 and 1:30 into 90.
+        return tuple(str(item.value) for item in node.value)
 
     def name(self, node: yaml.Node, what: str) -> str:
-        value = str(self.scalar(node))
+        value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
         if not NAME_RE.match(value):
             raise self.fail(node, f"{what} '{value}' is not a valid name "
                                   "(letters, digits, '.', '_', ':', '-'; at most 100)")

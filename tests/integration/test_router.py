@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+
 import pytest
 
 from hoshikage_sd import health

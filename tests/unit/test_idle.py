@@ -1,0 +1,85 @@
+"""hoshikage_sd.idle: how long a model has been idle, and whether its TTL has run out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hoshikage_sd.idle import idle_seconds, pid_alive, should_stop
+from hoshikage_sd.state import Activity
+
+READY = 1_000_000.0  # wall-clock time the model became ready
+TTL = 600.0
+
+
+def test_in_flight_request_is_never_idle() -> None:
+    busy = Activity(in_flight=1, last_end=READY + 10, router_pid=1)
+    for now in (READY + 1, READY + TTL, READY + 100 * TTL):
+        idle = idle_seconds(now, READY, busy)
+        assert idle is None
+        assert should_stop(idle, TTL) is False
+    assert idle_seconds(READY + 100 * TTL, READY, Activity(3, 0.0, 1)) is None
+
+
+def test_in_flight_but_router_dead_counts_as_idle() -> None:
+    orphaned = Activity(in_flight=2, last_end=READY + 100, router_pid=12345)
+    idle = idle_seconds(READY + 100 + TTL, READY, orphaned, router_alive=False)
+    assert idle == TTL
+    assert should_stop(idle, TTL) is True
+
+
+def test_no_activity_counts_from_ready() -> None:
+    assert idle_seconds(READY + 42.5, READY, None) == 42.5
+    assert idle_seconds(READY + 42.5, READY, None, router_alive=False) == 42.5
+
+
+def test_last_end_after_ready_counts_from_last_end() -> None:
+    activity = Activity(in_flight=0, last_end=READY + 500, router_pid=1)
+    assert idle_seconds(READY + 530, READY, activity) == 30.0
+    assert should_stop(idle_seconds(READY + 530, READY, activity), TTL) is False
+
+
+def test_last_end_before_ready_counts_from_ready() -> None:
+    # activity left over from an earlier run of the model: the new run starts fresh
+    stale = Activity(in_flight=0, last_end=READY - 5000, router_pid=1)
+    assert idle_seconds(READY + 30, READY, stale) == 30.0
+
+
+def test_idle_is_never_negative() -> None:
+    # clock skew: the record is from "the future"
+    activity = Activity(in_flight=0, last_end=READY + 100, router_pid=1)
+    assert idle_seconds(READY + 50, READY, activity) == 0.0
+    assert idle_seconds(READY - 10, READY, None) == 0.0
+
+
+def test_ttl_boundary() -> None:
+    activity = Activity(in_flight=0, last_end=READY + 100, router_pid=1)
+    at_ttl = idle_seconds(READY + 100 + TTL, READY, activity)
+    just_below = idle_seconds(READY + 100 + TTL - 0.001, READY, activity)
+    assert at_ttl == TTL
+    assert should_stop(at_ttl, TTL) is True
+    assert just_below is not None and just_below < TTL
+    assert should_stop(just_below, TTL) is False
+
+
+@pytest.mark.parametrize(("idle", "ttl", "stop"), [
+    (None, 0.0, False),
+    (None, 10.0, False),
+    (0.0, 0.0, True),
+    (9.999, 10.0, False),
+    (10.0, 10.0, True),
+    (10.001, 10.0, True),
+    (1e9, float("inf"), False),
+])
+def test_should_stop(idle: float | None, ttl: float, stop: bool) -> None:
+    assert should_stop(idle, ttl) is stop
+
+
+def test_pid_alive() -> None:
+    assert pid_alive(os.getpid()) is True
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert pid_alive(child.pid) is False

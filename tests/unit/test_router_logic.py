@@ -1,0 +1,172 @@
+"""The pure logic of the router, the release step and the runtime state files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd.release import reason_for
+from hoshikage_sd.router import model_name_of
+from hoshikage_sd.state import Activity, Running, Runtime, write_atomic
+
+# -- router.model_name_of ------------------------------------------------------------------
+
+
+def test_model_from_json_body() -> None:
+    body = json.dumps({"model": "gemma", "messages": [{"role": "user", "content": "hi"}]})
+    assert model_name_of(body.encode(), {}) == "gemma"
+
+
+def test_json_body_wins_over_query() -> None:
+    assert model_name_of(b'{"model": "gemma"}', {"model": "qwen"}) == "gemma"
+
+
+def test_query_fallback_when_body_names_no_model() -> None:
+    assert model_name_of(b'{"prompt": "hi"}', {"model": "qwen"}) == "qwen"
+    assert model_name_of(b'{"model": 5}', {"model": "qwen"}) == "qwen"
+    assert model_name_of(b'{"model": null}', {"model": "qwen"}) == "qwen"
+
+
+def test_no_model_anywhere() -> None:
+    assert model_name_of(b'{"prompt": "hi"}', {}) is None
+    assert model_name_of(b'{"model": ["a"]}', {}) is None
+
+
+@pytest.mark.parametrize("body", [b"", b"   ", b"\n\t \r\n"])
+def test_empty_body(body: bytes) -> None:
+    assert model_name_of(body, {}) is None
+    assert model_name_of(body, {"model": "tiny"}) == "tiny"
+
+
+@pytest.mark.parametrize("body", [b'["gemma"]', b'"gemma"', b"42", b"null", b"true"])
+def test_json_that_is_not_an_object(body: bytes) -> None:
+    assert model_name_of(body, {}) is None
+    assert model_name_of(body, {"model": "tiny"}) == "tiny"
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"model": "gemma"', b"model=gemma", b"\xff\xfe{",
+                                  b'{"model": "gemma"} trailing'])
+def test_malformed_json_raises_value_error(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        model_name_of(body, {"model": "tiny"})
+
+
+def test_unicode_model_name() -> None:
+    assert model_name_of('{"model": "日本語"}'.encode(), {}) == "日本語"
+
+
+# -- release.reason_for ----------------------------------------------------------------------
+
+def test_reason_manual_stop() -> None:
+    assert reason_for(None, None, None, None) == "manual stop"
+    assert reason_for(None, "success", "exited", "0") == "manual stop"
+    assert reason_for(None, "", None, None) == "manual stop"
+
+
+def test_reason_idle_marker() -> None:
+    assert reason_for("idle", None, None, None) == "idle"
+    assert reason_for("idle", "success", "killed", "TERM") == "idle"
+
+
+def test_reason_failure_with_exit_code_and_status() -> None:
+    assert reason_for(None, "exit-code", "exited", "1") == "failure: exit-code (exited=1)"
+    assert reason_for(None, "signal", "killed", "KILL") == "failure: signal (killed=KILL)"
+
+
+def test_reason_failure_without_exit_details() -> None:
+    assert reason_for(None, "timeout", None, None) == "failure: timeout"
+    assert reason_for(None, "resources", "", "") == "failure: resources"
+
+
+def test_reason_failure_wins_over_idle_marker() -> None:
+    assert reason_for("idle", "oom-kill", "killed", "KILL") == "failure: oom-kill (killed=KILL)"
+
+
+# -- state.Runtime ---------------------------------------------------------------------------
+
+def test_activity_round_trip(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path / "run")
+    assert rt.activity("tiny") is None
+    activity = Activity(in_flight=2, last_end=1700000000.25, router_pid=4242)
+    rt.set_activity("tiny", activity)
+    assert rt.activity("tiny") == activity
+    assert (tmp_path / "run" / "activity" / "tiny.json").is_file()
+    assert rt.activity("other") is None
+    rt.set_activity("tiny", Activity(0, 1700000001.5))
+    assert rt.activity("tiny") == Activity(0, 1700000001.5, 0)
+
+
+def test_running_round_trip(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path)
+    running = Running(pid=123, staged="/mnt/hoshikage/tiny.gguf", started=1700000000.5)
+    rt.set_running("qwen3:8b", running)
+    assert rt.running("qwen3:8b") == running
+    assert rt.running("tiny") is None
+
+
+def test_error_and_stop_reason_round_trip(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path)
+    assert rt.error("tiny") is None
+    assert rt.stop_reason("tiny") is None
+    rt.set_error("tiny", "model 'tiny' needs 4.0 GiB but only 1.0 GiB is free")
+    rt.set_stop_reason("tiny", "idle")
+    assert rt.error("tiny") == "model 'tiny' needs 4.0 GiB but only 1.0 GiB is free"
+    assert rt.stop_reason("tiny") == "idle"
+
+
+def test_clear(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path)
+    rt.set_stop_reason("tiny", "idle")
+    rt.set_stop_reason("big", "idle")
+    rt.clear("stop", "tiny")
+    assert rt.stop_reason("tiny") is None
+    assert rt.stop_reason("big") == "idle"
+    rt.clear("stop", "tiny")  # idempotent
+    rt.clear("running", "never-written")
+
+
+@pytest.mark.parametrize("text", ["", "{", "not json", "[1, 2]", '"idle"', "null",
+                                  '{"in_flight": 1}', '{"in_flight": 1, "last_end": 2, "x": 3}'])
+def test_corrupt_state_reads_as_none(tmp_path: Path, text: str) -> None:
+    rt = Runtime(tmp_path)
+    for kind in ("activity", "running"):
+        (tmp_path / kind).mkdir(exist_ok=True)
+        (tmp_path / kind / "tiny.json").write_text(text)
+    assert rt.activity("tiny") is None
+    assert rt.running("tiny") is None
+
+
+def test_corrupt_error_file_reads_as_none(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path)
+    (tmp_path / "error").mkdir()
+    (tmp_path / "error" / "tiny.json").write_bytes(b"\xff\x00garbage")
+    assert rt.error("tiny") is None
+
+
+def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "dir" / "state.json"  # parents created on demand
+    write_atomic(target, '{"a": 1}')
+    write_atomic(target, '{"a": 2}')
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]
+
+
+def test_runtime_writes_leave_no_temp_files(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path)
+    for i in range(3):
+        rt.set_activity("tiny", Activity(i, float(i), 1))
+        rt.set_running("tiny", Running(i, "/x", float(i)))
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["activity/tiny.json", "running/tiny.json"]
+
+
+def test_write_atomic_replaces_not_rewrites(tmp_path: Path) -> None:
+    """A reader holding the old file keeps seeing a whole old version."""
+    target = tmp_path / "state.json"
+    write_atomic(target, "old")
+    with open(target) as reader:
+        write_atomic(target, "new")
+        assert reader.read() == "old"
+    assert target.read_text() == "new"
