@@ -1,0 +1,94 @@
+"""Static checks of the shipped unit files and tmpfiles.d entry (no PID-1 systemd needed)."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO_ROOT, unavailable
+
+UNITS = sorted((REPO_ROOT / "units").iterdir())
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} is missing (Debian package systemd)")
+    return path
+
+
+def sections(unit: Path) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(unit)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root with the host's targets and slices, our units, and an executable hoshikage."""
+    root = tmp_path_factory.mktemp("root")
+    lib = root / "usr/lib/systemd/system"
+    lib.mkdir(parents=True)
+    for path in Path("/usr/lib/systemd/system").iterdir():
+        if path.suffix in (".target", ".slice") and path.is_file():
+            shutil.copy(path, lib)
+    (root / "usr/bin").mkdir(parents=True)
+    shutil.copy("/bin/true", root / "usr/bin/hoshikage")
+    for unit in UNITS:
+        shutil.copy(unit, lib)
+    return root
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_analyze_verify(root: Path, unit: Path) -> None:
+    lib = root / "usr/lib/systemd/system"
+    # A template is verified as an instance: a copy under the instance's name.
+    target = lib / unit.name.replace("@.", "@tiny.")
+    if target.name != unit.name:
+        shutil.copy(unit, target)
+    result = subprocess.run([tool("systemd-analyze"), "verify", "--man=no",
+                             "--recursive-errors=yes", f"--root={root}", str(target)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_verify_catches_a_broken_unit(root: Path, tmp_path: Path) -> None:
+    broken = root / "usr/lib/systemd/system/broken.service"
+    broken.write_text("[Service]\nType=oneshot\nExecStart=/usr/bin/not-there\n")
+    try:
+        result = subprocess.run([tool("systemd-analyze"), "verify", "--man=no",
+                                 f"--root={root}", str(broken)], capture_output=True, text=True)
+    finally:
+        broken.unlink()
+    assert result.returncode != 0, "the verify check could not fail"
+
+
+def test_only_socket_and_timer_are_installable() -> None:
+    installable = {u.name for u in UNITS if sections(u).has_section("Install")}
+    assert installable == {"hoshikage.socket", "hoshikage-idle.timer"}
+
+
+def test_socket_listens_on_loopback() -> None:
+    listen = sections(REPO_ROOT / "units/hoshikage.socket").get("Socket", "ListenStream")
+    assert listen == "127.0.0.1:8080"
+
+
+def test_ramdisk_allows_huge_pages() -> None:
+    options = sections(REPO_ROOT / "units/mnt-hoshikage.mount").get("Mount", "Options")
+    assert "huge=always" in options.split(",")
+    fstab = (REPO_ROOT / "fstab.example").read_text().splitlines()
+    (line,) = [x for x in fstab if x.strip() and not x.startswith("#")]
+    assert line.split()[3] == options  # the fstab alternative mounts the same tmpfs
+
+
+def test_tmpfiles_create(tmp_path: Path) -> None:
+    conf = REPO_ROOT / "tmpfiles.d/hoshikage.conf"
+    result = subprocess.run([tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create",
+                             str(conf)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    assert (tmp_path / "run/hoshikage/activity").is_dir()
