@@ -11,7 +11,10 @@
 set -euo pipefail
 
 APT_PACKAGES=(
+  systemd             # systemctl, systemd-analyze, systemd-tmpfiles, systemd-socket-activate
   systemd-container   # systemd-nspawn: the system test tier boots real systemd in it
+  iproute2            # ss, used by the system tests
+  procps              # pgrep
   python3-venv
   python3-pip
   python3-aiohttp

@@ -33,14 +33,15 @@ PRESETS: dict[str, dict[str, int | str]] = {
     "1g": {"n_embd": 2048, "n_ff": 5632, "n_layer": 10, "n_head": 16, "dtype": "f16"},
 }
 
-WORDS = (
+#: whole words added as merged SPM pieces
+WORDS_TEXT = (
     "the a and to of in is it you that he was for on are with as I his they be at one have "
     "this from or had by hot word but what some we can out other were all there when up use "
     "your how said an each she which do their time if will way about many then them write "
     "would like so these her long make thing see him two has look more day could go come did "
     "number sound no most people my over know water than call first who may down side been "
     "now find hello world model server llama test"
-).split()
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -70,7 +71,7 @@ def build_vocab() -> tuple[list[str], list[float], list[int]]:
     add("\u2581", -1.0, tt.NORMAL)  # "▁", the SentencePiece space
     for i, ch in enumerate(string.ascii_letters + string.digits + string.punctuation):
         add(ch, -2.0 - i * 0.01, tt.NORMAL)
-    for i, word in enumerate(WORDS):  # a few merged pieces so SPM merges are exercised
+    for i, word in enumerate(WORDS_TEXT.split()):  # a few merged pieces so SPM merges are exercised
         spaced = "\u2581" + word
         if spaced not in seen:
             add(spaced, -1.5 - 0.001 * i, tt.NORMAL)
@@ -135,9 +136,7 @@ def write_model(
     w.add_head_count_kv(kv_heads)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(
-        gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
-    )
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
 
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

@@ -95,6 +95,8 @@ def test_idle_stop_releases_and_next_request_works(hk: Deployment) -> None:
     assert released["HOSHIKAGE_SERVICE_RESULT"] == "success"
     # The router goes too, once nothing is loaded: zero hoshikage processes.
     hk.wait_for("the router to exit", lambda: hk.state("hoshikage.service") == "inactive")
+    hk.wait_for("the idle timer to stop with the last model",
+                lambda: hk.state("hoshikage-idle.timer") == "inactive")
     assert hk.processes("hoshikage") == []
     assert hk.state("hoshikage.socket") == "active"
     status, body = hk.chat("tiny")
