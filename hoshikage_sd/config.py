@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,30 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 
 
+BACKENDS = ("llama-server", "command")
+# Placeholders a `command:` backend's argv may use.
+COMMAND_FIELDS = ("name", "path", "socket")
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
     path: Path
     aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
     ttl: float = 3600.0
     args: tuple[str, ...] = ()
+    pinned: bool = False
+    backend: str = "llama-server"
+    command: tuple[str, ...] = ()  # argv template of the `command` backend
+    health: str = "/health"
+
+
+class AmbiguousModel(HoshikageError):
+    def __init__(self, name: str, candidates: list[str]) -> None:
+        super().__init__(f"model '{name}' is ambiguous: it matches {', '.join(candidates)}",
+                         hint="name one of them exactly", code=2)
+        self.candidates = candidates
 
 
 @dataclass(frozen=True)
@@ -43,27 +60,57 @@ class Config:
     router_idle_exit: float = 300.0
     start_timeout: float = 600.0
     default_model: str | None = None
+    sources: tuple[Path, ...] = ()
+    state_dir: Path = Path("/var/lib/hoshikage")
+    strict_names: bool = False
+    memory_budget: int | None = None
+    safety_margin: float = 1.2
+    max_loaded_models: int | None = None
+    evict_floor: int = 0
+    admission_wait: float = 60.0
+    pressure_warn: float = 0.7
+    pressure_critical: float = 0.9
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
-    def resolve(self, name: str | None) -> Model | None:
-        """A request's model name: exact name, then alias; None means 'use the default'."""
+    def resolve(self, name: str | None,
+                rank: Callable[[str], float] | None = None) -> Model | None:
+        """A request's model name: exact name, alias, tag, then a unique partial match.
+
+        Several partial matches: the highest-ranked wins, or AmbiguousModel in strict mode.
+        None (or "") means the default model: default_model, or the only model there is.
+        """
         if name is None or name == "":
             if self.default_model:
                 return self.models[self.default_model]
             return next(iter(self.models.values())) if len(self.models) == 1 else None
         if name in self.models:
             return self.models[name]
-        for model in self.models.values():
-            if name in model.aliases:
-                return model
-        return None
+        for field_name in ("aliases", "tags"):
+            for model in self.models.values():
+                if name in getattr(model, field_name):
+                    return model
+        needle = name.lower()
+        candidates = [m for m in self.models.values()
+                      if any(needle in n.lower() for n in (m.name, *m.aliases))]
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            return None
+        if self.strict_names:
+            raise AmbiguousModel(name, sorted(m.name for m in candidates))
+        by = rank or _no_rank
+        return max(candidates, key=lambda m: (by(m.name), m.name))
 
     def socket_path(self, name: str) -> Path:
         return self.runtime_dir / f"{name}.sock"
 
     def staged_path(self, name: str) -> Path:
         return self.ramdisk / f"{name}.gguf"
+
+
+def _no_rank(_name: str) -> float:
+    return 0.0
 
 
 class ConfigError(HoshikageError):
@@ -96,6 +143,22 @@ def parse_duration(value: object) -> float:
     raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 5m, 1h, 1h30m)")
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object) -> int:
+    """'20G', '512M', '1.5GiB', '4096' (bytes); binary multiples either way."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(value, int) and value >= 0:
+        return value
+    match = _SIZE_RE.match(str(value)) if isinstance(value, str | float) else None
+    if not match:
+        raise ValueError(f"{value!r} is not a size (use e.g. 512M, 20G, 1.5GiB)")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * 1024**power)
+
+
 def config_path() -> Path:
     return Path(os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_PATH)
 
@@ -119,6 +182,35 @@ def parse(text: str, path: Path) -> Config:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise ConfigError(path, line, f"not valid YAML: {exc.problem}") from None
     return _Parser(path).config(node)
+
+
+TOP_KEYS = ("ramdisk", "runtime_dir", "llama_server", "state_dir", "idle_ttl",
+            "router_idle_exit", "start_timeout", "admission_wait", "default_model", "sources",
+            "strict_names", "memory_budget", "safety_margin", "max_loaded_models",
+            "evict_floor", "pressure_warn", "pressure_critical", "models")
+MODEL_KEYS = ("path", "aliases", "tags", "ttl", "args", "pinned", "backend", "command",
+              "health")
+
+
+def model_name_for(path: Path) -> str | None:
+    """The model name a scanned file gets: its stem, with characters we refuse made '-'."""
+    name = re.sub(r"[^A-Za-z0-9._:-]+", "-", path.stem).strip("-._:")[:100]
+    return name if NAME_RE.match(name) else None
+
+
+def scan_sources(sources: tuple[Path, ...]) -> dict[str, Path]:
+    """*.gguf files in the source directories, earlier directories first."""
+    found: dict[str, Path] = {}
+    for directory in sources:
+        try:
+            entries = sorted(directory.glob("*.gguf"))
+        except OSError:
+            continue
+        for path in entries:
+            name = model_name_for(path)
+            if name and name not in found and path.is_file():
+                found[name] = path
+    return found
 
 
 class _Parser:
@@ -185,25 +277,62 @@ class _Parser:
                                   "(letters, digits, '.', '_', ':', '-'; at most 100)")
         return value
 
+    def number(self, node: yaml.Node, what: str, low: float, high: float) -> float:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not low <= value <= high:
+            raise self.fail(node, f"{what} must be a number from {low:g} to {high:g}")
+        return float(value)
+
+    def size(self, node: yaml.Node, what: str) -> int:
+        try:
+            return parse_size(self.scalar(node))
+        except ValueError as exc:
+            raise self.fail(node, f"{what}: {exc}") from None
+
+    def boolean(self, node: yaml.Node, what: str) -> bool:
+        value = self.scalar(node)
+        if not isinstance(value, bool):
+            raise self.fail(node, f"{what} must be true or false")
+        return value
+
     def config(self, node: yaml.Node | None) -> Config:
         top = self.mapping(node, "the manifest")
-        self.check_keys(top, ("ramdisk", "runtime_dir", "llama_server", "idle_ttl",
-                              "router_idle_exit", "start_timeout", "default_model", "models"),
-                        "the manifest")
+        self.check_keys(top, TOP_KEYS, "the manifest")
         kw: dict[str, Any] = {}
-        for key in ("ramdisk", "runtime_dir", "llama_server"):
+        for key in ("ramdisk", "runtime_dir", "llama_server", "state_dir"):
             if key in top:
                 kw[key] = self.abspath(top[key][1], key)
-        for key in ("idle_ttl", "router_idle_exit", "start_timeout"):
+        for key in ("idle_ttl", "router_idle_exit", "start_timeout", "admission_wait"):
             if key in top:
                 kw[key] = self.duration(top[key][1], key)
-        if "models" not in top:
-            raise self.fail(node, "the manifest has no 'models:' section")
+        for key in ("memory_budget", "evict_floor"):
+            if key in top:
+                kw[key] = self.size(top[key][1], key)
+        if "safety_margin" in top:
+            kw["safety_margin"] = self.number(top["safety_margin"][1], "safety_margin", 1, 10)
+        for key in ("pressure_warn", "pressure_critical"):
+            if key in top:
+                kw[key] = self.number(top[key][1], key, 0.05, 1)
+        if "max_loaded_models" in top:
+            kw["max_loaded_models"] = int(self.number(top["max_loaded_models"][1],
+                                                      "max_loaded_models", 1, 1000))
+        if "strict_names" in top:
+            kw["strict_names"] = self.boolean(top["strict_names"][1], "strict_names")
+        if "sources" in top:
+            kw["sources"] = tuple(self.abspath(n, "sources: entry")
+                                  for n in self._seq(top["sources"][1], "sources"))
+        if "models" not in top and "sources" not in top:
+            raise self.fail(node, "the manifest has neither 'models:' nor 'sources:'")
         idle_ttl = kw.get("idle_ttl", Config.idle_ttl)
+        found = scan_sources(kw.get("sources", ()))
         models: dict[str, Model] = {}
         owner: dict[str, str] = {}
-        for name, (knode, vnode) in self.mapping(top["models"][1], "models").items():
-            model, alias_nodes = self.model(self.name(knode, "model name"), vnode, idle_ttl)
+        tag_owner: dict[str, str] = {}
+        explicit = self.mapping(top["models"][1], "models") if "models" in top else {}
+        for name, (knode, vnode) in explicit.items():
+            model, alias_nodes, tag_nodes = self.model(self.name(knode, "model name"), knode,
+                                                       vnode, idle_ttl, found)
             if name in owner:
                 raise self.fail(knode, f"model name '{name}' is already an alias of "
                                        f"'{owner[name]}'")
@@ -212,32 +341,82 @@ class _Parser:
                     raise self.fail(anode, f"alias '{alias}' of '{name}' is already taken "
                                            f"by '{owner.get(alias, alias)}'")
                 owner[alias] = name
+            for tag, tnode in zip(model.tags, tag_nodes, strict=True):
+                if tag in tag_owner:
+                    raise self.fail(tnode, f"tag '{tag}' names one model at a time; it is "
+                                           f"already on '{tag_owner[tag]}'")
+                tag_owner[tag] = name
             models[name] = model
+        for name, path in found.items():  # scanned files; explicit entries win
+            if name not in models and name not in owner:
+                models[name] = Model(name=name, path=path, ttl=idle_ttl)
         if "default_model" in top:
             default = self.string(top["default_model"][1], "default_model")
             if default not in models:
                 raise self.fail(top["default_model"][1],
                                 f"default_model '{default}' is not one of the models")
             kw["default_model"] = default
+        if kw.get("pressure_warn", 0.7) > kw.get("pressure_critical", 0.9):
+            raise self.fail(top.get("pressure_warn", (None, node))[1],
+                            "pressure_warn must not be above pressure_critical")
         return Config(source=self.path, models=models, warnings=tuple(self.warnings), **kw)
 
-    def model(self, name: str, node: yaml.Node,
-              idle_ttl: float) -> tuple[Model, list[yaml.Node]]:
+    def model(self, name: str, key: yaml.Node, node: yaml.Node, idle_ttl: float,
+              found: Mapping[str, Path]) -> tuple[Model, list[yaml.Node], list[yaml.Node]]:
         items = self.mapping(node, f"model '{name}'")
-        self.check_keys(items, ("path", "aliases", "ttl", "args"), f"model '{name}'")
-        if "path" not in items:
-            raise self.fail(node, f"model '{name}' has no 'path:'")
-        path = self.abspath(items["path"][1], f"model '{name}': path")
-        if not path.is_file():
-            self.warnings.append(f"{self.path}:{items['path'][1].start_mark.line + 1}: "
-                                 f"model '{name}': {path} does not exist (yet)")
+        self.check_keys(items, MODEL_KEYS, f"model '{name}'")
+        if "path" in items:
+            path = self.abspath(items["path"][1], f"model '{name}': path")
+            if not path.is_file():
+                self.warnings.append(f"{self.path}:{items['path'][1].start_mark.line + 1}: "
+                                     f"model '{name}': {path} does not exist (yet)")
+        elif name in found:
+            path = found[name]
+        else:
+            raise self.fail(key, f"model '{name}' has no 'path:' and no {name}.gguf is in "
+                                  "the sources: directories")
         alias_nodes = (self._seq(items["aliases"][1], f"model '{name}': aliases")
                        if "aliases" in items else [])
-        aliases = tuple(self.name(a, f"model '{name}': alias") for a in alias_nodes)
-        ttl = self.duration(items["ttl"][1], f"model '{name}': ttl") if "ttl" in items \
-            else idle_ttl
-        args = self.strings(items["args"][1], f"model '{name}': args") if "args" in items else ()
-        return Model(name=name, path=path, aliases=aliases, ttl=ttl, args=args), alias_nodes
+        tag_nodes = self._seq(items["tags"][1], f"model '{name}': tags") if "tags" in items \
+            else []
+        kw: dict[str, Any] = {
+            "aliases": tuple(self.name(a, f"model '{name}': alias") for a in alias_nodes),
+            "tags": tuple(self.name(t, f"model '{name}': tag") for t in tag_nodes),
+            "ttl": self.duration(items["ttl"][1], f"model '{name}': ttl") if "ttl" in items
+            else idle_ttl,
+        }
+        if "args" in items:
+            kw["args"] = self.strings(items["args"][1], f"model '{name}': args")
+        if "pinned" in items:
+            kw["pinned"] = self.boolean(items["pinned"][1], f"model '{name}': pinned")
+        if "health" in items:
+            kw["health"] = self.string(items["health"][1], f"model '{name}': health")
+            if not kw["health"].startswith("/"):
+                raise self.fail(items["health"][1], f"model '{name}': health must be a path "
+                                                    "such as /health")
+        if "backend" in items:
+            kw["backend"] = self.string(items["backend"][1], f"model '{name}': backend")
+            if kw["backend"] not in BACKENDS:
+                raise self.fail(items["backend"][1], f"model '{name}': backend must be one of "
+                                                     f"{', '.join(BACKENDS)}")
+        if kw.get("backend") == "command":
+            if "command" not in items:
+                raise self.fail(key, f"model '{name}': backend 'command' needs 'command:', "
+                                      "an argv list such as [/usr/bin/server, --model, "
+                                      "'{path}', --uds, '{socket}']")
+            kw["command"] = self.strings(items["command"][1], f"model '{name}': command")
+            for arg, anode in zip(kw["command"], items["command"][1].value, strict=True):
+                try:
+                    arg.format_map({f: "" for f in COMMAND_FIELDS})
+                except (KeyError, ValueError, IndexError) as exc:
+                    raise self.fail(anode, f"model '{name}': command: '{arg}' has an unknown "
+                                           f"placeholder ({exc}); known: "
+                                           + ", ".join("{" + f + "}" for f in COMMAND_FIELDS)
+                                    ) from None
+        elif "command" in items:
+            raise self.fail(items["command"][0], f"model '{name}': 'command:' needs "
+                                                 "'backend: command'")
+        return Model(name=name, path=path, **kw), alias_nodes, tag_nodes
 
     def _seq(self, node: yaml.Node, what: str) -> list[yaml.Node]:
         if not isinstance(node, yaml.SequenceNode):

@@ -147,8 +147,8 @@ def test_resolve_exact_name_and_alias() -> None:
 def test_resolve_unknown_is_none() -> None:
     cfg = two_models(default="big")
     assert cfg.resolve("huge") is None
-    assert cfg.resolve("Tiny") is None  # names are case-sensitive
     assert cfg.resolve("tiny ") is None
+    assert cfg.resolve("bigger") is None  # partial means the request's name is part of one
 
 
 def test_resolve_no_name_uses_default_model() -> None:
@@ -282,7 +282,7 @@ def test_model_without_path(tmp_path: Path) -> None:
           tiny:
             ttl: 5m
     """)
-    assert_error_at(path, "ttl: 5m", "model 'tiny'", "no 'path:'")
+    assert_error_at(path, "  tiny:", "model 'tiny'", "no 'path:'")
 
 
 @pytest.mark.parametrize("ttl", ["soon", "-5m", "true", "1h junk", "[1h]"])
@@ -438,7 +438,7 @@ def test_no_models_section(tmp_path: Path) -> None:
     """)
     err = load_error(path)
     assert err.message.startswith(f"{path}:2: "), err.message
-    assert "no 'models:' section" in err.message
+    assert "neither 'models:' nor 'sources:'" in err.message
 
 
 def test_manifest_not_a_mapping(tmp_path: Path) -> None:

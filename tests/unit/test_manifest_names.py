@@ -1,0 +1,168 @@
+"""Issue 3's manifest: sources, tags, pinned, backends, memory settings, name resolution."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd.config import AmbiguousModel, ConfigError, parse, parse_size
+
+
+def cfg(text: str, path: Path = Path("/etc/hoshikage/models.yaml")):  # type: ignore[no-untyped-def]
+    return parse(textwrap.dedent(text), path)
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> tuple[Path, Path]:
+    ssd, hdd = tmp_path / "ssd", tmp_path / "hdd"
+    ssd.mkdir()
+    hdd.mkdir()
+    for name in ("qwen3-8b-Q4_K_M.gguf", "gemma 3 (4b).gguf"):
+        (ssd / name).write_bytes(b"GGUF")
+    for name in ("qwen3-8b-Q4_K_M.gguf", "llama-70b.gguf", "notes.txt"):
+        (hdd / name).write_bytes(b"GGUF")
+    return ssd, hdd
+
+
+def test_sources_are_scanned_in_priority_order(sources: tuple[Path, Path]) -> None:
+    ssd, hdd = sources
+    c = cfg(f"sources: [{ssd}, {hdd}]\n")
+    assert sorted(c.models) == ["gemma-3-4b", "llama-70b", "qwen3-8b-Q4_K_M"]
+    assert c.models["qwen3-8b-Q4_K_M"].path == ssd / "qwen3-8b-Q4_K_M.gguf"  # first wins
+    assert c.models["llama-70b"].path == hdd / "llama-70b.gguf"
+
+
+def test_explicit_entry_without_path_names_a_scanned_file(sources: tuple[Path, Path]) -> None:
+    ssd, hdd = sources
+    c = cfg(f"""
+        sources: [{ssd}, {hdd}]
+        models:
+          llama-70b:
+            aliases: [big]
+            pinned: true
+          mine:
+            path: {hdd / 'llama-70b.gguf'}
+    """)
+    assert c.models["llama-70b"].aliases == ("big",) and c.models["llama-70b"].pinned
+    assert c.resolve("big") is c.models["llama-70b"]
+    with pytest.raises(ConfigError, match=r"models.yaml:4: model 'ghost' has no 'path:'"):
+        cfg(f"""
+            sources: [{ssd}]
+            models:
+              ghost:
+                ttl: 5m
+        """)
+
+
+def two() -> str:
+    return """
+        models:
+          qwen3-8b:
+            path: /m/q8.gguf
+            aliases: [qwen]
+            tags: [tool]
+          qwen3-32b:
+            path: /m/q32.gguf
+          gemma:
+            path: /m/g.gguf
+            aliases: [gem]
+    """
+
+
+def test_resolution_order_name_alias_tag_partial() -> None:
+    c = cfg(two())
+    assert c.resolve("qwen3-32b").name == "qwen3-32b"  # type: ignore[union-attr]
+    assert c.resolve("qwen").name == "qwen3-8b"  # type: ignore[union-attr]  # alias, not partial
+    assert c.resolve("tool").name == "qwen3-8b"  # type: ignore[union-attr]
+    assert c.resolve("GEM").name == "gemma"  # type: ignore[union-attr]  # unique partial
+    assert c.resolve("32").name == "qwen3-32b"  # type: ignore[union-attr]
+    assert c.resolve("llama") is None
+
+
+def test_several_partial_matches_highest_rank_or_409() -> None:
+    c = cfg(two())
+    ranks = {"qwen3-8b": 1.0, "qwen3-32b": 5.0}
+    assert c.resolve("qwen3", ranks.__getitem__).name == "qwen3-32b"  # type: ignore[union-attr]
+    ranks["qwen3-8b"] = 9.0
+    assert c.resolve("qwen3", ranks.__getitem__).name == "qwen3-8b"  # type: ignore[union-attr]
+    strict = cfg("strict_names: true\n" + textwrap.dedent(two()))
+    with pytest.raises(AmbiguousModel) as exc:
+        strict.resolve("qwen3")
+    assert exc.value.candidates == ["qwen3-32b", "qwen3-8b"]
+
+
+def test_a_tag_names_one_model_at_a_time() -> None:
+    with pytest.raises(ConfigError, match=r":8: tag 'tool' names one model at a time; it is "
+                                          r"already on 'a'"):
+        cfg("""
+            models:
+              a:
+                path: /m/a.gguf
+                tags: [tool]
+              b:
+                path: /m/b.gguf
+                tags: [tool]
+        """)
+
+
+def test_command_backend() -> None:
+    c = cfg("""
+        models:
+          vl:
+            path: /m/vl.gguf
+            backend: command
+            command: [/usr/bin/server, --model, "{path}", --uds, "{socket}"]
+            health: /v1/models
+    """)
+    m = c.models["vl"]
+    assert (m.backend, m.health) == ("command", "/v1/models")
+    assert m.command[2] == "{path}"
+    with pytest.raises(ConfigError, match=r":6: model 'vl': command: '\{port\}' has an unknown"):
+        cfg("""
+            models:
+              vl:
+                path: /m/vl.gguf
+                backend: command
+                command: [/usr/bin/server, "{port}"]
+        """)
+    with pytest.raises(ConfigError, match="backend 'command' needs 'command:'"):
+        cfg("models:\n  vl:\n    path: /m/vl.gguf\n    backend: command\n")
+    with pytest.raises(ConfigError, match=r":4: model 'vl': backend must be one of"):
+        cfg("models:\n  vl:\n    path: /m/vl.gguf\n    backend: vllm\n")
+
+
+def test_memory_settings() -> None:
+    c = cfg("""
+        memory_budget: 20G
+        safety_margin: 1.5
+        max_loaded_models: 3
+        evict_floor: 512M
+        admission_wait: 2m
+        pressure_warn: 0.6
+        pressure_critical: 0.8
+        models: {}
+    """)
+    assert c.memory_budget == 20 << 30 and c.evict_floor == 512 << 20
+    assert (c.safety_margin, c.max_loaded_models, c.admission_wait) == (1.5, 3, 120.0)
+    assert (c.pressure_warn, c.pressure_critical) == (0.6, 0.8)
+    with pytest.raises(ConfigError, match=r":2: safety_margin must be a number from 1 to 10"):
+        cfg("\nsafety_margin: 0.5\nmodels: {}\n")
+    with pytest.raises(ConfigError, match=r":1: memory_budget: 'lots' is not a size"):
+        cfg("memory_budget: lots\nmodels: {}\n")
+    with pytest.raises(ConfigError, match="pressure_warn must not be above"):
+        cfg("pressure_warn: 0.95\nmodels: {}\n")
+
+
+@pytest.mark.parametrize(("text", "size"), [("4096", 4096), ("512M", 512 << 20),
+                                            ("20G", 20 << 30), ("1.5GiB", 3 << 29),
+                                            ("2T", 2 << 40), ("64k", 64 << 10)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "G", "-1G", "1X", "lots", True])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
