@@ -79,19 +79,25 @@ class Activator:
                       source=self.model.path, staged_path=staged.path)
         return staged
 
+    def argv(self, staged: Path) -> list[str]:
+        if self.model.backend == "command":
+            fields = {"name": self.model.name, "path": str(staged), "socket": str(self.socket)}
+            return [arg.format_map(fields) for arg in self.model.command] + list(self.model.args)
+        return [str(self.config.llama_server), "-m", str(staged), "--host", str(self.socket),
+                "--alias", self.model.name, *self.model.args]
+
     def spawn(self, staged: Path) -> subprocess.Popen[bytes]:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # llama-server does not remove a stale socket itself
         self.socket.parent.mkdir(parents=True, exist_ok=True)
-        argv = [str(self.config.llama_server), "-m", str(staged), "--host", str(self.socket),
-                "--alias", self.model.name, *self.model.args]
+        argv = self.argv(staged)
         logging.getLogger("hoshikage").debug("starting %s", argv)
         try:
             self.child = subprocess.Popen(argv, env=proc.minimal_env(), stdin=subprocess.DEVNULL,
                                           close_fds=True)
         except OSError as exc:
-            die(f"cannot run llama-server {self.config.llama_server}: {exc.strerror}",
-                hint="set 'llama_server:' in the manifest to the binary's path")
+            die(f"cannot run {argv[0]}: {exc.strerror}",
+                hint="set 'llama_server:' (or the model's 'command:') in the manifest")
         return self.child
 
     def wait_healthy(self, child: subprocess.Popen[bytes]) -> bool:
@@ -99,7 +105,7 @@ class Activator:
         while True:
             if child.poll() is not None:
                 return False
-            if health.probe(str(self.socket), timeout=5.0) == 200:
+            if health.probe(str(self.socket), self.model.health, timeout=5.0) == 200:
                 return True
             if time.monotonic() > self.deadline:
                 child.kill()

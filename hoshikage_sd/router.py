@@ -19,8 +19,10 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, UnixConnector, client_exceptions, web
 
+from hoshikage_sd import config as manifest
 from hoshikage_sd import log, proc, systemd
-from hoshikage_sd.config import Config, Model
+from hoshikage_sd.config import AmbiguousModel, Config, Model
+from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.state import Activity, Runtime
 
 logger = logging.getLogger("hoshikage.router")
@@ -59,6 +61,39 @@ class Router:
         self.in_flight: dict[str, int] = {}
         self.last_activity = time.monotonic()
         self.done = asyncio.Event()
+        self._manifest_id = self._stat_manifest()
+        self._checked = time.monotonic()
+
+    # -- manifest reload ------------------------------------------------------------------
+    def _stat_manifest(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.config.source)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def maybe_reload(self) -> None:
+        """Pick up an edited manifest (checked at most once a second); keep the last good one."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        current = self._stat_manifest()
+        if current == self._manifest_id or current is None:
+            return
+        self._manifest_id = current
+        try:
+            config = manifest.load(self.config.source)
+        except HoshikageError as err:
+            logger.error("keeping the last good manifest: %s", err.message)
+            return
+        logger.info("manifest %s reloaded: %d model(s)", config.source, len(config.models))
+        self.config = config
+
+    def rank(self, name: str) -> float:
+        """Until usage statistics exist: the most recently used model ranks highest."""
+        activity = self.runtime.activity(name)
+        return activity.last_end if activity else 0.0
 
     # -- model lifecycle ------------------------------------------------------------------
     async def serving(self, model: Model) -> bool:
@@ -119,6 +154,7 @@ class Router:
     # -- HTTP -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.last_activity = time.monotonic()
+        self.maybe_reload()
         if request.path == "/v1/models" and request.method == "GET":
             return self.list_models()
         if request.path in ("/health", "/hoshikage/health") and "model" not in request.query:
@@ -128,7 +164,10 @@ class Router:
             name = model_name_of(body, dict(request.query))
         except ValueError as exc:
             return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
-        model = self.config.resolve(name)
+        try:
+            model = self.config.resolve(name, self.rank)
+        except AmbiguousModel as exc:
+            return error(409, exc.message + "; name one exactly", "model_ambiguous")
         if model is None:
             known = ", ".join(self.config.models) or "(none)"
             if name:
