@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import health, log, proc, systemd
+from hoshikage_sd import admission, health, log, proc, residents, systemd
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.state import Running, Runtime
@@ -116,8 +116,49 @@ class Activator:
             self.heartbeat(f"loading {self.model.name}")
             time.sleep(POLL)
 
+    def admit(self) -> None:
+        """Make room before staging: evict idle models, wait for busy ones, or refuse."""
+        name = self.model.name
+        wait_until = time.monotonic() + self.config.admission_wait
+        announced = False
+        while True:
+            with self.runtime.locked("admission"):
+                others = residents.residents(self.config, self.runtime, exclude=name)
+                decision = admission.decide(
+                    name, residents.estimate(self.model),
+                    residents.available(self.config, others), others,
+                    margin=self.config.safety_margin, max_loaded=self.config.max_loaded_models,
+                    floor=self.config.evict_floor)
+                verdict = decision.verdict
+                if verdict is not admission.Verdict.WAIT or not announced:
+                    log.event("admission", name, decision.message,
+                              level=logging.INFO if verdict in (admission.Verdict.LOAD,
+                                                                admission.Verdict.EVICT)
+                              else logging.WARNING,
+                              verdict=verdict.value, needed=decision.needed,
+                              available=decision.available,
+                              victims=",".join(v.name for v in decision.victims) or None)
+                if verdict is admission.Verdict.REJECT:
+                    die(decision.message)
+                if verdict is admission.Verdict.LOAD:
+                    return
+                if verdict is admission.Verdict.EVICT:
+                    for victim in decision.victims:
+                        self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
+                        self.heartbeat(f"stopping {victim.name} to make room", force=True)
+                        systemd.systemctl("stop", systemd.model_unit(victim.name),
+                                          check=False)
+                    return
+            announced = True
+            if time.monotonic() > wait_until:
+                die(f"no room for '{name}' yet: {decision.message}",
+                    hint="the busy models will go idle; try again shortly")
+            self.heartbeat(f"waiting for room: {decision.message}")
+            time.sleep(1.0)
+
     def start(self) -> subprocess.Popen[bytes]:
         name = self.model.name
+        self.admit()
         staged = self.stage()
         load_start = time.monotonic()
         child = self.spawn(staged.path)

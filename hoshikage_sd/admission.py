@@ -28,6 +28,7 @@ class Resident:
     idle: float | None        # seconds since its last request ended; None: busy or starting
     pinned: bool = False
     last_used: float = 0.0    # wall clock of the last use: older goes first
+    starting: bool = False    # not serving yet: its memory is promised, not yet taken
 
 
 @dataclass(frozen=True)

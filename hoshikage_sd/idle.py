@@ -7,6 +7,7 @@ flight is never stopped, so a long streaming reply is never cut.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -60,4 +61,33 @@ def main(config: Config) -> int:
         log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
+    watch_pressure(config, runtime)
     return 0
+
+
+def watch_pressure(config: Config, runtime: Runtime) -> None:
+    """Above pressure_warn of RAM in use, say so; above pressure_critical, stop idle models,
+    lowest rank first, before the kernel has to swap or kill."""
+    from hoshikage_sd.admission import pressure_victims
+    from hoshikage_sd.residents import meminfo, residents
+
+    info = meminfo()
+    total, used = info["MemTotal"], info["MemTotal"] - info["MemAvailable"]
+    if used < config.pressure_warn * total:
+        return
+    share = f"{used / total:.0%} of RAM in use"
+    if used < config.pressure_critical * total:
+        log.event("pressure", "", f"memory pressure: {share} (warn at "
+                  f"{config.pressure_warn:.0%})", level=logging.WARNING, used=used, total=total)
+        return
+    victims = pressure_victims(used, total, config.pressure_critical,
+                               [r for r in residents(config, runtime) if r.name in config.models],
+                               config.evict_floor)
+    log.event("pressure", "", f"memory pressure: {share} (critical at "
+              f"{config.pressure_critical:.0%}): stopping "
+              + (", ".join(v.name for v in victims) or "nothing idle"),
+              level=logging.ERROR, used=used, total=total,
+              victims=",".join(v.name for v in victims) or None)
+    for victim in victims:
+        runtime.set_stop_reason(victim.name, "memory pressure")
+        systemd.systemctl("stop", "--no-block", systemd.model_unit(victim.name), check=False)

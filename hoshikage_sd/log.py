@@ -24,6 +24,8 @@ MESSAGE_IDS = {
     "start-failed": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a05",
     "restaged": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a06",
     "router-exit": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a07",
+    "admission": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a08",
+    "pressure": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a09",
 }
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,

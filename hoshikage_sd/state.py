@@ -7,8 +7,10 @@ never sees half a write and a crashed writer leaves the previous state intact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,17 @@ class Running:
 class Runtime:
     def __init__(self, runtime_dir: Path) -> None:
         self.dir = runtime_dir
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """A machine-wide lock (flock on runtime_dir/NAME.lock), released on exit or crash."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _file(self, kind: str, name: str) -> Path:
         return self.dir / kind / f"{name}.json"

@@ -10,17 +10,9 @@ from pathlib import Path
 from hoshikage_sd import systemd
 from hoshikage_sd.config import Config
 from hoshikage_sd.idle import idle_seconds, pid_alive
+from hoshikage_sd.residents import meminfo
 from hoshikage_sd.state import Runtime
 from hoshikage_sd.store import human
-
-
-def meminfo() -> dict[str, int]:
-    values = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            values[key] = int(rest.split()[0]) * 1024
-    return values
 
 
 def ago(seconds: float) -> str:

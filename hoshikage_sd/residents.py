@@ -1,0 +1,72 @@
+"""The numbers admission decides on, read from this machine: who holds memory, and how much
+is free for a newcomer."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from hoshikage_sd import systemd
+from hoshikage_sd.admission import Resident
+from hoshikage_sd.config import Config, Model
+from hoshikage_sd.idle import idle_seconds, pid_alive
+from hoshikage_sd.state import Runtime
+
+logger = logging.getLogger("hoshikage")
+
+
+def meminfo() -> dict[str, int]:
+    values = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def estimate(model: Model) -> int:
+    """Bytes the model will hold once serving: from its GGUF header, else its file size."""
+    try:
+        from hoshikage_sd import gguf, memory
+
+        info = gguf.read_info(model.path)
+        return memory.estimate(info, memory.load_params(info, model.args)).total
+    except ImportError:
+        pass
+    except Exception as exc:  # a header we cannot read must not block admission
+        logger.warning("cannot estimate %s from its header (%s); using its size", model.name,
+                       exc)
+    try:
+        return model.path.stat().st_size
+    except OSError:
+        return 0
+
+
+def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:
+    """Every model unit that is up or coming up, but `exclude`."""
+    now = time.time()
+    out = []
+    for name in systemd.active_model_units():
+        if name == exclude:
+            continue
+        model = config.models.get(name)
+        memory = estimate(model) if model else 0
+        running = runtime.running(name)
+        activity = runtime.activity(name)
+        idle = None
+        if running is not None:  # a unit still starting counts as busy: never a victim
+            alive = activity is not None and pid_alive(activity.router_pid)
+            idle = idle_seconds(now, running.started, activity, alive)
+        last = max(activity.last_end if activity else 0.0, running.started if running else now)
+        out.append(Resident(name, memory, idle, bool(model and model.pinned), last,
+                            starting=running is None))
+    return out
+
+
+def available(config: Config, others: list[Resident]) -> int:
+    """Free for a newcomer: MemAvailable less what starting models are about to take, and
+    no more than memory_budget less what every model holds."""
+    free = meminfo()["MemAvailable"] - sum(r.memory for r in others if r.starting)
+    if config.memory_budget is not None:
+        free = min(free, config.memory_budget - sum(r.memory for r in others))
+    return max(0, free)
