@@ -124,8 +124,9 @@ class Activator:
         while True:
             with self.runtime.locked("admission"):
                 others = residents.residents(self.config, self.runtime, exclude=name)
+                estimate = residents.estimate(self.model)
                 decision = admission.decide(
-                    name, residents.estimate(self.model),
+                    name, estimate,
                     residents.available(self.config, others), others,
                     margin=self.config.safety_margin, max_loaded=self.config.max_loaded_models,
                     floor=self.config.evict_floor)
@@ -140,9 +141,8 @@ class Activator:
                               victims=",".join(v.name for v in decision.victims) or None)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
-                if verdict is admission.Verdict.LOAD:
-                    return
-                if verdict is admission.Verdict.EVICT:
+                if verdict is not admission.Verdict.WAIT:
+                    self.runtime.set_admitted(name, estimate)  # others count it from now on
                     for victim in decision.victims:
                         self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
                         self.heartbeat(f"stopping {victim.name} to make room", force=True)

@@ -41,7 +41,8 @@ class Decision:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+    """Decimal units, as free(1) -h and the issue's examples show memory."""
+    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def ago(seconds: float) -> str:

@@ -32,7 +32,7 @@ def main(config: Config, name: str) -> int:
     result, code, status = (os.environ.get(k) for k in ("SERVICE_RESULT", "EXIT_CODE",
                                                         "EXIT_STATUS"))
     reason = reason_for(runtime.stop_reason(name), result, code, status)
-    for kind in ("running", "activity", "stop"):
+    for kind in ("running", "activity", "stop", "admitted"):
         runtime.clear(kind, name)
     pid = running.pid if running else None
     log.event("released", name,

@@ -43,15 +43,22 @@ def estimate(model: Model) -> int:
 
 
 def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:
-    """Every model unit that is up or coming up, but `exclude`."""
+    """Every model unit that serves or was admitted and is coming up, but `exclude`.
+
+    A unit still waiting for admission holds nothing and promises nothing: counting it would
+    let three waiting starts block each other for good.
+    """
     now = time.time()
     out = []
     for name in systemd.active_model_units():
         if name == exclude:
             continue
-        model = config.models.get(name)
-        memory = estimate(model) if model else 0
         running = runtime.running(name)
+        admitted = runtime.admitted(name)
+        if running is None and admitted is None:
+            continue
+        model = config.models.get(name)
+        memory = admitted if admitted is not None else estimate(model) if model else 0
         activity = runtime.activity(name)
         idle = None
         if running is not None:  # a unit still starting counts as busy: never a victim

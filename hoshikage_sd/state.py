@@ -104,6 +104,15 @@ class Runtime:
     def set_error(self, name: str, reason: str) -> None:
         self._write("error", name, {"reason": reason})
 
+    def admitted(self, name: str) -> int | None:
+        """The estimate a starting model was admitted with (it holds or will hold that)."""
+        data = self._read("admitted", name)
+        value = data.get("estimate") if data else None
+        return value if isinstance(value, int) else None
+
+    def set_admitted(self, name: str, estimate: int) -> None:
+        self._write("admitted", name, {"estimate": estimate})
+
     def stop_reason(self, name: str) -> str | None:
         data = self._read("stop", name)
         return str(data.get("reason")) if data else None

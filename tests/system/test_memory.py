@@ -1,0 +1,120 @@
+"""Many models, one endpoint, memory-aware: admission under real systemd with a low budget."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd.config import Model
+from hoshikage_sd.residents import estimate
+from tests.system.conftest import ContainerFactory
+from tests.system.deploy import Deployment, deploy, manifest
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    from make_gguf import write_model
+
+    directory = tmp_path / "models"
+    directory.mkdir()
+    for seed, name in enumerate(("a", "b", "c")):
+        write_model(directory / f"{name}.gguf", seed=seed)
+    write_model(directory / "huge.gguf", n_embd=256, n_ff=512, n_layer=4, seed=9)
+    return directory
+
+
+ARGS = 'args: ["-c", "512", "-np", "1"]'
+
+
+def budget_for_two(models_dir: Path) -> int:
+    """Room for two of a, b, c (× the 1.2 margin) but not three."""
+    each = estimate(Model("a", models_dir / "a.gguf", args=("-c", "512", "-np", "1")))
+    return int(each * 1.2 * 2.5)
+
+
+def setup(container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path,
+          pinned: str = "") -> Deployment:
+    models = {name: f"{ARGS}\nttl: 1h" + ("\npinned: true" if name == pinned else "")
+              for name in ("a", "b", "c", "huge")}
+    text = manifest(llama_server_bin, models, memory_budget=str(budget_for_two(models_dir)),
+                    admission_wait="20s")
+    return deploy(container_factory, models_dir, text)
+
+
+def loaded(hk: Deployment) -> set[str]:
+    return {n for n in ("a", "b", "c") if hk.state(f"hoshikage-model@{n}.service") == "active"}
+
+
+def test_three_models_two_fit_interleaved_burst(container_factory: ContainerFactory,
+                                                models_dir: Path, llama_server_bin: Path) -> None:
+    hk = setup(container_factory, models_dir, llama_server_bin)
+    order = ["a", "b", "c"] * 4
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda n: hk.chat(n, max_tokens=8), order))
+    for (status, body), name in zip(results, order, strict=True):
+        assert status == 200, (name, body)
+        assert body["model"] == name and body["choices"][0]["finish_reason"] == "length"
+    assert len(loaded(hk)) <= 2
+    decisions = hk.events("admission")
+    evictions = [d for d in decisions if d["HOSHIKAGE_VERDICT"] == "evict"]
+    assert evictions, [d["MESSAGE"] for d in decisions]
+    for d in evictions:
+        assert "< needed" in d["MESSAGE"] and ": stopping " in d["MESSAGE"], d["MESSAGE"]
+    released = hk.events("released")
+    assert released and all(r["HOSHIKAGE_REASON"].startswith("evicted for ")
+                            for r in released), [r["HOSHIKAGE_REASON"] for r in released]
+    loads = len(hk.events("ready"))
+    assert loads <= len(order), loads  # never more than one load per request
+
+
+def test_pinned_model_survives(container_factory: ContainerFactory, models_dir: Path,
+                               llama_server_bin: Path) -> None:
+    hk = setup(container_factory, models_dir, llama_server_bin, pinned="a")
+    for name in ("a", "b", "c", "b", "c"):
+        status, body = hk.chat(name)
+        assert status == 200, (name, body)
+    assert "a" in loaded(hk)
+    assert hk.events("released", "a") == []
+    assert hk.events("released", "b")  # b made room for c (a is pinned)
+
+
+def test_model_that_never_fits_gets_503(container_factory: ContainerFactory, models_dir: Path,
+                                        llama_server_bin: Path) -> None:
+    hk = setup(container_factory, models_dir, llama_server_bin)
+    status, body = hk.chat("huge")
+    assert status == 503, body
+    assert "huge cannot fit" in body["error"]["message"], body
+    (decision,) = hk.events("admission", "huge")
+    assert decision["HOSHIKAGE_VERDICT"] == "reject"
+
+
+def test_manifest_edit_takes_effect_without_restart(container_factory: ContainerFactory,
+                                                    models_dir: Path,
+                                                    llama_server_bin: Path) -> None:
+    hk = setup(container_factory, models_dir, llama_server_bin)
+    status, _ = hk.chat("a")
+    assert status == 200
+    router_pid = hk.container.systemctl("show", "-p", "MainPID", "--value", "hoshikage.service")
+    path = hk.container.root / "etc/hoshikage/models.yaml"
+    status, body = hk.chat("alpha")
+    assert status == 404, body
+    text = path.read_text().replace(f"  a:\n    path: /srv/models/a.gguf\n",
+                                    "  a:\n    path: /srv/models/a.gguf\n    aliases: [alpha]\n")
+    path.write_text(text)
+    time.sleep(1.2)  # the router looks at the manifest at most once a second
+    status, body = hk.chat("alpha")
+    assert status == 200 and body["model"] == "a", body
+    path.write_text(text + "  broken: [\n")  # a bad edit keeps the last good manifest
+    time.sleep(1.2)
+    status, body = hk.chat("alpha")
+    assert status == 200, body
+    assert hk.container.systemctl("show", "-p", "MainPID", "--value",
+                                  "hoshikage.service") == router_pid
+    errors = hk.container.journal("-u", "hoshikage.service", "-p", "err")
+    assert any("keeping the last good manifest" in e["MESSAGE"] and "models.yaml:" in e["MESSAGE"]
+               for e in errors), [e["MESSAGE"] for e in errors]
