@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from hoshikage_sd import __version__, log
 from hoshikage_sd.errors import HoshikageError, die, report
+
+if TYPE_CHECKING:
+    from hoshikage_sd.config import Config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,6 +24,15 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("status", help="loaded models, RAM disk and memory")
     sub.add_parser("check", help="validate the manifest without starting anything")
+    p = sub.add_parser("list", help="the models: names, size, architecture, estimate, state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("alias", help="add or remove an alias (kept in /var/lib/hoshikage)")
+    p.add_argument("action", choices=("add", "remove"))
+    p.add_argument("names", nargs="+", metavar="NAME", help="add MODEL ALIAS | remove ALIAS")
+    p = sub.add_parser("tag", help="point a tag at a model (it moves from any other)")
+    p.add_argument("action", choices=("set",))
+    p.add_argument("tag")
+    p.add_argument("model")
     p = sub.add_parser("activate", help="(unit helper) stage and serve one model")
     p.add_argument("name")
     p = sub.add_parser("release", help="(unit helper) clean up after a model unit stopped")
@@ -44,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hoshikage_sd import config as manifest
+    from hoshikage_sd import names
 
-    config = manifest.load(Path(args.config) if args.config else None)
+    config = names.effective(manifest.load(Path(args.config) if args.config else None))
     if args.command == "activate":
         from hoshikage_sd import activate
 
@@ -62,9 +76,29 @@ def run(args: argparse.Namespace) -> int:
         from hoshikage_sd import router
 
         return router.main(config, args.listen)
+    if args.command in ("alias", "tag"):
+        return edit_names(config, args)
     from hoshikage_sd import status
 
+    if args.command == "list":
+        return status.list_models(config, args.json)
     return status.status(config) if args.command == "status" else status.check(config)
+
+
+def edit_names(config: Config, args: argparse.Namespace) -> int:
+    from hoshikage_sd import names
+
+    if args.command == "tag":
+        print(names.set_tag(config, args.tag, args.model))
+    elif args.action == "add":
+        if len(args.names) != 2:
+            die("usage: hoshikage alias add MODEL ALIAS")
+        print(names.add_alias(config, *args.names))
+    else:
+        if len(args.names) != 1:
+            die("usage: hoshikage alias remove ALIAS")
+        print(names.remove_alias(config, args.names[0]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, UnixConnector, client_exceptions, web
 
 from hoshikage_sd import config as manifest
-from hoshikage_sd import log, proc, systemd
+from hoshikage_sd import log, names, proc, systemd
 from hoshikage_sd.config import AmbiguousModel, Config, Model
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.state import Activity, Runtime
@@ -65,12 +65,18 @@ class Router:
         self._checked = time.monotonic()
 
     # -- manifest reload ------------------------------------------------------------------
-    def _stat_manifest(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.config.source)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    def _stat_manifest(self) -> tuple[tuple[int, int, int] | None, ...] | None:
+        """Identity of the manifest and the CLI's names file: a change in either reloads."""
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self.config.source, names.path(self.config)):
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                if path == self.config.source:
+                    return None
+                out.append(None)
+        return tuple(out)
 
     def maybe_reload(self) -> None:
         """Pick up an edited manifest (checked at most once a second); keep the last good one."""
@@ -83,7 +89,7 @@ class Router:
             return
         self._manifest_id = current
         try:
-            config = manifest.load(self.config.source)
+            config = names.effective(manifest.load(self.config.source))
         except HoshikageError as err:
             logger.error("keeping the last good manifest: %s", err.message)
             return

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hoshikage_sd import systemd
-from hoshikage_sd.config import Config
+from hoshikage_sd.config import Config, Model
+from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.idle import idle_seconds, pid_alive
 from hoshikage_sd.residents import meminfo
 from hoshikage_sd.state import Runtime
@@ -51,10 +56,7 @@ def status(config: Config) -> int:
             left = "busy" if idle is None else ago(max(0.0, model.ttl - idle))
         rows.append((model.name, state, props.get("MainPID", "-") if props else "-", memory,
                      human(size) if size else "-", last, left))
-    header = ("MODEL", "STATE", "PID", "MEMORY", "STAGED", "LAST REQUEST", "IDLE STOP IN")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "LAST REQUEST", "IDLE STOP IN"), rows)
     memory_info = meminfo()
     print()
     if config.ramdisk.is_dir():
@@ -63,6 +65,80 @@ def status(config: Config) -> int:
     else:
         print(f"RAM disk {config.ramdisk}: not mounted")
     print(f"MemAvailable: {human(memory_info['MemAvailable'])} of {human(memory_info['MemTotal'])}")
+    return 0
+
+
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@dataclass(frozen=True)
+class Listing:
+    name: str
+    aliases: list[str]
+    tags: list[str]
+    path: str
+    pinned: bool
+    state: str
+    size: int | None = None
+    architecture: str | None = None
+    parameters: int | None = None
+    quantisation: str | None = None
+    context: int | None = None
+    estimate: int | None = None
+    last_used: float | None = None
+    error: str | None = None
+
+
+def describe(config: Config, model: Model, active: set[str]) -> Listing:
+    from hoshikage_sd import gguf, memory
+    from hoshikage_sd.residents import estimate
+
+    activity = Runtime(config.runtime_dir).activity(model.name)
+    base = Listing(model.name, list(model.aliases), list(model.tags), str(model.path),
+                   model.pinned, "loaded" if model.name in active else
+                   "staged" if config.staged_path(model.name).exists() else "-",
+                   last_used=activity.last_end if activity else None)
+    try:
+        info = gguf.read_info(model.path)
+    except (OSError, HoshikageError) as exc:
+        return dataclasses.replace(base, error=str(exc).splitlines()[0])
+    return dataclasses.replace(
+        base, size=info.file_size, architecture=info.architecture, parameters=info.n_params,
+        quantisation=info.quantisation, context=memory.load_params(info, model.args).n_ctx,
+        estimate=estimate(model))
+
+
+def count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def list_models(config: Config, as_json: bool) -> int:
+    active = set(systemd.active_model_units())
+    entries = [describe(config, m, active) for m in config.models.values()]
+    entries.sort(key=lambda e: -(e.last_used or 0.0))  # most recently used first
+    if as_json:
+        print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return 0
+    now = time.time()
+    table(("MODEL", "ALIASES", "TAGS", "SIZE", "ARCH", "PARAMS", "QUANT", "CTX", "ESTIMATE",
+           "STATE", "LAST USED"),
+          [(e.name, ",".join(e.aliases) or "-", ",".join(e.tags) or "-",
+            human(e.size) if e.size is not None else "-", e.architecture or "-",
+            count(e.parameters), e.quantisation or "-", str(e.context or "-"),
+            human(e.estimate) if e.estimate is not None else "-",
+            e.state + (" pinned" if e.pinned else ""),
+            ago(now - e.last_used) + " ago" if e.last_used else "never") for e in entries])
+    for e in entries:
+        if e.error:
+            print(f"warning: {e.name}: {e.error}")
     return 0
 
 
