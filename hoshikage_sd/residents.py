@@ -26,13 +26,11 @@ def meminfo() -> dict[str, int]:
 
 def estimate(model: Model) -> int:
     """Bytes the model will hold once serving: from its GGUF header, else its file size."""
-    try:
-        from hoshikage_sd import gguf, memory
+    from hoshikage_sd import gguf, memory
 
+    try:
         info = gguf.read_info(model.path)
         return memory.estimate(info, memory.load_params(info, model.args)).total
-    except ImportError:
-        pass
     except Exception as exc:  # a header we cannot read must not block admission
         logger.warning("cannot estimate %s from its header (%s); using its size", model.name,
                        exc)

@@ -1,0 +1,87 @@
+"""Names given from the CLI, laid over the manifest (hoshikage_sd.names)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd import names
+from hoshikage_sd.config import Config, parse
+from hoshikage_sd.errors import HoshikageError
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return parse(textwrap.dedent(f"""
+        state_dir: {tmp_path / 'state'}
+        models:
+          qwen:
+            path: /m/q.gguf
+            aliases: [q]
+            tags: [tool]
+          gemma:
+            path: /m/g.gguf
+    """), tmp_path / "models.yaml")
+
+
+def test_add_alias_and_move_a_tag(config: Config) -> None:
+    assert names.add_alias(config, "gemma", "g") == "alias 'g' → gemma"
+    assert names.set_tag(config, "tool", "gemma") == "tag 'tool' → gemma"
+    effective = names.effective(config)
+    assert effective.resolve("g").name == "gemma"  # type: ignore[union-attr]
+    assert effective.resolve("tool").name == "gemma"  # type: ignore[union-attr]
+    assert effective.models["qwen"].tags == ()  # the tag moved: one model at a time
+    assert effective.models["qwen"].aliases == ("q",)
+    data = json.loads(names.path(config).read_text())
+    assert data["version"] == 1 and data["tags"] == {"tool": "gemma"}
+    assert not list(names.path(config).parent.glob(".*tmp*"))  # written atomically
+
+
+def test_remove_manifest_alias_and_cli_alias(config: Config) -> None:
+    names.add_alias(config, "gemma", "g")
+    names.remove_alias(names.effective(config), "g")
+    names.remove_alias(names.effective(config), "q")
+    effective = names.effective(config)
+    assert effective.models["gemma"].aliases == ()
+    assert effective.models["qwen"].aliases == ()
+    names.add_alias(effective, "qwen", "q")  # giving it back undoes the removal
+    assert names.effective(config).models["qwen"].aliases == ("q",)
+
+
+@pytest.mark.parametrize(("model", "alias", "message"), [
+    ("nope", "x", "no model named 'nope'"),
+    ("gemma", "q", "'q' already names a model"),
+    ("gemma", "qwen", "'qwen' already names a model"),
+    ("gemma", "../x", "is not a valid alias"),
+])
+def test_bad_aliases_are_refused(config: Config, model: str, alias: str, message: str) -> None:
+    with pytest.raises(HoshikageError, match=message):
+        names.add_alias(config, model, alias)
+    assert not names.path(config).exists()  # nothing written
+
+
+def test_clash_after_manifest_edit_is_a_warning(config: Config, tmp_path: Path) -> None:
+    names.add_alias(config, "gemma", "g")
+    edited = parse(textwrap.dedent(f"""
+        state_dir: {tmp_path / 'state'}
+        models:
+          qwen:
+            path: /m/q.gguf
+            aliases: [g]
+          gemma:
+            path: /m/g.gguf
+    """), tmp_path / "models.yaml")
+    effective = names.effective(edited)
+    assert effective.resolve("g").name == "qwen"  # type: ignore[union-attr]  # manifest wins
+    assert any("alias 'g' for 'gemma' skipped: name taken" in w for w in effective.warnings)
+
+
+def test_corrupt_names_file_is_a_warning_not_a_crash(config: Config) -> None:
+    names.path(config).parent.mkdir(parents=True)
+    names.path(config).write_text("{not json")
+    effective = names.effective(config)
+    assert effective.models.keys() == config.models.keys()
+    assert any("cannot read" in w for w in effective.warnings)
