@@ -11,7 +11,7 @@ import pytest
 from hoshikage_sd.config import Model
 from hoshikage_sd.residents import estimate
 from tests.system.conftest import ContainerFactory
-from tests.system.deploy import Deployment, deploy, manifest
+from tests.system.deploy import Deployment, deploy, hoshikage_bin, manifest
 
 pytestmark = pytest.mark.system
 
@@ -103,7 +103,7 @@ def test_manifest_edit_takes_effect_without_restart(container_factory: Container
     path = hk.container.root / "etc/hoshikage/models.yaml"
     status, body = hk.chat("alpha")
     assert status == 404, body
-    text = path.read_text().replace(f"  a:\n    path: /srv/models/a.gguf\n",
+    text = path.read_text().replace("  a:\n    path: /srv/models/a.gguf\n",
                                     "  a:\n    path: /srv/models/a.gguf\n    aliases: [alpha]\n")
     path.write_text(text)
     time.sleep(1.2)  # the router looks at the manifest at most once a second
@@ -118,3 +118,25 @@ def test_manifest_edit_takes_effect_without_restart(container_factory: Container
     errors = hk.container.journal("-u", "hoshikage.service", "-p", "err")
     assert any("keeping the last good manifest" in e["MESSAGE"] and "models.yaml:" in e["MESSAGE"]
                for e in errors), [e["MESSAGE"] for e in errors]
+
+
+def test_cli_names_reach_the_running_router(container_factory: ContainerFactory,
+                                            models_dir: Path, llama_server_bin: Path) -> None:
+    hk = setup(container_factory, models_dir, llama_server_bin)
+    cli = str(hoshikage_bin())
+    assert hk.chat("a")[0] == 200  # the router runs from here on
+    hk.container.exec(cli, "tag", "set", "tool", "a")
+    hk.container.exec(cli, "alias", "add", "c", "gamma")
+    time.sleep(1.2)
+    status, body = hk.chat("tool")
+    assert status == 200 and body["model"] == "a", body
+    hk.container.exec(cli, "tag", "set", "tool", "b")  # the tag moves
+    time.sleep(1.2)
+    status, body = hk.chat("tool")
+    assert status == 200 and body["model"] == "b", body
+    status, body = hk.chat("gamma")
+    assert status == 200 and body["model"] == "c", body
+    listing = hk.container.exec(cli, "list").stdout
+    row_b = next(line for line in listing.splitlines() if line.startswith("b "))
+    assert " tool " in row_b and " llama " in row_b, listing
+    assert not (models_dir / "names.json").exists()  # model directories are never written
