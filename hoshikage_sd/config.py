@@ -313,7 +313,7 @@ class _Parser:
             kw["safety_margin"] = self.number(top["safety_margin"][1], "safety_margin", 1, 10)
         for key in ("pressure_warn", "pressure_critical"):
             if key in top:
-                kw[key] = self.number(top[key][1], key, 0.05, 1)
+                kw[key] = self.number(top[key][1], key, 0.001, 1)
         if "max_loaded_models" in top:
             kw["max_loaded_models"] = int(self.number(top["max_loaded_models"][1],
                                                       "max_loaded_models", 1, 1000))

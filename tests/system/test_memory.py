@@ -140,3 +140,18 @@ def test_cli_names_reach_the_running_router(container_factory: ContainerFactory,
     row_b = next(line for line in listing.splitlines() if line.startswith("b "))
     assert " tool " in row_b and " llama " in row_b, listing
     assert not (models_dir / "names.json").exists()  # model directories are never written
+
+
+def test_memory_pressure_stops_idle_models(container_factory: ContainerFactory,
+                                           models_dir: Path, llama_server_bin: Path) -> None:
+    # Thresholds below what any machine uses: the idle watch must act on every run.
+    models = {name: f"{ARGS}\nttl: 1h" for name in ("a", "b")}
+    text = manifest(llama_server_bin, models, pressure_warn="0.001", pressure_critical="0.002")
+    hk = deploy(container_factory, models_dir, text)
+    assert hk.chat("a")[0] == 200
+    hk.wait_for("the pressure stop", lambda: hk.state("hoshikage-model@a.service") == "inactive")
+    (released,) = hk.events("released", "a")
+    assert released["HOSHIKAGE_REASON"] == "memory pressure"
+    pressure = [e for e in hk.events("pressure") if "stopping a" in e["MESSAGE"]]
+    assert pressure and int(pressure[0]["HOSHIKAGE_USED"]) > 0, pressure
+    assert "critical at 0%" in pressure[0]["MESSAGE"]
