@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import admission, health, log, proc, residents, systemd
+from hoshikage_sd import admission, cache, health, log, proc, residents, systemd
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.errors import HoshikageError, die
+from hoshikage_sd.rank import StatsFile
 from hoshikage_sd.state import Running, Runtime
 from hoshikage_sd.store import Staged, Store, human
 
@@ -38,6 +39,7 @@ class Activator:
         self.store = Store(config.ramdisk)
         self.runtime = Runtime(config.runtime_dir)
         self.socket = config.socket_path(model.name)
+        self.source = cache.source_for(config, model)  # the SSD cache copy, when current
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.deadline = time.monotonic() + config.start_timeout
@@ -68,15 +70,15 @@ class Activator:
                 self.heartbeat(f"staging {name}: {human(done)} of {human(total)} "
                                f"({100 * done // total}%)")
 
-        self.heartbeat(f"staging {name} from {self.model.path}", force=True)
-        staged = self.store.stage(name, self.model.path, progress, force=force)
+        self.heartbeat(f"staging {name} from {self.source}", force=True)
+        staged = self.store.stage(name, self.source, progress, force=force)
         if staged.copied:
             rate = staged.size / max(staged.seconds, 1e-6)
             log.event("staged", name,
-                      f"staged {name}: {human(staged.size)} from {self.model.path} in "
+                      f"staged {name}: {human(staged.size)} from {self.source} in "
                       f"{staged.seconds:.2f} s ({human(rate)}/s)",
                       bytes=staged.size, seconds=f"{staged.seconds:.3f}",
-                      source=self.model.path, staged_path=staged.path)
+                      source=self.source, staged_path=staged.path)
         return staged
 
     def argv(self, staged: Path) -> list[str]:
@@ -167,11 +169,11 @@ class Activator:
                 raise Stopped
             code = child.returncode
             self.child = None
-            if self.store.matches_source(name, self.model.path):
+            if self.store.matches_source(name, self.source):
                 die(f"llama-server exited with status {code} while loading '{name}' "
-                    f"({self.model.path})", hint=f"journalctl -u {systemd.model_unit(name)}")
+                    f"({self.source})", hint=f"journalctl -u {systemd.model_unit(name)}")
             log.event("restaged", name, f"staged copy of {name} does not match "
-                      f"{self.model.path}; copying it again", level=logging.WARNING,
+                      f"{self.source}; copying it again", level=logging.WARNING,
                       exit_status=code)
             staged = self.stage(force=True)
             load_start = time.monotonic()
@@ -190,7 +192,18 @@ class Activator:
                   f"({'copied' if staged.copied else 'reused'})",
                   pid=child.pid, load_seconds=f"{load:.3f}",
                   stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied))
+        self.after_ready(load)
         return child
+
+    def after_ready(self, load_seconds: float) -> None:
+        """Bookkeeping that must never fail a start: usage statistics, the SSD cache."""
+        try:
+            StatsFile(self.config.state_dir).record_load(self.model.name, load_seconds)
+            if cache.wants_sync(self.config, self.model):
+                cache.trigger()
+        except (OSError, HoshikageError) as exc:
+            logging.getLogger("hoshikage").warning("after %s became ready: %s",
+                                                   self.model.name, exc)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)

@@ -29,6 +29,7 @@ class Resident:
     pinned: bool = False
     last_used: float = 0.0    # wall clock of the last use: older goes first
     starting: bool = False    # not serving yet: its memory is promised, not yet taken
+    rank: float = 0.0         # usage rank (rank.py): lower goes first
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ def ago(seconds: float) -> str:
 
 
 def eviction_order(residents: Sequence[Resident], floor: int = 0) -> list[Resident]:
-    """Idle, unpinned models at or above the floor; least recently used, then cheapest first."""
+    """Idle, unpinned models at or above the floor: lowest rank, then least recently used,
+    then cheapest to load again, first."""
     candidates = [r for r in residents
                   if r.idle is not None and not r.pinned and r.memory >= floor]
-    return sorted(candidates, key=lambda r: (r.last_used, r.memory, r.name))
+    return sorted(candidates, key=lambda r: (r.rank, r.last_used, r.memory, r.name))
 
 
 def decide(name: str, estimate: int, available: int, residents: Sequence[Resident], *,

@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("release", help="(unit helper) clean up after a model unit stopped")
     p.add_argument("name")
     sub.add_parser("idle-watch", help="(unit helper) stop models idle past their TTL")
+    sub.add_parser("cache-sync", help="(unit helper) copy high-ranked models to the SSD "
+                                      "cache, expire unused ones")
+    p = sub.add_parser("load", help="load a model now (through systemd)")
+    p.add_argument("name")
+    p = sub.add_parser("unload", help="unload a model now (through systemd)")
+    p.add_argument("name")
     p = sub.add_parser("router", help="(unit helper) the socket-activated request router")
     p.add_argument("--listen", help="HOST:PORT when not socket-activated "
                                     "(default 127.0.0.1:8080)")
@@ -78,6 +84,15 @@ def run(args: argparse.Namespace) -> int:
         return router.main(config, args.listen)
     if args.command in ("alias", "tag"):
         return edit_names(config, args)
+    if args.command == "cache-sync":
+        from hoshikage_sd import cache
+
+        return cache.sync(config)
+    if args.command in ("load", "unload"):
+        from hoshikage_sd import manual
+
+        return manual.load(config, args.name) if args.command == "load" \
+            else manual.unload(config, args.name)
     from hoshikage_sd import status
 
     if args.command == "list":

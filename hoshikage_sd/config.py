@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.rank import Weights
 
 DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
@@ -41,6 +42,17 @@ class Model:
     backend: str = "llama-server"
     command: tuple[str, ...] = ()  # argv template of the `command` backend
     health: str = "/health"
+
+
+@dataclass(frozen=True)
+class Cache:
+    """The SSD cache tier: where copies of slow-tier models go, and its limits."""
+
+    dir: Path
+    max_size: int | None = None
+    min_free: int = 0
+    expire_after: float = 7 * 86400.0
+    min_rank: float = 1.0
 
 
 class AmbiguousModel(HoshikageError):
@@ -70,6 +82,9 @@ class Config:
     admission_wait: float = 60.0
     pressure_warn: float = 0.7
     pressure_critical: float = 0.9
+    min_reload_seconds: float = 30.0
+    cache: Cache | None = None
+    weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -187,7 +202,9 @@ def parse(text: str, path: Path) -> Config:
 TOP_KEYS = ("ramdisk", "runtime_dir", "llama_server", "state_dir", "idle_ttl",
             "router_idle_exit", "start_timeout", "admission_wait", "default_model", "sources",
             "strict_names", "memory_budget", "safety_margin", "max_loaded_models",
-            "evict_floor", "pressure_warn", "pressure_critical", "models")
+            "evict_floor", "pressure_warn", "pressure_critical", "min_reload_seconds", "cache",
+            "rank", "models")
+CACHE_KEYS = ("dir", "max_size", "min_free", "expire_after", "min_rank")
 MODEL_KEYS = ("path", "aliases", "tags", "ttl", "args", "pinned", "backend", "command",
               "health")
 
@@ -296,6 +313,28 @@ class _Parser:
             raise self.fail(node, f"{what} must be true or false")
         return value
 
+    def cache(self, node: yaml.Node) -> Cache:
+        items = self.mapping(node, "cache")
+        self.check_keys(items, CACHE_KEYS, "cache")
+        if "dir" not in items:
+            raise self.fail(node, "cache needs 'dir:', a directory on the SSD")
+        kw: dict[str, Any] = {"dir": self.abspath(items["dir"][1], "cache: dir")}
+        for key in ("max_size", "min_free"):
+            if key in items:
+                kw[key] = self.size(items[key][1], f"cache: {key}")
+        if "expire_after" in items:
+            kw["expire_after"] = self.duration(items["expire_after"][1], "cache: expire_after")
+        if "min_rank" in items:
+            kw["min_rank"] = self.number(items["min_rank"][1], "cache: min_rank", -1e9, 1e9)
+        return Cache(**kw)
+
+    def weights(self, node: yaml.Node) -> Weights:
+        items = self.mapping(node, "rank")
+        known = tuple(Weights.__dataclass_fields__)
+        self.check_keys(items, known, "rank")
+        return Weights(**{key: self.number(value, f"rank: {key}", -1e6, 1e6)
+                          for key, (_, value) in items.items()})
+
     def config(self, node: yaml.Node | None) -> Config:
         top = self.mapping(node, "the manifest")
         self.check_keys(top, TOP_KEYS, "the manifest")
@@ -303,7 +342,12 @@ class _Parser:
         for key in ("ramdisk", "runtime_dir", "llama_server", "state_dir"):
             if key in top:
                 kw[key] = self.abspath(top[key][1], key)
-        for key in ("idle_ttl", "router_idle_exit", "start_timeout", "admission_wait"):
+        if "cache" in top:
+            kw["cache"] = self.cache(top["cache"][1])
+        if "rank" in top:
+            kw["weights"] = self.weights(top["rank"][1])
+        for key in ("idle_ttl", "router_idle_exit", "start_timeout", "admission_wait",
+                    "min_reload_seconds"):
             if key in top:
                 kw[key] = self.duration(top[key][1], key)
         for key in ("memory_budget", "evict_floor"):

@@ -26,6 +26,8 @@ MESSAGE_IDS = {
     "router-exit": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a07",
     "admission": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a08",
     "pressure": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a09",
+    "cache-copy": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a0a",
+    "cache-expire": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a0b",
 }
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,

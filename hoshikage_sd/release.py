@@ -11,6 +11,7 @@ import os
 
 from hoshikage_sd import log
 from hoshikage_sd.config import Config
+from hoshikage_sd.rank import StatsFile
 from hoshikage_sd.state import Runtime
 from hoshikage_sd.store import Store, human
 
@@ -35,6 +36,11 @@ def main(config: Config, name: str) -> int:
     for kind in ("running", "activity", "stop", "admitted"):
         runtime.clear(kind, name)
     pid = running.pid if running else None
+    if running is not None:
+        try:
+            StatsFile(config.state_dir).record_stop(name)
+        except OSError as exc:
+            log.log.warning("cannot record %s's runtime: %s", name, exc)
     log.event("released", name,
               f"released {name}: {reason}; freed {human(freed)} of RAM disk"
               + (f"; llama-server pid was {pid}" if pid else ""),

@@ -10,6 +10,7 @@ from hoshikage_sd import systemd
 from hoshikage_sd.admission import Resident
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.idle import idle_seconds, pid_alive
+from hoshikage_sd.rank import StatsFile
 from hoshikage_sd.state import Runtime
 
 logger = logging.getLogger("hoshikage")
@@ -47,6 +48,7 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
     let three waiting starts block each other for good.
     """
     now = time.time()
+    ranks = StatsFile(config.state_dir).ranks(now, config.weights)
     out = []
     for name in systemd.active_model_units():
         if name == exclude:
@@ -64,7 +66,7 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
             idle = idle_seconds(now, running.started, activity, alive)
         last = max(activity.last_end if activity else 0.0, running.started if running else now)
         out.append(Resident(name, memory, idle, bool(model and model.pinned), last,
-                            starting=running is None))
+                            starting=running is None, rank=ranks.get(name, 0.0)))
     return out
 
 

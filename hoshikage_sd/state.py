@@ -113,6 +113,17 @@ class Runtime:
     def set_admitted(self, name: str, estimate: int) -> None:
         self._write("admitted", name, {"estimate": estimate})
 
+    def caching(self, name: str) -> tuple[int, int] | None:
+        """A copy to the SSD cache under way: (bytes done, bytes total)."""
+        data = self._read("caching", name)
+        try:
+            return (int(data["done"]), int(data["total"])) if data else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def set_caching(self, name: str, done: int, total: int) -> None:
+        self._write("caching", name, {"done": done, "total": total})
+
     def stop_reason(self, name: str) -> str | None:
         data = self._read("stop", name)
         return str(data.get("reason")) if data else None

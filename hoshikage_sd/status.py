@@ -57,6 +57,12 @@ def status(config: Config) -> int:
         rows.append((model.name, state, props.get("MainPID", "-") if props else "-", memory,
                      human(size) if size else "-", last, left))
     table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "LAST REQUEST", "IDLE STOP IN"), rows)
+    for model in config.models.values():
+        copying = runtime.caching(model.name)
+        if copying:
+            done, total = copying
+            print(f"caching {model.name} to {config.cache.dir if config.cache else '?'}: "
+                  f"{human(done)} of {human(total)} ({100 * done // max(total, 1)}%)")
     memory_info = meminfo()
     print()
     if config.ramdisk.is_dir():
@@ -89,18 +95,23 @@ class Listing:
     context: int | None = None
     estimate: int | None = None
     last_used: float | None = None
+    rank: float = 0.0
+    cached: bool = False
     error: str | None = None
 
 
-def describe(config: Config, model: Model, active: set[str]) -> Listing:
-    from hoshikage_sd import gguf, memory
+def describe(config: Config, model: Model, active: set[str],
+             ranks: dict[str, float]) -> Listing:
+    from hoshikage_sd import cache, gguf, memory
     from hoshikage_sd.residents import estimate
 
     activity = Runtime(config.runtime_dir).activity(model.name)
     base = Listing(model.name, list(model.aliases), list(model.tags), str(model.path),
                    model.pinned, "loaded" if model.name in active else
                    "staged" if config.staged_path(model.name).exists() else "-",
-                   last_used=activity.last_end if activity else None)
+                   last_used=activity.last_end if activity else None,
+                   rank=round(ranks.get(model.name, 0.0), 1),
+                   cached=cache.cached_copy(config, model) is not None)
     try:
         info = gguf.read_info(model.path)
     except (OSError, HoshikageError) as exc:
@@ -121,21 +132,25 @@ def count(n: int | None) -> str:
 
 
 def list_models(config: Config, as_json: bool) -> int:
+    from hoshikage_sd.rank import StatsFile
+
     active = set(systemd.active_model_units())
-    entries = [describe(config, m, active) for m in config.models.values()]
-    entries.sort(key=lambda e: -(e.last_used or 0.0))  # most recently used first
+    ranks = StatsFile(config.state_dir).ranks(w=config.weights)
+    entries = [describe(config, m, active, ranks) for m in config.models.values()]
+    entries.sort(key=lambda e: (-e.rank, -(e.last_used or 0.0), e.name))
     if as_json:
         print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
         return 0
     now = time.time()
     table(("MODEL", "ALIASES", "TAGS", "SIZE", "ARCH", "PARAMS", "QUANT", "CTX", "ESTIMATE",
-           "STATE", "LAST USED"),
+           "STATE", "RANK", "LAST USED"),
           [(e.name, ",".join(e.aliases) or "-", ",".join(e.tags) or "-",
             human(e.size) if e.size is not None else "-", e.architecture or "-",
             count(e.parameters), e.quantisation or "-", str(e.context or "-"),
             human(e.estimate) if e.estimate is not None else "-",
-            e.state + (" pinned" if e.pinned else ""),
-            ago(now - e.last_used) + " ago" if e.last_used else "never") for e in entries])
+            e.state + (" cached" if e.cached else "") + (" pinned" if e.pinned else ""),
+            f"{e.rank:.1f}", ago(now - e.last_used) + " ago" if e.last_used else "never")
+           for e in entries])
     for e in entries:
         if e.error:
             print(f"warning: {e.name}: {e.error}")

@@ -24,7 +24,7 @@ def models_dir(tmp_path: Path) -> Path:
     directory.mkdir()
     for seed, name in enumerate(("a", "b", "c")):
         write_model(directory / f"{name}.gguf", seed=seed)
-    write_model(directory / "huge.gguf", n_embd=256, n_ff=512, n_layer=4, seed=9)
+    write_model(directory / "huge.gguf", n_embd=512, n_ff=1024, n_layer=8, seed=9)
     return directory
 
 
@@ -87,6 +87,8 @@ def test_pinned_model_survives(container_factory: ContainerFactory, models_dir: 
 
 def test_model_that_never_fits_gets_503(container_factory: ContainerFactory, models_dir: Path,
                                         llama_server_bin: Path) -> None:
+    huge = estimate(Model("huge", models_dir / "huge.gguf", args=("-c", "512", "-np", "1")))
+    assert huge * 1.2 > budget_for_two(models_dir)  # the premise: it can never fit
     hk = setup(container_factory, models_dir, llama_server_bin)
     status, body = hk.chat("huge")
     assert status == 503, body

@@ -1,0 +1,142 @@
+"""The SSD cache tier: `hoshikage cache-sync` (hoshikage-cache.service) copies the models
+whose rank earns a place from slow disks to the cache, and expires unused ones to make room.
+
+Copies go through the same Store as staging (temp name + rename, identity record, lock), so a
+half-copied file is never used and the source is never written. Staging prefers a verified
+cache copy over the slow original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from hoshikage_sd import log, systemd
+from hoshikage_sd.config import Config, Model
+from hoshikage_sd.rank import Action, CachePolicy, CacheState, Candidate, StatsFile, plan_cache
+from hoshikage_sd.state import Runtime
+from hoshikage_sd.store import Identity, Store, human
+
+CACHE_UNIT = "hoshikage-cache.service"
+
+
+def cached_copy(config: Config, model: Model) -> Path | None:
+    """The cache's verified copy of the model, if there is one."""
+    if config.cache is None:
+        return None
+    try:
+        ident = Identity.of(model.path)
+    except OSError:
+        return None
+    store = Store(config.cache.dir)
+    return store.staged(model.name) if store.reusable(model.name, ident) else None
+
+
+def source_for(config: Config, model: Model) -> Path:
+    """Where staging reads from: the SSD cache copy when it is current, else the source."""
+    return cached_copy(config, model) or model.path
+
+
+def on_cache_disk(config: Config, model: Model) -> bool:
+    """Is the source already on the cache's disk (an SSD source directory)?"""
+    assert config.cache is not None
+    try:
+        return os.stat(model.path).st_dev == os.stat(config.cache.dir).st_dev
+    except OSError:
+        return False
+
+
+def wants_sync(config: Config, model: Model) -> bool:
+    return (config.cache is not None and cached_copy(config, model) is None
+            and not on_cache_disk(config, model))
+
+
+def trigger() -> None:
+    """Start the cache sync in the background: never blocks the request that asked."""
+    systemd.systemctl("start", "--no-block", CACHE_UNIT, check=False)
+
+
+def state(config: Config, busy: set[str], now: float) -> CacheState:
+    assert config.cache is not None
+    stats = StatsFile(config.state_dir)
+    ranks = stats.ranks(now, config.weights)
+    usage = stats.read()
+    candidates, used = [], 0
+    for model in config.models.values():
+        try:
+            size = model.path.stat().st_size
+        except OSError:
+            continue
+        cached = cached_copy(config, model) is not None
+        if cached:
+            used += size
+        last = usage[model.name].last_used if model.name in usage else None
+        candidates.append(Candidate(model.name, size, ranks.get(model.name, 0.0), last,
+                                    cached, on_cache_disk(config, model),
+                                    model.name in busy, model.pinned))
+    st = os.statvfs(config.cache.dir)
+    return CacheState(used, st.f_bavail * st.f_frsize, candidates)
+
+
+def policy(config: Config) -> CachePolicy:
+    assert config.cache is not None
+    c = config.cache
+    return CachePolicy(c.max_size, c.min_free, c.expire_after, c.min_rank)
+
+
+def red(text: str) -> str:
+    if sys.stderr.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[31m{text}\033[0m"
+    return text
+
+
+def sync(config: Config) -> int:
+    if config.cache is None:
+        logging.getLogger("hoshikage").info("no cache: configured in the manifest")
+        return 0
+    if not config.cache.dir.is_dir():
+        log.log.error("cache directory %s does not exist; create it on the SSD", config.cache.dir)
+        return 1
+    runtime = Runtime(config.runtime_dir)
+    store = Store(config.cache.dir)
+    with runtime.locked("cache"):
+        busy = set(systemd.active_model_units())
+        decisions = plan_cache(state(config, busy, time.time()), policy(config), time.time())
+        for d in decisions:
+            model = config.models[d.name]
+            if d.action is Action.EXPIRE:
+                freed = store.remove(d.name)
+                log.event("cache-expire", d.name, red(f"expired {d.name} from the cache "
+                          f"({human(freed)}): {d.reason}"), level=logging.WARNING,
+                          rank=f"{d.rank:.1f}", bytes_freed=freed)
+            elif d.action is Action.COPY:
+                copy(config, runtime, store, model, d.rank)
+            elif d.action is Action.SKIP:
+                log.log.info("not caching %s (rank %.1f): %s", d.name, d.rank, d.reason)
+    return 0
+
+
+def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: float) -> None:
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if total and time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            runtime.set_caching(model.name, done, total)
+            systemd.notify(STATUS=f"caching {model.name}: {100 * done // total}%")
+
+    log.event("cache-copy", model.name, f"copying {model.name} (rank {rank:.1f}) from "
+              f"{model.path} to the cache {config.cache.dir if config.cache else ''}",
+              rank=f"{rank:.1f}", source=model.path, phase="start")
+    try:
+        staged = store.stage(model.name, model.path, progress)
+    finally:
+        runtime.clear("caching", model.name)
+    rate = staged.size / max(staged.seconds, 1e-6)
+    log.event("cache-copy", model.name, f"cached {model.name}: {human(staged.size)} in "
+              f"{staged.seconds:.1f} s ({human(rate)}/s)", rank=f"{rank:.1f}",
+              bytes=staged.size, seconds=f"{staged.seconds:.3f}", phase="done")
