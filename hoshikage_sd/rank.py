@@ -29,20 +29,21 @@ STATS_VERSION = 1
 class Weights:
     """rank = week × uses in 7 days + month × uses in 30 days + total × all uses
     + recent bonus if used within 7 days − age × days since last use
-    + runtime × hours run in the last 30 days."""
+    + runtime × hours in use in the last 30 days (load to last request, not the idle tail
+    before the idle stop, so a long TTL earns nothing)."""
 
     week: float = 10.0
     month: float = 3.0
     total: float = 0.5
     recent_bonus: float = 20.0
     age: float = 2.0
-    runtime: float = 5.0
+    runtime: float = 15.0
 
 
 @dataclass(frozen=True)
 class Use:
-    at: float            # wall clock of the load
-    runtime: float = 0.0  # seconds from unit start to stop (0 while running)
+    at: float                     # wall clock of the load
+    runtime: float | None = None  # seconds from unit start to stop; None while running
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,20 @@ class ModelStats:
 
     @property
     def last_used(self) -> float | None:
-        return max((u.at + u.runtime for u in self.uses), default=None)
+        return max((u.at + (u.runtime or 0.0) for u in self.uses), default=None)
+
+    def hours(self, now: float, since: float) -> float:
+        """Hours run by loads since `since`; only the last load can still be running (an
+        earlier one without a stop record crashed, and counts nothing)."""
+        total = 0.0
+        for i, u in enumerate(self.uses):
+            if u.at < since:
+                continue
+            if u.runtime is not None:
+                total += u.runtime
+            elif i == len(self.uses) - 1:
+                total += max(0.0, now - u.at)
+        return total / 3600
 
     def with_load(self, at: float, load_seconds: float | None = None) -> ModelStats:
         return replace(self, uses=(*self.uses, Use(at))[-KEEP_USES:],
@@ -64,7 +78,7 @@ class ModelStats:
 
     def with_stop(self, at: float) -> ModelStats:
         """The unit stopped: the last use ran until `at`."""
-        if not self.uses or self.uses[-1].runtime:
+        if not self.uses or self.uses[-1].runtime is not None:
             return self
         last = self.uses[-1]
         runtime = max(0.0, at - last.at)
@@ -78,8 +92,7 @@ def rank(stats: ModelStats, now: float, w: Weights = Weights()) -> float:
         return 0.0
     week = sum(1 for u in stats.uses if now - u.at <= 7 * DAY)
     month = sum(1 for u in stats.uses if now - u.at <= 30 * DAY)
-    hours = sum(u.runtime if u.runtime else max(0.0, now - u.at)
-                for u in stats.uses if now - u.at <= 30 * DAY) / 3600
+    hours = stats.hours(now, now - 30 * DAY)
     days = max(0.0, now - last) / DAY
     return (week * w.week + month * w.month + stats.total_uses * w.total
             + (w.recent_bonus if days <= 7 else 0.0) - days * w.age + hours * w.runtime)
@@ -99,8 +112,8 @@ class StatsFile:
         for name, entry in (data.get("models") or {}).items():
             with contextlib.suppress(TypeError, KeyError, ValueError):
                 out[name] = ModelStats(
-                    uses=tuple(Use(float(u["at"]), float(u.get("runtime", 0.0)))
-                               for u in entry.get("uses", [])),
+                    uses=tuple(Use(float(u["at"]), None if u.get("runtime") is None
+                                   else float(u["runtime"])) for u in entry.get("uses", [])),
                     total_uses=int(entry.get("total_uses", 0)),
                     total_runtime=float(entry.get("total_runtime", 0.0)),
                     last_load_seconds=entry.get("last_load_seconds"))
@@ -130,10 +143,11 @@ class StatsFile:
         with self.update() as stats:
             stats[name] = stats.get(name, ModelStats()).with_load(time.time(), load_seconds)
 
-    def record_stop(self, name: str) -> None:
+    def record_stop(self, name: str, last_request_end: float | None = None) -> None:
+        """The unit stopped; it was in use until its last request ended (or until now)."""
         with self.update() as stats:
             if name in stats:
-                stats[name] = stats[name].with_stop(time.time())
+                stats[name] = stats[name].with_stop(last_request_end or time.time())
 
     def ranks(self, now: float | None = None, w: Weights = Weights()) -> dict[str, float]:
         now = time.time() if now is None else now

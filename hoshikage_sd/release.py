@@ -27,6 +27,7 @@ def reason_for(stop_reason: str | None, result: str | None, code: str | None,
 def main(config: Config, name: str) -> int:
     runtime = Runtime(config.runtime_dir)
     running = runtime.running(name)
+    activity = runtime.activity(name)
     freed = Store(config.ramdisk).remove(name) if config.ramdisk.is_dir() else 0
     with contextlib.suppress(FileNotFoundError):
         config.socket_path(name).unlink()
@@ -38,7 +39,7 @@ def main(config: Config, name: str) -> int:
     pid = running.pid if running else None
     if running is not None:
         try:
-            StatsFile(config.state_dir).record_stop(name)
+            StatsFile(config.state_dir).record_stop(name, activity.last_end if activity else None)
         except OSError as exc:
             log.log.warning("cannot record %s's runtime: %s", name, exc)
     log.event("released", name,
