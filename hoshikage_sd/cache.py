@@ -62,7 +62,7 @@ def trigger() -> None:
 def state(config: Config, busy: set[str], now: float) -> CacheState:
     assert config.cache is not None
     stats = StatsFile(config.state_dir)
-    ranks = stats.ranks(now, config.weights)
+    ranks = stats.ranks(now, config.weights, busy)
     usage = stats.read()
     candidates, used = [], 0
     for model in config.models.values():

@@ -47,6 +47,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("router", help="(unit helper) the socket-activated request router")
     p.add_argument("--listen", help="HOST:PORT when not socket-activated "
                                     "(default 127.0.0.1:8080)")
+    p = sub.add_parser("simulate", help="replay a usage scenario through the cache policy "
+                                        "(no manifest needed)")
+    p.add_argument("scenario", nargs="?", metavar="SCENARIO",
+                   help="a built-in scenario's name or a scenario file")
+    p.add_argument("--list", action="store_true", help="the built-in scenarios")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
 
 
@@ -60,6 +66,10 @@ def model_name(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "simulate":  # a what-if tool: it must work without a manifest
+        from hoshikage_sd import simulate
+
+        return simulate.main(args.scenario, args.json, args.list)
     from pathlib import Path
 
     from hoshikage_sd import config as manifest

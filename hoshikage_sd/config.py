@@ -18,6 +18,7 @@ import yaml
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.rank import Weights
+from hoshikage_sd.yamlnodes import NodeReader
 
 DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
@@ -230,62 +231,17 @@ def scan_sources(sources: tuple[Path, ...]) -> dict[str, Path]:
     return found
 
 
-class _Parser:
+class _Parser(NodeReader):
     def __init__(self, path: Path) -> None:
+        super().__init__(lambda line, message: ConfigError(path, line, message))
         self.path = path
         self.warnings: list[str] = []
 
-    def fail(self, node: yaml.Node | None, message: str) -> ConfigError:
-        return ConfigError(self.path, node.start_mark.line + 1 if node else None, message)
-
-    def mapping(self, node: yaml.Node | None, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, f"{what} must be a mapping of keys to values")
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode):
-                raise self.fail(key, f"{what}: keys must be plain names")
-            if key.value in out:
-                raise self.fail(key, f"{what}: '{key.value}' appears twice")
-            out[key.value] = (key, value)
-        return out
-
-    def scalar(self, node: yaml.Node) -> Any:
-        return yaml.SafeLoader(b"").construct_object(node, deep=True)
-
-    def check_keys(self, items: Mapping[str, tuple[yaml.Node, yaml.Node]],
-                   allowed: tuple[str, ...], what: str) -> None:
-        for key, (knode, _) in items.items():
-            if key not in allowed:
-                raise self.fail(knode, f"unknown key '{key}' in {what} "
-                                       f"(known: {', '.join(allowed)})")
-
-    def string(self, node: yaml.Node, what: str) -> str:
-        value = self.scalar(node)
-        if not isinstance(value, str) or not value:
-            raise self.fail(node, f"{what} must be a non-empty string")
-        return value
-
-    def abspath(self, node: yaml.Node, what: str) -> Path:
-        value = Path(self.string(node, what))
-        if not value.is_absolute():
-            raise self.fail(node, f"{what} must be an absolute path, not '{value}'")
-        return value
-
     def duration(self, node: yaml.Node, what: str) -> float:
-        try:
-            return parse_duration(self.scalar(node))
-        except ValueError as exc:
-            raise self.fail(node, f"{what}: {exc}") from None
+        return self.convert(node, what, parse_duration)
 
-    def strings(self, node: yaml.Node, what: str) -> tuple[str, ...]:
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"{what} must be a list")
-        for item in node.value:
-            if not isinstance(item, yaml.ScalarNode):
-                raise self.fail(item, f"{what}: each entry must be a string")
-        # The text as written: YAML 1.1 would turn 010 into 8 and 1:30 into 90.
-        return tuple(str(item.value) for item in node.value)
+    def size(self, node: yaml.Node, what: str) -> int:
+        return self.convert(node, what, parse_size)
 
     def name(self, node: yaml.Node, what: str) -> str:
         value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
@@ -294,28 +250,8 @@ class _Parser:
                                   "(letters, digits, '.', '_', ':', '-'; at most 100)")
         return value
 
-    def number(self, node: yaml.Node, what: str, low: float, high: float) -> float:
-        value = self.scalar(node)
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not low <= value <= high:
-            raise self.fail(node, f"{what} must be a number from {low:g} to {high:g}")
-        return float(value)
-
-    def size(self, node: yaml.Node, what: str) -> int:
-        try:
-            return parse_size(self.scalar(node))
-        except ValueError as exc:
-            raise self.fail(node, f"{what}: {exc}") from None
-
-    def boolean(self, node: yaml.Node, what: str) -> bool:
-        value = self.scalar(node)
-        if not isinstance(value, bool):
-            raise self.fail(node, f"{what} must be true or false")
-        return value
-
     def cache(self, node: yaml.Node) -> Cache:
-        items = self.mapping(node, "cache")
-        self.check_keys(items, CACHE_KEYS, "cache")
+        items = self.mapping(node, "cache", CACHE_KEYS)
         if "dir" not in items:
             raise self.fail(node, "cache needs 'dir:', a directory on the SSD")
         kw: dict[str, Any] = {"dir": self.abspath(items["dir"][1], "cache: dir")}
@@ -328,16 +264,8 @@ class _Parser:
             kw["min_rank"] = self.number(items["min_rank"][1], "cache: min_rank", -1e9, 1e9)
         return Cache(**kw)
 
-    def weights(self, node: yaml.Node) -> Weights:
-        items = self.mapping(node, "rank")
-        known = tuple(Weights.__dataclass_fields__)
-        self.check_keys(items, known, "rank")
-        return Weights(**{key: self.number(value, f"rank: {key}", -1e6, 1e6)
-                          for key, (_, value) in items.items()})
-
     def config(self, node: yaml.Node | None) -> Config:
-        top = self.mapping(node, "the manifest")
-        self.check_keys(top, TOP_KEYS, "the manifest")
+        top = self.mapping(node, "the manifest", TOP_KEYS)
         kw: dict[str, Any] = {}
         for key in ("ramdisk", "runtime_dir", "llama_server", "state_dir"):
             if key in top:
@@ -365,7 +293,7 @@ class _Parser:
             kw["strict_names"] = self.boolean(top["strict_names"][1], "strict_names")
         if "sources" in top:
             kw["sources"] = tuple(self.abspath(n, "sources: entry")
-                                  for n in self._seq(top["sources"][1], "sources"))
+                                  for n in self.seq(top["sources"][1], "sources"))
         if "models" not in top and "sources" not in top:
             raise self.fail(node, "the manifest has neither 'models:' nor 'sources:'")
         idle_ttl = kw.get("idle_ttl", Config.idle_ttl)
@@ -407,8 +335,7 @@ class _Parser:
 
     def model(self, name: str, key: yaml.Node, node: yaml.Node, idle_ttl: float,
               found: Mapping[str, Path]) -> tuple[Model, list[yaml.Node], list[yaml.Node]]:
-        items = self.mapping(node, f"model '{name}'")
-        self.check_keys(items, MODEL_KEYS, f"model '{name}'")
+        items = self.mapping(node, f"model '{name}'", MODEL_KEYS)
         if "path" in items:
             path = self.abspath(items["path"][1], f"model '{name}': path")
             if not path.is_file():
@@ -419,9 +346,9 @@ class _Parser:
         else:
             raise self.fail(key, f"model '{name}' has no 'path:' and no {name}.gguf is in "
                                   "the sources: directories")
-        alias_nodes = (self._seq(items["aliases"][1], f"model '{name}': aliases")
+        alias_nodes = (self.seq(items["aliases"][1], f"model '{name}': aliases")
                        if "aliases" in items else [])
-        tag_nodes = self._seq(items["tags"][1], f"model '{name}': tags") if "tags" in items \
+        tag_nodes = self.seq(items["tags"][1], f"model '{name}': tags") if "tags" in items \
             else []
         kw: dict[str, Any] = {
             "aliases": tuple(self.name(a, f"model '{name}': alias") for a in alias_nodes),
@@ -461,8 +388,3 @@ class _Parser:
             raise self.fail(items["command"][0], f"model '{name}': 'command:' needs "
                                                  "'backend: command'")
         return Model(name=name, path=path, **kw), alias_nodes, tag_nodes
-
-    def _seq(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"{what} must be a list")
-        return list(node.value)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 from hoshikage_sd.state import write_atomic
+from hoshikage_sd.store import human
 
 DAY = 86400.0
 KEEP_USES = 100
@@ -57,17 +59,19 @@ class ModelStats:
     def last_used(self) -> float | None:
         return max((u.at + (u.runtime or 0.0) for u in self.uses), default=None)
 
-    def hours(self, now: float, since: float) -> float:
-        """Hours run by loads since `since`; only the last load can still be running (an
-        earlier one without a stop record crashed, and counts nothing)."""
+    def hours(self, now: float, since: float, running: bool = False) -> float:
+        """Hours in use between `since` and `now`. A load without a stop record is still
+        running only if it is the last one and the model is loaded now; otherwise it
+        crashed and counts nothing (or a stale record would outrank everything)."""
         total = 0.0
         for i, u in enumerate(self.uses):
-            if u.at < since:
-                continue
             if u.runtime is not None:
-                total += u.runtime
-            elif i == len(self.uses) - 1:
-                total += max(0.0, now - u.at)
+                end = u.at + u.runtime
+            elif running and i == len(self.uses) - 1:
+                end = now
+            else:
+                continue
+            total += max(0.0, min(end, now) - max(u.at, since))  # the part inside the window
         return total / 3600
 
     def with_load(self, at: float, load_seconds: float | None = None) -> ModelStats:
@@ -86,13 +90,14 @@ class ModelStats:
                        total_runtime=self.total_runtime + runtime)
 
 
-def rank(stats: ModelStats, now: float, w: Weights = Weights()) -> float:
+def rank(stats: ModelStats, now: float, w: Weights = Weights(), running: bool = False) -> float:
+    """The model's rank at `now`; `running`: it is loaded now."""
     last = stats.last_used
     if last is None:
         return 0.0
     week = sum(1 for u in stats.uses if now - u.at <= 7 * DAY)
     month = sum(1 for u in stats.uses if now - u.at <= 30 * DAY)
-    hours = stats.hours(now, now - 30 * DAY)
+    hours = stats.hours(now, now - 30 * DAY, running)
     days = max(0.0, now - last) / DAY
     return (week * w.week + month * w.month + stats.total_uses * w.total
             + (w.recent_bonus if days <= 7 else 0.0) - days * w.age + hours * w.runtime)
@@ -149,9 +154,10 @@ class StatsFile:
             if name in stats:
                 stats[name] = stats[name].with_stop(last_request_end or time.time())
 
-    def ranks(self, now: float | None = None, w: Weights = Weights()) -> dict[str, float]:
+    def ranks(self, now: float | None = None, w: Weights = Weights(),
+              running: Collection[str] = ()) -> dict[str, float]:
         now = time.time() if now is None else now
-        return {name: rank(s, now, w) for name, s in self.read().items()}
+        return {name: rank(s, now, w, name in running) for name, s in self.read().items()}
 
 
 # -- the SSD cache policy -------------------------------------------------------------------
@@ -213,6 +219,20 @@ def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decis
         return (c.name not in expired and not c.busy and not c.pinned and c.rank < above
                 and unused >= policy.expire_after)
 
+    def expire(old: Candidate, why: str) -> None:
+        days = (now - (old.last_used or 0.0)) / DAY
+        expired[old.name] = Decision(Action.EXPIRE, old.name, old.rank, old.size,
+                                     f"{why}; unused {days:.0f} days")
+        decisions.append(expired[old.name])
+
+    # Over its limits already (max_size lowered, the disk filled up): shrink first.
+    for old in sorted(cached.values(), key=lambda o: (o.rank, o.name)):
+        if room >= 0:
+            break
+        if expirable(old, math.inf):
+            expire(old, "the cache is over max_size or min_free")
+            room += old.size
+
     wanted = sorted((c for c in state.candidates
                      if not c.cached and not c.fast and c.rank >= policy.min_rank),
                     key=lambda c: (-c.rank, c.name))
@@ -226,16 +246,14 @@ def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decis
                     victims.append(old)
                     gain += old.size
             if room + gain < c.size:
-                decisions.append(Decision(Action.SKIP, c.name, c.rank, c.size,
-                                          f"no room: needs {c.size} B, {max(room, 0)} B free"
-                                          " and nothing lower-ranked has expired"))
+                decisions.append(Decision(
+                    Action.SKIP, c.name, c.rank, c.size,
+                    f"no room: needs {human(c.size)}, {human(max(room, 0))} free, and no "
+                    f"lower-ranked cached model has been unused for "
+                    f"{policy.expire_after / DAY:g} days"))
                 continue
             for old in victims:
-                days = (now - (old.last_used or 0.0)) / DAY
-                expired[old.name] = Decision(
-                    Action.EXPIRE, old.name, old.rank, old.size,
-                    f"makes room for {c.name} (rank {c.rank:.1f}); unused {days:.0f} days")
-                decisions.append(expired[old.name])
+                expire(old, f"makes room for {c.name} (rank {c.rank:.1f})")
             room += gain
         room -= c.size
         decisions.append(Decision(Action.COPY, c.name, c.rank, c.size,

@@ -48,9 +48,10 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
     let three waiting starts block each other for good.
     """
     now = time.time()
-    ranks = StatsFile(config.state_dir).ranks(now, config.weights)
+    active = systemd.active_model_units()
+    ranks = StatsFile(config.state_dir).ranks(now, config.weights, active)
     out = []
-    for name in systemd.active_model_units():
+    for name in active:
         if name == exclude:
             continue
         running = runtime.running(name)

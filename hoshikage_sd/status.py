@@ -135,7 +135,7 @@ def list_models(config: Config, as_json: bool) -> int:
     from hoshikage_sd.rank import StatsFile
 
     active = set(systemd.active_model_units())
-    ranks = StatsFile(config.state_dir).ranks(w=config.weights)
+    ranks = StatsFile(config.state_dir).ranks(w=config.weights, running=active)
     entries = [describe(config, m, active, ranks) for m in config.models.values()]
     entries.sort(key=lambda e: (-e.rank, -(e.last_used or 0.0), e.name))
     if as_json:

@@ -76,9 +76,22 @@ def test_load_and_stop_record_runtime_and_keep_the_last_100() -> None:
 
 def test_a_running_load_counts_its_time_so_far_a_crashed_one_nothing() -> None:
     running = ModelStats().with_load(NOW - 3600)
-    assert running.hours(NOW, NOW - 30 * DAY) == pytest.approx(1.0)
+    assert running.hours(NOW, NOW - 30 * DAY, running=True) == pytest.approx(1.0)
+    assert running.hours(NOW, NOW - 30 * DAY, running=False) == 0.0  # no stop record, not up
     crashed_then_running = running.with_load(NOW - 60)
-    assert crashed_then_running.hours(NOW, NOW - 30 * DAY) == pytest.approx(60 / 3600)
+    assert crashed_then_running.hours(NOW, NOW - 30 * DAY, True) == pytest.approx(60 / 3600)
+
+
+def test_a_long_run_counts_the_part_inside_the_window() -> None:
+    sixty_days = ModelStats().with_load(NOW - 60 * DAY).with_stop(NOW)
+    assert sixty_days.hours(NOW, NOW - 30 * DAY) == pytest.approx(30 * 24)
+
+
+def test_an_over_full_cache_shrinks_even_without_a_copy() -> None:
+    state = CacheState(16 * GB, 100 * GB, [cand("old1", 8, -40, days=40, cached=True),
+                                           cand("old2", 8, -20, days=20, cached=True)])
+    assert actions(plan_cache(state, CachePolicy(max_size=10 * GB), NOW)) == \
+        {"old1": "expire", "old2": "keep"}
 
 
 def test_stats_file_round_trip_is_readable_json(tmp_path: Path) -> None:
