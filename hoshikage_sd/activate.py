@@ -86,7 +86,7 @@ class Activator:
             fields = {"name": self.model.name, "path": str(staged), "socket": str(self.socket)}
             return [arg.format_map(fields) for arg in self.model.command] + list(self.model.args)
         return [str(self.config.llama_server), "-m", str(staged), "--host", str(self.socket),
-                "--alias", self.model.name, *self.model.args]
+                "--alias", self.model.name, *self.model.server_args]
 
     def spawn(self, staged: Path) -> subprocess.Popen[bytes]:
         with contextlib.suppress(FileNotFoundError):

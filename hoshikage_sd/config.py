@@ -44,6 +44,16 @@ class Model:
     command: tuple[str, ...] = ()  # argv template of the `command` backend
     health: str = "/health"
 
+    @property
+    def server_args(self) -> tuple[str, ...]:
+        """The extra arguments llama-server really gets. Its prompt cache (--cache-ram,
+        8 GiB by default) grows per request outside any estimate, so it is off unless the
+        manifest asks for it; admission then counts what was asked."""
+        if self.backend != "llama-server" or any(
+                a.split("=")[0] in ("-cram", "--cache-ram") for a in self.args):
+            return self.args
+        return (*self.args, "--cache-ram", "0")
+
 
 @dataclass(frozen=True)
 class Cache:

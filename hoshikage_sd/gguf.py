@@ -38,6 +38,7 @@ MAX_TENSORS: Final = 1 << 17         # real models: ~100-3000 tensors
 MAX_N_DIMS: Final = 8                # ggml has 4
 MAX_NAME: Final = 1 << 16            # key and tensor-name length (ggml names are < 64 bytes)
 MAX_WALKED_ARRAY: Final = 1 << 22    # string/array elements walked one by one (vocab ~150k-260k)
+MAX_WALKED_TOTAL: Final = 1 << 24    # ... in the whole header (tokens + merges: ~0.3-0.6M)
 MAX_ARRAY_DEPTH: Final = 4
 
 #: what is kept in GGUFInfo.metadata
@@ -188,7 +189,7 @@ class _Reader:
         self.base = 0   # file offset of buf[0]
         self.pos = 0    # read position within buf
         self.fpos = 0   # the file's own position
-        self.bytes_read = 0
+        self.walked = 0  # array elements walked one by one so far
 
     def fail(self, message: str) -> GGUFError:
         return GGUFError(self.path, message)
@@ -211,7 +212,6 @@ class _Reader:
         want = max(n, _CHUNK) - len(rest)
         data = (self.f.read(want) or b"") if want > 0 else b""
         self.fpos += len(data)
-        self.bytes_read += len(data)
         self.buf = rest + data
         self.base, self.pos = start, 0
         if len(self.buf) < n:
@@ -310,6 +310,10 @@ def _value(r: _Reader, vtype: int, key: str, depth: int = 0) -> tuple[object, in
         if count * min_size > remaining:
             raise r.fail(f"truncated: array {key} claims {count} elements but only "
                          f"{remaining} bytes remain")
+        r.walked += count
+        if r.walked > MAX_WALKED_TOTAL:
+            raise r.fail(f"arrays of strings or arrays hold more than {MAX_WALKED_TOTAL} "
+                         f"elements in all (at {key})")
         if etype == _STRING:
             r.skip_strings(count, f"element of {key}")
         else:

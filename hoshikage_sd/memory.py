@@ -2,11 +2,12 @@
 
     total = weights + kv_cache + compute + overhead
 
-- weights: the file size. The staged copy lives in the tmpfs and llama-server mmaps it, so
-  its pages are paid once. Plus an anonymous copy of what llama-server does not use through
-  the mmap: with --no-mmap everything; otherwise the tensors the CPU backend repacks into
-  interleaved layouts (Q4_0, Q4_K, IQ4_NL, Q2_K, MXFP4 matrices on x86-64; --no-repack
-  turns that off), which then cost twice.
+- weights: the file size in whole 2 MiB pages (the tmpfs is mounted huge=always). The staged
+  copy lives in the tmpfs and llama-server mmaps it, so its pages are paid once. Plus an
+  anonymous copy of what llama-server does not use through the mmap: without mmap (--no-mmap,
+  -lm none/mlock/dio) all tensor data; otherwise the matrices the CPU backend repacks into
+  interleaved layouts (Q4_0, Q4_K, IQ4_NL, Q2_K, MXFP4 on x86-64; --no-repack turns that
+  off), which then cost twice.
 - kv_cache: cells x sum over layers of (K row + V row) bytes, a row being key_length (or
   value_length) x head_count_kv of that layer in the cache type (f16: 2 bytes per value).
   Cells: n_ctx rounded up to 256 when the cache is unified (the default with -np auto,
@@ -15,7 +16,7 @@
   tokens: u x 4 bytes x the widest step of the graph (attention: 5 x n_embd + the K/V width;
   feed-forward: 4 x n_embd + 2 or 3 x n_ff), plus the f16 attention mask of u x (cells per
   stream) x 2 bytes; without flash attention the f32 scores (n_head x cells per stream x u)
-  take the place of the mask.
+  take the place of the mask, and the CPU backend's work buffer holds an f16 copy of them.
 - overhead: what llama-server allocates that its log does not print: the process itself,
   the vocabulary and the per-slot samplers (per token of the vocabulary), the logits and the
   CPU backend's work buffer (the activations converted for f16/quantised matmuls).
@@ -33,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hoshikage_sd.errors import die
 from hoshikage_sd.gguf import GGUFInfo, row_size
@@ -65,6 +67,7 @@ CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "
 _FA_ON = {"on", "1", "true", "enabled", "yes"}
 _FA_OFF = {"off", "0", "false", "disabled", "no"}
 _FA_VALUES = _FA_ON | _FA_OFF | {"auto"}
+_MMAP_MODES = {"auto", "mmap", "mmap+mlock"}   # -lm none, mlock and dio read into RAM
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
     """What llama-server will use, from its command-line arguments (the manifest's args)."""
     n_ctx = 0
     n_parallel = -1
-    kw: dict[str, object] = {}
+    kw: dict[str, Any] = {}
     unified: bool | None = None
     items = list(args)
     i = 0
@@ -150,7 +153,7 @@ def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
         elif flag in ("-lm", "--load-mode"):
             if value is None:
                 die(f"llama-server argument {flag} needs a mode")
-            kw["mmap"] = "mmap" in value or value == "auto"
+            kw["mmap"] = value.lower() in _MMAP_MODES
         elif flag in ("-fa", "--flash-attn"):
             if eq or (value is not None and value.lower() in _FA_VALUES):
                 kw["flash_attn"] = (value or "").lower() not in _FA_OFF
@@ -163,7 +166,7 @@ def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
                 unified = True
             elif flag in ("-no-kvu", "--no-kv-unified"):
                 unified = False
-            elif flag == "--no-mmap":
+            elif flag in ("--no-mmap", "-dio", "--direct-io"):
                 kw["mmap"] = False
             elif flag == "--mmap":
                 kw["mmap"] = True
@@ -181,7 +184,7 @@ def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
     if n_parallel < 0:  # llama-server: "n_parallel is set to auto, using 4 and kv_unified"
         n_parallel, unified = AUTO_PARALLEL, True
     return LoadParams(n_ctx=n_ctx, n_parallel=max(1, n_parallel), kv_unified=bool(unified),
-                      **kw)  # type: ignore[arg-type]
+                      **kw)
 
 
 def kv_cells(params: LoadParams) -> tuple[int, int]:

@@ -31,7 +31,7 @@ def estimate(model: Model) -> int:
 
     try:
         info = gguf.read_info(model.path)
-        return memory.estimate(info, memory.load_params(info, model.args)).total
+        return memory.estimate(info, memory.load_params(info, model.server_args)).worst_case
     except Exception as exc:  # a header we cannot read must not block admission
         logger.warning("cannot estimate %s from its header (%s); using its size", model.name,
                        exc)
