@@ -120,14 +120,18 @@ def sync(config: Config) -> int:
 
 
 def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: float) -> None:
-    last = 0.0
+    last, quarter = 0.0, 0
 
     def progress(done: int, total: int) -> None:
-        nonlocal last
+        nonlocal last, quarter
         if total and time.monotonic() - last >= 1.0:
             last = time.monotonic()
             runtime.set_caching(model.name, done, total)
             systemd.notify(STATUS=f"caching {model.name}: {100 * done // total}%")
+        if total and done * 4 // total > quarter and done < total:
+            quarter = done * 4 // total  # a journal line at 25, 50 and 75%
+            log.log.info("caching %s: %s of %s (%d%%)", model.name, human(done), human(total),
+                         100 * done // total)
 
     log.event("cache-copy", model.name, f"copying {model.name} (rank {rank:.1f}) from "
               f"{model.path} to the cache {config.cache.dir if config.cache else ''}",
