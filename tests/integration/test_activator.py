@@ -108,3 +108,29 @@ def test_sigterm_during_load_exits_cleanly(setup: Setup, notify_socket: NotifyLi
     notify_socket.wait_for("STATUS")
     activator.send_signal(signal.SIGTERM)
     assert activator.wait(30) == 0
+
+
+def test_command_backend_runs_any_server_on_the_socket(setup: Setup,
+                                                       notify_socket: NotifyListener) -> None:
+    # llama-server itself, started through the generic argv template and health path.
+    setup.config.write_text(f"""\
+ramdisk: {setup.ramdisk}
+runtime_dir: {setup.runtime}
+models:
+  tiny:
+    path: {setup.source}
+    backend: command
+    command: [{setup.llama_server}, -m, "{{path}}", --host, "{{socket}}", -c, "512"]
+    health: /v1/models
+""")
+    activator = start_activator(setup, notify_socket)
+    try:
+        notify_socket.wait_for("READY")
+        assert health.probe(str(setup.sock()), "/v1/models") == 200
+        running = json.loads((setup.runtime / "running" / "tiny.json").read_text())
+        cmdline = Path(f"/proc/{running['pid']}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:5] == [b"-m", str(setup.ramdisk / "tiny.gguf").encode(), b"--host",
+                                str(setup.sock()).encode()]
+        assert b"--cache-ram" not in cmdline  # only llama-server backends get our defaults
+    finally:
+        assert stop(activator) == 0

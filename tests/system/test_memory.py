@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import json
 import time
 from pathlib import Path
 
@@ -159,3 +161,34 @@ def test_memory_pressure_stops_idle_models(container_factory: ContainerFactory,
     pressure = [e for e in hk.events("pressure") if "stopping a" in e["MESSAGE"]]
     assert pressure and int(pressure[0]["HOSHIKAGE_USED"]) > 0, pressure
     assert "critical at 0%" in pressure[0]["MESSAGE"]
+
+
+def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    long_args = ("-c", "4096", "-np", "1")  # room for a reply that outlasts admission_wait
+    a = estimate(Model("a", models_dir / "a.gguf", args=long_args))
+    b = estimate(Model("b", models_dir / "b.gguf", args=("-c", "512", "-np", "1")))
+    models = {"a": f"args: {json.dumps(long_args)}\nttl: 1h", "b": f"{ARGS}\nttl: 1h"}
+    text = manifest(llama_server_bin, models, memory_budget=str(int((a + b / 2) * 1.2)),
+                    admission_wait="2s")
+    hk = deploy(container_factory, models_dir, text)
+    assert hk.chat("a")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=60)
+    conn.request("POST", "/completion", body=json.dumps(
+        {"model": "a", "prompt": "once upon a time", "n_predict": 3500, "stream": True}),
+        headers={"Content-Type": "application/json"})
+    streaming = conn.getresponse()
+    assert streaming.readline().startswith(b"data: ")  # a is busy from here on
+    request = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=60)
+    request.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"model": "b", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}))
+    response = request.getresponse()
+    body = json.loads(response.read())
+    assert response.status == 503, body
+    assert response.getheader("Retry-After") == "10"
+    assert "waiting for busy a" in body["error"]["message"], body
+    rest = streaming.read()  # the stream was never cut
+    assert rest.rstrip().endswith(b"data: [DONE]") or b'"stop":true' in rest, rest[-200:]
+    assert hk.events("released", "a") == []
+    assert hk.chat("b")[0] == 200  # a is idle now: it makes room
+    assert hk.events("released", "a")[0]["HOSHIKAGE_REASON"] == "evicted for b"
