@@ -45,7 +45,7 @@ def should_stop(idle: float | None, ttl: float) -> bool:
 def main(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
     now = time.time()
-    for name in systemd.active_model_units():
+    for name in systemd.active_model_units(("active",)):  # not one already stopping
         running = runtime.running(name)
         if running is None:
             continue  # still starting: READY not reached, nothing to be idle yet
@@ -80,8 +80,9 @@ def watch_pressure(config: Config, runtime: Runtime) -> None:
         log.event("pressure", "", f"memory pressure: {share} (warn at "
                   f"{config.pressure_warn:.0%})", level=logging.WARNING, used=used, total=total)
         return
+    up = set(systemd.active_model_units(("active",)))  # not those already stopping
     victims = pressure_victims(used, total, config.pressure_critical,
-                               [r for r in residents(config, runtime) if r.name in config.models],
+                               [r for r in residents(config, runtime) if r.name in up],
                                config.evict_floor)
     log.event("pressure", "", f"memory pressure: {share} (critical at "
               f"{config.pressure_critical:.0%}): stopping "

@@ -100,14 +100,17 @@ def systemctl(*args: str, check: bool = True, timeout: float | None = None) -> s
     return proc.run(["systemctl", *args], check=check, timeout=timeout).stdout
 
 
-def active_model_units() -> list[str]:
-    """Instance names (unescaped) of model units that are active, activating or deactivating."""
+UP_STATES = ("active", "activating", "deactivating", "reloading")
+
+
+def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
+    """Instance names (unescaped) of model units in one of `states` (default: any but down)."""
     out = systemctl("list-units", "--plain", "--no-legend", "--all", "--type=service",
                     f"{MODEL_UNIT_PREFIX}*", check=False)
     names = []
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[2] in ("active", "activating", "deactivating", "reloading"):
+        if len(parts) >= 3 and parts[2] in states:
             names.append(unescape(parts[0][len(MODEL_UNIT_PREFIX) : -len(".service")]))
     return names
 
