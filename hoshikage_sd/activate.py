@@ -25,7 +25,7 @@ from hoshikage_sd.store import Staged, Store, human
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
-POLL = 0.02
+POLL = 0.005  # /health polling: every ms spent here is cold-start latency
 
 
 class Stopped(Exception):
@@ -126,7 +126,7 @@ class Activator:
         while True:
             with self.runtime.locked("admission"):
                 others = residents.residents(self.config, self.runtime, exclude=name)
-                estimate = residents.estimate(self.model)
+                estimate = residents.estimate(self.model, self.runtime)
                 decision = admission.decide(
                     name, estimate,
                     residents.available(self.config, others), others,

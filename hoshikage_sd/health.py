@@ -1,36 +1,39 @@
-"""HTTP over a unix socket with the standard library: the activator's /health probe."""
+"""The activator's readiness probe: GET a path on a unix socket, read the status code.
+
+A few lines of HTTP/1.0 on a plain socket: it sits on the cold-start path, where importing
+http.client (and with it ssl) would cost more than the probe itself.
+"""
 
 from __future__ import annotations
 
-import http.client
 import socket
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 2.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+from typing import Any
 
 
 def probe(path: str, route: str = "/health", timeout: float = 2.0) -> int | None:
     """The HTTP status of GET route, or None when nothing answers."""
-    conn = UnixHTTPConnection(path, timeout)
     try:
-        conn.request("GET", route)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(f"GET {route} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head and len(head) < 4096:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+    except OSError:
         return None
-    finally:
-        conn.close()
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "UnixHTTPConnection":  # the full client, imported only by those who want it
+        from hoshikage_sd.unixhttp import UnixHTTPConnection
+
+        return UnixHTTPConnection
+    raise AttributeError(name)

@@ -25,20 +25,33 @@ def meminfo() -> dict[str, int]:
     return values
 
 
-def estimate(model: Model) -> int:
-    """Bytes the model will hold once serving: from its GGUF header, else its file size."""
+def estimate(model: Model, runtime: Runtime | None = None) -> int:
+    """Bytes the model will hold once serving: from its GGUF header, else its file size.
+
+    With a runtime, the figure is remembered until the file or its arguments change: a large
+    vocabulary makes the header slow to read, and this sits on every cold start.
+    """
+    try:
+        st = model.path.stat()
+    except OSError:
+        return 0
+    key = [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args)]
+    if runtime is not None:
+        cached = runtime.estimate(model.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
     from hoshikage_sd import gguf, memory
 
     try:
         info = gguf.read_info(model.path)
-        return memory.estimate(info, memory.load_params(info, model.server_args)).worst_case
+        value = memory.estimate(info, memory.load_params(info, model.server_args)).worst_case
     except Exception as exc:  # a header we cannot read must not block admission
         logger.warning("cannot estimate %s from its header (%s); using its size", model.name,
                        exc)
-    try:
-        return model.path.stat().st_size
-    except OSError:
-        return 0
+        return st.st_size
+    if runtime is not None:
+        runtime.set_estimate(model.name, key, value)
+    return value
 
 
 def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:
@@ -59,7 +72,7 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
         if running is None and admitted is None:
             continue
         model = config.models.get(name)
-        memory = admitted if admitted is not None else estimate(model) if model else 0
+        memory = admitted if admitted is not None else estimate(model, runtime) if model else 0
         activity = runtime.activity(name)
         idle = None
         if running is not None:  # a unit still starting counts as busy: never a victim

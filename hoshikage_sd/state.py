@@ -113,6 +113,17 @@ class Runtime:
     def set_admitted(self, name: str, estimate: int) -> None:
         self._write("admitted", name, {"estimate": estimate})
 
+    def estimate(self, name: str) -> tuple[list[Any], int] | None:
+        """A remembered memory estimate: (what it was computed from, bytes)."""
+        data = self._read("estimate", name)
+        if not data or not isinstance(data.get("key"), list) or \
+                not isinstance(data.get("bytes"), int):
+            return None
+        return data["key"], data["bytes"]
+
+    def set_estimate(self, name: str, key: list[Any], value: int) -> None:
+        self._write("estimate", name, {"key": key, "bytes": value})
+
     def caching(self, name: str) -> tuple[int, int] | None:
         """A copy to the SSD cache under way: (bytes done, bytes total)."""
         data = self._read("caching", name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -186,6 +185,8 @@ def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = N
 
 
 def file_digest(path: Path) -> str:
+    import hashlib  # only on the rare corruption check: it costs a cold start ~10 ms
+
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "blake2b").hexdigest()
 
