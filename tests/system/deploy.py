@@ -41,6 +41,13 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
     for unit in sorted((REPO_ROOT / "units").iterdir()):
         text = unit.read_text().replace("/usr/bin/hoshikage", str(hoshikage_bin()))
         (unit_dir / unit.name).write_text(text)
+    if REPO_ROOT.is_relative_to("/tmp") or REPO_ROOT.is_relative_to("/var/tmp"):
+        # PrivateTmp= would hide a checkout (and its .venv) that lives under /tmp; an
+        # installed hoshikage lives in /usr and keeps the units' hardening as shipped.
+        for unit in unit_dir.glob("hoshikage*.service"):
+            (unit_dir / f"{unit.name}.d").mkdir(exist_ok=True)
+            (unit_dir / f"{unit.name}.d" / "checkout-in-tmp.conf").write_text(
+                "[Service]\nPrivateTmp=no\n")
     dropin = unit_dir / "hoshikage.socket.d"
     dropin.mkdir(exist_ok=True)
     (dropin / "port.conf").write_text(f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
