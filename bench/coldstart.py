@@ -48,7 +48,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
 
 from hoshikage_sd.store import Store  # noqa: E402
+from hoshikage_sd.unixhttp import UnixHTTPConnection  # noqa: E402
 from tests.system.container import Container, unavailable_reason  # noqa: E402
 from tests.system.deploy import Deployment, deploy, free_port, manifest  # noqa: E402
 
@@ -358,24 +358,6 @@ def chat(conn: http.client.HTTPConnection) -> int:
         return response.status
     finally:
         conn.close()
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (llama-server's --host PATH.sock)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def tcp(port: int, timeout: float = COLD_TIMEOUT) -> http.client.HTTPConnection:

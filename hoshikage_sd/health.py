@@ -7,7 +7,6 @@ http.client (and with it ssl) would cost more than the probe itself.
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 
 def probe(path: str, route: str = "/health", timeout: float = 2.0) -> int | None:
@@ -30,10 +29,3 @@ def probe(path: str, route: str = "/health", timeout: float = 2.0) -> int | None
         return int(parts[1])
     return None
 
-
-def __getattr__(name: str) -> Any:
-    if name == "UnixHTTPConnection":  # the full client, imported only by those who want it
-        from hoshikage_sd.unixhttp import UnixHTTPConnection
-
-        return UnixHTTPConnection
-    raise AttributeError(name)

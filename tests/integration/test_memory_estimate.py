@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from hoshikage_sd import gguf, memory
-from hoshikage_sd.health import UnixHTTPConnection
+from hoshikage_sd.unixhttp import UnixHTTPConnection
 from tests.support import unavailable
 
 from .conftest import stop

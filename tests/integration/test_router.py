@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hoshikage_sd import health
+from hoshikage_sd.unixhttp import UnixHTTPConnection
 
 from .conftest import NotifyListener, Setup, stop, write_manifest
 
@@ -111,7 +111,7 @@ def test_streaming_is_not_buffered(served: tuple[Setup, int]) -> None:
     first = response.readline()
     assert first.startswith(b"data: "), first
     # The first chunk reached us while llama-server is still generating: nothing buffered.
-    slots = health.UnixHTTPConnection(str(setup.sock()))
+    slots = UnixHTTPConnection(str(setup.sock()))
     slots.request("GET", "/slots")
     busy = [s for s in json.loads(slots.getresponse().read()) if s["is_processing"]]
     slots.close()
