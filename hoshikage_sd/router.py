@@ -31,6 +31,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 MAX_BODY = 256 << 20
+START_POLL = 0.005  # while a model starts: how often to ask its /health
 
 
 class StartFailed(Exception):
@@ -58,6 +59,7 @@ class Router:
         self.sessions: dict[str, ClientSession] = {}
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.ready: set[str] = set()
+        self.background: set[asyncio.Task[tuple[bytes, bytes]]] = set()
         self.in_flight: dict[str, int] = {}
         self.last_activity = time.monotonic()
         self.done = asyncio.Event()
@@ -121,7 +123,17 @@ class Router:
         child = await asyncio.create_subprocess_exec(
             "systemctl", "start", "--no-ask-password", unit, env=proc.minimal_env(),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await child.communicate()
+        job = asyncio.create_task(child.communicate())
+        # systemctl returns tens of ms after the model serves (READY=1, job done, exit, reap):
+        # forward as soon as /health says 200 and let systemctl finish on its own.
+        while not job.done():
+            await asyncio.wait({job}, timeout=START_POLL)
+            if not job.done() and await self.serving(model):
+                self.ready.add(model.name)
+                self.background.add(job)
+                job.add_done_callback(self.background.discard)
+                return
+        _, stderr = job.result()
         if child.returncode != 0:
             reason = self.runtime.error(model.name) or stderr.decode().strip() or \
                 f"{unit} failed to start"
