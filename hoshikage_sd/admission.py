@@ -47,7 +47,13 @@ def gb(n: float) -> str:
 
 
 def ago(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    """A span as people read it in logs and `hoshikage status`: 42 s, 14 min, 3 h 5 min."""
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def eviction_order(residents: Sequence[Resident], floor: int = 0) -> list[Resident]:

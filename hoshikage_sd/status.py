@@ -12,21 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hoshikage_sd import systemd
+from hoshikage_sd.admission import ago
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.idle import idle_seconds, pid_alive
 from hoshikage_sd.residents import meminfo
 from hoshikage_sd.state import Runtime
 from hoshikage_sd.store import human
-
-
-def ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def status(config: Config) -> int:
