@@ -203,6 +203,7 @@ class Run:
     background: float = 0.0  # load (busy + steal) in the second before the run
     parts: dict[str, float] = field(default_factory=dict)  # where the time went
     copied: bool | None = None  # (b), (c): did the activator copy the model?
+    launched: bool | None = None  # (b), (c): did the unit's launcher start llama-server?
     attempts: int = 1  # measured again when disturbed (see Conditions)
 
     def disturbance(self) -> float:
@@ -538,7 +539,10 @@ def staged_router_up(hk: Deployment, python: str) -> None:
 
 def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> None:
     """Fill in where the time went, from systemd's monotonic timestamps (CLOCK_MONOTONIC,
-    the same clock as time.monotonic() here) and the activator's `ready` journal record."""
+    the same clock as time.monotonic() here) and the activator's `ready` journal record.
+
+    llama-server was spawned `load` seconds before /health said 200, which the activator
+    saw just before READY=1 (the unit's ActiveEnter): the split matches (a)'s."""
     end = start + run.seconds
     model = show(hk, UNIT, "InactiveExitTimestampMonotonic", "ActiveEnterTimestampMonotonic")
     m_begin = mono(model["InactiveExitTimestampMonotonic"])
@@ -546,6 +550,9 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
     ready = hk.events("ready", NAME)[-1]
     stage = float(ready["HOSHIKAGE_STAGE_SECONDS"])
     load = float(ready["HOSHIKAGE_LOAD_SECONDS"])
+    launched = ready.get("HOSHIKAGE_LAUNCHED") == "1"
+    healthy = m_ready
+    spawned = healthy - load
     parts = run.parts
     if router_started:
         router = show(hk, ROUTER, "InactiveExitTimestampMonotonic",
@@ -557,18 +564,21 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
         parts["router READY -> model unit starting"] = m_begin - r_ready
     else:
         parts["request -> model unit starting"] = m_begin - start
-    overhead = m_ready - m_begin - stage - load
-    first = first_record(hk, m_begin, m_ready, ready)
-    if first is None:
-        parts["activator overhead"] = overhead
-    else:  # split at the activator's first journal record (python start-up before it)
-        kind, when = first
-        parts[f"activator start -> '{kind}' record"] = when - m_begin
-        parts["activator, rest of overhead"] = overhead - (when - m_begin)
-    parts[COPY_KEY] = stage
+    if launched:  # the router admitted it; the unit's launcher spawned llama-server
+        parts["unit starting -> llama-server spawned"] = spawned - m_begin
+    else:
+        first = first_record(hk, m_begin, m_ready, ready)
+        if first is not None:  # split at the activator's first journal record
+            kind, when = first
+            parts[f"unit starting -> activator's '{kind}' record"] = when - m_begin
+            parts["activator, rest (not staging)"] = spawned - when - stage
+        else:
+            parts["unit starting -> spawned (not staging)"] = spawned - m_begin - stage
+        parts[COPY_KEY] = stage
     parts["llama-server spawn -> /health 200"] = load
-    parts["READY=1 -> response"] = end - m_ready
+    parts["/health 200 -> response"] = end - healthy
     run.copied = ready.get("HOSHIKAGE_COPIED") == "1"
+    run.launched = launched
 
 
 def first_record(hk: Deployment, begin: float, ready_at: float,
@@ -757,7 +767,9 @@ def report(f: Figures, out: TextIO) -> None:
         p(f"  {'total':44} {ms(med(secs(runs)))}")
         if runs[0].copied is not None:
             copied = sum(bool(r.copied) for r in runs)
-            p(f"  the activator copied the model in {copied} of {len(runs)} runs")
+            launched = sum(bool(r.launched) for r in runs)
+            p(f"  the activator copied the model in {copied} of {len(runs)} runs; "
+              f"the launcher started llama-server from the router's ticket in {launched}")
     p()
     p("targets (on medians):")
     for what, value, target, met in verdicts(f):

@@ -1,8 +1,12 @@
-"""`hoshikage activate NAME`: ExecStart of hoshikage-model@NAME.service (Type=notify).
+"""`hoshikage activate NAME`: the main process of hoshikage-model@NAME.service (Type=notify).
 
-Stage the model into the RAM disk, start llama-server on the staged file listening on a unix
-socket, and report READY=1 only once /health answers 200 (llama-server answers 503 while it
-loads). Then supervise: forward SIGTERM, exit with llama-server's status.
+Admit the model, stage it into the RAM disk, start llama-server on the staged file listening
+on a unix socket, and report READY=1 only once /health answers 200 (llama-server answers 503
+while it loads). Then supervise: forward SIGTERM, exit with llama-server's status.
+
+The unit runs it through hoshikage-launch (launch.py): when the router has admitted the model
+and checked its copy already, llama-server is running before this module is even imported,
+and `--adopt PID` makes it the one to wait for.
 """
 
 from __future__ import annotations
@@ -11,12 +15,11 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import admission, cache, health, log, proc, residents, systemd
+from hoshikage_sd import admission, cache, health, launch, log, proc, residents, systemd
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.rank import StatsFile
@@ -32,6 +35,36 @@ class Stopped(Exception):
     """SIGTERM arrived before llama-server was running."""
 
 
+class Child:
+    """llama-server, by PID: one this process spawned, or one the launcher spawned before it
+    exec'ed into this (an adopted child is still our child; subprocess cannot take it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class Activator:
     def __init__(self, config: Config, model: Model) -> None:
         self.config = config
@@ -40,7 +73,7 @@ class Activator:
         self.runtime = Runtime(config.runtime_dir)
         self.socket = config.socket_path(model.name)
         self.source = cache.source_for(config, model)  # the SSD cache copy, when current
-        self.child: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
         self.stopping = False
         self.deadline = time.monotonic() + config.start_timeout
         self._last_beat = 0.0
@@ -81,28 +114,20 @@ class Activator:
                       source=self.source, staged_path=staged.path)
         return staged
 
-    def argv(self, staged: Path) -> list[str]:
-        if self.model.backend == "command":
-            fields = {"name": self.model.name, "path": str(staged), "socket": str(self.socket)}
-            return [arg.format_map(fields) for arg in self.model.command] + list(self.model.args)
-        return [str(self.config.llama_server), "-m", str(staged), "--host", str(self.socket),
-                "--alias", self.model.name, *self.model.server_args]
-
-    def spawn(self, staged: Path) -> subprocess.Popen[bytes]:
+    def spawn(self, staged: Path) -> Child:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # llama-server does not remove a stale socket itself
         self.socket.parent.mkdir(parents=True, exist_ok=True)
-        argv = self.argv(staged)
+        argv = self.config.server_argv(self.model, staged)
         logging.getLogger("hoshikage").debug("starting %s", argv)
         try:
-            self.child = subprocess.Popen(argv, env=proc.minimal_env(), stdin=subprocess.DEVNULL,
-                                          close_fds=True)
+            self.child = Child(launch.spawn(argv, proc.minimal_env()))
         except OSError as exc:
             die(f"cannot run {argv[0]}: {exc.strerror}",
                 hint="set 'llama_server:' (or the model's 'command:') in the manifest")
         return self.child
 
-    def wait_healthy(self, child: subprocess.Popen[bytes]) -> bool:
+    def wait_healthy(self, child: Child) -> bool:
         """True once /health is 200; False if llama-server exits first."""
         while True:
             if child.poll() is not None:
@@ -125,22 +150,10 @@ class Activator:
         announced = False
         while True:
             with self.runtime.locked("admission"):
-                others = residents.residents(self.config, self.runtime, exclude=name)
-                estimate = residents.estimate(self.model, self.runtime)
-                decision = admission.decide(
-                    name, estimate,
-                    residents.available(self.config, others), others,
-                    margin=self.config.safety_margin, max_loaded=self.config.max_loaded_models,
-                    floor=self.config.evict_floor)
+                decision, estimate = residents.judge(self.config, self.model, self.runtime)
                 verdict = decision.verdict
                 if verdict is not admission.Verdict.WAIT or not announced:
-                    log.event("admission", name, decision.message,
-                              level=logging.INFO if verdict in (admission.Verdict.LOAD,
-                                                                admission.Verdict.EVICT)
-                              else logging.WARNING,
-                              verdict=verdict.value, needed=decision.needed,
-                              available=decision.available,
-                              victims=",".join(v.name for v in decision.victims) or None)
+                    residents.record(name, decision)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
@@ -158,12 +171,20 @@ class Activator:
             self.heartbeat(f"waiting for room: {decision.message}")
             time.sleep(1.0)
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, adopted: tuple[int, float] | None = None) -> Child:
+        """Serve the model; with `adopted` (pid, spawn time), the router admitted it and the
+        launcher started llama-server on the staged copy already: wait for that one."""
         name = self.model.name
-        self.admit()
-        staged = self.stage()
-        load_start = time.monotonic()
-        child = self.spawn(staged.path)
+        if adopted is None:
+            self.admit()
+            staged = self.stage()
+            load_start = time.monotonic()
+            child = self.spawn(staged.path)
+        else:
+            path = self.store.staged(name)
+            staged = Staged(path, path.stat().st_size if path.exists() else 0, False, 0.0)
+            load_start = adopted[1]
+            child = self.child = Child(adopted[0])
         if not self.wait_healthy(child):
             if self.stopping:
                 raise Stopped
@@ -175,6 +196,8 @@ class Activator:
             log.event("restaged", name, f"staged copy of {name} does not match "
                       f"{self.source}; copying it again", level=logging.WARNING,
                       exit_status=code)
+            if adopted is not None:  # the router's admission may have gone with the copy
+                self.admit()
             staged = self.stage(force=True)
             load_start = time.monotonic()
             child = self.spawn(staged.path)
@@ -191,7 +214,8 @@ class Activator:
                   f"load {load:.2f} s, staging {staged.seconds:.2f} s "
                   f"({'copied' if staged.copied else 'reused'})",
                   pid=child.pid, load_seconds=f"{load:.3f}",
-                  stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied))
+                  stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied),
+                  launched=int(adopted is not None))
         self.after_ready(load)
         return child
 
@@ -205,12 +229,14 @@ class Activator:
             logging.getLogger("hoshikage").warning("after %s became ready: %s",
                                                    self.model.name, exc)
 
-    def run(self) -> int:
+    def run(self, adopted: tuple[int, float] | None = None) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        if adopted is not None:
+            self.child = Child(adopted[0])  # a SIGTERM from here on reaches llama-server
         self.runtime.clear("error", self.model.name)
         try:
-            child = self.start()
+            child = self.start(adopted)
         except Stopped:
             return 0
         except HoshikageError as err:
@@ -225,11 +251,11 @@ class Activator:
         return 128 - code if code < 0 else code
 
 
-def main(config: Config, name: str) -> int:
+def main(config: Config, name: str, adopted: tuple[int, float] | None = None) -> int:
     model = config.models.get(name)
     if model is None:
         Runtime(config.runtime_dir).set_error(name, f"'{name}' is not in {config.source}")
         die(f"model '{name}' is not in {config.source}",
             hint="known: " + ", ".join(config.models) if config.models else None)
     os.umask(0o022)
-    return Activator(config, model).run()
+    return Activator(config, model).run(adopted)

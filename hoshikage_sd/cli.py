@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from hoshikage_sd import __version__, log
@@ -35,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p = sub.add_parser("activate", help="(unit helper) stage and serve one model")
     p.add_argument("name")
+    p.add_argument("--adopt", type=int, metavar="PID",
+                   help="llama-server is already starting as this child (hoshikage-launch)")
+    p.add_argument("--spawned", type=float, default=0.0, metavar="MONOTONIC",
+                   help="when the adopted child was started (CLOCK_MONOTONIC seconds)")
     p = sub.add_parser("release", help="(unit helper) clean up after a model unit stopped")
     p.add_argument("name")
     sub.add_parser("idle-watch", help="(unit helper) stop models idle past their TTL")
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "activate":
         from hoshikage_sd import activate
 
-        return activate.main(config, model_name(args.name))
+        adopted = None if args.adopt is None else (args.adopt, args.spawned or time.monotonic())
+        return activate.main(config, model_name(args.name), adopted)
     if args.command == "release":
         from hoshikage_sd import release
 

@@ -134,6 +134,15 @@ class Config:
     def staged_path(self, name: str) -> Path:
         return self.ramdisk / f"{name}.gguf"
 
+    def server_argv(self, model: Model, staged: Path) -> list[str]:
+        """The command line that serves `model` from its staged copy on its unix socket."""
+        socket = str(self.socket_path(model.name))
+        if model.backend == "command":
+            fields = {"name": model.name, "path": str(staged), "socket": socket}
+            return [arg.format_map(fields) for arg in model.command] + list(model.args)
+        return [str(self.llama_server), "-m", str(staged), "--host", socket,
+                "--alias", model.name, *model.server_args]
+
 
 def _no_rank(_name: str) -> float:
     return 0.0

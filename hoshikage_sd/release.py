@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from hoshikage_sd import log
+from hoshikage_sd import launch, log
 from hoshikage_sd.config import Config
 from hoshikage_sd.rank import StatsFile
 from hoshikage_sd.state import Runtime
@@ -36,6 +36,9 @@ def main(config: Config, name: str) -> int:
     reason = reason_for(runtime.stop_reason(name), result, code, status)
     for kind in ("running", "activity", "stop", "admitted"):
         runtime.clear(kind, name)
+    # A ticket written while this unit was still stopping must not outlive its copy.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(launch.ticket_path(str(config.runtime_dir), name))
     pid = running.pid if running else None
     if running is not None:
         try:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
-from hoshikage_sd import systemd
-from hoshikage_sd.admission import Resident
+from hoshikage_sd import admission, log, systemd
+from hoshikage_sd.admission import Decision, Resident, Verdict
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.idle import idle_seconds, pid_alive
 from hoshikage_sd.rank import StatsFile
@@ -91,3 +91,24 @@ def available(config: Config, others: list[Resident]) -> int:
     if config.memory_budget is not None:
         free = min(free, config.memory_budget - sum(r.memory for r in others))
     return max(0, free)
+
+
+def judge(config: Config, model: Model, runtime: Runtime) -> tuple[Decision, int]:
+    """Admission's verdict for `model` now, and its estimate. Hold the admission lock."""
+    others = residents(config, runtime, exclude=model.name)
+    estimate_bytes = estimate(model, runtime)
+    decision = admission.decide(
+        model.name, estimate_bytes, available(config, others), others,
+        margin=config.safety_margin, max_loaded=config.max_loaded_models,
+        floor=config.evict_floor)
+    return decision, estimate_bytes
+
+
+def record(name: str, decision: Decision) -> None:
+    """The journal's 'admission' record of a decision, with its numbers."""
+    verdict = decision.verdict
+    log.event("admission", name, decision.message,
+              level=logging.INFO if verdict in (Verdict.LOAD, Verdict.EVICT)
+              else logging.WARNING,
+              verdict=verdict.value, needed=decision.needed, available=decision.available,
+              victims=",".join(v.name for v in decision.victims) or None)

@@ -1,8 +1,10 @@
 """`hoshikage router`: hoshikage.service, the socket-activated front door.
 
 Takes the listening socket from systemd (LISTEN_FDS), finds the model a request names, starts
-hoshikage-model@NAME.service through systemctl (which returns once the activator said READY=1)
-and forwards the request to that model's unix socket, streaming the reply chunk by chunk.
+hoshikage-model@NAME.service (a D-Bus call to PID 1, no systemctl fork), forwards the request
+to that model's unix socket as soon as its /health says 200, and streams the reply chunk by
+chunk. When the model's staged copy is current and it fits, the router admits it itself and
+leaves the unit's launcher a ticket (launch.py), so llama-server is the unit's first act.
 Exits once nothing is loaded and nobody asked for anything for `router_idle_exit`.
 """
 
@@ -19,11 +21,13 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, UnixConnector, client_exceptions, web
 
+from hoshikage_sd import cache, launch, log, names, proc, residents, systemd
 from hoshikage_sd import config as manifest
-from hoshikage_sd import log, names, proc, systemd
+from hoshikage_sd.admission import Verdict
 from hoshikage_sd.config import AmbiguousModel, Config, Model
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.state import Activity, Runtime
+from hoshikage_sd.store import Identity, Store
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -32,6 +36,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 MAX_BODY = 256 << 20
 START_POLL = 0.005  # while a model starts: how often to ask its /health
+UNIT_POLL = 0.1  # ... and how often to ask systemd whether its unit failed
 
 
 class StartFailed(Exception):
@@ -59,7 +64,6 @@ class Router:
         self.sessions: dict[str, ClientSession] = {}
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.ready: set[str] = set()
-        self.background: set[asyncio.Task[tuple[bytes, bytes]]] = set()
         self.in_flight: dict[str, int] = {}
         self.last_activity = time.monotonic()
         self.done = asyncio.Event()
@@ -114,30 +118,51 @@ class Router:
         except client_exceptions.ClientError:
             return False
 
+    def prepare(self, model: Model) -> bool:
+        """The fast path of a cold start: when the staged copy is current and the model fits
+        now, admit it here and leave the unit's launcher a ticket, so that llama-server starts
+        as the unit's first act. Anything else (a copy to make, models to stop, a wait) is
+        the activator's to do."""
+        config, name = self.config, model.name
+        store = Store(config.ramdisk)
+        try:
+            if not store.reusable(name, Identity.of(cache.source_for(config, model))):
+                return False
+            with self.runtime.locked("admission"):
+                decision, estimate = residents.judge(config, model, self.runtime)
+                if decision.verdict is not Verdict.LOAD:
+                    return False
+                residents.record(name, decision)
+                self.runtime.set_admitted(name, estimate)
+                launch.write_ticket(str(config.runtime_dir), name,
+                                    str(config.socket_path(name)), proc.minimal_env(),
+                                    config.server_argv(model, store.staged(name)))
+        except (OSError, HoshikageError) as exc:
+            logger.warning("starting %s the slow way: %s", name, exc)
+            return False
+        return True
+
     async def _start(self, model: Model) -> None:
-        # A router started afresh finds a model still loaded: no systemctl round trip.
+        # A router started afresh finds a model still loaded: no systemd round trip.
         if await self.serving(model):
             self.ready.add(model.name)
             return
         unit = systemd.model_unit(model.name)
-        child = await asyncio.create_subprocess_exec(
-            "systemctl", "start", "--no-ask-password", unit, env=proc.minimal_env(),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        job = asyncio.create_task(child.communicate())
-        # systemctl returns tens of ms after the model serves (READY=1, job done, exit, reap):
-        # forward as soon as /health says 200 and let systemctl finish on its own.
-        while not job.done():
-            await asyncio.wait({job}, timeout=START_POLL)
-            if not job.done() and await self.serving(model):
-                self.ready.add(model.name)
-                self.background.add(job)
-                job.add_done_callback(self.background.discard)
-                return
-        _, stderr = job.result()
-        if child.returncode != 0:
-            reason = self.runtime.error(model.name) or stderr.decode().strip() or \
-                f"{unit} failed to start"
-            raise StartFailed(reason)
+        await asyncio.to_thread(self.prepare, model)
+        try:
+            await asyncio.to_thread(systemd.start_unit, unit)
+        except HoshikageError as err:
+            raise StartFailed(err.message) from None
+        # READY=1 comes after /health 200, and the job's end later still: forward on the 200.
+        checked = time.monotonic()
+        while not await self.serving(model):
+            await asyncio.sleep(START_POLL)
+            if time.monotonic() - checked >= UNIT_POLL:
+                checked = time.monotonic()
+                state, pending = await asyncio.to_thread(systemd.unit_state, unit)
+                if state == "failed" or (state == "inactive" and not pending):
+                    raise StartFailed(self.runtime.error(model.name)
+                                      or f"{unit} failed to start")
         self.ready.add(model.name)
 
     async def ensure(self, model: Model) -> None:

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    raw = data.encode() if isinstance(data, str) else data
     try:
-        tmp.write_text(text)
-        os.rename(tmp, path)
+        tmp.write_bytes(raw)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.rename(tmp, path)
+        tmp.write_bytes(raw)
+    os.rename(tmp, path)
 
 
 @dataclass(frozen=True)

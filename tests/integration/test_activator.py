@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import health
-from hoshikage_sd.store import file_digest
+from hoshikage_sd import config as manifest
+from hoshikage_sd import health, launch, names
+from hoshikage_sd.store import Store, file_digest
 
 from .conftest import NotifyListener, Setup, stop
 
@@ -134,3 +136,64 @@ models:
         assert b"--cache-ram" not in cmdline  # only llama-server backends get our defaults
     finally:
         assert stop(activator) == 0
+
+
+def launcher(setup: Setup, listener: NotifyListener) -> subprocess.Popen[bytes]:
+    """hoshikage-launch as the model unit runs it: RUNTIME_DIRECTORY from RuntimeDirectory=."""
+    return subprocess.Popen([str(Path(sys.executable).with_name("hoshikage-launch")), "tiny"],
+                            env=setup.env(NOTIFY_SOCKET=str(listener.path),
+                                          RUNTIME_DIRECTORY=str(setup.runtime)),
+                            stderr=subprocess.PIPE)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("ticket", [True, False], ids=["ticket", "no-ticket"])
+def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> None:
+    """With the router's ticket, llama-server is started by the launcher itself and adopted
+    by the activator it becomes; without one, the activator does everything. Either way
+    READY=1 only once /health is 200, from the same PID."""
+    config = names.effective(manifest.load(setup.config))
+    model = config.models["tiny"]
+    Store(config.ramdisk).stage("tiny", model.path)
+    if ticket:
+        launch.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()),
+                            {"PATH": os.environ["PATH"]},
+                            config.server_argv(model, Store(config.ramdisk).staged("tiny")))
+    process = launcher(setup, notify_socket)
+    try:
+        notify_socket.wait_for("READY")
+        assert health.probe(str(setup.sock())) == 200
+        llama_pid = json.loads((setup.runtime / "running" / "tiny.json").read_text())["pid"]
+        assert parent_of(llama_pid) == process.pid  # the unit's main process supervises it
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+        assert (b"--adopt" in cmdline) == ticket, cmdline
+        assert (str(llama_pid).encode() in cmdline) == ticket
+        assert not (setup.runtime / "launch" / "tiny").exists()
+    finally:
+        code = stop(process)
+    assert code == 0, process.stderr.read().decode() if process.stderr else ""
+    with pytest.raises(ProcessLookupError):
+        os.kill(llama_pid, 0)
+
+
+def test_launcher_ticket_for_a_corrupt_copy_restages(setup: Setup,
+                                                     notify_socket: NotifyListener) -> None:
+    config = names.effective(manifest.load(setup.config))
+    model = config.models["tiny"]
+    staged = Store(config.ramdisk).stage("tiny", model.path).path
+    with open(staged, "r+b") as f:
+        f.write(b"XXXX")
+    launch.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()),
+                        {"PATH": os.environ["PATH"]}, config.server_argv(model, staged))
+    process = launcher(setup, notify_socket)
+    try:
+        notify_socket.wait_for("READY")
+        assert health.probe(str(setup.sock())) == 200
+    finally:
+        stop(process)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert "does not match" in stderr and "copying it again" in stderr, stderr
+    assert file_digest(staged) == file_digest(setup.source)

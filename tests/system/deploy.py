@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import sys
@@ -36,6 +37,8 @@ def hoshikage_bin() -> Path:
 
 def install_files(root: Path, manifest: str, port: int, timer_every: str | None) -> None:
     """Write units, tmpfiles, the manifest and the test drop-ins into a root directory."""
+    launcher = hoshikage_bin().with_name("hoshikage-launch")
+    assert os.access(launcher, os.X_OK), f"{launcher} is missing: run tools/bootstrap.sh"
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True, exist_ok=True)
     for unit in sorted((REPO_ROOT / "units").iterdir()):

@@ -55,8 +55,10 @@ def test_first_request_is_answered_from_the_ram_disk(hk: Deployment, models_dir:
     assert staged.read_bytes() == (models_dir / "tiny.gguf").read_bytes()
     (llama,) = hk.processes("llama-server")
     assert "-m /mnt/hoshikage/tiny.gguf" in llama and "/run/hoshikage/tiny.sock" in llama
+    hk.wait_for("the ready record", lambda: bool(hk.events("ready", "tiny")))
     ready = hk.events("ready", "tiny")
     assert len(ready) == 1 and ready[0]["HOSHIKAGE_COPIED"] == "1"
+    assert ready[0]["HOSHIKAGE_LAUNCHED"] == "0"  # nothing staged: the activator did it all
 
 
 def test_status_shows_the_loaded_model(hk: Deployment) -> None:
@@ -104,18 +106,47 @@ def test_idle_stop_releases_and_next_request_works(hk: Deployment) -> None:
     assert len(hk.events("staged", "tiny")) == 2
 
 
-def test_corrupted_staged_copy_is_detected_and_restaged(hk: Deployment,
-                                                        models_dir: Path) -> None:
+def stage_inside(hk: Deployment, source: Path, data: bytes) -> Path:
+    """A staged copy of `source` on the RAM disk with the record the store keeps."""
     hk.container.systemctl("start", "mnt-hoshikage.mount")
-    source = models_dir / "tiny.gguf"
     staged = hk.container.root / "mnt/hoshikage/tiny.gguf"
-    data = bytearray(source.read_bytes())
-    data[0:4] = b"XXXX"  # a same-size copy that no longer loads
-    staged.write_bytes(bytes(data))
-    st = source.stat()  # the record the store keeps: the source as seen inside
+    staged.write_bytes(data)
+    st = source.stat()  # the source as seen inside
     (hk.container.root / "mnt/hoshikage/.tiny.source.json").write_text(json.dumps({
         "path": "/srv/models/tiny.gguf", "dev": st.st_dev, "ino": st.st_ino,
         "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    return staged
+
+
+def test_staged_model_starts_from_the_routers_ticket(hk: Deployment, models_dir: Path) -> None:
+    """Router up, copy staged: the router admits the model and the unit's launcher starts
+    llama-server before any of the activator is imported; the activator adopts it."""
+    status, _ = hk.chat("ghost")  # brings the router up without loading anything
+    assert status == 503
+    source = models_dir / "tiny.gguf"
+    stage_inside(hk, source, source.read_bytes())
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    # The router forwards on /health 200; the activator's READY=1 and record follow.
+    hk.wait_for("the ready record", lambda: bool(hk.events("ready", "tiny")))
+    (ready,) = hk.events("ready", "tiny")
+    assert ready["HOSHIKAGE_LAUNCHED"] == "1" and ready["HOSHIKAGE_COPIED"] == "0"
+    (admitted,) = hk.events("admission", "tiny")
+    assert admitted["SYSLOG_IDENTIFIER"] == "hoshikage-router"
+    assert admitted["HOSHIKAGE_VERDICT"] == "load"
+    assert hk.events("staged", "tiny") == []
+    main_pid = hk.container.systemctl("show", "-P", "MainPID", UNIT).strip()
+    cmdline = (hk.container.root / f"proc/{main_pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--adopt" in cmdline, cmdline
+    assert not (hk.container.root / "run/hoshikage/launch/tiny").exists()
+
+
+def test_corrupted_staged_copy_is_detected_and_restaged(hk: Deployment,
+                                                        models_dir: Path) -> None:
+    source = models_dir / "tiny.gguf"
+    data = bytearray(source.read_bytes())
+    data[0:4] = b"XXXX"  # a same-size copy that no longer loads
+    staged = stage_inside(hk, source, bytes(data))
     status, body = hk.chat("tiny")
     assert status == 200, body
     (restaged,) = hk.events("restaged", "tiny")

@@ -30,7 +30,8 @@ def sections(unit: Path) -> configparser.RawConfigParser:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root with the host's targets and slices, our units, and an executable hoshikage."""
+    """A root with the host's targets and slices, our units, and executable hoshikage and
+    hoshikage-launch."""
     root = tmp_path_factory.mktemp("root")
     lib = root / "usr/lib/systemd/system"
     lib.mkdir(parents=True)
@@ -39,6 +40,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy(path, lib)
     (root / "usr/bin").mkdir(parents=True)
     shutil.copy("/bin/true", root / "usr/bin/hoshikage")
+    shutil.copy("/bin/true", root / "usr/bin/hoshikage-launch")
     for unit in UNITS:
         shutil.copy(unit, lib)
     return root

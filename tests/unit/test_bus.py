@@ -1,0 +1,117 @@
+"""bus.call's framing against a scripted peer: authentication, PID 1's unsolicited signals
+before and between replies, errors, and a deadline that a stream of signals cannot stretch.
+The real PID 1 is the system tier's (every model start goes through it)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jeepney import DBusAddress, Parser, new_error, new_method_return, new_signal
+
+from hoshikage_sd import bus
+
+UNIT_PATH = DBusAddress("/org/freedesktop/systemd1/unit/x",
+                        interface="org.freedesktop.DBus.Properties")
+
+
+def signal_bytes(serial: int) -> bytes:
+    return new_signal(UNIT_PATH, "PropertiesChanged", "s", ("noise",)).serialise(serial=serial)
+
+
+Script = Callable[[socket.socket], None]
+
+
+@pytest.fixture
+def peer(tmp_path: Path) -> Iterator[Callable[[Script], str]]:
+    """A one-connection server on a unix socket that runs a script: its path."""
+    threads: list[threading.Thread] = []
+
+    def serve(script: Script) -> str:
+        path = str(tmp_path / "private")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+
+        def run() -> None:
+            conn, _ = listener.accept()
+            with conn, listener:
+                line = b""
+                while b"BEGIN\r\n" not in line:
+                    line += conn.recv(256)
+                assert line.startswith(b"\0AUTH EXTERNAL ")
+                script(conn)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return path
+
+    yield serve
+    for thread in threads:
+        thread.join(5)
+
+
+def read_call(conn: socket.socket) -> Any:
+    parser = Parser()
+    while (message := parser.get_next_message()) is None:
+        parser.add_data(conn.recv(65536))
+    return message
+
+
+def test_reply_found_among_signals(peer: Callable[[Script], str]) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"OK 0123456789abcdef\r\n" + signal_bytes(1))  # signals right after OK
+        call = read_call(conn)
+        assert call.header.fields[3] == "StartUnit" and call.body == ("x.service", "replace")
+        reply = new_method_return(call, "o", ("/org/freedesktop/systemd1/job/7",))
+        conn.sendall(signal_bytes(2) + signal_bytes(3) + reply.serialise(serial=4))
+
+    path = peer(script)
+    assert bus.call("StartUnit", "ss", ("x.service", "replace"), path=path) == \
+        ("/org/freedesktop/systemd1/job/7",)
+
+
+def test_error_reply_raises_bus_error(peer: Callable[[Script], str]) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"OK 0123456789abcdef\r\n")
+        call = read_call(conn)
+        error = new_error(call, "org.freedesktop.systemd1.NoSuchUnit", "s",
+                          ("Unit x not found.",))
+        conn.sendall(error.serialise(serial=2))
+
+    path = peer(script)
+    with pytest.raises(bus.BusError) as exc:
+        bus.call("StartUnit", "ss", ("x.service", "replace"), path=path)
+    assert exc.value.name == "org.freedesktop.systemd1.NoSuchUnit"
+    assert exc.value.message == "Unit x not found."
+
+
+def test_endless_signals_do_not_stretch_the_deadline(peer: Callable[[Script], str]) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"OK 0123456789abcdef\r\n")
+        read_call(conn)
+        with pytest.raises(OSError):
+            for serial in range(2, 10_000):
+                conn.sendall(signal_bytes(serial))
+                time.sleep(0.01)
+
+    path = peer(script)
+    start = time.monotonic()
+    with pytest.raises(bus.BusUnavailable, match="did not answer in time"):
+        bus.call("StartUnit", "ss", ("x.service", "replace"), timeout=0.5, path=path)
+    assert time.monotonic() - start < 2
+
+
+def test_refused_authentication_and_no_socket(peer: Callable[[Script], str],
+                                              tmp_path: Path) -> None:
+    path = peer(lambda conn: conn.sendall(b"REJECTED EXTERNAL\r\n"))
+    with pytest.raises(bus.BusUnavailable, match="refused authentication"):
+        bus.call("GetDefaultTarget", path=path)
+    with pytest.raises(bus.BusUnavailable):
+        bus.call("GetDefaultTarget", path=str(tmp_path / "absent"))
