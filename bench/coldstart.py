@@ -539,10 +539,10 @@ def staged_router_up(hk: Deployment, python: str) -> None:
 
 def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> None:
     """Fill in where the time went, from systemd's monotonic timestamps (CLOCK_MONOTONIC,
-    the same clock as time.monotonic() here) and the activator's `ready` journal record.
-
-    llama-server was spawned `load` seconds before /health said 200, which the activator
-    saw just before READY=1 (the unit's ActiveEnter): the split matches (a)'s."""
+    the same clock as time.monotonic() here) and the activator's `ready` journal record:
+    when llama-server was spawned, and `load` seconds later its /health said 200 (the split
+    of (a)). READY=1 may come later than that: after a launched start the activator
+    imports only once llama-server serves."""
     end = start + run.seconds
     model = show(hk, UNIT, "InactiveExitTimestampMonotonic", "ActiveEnterTimestampMonotonic")
     m_begin = mono(model["InactiveExitTimestampMonotonic"])
@@ -551,8 +551,8 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
     stage = float(ready["HOSHIKAGE_STAGE_SECONDS"])
     load = float(ready["HOSHIKAGE_LOAD_SECONDS"])
     launched = ready.get("HOSHIKAGE_LAUNCHED") == "1"
-    healthy = m_ready
-    spawned = healthy - load
+    spawned = float(ready["HOSHIKAGE_SPAWNED_AT"])
+    healthy = spawned + load
     parts = run.parts
     if router_started:
         router = show(hk, ROUTER, "InactiveExitTimestampMonotonic",
@@ -577,6 +577,7 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
         parts[COPY_KEY] = stage
     parts["llama-server spawn -> /health 200"] = load
     parts["/health 200 -> response"] = end - healthy
+    parts["(/health 200 -> READY=1)"] = m_ready - healthy
     run.copied = ready.get("HOSHIKAGE_COPIED") == "1"
     run.launched = launched
 
@@ -604,6 +605,7 @@ def cold_request(hk: Deployment, cond: Conditions, router_started: bool) -> Run:
         status = chat(tcp(hk.port))
     if status != 200:
         raise RuntimeError(f"hoshikage answered HTTP {status}")
+    wait_state(hk, UNIT, ("active",))  # READY=1 (and its record) may come after the answer
     explain(hk, run, start, router_started)
     return run
 

@@ -58,7 +58,7 @@ CALLS = (("cli.py", "main"), ("config.py", "load"), ("activate.py", "main"),
          ("residents.py", "estimate"), ("systemd.py", "active_model_units"),
          ("gguf.py", "read_info"), ("rank.py", "ranks"), ("activate.py", "stage"),
          ("store.py", "stage"), ("activate.py", "spawn"), ("activate.py", "wait_healthy"),
-         ("health.py", "probe"), ("activate.py", "after_ready"))
+         ("launch.py", "probe"), ("activate.py", "after_ready"))
 
 
 def drop_in(python: str, command: str, profile: str) -> str:

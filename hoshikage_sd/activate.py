@@ -16,10 +16,11 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import admission, cache, health, launch, log, proc, residents, systemd
+from hoshikage_sd import admission, cache, launch, log, proc, residents, systemd
 from hoshikage_sd.config import Config, Model
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.rank import StatsFile
@@ -33,6 +34,16 @@ POLL = 0.005  # /health polling: every ms spent here is cold-start latency
 
 class Stopped(Exception):
     """SIGTERM arrived before llama-server was running."""
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """llama-server as hoshikage-launch started it: its PID, when (CLOCK_MONOTONIC), and
+    when its /health first said 200 if the launcher saw that."""
+
+    pid: int
+    spawned: float
+    healthy: float | None = None
 
 
 class Child:
@@ -92,6 +103,11 @@ class Activator:
             self._last_beat = now
             systemd.notify(STATUS=status, EXTEND_TIMEOUT_USEC=EXTEND_USEC)
 
+    def full_priority(self) -> None:
+        """Undo the launcher's nice (launch.NICE): it lasts only while llama-server loads."""
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+
     # -- steps ----------------------------------------------------------------------------
     def stage(self, force: bool = False) -> Staged:
         name = self.model.name
@@ -132,7 +148,7 @@ class Activator:
         while True:
             if child.poll() is not None:
                 return False
-            if health.probe(str(self.socket), self.model.health, timeout=5.0) == 200:
+            if launch.probe(str(self.socket), self.model.health, timeout=5.0) == 200:
                 return True
             if time.monotonic() > self.deadline:
                 child.kill()
@@ -171,20 +187,21 @@ class Activator:
             self.heartbeat(f"waiting for room: {decision.message}")
             time.sleep(1.0)
 
-    def start(self, adopted: tuple[int, float] | None = None) -> Child:
-        """Serve the model; with `adopted` (pid, spawn time), the router admitted it and the
-        launcher started llama-server on the staged copy already: wait for that one."""
+    def start(self, adopted: Adopted | None = None) -> Child:
+        """Serve the model; when `adopted`, the router admitted it and the launcher started
+        llama-server on the staged copy already: wait for that one."""
         name = self.model.name
         if adopted is None:
             self.admit()
             staged = self.stage()
             load_start = time.monotonic()
             child = self.spawn(staged.path)
+            healthy_at = None
         else:
             path = self.store.staged(name)
             staged = Staged(path, path.stat().st_size if path.exists() else 0, False, 0.0)
-            load_start = adopted[1]
-            child = self.child = Child(adopted[0])
+            load_start, healthy_at = adopted.spawned, adopted.healthy
+            child = self.child = Child(adopted.pid)
         if not self.wait_healthy(child):
             if self.stopping:
                 raise Stopped
@@ -197,9 +214,10 @@ class Activator:
                       f"{self.source}; copying it again", level=logging.WARNING,
                       exit_status=code)
             if adopted is not None:  # the router's admission may have gone with the copy
+                self.full_priority()
                 self.admit()
             staged = self.stage(force=True)
-            load_start = time.monotonic()
+            load_start, healthy_at = time.monotonic(), None
             child = self.spawn(staged.path)
             if not self.wait_healthy(child):
                 if self.stopping:
@@ -207,7 +225,7 @@ class Activator:
                 die(f"llama-server exited with status {child.returncode} while loading "
                     f"'{name}' even after a fresh copy",
                     hint=f"journalctl -u {systemd.model_unit(name)}")
-        load = time.monotonic() - load_start
+        load = (healthy_at or time.monotonic()) - load_start
         self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
         systemd.notify(READY=1, STATUS=f"serving {name} on {self.socket}")
         log.event("ready", name, f"{name} ready: llama-server pid {child.pid}, "
@@ -215,7 +233,7 @@ class Activator:
                   f"({'copied' if staged.copied else 'reused'})",
                   pid=child.pid, load_seconds=f"{load:.3f}",
                   stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied),
-                  launched=int(adopted is not None))
+                  launched=int(adopted is not None), spawned_at=f"{load_start:.6f}")
         self.after_ready(load)
         return child
 
@@ -229,11 +247,11 @@ class Activator:
             logging.getLogger("hoshikage").warning("after %s became ready: %s",
                                                    self.model.name, exc)
 
-    def run(self, adopted: tuple[int, float] | None = None) -> int:
+    def run(self, adopted: Adopted | None = None) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         if adopted is not None:
-            self.child = Child(adopted[0])  # a SIGTERM from here on reaches llama-server
+            self.child = Child(adopted.pid)  # a SIGTERM from here on reaches llama-server
         self.runtime.clear("error", self.model.name)
         try:
             child = self.start(adopted)
@@ -245,13 +263,15 @@ class Activator:
             log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",
                       level=logging.ERROR, reason=err.message)
             return err.code
+        if adopted is not None:
+            self.full_priority()
         code = child.wait()
         if self.stopping and code in (0, -signal.SIGTERM, -signal.SIGINT):
             return 0
         return 128 - code if code < 0 else code
 
 
-def main(config: Config, name: str, adopted: tuple[int, float] | None = None) -> int:
+def main(config: Config, name: str, adopted: Adopted | None = None) -> int:
     model = config.models.get(name)
     if model is None:
         Runtime(config.runtime_dir).set_error(name, f"'{name}' is not in {config.source}")

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="llama-server is already starting as this child (hoshikage-launch)")
     p.add_argument("--spawned", type=float, default=0.0, metavar="MONOTONIC",
                    help="when the adopted child was started (CLOCK_MONOTONIC seconds)")
+    p.add_argument("--healthy", type=float, metavar="MONOTONIC",
+                   help="when the adopted child's /health said 200")
     p = sub.add_parser("release", help="(unit helper) clean up after a model unit stopped")
     p.add_argument("name")
     sub.add_parser("idle-watch", help="(unit helper) stop models idle past their TTL")
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "activate":
         from hoshikage_sd import activate
 
-        adopted = None if args.adopt is None else (args.adopt, args.spawned or time.monotonic())
+        adopted = None if args.adopt is None else activate.Adopted(
+            args.adopt, args.spawned or time.monotonic(), args.healthy)
         return activate.main(config, model_name(args.name), adopted)
     if args.command == "release":
         from hoshikage_sd import release

@@ -7,15 +7,20 @@ file alone, run without site-packages (-I -S: only built-in and frozen modules, 
 
 When the router has already admitted the model and found its staged copy current, it leaves
 a launch ticket in $RUNTIME_DIRECTORY/launch/NAME: llama-server's argv and environment. The
-launcher takes the ticket, starts llama-server at once, and then becomes (same PID, so still
-the unit's main process and llama-server's parent) `hoshikage activate NAME --adopt PID`,
-which imports the rest while llama-server loads and sends READY=1 once it serves. Without a
-usable ticket (a manual start, a copy to make, room to make) it becomes `hoshikage activate
-NAME`, which does all of it. The `hoshikage` it runs is the one next to this file.
+launcher takes the ticket, starts llama-server at once and waits for its /health to say 200
+(the router forwards the request then, on its own probe). Only then does it become (same
+PID, so still the unit's main process and llama-server's parent) `hoshikage activate NAME
+--adopt PID`, at the lowest CPU priority: the activator's imports read files and take CPU
+that llama-server's load and first answer want. The activator sends READY=1 and supervises.
+Without a usable ticket (a manual start, a copy to make, room to make) the launcher becomes
+`hoshikage activate NAME` at once, which does all of it. The `hoshikage` it runs is the one
+next to this file.
 
 The writer of tickets is here too, so that the format has one home; it runs in the router.
 """
 
+import _signal  # type: ignore[import-not-found]  # signal.py would import enum
+import _socket
 import os
 import sys
 import time
@@ -28,6 +33,11 @@ _NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _NAME_REST = _NAME_FIRST | frozenset("._:-")
 #: Python ignores these; llama-server must not inherit that (subprocess restores them too)
 _RESET_SIGNALS = (13, 25)  # SIGPIPE, SIGXFSZ
+NICE = 19
+POLL = 0.005  # /health polling: every ms spent here is cold-start latency
+#: seconds the launcher waits for /health itself before the activator (with its start-timeout
+#: heartbeats) takes over the wait: the unit's TimeoutStartSec= must allow this much
+WAIT_LIMIT = 10.0
 
 
 def valid_name(name: str) -> bool:
@@ -40,21 +50,31 @@ def ticket_path(runtime_dir: str, name: str) -> str:
     return os.path.join(runtime_dir, TICKET_DIR, name)
 
 
-def write_ticket(runtime_dir: str, name: str, socket: str, env: dict[str, str],
-                 argv: list[str]) -> None:
+def write_ticket(runtime_dir: str, name: str, socket: str, health: str,
+                 env: dict[str, str], argv: list[str]) -> None:
     """Leave llama-server's command line for the unit's launcher (atomically)."""
     from pathlib import Path
 
     from hoshikage_sd.state import write_atomic
 
-    fields = [MAGIC, str(time.monotonic() + TICKET_TTL).encode(), os.fsencode(socket)]
+    fields = [MAGIC, str(time.monotonic() + TICKET_TTL).encode(), os.fsencode(socket),
+              health.encode()]
     fields += [os.fsencode(f"{k}={v}") for k, v in env.items()]
     fields += [b""] + [os.fsencode(a) for a in argv]
     write_atomic(Path(ticket_path(runtime_dir, name)), b"\0".join(fields))
 
 
-def take_ticket(runtime_dir: str, name: str) -> tuple[bytes, dict[bytes, bytes], list[bytes]]:
-    """The ticket's (socket, env, argv), removed; ValueError when there is none to use."""
+class Ticket:
+    def __init__(self, socket: bytes, health: str, env: dict[bytes, bytes],
+                 argv: list[bytes]) -> None:
+        self.socket = socket
+        self.health = health
+        self.env = env
+        self.argv = argv
+
+
+def take_ticket(runtime_dir: str, name: str) -> Ticket:
+    """The model's ticket, removed; ValueError when there is none to use."""
     path = ticket_path(runtime_dir, name)
     try:
         with open(path, "rb") as f:
@@ -63,16 +83,42 @@ def take_ticket(runtime_dir: str, name: str) -> tuple[bytes, dict[bytes, bytes],
     except OSError as exc:
         raise ValueError(f"no ticket: {exc.strerror}") from None
     fields = data.split(b"\0")
-    if len(fields) < 4 or fields[0] != MAGIC:
+    if len(fields) < 5 or fields[0] != MAGIC:
         raise ValueError("not a launch ticket")
     if time.monotonic() > float(fields[1]):
         raise ValueError("stale ticket")
-    end = fields.index(b"", 3)
-    env = dict(f.split(b"=", 1) for f in fields[3:end])
+    end = fields.index(b"", 4)
+    env = dict(f.split(b"=", 1) for f in fields[4:end])
     argv = fields[end + 1:]
     if not argv:
         raise ValueError("empty command line")
-    return fields[2], env, argv
+    return Ticket(fields[2], fields[3].decode(), env, argv)
+
+
+def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> int | None:
+    """The HTTP status of GET route on a unix socket, or None when nothing answers.
+
+    A few lines of HTTP/1.0 on the built-in _socket: http.client (with ssl), or even
+    socket.py (with enum), would cost more to import than the probe takes."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    head = b""
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"GET " + route.encode() + b" HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        while b"\r\n" not in head and len(head) < 4096:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
 
 
 def spawn(argv: list[bytes] | list[str], env: dict[bytes, bytes] | dict[str, str]) -> int:
@@ -81,23 +127,44 @@ def spawn(argv: list[bytes] | list[str], env: dict[bytes, bytes] | dict[str, str
                            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)])
 
 
-def launch(name: str, runtime_dir: str) -> tuple[int, float] | None:
-    """Start llama-server from this model's ticket: (pid, when), or None to go the slow way."""
+def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | None:
+    """Start llama-server from this model's ticket and wait (bounded) until it serves:
+    (pid, when spawned, when /health said 200 or None), or None to go the slow way."""
     if not runtime_dir or not valid_name(name):
         return None
     try:
-        socket, env, argv = take_ticket(runtime_dir, name)
+        ticket = take_ticket(runtime_dir, name)
     except ValueError:
         return None
     try:  # noqa: SIM105 (contextlib is one more module to read from a cold disk)
-        os.unlink(socket)  # llama-server does not remove a stale socket itself
+        os.unlink(ticket.socket)  # llama-server does not remove a stale socket itself
     except FileNotFoundError:
         pass
     started = time.monotonic()
     try:
-        return spawn(argv, env), started
+        pid = spawn(ticket.argv, ticket.env)
     except OSError:
         return None  # the activator tries again and says what is wrong
+    _signal.signal(_signal.SIGTERM, lambda signum, _frame: stop(pid, signum))
+    _signal.signal(_signal.SIGINT, lambda signum, _frame: stop(pid, signum))
+    healthy = None
+    # Until it answers, exits (left unreaped, for the activator) or the limit passes.
+    while (os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+           and time.monotonic() < started + WAIT_LIMIT):
+        if probe(ticket.socket, ticket.health) == 200:
+            healthy = time.monotonic()
+            break
+        time.sleep(POLL)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    return pid, started, healthy
+
+
+def stop(pid: int, signum: int) -> None:
+    """A stop while llama-server loads: pass it on, wait for it, and leave."""
+    os.kill(pid, signum)
+    os.waitpid(pid, 0)
+    os._exit(0)
 
 
 def main(argv: list[str]) -> None:
@@ -110,7 +177,13 @@ def main(argv: list[str]) -> None:
     command = [hoshikage, "activate", name]
     started = launch(name, runtime_dir)
     if started is not None:
-        command += ["--adopt", str(started[0]), "--spawned", repr(started[1])]
+        pid, spawned, healthy = started
+        command += ["--adopt", str(pid), "--spawned", repr(spawned)]
+        if healthy is not None:
+            command += ["--healthy", repr(healthy)]
+        # The activator's imports would take CPU from llama-server's load; nothing waits
+        # for them (the router polls /health itself). It restores its priority at READY=1.
+        os.nice(NICE)
     try:
         os.execv(hoshikage, command)
     except OSError as exc:

@@ -135,7 +135,8 @@ class Router:
                 residents.record(name, decision)
                 self.runtime.set_admitted(name, estimate)
                 launch.write_ticket(str(config.runtime_dir), name,
-                                    str(config.socket_path(name)), proc.minimal_env(),
+                                    str(config.socket_path(name)), model.health,
+                                    proc.minimal_env(),
                                     config.server_argv(model, store.staged(name)))
         except (OSError, HoshikageError) as exc:
             logger.warning("starting %s the slow way: %s", name, exc)

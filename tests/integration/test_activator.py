@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import config as manifest
-from hoshikage_sd import health, launch, names
+from hoshikage_sd import launch, names
 from hoshikage_sd.store import Store, file_digest
 
 from .conftest import NotifyListener, Setup, stop
@@ -32,7 +32,7 @@ def test_ready_only_after_health_200(setup: Setup, notify_socket: NotifyListener
     try:
         ready = notify_socket.wait_for("READY")
         # The instant READY=1 arrives, llama-server must already answer 200 (not 503 loading).
-        assert health.probe(str(setup.sock())) == 200
+        assert launch.probe(str(setup.sock())) == 200
         assert ready["READY"] == "1"
         statuses = [m["STATUS"] for m in notify_socket.messages if "STATUS" in m]
         assert any(s.startswith("staging tiny") for s in statuses), statuses
@@ -59,13 +59,18 @@ def test_corrupted_staged_copy_is_restaged(setup: Setup, notify_socket: NotifyLi
     staged = setup.ramdisk / "tiny.gguf"
     with open(staged, "r+b") as f:  # same size, same recorded source: only the bytes differ
         f.write(b"XXXX")
-    activator = start_activator(setup, notify_socket)
+    assert_restaged(setup, start_activator(setup, notify_socket), notify_socket, staged)
+
+
+def assert_restaged(setup: Setup, process: subprocess.Popen[bytes], listener: NotifyListener,
+                    staged: Path) -> None:
+    """The process serves after finding its staged copy bad and copying it again."""
     try:
-        notify_socket.wait_for("READY")
-        assert health.probe(str(setup.sock())) == 200
+        listener.wait_for("READY")
+        assert launch.probe(str(setup.sock())) == 200
     finally:
-        stop(activator)
-    stderr = activator.stderr.read().decode() if activator.stderr else ""
+        stop(process)
+    stderr = process.stderr.read().decode() if process.stderr else ""
     assert "does not match" in stderr and "copying it again" in stderr, stderr
     assert file_digest(staged) == file_digest(setup.source)
 
@@ -128,7 +133,7 @@ models:
     activator = start_activator(setup, notify_socket)
     try:
         notify_socket.wait_for("READY")
-        assert health.probe(str(setup.sock()), "/v1/models") == 200
+        assert launch.probe(str(setup.sock()), "/v1/models") == 200
         running = json.loads((setup.runtime / "running" / "tiny.json").read_text())
         cmdline = Path(f"/proc/{running['pid']}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1:5] == [b"-m", str(setup.ramdisk / "tiny.gguf").encode(), b"--host",
@@ -146,6 +151,17 @@ def launcher(setup: Setup, listener: NotifyListener) -> subprocess.Popen[bytes]:
                             stderr=subprocess.PIPE)
 
 
+def stage_with_ticket(setup: Setup, ticket: bool) -> Path:
+    """Stage tiny; with `ticket`, leave the launch ticket the router would."""
+    config = names.effective(manifest.load(setup.config))
+    model = config.models["tiny"]
+    staged = Store(config.ramdisk).stage("tiny", model.path).path
+    if ticket:
+        launch.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()), model.health,
+                            {"PATH": os.environ["PATH"]}, config.server_argv(model, staged))
+    return staged
+
+
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -155,17 +171,11 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> 
     """With the router's ticket, llama-server is started by the launcher itself and adopted
     by the activator it becomes; without one, the activator does everything. Either way
     READY=1 only once /health is 200, from the same PID."""
-    config = names.effective(manifest.load(setup.config))
-    model = config.models["tiny"]
-    Store(config.ramdisk).stage("tiny", model.path)
-    if ticket:
-        launch.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()),
-                            {"PATH": os.environ["PATH"]},
-                            config.server_argv(model, Store(config.ramdisk).staged("tiny")))
+    stage_with_ticket(setup, ticket)
     process = launcher(setup, notify_socket)
     try:
         notify_socket.wait_for("READY")
-        assert health.probe(str(setup.sock())) == 200
+        assert launch.probe(str(setup.sock())) == 200
         llama_pid = json.loads((setup.runtime / "running" / "tiny.json").read_text())["pid"]
         assert parent_of(llama_pid) == process.pid  # the unit's main process supervises it
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
@@ -181,19 +191,7 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> 
 
 def test_launcher_ticket_for_a_corrupt_copy_restages(setup: Setup,
                                                      notify_socket: NotifyListener) -> None:
-    config = names.effective(manifest.load(setup.config))
-    model = config.models["tiny"]
-    staged = Store(config.ramdisk).stage("tiny", model.path).path
+    staged = stage_with_ticket(setup, ticket=True)
     with open(staged, "r+b") as f:
         f.write(b"XXXX")
-    launch.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()),
-                        {"PATH": os.environ["PATH"]}, config.server_argv(model, staged))
-    process = launcher(setup, notify_socket)
-    try:
-        notify_socket.wait_for("READY")
-        assert health.probe(str(setup.sock())) == 200
-    finally:
-        stop(process)
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    assert "does not match" in stderr and "copying it again" in stderr, stderr
-    assert file_digest(staged) == file_digest(setup.source)
+    assert_restaged(setup, launcher(setup, notify_socket), notify_socket, staged)

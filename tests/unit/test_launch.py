@@ -18,11 +18,13 @@ ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "ODD": "x=y"}
 
 
 def test_ticket_round_trip_and_taken_once(tmp_path: Path) -> None:
-    launch.write_ticket(str(tmp_path), "tiny", "/run/hoshikage/tiny.sock", ENV, ARGV)
-    socket, env, argv = launch.take_ticket(str(tmp_path), "tiny")
-    assert socket == b"/run/hoshikage/tiny.sock"
-    assert env == {k.encode(): v.encode() for k, v in ENV.items()}
-    assert argv == [a.encode() for a in ARGV]  # spaces, newlines, an empty argument survive
+    launch.write_ticket(str(tmp_path), "tiny", "/run/hoshikage/tiny.sock", "/v1/models", ENV,
+                        ARGV)
+    ticket = launch.take_ticket(str(tmp_path), "tiny")
+    assert ticket.socket == b"/run/hoshikage/tiny.sock"
+    assert ticket.health == "/v1/models"
+    assert ticket.env == {k.encode(): v.encode() for k, v in ENV.items()}
+    assert ticket.argv == [a.encode() for a in ARGV]  # spaces, newlines, "" survive
     with pytest.raises(ValueError, match="no ticket"):
         launch.take_ticket(str(tmp_path), "tiny")
     assert list((tmp_path / "launch").iterdir()) == []
@@ -30,13 +32,14 @@ def test_ticket_round_trip_and_taken_once(tmp_path: Path) -> None:
 
 def test_stale_or_foreign_ticket_is_refused(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    launch.write_ticket(str(tmp_path), "tiny", "/s", ENV, ARGV)
+    launch.write_ticket(str(tmp_path), "tiny", "/s", "/health", ENV, ARGV)
     later = time.monotonic() + launch.TICKET_TTL + 1
     monkeypatch.setattr(launch.time, "monotonic", lambda: later)
     with pytest.raises(ValueError, match="stale"):
         launch.take_ticket(str(tmp_path), "tiny")
     monkeypatch.undo()
-    (tmp_path / "launch" / "tiny").write_bytes(b"something else\0" + b"1e99\0/s\0\0/bin/true")
+    (tmp_path / "launch" / "tiny").write_bytes(b"something else\0" + b"1e99\0/s\0/health\0\0"
+                                               b"/bin/true")
     with pytest.raises(ValueError, match="not a launch ticket"):
         launch.take_ticket(str(tmp_path), "tiny")
 
@@ -58,16 +61,48 @@ def test_launch_spawns_with_ticket_env_and_removes_stale_socket(tmp_path: Path) 
     out = tmp_path / "out"
     stale = tmp_path / "tiny.sock"
     stale.touch()
-    launch.write_ticket(str(tmp_path), "tiny", str(stale), {"PATH": "/usr/bin:/bin", "K": "v"},
-                        ["sh", "-c", f'echo "$K $0" > {out}', "arg0"])
-    started = launch.launch("tiny", str(tmp_path))
+    launch.write_ticket(str(tmp_path), "tiny", str(stale), "/health",
+                        {"PATH": "/usr/bin:/bin", "K": "v"},
+                        ["sh", "-c", f'echo "$K $0" > {out}; exit 3', "arg0"])
+    started = launch.launch("tiny", str(tmp_path))  # returns when the child has exited
     assert started is not None
-    pid, when = started
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    pid, when, healthy = started
+    assert healthy is None  # it never served: the activator takes over the wait
+    _, status = os.waitpid(pid, os.WNOHANG)  # exited, and left for the activator to reap
+    assert os.waitstatus_to_exitcode(status) == 3
     assert out.read_text() == "v arg0\n"
     assert not stale.exists()
     assert when <= time.monotonic()
+
+
+def test_probe_reads_the_status_line(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    path = str(tmp_path / "http.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+    requests: list[bytes] = []
+
+    def answer(*statuses: bytes) -> None:
+        for status in statuses:
+            conn, _ = server.accept()
+            with conn:
+                requests.append(conn.recv(4096))
+                conn.sendall(status)
+
+    thread = threading.Thread(target=answer, args=(b"HTTP/1.1 503 Loading\r\n\r\n",
+                                                  b"HTTP/1.1 200 OK\r\nX: y\r\n\r\n{}",
+                                                  b"garbage"))
+    thread.start()
+    assert launch.probe(path) == 503
+    assert launch.probe(path.encode(), "/v1/models") == 200
+    assert launch.probe(path) is None
+    thread.join(5)
+    server.close()
+    assert requests[1].startswith(b"GET /v1/models HTTP/1.0\r\n")
+    assert launch.probe(str(tmp_path / "absent.sock")) is None
 
 
 def test_launcher_imports_only_what_the_interpreter_has_built_in() -> None:
@@ -81,7 +116,8 @@ def test_launcher_imports_only_what_the_interpreter_has_built_in() -> None:
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line} - {"imported package"}
     baseline = subprocess.run(["/usr/bin/python3", "-I", "-S", "-X", "importtime", "-c",
-                               "import os, sys, time"], capture_output=True, text=True)
+                               "import _signal, _socket, os, sys, time"],
+                              capture_output=True, text=True)
     allowed = {line.split("|")[-1].strip() for line in baseline.stderr.splitlines()
                if line.startswith("import time:") and "|" in line}
     assert imported and imported <= allowed, imported - allowed
