@@ -547,7 +547,8 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
     model = show(hk, UNIT, "InactiveExitTimestampMonotonic", "ActiveEnterTimestampMonotonic")
     m_begin = mono(model["InactiveExitTimestampMonotonic"])
     m_ready = mono(model["ActiveEnterTimestampMonotonic"])
-    ready = hk.events("ready", NAME)[-1]
+    ready = ready_since(hk, start)
+    assert ready is not None
     stage = float(ready["HOSHIKAGE_STAGE_SECONDS"])
     load = float(ready["HOSHIKAGE_LOAD_SECONDS"])
     launched = ready.get("HOSHIKAGE_LAUNCHED") == "1"
@@ -582,6 +583,13 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
     run.launched = launched
 
 
+def ready_since(hk: Deployment, start: float) -> dict[str, Any] | None:
+    """The model's `ready` journal record logged after `start` (CLOCK_MONOTONIC s)."""
+    later = [e for e in hk.events("ready", NAME)
+             if int(e["__MONOTONIC_TIMESTAMP"]) / 1e6 > start]
+    return later[-1] if later else None
+
+
 def first_record(hk: Deployment, begin: float, ready_at: float,
                  ready: dict[str, Any]) -> tuple[str, float] | None:
     """The activator's first lifecycle record of this start: (kind, CLOCK_MONOTONIC s).
@@ -605,7 +613,9 @@ def cold_request(hk: Deployment, cond: Conditions, router_started: bool) -> Run:
         status = chat(tcp(hk.port))
     if status != 200:
         raise RuntimeError(f"hoshikage answered HTTP {status}")
-    wait_state(hk, UNIT, ("active",))  # READY=1 (and its record) may come after the answer
+    # The activator's `ready` record comes after the answer when the launcher started
+    # llama-server: wait for this start's.
+    hk.wait_for("this start's ready record", lambda: ready_since(hk, start) is not None)
     explain(hk, run, start, router_started)
     return run
 

@@ -3,18 +3,19 @@
 
 Every millisecond before llama-server starts is cold-start latency, and the full activator
 costs about 250 ms of imports from a cold page cache. So the unit's first process is this
-file alone, run without site-packages (-I -S: only built-in and frozen modules, about 20 ms).
+file alone, run without site-packages (-I -S: only built-in and frozen modules, about 12 ms).
 
 When the router has already admitted the model and found its staged copy current, it leaves
 a launch ticket in $RUNTIME_DIRECTORY/launch/NAME: llama-server's argv and environment. The
-launcher takes the ticket, starts llama-server at once and waits for its /health to say 200
-(the router forwards the request then, on its own probe). Only then does it become (same
-PID, so still the unit's main process and llama-server's parent) `hoshikage activate NAME
---adopt PID`, at the lowest CPU priority: the activator's imports read files and take CPU
-that llama-server's load and first answer want. The activator sends READY=1 and supervises.
-Without a usable ticket (a manual start, a copy to make, room to make) the launcher becomes
-`hoshikage activate NAME` at once, which does all of it. The `hoshikage` it runs is the one
-next to this file.
+launcher takes the ticket, starts llama-server at once, waits for its /health to say 200 and
+then sends READY=1 itself (the router forwards the waiting request on its own probe). The
+activator's imports would take CPU and disk that llama-server's first answer wants (measured:
+about 60 ms of it, even at nice 19), so only once llama-server has gone quiet (the first
+answer is out) or HANDOVER_LIMIT has passed does the launcher become (same PID, so still the
+unit's main process and llama-server's parent) `hoshikage activate NAME --adopt PID`, at the
+lowest CPU priority; the activator keeps the records and supervises. Without a usable ticket
+(a manual start, a copy to make, room to make) the launcher becomes `hoshikage activate
+NAME` at once, which does all of it. The `hoshikage` it runs is the one next to this file.
 
 The writer of tickets is here too, so that the format has one home; it runs in the router.
 """
@@ -38,6 +39,12 @@ POLL = 0.005  # /health polling: every ms spent here is cold-start latency
 #: seconds the launcher waits for /health itself before the activator (with its start-timeout
 #: heartbeats) takes over the wait: the unit's TimeoutStartSec= must allow this much
 WAIT_LIMIT = 10.0
+#: llama-server counts as quiet when its threads used less than QUIET_SHARE of one CPU over
+#: QUIET_WINDOW seconds; the window is longer than the router takes to forward after /health
+QUIET_WINDOW = 0.05
+QUIET_SHARE = 0.1
+#: seconds after READY=1 that the activator waits at most for llama-server to go quiet
+HANDOVER_LIMIT = 5.0
 
 
 def valid_name(name: str) -> bool:
@@ -121,6 +128,56 @@ def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> in
     return None
 
 
+def notify(message: bytes) -> bool:
+    """sd_notify's datagram (b"READY=1\\nSTATUS=..."). False when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.sendto(message, address)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def cpu_ns(pid: int) -> int | None:
+    """CPU time all of pid's threads have used (ns, from schedstat), or None if unknown."""
+    total, seen = 0, False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+            seen = True
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total if seen else None
+
+
+def exited(pid: int) -> bool:
+    """Has the child exited? It stays unreaped, for the activator to collect its status."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def wait_quiet(pid: int, until: float) -> None:
+    """Return once llama-server has been quiet for QUIET_WINDOW, exited, or `until` passed."""
+    last = cpu_ns(pid)
+    while last is not None and not exited(pid) and time.monotonic() < until:
+        time.sleep(QUIET_WINDOW)
+        now = cpu_ns(pid)
+        if now is None or now - last < QUIET_WINDOW * QUIET_SHARE * 1e9:
+            return
+        last = now
+
+
 def spawn(argv: list[bytes] | list[str], env: dict[bytes, bytes] | dict[str, str]) -> int:
     """Start llama-server (stdin /dev/null, output to the unit's journal); its PID."""
     return os.posix_spawnp(argv[0], argv, env, setsigdef=_RESET_SIGNALS,
@@ -128,8 +185,9 @@ def spawn(argv: list[bytes] | list[str], env: dict[bytes, bytes] | dict[str, str
 
 
 def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | None:
-    """Start llama-server from this model's ticket and wait (bounded) until it serves:
-    (pid, when spawned, when /health said 200 or None), or None to go the slow way."""
+    """Start llama-server from this model's ticket and wait (bounded) until it serves, then
+    send READY=1 and wait (bounded) for its first answer to be out: (pid, when spawned, when
+    /health said 200 or None), or None to go the slow way."""
     if not runtime_dir or not valid_name(name):
         return None
     try:
@@ -149,12 +207,14 @@ def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | Non
     _signal.signal(_signal.SIGINT, lambda signum, _frame: stop(pid, signum))
     healthy = None
     # Until it answers, exits (left unreaped, for the activator) or the limit passes.
-    while (os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-           and time.monotonic() < started + WAIT_LIMIT):
+    while not exited(pid) and time.monotonic() < started + WAIT_LIMIT:
         if probe(ticket.socket, ticket.health) == 200:
             healthy = time.monotonic()
             break
         time.sleep(POLL)
+    if healthy is not None:
+        notify(b"READY=1\nSTATUS=serving " + os.fsencode(name))
+        wait_quiet(pid, healthy + HANDOVER_LIMIT)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     return pid, started, healthy
@@ -181,8 +241,8 @@ def main(argv: list[str]) -> None:
         command += ["--adopt", str(pid), "--spawned", repr(spawned)]
         if healthy is not None:
             command += ["--healthy", repr(healthy)]
-        # The activator's imports would take CPU from llama-server's load; nothing waits
-        # for them (the router polls /health itself). It restores its priority at READY=1.
+        # Nothing waits for the activator (READY=1 is sent; the router polls /health
+        # itself): its imports must not slow llama-server. It restores its priority later.
         os.nice(NICE)
     try:
         os.execv(hoshikage, command)

@@ -11,7 +11,7 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from hoshikage_sd import proc
+from hoshikage_sd import launch, proc
 from hoshikage_sd.errors import die
 
 SD_LISTEN_FDS_START = 3
@@ -34,18 +34,7 @@ def listen_fds() -> list[int]:
 
 def notify(**fields: str | int) -> bool:
     """sd_notify: notify(READY=1, STATUS="..."). False when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.sendto(payload, address)
-        except OSError:
-            return False
-    return True
+    return launch.notify("\n".join(f"{k}={v}" for k, v in fields.items()).encode())
 
 
 def _journal_field(key: str, value: str) -> bytes:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,10 +174,16 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> 
     READY=1 only once /health is 200, from the same PID."""
     stage_with_ticket(setup, ticket)
     process = launcher(setup, notify_socket)
+    running = setup.runtime / "running" / "tiny.json"
     try:
         notify_socket.wait_for("READY")
         assert launch.probe(str(setup.sock())) == 200
-        llama_pid = json.loads((setup.runtime / "running" / "tiny.json").read_text())["pid"]
+        # With a ticket, READY=1 is the launcher's; the activator takes over (and records
+        # the running model) once llama-server is quiet.
+        deadline = time.monotonic() + launch.HANDOVER_LIMIT + 10
+        while not running.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        llama_pid = json.loads(running.read_text())["pid"]
         assert parent_of(llama_pid) == process.pid  # the unit's main process supervises it
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
         assert (b"--adopt" in cmdline) == ticket, cmdline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,6 +104,89 @@ def test_probe_reads_the_status_line(tmp_path: Path) -> None:
     server.close()
     assert requests[1].startswith(b"GET /v1/models HTTP/1.0\r\n")
     assert launch.probe(str(tmp_path / "absent.sock")) is None
+
+
+SPIN = "import time\nend = time.monotonic() + {busy}\nwhile time.monotonic() < end: pass\n"
+
+
+def child(tmp_path: Path, busy: float, then_sleep: float = 30) -> subprocess.Popen[bytes]:
+    """A process that uses one CPU for `busy` seconds, then sleeps."""
+    code = SPIN.format(busy=busy) + f"time.sleep({then_sleep})\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def timed_wait_quiet(pid: int, limit: float) -> float:
+    begin = time.monotonic()
+    launch.wait_quiet(pid, begin + limit)
+    return time.monotonic() - begin
+
+
+@pytest.mark.parametrize(("busy", "limit", "least", "most"), [
+    (0.0, 5.0, 0.0, 0.5),    # quiet already: one window
+    (0.6, 5.0, 0.4, 2.5),    # busy, then quiet: waits the busy part out
+    (99, 0.4, 0.35, 1.5),    # busy throughout: the limit
+], ids=["quiet", "busy-then-quiet", "limit"])
+def test_wait_quiet(tmp_path: Path, busy: float, limit: float, least: float,
+                    most: float) -> None:
+    proc = child(tmp_path, busy)
+    try:
+        if busy:  # it is spinning by now: its CPU time grows
+            before = launch.cpu_ns(proc.pid)
+            time.sleep(0.15)
+            after = launch.cpu_ns(proc.pid)
+            assert before is not None and after is not None and after > before
+        assert least <= timed_wait_quiet(proc.pid, limit) <= most
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_wait_quiet_returns_when_the_child_exits(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SPIN.format(busy=0.3)])
+    assert timed_wait_quiet(proc.pid, 5.0) <= 2.0
+    assert proc.wait() == 0  # left for its parent to reap
+    assert launch.cpu_ns(proc.pid) is None
+
+
+HEALTHY_SERVER = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1]); s.listen(8)
+end = None
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.1 200 OK\\r\\n\\r\\n")
+    c.close()
+    if end is None:  # the first answer: busy for a while, as llama-server is
+        end = time.monotonic() + float(sys.argv[2])
+        while time.monotonic() < end: pass
+"""
+
+
+def test_launch_sends_ready_then_waits_for_the_first_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    sock = tmp_path / "m.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    launch.write_ticket(str(tmp_path), "tiny", str(sock), "/health", {},
+                        [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0.6"])
+    started = launch.launch("tiny", str(tmp_path))
+    assert started is not None
+    pid, spawned, healthy = started
+    try:
+        assert healthy is not None and spawned < healthy
+        assert notify.recv(4096) == b"READY=1\nSTATUS=serving tiny"
+        # it answered /health, spun 0.6 s as if answering, and only then was handed over
+        assert time.monotonic() - healthy >= 0.45
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        notify.close()
 
 
 def test_launcher_imports_only_what_the_interpreter_has_built_in() -> None:
