@@ -105,6 +105,18 @@ def take_ticket(runtime_dir: str, name: str) -> Ticket:
     return Ticket(fields[2], fields[3].decode(), env, argv)
 
 
+def probe_request(route: str) -> bytes:
+    return b"GET " + route.encode() + b" HTTP/1.0\r\nHost: localhost\r\n\r\n"
+
+
+def status_of(head: bytes) -> int | None:
+    """The status code in an HTTP response's first line, or None for anything else."""
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
 def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> int | None:
     """The HTTP status of GET route on a unix socket, or None when nothing answers.
 
@@ -115,7 +127,7 @@ def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> in
     try:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(b"GET " + route.encode() + b" HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        sock.sendall(probe_request(route))
         while b"\r\n" not in head and len(head) < 4096:
             chunk = sock.recv(4096)
             if not chunk:
@@ -125,10 +137,7 @@ def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> in
         return None
     finally:
         sock.close()
-    parts = head.split(b"\r\n", 1)[0].split()
-    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-        return int(parts[1])
-    return None
+    return status_of(head)
 
 
 def notify(message: bytes) -> bool:

@@ -36,7 +36,8 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 MAX_BODY = 256 << 20
 START_POLL = 0.005  # while a model starts: how often to ask its /health
-UNIT_POLL = 0.1  # ... and how often to ask systemd whether its unit failed
+UNIT_POLL = 0.25  # ... and how often to ask systemd whether its unit failed
+PROBE_TIMEOUT = 2.0
 
 
 class StartFailed(Exception):
@@ -109,14 +110,23 @@ class Router:
 
     # -- model lifecycle ------------------------------------------------------------------
     async def serving(self, model: Model) -> bool:
-        """Does the model's llama-server answer /health with 200 (not 503 'loading')?"""
-        if not self.config.socket_path(model.name).exists():
+        """Does the model's llama-server answer its health route with 200 (not 503
+        'loading')? Asked every START_POLL while it loads, so in raw HTTP/1.0: a third of
+        aiohttp's CPU per probe (0.28 ms against 0.85), CPU that llama-server's load wants."""
+        path = self.config.socket_path(model.name)
+        if not path.exists():
             return False
+        writer = None
         try:
-            async with self.session(model).get("/health") as response:
-                return response.status == 200
-        except client_exceptions.ClientError:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                writer.write(launch.probe_request(model.health))
+                return launch.status_of(await reader.readline()) == 200
+        except (OSError, TimeoutError, ValueError):
             return False
+        finally:
+            if writer is not None:
+                writer.close()
 
     def prepare(self, model: Model) -> bool:
         """The fast path of a cold start: when the staged copy is current and the model fits
