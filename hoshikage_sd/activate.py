@@ -104,7 +104,7 @@ class Activator:
             systemd.notify(STATUS=status, EXTEND_TIMEOUT_USEC=EXTEND_USEC)
 
     def full_priority(self) -> None:
-        """Undo the launcher's nice (launch.NICE): it lasts only while llama-server loads."""
+        """Undo the launcher's nice (launch.NICE): it lasts only until READY=1 and its record."""
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, 0)
 

