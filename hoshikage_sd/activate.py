@@ -227,6 +227,8 @@ class Activator:
                     hint=f"journalctl -u {systemd.model_unit(name)}")
         load = (healthy_at or time.monotonic()) - load_start
         self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
+        if healthy_at is None:  # else the launcher has told the router already
+            launch.tell_router(str(self.config.runtime_dir), name)
         systemd.notify(READY=1, STATUS=f"serving {name} on {self.socket}")
         log.event("ready", name, f"{name} ready: llama-server pid {child.pid}, "
                   f"load {load:.2f} s, staging {staged.seconds:.2f} s "

@@ -7,13 +7,14 @@ file alone, run without site-packages (-I -S: only built-in and frozen modules, 
 
 When the router has already admitted the model and found its staged copy current, it leaves
 a launch ticket in $RUNTIME_DIRECTORY/launch/NAME: llama-server's argv and environment. The
-launcher takes the ticket, starts llama-server at once, waits for its /health to say 200 and
-then sends READY=1 itself (the router forwards the waiting request on its own probe). The
-activator's imports would take CPU and disk that llama-server's first answer wants (measured:
-about 60 ms of it, even at nice 19), so only once llama-server has gone quiet (the first
-answer is out) or HANDOVER_LIMIT has passed does the launcher become (same PID, so still the
-unit's main process and llama-server's parent) `hoshikage activate NAME --adopt PID`, at the
-lowest CPU priority; the activator keeps the records and supervises. Without a usable ticket
+launcher takes the ticket, starts llama-server at once, waits for its /health to say 200,
+tells the router (a datagram on ROUTER_SOCKET: it forwards the waiting request at once) and
+sends READY=1 itself. The activator's imports would take CPU and disk that llama-server's
+first answer wants (measured: about 60 ms of it, even at nice 19), so only once llama-server
+has gone quiet (the first answer is out) or HANDOVER_LIMIT has passed does the launcher
+become (same PID, so still the unit's main process and llama-server's parent) `hoshikage
+activate NAME --adopt PID`, at the lowest CPU priority; the activator keeps the records and
+supervises. Without a usable ticket
 (a manual start, a copy to make, room to make) the launcher becomes `hoshikage activate
 NAME` at once, which does all of it. The `hoshikage` it runs is the one next to this file.
 
@@ -31,6 +32,9 @@ import time
 
 MAGIC = b"hoshikage-launch-1"
 TICKET_DIR = "launch"
+#: the router's datagram socket in the runtime directory: a model's name sent there says
+#: "it serves now", so the router need not poll /health (CPU llama-server's load wants)
+ROUTER_SOCKET = "router.notify"
 #: seconds a ticket stays good: one the unit did not take by then is from a start that failed
 TICKET_TTL = 30.0
 _NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
@@ -140,6 +144,11 @@ def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> in
     return status_of(head)
 
 
+def tell_router(runtime_dir: str, name: str) -> bool:
+    """Tell a router waiting for this model that it serves. False when none listens."""
+    return _send(os.path.join(runtime_dir, ROUTER_SOCKET), os.fsencode(name))
+
+
 def notify(message: bytes) -> bool:
     """sd_notify's datagram (b"READY=1\\nSTATUS=..."). False when not run by systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -147,6 +156,10 @@ def notify(message: bytes) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
+    return _send(address, message)
+
+
+def _send(address: str, message: bytes) -> bool:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
     try:
         sock.sendto(message, address)
@@ -225,6 +238,7 @@ def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | Non
             break
         time.sleep(POLL)
     if healthy is not None:
+        tell_router(runtime_dir, name)  # first: a request is waiting for this
         notify(b"READY=1\nSTATUS=serving " + os.fsencode(name))
         wait_quiet(pid, healthy + HANDOVER_LIMIT)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)

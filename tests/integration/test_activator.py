@@ -173,6 +173,8 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> 
     by the activator it becomes; without one, the activator does everything. Either way
     READY=1 only once /health is 200, from the same PID."""
     stage_with_ticket(setup, ticket)
+    setup.runtime.mkdir(parents=True, exist_ok=True)
+    router = NotifyListener(setup.runtime / launch.ROUTER_SOCKET)  # the router's, by its side
     process = launcher(setup, notify_socket)
     running = setup.runtime / "running" / "tiny.json"
     try:
@@ -189,7 +191,13 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> 
         assert (b"--adopt" in cmdline) == ticket, cmdline
         assert (str(llama_pid).encode() in cmdline) == ticket
         assert not (setup.runtime / "launch" / "tiny").exists()
+        # the router heard "tiny serves" once: from the launcher or else from the activator
+        router.sock.settimeout(0.5)
+        assert router.sock.recv(256) == b"tiny"
+        with pytest.raises(TimeoutError):
+            router.sock.recv(256)
     finally:
+        router.close()
         code = stop(process)
     assert code == 0, process.stderr.read().decode() if process.stderr else ""
     with pytest.raises(ProcessLookupError):

@@ -127,7 +127,7 @@ def test_staged_model_starts_from_the_routers_ticket(hk: Deployment, models_dir:
     stage_inside(hk, source, source.read_bytes())
     status, body = hk.chat("tiny")
     assert status == 200, body
-    # The router forwards on /health 200; the activator's READY=1 and record follow.
+    # The router forwards when the launcher says /health is 200; the activator's record follows.
     hk.wait_for("the ready record", lambda: bool(hk.events("ready", "tiny")))
     (ready,) = hk.events("ready", "tiny")
     assert ready["HOSHIKAGE_LAUNCHED"] == "1" and ready["HOSHIKAGE_COPIED"] == "0"
@@ -135,6 +135,10 @@ def test_staged_model_starts_from_the_routers_ticket(hk: Deployment, models_dir:
     assert admitted["SYSLOG_IDENTIFIER"] == "hoshikage-router"
     assert admitted["HOSHIKAGE_VERDICT"] == "load"
     assert hk.events("staged", "tiny") == []
+    # ... on the launcher's word, not by polling llama-server's /health
+    said = [e["MESSAGE"] for e in hk.container.journal("SYSLOG_IDENTIFIER=hoshikage-router")
+            if str(e.get("MESSAGE", "")).startswith("tiny serves after")]
+    assert said and said[-1].endswith("(announced by its unit)"), said
     main_pid = hk.container.systemctl("show", "-P", "MainPID", UNIT).strip()
     cmdline = (hk.container.root / f"proc/{main_pid}/cmdline").read_bytes().split(b"\0")
     assert b"--adopt" in cmdline, cmdline

@@ -164,7 +164,7 @@ while True:
 """
 
 
-def test_launch_sends_ready_then_waits_for_the_first_answer(
+def test_launch_tells_router_and_systemd_then_waits_for_the_first_answer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
@@ -173,6 +173,9 @@ def test_launch_sends_ready_then_waits_for_the_first_answer(
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(0)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    router = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    router.bind(str(tmp_path / launch.ROUTER_SOCKET))
+    router.settimeout(0)
     launch.write_ticket(str(tmp_path), "tiny", str(sock), "/health", {},
                         [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0.6"])
     started = launch.launch("tiny", str(tmp_path))
@@ -180,6 +183,7 @@ def test_launch_sends_ready_then_waits_for_the_first_answer(
     pid, spawned, healthy = started
     try:
         assert healthy is not None and spawned < healthy
+        assert router.recv(4096) == b"tiny"  # the router forwards on this, not on READY=1
         assert notify.recv(4096) == b"READY=1\nSTATUS=serving tiny"
         # it answered /health, spun 0.6 s as if answering, and only then was handed over
         assert time.monotonic() - healthy >= 0.45
@@ -187,6 +191,7 @@ def test_launch_sends_ready_then_waits_for_the_first_answer(
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         notify.close()
+        router.close()
 
 
 def imports(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import stat
 from pathlib import Path
 
 import pytest
 
+from hoshikage_sd import launch
 from hoshikage_sd.release import reason_for
-from hoshikage_sd.router import model_name_of
+from hoshikage_sd.router import Announcements, model_name_of
 from hoshikage_sd.state import Activity, Running, Runtime, write_atomic
 
 # -- router.model_name_of ------------------------------------------------------------------
@@ -55,6 +58,42 @@ def test_malformed_json_raises_value_error(body: bytes) -> None:
 
 def test_unicode_model_name() -> None:
     assert model_name_of('{"model": "日本語"}'.encode(), {}) == "日本語"
+
+
+# -- router.Announcements ------------------------------------------------------------------
+
+
+def test_a_unit_announcing_its_model_wakes_the_start_waiting_for_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        (tmp_path / launch.ROUTER_SOCKET).write_text("a router before this one's")
+        announcements = Announcements(tmp_path)
+        announcements.open()
+        assert announcements.listening
+        socket_file = tmp_path / launch.ROUTER_SOCKET
+        assert stat.S_ISSOCK(socket_file.stat().st_mode)
+        assert stat.S_IMODE(socket_file.stat().st_mode) == 0o600
+        tiny, other = announcements.expect("tiny"), announcements.expect("other")
+        assert launch.tell_router(str(tmp_path), "nobody-waits")  # ignored
+        assert launch.tell_router(str(tmp_path), "tiny")
+        await asyncio.wait_for(tiny.wait(), 2)
+        assert not other.is_set()
+        assert not announcements.expect("tiny").is_set()  # the next start waits afresh
+        announcements.close()
+        assert not socket_file.exists()
+        assert not launch.tell_router(str(tmp_path), "tiny")  # nobody listens: no error
+
+    asyncio.run(scenario())
+
+
+def test_without_a_runtime_directory_the_router_probes_instead(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        (tmp_path / "file").write_text("")
+        announcements = Announcements(tmp_path / "file" / "run")
+        announcements.open()
+        assert not announcements.listening
+        announcements.close()
+
+    asyncio.run(scenario())
 
 
 # -- release.reason_for ----------------------------------------------------------------------
