@@ -26,7 +26,7 @@ a script on every run (about 7 ms of each cold start here) but caches a module's
 
 import _signal  # type: ignore[import-not-found]  # signal.py would import enum
 import _socket
-import os
+import posix  # os.py would import _collections_abc: ~4 ms
 import sys
 import time
 
@@ -61,12 +61,13 @@ def valid_name(name: str) -> bool:
 
 
 def ticket_path(runtime_dir: str, name: str) -> str:
-    return os.path.join(runtime_dir, TICKET_DIR, name)
+    return f"{runtime_dir}/{TICKET_DIR}/{name}"
 
 
 def write_ticket(runtime_dir: str, name: str, socket: str, health: str,
                  env: dict[str, str], argv: list[str]) -> None:
     """Leave llama-server's command line for the unit's launcher (atomically)."""
+    import os
     from pathlib import Path
 
     from hoshikage_sd.state import write_atomic
@@ -93,7 +94,7 @@ def take_ticket(runtime_dir: str, name: str) -> Ticket:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        os.unlink(path)
+        posix.unlink(path)
     except OSError as exc:
         raise ValueError(f"no ticket: {exc.strerror}") from None
     fields = data.split(b"\0")
@@ -146,20 +147,25 @@ def probe(path: str | bytes, route: str = "/health", timeout: float = 2.0) -> in
 
 def tell_router(runtime_dir: str, name: str) -> bool:
     """Tell a router waiting for this model that it serves. False when none listens."""
-    return _send(os.path.join(runtime_dir, ROUTER_SOCKET), os.fsencode(name))
+    return _send(f"{runtime_dir}/{ROUTER_SOCKET}".encode(errors="surrogateescape"),
+                 name.encode())
 
 
-def notify(message: bytes) -> bool:
-    """sd_notify's datagram (b"READY=1\\nSTATUS=..."). False when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
+def notify(message: bytes, address: bytes | None = None) -> bool:
+    """sd_notify's datagram (b"READY=1\\nSTATUS=...") to `address`, by default
+    $NOTIFY_SOCKET. False when not run by systemd."""
+    if address is None:
+        import os  # the launcher passes the address: importing os costs it ~4 ms
+
+        address = os.environb.get(b"NOTIFY_SOCKET", b"")
     if not address:
         return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
+    if address.startswith(b"@"):
+        address = b"\0" + address[1:]
     return _send(address, message)
 
 
-def _send(address: str, message: bytes) -> bool:
+def _send(address: bytes, message: bytes) -> bool:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
     try:
         sock.sendto(message, address)
@@ -174,7 +180,7 @@ def cpu_ns(pid: int) -> int | None:
     """CPU time all of pid's threads have used (ns, from schedstat), or None if unknown."""
     total, seen = 0, False
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        tids = posix.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
     for tid in tids:
@@ -189,7 +195,8 @@ def cpu_ns(pid: int) -> int | None:
 
 def exited(pid: int) -> bool:
     """Has the child exited? It stays unreaped, for the activator to collect its status."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    return posix.waitid(posix.P_PID, pid,
+                        posix.WEXITED | posix.WNOHANG | posix.WNOWAIT) is not None
 
 
 def wait_quiet(pid: int, until: float) -> None:
@@ -205,14 +212,17 @@ def wait_quiet(pid: int, until: float) -> None:
 
 def spawn(argv: list[bytes] | list[str], env: dict[bytes, bytes] | dict[str, str]) -> int:
     """Start llama-server (stdin /dev/null, output to the unit's journal); its PID."""
-    return os.posix_spawnp(argv[0], argv, env, setsigdef=_RESET_SIGNALS,
-                           file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)])
+    return posix.posix_spawnp(
+        argv[0], argv, env, setsigdef=_RESET_SIGNALS,
+        file_actions=[(posix.POSIX_SPAWN_OPEN, 0, "/dev/null", posix.O_RDONLY, 0)])
 
 
-def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | None:
+def launch(name: str, runtime_dir: str,
+           notify_socket: bytes | None = None) -> tuple[int, float, float | None] | None:
     """Start llama-server from this model's ticket and wait (bounded) until it serves, then
-    send READY=1 and wait (bounded) for its first answer to be out: (pid, when spawned, when
-    /health said 200 or None), or None to go the slow way."""
+    send READY=1 (to `notify_socket`, by default $NOTIFY_SOCKET) and wait (bounded) for its
+    first answer to be out: (pid, when spawned, when /health said 200 or None), or None to go
+    the slow way."""
     if not runtime_dir or not valid_name(name):
         return None
     try:
@@ -220,7 +230,7 @@ def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | Non
     except ValueError:
         return None
     try:  # noqa: SIM105 (contextlib is one more module to read from a cold disk)
-        os.unlink(ticket.socket)  # llama-server does not remove a stale socket itself
+        posix.unlink(ticket.socket)  # llama-server does not remove a stale socket itself
     except FileNotFoundError:
         pass
     started = time.monotonic()
@@ -239,7 +249,7 @@ def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | Non
         time.sleep(POLL)
     if healthy is not None:
         tell_router(runtime_dir, name)  # first: a request is waiting for this
-        notify(b"READY=1\nSTATUS=serving " + os.fsencode(name))
+        notify(b"READY=1\nSTATUS=serving " + name.encode(), notify_socket)
         wait_quiet(pid, healthy + HANDOVER_LIMIT)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
@@ -248,9 +258,9 @@ def launch(name: str, runtime_dir: str) -> tuple[int, float, float | None] | Non
 
 def stop(pid: int, signum: int) -> None:
     """A stop while llama-server loads: pass it on, wait for it, and leave."""
-    os.kill(pid, signum)
-    os.waitpid(pid, 0)
-    os._exit(0)
+    posix.kill(pid, signum)
+    posix.waitpid(pid, 0)
+    posix._exit(0)
 
 
 STUB = """#!/usr/bin/python3 -IS
@@ -265,6 +275,7 @@ main(sys.argv)
 
 def write_stub(path: str, site: str) -> None:
     """Write the hoshikage-launch stub at `path` for the hoshikage_sd package in `site`."""
+    import os
     from pathlib import Path
 
     from hoshikage_sd.state import write_atomic
@@ -279,10 +290,10 @@ def main(argv: list[str]) -> None:
         sys.stderr.write("usage: hoshikage-launch NAME\n")
         sys.exit(2)
     name = argv[1]
-    hoshikage = os.path.join(os.path.dirname(os.path.abspath(argv[0])), "hoshikage")
-    runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    hoshikage = (argv[0].rpartition("/")[0] or ".") + "/hoshikage"
+    runtime_dir = posix.environ.get(b"RUNTIME_DIRECTORY", b"").split(b":")[0].decode()
     command = [hoshikage, "activate", name]
-    started = launch(name, runtime_dir)
+    started = launch(name, runtime_dir, posix.environ.get(b"NOTIFY_SOCKET", b""))
     if started is not None:
         pid, spawned, healthy = started
         command += ["--adopt", str(pid), "--spawned", repr(spawned)]
@@ -290,9 +301,9 @@ def main(argv: list[str]) -> None:
             command += ["--healthy", repr(healthy)]
         # Nothing waits for the activator (READY=1 is sent; the router polls /health
         # itself): its imports must not slow llama-server. It restores its priority later.
-        os.nice(NICE)
+        posix.nice(NICE)
     try:
-        os.execv(hoshikage, command)
+        posix.execv(hoshikage, command)
     except OSError as exc:
         sys.stderr.write(f"hoshikage-launch: cannot run {hoshikage}: {exc.strerror}\n")
         sys.exit(1)
