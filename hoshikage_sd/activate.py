@@ -32,6 +32,20 @@ HEARTBEAT = 5.0
 POLL = 0.005  # /health polling: every ms spent here is cold-start latency
 
 
+def exit_reason(code: int | None) -> str:
+    """llama-server's exit as a person reads it: a signal by name, and why SIGILL happens."""
+    if code is None or code >= 0:
+        return f"llama-server exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGILL:
+        return (f"llama-server died of {name}: its build uses CPU instructions this machine "
+                "lacks (e.g. AVX-512 or AVX-VNNI)")
+    return f"llama-server was killed by {name}"
+
+
 class Stopped(Exception):
     """SIGTERM arrived before llama-server was running."""
 
@@ -159,6 +173,12 @@ class Activator:
             self.heartbeat(f"loading {self.model.name}")
             time.sleep(POLL)
 
+    def crash_hint(self, code: int | None) -> str:
+        if code == -signal.SIGILL:
+            return (f"use a llama-server built for this CPU ('llama_server:' in the manifest; "
+                    f"{self.config.llama_server} is the one configured)")
+        return f"journalctl -u {systemd.model_unit(self.model.name)}"
+
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse."""
         name = self.model.name
@@ -208,8 +228,8 @@ class Activator:
             code = child.returncode
             self.child = None
             if self.store.matches_source(name, self.source):
-                die(f"llama-server exited with status {code} while loading '{name}' "
-                    f"({self.source})", hint=f"journalctl -u {systemd.model_unit(name)}")
+                die(f"{exit_reason(code)} while loading '{name}' ({self.source})",
+                    hint=self.crash_hint(code))
             log.event("restaged", name, f"staged copy of {name} does not match "
                       f"{self.source}; copying it again", level=logging.WARNING,
                       exit_status=code)
@@ -222,9 +242,8 @@ class Activator:
             if not self.wait_healthy(child):
                 if self.stopping:
                     raise Stopped
-                die(f"llama-server exited with status {child.returncode} while loading "
-                    f"'{name}' even after a fresh copy",
-                    hint=f"journalctl -u {systemd.model_unit(name)}")
+                die(f"{exit_reason(child.returncode)} while loading '{name}' even after a "
+                    "fresh copy", hint=self.crash_hint(child.returncode))
         load = (healthy_at or time.monotonic()) - load_start
         self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
         if healthy_at is None:  # else the launcher has told the router already

