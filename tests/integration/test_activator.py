@@ -15,6 +15,7 @@ import pytest
 from hoshikage_sd import config as manifest
 from hoshikage_sd import launch, names
 from hoshikage_sd.store import Store, file_digest
+from tests.support import LAUNCHERS, make_launcher
 
 from .conftest import NotifyListener, Setup, stop, write_manifest
 
@@ -160,9 +161,19 @@ models:
         assert stop(activator) == 0
 
 
-def launcher(setup: Setup, listener: NotifyListener) -> subprocess.Popen[bytes]:
+@pytest.fixture(params=LAUNCHERS)
+def launcher_bin(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """hoshikage-launch in both forms the installers make, next to the venv's hoshikage."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "hoshikage").symlink_to(Path(sys.executable).with_name("hoshikage"))
+    return make_launcher(request.param, bin_dir / "hoshikage-launch")
+
+
+def launcher(setup: Setup, listener: NotifyListener,
+             path: Path) -> subprocess.Popen[bytes]:
     """hoshikage-launch as the model unit runs it: RUNTIME_DIRECTORY from RuntimeDirectory=."""
-    return subprocess.Popen([str(Path(sys.executable).with_name("hoshikage-launch")), "tiny"],
+    return subprocess.Popen([str(path), "tiny"],
                             env=setup.env(NOTIFY_SOCKET=str(listener.path),
                                           RUNTIME_DIRECTORY=str(setup.runtime)),
                             stderr=subprocess.PIPE)
@@ -184,14 +195,15 @@ def parent_of(pid: int) -> int:
 
 
 @pytest.mark.parametrize("ticket", [True, False], ids=["ticket", "no-ticket"])
-def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> None:
+def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool,
+                  launcher_bin: Path) -> None:
     """With the router's ticket, llama-server is started by the launcher itself and adopted
     by the activator it becomes; without one, the activator does everything. Either way
     READY=1 only once /health is 200, from the same PID."""
     stage_with_ticket(setup, ticket)
     setup.runtime.mkdir(parents=True, exist_ok=True)
     router = NotifyListener(setup.runtime / launch.ROUTER_SOCKET)  # the router's, by its side
-    process = launcher(setup, notify_socket)
+    process = launcher(setup, notify_socket, launcher_bin)
     running = setup.runtime / "running" / "tiny.json"
     try:
         notify_socket.wait_for("READY")
@@ -221,8 +233,9 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool) -> 
 
 
 def test_launcher_ticket_for_a_corrupt_copy_restages(setup: Setup,
-                                                     notify_socket: NotifyListener) -> None:
+                                                     notify_socket: NotifyListener,
+                                                     launcher_bin: Path) -> None:
     staged = stage_with_ticket(setup, ticket=True)
     with open(staged, "r+b") as f:
         f.write(b"XXXX")
-    assert_restaged(setup, launcher(setup, notify_socket), notify_socket, staged)
+    assert_restaged(setup, launcher(setup, notify_socket, launcher_bin), notify_socket, staged)

@@ -12,6 +12,7 @@ import pytest
 
 from hoshikage_sd import launch
 from hoshikage_sd.config import NAME_RE
+from tests.support import LAUNCHERS, make_launcher
 
 ARGV = ["/usr/bin/llama-server", "-m", "/mnt/hoshikage/tiny.gguf", "--host",
         "/run/hoshikage/tiny.sock", "--alias", "tiny", "--chat-template", "a b\nc", ""]
@@ -225,3 +226,65 @@ def test_launcher_imports_only_what_the_interpreter_has_built_in(tmp_path: Path,
         imported -= {"hoshikage_sd", "hoshikage_sd.launch"}
     _, allowed = imports(["-c", "import _signal, _socket, os, sys, time"])
     assert imported and imported <= allowed, imported - allowed
+
+
+# -- both forms: launch.py and launch.c keep one contract --------------------------------------
+
+@pytest.fixture(params=LAUNCHERS)
+def launcher_form(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]:
+    """(hoshikage-launch in one form, the file where the `hoshikage` beside it writes the
+    arguments it was run with, one per line)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    args = tmp_path / "activate.args"
+    fake = bin_dir / "hoshikage"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {args}\n")
+    fake.chmod(0o755)
+    return make_launcher(request.param, bin_dir / "hoshikage-launch"), args
+
+
+def run_launcher(launcher: Path, args: Path, name: str, runtime: Path) -> list[str]:
+    result = subprocess.run([str(launcher), name], capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "RUNTIME_DIRECTORY": f"{runtime}:x"})
+    assert result.returncode == 0, result.stderr
+    return args.read_text().splitlines()
+
+
+def test_without_a_usable_ticket_both_launchers_become_the_activator(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    launcher, args = launcher_form
+    runtime = tmp_path / "run"
+    (runtime / "launch").mkdir(parents=True)
+    ticket = runtime / "launch" / "tiny"
+    assert run_launcher(launcher, args, "tiny", runtime) == ["activate", "tiny"]  # none
+    expired = str(time.monotonic() - 1).encode()
+    for data in (b"hoshikage-launch-1\0" + expired + b"\0/s\0/health\0\0/bin/true",  # stale
+                 b"something else\0" + b"1e99\0/s\0/health\0\0/bin/true",  # foreign
+                 b"hoshikage-launch-1\0" + b"1e99\0/s\0/health\0PATH=/bin\0"):  # no argv
+        ticket.write_bytes(data)
+        assert run_launcher(launcher, args, "tiny", runtime) == ["activate", "tiny"], data
+        assert not ticket.exists()  # taken, even when refused
+    (tmp_path / "victim").write_text("keep")
+    assert run_launcher(launcher, args, "../victim", runtime) == ["activate", "../victim"]
+    assert (tmp_path / "victim").read_text() == "keep"
+
+
+def test_both_launchers_spawn_the_ticket_and_hand_its_pid_over(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    launcher, args = launcher_form
+    runtime = tmp_path / "run"
+    out = tmp_path / "out"
+    stale = tmp_path / "tiny.sock"
+    stale.touch()
+    before = time.monotonic()
+    launch.write_ticket(str(runtime), "tiny", str(stale), "/health",
+                        {"PATH": "/usr/bin:/bin", "K": "v=w"},
+                        ["sh", "-c", f'printf "%s|" "$K" "$0" "$@" > {out}', "arg0", "a b\nc",
+                         ""])
+    argv = run_launcher(launcher, args, "tiny", runtime)
+    assert argv[:3] == ["activate", "tiny", "--adopt"]
+    assert argv[4] == "--spawned" and before <= float(argv[5]) <= time.monotonic()
+    assert len(argv) == 6  # it never served: no --healthy, the activator takes over the wait
+    assert out.read_text() == "v=w|arg0|a b\nc||"  # env and argv as the router wrote them
+    assert not stale.exists()
+    assert not (runtime / "launch" / "tiny").exists()
