@@ -743,6 +743,11 @@ def report(f: Figures, out: TextIO) -> None:
         diffs = [r - d for r, d in zip(f.warm_router, f.warm_direct, strict=True)]
         p(f"{'proxy overhead (router - direct, paired)':44} {len(diffs):3} "
           f"{ms(med(diffs)):>10} {ms(min(diffs)):>9} {ms(max(diffs)):>9}")
+    if f.b and len(f.b) == len(f.a_tmpfs):
+        # The cases run interleaved, round by round: a pair shares the machine's state then.
+        pairs = [b - a for b, a in zip(secs(f.b), secs(f.a_tmpfs), strict=True)]
+        p(f"{'(b) - (a-tmpfs), paired round by round':44} {len(pairs):3} "
+          f"{ms(med(pairs)):>10} {ms(min(pairs)):>9} {ms(max(pairs)):>9}")
     p("steal: CPU time the hypervisor took while a run ran; others: share of all CPUs used")
     p("by processes that are not the benchmark's while it ran (a shared machine)")
     cases = (("a-disk", f.a_disk), ("a-tmpfs", f.a_tmpfs), ("b", f.b), ("c", f.c),
