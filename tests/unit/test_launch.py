@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -288,3 +289,27 @@ def test_both_launchers_spawn_the_ticket_and_hand_its_pid_over(
     assert out.read_text() == "v=w|arg0|a b\nc||"  # env and argv as the router wrote them
     assert not stale.exists()
     assert not (runtime / "launch" / "tiny").exists()
+
+
+def test_both_launchers_pass_a_stop_on_while_the_server_loads(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    launcher, args = launcher_form
+    runtime = tmp_path / "run"
+    pid_file = tmp_path / "server.pid"
+    # a "server" that never answers /health, as llama-server while it loads
+    launch.write_ticket(str(runtime), "tiny", str(tmp_path / "tiny.sock"), "/health",
+                        {"PATH": "/usr/bin:/bin"},
+                        ["sh", "-c", f'echo $$ > {pid_file}; exec sleep 60'])
+    process = subprocess.Popen([str(launcher), "tiny"], stderr=subprocess.PIPE,
+                               env={"PATH": "/usr/bin:/bin", "RUNTIME_DIRECTORY": str(runtime)})
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline, "the server was not started"
+        time.sleep(0.01)
+    server = int(pid_file.read_text())
+    time.sleep(0.1)  # let the launcher probe a few times
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0, process.stderr.read() if process.stderr else ""
+    with pytest.raises(ProcessLookupError):
+        os.kill(server, 0)  # stopped and reaped by the launcher
+    assert not args.exists()  # and it did not go on to the activator
