@@ -98,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
         return idle.main(config)
     if args.command == "router":
+        from hoshikage_sd import first_request
+
+        first = first_request.take(config)  # before the router's imports: ~300 ms cold
         from hoshikage_sd import router
 
-        return router.main(config, args.listen)
+        return router.main(config, args.listen, first)
     if args.command in ("alias", "tag"):
         return edit_names(config, args)
     if args.command == "cache-sync":

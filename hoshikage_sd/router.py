@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from hoshikage_sd import config as manifest
 from hoshikage_sd.admission import Verdict
 from hoshikage_sd.config import AmbiguousModel, Config, Model
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.first_request import FirstRequest, forwarded, model_name_of
 from hoshikage_sd.state import Activity, Runtime
 from hoshikage_sd.store import Identity, Store
 
@@ -50,15 +50,6 @@ class StartFailed(Exception):
 def error(status: int, message: str, kind: str, **headers: str) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status}}
     return web.json_response(body, status=status, headers=headers)
-
-
-def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
-    """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON."""
-    if body.strip():
-        data = json.loads(body)
-        if isinstance(data, dict) and isinstance(data.get("model"), str):
-            return str(data["model"])
-    return query.get("model")
 
 
 class Announcements:
@@ -123,8 +114,10 @@ class Announcements:
 
 
 class Router:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, started: str | None = None) -> None:
         self.config = config
+        #: the model whose unit first_request started before this router could read requests
+        self.started_early = started
         self.runtime = Runtime(config.runtime_dir)
         self.announcements = Announcements(config.runtime_dir)
         self.sessions: dict[str, ClientSession] = {}
@@ -250,7 +243,11 @@ class Router:
 
     def begin(self, model: Model, unit: str) -> None:
         """Admit the model if it can go the fast way, and queue its unit's start."""
-        self.prepare(model)
+        if model.name == self.started_early:
+            # Its unit is on its way without a ticket: a ticket now would be left unused.
+            self.started_early = None
+        else:
+            self.prepare(model)
         systemd.start_unit(unit)
 
     async def ensure(self, model: Model) -> None:
@@ -286,9 +283,9 @@ class Router:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.last_activity = time.monotonic()
         self.maybe_reload()
-        if request.path == "/v1/models" and request.method == "GET":
-            return self.list_models()
-        if request.path in ("/health", "/hoshikage/health") and "model" not in request.query:
+        if not forwarded(request.method, request.path, dict(request.query)):
+            if request.path == "/v1/models":
+                return self.list_models()
             return web.json_response({"status": "ok"})
         body = await request.read()
         try:
@@ -379,25 +376,29 @@ class Router:
             await session.close()
 
 
-def listening_sockets(listen: str | None) -> list[socket.socket]:
-    fds = systemd.listen_fds()
-    if fds:
-        return [socket.socket(fileno=fd) for fd in fds]
+def listening_sockets(first: FirstRequest, listen: str | None) -> list[socket.socket]:
+    if first.sockets:
+        return first.sockets
     host, _, port = (listen or "127.0.0.1:8080").rpartition(":")
     sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)), reuse_port=False)
     return [sock]
 
 
-async def serve(config: Config, listen: str | None = None) -> int:
-    router = Router(config)
+async def serve(config: Config, listen: str | None = None,
+                first: FirstRequest | None = None) -> int:
+    first = first or FirstRequest()
+    router = Router(config, first.started)
     router.announcements.open()
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_route("*", "/{tail:.*}", router.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    for sock in listening_sockets(listen):
+    for sock in listening_sockets(first, listen):
         await web.SockSite(runner, sock).start()
     loop = asyncio.get_running_loop()
+    if first.connection is not None and runner.server is not None:
+        # The connection first_request took: its request is still unread, for aiohttp.
+        await loop.connect_accepted_socket(runner.server, first.connection)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, router.done.set)
     systemd.notify(READY=1, STATUS="routing")
@@ -410,5 +411,5 @@ async def serve(config: Config, listen: str | None = None) -> int:
     return 0
 
 
-def main(config: Config, listen: str | None = None) -> int:
-    return asyncio.run(serve(config, listen))
+def main(config: Config, listen: str | None = None, first: FirstRequest | None = None) -> int:
+    return asyncio.run(serve(config, listen, first))

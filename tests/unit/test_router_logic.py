@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import launch
+from hoshikage_sd import first_request, launch
+from hoshikage_sd.first_request import model_name_of
 from hoshikage_sd.release import reason_for
-from hoshikage_sd.router import Announcements, model_name_of
+from hoshikage_sd.router import Announcements
 from hoshikage_sd.state import Activity, Running, Runtime, write_atomic
 
 # -- router.model_name_of ------------------------------------------------------------------
@@ -209,3 +211,49 @@ def test_write_atomic_replaces_not_rewrites(tmp_path: Path) -> None:
         write_atomic(target, "new")
         assert reader.read() == "old"
     assert target.read_text() == "new"
+
+
+# -- first_request: the request that woke the router, peeked at before aiohttp loads ---------
+
+CHAT = (b"POST /v1/chat/completions?x=1&model=q HTTP/1.1\r\nHost: h\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"model\": \"tiny\"}")
+
+
+def test_first_request_parse_takes_only_whole_requests() -> None:
+    assert first_request.parse(CHAT) == ("POST", "/v1/chat/completions", {"x": "1", "model": "q"},
+                                         b'{"model": "tiny"}')
+    assert first_request.parse(CHAT[:40]) is None  # head not complete
+    assert first_request.parse(CHAT[:-1]) is None  # body not complete
+    chunked = b"POST /completion HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    assert first_request.parse(chunked) is None
+    assert first_request.parse(b"GET /v1/models HTTP/1.1\r\n\r\n") == ("GET", "/v1/models",
+                                                                         {}, b"")
+    assert first_request.parse(b"nonsense\r\n\r\n") is None
+    assert first_request.parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(("method", "path", "query", "expected"), [
+    ("POST", "/v1/chat/completions", {}, True), ("GET", "/props", {"model": "a"}, True),
+    ("GET", "/v1/models", {}, False), ("GET", "/health", {}, False),
+    ("GET", "/health", {"model": "a"}, True), ("GET", "/hoshikage/health", {}, False)])
+def test_first_request_forwards_what_the_router_forwards(method: str, path: str,
+                                                         query: dict[str, str],
+                                                         expected: bool) -> None:
+    assert first_request.forwarded(method, path, query) is expected
+
+
+def test_first_request_peek_waits_for_the_body_and_leaves_it_unread() -> None:
+    import socket
+    import threading
+
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(CHAT[:60])
+        threading.Timer(0.01, lambda: client.sendall(CHAT[60:])).start()
+        request = first_request.peek(ours, wait=1.0)
+        assert request is not None and request[3] == b'{"model": "tiny"}'
+        assert ours.recv(4096) == CHAT  # still there for the real HTTP server
+        client.sendall(CHAT[:60])
+        started = time.monotonic()
+        assert first_request.peek(ours, wait=0.05) is None  # the rest never comes
+        assert time.monotonic() - started < 0.5
