@@ -561,8 +561,9 @@ def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> Non
         r_begin = mono(router["InactiveExitTimestampMonotonic"])
         r_ready = mono(router["ActiveEnterTimestampMonotonic"])
         parts["socket -> router spawned"] = r_begin - start
-        parts["router start-up (to READY=1)"] = r_ready - r_begin
-        parts["router READY -> model unit starting"] = m_begin - r_ready
+        # The router starts the unit for the request that woke it before its own READY=1.
+        parts["router spawned -> model unit starting"] = m_begin - r_begin
+        parts["(router spawned -> its READY=1)"] = r_ready - r_begin
     else:
         parts["request -> model unit starting"] = m_begin - start
     if launched:  # the router admitted it; the unit's launcher spawned llama-server
