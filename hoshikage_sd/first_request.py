@@ -131,6 +131,8 @@ def take(config: Config) -> FirstRequest:
         systemd.start_unit(systemd.model_unit(model.name))
         first.started = model.name
         logger.info("started %s for the request that woke the router", model.name)
-    except (OSError, ValueError, HoshikageError) as exc:
-        logger.debug("no head start for the first request: %s", exc)
+    except HoshikageError as exc:
+        logger.warning("no head start for the first request: %s", exc.message)
+    except Exception as exc:  # a head start must never keep the router from serving
+        logger.debug("no head start for the first request: %r", exc)
     return first

@@ -244,10 +244,11 @@ class Router:
     def begin(self, model: Model, unit: str) -> None:
         """Admit the model if it can go the fast way, and queue its unit's start."""
         if model.name == self.started_early:
-            # Its unit is on its way without a ticket: a ticket now would be left unused.
+            # Its unit is on its way already (or has failed, which _start reports): a ticket
+            # now would be left unused, a second start would fail twice.
             self.started_early = None
-        else:
-            self.prepare(model)
+            return
+        self.prepare(model)
         systemd.start_unit(unit)
 
     async def ensure(self, model: Model) -> None:
