@@ -165,17 +165,21 @@ def test_memory_pressure_stops_idle_models(container_factory: ContainerFactory,
 
 def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
         container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
-    long_args = ("-c", "4096", "-np", "1")  # room for a reply that outlasts admission_wait
+    # room for a reply that outlasts admission_wait (15000 tokens, no stop at EOS: ~2 s; 3500
+    # that might stop at EOS took under 2 s on an AMD EPYC)
+    long_args = ("-c", "16384", "-np", "1")
     a = estimate(Model("a", models_dir / "a.gguf", args=long_args))
     b = estimate(Model("b", models_dir / "b.gguf", args=("-c", "512", "-np", "1")))
     models = {"a": f"args: {json.dumps(long_args)}\nttl: 1h", "b": f"{ARGS}\nttl: 1h"}
-    text = manifest(llama_server_bin, models, memory_budget=str(int((a + b / 2) * 1.2)),
-                    admission_wait="2s")
+    budget = int(a * 1.2 + b * 0.1)  # a fits alone; b fits once a is gone, not beside it
+    assert budget - a < b * 1.2 <= budget
+    text = manifest(llama_server_bin, models, memory_budget=str(budget), admission_wait="1s")
     hk = deploy(container_factory, models_dir, text)
     assert hk.chat("a")[0] == 200
     conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=60)
     conn.request("POST", "/completion", body=json.dumps(
-        {"model": "a", "prompt": "once upon a time", "n_predict": 3500, "stream": True}),
+        {"model": "a", "prompt": "once upon a time", "n_predict": 15000, "ignore_eos": True,
+         "stream": True}),
         headers={"Content-Type": "application/json"})
     streaming = conn.getresponse()
     assert streaming.readline().startswith(b"data: ")  # a is busy from here on
