@@ -110,6 +110,23 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifyListener]:
     listener.close()
 
 
+_STDERR: dict[int, Path] = {}
+
+
+def popen_logged(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Popen with stderr to a file, not a pipe: llama-server inherits it, and a pipe nobody
+    reads until the end fills up (64 KiB) and blocks whoever writes next."""
+    log = log.with_name(f"{log.name}.{len(_STDERR)}")  # one file per process
+    with open(log, "wb") as f:
+        process = subprocess.Popen(argv, env=env, stderr=f)
+    _STDERR[process.pid] = log
+    return process
+
+
+def stderr_of(process: subprocess.Popen[bytes]) -> str:
+    return _STDERR[process.pid].read_text(errors="replace")
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     if process.poll() is None:
         process.terminate()

@@ -17,15 +17,15 @@ from hoshikage_sd import launch, names
 from hoshikage_sd.store import Store, file_digest
 from tests.support import LAUNCHERS, make_launcher
 
-from .conftest import NotifyListener, Setup, stop, write_manifest
+from .conftest import NotifyListener, Setup, popen_logged, stderr_of, stop, write_manifest
 
 pytestmark = pytest.mark.integration
 
 
 def start_activator(setup: Setup, listener: NotifyListener) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(setup.hoshikage("activate", "tiny"),
-                            env=setup.env(NOTIFY_SOCKET=str(listener.path)),
-                            stderr=subprocess.PIPE)
+    return popen_logged(setup.hoshikage("activate", "tiny"),
+                        setup.env(NOTIFY_SOCKET=str(listener.path)),
+                        setup.root / "activator.stderr")
 
 
 def test_ready_only_after_health_200(setup: Setup, notify_socket: NotifyListener) -> None:
@@ -46,7 +46,7 @@ def test_ready_only_after_health_200(setup: Setup, notify_socket: NotifyListener
         os.kill(llama_pid, 0)
     finally:
         code = stop(activator)
-    assert code == 0, activator.stderr.read().decode() if activator.stderr else ""
+    assert code == 0, stderr_of(activator)
     with pytest.raises(ProcessLookupError):
         os.kill(llama_pid, 0)  # SIGTERM was forwarded to llama-server
     after = setup.source.stat()
@@ -72,7 +72,7 @@ def assert_restaged(setup: Setup, process: subprocess.Popen[bytes], listener: No
         assert launch.probe(str(setup.sock())) == 200
     finally:
         stop(process)
-    stderr = process.stderr.read().decode() if process.stderr else ""
+    stderr = stderr_of(process)
     assert "does not match" in stderr and "copying it again" in stderr, stderr
     assert file_digest(staged) == file_digest(setup.source)
 
@@ -82,7 +82,7 @@ def test_missing_source_fails_with_reason(setup: Setup, notify_socket: NotifyLis
     setup.source.unlink()
     activator = start_activator(setup, notify_socket)
     code = activator.wait(30)
-    stderr = activator.stderr.read().decode() if activator.stderr else ""
+    stderr = stderr_of(activator)
     assert code != 0
     assert str(setup.source) in stderr and "does not exist" in stderr, stderr
     reason = json.loads((setup.runtime / "error" / "tiny.json").read_text())["reason"]
@@ -100,7 +100,7 @@ def test_server_built_for_another_cpu_is_named(setup: Setup,
     write_manifest(setup.root, crashing, setup.source)
     activator = start_activator(setup, notify_socket)
     assert activator.wait(30) != 0
-    stderr = activator.stderr.read().decode() if activator.stderr else ""
+    stderr = stderr_of(activator)
     assert "died of SIGILL" in stderr and "CPU instructions this machine lacks" in stderr, stderr
     assert str(crashing) in stderr  # the hint names the binary to replace
     statuses = [m.get("STATUS", "") for m in notify_socket.drain()]
@@ -173,10 +173,10 @@ def launcher_bin(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
 def launcher(setup: Setup, listener: NotifyListener,
              path: Path) -> subprocess.Popen[bytes]:
     """hoshikage-launch as the model unit runs it: RUNTIME_DIRECTORY from RuntimeDirectory=."""
-    return subprocess.Popen([str(path), "tiny"],
-                            env=setup.env(NOTIFY_SOCKET=str(listener.path),
-                                          RUNTIME_DIRECTORY=str(setup.runtime)),
-                            stderr=subprocess.PIPE)
+    return popen_logged([str(path), "tiny"],
+                        setup.env(NOTIFY_SOCKET=str(listener.path),
+                                  RUNTIME_DIRECTORY=str(setup.runtime)),
+                        setup.root / "launcher.stderr")
 
 
 def stage_with_ticket(setup: Setup, ticket: bool) -> Path:
@@ -227,7 +227,7 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool,
     finally:
         router.close()
         code = stop(process)
-    assert code == 0, process.stderr.read().decode() if process.stderr else ""
+    assert code == 0, stderr_of(process)
     with pytest.raises(ProcessLookupError):
         os.kill(llama_pid, 0)
 
