@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,16 @@ def test_missing_source_gives_503_and_a_journal_line(hk: Deployment) -> None:
     assert hk.state("hoshikage-model@ghost.service") in ("inactive", "failed")
     status, _ = hk.chat("tiny")  # the router still serves the others
     assert status == 200
+
+
+def test_router_starts_again_and_again_without_tripping_a_limit(hk: Deployment) -> None:
+    """The router exits whenever it is idle and the socket starts it again: many starts in a
+    short time are normal use, not a crash loop that should take the socket down."""
+    assert hk.chat("tiny")[0] == 200
+    started = time.monotonic()
+    for _ in range(8):  # systemd's default limit is 5 starts in 10 s
+        hk.container.systemctl("stop", "hoshikage.service")
+        status, body = hk.chat("tiny")
+        assert status == 200, body
+    assert time.monotonic() - started < 10  # within one default StartLimitIntervalSec
+    assert hk.state("hoshikage.socket") == "active"
