@@ -30,6 +30,10 @@ from hoshikage_sd.store import Staged, Store, human
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
 POLL = 0.005  # /health polling: every ms spent here is cold-start latency
+#: seconds llama-server gets to stop after SIGTERM. It can hang there with a request in
+#: flight (seen: 30 s, until the unit's TimeoutStopSec killed it); a second SIGTERM makes it
+#: exit at once, and SIGKILL follows as long again after that.
+STOP_GRACE = 8
 
 
 def exit_reason(code: int | None) -> str:
@@ -100,16 +104,33 @@ class Activator:
         self.source = cache.source_for(config, model)  # the SSD cache copy, when current
         self.child: Child | None = None
         self.stopping = False
+        self._escalated = 0
         self.deadline = time.monotonic() + config.start_timeout
         self._last_beat = 0.0
 
     # -- signals --------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        first = not self.stopping
         self.stopping = True
         if self.child and self.child.poll() is None:
             self.child.send_signal(signum)
+            if first:
+                signal.signal(signal.SIGALRM, self.on_stop_timeout)
+                signal.alarm(STOP_GRACE)
         elif self.child is None:
             raise Stopped
+
+    def on_stop_timeout(self, _signum: int, _frame: FrameType | None) -> None:
+        """llama-server did not stop within STOP_GRACE: SIGTERM again, then SIGKILL."""
+        if self.child is None or self.child.poll() is not None:
+            return
+        self._escalated += 1
+        self.child.send_signal(signal.SIGTERM if self._escalated == 1 else signal.SIGKILL)
+        logging.getLogger("hoshikage").warning(
+            "llama-server (pid %d) did not stop within %d s: %s", self.child.pid,
+            STOP_GRACE * self._escalated, "SIGTERM again" if self._escalated == 1 else "SIGKILL")
+        if self._escalated == 1:
+            signal.alarm(STOP_GRACE)
 
     def heartbeat(self, status: str, force: bool = False) -> None:
         now = time.monotonic()
@@ -287,8 +308,8 @@ class Activator:
         if adopted is not None:
             self.full_priority()
         code = child.wait()
-        if self.stopping and code in (0, -signal.SIGTERM, -signal.SIGINT):
-            return 0
+        if self.stopping and (code in (0, -signal.SIGTERM, -signal.SIGINT) or self._escalated):
+            return 0  # a stop asked for; forced or not, nothing failed
         return 128 - code if code < 0 else code
 
 

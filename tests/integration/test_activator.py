@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hoshikage_sd import activate, launch, names
 from hoshikage_sd import config as manifest
-from hoshikage_sd import launch, names
 from hoshikage_sd.store import Store, file_digest
 from tests.support import LAUNCHERS, make_launcher
 
@@ -105,6 +105,52 @@ def test_server_built_for_another_cpu_is_named(setup: Setup,
     assert str(crashing) in stderr  # the hint names the binary to replace
     statuses = [m.get("STATUS", "") for m in notify_socket.drain()]
     assert any(s.startswith("failed:") and "SIGILL" in s for s in statuses), statuses
+
+
+HANGS_ON_FIRST_SIGTERM = """\
+import http.server, os, signal, socketserver, sys, time
+terms = []
+def on_term(signum, frame):  # like llama-server with a request in flight: the first hangs
+    terms.append(time.monotonic())
+    if len(terms) > 1:
+        os._exit(1)  # llama-server: "Received second interrupt, terminating immediately"
+signal.signal(signal.SIGTERM, on_term)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+    def address_string(self):
+        return "unix"
+class Server(socketserver.UnixStreamServer):
+    def get_request(self):
+        request, _ = super().get_request()
+        return request, ("unix", 0)
+Server(sys.argv[1], Health).serve_forever()
+"""
+
+
+def test_stop_forces_a_server_that_hangs_on_sigterm(setup: Setup,
+                                                    notify_socket: NotifyListener) -> None:
+    script = setup.root / "hangs.py"
+    script.write_text(HANGS_ON_FIRST_SIGTERM)
+    setup.config.write_text(f"""\
+ramdisk: {setup.ramdisk}
+runtime_dir: {setup.runtime}
+models:
+  tiny:
+    path: {setup.source}
+    backend: command
+    command: [{sys.executable}, {script}, "{{socket}}"]
+""")
+    activator = start_activator(setup, notify_socket)
+    notify_socket.wait_for("READY")
+    server = json.loads((setup.runtime / "running" / "tiny.json").read_text())["pid"]
+    started = time.monotonic()
+    activator.send_signal(signal.SIGTERM)
+    assert activator.wait(activate.STOP_GRACE + 10) == 0, stderr_of(activator)
+    assert activate.STOP_GRACE <= time.monotonic() - started < activate.STOP_GRACE + 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(server, 0)
+    assert "did not stop within" in stderr_of(activator)
 
 
 def test_release_cleans_after_failed_start(setup: Setup) -> None:
