@@ -30,10 +30,7 @@ from hoshikage_sd.store import Staged, Store, human
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
 POLL = 0.005  # /health polling: every ms spent here is cold-start latency
-#: seconds llama-server gets to stop after SIGTERM. It can hang there with a request in
-#: flight (seen: 30 s, until the unit's TimeoutStopSec killed it); a second SIGTERM makes it
-#: exit at once, and SIGKILL follows as long again after that.
-STOP_GRACE = 8
+STOP_GRACE = launch.STOP_GRACE  # then SIGTERM again, then SIGKILL (see launch.py)
 
 
 def exit_reason(code: int | None) -> str:

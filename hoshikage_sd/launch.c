@@ -36,6 +36,7 @@
 #define QUIET_WINDOW 0.05
 #define QUIET_SHARE 0.1
 #define HANDOVER_LIMIT 5.0
+#define STOP_GRACE 8.0            /* seconds after SIGTERM before a second one, then SIGKILL */
 #define MAX_TICKET (1 << 20)
 #define MAX_FIELDS 4096
 
@@ -219,9 +220,20 @@ static void wait_quiet(pid_t pid, double until) {
     }
 }
 
-/* A stop while llama-server loads: pass it on, wait for it, and leave. */
+/* A stop while llama-server loads or gives its first answer: pass it on, wait for it, and
+ * leave. With a request in flight llama-server can hang on SIGTERM: a second one after
+ * STOP_GRACE makes it exit at once, SIGKILL follows as long after that. */
 static void on_stop(int signum) {
     kill(child, signum);
+    for (int round = 0; round < 2; round++) {
+        double until = monotonic() + STOP_GRACE;
+        while (monotonic() < until) {
+            if (waitpid(child, NULL, WNOHANG) == child)
+                _exit(0);
+            sleep_s(0.05);
+        }
+        kill(child, round == 0 ? SIGTERM : SIGKILL);
+    }
     waitpid(child, NULL, 0);
     _exit(0);
 }

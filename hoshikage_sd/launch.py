@@ -55,6 +55,10 @@ QUIET_WINDOW = 0.05
 QUIET_SHARE = 0.1
 #: seconds after READY=1 that the activator waits at most for llama-server to go quiet
 HANDOVER_LIMIT = 5.0
+#: seconds llama-server gets to stop after SIGTERM. With a request in flight it can hang
+#: there (seen: until the unit's 30 s TimeoutStopSec); a second SIGTERM makes it exit at
+#: once, SIGKILL follows as long after that. The activator does the same.
+STOP_GRACE = 8
 
 
 def valid_name(name: str) -> bool:
@@ -260,8 +264,16 @@ def launch(name: str, runtime_dir: str,
 
 
 def stop(pid: int, signum: int) -> None:
-    """A stop while llama-server loads: pass it on, wait for it, and leave."""
+    """A stop while llama-server loads or gives its first answer: pass it on, wait for it
+    (SIGTERM again after STOP_GRACE, then SIGKILL), and leave."""
     posix.kill(pid, signum)
+    for again in (15, 9):  # SIGTERM, SIGKILL (signal.py would import enum)
+        until = time.monotonic() + STOP_GRACE
+        while time.monotonic() < until:
+            if posix.waitpid(pid, posix.WNOHANG)[0] == pid:
+                posix._exit(0)
+            time.sleep(0.05)
+        posix.kill(pid, again)
     posix.waitpid(pid, 0)
     posix._exit(0)
 

@@ -291,15 +291,31 @@ def test_both_launchers_spawn_the_ticket_and_hand_its_pid_over(
     assert not (runtime / "launch" / "tiny").exists()
 
 
+HANGS_ON_FIRST_SIGTERM = """\
+import os, signal, sys, time
+terms = []
+def on_term(signum, frame):  # llama-server with a request in flight: the first one hangs
+    terms.append(1)
+    if len(terms) > 1:
+        os._exit(1)
+signal.signal(signal.SIGTERM, on_term)
+open(sys.argv[1], "w").write(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("hangs", [False, True], ids=["stops", "hangs-on-first-sigterm"])
 def test_both_launchers_pass_a_stop_on_while_the_server_loads(
-        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+        launcher_form: tuple[Path, Path], tmp_path: Path, hangs: bool) -> None:
     launcher, args = launcher_form
     runtime = tmp_path / "run"
     pid_file = tmp_path / "server.pid"
     # a "server" that never answers /health, as llama-server while it loads
+    server_argv = ([sys.executable, "-c", HANGS_ON_FIRST_SIGTERM, str(pid_file)] if hangs
+                   else ["sh", "-c", f'echo $$ > {pid_file}; exec sleep 60'])
     launch.write_ticket(str(runtime), "tiny", str(tmp_path / "tiny.sock"), "/health",
-                        {"PATH": "/usr/bin:/bin"},
-                        ["sh", "-c", f'echo $$ > {pid_file}; exec sleep 60'])
+                        {"PATH": "/usr/bin:/bin"}, server_argv)
     process = subprocess.Popen([str(launcher), "tiny"], stderr=subprocess.PIPE,
                                env={"PATH": "/usr/bin:/bin", "RUNTIME_DIRECTORY": str(runtime)})
     deadline = time.monotonic() + 10
@@ -309,7 +325,11 @@ def test_both_launchers_pass_a_stop_on_while_the_server_loads(
     server = int(pid_file.read_text())
     time.sleep(0.1)  # let the launcher probe a few times
     process.send_signal(signal.SIGTERM)
-    assert process.wait(10) == 0, process.stderr.read() if process.stderr else ""
+    stopping = time.monotonic()
+    code = process.wait(launch.STOP_GRACE + 10)
+    assert code == 0, process.stderr.read() if process.stderr else ""
+    # one that hangs gets a second SIGTERM after STOP_GRACE
+    assert (time.monotonic() - stopping >= launch.STOP_GRACE) == hangs
     with pytest.raises(ProcessLookupError):
         os.kill(server, 0)  # stopped and reaped by the launcher
     assert not args.exists()  # and it did not go on to the activator
