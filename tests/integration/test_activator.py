@@ -107,6 +107,20 @@ def test_server_built_for_another_cpu_is_named(setup: Setup,
     assert any(s.startswith("failed:") and "SIGILL" in s for s in statuses), statuses
 
 
+def write_command_manifest(setup: Setup, command: str, extra: str = "") -> None:
+    """tiny served by the `command` backend (a YAML flow list), plus `extra` model keys."""
+    setup.config.write_text(f"""\
+ramdisk: {setup.ramdisk}
+runtime_dir: {setup.runtime}
+models:
+  tiny:
+    path: {setup.source}
+    backend: command
+    command: {command}
+    {extra}
+""")
+
+
 HANGS_ON_FIRST_SIGTERM = """\
 import http.server, os, signal, socketserver, sys, time
 terms = []
@@ -132,15 +146,7 @@ def test_stop_forces_a_server_that_hangs_on_sigterm(setup: Setup,
                                                     notify_socket: NotifyListener) -> None:
     script = setup.root / "hangs.py"
     script.write_text(HANGS_ON_FIRST_SIGTERM)
-    setup.config.write_text(f"""\
-ramdisk: {setup.ramdisk}
-runtime_dir: {setup.runtime}
-models:
-  tiny:
-    path: {setup.source}
-    backend: command
-    command: [{sys.executable}, {script}, "{{socket}}"]
-""")
+    write_command_manifest(setup, f'[{sys.executable}, {script}, "{{socket}}"]')
     activator = start_activator(setup, notify_socket)
     notify_socket.wait_for("READY")
     server = json.loads((setup.runtime / "running" / "tiny.json").read_text())["pid"]
@@ -184,16 +190,9 @@ def test_sigterm_during_load_exits_cleanly(setup: Setup, notify_socket: NotifyLi
 def test_command_backend_runs_any_server_on_the_socket(setup: Setup,
                                                        notify_socket: NotifyListener) -> None:
     # llama-server itself, started through the generic argv template and health path.
-    setup.config.write_text(f"""\
-ramdisk: {setup.ramdisk}
-runtime_dir: {setup.runtime}
-models:
-  tiny:
-    path: {setup.source}
-    backend: command
-    command: [{setup.llama_server}, -m, "{{path}}", --host, "{{socket}}", -c, "512"]
-    health: /v1/models
-""")
+    write_command_manifest(
+        setup, f'[{setup.llama_server}, -m, "{{path}}", --host, "{{socket}}", -c, "512"]',
+        "health: /v1/models")
     activator = start_activator(setup, notify_socket)
     try:
         notify_socket.wait_for("READY")
