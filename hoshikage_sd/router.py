@@ -41,6 +41,9 @@ MAX_BODY = 256 << 20
 START_POLL = 0.005  # while a model starts and nobody will say when it serves: probe this often
 UNIT_POLL = 0.25  # ... and how often to ask systemd whether its unit failed
 PROBE_TIMEOUT = 2.0
+#: seconds after start-up during which a start of the model first_request started is that
+#: start (its request comes at once; one whose client went away must not block a later one)
+EARLY_START_VALID = 30.0
 
 
 class StartFailed(Exception):
@@ -118,6 +121,7 @@ class Router:
         self.config = config
         #: the model whose unit first_request started before this router could read requests
         self.started_early = started
+        self._created = time.monotonic()
         self.runtime = Runtime(config.runtime_dir)
         self.announcements = Announcements(config.runtime_dir)
         self.sessions: dict[str, ClientSession] = {}
@@ -244,10 +248,11 @@ class Router:
     def begin(self, model: Model, unit: str) -> None:
         """Admit the model if it can go the fast way, and queue its unit's start."""
         if model.name == self.started_early:
-            # Its unit is on its way already (or has failed, which _start reports): a ticket
-            # now would be left unused, a second start would fail twice.
             self.started_early = None
-            return
+            if time.monotonic() - self._created < EARLY_START_VALID:
+                # Its unit is on its way already (or has failed, which _start reports): a
+                # ticket now would be left unused, a second start would fail twice.
+                return
         self.prepare(model)
         systemd.start_unit(unit)
 

@@ -257,3 +257,29 @@ def test_first_request_peek_waits_for_the_body_and_leaves_it_unread() -> None:
         started = time.monotonic()
         assert first_request.peek(ours, wait=0.05) is None  # the rest never comes
         assert time.monotonic() - started < 0.5
+
+
+def test_router_does_not_start_again_what_first_request_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd import router as router_module
+    from hoshikage_sd.config import Config, Model
+
+    started: list[str] = []
+    monkeypatch.setattr(router_module.systemd, "start_unit", started.append)
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
+    tiny, other = Model("tiny", tmp_path / "tiny.gguf"), Model("other", tmp_path / "o.gguf")
+
+    def begin(router: router_module.Router, model: Model) -> None:
+        monkeypatch.setattr(router, "prepare", lambda _model: started.append("prepare"))
+        router.begin(model, f"hoshikage-model@{model.name}.service")
+
+    router = router_module.Router(config, started="tiny")
+    begin(router, other)  # another model's start does not use up tiny's head start
+    begin(router, tiny)  # tiny's request: its unit is on its way
+    assert started == ["prepare", "hoshikage-model@other.service"]
+    begin(router, tiny)  # a later start is a start
+    assert started[2:] == ["prepare", "hoshikage-model@tiny.service"]
+    late = router_module.Router(config, started="tiny")
+    late._created -= router_module.EARLY_START_VALID  # its request never came
+    begin(late, tiny)
+    assert started[4:] == ["prepare", "hoshikage-model@tiny.service"]
