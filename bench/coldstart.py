@@ -62,10 +62,10 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
 
-from hoshikage_sd.store import Store  # noqa: E402
-from hoshikage_sd.unixhttp import UnixHTTPConnection  # noqa: E402
-from tests.system.container import Container, unavailable_reason  # noqa: E402
-from tests.system.deploy import Deployment, deploy, free_port, manifest  # noqa: E402
+from hoshikage_sd.staging import Store  # noqa: E402
+from testbed.container import Container, unavailable_reason  # noqa: E402
+from testbed.deploy import Deployment, deploy, free_port, manifest  # noqa: E402
+from testbed.unixhttp import UnixHTTPConnection  # noqa: E402
 
 CACHE = Path("/var/tmp/hoshikage-bench")
 NAME = "bench"

@@ -56,6 +56,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path
 
 from hoshikage_sd import gguf as hgguf  # noqa: E402
 from hoshikage_sd import memory  # noqa: E402
+from testbed.estimate import within  # noqa: E402
 
 CACHE = Path("/var/tmp/hoshikage-memory-bench")
 MiB = 1 << 20
@@ -353,7 +354,7 @@ def run(cases: Sequence[Case], progress: Callable[[str], None]) -> tuple[list[Ro
             row.tmpfs_bytes = staged.stat().st_blocks * 512
             row.measured = row.tmpfs_bytes + max(row.anon, row.anon_full)
             row.error_pct = 100.0 * (row.estimate - row.measured) / row.measured
-            row.ok = memory.within(row.estimate, row.measured, TOL_REL, TOL_ABS)
+            row.ok = within(row.estimate, row.measured, TOL_REL, TOL_ABS)
             rows.append(row)
         staged.unlink(missing_ok=True)
     return rows, kind

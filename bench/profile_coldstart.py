@@ -40,8 +40,8 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
 
 import coldstart as cs  # noqa: E402
 
-from tests.system.container import Container, unavailable_reason  # noqa: E402
-from tests.system.deploy import Deployment, deploy, hoshikage_bin, manifest  # noqa: E402
+from testbed.container import Container, unavailable_reason  # noqa: E402
+from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest  # noqa: E402
 
 #: the sandboxing of hoshikage-model@.service (hoshikage.service has the same, less MEMLOCK)
 SANDBOX = ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only",

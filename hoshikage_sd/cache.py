@@ -14,11 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from hoshikage_sd import log, systemd
-from hoshikage_sd.config import Config, Model
-from hoshikage_sd.rank import Action, CachePolicy, CacheState, Candidate, StatsFile, plan_cache
-from hoshikage_sd.state import Runtime
-from hoshikage_sd.store import Identity, Store, human
+from hoshikage_sd import fmt, log
+from hoshikage_sd.manifest import CachePolicy, Config, Model
+from hoshikage_sd.policy.cacheplan import Action, CacheState, Candidate, plan_cache
+from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import daemon
+from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Identity, Store
 
 CACHE_UNIT = "hoshikage-cache.service"
 
@@ -87,12 +90,6 @@ def policy(config: Config) -> CachePolicy:
     return CachePolicy(c.max_size, c.min_free, c.expire_after, c.min_rank)
 
 
-def red(text: str) -> str:
-    if sys.stderr.isatty() and not os.environ.get("NO_COLOR"):
-        return f"\033[31m{text}\033[0m"
-    return text
-
-
 def sync(config: Config) -> int:
     if config.cache is None:
         logging.getLogger("hoshikage").info("no cache: configured in the manifest")
@@ -109,8 +106,10 @@ def sync(config: Config) -> int:
             model = config.models[d.name]
             if d.action is Action.EXPIRE:
                 freed = store.remove(d.name)
-                log.event("cache-expire", d.name, red(f"expired {d.name} from the cache "
-                          f"({human(freed)}): {d.reason}"), level=logging.WARNING,
+                message = f"expired {d.name} from the cache ({fmt.size(freed)}): {d.reason}"
+                log.event("cache-expire", d.name,
+                          fmt.paint(message, "31", fmt.use_colour(sys.stderr)),
+                          level=logging.WARNING,
                           rank=f"{d.rank:.1f}", bytes_freed=freed)
             elif d.action is Action.COPY:
                 copy(config, runtime, store, model, d.rank)
@@ -127,10 +126,10 @@ def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: flo
         if total and time.monotonic() - last >= 1.0:
             last = time.monotonic()
             runtime.set_caching(model.name, done, total)
-            systemd.notify(STATUS=f"caching {model.name}: {100 * done // total}%")
+            daemon.notify(STATUS=f"caching {model.name}: {100 * done // total}%")
         if total and done * 4 // total > quarter and done < total:
             quarter = done * 4 // total  # a journal line at 25, 50 and 75%
-            log.log.info("caching %s: %s of %s (%d%%)", model.name, human(done), human(total),
+            log.log.info("caching %s: %s of %s (%d%%)", model.name, fmt.size(done), fmt.size(total),
                          100 * done // total)
 
     log.event("cache-copy", model.name, f"copying {model.name} (rank {rank:.1f}) from "
@@ -141,6 +140,6 @@ def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: flo
     finally:
         runtime.clear("caching", model.name)
     rate = staged.size / max(staged.seconds, 1e-6)
-    log.event("cache-copy", model.name, f"cached {model.name}: {human(staged.size)} in "
-              f"{staged.seconds:.1f} s ({human(rate)}/s)", rank=f"{rank:.1f}",
+    log.event("cache-copy", model.name, f"cached {model.name}: {fmt.size(staged.size)} in "
+              f"{staged.seconds:.1f} s ({fmt.size(rate)}/s)", rank=f"{rank:.1f}",
               bytes=staged.size, seconds=f"{staged.seconds:.3f}", phase="done")

@@ -13,7 +13,7 @@ from hoshikage_sd import __version__, log
 from hoshikage_sd.errors import HoshikageError, die, report
 
 if TYPE_CHECKING:
-    from hoshikage_sd.config import Config
+    from hoshikage_sd.manifest import Config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_name(name: str) -> str:
-    from hoshikage_sd.config import NAME_RE
+    from hoshikage_sd.manifest import NAME_RE
 
     # The instance name comes from a unit name: never let it reach a path unchecked.
     if not NAME_RE.match(name):
@@ -74,34 +74,34 @@ def model_name(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "simulate":  # a what-if tool: it must work without a manifest
-        from hoshikage_sd import simulate
+        from hoshikage_sd.commands import simulate
 
         return simulate.main(args.scenario, args.json, args.list)
     from pathlib import Path
 
-    from hoshikage_sd import config as manifest
-    from hoshikage_sd import names
+    from hoshikage_sd import manifest
+    from hoshikage_sd.manifest import names
 
     config = names.effective(manifest.load(Path(args.config) if args.config else None))
     if args.command == "activate":
-        from hoshikage_sd import activate
+        from hoshikage_sd.model_unit import activate
 
         adopted = None if args.adopt is None else activate.Adopted(
             args.adopt, args.spawned or time.monotonic(), args.healthy)
         return activate.main(config, model_name(args.name), adopted)
     if args.command == "release":
-        from hoshikage_sd import release
+        from hoshikage_sd.model_unit import release
 
         return release.main(config, model_name(args.name))
     if args.command == "idle-watch":
-        from hoshikage_sd import idle
+        from hoshikage_sd.watch import idle
 
         return idle.main(config)
     if args.command == "router":
-        from hoshikage_sd import first_request
+        from hoshikage_sd.router import first_request
 
         first = first_request.take(config)  # before the router's imports: ~300 ms cold
-        from hoshikage_sd import router
+        from hoshikage_sd.router import server as router
 
         return router.main(config, args.listen, first)
     if args.command in ("alias", "tag"):
@@ -111,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
 
         return cache.sync(config)
     if args.command in ("load", "unload"):
-        from hoshikage_sd import manual
+        from hoshikage_sd.commands import manual
 
         return manual.load(config, args.name) if args.command == "load" \
             else manual.unload(config, args.name)
-    from hoshikage_sd import status
+    from hoshikage_sd.commands import status
 
     if args.command == "list":
         return status.list_models(config, args.json)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def edit_names(config: Config, args: argparse.Namespace) -> int:
-    from hoshikage_sd import names
+    from hoshikage_sd.manifest import names
 
     if args.command == "tag":
         print(names.set_tag(config, args.tag, args.model))

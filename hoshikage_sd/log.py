@@ -11,9 +11,8 @@ import os
 import sys
 import traceback
 
-from hoshikage_sd import systemd
-
 log = logging.getLogger("hoshikage")
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # Fixed per event kind; never change a published one.
 MESSAGE_IDS = {
@@ -40,12 +39,13 @@ class JournalHandler(logging.Handler):
         self.identifier = identifier
 
     def emit(self, record: logging.LogRecord) -> None:
+        from hoshikage_sd.sd import journal  # see sd/journal.py: not before it is needed
+
         try:
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info))
             fields: dict[str, object] = {
-                "MESSAGE": message,
                 "PRIORITY": _PRIORITY.get(record.levelno, 6),
                 "SYSLOG_IDENTIFIER": self.identifier,
                 "CODE_FILE": record.pathname,
@@ -53,14 +53,14 @@ class JournalHandler(logging.Handler):
                 "CODE_FUNC": record.funcName,
             }
             fields.update(getattr(record, "journal", {}))
-            if not systemd.journal_send(fields):
+            if not journal.send(message, fields):
                 sys.stderr.write(message + "\n")
         except Exception:
             self.handleError(record)
 
 
 def under_journal() -> bool:
-    return bool(os.environ.get("JOURNAL_STREAM")) and os.path.exists(systemd.JOURNAL_SOCKET)
+    return bool(os.environ.get("JOURNAL_STREAM")) and os.path.exists(JOURNAL_SOCKET)
 
 
 def setup(identifier: str = "hoshikage", debug: bool = False) -> None:

@@ -31,7 +31,6 @@ slot's KV state is copied into it when a new task starts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -267,8 +266,3 @@ def estimate(info: GGUFInfo, params: LoadParams) -> Estimate:
         overhead=overhead_bytes(info, params),
         prompt_cache=prompt_cache_bytes(info, params),
     )
-
-
-def within(estimated: int, measured: int, rel: float = 0.10, floor: int = 64 * MiB) -> bool:
-    """The acceptance test of the estimate: within rel of measured, or within floor bytes."""
-    return math.isclose(estimated, measured, rel_tol=rel, abs_tol=floor)

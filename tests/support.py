@@ -8,8 +8,7 @@ from typing import NoReturn
 
 import pytest
 
-#: the repository root (bind it at this same path into containers: .venv names it)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from testbed import REPO_ROOT
 
 
 def in_ci() -> bool:
@@ -28,18 +27,18 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-#: the two forms of hoshikage-launch the installers make (hoshikage_sd/launch.c, launch.py)
+#: the two forms of hoshikage-launch the installers make (model_unit/launch.c, launch.py)
 LAUNCHERS = ("compiled", "stub")
 
 
 def make_launcher(kind: str, path: Path) -> Path:
     """hoshikage-launch at `path` in the given form; it runs the `hoshikage` beside it."""
-    from hoshikage_sd import launch
+    from hoshikage_sd.model_unit import install
 
     if kind == "compiled":
-        why = launch.build_native(str(path))
+        why = install.build_native(str(path))
         if why is not None:
             unavailable(f"cannot build the compiled launcher: {why}")
     else:
-        launch.write_stub(str(path), str(REPO_ROOT))
+        install.write_stub(str(path), str(REPO_ROOT))
     return path

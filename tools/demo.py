@@ -19,8 +19,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from make_gguf import write_model  # noqa: E402
 
-from tests.system.container import Container, unavailable_reason  # noqa: E402
-from tests.system.deploy import Deployment, deploy, hoshikage_bin, manifest  # noqa: E402
+from testbed.container import Container, unavailable_reason  # noqa: E402
+from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest  # noqa: E402
 
 WORK = Path("/var/tmp/hoshikage-demo")
 TTL = 8

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import activate, launch, names
-from hoshikage_sd import config as manifest
-from hoshikage_sd.store import Store, file_digest
+from hoshikage_sd import manifest, protocol
+from hoshikage_sd.manifest import names
+from hoshikage_sd.staging import Store, file_digest
 from tests.support import LAUNCHERS, make_launcher
 
 from .conftest import NotifyListener, Setup, popen_logged, stderr_of, stop, write_manifest
@@ -34,7 +34,7 @@ def test_ready_only_after_health_200(setup: Setup, notify_socket: NotifyListener
     try:
         ready = notify_socket.wait_for("READY")
         # The instant READY=1 arrives, llama-server must already answer 200 (not 503 loading).
-        assert launch.probe(str(setup.sock())) == 200
+        assert protocol.probe(str(setup.sock())) == 200
         assert ready["READY"] == "1"
         statuses = [m["STATUS"] for m in notify_socket.messages if "STATUS" in m]
         assert any(s.startswith("staging tiny") for s in statuses), statuses
@@ -69,7 +69,7 @@ def assert_restaged(setup: Setup, process: subprocess.Popen[bytes], listener: No
     """The process serves after finding its staged copy bad and copying it again."""
     try:
         listener.wait_for("READY")
-        assert launch.probe(str(setup.sock())) == 200
+        assert protocol.probe(str(setup.sock())) == 200
     finally:
         stop(process)
     stderr = stderr_of(process)
@@ -152,8 +152,8 @@ def test_stop_forces_a_server_that_hangs_on_sigterm(setup: Setup,
     server = json.loads((setup.runtime / "running" / "tiny.json").read_text())["pid"]
     started = time.monotonic()
     activator.send_signal(signal.SIGTERM)
-    assert activator.wait(activate.STOP_GRACE + 10) == 0, stderr_of(activator)
-    assert activate.STOP_GRACE <= time.monotonic() - started < activate.STOP_GRACE + 5
+    assert activator.wait(protocol.STOP_GRACE + 10) == 0, stderr_of(activator)
+    assert protocol.STOP_GRACE <= time.monotonic() - started < protocol.STOP_GRACE + 5
     with pytest.raises(ProcessLookupError):
         os.kill(server, 0)
     assert "did not stop within" in stderr_of(activator)
@@ -196,7 +196,7 @@ def test_command_backend_runs_any_server_on_the_socket(setup: Setup,
     activator = start_activator(setup, notify_socket)
     try:
         notify_socket.wait_for("READY")
-        assert launch.probe(str(setup.sock()), "/v1/models") == 200
+        assert protocol.probe(str(setup.sock()), "/v1/models") == 200
         running = json.loads((setup.runtime / "running" / "tiny.json").read_text())
         cmdline = Path(f"/proc/{running['pid']}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1:5] == [b"-m", str(setup.ramdisk / "tiny.gguf").encode(), b"--host",
@@ -230,7 +230,7 @@ def stage_with_ticket(setup: Setup, ticket: bool) -> Path:
     model = config.models["tiny"]
     staged = Store(config.ramdisk).stage("tiny", model.path).path
     if ticket:
-        launch.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()), model.health,
+        protocol.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()), model.health,
                             {"PATH": os.environ["PATH"]}, config.server_argv(model, staged))
     return staged
 
@@ -247,15 +247,15 @@ def test_launcher(setup: Setup, notify_socket: NotifyListener, ticket: bool,
     READY=1 only once /health is 200, from the same PID."""
     stage_with_ticket(setup, ticket)
     setup.runtime.mkdir(parents=True, exist_ok=True)
-    router = NotifyListener(setup.runtime / launch.ROUTER_SOCKET)  # the router's, by its side
+    router = NotifyListener(setup.runtime / protocol.ROUTER_SOCKET)  # the router's, by its side
     process = launcher(setup, notify_socket, launcher_bin)
     running = setup.runtime / "running" / "tiny.json"
     try:
         notify_socket.wait_for("READY")
-        assert launch.probe(str(setup.sock())) == 200
+        assert protocol.probe(str(setup.sock())) == 200
         # With a ticket, READY=1 is the launcher's; the activator takes over (and records
         # the running model) once llama-server is quiet.
-        deadline = time.monotonic() + launch.HANDOVER_LIMIT + 10
+        deadline = time.monotonic() + protocol.HANDOVER_LIMIT + 10
         while not running.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         llama_pid = json.loads(running.read_text())["pid"]

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from hoshikage_sd import gguf, memory
-from hoshikage_sd.unixhttp import UnixHTTPConnection
+from testbed.estimate import within
+from testbed.unixhttp import UnixHTTPConnection
 from tests.support import unavailable
 
 from .conftest import stop
@@ -138,5 +139,5 @@ def test_estimate_within_tolerance_of_measured(case: str, llama_server_bin: Path
     print(report)
     assert est.kv_cache / MiB == pytest.approx(logged_mib(log, "KV"), abs=0.01), report
     assert est.compute / MiB == pytest.approx(logged_mib(log, "compute"), rel=0.02), report
-    assert memory.within(est.total, measured), report
-    assert memory.within(est.total, measured, rel=0.10, floor=TIGHT), report
+    assert within(est.total, measured), report
+    assert within(est.total, measured, rel=0.10, floor=TIGHT), report

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hoshikage_sd.unixhttp import UnixHTTPConnection
+from testbed.unixhttp import UnixHTTPConnection
 
 from .conftest import NotifyListener, Setup, stop, write_manifest
 
@@ -88,11 +88,17 @@ def test_llama_server_endpoints_pass_through(served: tuple[Setup, int]) -> None:
 
 
 def test_models_unknown_and_malformed(served: tuple[Setup, int]) -> None:
+    """/v1/models says what serves (the model was started before this router saw a request
+    for it: its own records know nothing), and GET /v1/models/{id} resolves aliases."""
     setup, port = served
     status, body = request(port, "GET", "/v1/models")
     assert status == 200
-    assert body["data"] == [{"id": "tiny", "object": "model", "owned_by": "hoshikage",
-                             "created": 0, "aliases": ["small"], "loaded": False}]
+    tiny = {"id": "tiny", "object": "model", "owned_by": "hoshikage", "created": 0,
+            "aliases": ["small"], "loaded": True}
+    assert body["data"] == [tiny]
+    assert request(port, "GET", "/v1/models/small") == (200, tiny)
+    status, body = request(port, "GET", "/v1/models/nope")
+    assert status == 404 and "nope" in str(body["error"]), body
     status, body = request(port, "POST", "/v1/chat/completions", {"model": "nope"})
     assert status == 404 and "tiny" in str(body["error"]), body
     status, body = request(port, "POST", "/v1/chat/completions", b"{not json")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from testbed.container import Container, ContainerError, unavailable_reason
 from tests.support import unavailable
-from tests.system.container import Container, ContainerError, unavailable_reason
 
 _CONTAINERS = pytest.StashKey[list[Container]]()
 _serial = itertools.count(1)

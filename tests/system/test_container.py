@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.container import Container, ExecError, unavailable_reason
 from tests.support import REPO_ROOT, unavailable
 from tests.system.conftest import ContainerFactory, unique_name
-from tests.system.container import Container, ExecError, unavailable_reason
 
 pytestmark = pytest.mark.system
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.deploy import Deployment, free_port
 from tests.support import REPO_ROOT
 from tests.system.conftest import ContainerFactory
-from tests.system.deploy import Deployment, free_port
 
 pytestmark = pytest.mark.system
 

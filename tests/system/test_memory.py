@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.config import Model
-from hoshikage_sd.residents import estimate
+from hoshikage_sd.manifest import Model
+from hoshikage_sd.policy.residents import estimate
+from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest
 from tests.system.conftest import ContainerFactory
-from tests.system.deploy import Deployment, deploy, hoshikage_bin, manifest
 
 pytestmark = pytest.mark.system
 

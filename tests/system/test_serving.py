@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.deploy import Deployment, deploy, manifest
 from tests.system.conftest import ContainerFactory
-from tests.system.deploy import Deployment, deploy, manifest
 
 pytestmark = pytest.mark.system
 UNIT = "hoshikage-model@tiny.service"

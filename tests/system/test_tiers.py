@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.store import Identity
+from hoshikage_sd.staging import Identity
+from testbed.deploy import deploy, hoshikage_bin, manifest
 from tests.system.conftest import ContainerFactory
-from tests.system.deploy import deploy, hoshikage_bin, manifest
 
 pytestmark = pytest.mark.system
 CACHE = "/var/cache/hoshikage"

@@ -2,94 +2,94 @@
 
 from __future__ import annotations
 
-from hoshikage_sd.admission import Resident, Verdict, decide, pressure_victims
+from hoshikage_sd.policy.admission import Resident, Verdict, decide, pressure_victims
 
-GB = 1_000_000_000
+GiB = 1 << 30
 
 
-def gb(x: float) -> int:
-    return int(x * GB)
+def gib(x: float) -> int:
+    return int(x * GiB)
 
 
 def test_case_1_nothing_loaded_small_model_loads() -> None:
-    d = decide("gemma", gb(1.4), gb(25.5), [])
+    d = decide("gemma", gib(1.4), gib(25.5), [])
     assert d.verdict is Verdict.LOAD and d.victims == ()
-    assert d.needed == gb(1.68)
+    assert d.needed == gib(1.68)
 
 
 def test_case_2_both_fit() -> None:
-    d = decide("qwen", gb(9.0), gb(25.5), [Resident("gemma", gb(2.0), idle=30.0)])
+    d = decide("qwen", gib(9.0), gib(25.5), [Resident("gemma", gib(2.0), idle=30.0)])
     assert d.verdict is Verdict.LOAD and d.victims == ()
 
 
 def test_case_3_idle_model_is_stopped_first() -> None:
-    loaded = Resident("qwen3-8b", gb(5.7), idle=14 * 60)
-    d = decide("big", gb(19.0), gb(18.0), [loaded])
+    loaded = Resident("qwen3-8b", gib(5.7), idle=14 * 60)
+    d = decide("big", gib(19.0), gib(18.0), [loaded])
     assert d.verdict is Verdict.EVICT
     assert d.victims == (loaded,)
-    assert d.message == ("available 18.0 GB < needed 22.8 GB (19.0 GB × 1.2): "
-                         "stopping qwen3-8b (5.7 GB, idle 14 min)")
+    assert d.message == ("available 18.0 GiB < needed 22.8 GiB (19.0 GiB × 1.2): "
+                         "stopping qwen3-8b (5.7 GiB, idle 14 min)")
 
 
 def test_busy_model_is_never_a_victim_the_request_waits() -> None:
-    busy = Resident("qwen3-8b", gb(5.7), idle=None)
-    d = decide("big", gb(19.0), gb(18.0), [busy])
+    busy = Resident("qwen3-8b", gib(5.7), idle=None)
+    d = decide("big", gib(19.0), gib(18.0), [busy])
     assert d.verdict is Verdict.WAIT and d.victims == ()
     assert "waiting for busy qwen3-8b" in d.message
 
 
 def test_pinned_model_survives_and_the_request_is_rejected() -> None:
-    pinned = Resident("tool", gb(5.7), idle=3600, pinned=True)
-    d = decide("big", gb(19.0), gb(18.0), [pinned])
+    pinned = Resident("tool", gib(5.7), idle=3600, pinned=True)
+    d = decide("big", gib(19.0), gib(18.0), [pinned])
     assert d.verdict is Verdict.REJECT
     assert "tool pinned" in d.message
 
 
 def test_a_model_that_can_never_fit_is_rejected() -> None:
-    d = decide("huge", gb(40.0), gb(18.0), [Resident("a", gb(5.0), idle=10)])
+    d = decide("huge", gib(40.0), gib(18.0), [Resident("a", gib(5.0), idle=10)])
     assert d.verdict is Verdict.REJECT
-    assert "huge cannot fit: needed 48.0 GB (40.0 GB × 1.2), but at most 23.0 GB" in d.message
+    assert "huge cannot fit: needed 48.0 GiB (40.0 GiB × 1.2), but at most 23.0 GiB" in d.message
 
 
 def test_victims_least_recently_used_first_and_only_as_many_as_needed() -> None:
-    old = Resident("old", gb(4.0), idle=600, last_used=100.0)
-    new = Resident("new", gb(4.0), idle=5, last_used=900.0)
-    d = decide("x", gb(10.0), gb(9.0), [new, old])
+    old = Resident("old", gib(4.0), idle=600, last_used=100.0)
+    new = Resident("new", gib(4.0), idle=5, last_used=900.0)
+    d = decide("x", gib(10.0), gib(9.0), [new, old])
     assert d.verdict is Verdict.EVICT and d.victims == (old,)
-    d = decide("x", gb(13.0), gb(9.0), [new, old])
+    d = decide("x", gib(13.0), gib(9.0), [new, old])
     assert d.victims == (old, new)
 
 
 def test_equal_use_cheaper_to_reload_goes_first() -> None:
-    small = Resident("small", gb(2.0), idle=60, last_used=100.0)
-    large = Resident("large", gb(8.0), idle=60, last_used=100.0)
-    d = decide("x", gb(5.0), gb(5.0), [large, small])
+    small = Resident("small", gib(2.0), idle=60, last_used=100.0)
+    large = Resident("large", gib(8.0), idle=60, last_used=100.0)
+    d = decide("x", gib(5.0), gib(5.0), [large, small])
     assert d.victims == (small,)
 
 
 def test_max_loaded_models_evicts_to_make_a_slot() -> None:
-    a = Resident("a", gb(1.0), idle=60, last_used=1.0)
-    b = Resident("b", gb(1.0), idle=60, last_used=2.0)
-    d = decide("c", gb(1.0), gb(100.0), [a, b], max_loaded=2)
+    a = Resident("a", gib(1.0), idle=60, last_used=1.0)
+    b = Resident("b", gib(1.0), idle=60, last_used=2.0)
+    d = decide("c", gib(1.0), gib(100.0), [a, b], max_loaded=2)
     assert d.verdict is Verdict.EVICT and d.victims == (a,)
     assert "2 models loaded, max_loaded_models is 2" in d.message
 
 
 def test_floor_protects_small_models() -> None:
-    tiny = Resident("tiny", gb(0.3), idle=9999)
-    d = decide("x", gb(10.0), gb(12.0) - 1, [tiny], floor=gb(0.5))
+    tiny = Resident("tiny", gib(0.3), idle=9999)
+    d = decide("x", gib(10.0), gib(12.0) - 1, [tiny], floor=gib(0.5))
     assert d.verdict is Verdict.REJECT and "tiny pinned or below evict_floor" in d.message
 
 
 def test_restarting_model_does_not_count_itself() -> None:
-    d = decide("a", gb(1.0), gb(2.0), [Resident("a", gb(1.0), idle=None)], max_loaded=1)
+    d = decide("a", gib(1.0), gib(2.0), [Resident("a", gib(1.0), idle=None)], max_loaded=1)
     assert d.verdict is Verdict.LOAD
 
 
 def test_pressure_stops_idle_models_until_below_critical() -> None:
-    total = gb(24.0)
-    residents = [Resident("busy", gb(6.0), idle=None), Resident("old", gb(3.0), idle=60,
-                 last_used=1.0), Resident("new", gb(3.0), idle=60, last_used=2.0)]
-    assert pressure_victims(gb(21.0), total, 0.9, residents) == []
-    assert [r.name for r in pressure_victims(gb(22.0), total, 0.9, residents)] == ["old"]
-    assert [r.name for r in pressure_victims(gb(24.0), total, 0.8, residents)] == ["old", "new"]
+    total = gib(24.0)
+    residents = [Resident("busy", gib(6.0), idle=None), Resident("old", gib(3.0), idle=60,
+                 last_used=1.0), Resident("new", gib(3.0), idle=60, last_used=2.0)]
+    assert pressure_victims(gib(21.0), total, 0.9, residents) == []
+    assert [r.name for r in pressure_victims(gib(22.0), total, 0.9, residents)] == ["old"]
+    assert [r.name for r in pressure_victims(gib(24.0), total, 0.8, residents)] == ["old", "new"]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from jeepney import DBusAddress, Parser, new_error, new_method_return, new_signal
 
-from hoshikage_sd import bus
+from hoshikage_sd.sd import bus
 
 UNIT_PATH = DBusAddress("/org/freedesktop/systemd1/unit/x",
                         interface="org.freedesktop.DBus.Properties")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import config
-from hoshikage_sd.config import Config, ConfigError, Model, parse_duration
+from hoshikage_sd import manifest as config
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config, ConfigError, Model, parse_duration
+from hoshikage_sd.resolve import resolve
 
 
 @pytest.fixture
@@ -137,42 +138,42 @@ def two_models(default: str | None = None) -> Config:
 
 def test_resolve_exact_name_and_alias() -> None:
     cfg = two_models()
-    assert cfg.resolve("tiny") is cfg.models["tiny"]
-    assert cfg.resolve("big") is cfg.models["big"]
-    assert cfg.resolve("small") is cfg.models["tiny"]
-    assert cfg.resolve("t") is cfg.models["tiny"]
-    assert cfg.resolve("large") is cfg.models["big"]
+    assert resolve(cfg, "tiny") is cfg.models["tiny"]
+    assert resolve(cfg, "big") is cfg.models["big"]
+    assert resolve(cfg, "small") is cfg.models["tiny"]
+    assert resolve(cfg, "t") is cfg.models["tiny"]
+    assert resolve(cfg, "large") is cfg.models["big"]
 
 
 def test_resolve_unknown_is_none() -> None:
     cfg = two_models(default="big")
-    assert cfg.resolve("huge") is None
-    assert cfg.resolve("tiny ") is None
-    assert cfg.resolve("bigger") is None  # partial means the request's name is part of one
+    assert resolve(cfg, "huge") is None
+    assert resolve(cfg, "tiny ") is None
+    assert resolve(cfg, "bigger") is None  # partial means the request's name is part of one
 
 
 def test_resolve_no_name_uses_default_model() -> None:
     cfg = two_models(default="big")
-    assert cfg.resolve(None) is cfg.models["big"]
-    assert cfg.resolve("") is cfg.models["big"]
+    assert resolve(cfg, None) is cfg.models["big"]
+    assert resolve(cfg, "") is cfg.models["big"]
 
 
 def test_resolve_no_name_without_default_is_none_when_several_models() -> None:
     cfg = two_models()
-    assert cfg.resolve(None) is None
-    assert cfg.resolve("") is None
+    assert resolve(cfg, None) is None
+    assert resolve(cfg, "") is None
 
 
 def test_resolve_sole_model_is_the_default() -> None:
     only = Model("only", Path("/m/only.gguf"))
     cfg = Config(source=Path("/m.yaml"), models={"only": only})
-    assert cfg.resolve(None) is only
-    assert cfg.resolve("") is only
-    assert cfg.resolve("other") is None
+    assert resolve(cfg, None) is only
+    assert resolve(cfg, "") is only
+    assert resolve(cfg, "other") is None
 
 
 def test_resolve_with_no_models() -> None:
-    assert Config(source=Path("/m.yaml")).resolve(None) is None
+    assert resolve(Config(source=Path("/m.yaml")), None) is None
 
 
 # -- parse_duration ------------------------------------------------------------------------
@@ -469,7 +470,7 @@ def test_numeric_looking_names_are_kept_as_written(tmp_path: Path, gguf: Path) -
     model = cfg.models["1.10"]
     assert model.name == "1.10"
     assert model.aliases == ("3.10", "010")
-    assert cfg.resolve("3.10") is model
+    assert resolve(cfg, "3.10") is model
 
 
 def test_numeric_args_are_kept_as_written(tmp_path: Path, gguf: Path) -> None:

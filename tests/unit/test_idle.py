@@ -1,15 +1,16 @@
-"""hoshikage_sd.idle: how long a model has been idle, and whether its TTL has run out."""
+"""runtime.idle_seconds and the idle watch: idle time, and whether the TTL has run out."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.idle import idle_seconds, pid_alive, should_stop
-from hoshikage_sd.state import Activity
+from hoshikage_sd.runtime import Activity, Running, Runtime, idle_seconds
+from hoshikage_sd.watch.idle import should_stop
 
 READY = 1_000_000.0  # wall-clock time the model became ready
 TTL = 600.0
@@ -78,8 +79,16 @@ def test_should_stop(idle: float | None, ttl: float, stop: bool) -> None:
     assert should_stop(idle, ttl) is stop
 
 
-def test_pid_alive() -> None:
-    assert pid_alive(os.getpid()) is True
+def test_runtime_idle_seconds_from_its_records(tmp_path: Path) -> None:
+    """One answer for the idle watch, admission and status: busy while the router that
+    counted a request in flight lives, idle once it is gone; None before the model serves."""
+    runtime = Runtime(tmp_path)
+    assert runtime.idle_seconds("tiny", READY + 5) is None  # not serving yet
+    runtime.set_running("tiny", Running(pid=1, staged="/x", started=READY))
+    assert runtime.idle_seconds("tiny", READY + 5) == 5.0
+    runtime.set_activity("tiny", Activity(1, READY + 2, os.getpid()))
+    assert runtime.idle_seconds("tiny", READY + 5) is None  # our (live) router is busy
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    assert pid_alive(child.pid) is False
+    runtime.set_activity("tiny", Activity(1, READY + 2, child.pid))
+    assert runtime.idle_seconds("tiny", READY + 5) == 3.0  # its router died mid-request

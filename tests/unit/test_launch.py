@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import launch
-from hoshikage_sd.config import NAME_RE
+from hoshikage_sd import protocol
+from hoshikage_sd.manifest import NAME_RE
+from hoshikage_sd.model_unit import install, launch
 from tests.support import LAUNCHERS, make_launcher
 
 ARGV = ["/usr/bin/llama-server", "-m", "/mnt/hoshikage/tiny.gguf", "--host",
@@ -21,36 +22,36 @@ ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "ODD": "x=y"}
 
 
 def test_ticket_round_trip_and_taken_once(tmp_path: Path) -> None:
-    launch.write_ticket(str(tmp_path), "tiny", "/run/hoshikage/tiny.sock", "/v1/models", ENV,
+    protocol.write_ticket(str(tmp_path), "tiny", "/run/hoshikage/tiny.sock", "/v1/models", ENV,
                         ARGV)
-    ticket = launch.take_ticket(str(tmp_path), "tiny")
+    ticket = protocol.take_ticket(str(tmp_path), "tiny")
     assert ticket.socket == b"/run/hoshikage/tiny.sock"
     assert ticket.health == "/v1/models"
     assert ticket.env == {k.encode(): v.encode() for k, v in ENV.items()}
     assert ticket.argv == [a.encode() for a in ARGV]  # spaces, newlines, "" survive
     with pytest.raises(ValueError, match="no ticket"):
-        launch.take_ticket(str(tmp_path), "tiny")
+        protocol.take_ticket(str(tmp_path), "tiny")
     assert list((tmp_path / "launch").iterdir()) == []
 
 
 def test_stale_or_foreign_ticket_is_refused(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    launch.write_ticket(str(tmp_path), "tiny", "/s", "/health", ENV, ARGV)
-    later = time.monotonic() + launch.TICKET_TTL + 1
+    protocol.write_ticket(str(tmp_path), "tiny", "/s", "/health", ENV, ARGV)
+    later = time.monotonic() + protocol.TICKET_TTL + 1
     monkeypatch.setattr(launch.time, "monotonic", lambda: later)
     with pytest.raises(ValueError, match="stale"):
-        launch.take_ticket(str(tmp_path), "tiny")
+        protocol.take_ticket(str(tmp_path), "tiny")
     monkeypatch.undo()
     (tmp_path / "launch" / "tiny").write_bytes(b"something else\0" + b"1e99\0/s\0/health\0\0"
                                                b"/bin/true")
     with pytest.raises(ValueError, match="not a launch ticket"):
-        launch.take_ticket(str(tmp_path), "tiny")
+        protocol.take_ticket(str(tmp_path), "tiny")
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen3-8b", "a.b_c:d", "x" * 100, "", ".hidden",
                                   "../etc", "a/b", "-rf", "x" * 101, "név", "a b", "a\0b"])
 def test_valid_name_is_the_manifest_rule(name: str) -> None:
-    assert launch.valid_name(name) == bool(NAME_RE.match(name))
+    assert protocol.valid_name(name) == bool(NAME_RE.match(name))
 
 
 def test_unsafe_name_never_reaches_a_path(tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ def test_launch_spawns_with_ticket_env_and_removes_stale_socket(tmp_path: Path) 
     out = tmp_path / "out"
     stale = tmp_path / "tiny.sock"
     stale.touch()
-    launch.write_ticket(str(tmp_path), "tiny", str(stale), "/health",
+    protocol.write_ticket(str(tmp_path), "tiny", str(stale), "/health",
                         {"PATH": "/usr/bin:/bin", "K": "v"},
                         ["sh", "-c", f'echo "$K $0" > {out}; exit 3', "arg0"])
     started = launch.launch("tiny", str(tmp_path))  # returns when the child has exited
@@ -99,13 +100,13 @@ def test_probe_reads_the_status_line(tmp_path: Path) -> None:
                                                   b"HTTP/1.1 200 OK\r\nX: y\r\n\r\n{}",
                                                   b"garbage"))
     thread.start()
-    assert launch.probe(path) == 503
-    assert launch.probe(path.encode(), "/v1/models") == 200
-    assert launch.probe(path) is None
+    assert protocol.probe(path) == 503
+    assert protocol.probe(path.encode(), "/v1/models") == 200
+    assert protocol.probe(path) is None
     thread.join(5)
     server.close()
     assert requests[1].startswith(b"GET /v1/models HTTP/1.0\r\n")
-    assert launch.probe(str(tmp_path / "absent.sock")) is None
+    assert protocol.probe(str(tmp_path / "absent.sock")) is None
 
 
 SPIN = "import time\nend = time.monotonic() + {busy}\nwhile time.monotonic() < end: pass\n"
@@ -176,9 +177,9 @@ def test_launch_tells_router_and_systemd_then_waits_for_the_first_answer(
     notify.settimeout(0)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     router = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    router.bind(str(tmp_path / launch.ROUTER_SOCKET))
+    router.bind(str(tmp_path / protocol.ROUTER_SOCKET))
     router.settimeout(0)
-    launch.write_ticket(str(tmp_path), "tiny", str(sock), "/health", {},
+    protocol.write_ticket(str(tmp_path), "tiny", str(sock), "/health", {},
                         [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0.6"])
     started = launch.launch("tiny", str(tmp_path))
     assert started is not None
@@ -203,28 +204,21 @@ def imports(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]
                     if line.startswith("import time:") and "|" in line} - {"imported package"}
 
 
-@pytest.mark.parametrize("how", ["script", "stub"])
-def test_launcher_imports_only_what_the_interpreter_has_built_in(tmp_path: Path,
-                                                                 how: str) -> None:
-    """Run as the unit runs it (-I -S), as this file or as the installers' stub: no module
-    from site-packages or the stdlib beyond the interpreter's own start-up set, which is
-    what keeps it at a few ms cold."""
-    with open(launch.__file__) as f:
-        assert f.readline().strip() == "#!/usr/bin/python3 -IS"
-    if how == "stub":
-        stub = tmp_path / "bin" / "hoshikage-launch"
-        stub.parent.mkdir()
-        launch.write_stub(str(stub), str(Path(launch.__file__).parents[1]))
-        assert os.access(stub, os.X_OK)
-        assert stub.read_text().startswith("#!/usr/bin/python3 -IS\n")
-        argv = [str(stub)]
-    else:
-        argv = [launch.__file__]
-    result, imported = imports(argv)
+def test_launcher_imports_only_what_the_interpreter_has_built_in(tmp_path: Path) -> None:
+    """Run as the unit runs the installers' stub (-I -S): no module from site-packages or
+    the stdlib beyond the interpreter's own start-up set, but the launcher and the protocol
+    module (whose bytecode is cached), which is what keeps it at a few ms cold."""
+    stub = tmp_path / "bin" / "hoshikage-launch"
+    stub.parent.mkdir()
+    install.write_stub(str(stub), str(Path(launch.__file__).parents[2]))
+    assert os.access(stub, os.X_OK)
+    assert stub.read_text().startswith("#!/usr/bin/python3 -IS\n")
+    result, imported = imports([str(stub)])
     assert result.returncode == 2 and "usage: hoshikage-launch NAME" in result.stderr
-    if how == "stub":  # the module itself, whose bytecode is cached, not a copy of it
-        assert {"hoshikage_sd", "hoshikage_sd.launch"} <= imported
-        imported -= {"hoshikage_sd", "hoshikage_sd.launch"}
+    ours = {"hoshikage_sd", "hoshikage_sd.model_unit", "hoshikage_sd.model_unit.launch",
+            "hoshikage_sd.protocol"}
+    assert ours <= imported
+    imported -= ours
     _, allowed = imports(["-c", "import _signal, _socket, os, sys, time"])
     assert imported and imported <= allowed, imported - allowed
 
@@ -278,7 +272,7 @@ def test_both_launchers_spawn_the_ticket_and_hand_its_pid_over(
     stale = tmp_path / "tiny.sock"
     stale.touch()
     before = time.monotonic()
-    launch.write_ticket(str(runtime), "tiny", str(stale), "/health",
+    protocol.write_ticket(str(runtime), "tiny", str(stale), "/health",
                         {"PATH": "/usr/bin:/bin", "K": "v=w"},
                         ["sh", "-c", f'printf "%s|" "$K" "$0" "$@" > {out}', "arg0", "a b\nc",
                          ""])
@@ -314,7 +308,7 @@ def test_both_launchers_pass_a_stop_on_while_the_server_loads(
     # a "server" that never answers /health, as llama-server while it loads
     server_argv = ([sys.executable, "-c", HANGS_ON_FIRST_SIGTERM, str(pid_file)] if hangs
                    else ["sh", "-c", f'echo $$ > {pid_file}; exec sleep 60'])
-    launch.write_ticket(str(runtime), "tiny", str(tmp_path / "tiny.sock"), "/health",
+    protocol.write_ticket(str(runtime), "tiny", str(tmp_path / "tiny.sock"), "/health",
                         {"PATH": "/usr/bin:/bin"}, server_argv)
     process = subprocess.Popen([str(launcher), "tiny"], stderr=subprocess.PIPE,
                                env={"PATH": "/usr/bin:/bin", "RUNTIME_DIRECTORY": str(runtime)})
@@ -326,10 +320,10 @@ def test_both_launchers_pass_a_stop_on_while_the_server_loads(
     time.sleep(0.1)  # let the launcher probe a few times
     process.send_signal(signal.SIGTERM)
     stopping = time.monotonic()
-    code = process.wait(launch.STOP_GRACE + 10)
+    code = process.wait(protocol.STOP_GRACE + 10)
     assert code == 0, process.stderr.read() if process.stderr else ""
     # one that hangs gets a second SIGTERM after STOP_GRACE
-    assert (time.monotonic() - stopping >= launch.STOP_GRACE) == hangs
+    assert (time.monotonic() - stopping >= protocol.STOP_GRACE) == hangs
     with pytest.raises(ProcessLookupError):
         os.kill(server, 0)  # stopped and reaped by the launcher
     assert not args.exists()  # and it did not go on to the activator

@@ -24,7 +24,8 @@ def run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    paths = [p for p in ("hoshikage_sd", "tests", "tools", "bench") if (ROOT / p).exists()]
+    paths = [p for p in ("hoshikage_sd", "testbed", "tests", "tools", "bench")
+             if (ROOT / p).exists()]
     result = run_tool("ruff", "check", "--no-cache", *paths)
     if result.returncode != 0:
         pytest.fail(f"ruff check failed:\n{result.stdout}{result.stderr}", pytrace=False)

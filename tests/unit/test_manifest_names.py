@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.config import AmbiguousModel, ConfigError, parse, parse_size
+from hoshikage_sd.manifest import AmbiguousModel, ConfigError, parse, parse_size
+from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.resolve import resolve
 
 
 def cfg(text: str, path: Path = Path("/etc/hoshikage/models.yaml")):  # type: ignore[no-untyped-def]
@@ -46,7 +49,7 @@ def test_explicit_entry_without_path_names_a_scanned_file(sources: tuple[Path, P
             path: {hdd / 'llama-70b.gguf'}
     """)
     assert c.models["llama-70b"].aliases == ("big",) and c.models["llama-70b"].pinned
-    assert c.resolve("big") is c.models["llama-70b"]
+    assert resolve(c, "big") is c.models["llama-70b"]
     with pytest.raises(ConfigError, match=r"models.yaml:4: model 'ghost' has no 'path:'"):
         cfg(f"""
             sources: [{ssd}]
@@ -73,23 +76,27 @@ def two() -> str:
 
 def test_resolution_order_name_alias_tag_partial() -> None:
     c = cfg(two())
-    assert c.resolve("qwen3-32b").name == "qwen3-32b"  # type: ignore[union-attr]
-    assert c.resolve("qwen").name == "qwen3-8b"  # type: ignore[union-attr]  # alias, not partial
-    assert c.resolve("tool").name == "qwen3-8b"  # type: ignore[union-attr]
-    assert c.resolve("GEM").name == "gemma"  # type: ignore[union-attr]  # unique partial
-    assert c.resolve("32").name == "qwen3-32b"  # type: ignore[union-attr]
-    assert c.resolve("llama") is None
+    assert resolve(c, "qwen3-32b").name == "qwen3-32b"  # type: ignore[union-attr]
+    assert resolve(c, "qwen").name == "qwen3-8b"  # type: ignore[union-attr]  # alias, not partial
+    assert resolve(c, "tool").name == "qwen3-8b"  # type: ignore[union-attr]
+    assert resolve(c, "GEM").name == "gemma"  # type: ignore[union-attr]  # unique partial
+    assert resolve(c, "32").name == "qwen3-32b"  # type: ignore[union-attr]
+    assert resolve(c, "llama") is None
 
 
-def test_several_partial_matches_highest_rank_or_409() -> None:
-    c = cfg(two())
-    ranks = {"qwen3-8b": 1.0, "qwen3-32b": 5.0}
-    assert c.resolve("qwen3", ranks.__getitem__).name == "qwen3-32b"  # type: ignore[union-attr]
-    ranks["qwen3-8b"] = 9.0
-    assert c.resolve("qwen3", ranks.__getitem__).name == "qwen3-8b"  # type: ignore[union-attr]
+def test_several_partial_matches_highest_rank_from_the_stats_file_or_409(
+        tmp_path: Path) -> None:
+    c = dataclasses.replace(cfg(two()), state_dir=tmp_path)
+    stats = StatsFile(tmp_path)
+    assert resolve(c, "qwen3").name == "qwen3-8b"  # type: ignore[union-attr]  # no stats: name
+    stats.record_load("qwen3-32b")
+    assert resolve(c, "qwen3").name == "qwen3-32b"  # type: ignore[union-attr]
+    for _ in range(2):
+        stats.record_load("qwen3-8b")
+    assert resolve(c, "qwen3").name == "qwen3-8b"  # type: ignore[union-attr]
     strict = cfg("strict_names: true\n" + textwrap.dedent(two()))
     with pytest.raises(AmbiguousModel) as exc:
-        strict.resolve("qwen3")
+        resolve(strict, "qwen3")
     assert exc.value.candidates == ["qwen3-32b", "qwen3-8b"]
 
 
@@ -166,3 +173,18 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_the_cli_and_the_router_resolve_a_name_alike(tmp_path: Path) -> None:
+    """`hoshikage load qwen` and a request for "qwen" start the same model: the one the
+    usage statistics rank highest (before, the CLI took the last by name)."""
+    from hoshikage_sd.commands import manual
+
+    c = dataclasses.replace(cfg("""
+        models:
+          qwen-a: {path: /m/a.gguf}
+          qwen-b: {path: /m/b.gguf}
+    """), state_dir=tmp_path)
+    StatsFile(tmp_path).record_load("qwen-a")
+    assert manual.find(c, "qwen").name == "qwen-a"
+    assert resolve(c, "qwen").name == "qwen-a"  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from hoshikage_sd import memory
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.gguf import GGUFInfo, TensorInfo
 from hoshikage_sd.memory import Estimate, LoadParams, estimate, load_params
+from testbed.estimate import within
 
 MiB = 1 << 20
 
@@ -224,12 +225,12 @@ def test_estimate_adds_up_and_knows_the_prompt_cache() -> None:
     unlimited = estimate(G1, load_params(G1, ["-c", "4096", "-cram", "-1"]))
     assert unlimited.prompt_cache == e.kv_cache  # then llama-server keeps n_ctx tokens
     # measured for this case: 1365.8 MiB (docs/memory.md)
-    assert memory.within(e.total, int(1365.8 * MiB))
+    assert within(e.total, int(1365.8 * MiB))
 
 
 def test_within() -> None:
-    assert memory.within(110 * MiB, 100 * MiB, floor=0)
-    assert not memory.within(112 * MiB, 100 * MiB, floor=0)
-    assert memory.within(1 * MiB, 60 * MiB)          # small models: the absolute floor
-    assert not memory.within(2000 * MiB, 1700 * MiB)
+    assert within(110 * MiB, 100 * MiB, floor=0)
+    assert not within(112 * MiB, 100 * MiB, floor=0)
+    assert within(1 * MiB, 60 * MiB)          # small models: the absolute floor
+    assert not within(2000 * MiB, 1700 * MiB)
     assert Estimate(1, 2, 3, 4).total == 10

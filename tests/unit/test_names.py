@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import names
-from hoshikage_sd.config import Config, parse
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config, names, parse
+from hoshikage_sd.resolve import resolve
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def test_add_alias_and_move_a_tag(config: Config) -> None:
     assert names.add_alias(config, "gemma", "g") == "alias 'g' → gemma"
     assert names.set_tag(config, "tool", "gemma") == "tag 'tool' → gemma"
     effective = names.effective(config)
-    assert effective.resolve("g").name == "gemma"  # type: ignore[union-attr]
-    assert effective.resolve("tool").name == "gemma"  # type: ignore[union-attr]
+    assert resolve(effective, "g").name == "gemma"  # type: ignore[union-attr]
+    assert resolve(effective, "tool").name == "gemma"  # type: ignore[union-attr]
     assert effective.models["qwen"].tags == ()  # the tag moved: one model at a time
     assert effective.models["qwen"].aliases == ("q",)
     data = json.loads(names.path(config).read_text())
@@ -75,7 +75,7 @@ def test_clash_after_manifest_edit_is_a_warning(config: Config, tmp_path: Path) 
             path: /m/g.gguf
     """), tmp_path / "models.yaml")
     effective = names.effective(edited)
-    assert effective.resolve("g").name == "qwen"  # type: ignore[union-attr]  # manifest wins
+    assert resolve(effective, "g").name == "qwen"  # type: ignore[union-attr]  # manifest wins
     assert any("alias 'g' for 'gemma' skipped: name taken" in w for w in effective.warnings)
 
 

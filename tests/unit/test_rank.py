@@ -11,20 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.rank import (
-    DAY,
-    KEEP_USES,
-    Action,
-    CachePolicy,
-    CacheState,
-    Candidate,
-    ModelStats,
-    StatsFile,
-    Use,
-    Weights,
-    plan_cache,
-    rank,
-)
+from hoshikage_sd.manifest import CachePolicy, Weights
+from hoshikage_sd.manifest.model import DAY
+from hoshikage_sd.policy.cacheplan import Action, CacheState, Candidate, plan_cache
+from hoshikage_sd.policy.rank import KEEP_USES, ModelStats, Use, rank
+from hoshikage_sd.policy.stats import StatsFile
 
 NOW = 1_800_000_000.0
 GB = 1 << 30

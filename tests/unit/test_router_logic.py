@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import first_request, launch
-from hoshikage_sd.first_request import model_name_of
-from hoshikage_sd.release import reason_for
-from hoshikage_sd.router import Announcements
-from hoshikage_sd.state import Activity, Running, Runtime, write_atomic
+from hoshikage_sd import protocol
+from hoshikage_sd.model_unit.release import reason_for
+from hoshikage_sd.router import first_request
+from hoshikage_sd.router.first_request import model_name_of
+from hoshikage_sd.router.server import Announcements
+from hoshikage_sd.runtime import Activity, Running, Runtime, write_atomic
 
 # -- router.model_name_of ------------------------------------------------------------------
 
@@ -67,22 +68,22 @@ def test_unicode_model_name() -> None:
 
 def test_a_unit_announcing_its_model_wakes_the_start_waiting_for_it(tmp_path: Path) -> None:
     async def scenario() -> None:
-        (tmp_path / launch.ROUTER_SOCKET).write_text("a router before this one's")
+        (tmp_path / protocol.ROUTER_SOCKET).write_text("a router before this one's")
         announcements = Announcements(tmp_path)
         announcements.open()
         assert announcements.listening
-        socket_file = tmp_path / launch.ROUTER_SOCKET
+        socket_file = tmp_path / protocol.ROUTER_SOCKET
         assert stat.S_ISSOCK(socket_file.stat().st_mode)
         assert stat.S_IMODE(socket_file.stat().st_mode) == 0o600
         tiny, other = announcements.expect("tiny"), announcements.expect("other")
-        assert launch.tell_router(str(tmp_path), "nobody-waits")  # ignored
-        assert launch.tell_router(str(tmp_path), "tiny")
+        assert protocol.tell_router(str(tmp_path), "nobody-waits")  # ignored
+        assert protocol.tell_router(str(tmp_path), "tiny")
         await asyncio.wait_for(tiny.wait(), 2)
         assert not other.is_set()
         assert not announcements.expect("tiny").is_set()  # the next start waits afresh
         announcements.close()
         assert not socket_file.exists()
-        assert not launch.tell_router(str(tmp_path), "tiny")  # nobody listens: no error
+        assert not protocol.tell_router(str(tmp_path), "tiny")  # nobody listens: no error
 
     asyncio.run(scenario())
 
@@ -261,8 +262,8 @@ def test_first_request_peek_waits_for_the_body_and_leaves_it_unread() -> None:
 
 def test_router_does_not_start_again_what_first_request_started(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hoshikage_sd import router as router_module
-    from hoshikage_sd.config import Config, Model
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.router import server as router_module
 
     started: list[str] = []
     monkeypatch.setattr(router_module.systemd, "start_unit", started.append)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import cli, simulate
+from hoshikage_sd import cli
+from hoshikage_sd.commands import simulate
+from hoshikage_sd.commands.simulate import ScenarioError
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.simulate import ScenarioError
 from tests.support import REPO_ROOT
 
 BUILTINS = simulate.builtin_names()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import store
+from hoshikage_sd import fmt
+from hoshikage_sd import staging as store
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.store import Store
+from hoshikage_sd.staging import Store
 
 NAME = "tiny"
 
@@ -356,4 +357,4 @@ def test_two_processes_racing_copy_once(tmp_path: Path, ramdisk: Path) -> None:
     (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB"), (2 << 40, "2.0 TiB"), (5000 << 40, "5000.0 TiB"),
 ])
 def test_human(n: int, text: str) -> None:
-    assert store.human(n) == text
+    assert fmt.size(n) == text

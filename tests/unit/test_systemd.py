@@ -1,11 +1,10 @@
-"""hoshikage_sd.systemd: unit-name escaping, sd_notify, the journal protocol, LISTEN_FDS."""
+"""hoshikage_sd.sd: unit-name escaping (units.py), sd_notify and LISTEN_FDS (daemon.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import systemd
+from hoshikage_sd.sd import daemon
+from hoshikage_sd.sd import units as systemd
 
 NAMES = ["tiny", "qwen3:8b", "a-b", "a/b", ".hidden", "ünï", "a b", "../x", "a.b.", "x_y",
          "gemma-3-4b-it.Q4_K_M", "a\\b", "-", "tab\there", "日本語"]
@@ -88,18 +88,18 @@ def dgram_listener(path: Path) -> socket.socket:
 
 def test_notify_without_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert systemd.notify(READY=1) is False
+    assert daemon.notify(READY=1) is False
     monkeypatch.setenv("NOTIFY_SOCKET", "")
-    assert systemd.notify(READY=1) is False
+    assert daemon.notify(READY=1) is False
 
 
 def test_notify_delivers_fields(monkeypatch: pytest.MonkeyPatch, short_dir: Path) -> None:
     path = short_dir / "notify"
     with dgram_listener(path) as listener:
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        assert systemd.notify(READY=1, STATUS="x") is True
+        assert daemon.notify(READY=1, STATUS="x") is True
         assert listener.recv(4096) == b"READY=1\nSTATUS=x"
-        assert systemd.notify(STATUS="staging tiny: 1.0 MiB of 2.0 MiB (50%)",
+        assert daemon.notify(STATUS="staging tiny: 1.0 MiB of 2.0 MiB (50%)",
                               EXTEND_TIMEOUT_USEC=30_000_000) is True
         assert listener.recv(4096) == \
             b"STATUS=staging tiny: 1.0 MiB of 2.0 MiB (50%)\nEXTEND_TIMEOUT_USEC=30000000"
@@ -111,63 +111,14 @@ def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
         listener.bind("\0" + name)
         listener.settimeout(5)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        assert systemd.notify(STOPPING=1) is True
+        assert daemon.notify(STOPPING=1) is True
         assert listener.recv(4096) == b"STOPPING=1"
 
 
 def test_notify_to_a_dead_socket_is_false(monkeypatch: pytest.MonkeyPatch,
                                           short_dir: Path) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "nobody"))
-    assert systemd.notify(READY=1) is False
-
-
-# -- journal native protocol ---------------------------------------------------------------
-
-def test_journal_send_plain_fields(short_dir: Path) -> None:
-    path = short_dir / "journal"
-    with dgram_listener(path) as listener:
-        assert systemd.journal_send({"MESSAGE": "ready", "PRIORITY": 6,
-                                     "HOSHIKAGE_MODEL": "qwen3:8b", "SKIPPED": None},
-                                    socket_path=str(path)) is True
-        assert listener.recv(65536) == \
-            b"MESSAGE=ready\nPRIORITY=6\nHOSHIKAGE_MODEL=qwen3:8b\n"
-
-
-def test_journal_send_multiline_value_uses_length_prefix(short_dir: Path) -> None:
-    path = short_dir / "journal"
-    value = "Traceback:\n  line 1\nboom=yes ünï"
-    data = value.encode()
-    with dgram_listener(path) as listener:
-        assert systemd.journal_send({"MESSAGE": value, "PRIORITY": 3},
-                                    socket_path=str(path)) is True
-        payload = listener.recv(65536)
-    assert payload == (b"MESSAGE\n" + struct.pack("<Q", len(data)) + data + b"\n"
-                       + b"PRIORITY=3\n")
-    assert parse_journal(payload) == {"MESSAGE": value, "PRIORITY": "3"}
-
-
-def test_journal_send_without_journald(short_dir: Path) -> None:
-    assert systemd.journal_send({"MESSAGE": "x"}, socket_path=str(short_dir / "none")) is False
-
-
-def parse_journal(payload: bytes) -> dict[str, str]:
-    """A reader of journald's native protocol, as journald parses it."""
-    fields: dict[str, str] = {}
-    pos = 0
-    while pos < len(payload):
-        end = payload.index(b"\n", pos)
-        line = payload[pos:end]
-        if b"=" in line:
-            key, _, value = line.partition(b"=")
-            pos = end + 1
-        else:
-            key = line
-            (length,) = struct.unpack("<Q", payload[end + 1 : end + 9])
-            value = payload[end + 9 : end + 9 + length]
-            assert payload[end + 9 + length : end + 10 + length] == b"\n"
-            pos = end + 10 + length
-        fields[key.decode()] = value.decode()
-    return fields
+    assert daemon.notify(READY=1) is False
 
 
 # -- LISTEN_FDS ----------------------------------------------------------------------------
@@ -176,7 +127,7 @@ def test_listen_fds_for_another_pid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
     monkeypatch.setenv("LISTEN_FDS", "1")
     monkeypatch.setenv("LISTEN_FDNAMES", "hoshikage.socket")
-    assert systemd.listen_fds() == []
+    assert daemon.listen_fds() == []
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         assert key not in os.environ
 
@@ -184,7 +135,7 @@ def test_listen_fds_for_another_pid(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_listen_fds_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         monkeypatch.delenv(key, raising=False)
-    assert systemd.listen_fds() == []
+    assert daemon.listen_fds() == []
 
 
 def test_listen_fds_for_us(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,7 +150,7 @@ def test_listen_fds_for_us(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
         monkeypatch.setenv("LISTEN_FDS", "1")
         monkeypatch.setenv("LISTEN_FDNAMES", "hoshikage.socket")
-        assert systemd.listen_fds() == [3]
+        assert daemon.listen_fds() == [3]
         assert os.get_inheritable(3) is False
         assert "LISTEN_PID" not in os.environ and "LISTEN_FDS" not in os.environ
         assert "LISTEN_FDNAMES" not in os.environ

@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 
-from hoshikage_sd import launch, log
-from hoshikage_sd.config import Config
-from hoshikage_sd.rank import StatsFile
-from hoshikage_sd.state import Runtime
-from hoshikage_sd.store import Store, human
+from hoshikage_sd import fmt, log, protocol
+from hoshikage_sd.manifest import Config
+from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.staging import Store
 
 
 def reason_for(stop_reason: str | None, result: str | None, code: str | None,
@@ -38,7 +38,7 @@ def main(config: Config, name: str) -> int:
         runtime.clear(kind, name)
     # A ticket written while this unit was still stopping must not outlive its copy.
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(launch.ticket_path(str(config.runtime_dir), name))
+        os.unlink(protocol.ticket_path(str(config.runtime_dir), name))
     pid = running.pid if running else None
     if running is not None:
         try:
@@ -46,7 +46,7 @@ def main(config: Config, name: str) -> int:
         except OSError as exc:
             log.log.warning("cannot record %s's runtime: %s", name, exc)
     log.event("released", name,
-              f"released {name}: {reason}; freed {human(freed)} of RAM disk"
+              f"released {name}: {reason}; freed {fmt.size(freed)} of RAM disk"
               + (f"; llama-server pid was {pid}" if pid else ""),
               pid=pid, reason=reason, bytes_freed=freed, service_result=result,
               exit_code=code, exit_status=status)

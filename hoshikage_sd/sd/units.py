@@ -1,58 +1,14 @@
-"""Small, dependency-free speakers of systemd's protocols.
+"""hoshikage's units as PID 1 knows them: names (escaped), states, start and stop.
 
-python-systemd would do, but its listen_fds() leaves LISTEN_* in os.environ for children to
-inherit and costs an import on the cold-start path; these protocols are a few lines each.
+D-Bus (bus.py) first: no systemctl fork on a cold start; systemctl where the bus is not there.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
-from collections.abc import Mapping
-
-from hoshikage_sd import launch, proc
+from hoshikage_sd import proc
 from hoshikage_sd.errors import die
 
-SD_LISTEN_FDS_START = 3
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MODEL_UNIT_PREFIX = "hoshikage-model@"
-
-
-def listen_fds() -> list[int]:
-    """The sockets systemd passed us (sd_listen_fds), with LISTEN_* removed from os.environ."""
-    pid = os.environ.pop("LISTEN_PID", None)
-    count = os.environ.pop("LISTEN_FDS", None)
-    os.environ.pop("LISTEN_FDNAMES", None)
-    if pid is None or count is None or int(pid) != os.getpid():
-        return []
-    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    return fds
-
-
-def notify(**fields: str | int) -> bool:
-    """sd_notify: notify(READY=1, STATUS="..."). False when not run by systemd."""
-    return launch.notify("\n".join(f"{k}={v}" for k, v in fields.items()).encode())
-
-
-def _journal_field(key: str, value: str) -> bytes:
-    data = value.encode("utf-8", "replace")
-    if b"\n" in data:
-        return key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-    return key.encode() + b"=" + data + b"\n"
-
-
-def journal_send(fields: Mapping[str, object], socket_path: str = JOURNAL_SOCKET) -> bool:
-    """Send one structured entry over journald's native protocol. False without journald."""
-    payload = b"".join(_journal_field(k, str(v)) for k, v in fields.items() if v is not None)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.sendto(payload, socket_path)
-        except OSError:
-            return False
-    return True
 
 
 def escape(text: str) -> str:
@@ -95,13 +51,13 @@ UP_STATES = ("active", "activating", "deactivating", "reloading")
 
 def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
     """Instance names (unescaped) of model units in one of `states` (default: any but down)."""
-    from hoshikage_sd import bus
+    from hoshikage_sd.sd import bus
 
     pattern = f"{MODEL_UNIT_PREFIX}*.service"
     try:
         units = [(u.name, u.active) for u in bus.list_units([pattern], list(states))]
     except bus.BusUnavailable:
-        out = systemctl("list-units", "--plain", "--no-legend", "--all", pattern, check=False)
+        out = systemctl("list-units", "--plain", "--no-legend", "--all", pattern)
         units = [(p[0], p[2]) for p in (line.split() for line in out.splitlines())
                  if len(p) >= 3]
     return [unescape(unit[len(MODEL_UNIT_PREFIX) : -len(".service")])
@@ -110,7 +66,7 @@ def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
 
 def start_unit(unit: str) -> None:
     """Queue a start job and return without waiting for it (`systemctl start --no-block`)."""
-    from hoshikage_sd import bus
+    from hoshikage_sd.sd import bus
 
     try:
         bus.start_unit(unit)
@@ -122,7 +78,7 @@ def start_unit(unit: str) -> None:
 
 def unit_state(unit: str) -> tuple[str, bool]:
     """(ActiveState, whether a job is pending) of a unit: ('inactive', False) when unknown."""
-    from hoshikage_sd import bus
+    from hoshikage_sd.sd import bus
 
     try:
         state = bus.units([unit])[0]

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from hoshikage_sd import fmt
+
 
 class Verdict(Enum):
     LOAD = "load"      # fits now
@@ -41,21 +43,6 @@ class Decision:
     message: str = ""
 
 
-def gb(n: float) -> str:
-    """Decimal units, as free(1) -h and the issue's examples show memory."""
-    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def ago(seconds: float) -> str:
-    """A span as people read it in logs and `hoshikage status`: 42 s, 14 min, 3 h 5 min."""
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
 def eviction_order(residents: Sequence[Resident], floor: int = 0) -> list[Resident]:
     """Idle, unpinned models at or above the floor: lowest rank, then least recently used,
     then cheapest to load again, first."""
@@ -72,7 +59,7 @@ def decide(name: str, estimate: int, available: int, residents: Sequence[Residen
     take, and within memory_budget). A busy model is never a victim.
     """
     needed = math.ceil(estimate * margin)
-    need = f"needed {gb(needed)} ({gb(estimate)} × {margin:g})"
+    need = f"needed {fmt.size(needed)} ({fmt.size(estimate)} × {margin:g})"
     others = [r for r in residents if r.name != name]
 
     def fits(free: int, count: int) -> bool:
@@ -80,7 +67,7 @@ def decide(name: str, estimate: int, available: int, residents: Sequence[Residen
 
     if fits(available, len(others)):
         return Decision(Verdict.LOAD, needed, available,
-                        message=f"loading {name}: available {gb(available)} >= {need}")
+                        message=f"loading {name}: available {fmt.size(available)} >= {need}")
     victims: list[Resident] = []
     free, count = available, len(others)
     for resident in eviction_order(others, floor):
@@ -89,10 +76,10 @@ def decide(name: str, estimate: int, available: int, residents: Sequence[Residen
         victims.append(resident)
         free += resident.memory
         count -= 1
-    why = (f"available {gb(available)} < {need}" if available < needed
+    why = (f"available {fmt.size(available)} < {need}" if available < needed
            else f"{len(others)} models loaded, max_loaded_models is {max_loaded}")
     if fits(free, count):
-        stops = ", ".join(f"{v.name} ({gb(v.memory)}, idle {ago(v.idle or 0)})"
+        stops = ", ".join(f"{v.name} ({fmt.size(v.memory)}, idle {fmt.ago(v.idle or 0)})"
                           for v in victims)
         return Decision(Verdict.EVICT, needed, available, tuple(victims),
                         f"{why}: stopping {stops}")
@@ -103,7 +90,7 @@ def decide(name: str, estimate: int, available: int, residents: Sequence[Residen
     kept = [r.name for r in others if r.pinned or r.memory < floor]
     most = free + sum(r.memory for r in busy)
     return Decision(Verdict.REJECT, needed, available, (),
-                    f"{name} cannot fit: {need}, but at most {gb(most)} can be freed"
+                    f"{name} cannot fit: {need}, but at most {fmt.size(most)} can be freed"
                     + (f" ({', '.join(kept)} pinned or below evict_floor)" if kept else ""))
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 
-from hoshikage_sd import systemd
-from hoshikage_sd.config import Config, Model
 from hoshikage_sd.errors import die
-from hoshikage_sd.rank import StatsFile
-from hoshikage_sd.state import Runtime
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.resolve import resolve
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import units as systemd
 
 
 def find(config: Config, name: str) -> Model:
-    model = config.resolve(name)
+    model = resolve(config, name)
     if model is None:
         die(f"no model named '{name}'", hint="hoshikage list shows the names")
     return model

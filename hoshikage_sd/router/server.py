@@ -18,19 +18,22 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, UnixConnector, client_exceptions, web
 
-from hoshikage_sd import cache, launch, log, names, proc, residents, systemd
-from hoshikage_sd import config as manifest
-from hoshikage_sd.admission import Verdict
-from hoshikage_sd.config import AmbiguousModel, Config, Model
+from hoshikage_sd import cache, log, manifest, proc, protocol
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.first_request import FirstRequest, forwarded, model_name_of
-from hoshikage_sd.state import Activity, Runtime
-from hoshikage_sd.store import Identity, Store
+from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
+from hoshikage_sd.policy import residents
+from hoshikage_sd.policy.admission import Verdict
+from hoshikage_sd.resolve import resolve
+from hoshikage_sd.router.announcements import Announcements
+from hoshikage_sd.router.first_request import FirstRequest, forwarded, model_name_of
+from hoshikage_sd.runtime import Activity, Runtime
+from hoshikage_sd.sd import daemon
+from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Identity, Store
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -38,6 +41,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 MAX_BODY = 256 << 20
+MODELS_PREFIX = "/v1/models/"
 START_POLL = 0.005  # while a model starts and nobody will say when it serves: probe this often
 UNIT_POLL = 0.25  # ... and how often to ask systemd whether its unit failed
 PROBE_TIMEOUT = 2.0
@@ -53,67 +57,6 @@ class StartFailed(Exception):
 def error(status: int, message: str, kind: str, **headers: str) -> web.Response:
     body = {"error": {"message": message, "type": kind, "code": status}}
     return web.json_response(body, status=status, headers=headers)
-
-
-class Announcements:
-    """Model units saying "it serves now" (launch.tell_router: the model's name in a datagram
-    on a socket in the runtime directory). While a model loads the router waits for that
-    instead of probing its /health every START_POLL: the probes cost ~30 ms of CPU per cold
-    start (measured), CPU that llama-server's load and first answer want."""
-
-    def __init__(self, runtime_dir: Path) -> None:
-        self.path = runtime_dir / launch.ROUTER_SOCKET
-        self.events: dict[str, asyncio.Event] = {}
-        self.sock: socket.socket | None = None
-
-    @property
-    def listening(self) -> bool:
-        return self.sock is not None
-
-    def open(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # a router before this one's
-            umask = os.umask(0o177)  # only root (the model units) may say so
-            try:
-                sock.bind(str(self.path))
-            finally:
-                os.umask(umask)
-        except OSError as exc:
-            sock.close()
-            logger.warning("probing starting models instead: cannot listen on %s: %s",
-                           self.path, exc.strerror)
-            return
-        sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._receive)
-        self.sock = sock
-
-    def _receive(self) -> None:
-        assert self.sock is not None
-        while True:
-            try:
-                name = self.sock.recv(256)
-            except OSError:  # BlockingIOError: all read
-                return
-            event = self.events.get(name.decode(errors="replace"))
-            if event is not None:
-                event.set()
-
-    def expect(self, name: str) -> asyncio.Event:
-        """The event a start of `name` waits on: a new one, so none is left set by an
-        earlier start."""
-        event = self.events[name] = asyncio.Event()
-        return event
-
-    def close(self) -> None:
-        if self.sock is not None:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-            with contextlib.suppress(OSError):
-                self.path.unlink()
 
 
 class Router:
@@ -165,11 +108,6 @@ class Router:
         logger.info("manifest %s reloaded: %d model(s)", config.source, len(config.models))
         self.config = config
 
-    def rank(self, name: str) -> float:
-        """Until usage statistics exist: the most recently used model ranks highest."""
-        activity = self.runtime.activity(name)
-        return activity.last_end if activity else 0.0
-
     # -- model lifecycle ------------------------------------------------------------------
     async def serving(self, model: Model) -> bool:
         """Does the model's llama-server answer its health route with 200 (not 503
@@ -182,8 +120,8 @@ class Router:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 reader, writer = await asyncio.open_unix_connection(str(path))
-                writer.write(launch.probe_request(model.health))
-                return launch.status_of(await reader.readline()) == 200
+                writer.write(protocol.probe_request(model.health))
+                return protocol.status_of(await reader.readline()) == 200
         except (OSError, TimeoutError, ValueError):
             return False
         finally:
@@ -206,10 +144,10 @@ class Router:
                     return False
                 residents.record(name, decision)
                 self.runtime.set_admitted(name, estimate)
-                launch.write_ticket(str(config.runtime_dir), name,
-                                    str(config.socket_path(name)), model.health,
-                                    proc.minimal_env(),
-                                    config.server_argv(model, store.staged(name)))
+                protocol.write_ticket(str(config.runtime_dir), name,
+                                      str(config.socket_path(name)), model.health,
+                                      proc.minimal_env(),
+                                      config.server_argv(model, store.staged(name)))
         except (OSError, HoshikageError) as exc:
             logger.warning("starting %s the slow way: %s", name, exc)
             return False
@@ -291,7 +229,9 @@ class Router:
         self.maybe_reload()
         if not forwarded(request.method, request.path, dict(request.query)):
             if request.path == "/v1/models":
-                return self.list_models()
+                return await self.list_models()
+            if request.path.startswith(MODELS_PREFIX):
+                return await self.show_model(request.path[len(MODELS_PREFIX):])
             return web.json_response({"status": "ok"})
         body = await request.read()
         try:
@@ -299,7 +239,7 @@ class Router:
         except ValueError as exc:
             return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
         try:
-            model = self.config.resolve(name, self.rank)
+            model = resolve(self.config, name)
         except AmbiguousModel as exc:
             return error(409, exc.message + "; name one exactly", "model_ambiguous")
         if model is None:
@@ -349,14 +289,31 @@ class Router:
             await response.write_eof()
         return response
 
-    def list_models(self) -> web.Response:
-        data: list[dict[str, Any]] = []
-        active = self.ready
-        for model in self.config.models.values():
-            data.append({"id": model.name, "object": "model", "owned_by": "hoshikage",
-                         "created": 0, "aliases": list(model.aliases),
-                         "loaded": model.name in active})
-        return web.json_response({"object": "list", "data": data})
+    async def loaded(self) -> set[str]:
+        """Models whose llama-server runs, from the runtime records: the truth after a
+        router restart or an idle stop, which this router's own memory is not."""
+        return await asyncio.to_thread(
+            lambda: {name for name in self.config.models if self.runtime.serving(name)})
+
+    @staticmethod
+    def describe(model: Model, loaded: set[str]) -> dict[str, Any]:
+        return {"id": model.name, "object": "model", "owned_by": "hoshikage", "created": 0,
+                "aliases": list(model.aliases), "loaded": model.name in loaded}
+
+    async def list_models(self) -> web.Response:
+        loaded = await self.loaded()
+        return web.json_response({"object": "list", "data": [
+            self.describe(model, loaded) for model in self.config.models.values()]})
+
+    async def show_model(self, name: str) -> web.Response:
+        """GET /v1/models/{id}: aliases and partial names resolve as in a request."""
+        try:
+            model = resolve(self.config, name) if name else None
+        except AmbiguousModel as exc:
+            return error(409, exc.message + "; name one exactly", "model_ambiguous")
+        if model is None:
+            return error(404, f"model '{name}' is not known", "model_not_found")
+        return web.json_response(self.describe(model, await self.loaded()))
 
     # -- idle exit ------------------------------------------------------------------------
     async def watch_idle(self) -> None:
@@ -367,7 +324,11 @@ class Router:
                 continue
             if time.monotonic() - self.last_activity < self.config.router_idle_exit:
                 continue
-            loaded = await asyncio.to_thread(systemd.active_model_units)
+            try:
+                loaded = set(await asyncio.to_thread(systemd.active_model_units))
+            except HoshikageError as err:  # no systemd to ask (a test bed): the records
+                logger.debug("asking the runtime records what is loaded: %s", err.message)
+                loaded = await self.loaded()
             self.ready.intersection_update(loaded)
             if loaded:
                 continue
@@ -407,11 +368,11 @@ async def serve(config: Config, listen: str | None = None,
         await loop.connect_accepted_socket(runner.server, first.connection)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, router.done.set)
-    systemd.notify(READY=1, STATUS="routing")
+    daemon.notify(READY=1, STATUS="routing")
     idle = asyncio.create_task(router.watch_idle())
     await router.done.wait()
     idle.cancel()
-    systemd.notify(STOPPING=1)
+    daemon.notify(STOPPING=1)
     await runner.cleanup()
     await router.close()
     return 0

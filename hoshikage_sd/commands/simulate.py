@@ -34,7 +34,7 @@ Each step applies its decisions before the next: copy puts the model in the cach
 shrinks), expire takes it out (disk_free grows); copies finish at once. A step in `expect:`
 must match exactly: an action that is not listed is expected for no model, and a model in no
 list is expected to get no decision. A step that differs makes the command exit 1, which is
-what makes the built-in scenarios (hoshikage_sd/scenarios/*.yaml) tests.
+what makes the built-in scenarios (hoshikage_sd/commands/scenarios/*.yaml) tests.
 """
 
 from __future__ import annotations
@@ -49,26 +49,24 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import yaml
 
-from hoshikage_sd.config import CACHE_KEYS, NAME_RE, parse_duration, parse_size
+from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.rank import (
-    DAY,
-    Action,
+from hoshikage_sd.manifest import (
+    NAME_RE,
     CachePolicy,
-    CacheState,
-    Candidate,
-    Decision,
-    ModelStats,
     Weights,
-    plan_cache,
-    rank,
+    parse_duration,
+    parse_size,
 )
-from hoshikage_sd.store import human
-from hoshikage_sd.yamlnodes import NodeReader
+from hoshikage_sd.manifest.model import DAY
+from hoshikage_sd.manifest.nodes import NodeReader
+from hoshikage_sd.manifest.parse import CACHE_FIELDS
+from hoshikage_sd.policy.cacheplan import Action, CacheState, Candidate, Decision, plan_cache
+from hoshikage_sd.policy.rank import ModelStats, rank
 
 T = TypeVar("T")
 
@@ -147,7 +145,7 @@ class StepResult:
 
 # -- loading ----------------------------------------------------------------------------------
 def scenario_dir() -> Traversable:
-    return resources.files("hoshikage_sd").joinpath("scenarios")
+    return resources.files("hoshikage_sd.commands").joinpath("scenarios")
 
 
 def builtin_names() -> list[str]:
@@ -233,17 +231,9 @@ class _Reader(NodeReader):
 
     def policy(self, node: yaml.Node) -> CachePolicy:
         # The manifest's keys, so a cache: section can be pasted in; dir means nothing here.
-        items = self.mapping(node, "cache", CACHE_KEYS)
-        kw: dict[str, Any] = {}
-        for key in ("max_size", "min_free"):
-            if key in items:
-                kw[key] = self.convert(items[key][1], f"cache: {key}", parse_size)
-        if "expire_after" in items:
-            kw["expire_after"] = self.convert(items["expire_after"][1], "cache: expire_after",
-                                              parse_duration)
-        if "min_rank" in items:
-            kw["min_rank"] = self.number(items["min_rank"][1], "cache: min_rank")
-        return CachePolicy(**kw)
+        items = self.mapping(node, "cache", tuple(CACHE_FIELDS))
+        return CachePolicy(**self.fields(
+            items, {k: v for k, v in CACHE_FIELDS.items() if k != "dir"}, "cache: "))
 
     def model(self, knode: yaml.Node, node: yaml.Node) -> SimModel:
         name = str(knode.value) if isinstance(knode, yaml.ScalarNode) else ""
@@ -419,17 +409,8 @@ def span(seconds: float) -> str:
     return sign + "".join(parts)
 
 
-def use_colour(stream: TextIO) -> bool:
-    # https://no-color.org: any non-empty NO_COLOR turns colour off.
-    return stream.isatty() and not os.environ.get("NO_COLOR")
-
-
-def _paint(text: str, code: str, colour: bool) -> str:
-    return f"\033[{code}m{text}\033[0m" if colour else text
-
-
 def _limit(n: int) -> str:
-    return "unlimited" if n >= UNLIMITED else human(n)
+    return "unlimited" if n >= UNLIMITED else fmt.size(n)
 
 
 def render_text(scenario: Scenario, results: Sequence[StepResult], colour: bool) -> str:
@@ -437,35 +418,35 @@ def render_text(scenario: Scenario, results: Sequence[StepResult], colour: bool)
     lines = [f"{scenario.name}: {scenario.description}" if scenario.description
              else scenario.name,
              f"cache: max size {_limit(p.max_size) if p.max_size is not None else 'unlimited'}, "
-             f"min free {human(p.min_free)}, expire after {span(p.expire_after)}, "
+             f"min free {fmt.size(p.min_free)}, expire after {span(p.expire_after)}, "
              f"min rank {p.min_rank:.1f}"]
     width = max((len(m.name) for m in scenario.models), default=0)
     pinned = {m.name for m in scenario.models if m.pinned}
     for r in results:
-        lines += ["", f"step {r.step.label}: the cache holds {human(r.used)}; "
+        lines += ["", f"step {r.step.label}: the cache holds {fmt.size(r.used)}; "
                       f"free on its disk: {_limit(r.free)}"]
         decided = set()
         for d in r.decisions:
             decided.add(d.name)
-            word = _paint(f"{d.action.value:<6}", _COLOURS[d.action], colour)
+            word = fmt.paint(f"{d.action.value:<6}", _COLOURS[d.action], colour)
             # Why a low-ranked model stays: the flags plan_cache was given.
             tags = "".join(f" [{t}]" for t, on in (("loaded", d.name in r.busy),
                                                    ("pinned", d.name in pinned)) if on)
-            lines.append(f"  {word}  {d.name:<{width}}  {human(d.size):>10}  "
+            lines.append(f"  {word}  {d.name:<{width}}  {fmt.size(d.size):>10}  "
                          f"rank {d.rank:7.1f}  {d.reason}{tags}")
         for m in scenario.models:
             if m.name not in decided:
                 facts = ["loaded" if m.name in r.busy else "",
                          "source on the cache's disk" if m.fast else "not cached"]
-                line = (f"  {'-':<6}  {m.name:<{width}}  {human(m.size):>10}  "
+                line = (f"  {'-':<6}  {m.name:<{width}}  {fmt.size(m.size):>10}  "
                         f"rank {r.ranks[m.name]:7.1f}  no decision "
                         f"({', '.join(f for f in facts if f)})")
-                lines.append(_paint(line, _DIM, colour))
-        lines += [_paint(f"  differs from expect: {m}", _RED, colour) for m in r.mismatches]
+                lines.append(fmt.paint(line, _DIM, colour))
+        lines += [fmt.paint(f"  differs from expect: {m}", _RED, colour) for m in r.mismatches]
     checked = [r for r in results if r.checked]
     if checked:
         bad = sum(1 for r in checked if r.mismatches)
-        lines += ["", _paint(f"expect: {bad} of {len(checked)} checked step(s) differ", _RED,
+        lines += ["", fmt.paint(f"expect: {bad} of {len(checked)} checked step(s) differ", _RED,
                              colour) if bad
                   else f"expect: all {len(checked)} checked step(s) match"]
     return "\n".join(lines) + "\n"
@@ -509,7 +490,7 @@ def main(spec: str | None, as_json: bool = False, list_only: bool = False,
     scenario = load(spec)
     results = replay(scenario)
     out.write(render_json(scenario, results) if as_json
-              else render_text(scenario, results, use_colour(out)))
+              else render_text(scenario, results, fmt.use_colour(out)))
     out.flush()
     bad = [r for r in results if r.mismatches]
     if bad:

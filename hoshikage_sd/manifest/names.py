@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hoshikage_sd.config import NAME_RE, Config, Model
 from hoshikage_sd.errors import HoshikageError, die
-from hoshikage_sd.state import write_atomic
+from hoshikage_sd.files import write_atomic
+from hoshikage_sd.manifest import NAME_RE, Config, Model
 
 VERSION = 1
 
@@ -87,8 +87,9 @@ def effective(config: Config) -> Config:
 
 
 def _model(config: Config, name: str) -> Model:
-    model = config.resolve(name)
-    if model is None or (model.name != name and name not in model.aliases):
+    model = config.models.get(name) or next(
+        (m for m in config.models.values() if name in m.aliases), None)
+    if model is None:
         die(f"no model named '{name}'", hint="hoshikage list shows the names")
     return model
 

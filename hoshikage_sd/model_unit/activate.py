@@ -20,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import admission, cache, launch, log, proc, residents, systemd
-from hoshikage_sd.config import Config, Model
+from hoshikage_sd import cache, fmt, log, proc, protocol
 from hoshikage_sd.errors import HoshikageError, die
-from hoshikage_sd.rank import StatsFile
-from hoshikage_sd.state import Running, Runtime
-from hoshikage_sd.store import Staged, Store, human
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.model_unit import launch
+from hoshikage_sd.policy import admission, residents
+from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.runtime import Running, Runtime
+from hoshikage_sd.sd import daemon
+from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Staged, Store
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
-POLL = 0.005  # /health polling: every ms spent here is cold-start latency
-STOP_GRACE = launch.STOP_GRACE  # then SIGTERM again, then SIGKILL (see launch.py)
 
 
 def exit_reason(code: int | None) -> str:
@@ -113,30 +115,31 @@ class Activator:
             self.child.send_signal(signum)
             if first:
                 signal.signal(signal.SIGALRM, self.on_stop_timeout)
-                signal.alarm(STOP_GRACE)
+                signal.alarm(protocol.STOP_GRACE)
         elif self.child is None:
             raise Stopped
 
     def on_stop_timeout(self, _signum: int, _frame: FrameType | None) -> None:
-        """llama-server did not stop within STOP_GRACE: SIGTERM again, then SIGKILL."""
+        """llama-server did not stop within protocol.STOP_GRACE: SIGTERM again, then SIGKILL."""
         if self.child is None or self.child.poll() is not None:
             return
         self._escalated += 1
         self.child.send_signal(signal.SIGTERM if self._escalated == 1 else signal.SIGKILL)
         logging.getLogger("hoshikage").warning(
             "llama-server (pid %d) did not stop within %d s: %s", self.child.pid,
-            STOP_GRACE * self._escalated, "SIGTERM again" if self._escalated == 1 else "SIGKILL")
+            protocol.STOP_GRACE * self._escalated,
+            "SIGTERM again" if self._escalated == 1 else "SIGKILL")
         if self._escalated == 1:
-            signal.alarm(STOP_GRACE)
+            signal.alarm(protocol.STOP_GRACE)
 
     def heartbeat(self, status: str, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last_beat >= HEARTBEAT:
             self._last_beat = now
-            systemd.notify(STATUS=status, EXTEND_TIMEOUT_USEC=EXTEND_USEC)
+            daemon.notify(STATUS=status, EXTEND_TIMEOUT_USEC=EXTEND_USEC)
 
     def full_priority(self) -> None:
-        """Undo the launcher's nice (launch.NICE): it lasts only until READY=1 and its record."""
+        """Undo the launcher's nice (protocol.NICE): it lasts only until READY=1 and its record."""
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, 0)
 
@@ -148,7 +151,7 @@ class Activator:
             if total == 0:
                 self.heartbeat(f"waiting for another copy of {name}")
             else:
-                self.heartbeat(f"staging {name}: {human(done)} of {human(total)} "
+                self.heartbeat(f"staging {name}: {fmt.size(done)} of {fmt.size(total)} "
                                f"({100 * done // total}%)")
 
         self.heartbeat(f"staging {name} from {self.source}", force=True)
@@ -156,8 +159,8 @@ class Activator:
         if staged.copied:
             rate = staged.size / max(staged.seconds, 1e-6)
             log.event("staged", name,
-                      f"staged {name}: {human(staged.size)} from {self.source} in "
-                      f"{staged.seconds:.2f} s ({human(rate)}/s)",
+                      f"staged {name}: {fmt.size(staged.size)} from {self.source} in "
+                      f"{staged.seconds:.2f} s ({fmt.size(rate)}/s)",
                       bytes=staged.size, seconds=f"{staged.seconds:.3f}",
                       source=self.source, staged_path=staged.path)
         return staged
@@ -180,7 +183,7 @@ class Activator:
         while True:
             if child.poll() is not None:
                 return False
-            if launch.probe(str(self.socket), self.model.health, timeout=5.0) == 200:
+            if protocol.probe(str(self.socket), self.model.health, timeout=5.0) == 200:
                 return True
             if time.monotonic() > self.deadline:
                 child.kill()
@@ -189,7 +192,7 @@ class Activator:
                     f"{self.config.start_timeout:.0f} s",
                     hint="raise 'start_timeout:' in the manifest for very large models")
             self.heartbeat(f"loading {self.model.name}")
-            time.sleep(POLL)
+            time.sleep(protocol.POLL)
 
     def crash_hint(self, code: int | None) -> str:
         if code == -signal.SIGILL:
@@ -265,8 +268,8 @@ class Activator:
         load = (healthy_at or time.monotonic()) - load_start
         self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
         if healthy_at is None:  # else the launcher has told the router already
-            launch.tell_router(str(self.config.runtime_dir), name)
-        systemd.notify(READY=1, STATUS=f"serving {name} on {self.socket}")
+            protocol.tell_router(str(self.config.runtime_dir), name)
+        daemon.notify(READY=1, STATUS=f"serving {name} on {self.socket}")
         log.event("ready", name, f"{name} ready: llama-server pid {child.pid}, "
                   f"load {load:.2f} s, staging {staged.seconds:.2f} s "
                   f"({'copied' if staged.copied else 'reused'})",
@@ -298,7 +301,7 @@ class Activator:
             return 0
         except HoshikageError as err:
             self.runtime.set_error(self.model.name, err.message)
-            systemd.notify(STATUS=f"failed: {err.message}")
+            daemon.notify(STATUS=f"failed: {err.message}")
             log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",
                       level=logging.ERROR, reason=err.message)
             return err.code

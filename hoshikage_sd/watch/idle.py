@@ -8,34 +8,12 @@ flight is never stopped, so a long streaming reply is never cut.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
-from hoshikage_sd import log, systemd
-from hoshikage_sd.config import Config
-from hoshikage_sd.state import Activity, Runtime
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def idle_seconds(now: float, ready_since: float, activity: Activity | None,
-                 router_alive: bool = True) -> float | None:
-    """Seconds the model has been idle, or None while a request is in flight.
-
-    A router that died mid-request cannot finish it, so its in-flight count no longer counts.
-    """
-    if activity is not None and activity.in_flight > 0 and router_alive:
-        return None
-    last = max(ready_since, activity.last_end if activity else 0.0)
-    return max(0.0, now - last)
+from hoshikage_sd import log
+from hoshikage_sd.manifest import Config
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import units as systemd
 
 
 def should_stop(idle: float | None, ttl: float) -> bool:
@@ -46,14 +24,9 @@ def main(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
     now = time.time()
     for name in systemd.active_model_units(("active",)):  # not one already stopping
-        running = runtime.running(name)
-        if running is None:
-            continue  # still starting: READY not reached, nothing to be idle yet
         model = config.models.get(name)
         ttl = model.ttl if model else config.idle_ttl
-        activity = runtime.activity(name)
-        router_alive = activity is not None and pid_alive(activity.router_pid)
-        idle = idle_seconds(now, running.started, activity, router_alive)
+        idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
         if not should_stop(idle, ttl):
             continue
         assert idle is not None
@@ -68,11 +41,11 @@ def main(config: Config) -> int:
 def watch_pressure(config: Config, runtime: Runtime) -> None:
     """Above pressure_warn of RAM in use, say so; above pressure_critical, stop idle models,
     lowest rank first, before the kernel has to swap or kill."""
-    from hoshikage_sd.admission import pressure_victims
-    from hoshikage_sd.residents import meminfo, residents
+    from hoshikage_sd.policy.admission import pressure_victims
+    from hoshikage_sd.policy.residents import memory, residents
 
-    info = meminfo()
-    total, used = info["MemTotal"], info["MemTotal"] - info["MemAvailable"]
+    available, total = memory()
+    used = total - available
     if used < config.pressure_warn * total:
         return
     share = f"{used / total:.0%} of RAM in use"

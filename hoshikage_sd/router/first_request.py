@@ -18,9 +18,11 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from hoshikage_sd import launch, systemd
-from hoshikage_sd.config import Config
+from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config
+from hoshikage_sd.resolve import resolve
+from hoshikage_sd.sd import daemon, units
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -50,7 +52,7 @@ def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
 
 def forwarded(method: str, path: str, query: dict[str, str]) -> bool:
     """Is this a request the router forwards to a model (not one it answers itself)?"""
-    if path == "/v1/models" and method == "GET":
+    if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
         return False
     return not (path in ("/health", "/hoshikage/health") and "model" not in query)
 
@@ -105,7 +107,7 @@ def peek(connection: socket.socket, wait: float = PEEK_WAIT) -> tuple[str, str, 
 
 def take(config: Config) -> FirstRequest:
     """The sockets systemd passed, and a head start for the model the pending request names."""
-    first = FirstRequest([socket.socket(fileno=fd) for fd in systemd.listen_fds()])
+    first = FirstRequest([socket.socket(fileno=fd) for fd in daemon.listen_fds()])
     if not first.sockets:
         return first
     listener = first.sockets[0]
@@ -123,12 +125,12 @@ def take(config: Config) -> FirstRequest:
         method, path, query, body = request
         if not forwarded(method, path, query):
             return first
-        model = config.resolve(model_name_of(body, query), lambda _name: 0.0)
+        model = resolve(config, model_name_of(body, query))
         if model is None:
             return first
-        if launch.probe(str(config.socket_path(model.name)), model.health, timeout=0.5) == 200:
+        if protocol.probe(str(config.socket_path(model.name)), model.health, timeout=0.5) == 200:
             return first
-        systemd.start_unit(systemd.model_unit(model.name))
+        units.start_unit(units.model_unit(model.name))
         first.started = model.name
         logger.info("started %s for the request that woke the router", model.name)
     except HoshikageError as exc:

@@ -15,16 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    raw = data.encode() if isinstance(data, str) else data
-    try:
-        tmp.write_bytes(raw)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(raw)
-    os.rename(tmp, path)
+from hoshikage_sd.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -43,6 +36,18 @@ class Running:
     pid: int
     staged: str
     started: float
+
+
+def idle_seconds(now: float, ready_since: float, activity: Activity | None,
+                 router_alive: bool = True) -> float | None:
+    """Seconds a model has been idle, or None while a request is in flight: from the end of
+    the last request with nothing in flight, or from when it became ready if it never served
+    one. A router that died mid-request cannot finish it, so its in-flight count no longer
+    counts."""
+    if activity is not None and activity.in_flight > 0 and router_alive:
+        return None
+    last = max(ready_since, activity.last_end if activity else 0.0)
+    return max(0.0, now - last)
 
 
 class Runtime:
@@ -77,12 +82,30 @@ class Runtime:
         with contextlib.suppress(FileNotFoundError):
             self._file(kind, name).unlink()
 
+    def recorded(self) -> list[str]:
+        """Models with a running or an admitted record: what the units say they hold."""
+        names: set[str] = set()
+        for kind in ("running", "admitted"):
+            with contextlib.suppress(FileNotFoundError):
+                names.update(p.stem for p in (self.dir / kind).glob("*.json"))
+        return sorted(names)
+
     def activity(self, name: str) -> Activity | None:
         data = self._read("activity", name)
         try:
             return Activity(**data) if data else None
         except TypeError:
             return None
+
+    def idle_seconds(self, name: str, now: float) -> float | None:
+        """How long the model has been idle (the idle watch, admission and `status` all ask
+        this), or None while it is busy: a request in flight, or not serving yet."""
+        running = self.running(name)
+        if running is None:
+            return None
+        activity = self.activity(name)
+        alive = activity is not None and psutil.pid_exists(activity.router_pid)
+        return idle_seconds(now, running.started, activity, alive)
 
     def set_activity(self, name: str, activity: Activity) -> None:
         self._write("activity", name, asdict(activity))
@@ -93,6 +116,12 @@ class Runtime:
             return Running(**data) if data else None
         except TypeError:
             return None
+
+    def serving(self, name: str) -> bool:
+        """Is the model loaded: its llama-server's record is there and that process lives?
+        (The record outlives a router restart and goes with the unit's ExecStopPost.)"""
+        running = self.running(name)
+        return running is not None and psutil.pid_exists(running.pid)
 
     def set_running(self, name: str, running: Running) -> None:
         self._write("running", name, asdict(running))

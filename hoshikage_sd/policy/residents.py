@@ -6,23 +6,24 @@ from __future__ import annotations
 import logging
 import time
 
-from hoshikage_sd import admission, log, systemd
-from hoshikage_sd.admission import Decision, Resident, Verdict
-from hoshikage_sd.config import Config, Model
-from hoshikage_sd.idle import idle_seconds, pid_alive
-from hoshikage_sd.rank import StatsFile
-from hoshikage_sd.state import Runtime
+import psutil
+
+from hoshikage_sd import log
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.policy import admission
+from hoshikage_sd.policy.admission import Decision, Resident, Verdict
+from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import units as systemd
 
 logger = logging.getLogger("hoshikage")
 
 
-def meminfo() -> dict[str, int]:
-    values = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            values[key] = int(rest.split()[0]) * 1024
-    return values
+def memory() -> tuple[int, int]:
+    """(MemAvailable, MemTotal) in bytes, as psutil reads /proc/meminfo."""
+    vm = psutil.virtual_memory()
+    return vm.available, vm.total
 
 
 def estimate(model: Model, runtime: Runtime | None = None) -> int:
@@ -61,7 +62,12 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
     let three waiting starts block each other for good.
     """
     now = time.time()
-    active = systemd.active_model_units()
+    try:
+        active = systemd.active_model_units()
+    except HoshikageError as err:
+        logger.warning("cannot ask systemd which models are up (%s): trusting the runtime "
+                       "records", err.message)
+        active = runtime.recorded()
     ranks = StatsFile(config.state_dir).ranks(now, config.weights, active)
     out = []
     for name in active:
@@ -74,10 +80,7 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
         model = config.models.get(name)
         memory = admitted if admitted is not None else estimate(model, runtime) if model else 0
         activity = runtime.activity(name)
-        idle = None
-        if running is not None:  # a unit still starting counts as busy: never a victim
-            alive = activity is not None and pid_alive(activity.router_pid)
-            idle = idle_seconds(now, running.started, activity, alive)
+        idle = runtime.idle_seconds(name, now)  # a unit still starting is busy: no victim
         last = max(activity.last_end if activity else 0.0, running.started if running else now)
         out.append(Resident(name, memory, idle, bool(model and model.pinned), last,
                             starting=running is None, rank=ranks.get(name, 0.0)))
@@ -87,7 +90,7 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
 def available(config: Config, others: list[Resident]) -> int:
     """Free for a newcomer: MemAvailable less what starting models are about to take, and
     no more than memory_budget less what every model holds."""
-    free = meminfo()["MemAvailable"] - sum(r.memory for r in others if r.starting)
+    free = memory()[0] - sum(r.memory for r in others if r.starting)
     if config.memory_budget is not None:
         free = min(free, config.memory_budget - sum(r.memory for r in others))
     return max(0, free)

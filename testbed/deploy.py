@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO_ROOT
-from tests.system.container import Container
+from testbed import REPO_ROOT
+from testbed.container import Container
 
 MODELS_IN_CONTAINER = "/srv/models"
 

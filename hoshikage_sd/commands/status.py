@@ -7,27 +7,23 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hoshikage_sd import systemd
-from hoshikage_sd.admission import ago
-from hoshikage_sd.config import Config, Model
-from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.idle import idle_seconds, pid_alive
-from hoshikage_sd.residents import meminfo
-from hoshikage_sd.state import Runtime
-from hoshikage_sd.store import human
+from hoshikage_sd import fmt
+from hoshikage_sd.errors import HoshikageError, die
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.policy.rank import ModelStats
+from hoshikage_sd.policy.residents import memory
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import units as systemd
 
 
 def status(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
     now = time.time()
-    try:
-        active = set(systemd.active_model_units())
-    except Exception:
-        active = set()
+    active = set(loaded_units())
     rows = []
     for model in config.models.values():
         unit = systemd.model_unit(model.name)
@@ -37,33 +33,42 @@ def status(config: Config) -> int:
         staged = config.staged_path(model.name)
         size = staged.stat().st_size if staged.exists() else 0
         mem = props.get("MemoryCurrent", "")
-        memory = human(int(mem)) if mem.isdigit() else "-"
+        held = fmt.size(int(mem)) if mem.isdigit() else "-"
         running = runtime.running(model.name)
         activity = runtime.activity(model.name)
-        last = ago(now - activity.last_end) + " ago" if activity else "never"
+        last = fmt.ago(now - activity.last_end) + " ago" if activity else "never"
         left = "-"
         if running and state == "active":
-            alive = activity is not None and pid_alive(activity.router_pid)
-            idle = idle_seconds(now, running.started, activity, alive)
-            left = "busy" if idle is None else ago(max(0.0, model.ttl - idle))
-        rows.append((model.name, state, props.get("MainPID", "-") if props else "-", memory,
-                     human(size) if size else "-", last, left))
+            idle = runtime.idle_seconds(model.name, now)
+            left = "busy" if idle is None else fmt.ago(max(0.0, model.ttl - idle))
+        rows.append((model.name, state, props.get("MainPID", "-") if props else "-", held,
+                     fmt.size(size) if size else "-", last, left))
     table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "LAST REQUEST", "IDLE STOP IN"), rows)
     for model in config.models.values():
         copying = runtime.caching(model.name)
         if copying:
             done, total = copying
             print(f"caching {model.name} to {config.cache.dir if config.cache else '?'}: "
-                  f"{human(done)} of {human(total)} ({100 * done // max(total, 1)}%)")
-    memory_info = meminfo()
+                  f"{fmt.size(done)} of {fmt.size(total)} ({100 * done // max(total, 1)}%)")
+    available, total = memory()
     print()
     if config.ramdisk.is_dir():
         disk = shutil.disk_usage(config.ramdisk)
-        print(f"RAM disk {config.ramdisk}: {human(disk.used)} used of {human(disk.total)}")
+        print(f"RAM disk {config.ramdisk}: {fmt.size(disk.used)} used of {fmt.size(disk.total)}")
     else:
         print(f"RAM disk {config.ramdisk}: not mounted")
-    print(f"MemAvailable: {human(memory_info['MemAvailable'])} of {human(memory_info['MemTotal'])}")
+    print(f"MemAvailable: {fmt.size(available)} of {fmt.size(total)}")
     return 0
+
+
+def loaded_units() -> list[str]:
+    """The model units that are up, or a clear error: never "all inactive" for a failing
+    bus."""
+    try:
+        return systemd.active_model_units()
+    except HoshikageError as err:
+        die(f"cannot ask systemd which models are loaded: {err.message}",
+            hint="is systemd running, and may this user query it? (systemctl status)")
 
 
 def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
@@ -93,15 +98,18 @@ class Listing:
 
 
 def describe(config: Config, model: Model, active: set[str],
-             ranks: dict[str, float]) -> Listing:
+             ranks: dict[str, float], stats: Mapping[str, ModelStats]) -> Listing:
     from hoshikage_sd import cache, gguf, memory
-    from hoshikage_sd.residents import estimate
+    from hoshikage_sd.policy.residents import estimate
 
     activity = Runtime(config.runtime_dir).activity(model.name)
+    usage = stats.get(model.name)
+    last_used = max((t for t in (activity.last_end if activity else None,
+                                 usage.last_used if usage else None) if t), default=None)
     base = Listing(model.name, list(model.aliases), list(model.tags), str(model.path),
                    model.pinned, "loaded" if model.name in active else
                    "staged" if config.staged_path(model.name).exists() else "-",
-                   last_used=activity.last_end if activity else None,
+                   last_used=last_used,
                    rank=round(ranks.get(model.name, 0.0), 1),
                    cached=cache.cached_copy(config, model) is not None)
     try:
@@ -114,21 +122,14 @@ def describe(config: Config, model: Model, active: set[str],
         estimate=estimate(model))
 
 
-def count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
 def list_models(config: Config, as_json: bool) -> int:
-    from hoshikage_sd.rank import StatsFile
+    from hoshikage_sd.policy.stats import StatsFile
 
-    active = set(systemd.active_model_units())
-    ranks = StatsFile(config.state_dir).ranks(w=config.weights, running=active)
-    entries = [describe(config, m, active, ranks) for m in config.models.values()]
+    active = set(loaded_units())
+    usage = StatsFile(config.state_dir)
+    ranks = usage.ranks(w=config.weights, running=active)
+    stats = usage.read()
+    entries = [describe(config, m, active, ranks, stats) for m in config.models.values()]
     entries.sort(key=lambda e: (-e.rank, -(e.last_used or 0.0), e.name))
     if as_json:
         print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
@@ -137,11 +138,11 @@ def list_models(config: Config, as_json: bool) -> int:
     table(("MODEL", "ALIASES", "TAGS", "SIZE", "ARCH", "PARAMS", "QUANT", "CTX", "ESTIMATE",
            "STATE", "RANK", "LAST USED"),
           [(e.name, ",".join(e.aliases) or "-", ",".join(e.tags) or "-",
-            human(e.size) if e.size is not None else "-", e.architecture or "-",
-            count(e.parameters), e.quantisation or "-", str(e.context or "-"),
-            human(e.estimate) if e.estimate is not None else "-",
+            fmt.size(e.size) if e.size is not None else "-", e.architecture or "-",
+            fmt.count(e.parameters), e.quantisation or "-", str(e.context or "-"),
+            fmt.size(e.estimate) if e.estimate is not None else "-",
             e.state + (" cached" if e.cached else "") + (" pinned" if e.pinned else ""),
-            f"{e.rank:.1f}", ago(now - e.last_used) + " ago" if e.last_used else "never")
+            f"{e.rank:.1f}", fmt.ago(now - e.last_used) + " ago" if e.last_used else "never")
            for e in entries])
     for e in entries:
         if e.error:

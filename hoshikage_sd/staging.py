@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hoshikage_sd import fmt
 from hoshikage_sd.errors import die
-from hoshikage_sd.state import write_atomic
+from hoshikage_sd.files import write_atomic
 
 CHUNK = 64 << 20
 # Progress callback: (bytes done, bytes total). Also called while waiting for another copy.
@@ -47,14 +48,6 @@ class Staged:
     size: int
     copied: bool
     seconds: float
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class Store:
@@ -117,8 +110,8 @@ class Store:
             self.remove(name)
             free = self.free_bytes()
             if free < ident.size:
-                die(f"model '{name}' needs {human(ident.size)} on the RAM disk {self.ramdisk} "
-                    f"but only {human(free)} is free",
+                die(f"model '{name}' needs {fmt.size(ident.size)} on the RAM disk {self.ramdisk} "
+                    f"but only {fmt.size(free)} is free",
                     hint="stop another model, or give the tmpfs more room (size= in "
                          "mnt-hoshikage.mount)")
             tmp = self.ramdisk / f".{name}.gguf.tmp-{os.getpid()}"

@@ -1,0 +1,155 @@
+"""What the manifest says, as frozen dataclasses: the models, their names, the policy knobs.
+
+manifest/parse.py builds these from /etc/hoshikage/models.yaml; names.py lays the CLI's
+aliases and tags over them; resolve.py turns a request's model name into one of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.protocol import NAME_PATTERN
+
+NAME_RE = re.compile(NAME_PATTERN)
+
+
+BACKENDS = ("llama-server", "command")
+# Placeholders a `command:` backend's argv may use.
+COMMAND_FIELDS = ("name", "path", "socket")
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    path: Path
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    ttl: float = 3600.0
+    args: tuple[str, ...] = ()
+    pinned: bool = False
+    backend: str = "llama-server"
+    command: tuple[str, ...] = ()  # argv template of the `command` backend
+    health: str = "/health"
+
+    @property
+    def server_args(self) -> tuple[str, ...]:
+        """The extra arguments llama-server really gets. Its prompt cache (--cache-ram,
+        8 GiB by default) grows per request outside any estimate, so it is off unless the
+        manifest asks for it; admission then counts what was asked."""
+        if self.backend != "llama-server" or any(
+                a.split("=")[0] in ("-cram", "--cache-ram") for a in self.args):
+            return self.args
+        return (*self.args, "--cache-ram", "0")
+
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Weights:
+    """rank = week × uses in 7 days + month × uses in 30 days + total × all uses
+    + recent bonus if used within 7 days − age × days since last use
+    + runtime × hours in use in the last 30 days (load to last request, not the idle tail
+    before the idle stop, so a long TTL earns nothing)."""
+
+    week: float = 10.0
+    month: float = 3.0
+    total: float = 0.5
+    recent_bonus: float = 20.0
+    age: float = 2.0
+    runtime: float = 15.0
+
+
+DEFAULT_WEIGHTS = Weights()
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """The SSD cache's limits, as the policy (policy/cacheplan.py) and the simulator see them."""
+
+    max_size: int | None = None  # bytes the cache may hold
+    min_free: int = 0            # bytes to leave free on the cache's disk
+    expire_after: float = 7 * DAY
+    min_rank: float = 1.0        # rank a model needs to earn a place
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cache(CachePolicy):
+    """The SSD cache tier of a manifest: its policy and where its copies go."""
+
+    dir: Path
+
+
+class AmbiguousModel(HoshikageError):
+    def __init__(self, name: str, candidates: list[str]) -> None:
+        super().__init__(f"model '{name}' is ambiguous: it matches {', '.join(candidates)}",
+                         hint="name one of them exactly", code=2)
+        self.candidates = candidates
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    ramdisk: Path = Path("/mnt/hoshikage")
+    runtime_dir: Path = Path("/run/hoshikage")
+    llama_server: Path = Path("/usr/bin/llama-server")
+    idle_ttl: float = 3600.0
+    router_idle_exit: float = 300.0
+    start_timeout: float = 600.0
+    default_model: str | None = None
+    sources: tuple[Path, ...] = ()
+    state_dir: Path = Path("/var/lib/hoshikage")
+    strict_names: bool = False
+    memory_budget: int | None = None
+    safety_margin: float = 1.2
+    max_loaded_models: int | None = None
+    evict_floor: int = 0
+    admission_wait: float = 60.0
+    pressure_warn: float = 0.7
+    pressure_critical: float = 0.9
+    min_reload_seconds: float = 30.0
+    cache: Cache | None = None
+    weights: Weights = field(default_factory=Weights)
+    models: Mapping[str, Model] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def default(self) -> Model | None:
+        """The model for a request that names none: default_model, or the only model."""
+        if self.default_model:
+            return self.models[self.default_model]
+        return next(iter(self.models.values())) if len(self.models) == 1 else None
+
+    def matches(self, name: str) -> list[Model]:
+        """The models `name` can mean, by the first rule that matches any: exact name, alias,
+        tag, then partial matches (several only in that last case). resolve.py decides
+        between several."""
+        if name in self.models:
+            return [self.models[name]]
+        for field_name in ("aliases", "tags"):
+            for model in self.models.values():
+                if name in getattr(model, field_name):
+                    return [model]
+        needle = name.lower()
+        return [m for m in self.models.values()
+                if any(needle in n.lower() for n in (m.name, *m.aliases))]
+
+    def socket_path(self, name: str) -> Path:
+        return self.runtime_dir / f"{name}.sock"
+
+    def staged_path(self, name: str) -> Path:
+        return self.ramdisk / f"{name}.gguf"
+
+    def server_argv(self, model: Model, staged: Path) -> list[str]:
+        """The command line that serves `model` from its staged copy on its unix socket."""
+        socket = str(self.socket_path(model.name))
+        if model.backend == "command":
+            fields = {"name": model.name, "path": str(staged), "socket": socket}
+            return [arg.format_map(fields) for arg in model.command] + list(model.args)
+        return [str(self.llama_server), "-m", str(staged), "--host", socket,
+                "--alias", model.name, *model.server_args]
+
+

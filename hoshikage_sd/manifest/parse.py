@@ -1,0 +1,276 @@
+"""/etc/hoshikage/models.yaml into a Config: table-driven, node by node.
+
+Every error names the file, the line and what is wrong; a missing model file is only a warning
+(the disk may be mounted later), so a typo never takes the other models down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest.model import (
+    BACKENDS,
+    COMMAND_FIELDS,
+    NAME_RE,
+    Cache,
+    Config,
+    Model,
+    Weights,
+)
+from hoshikage_sd.manifest.nodes import FieldReader, NodeReader
+
+DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
+
+def _path(r: NodeReader, n: yaml.Node, what: str) -> Path:
+    return r.abspath(n, what)
+
+
+def _duration(r: NodeReader, n: yaml.Node, what: str) -> float:
+    return r.duration(n, what)
+
+
+def _size(r: NodeReader, n: yaml.Node, what: str) -> int:
+    return r.size(n, what)
+
+
+def _boolean(r: NodeReader, n: yaml.Node, what: str) -> bool:
+    return r.boolean(n, what)
+
+
+def _string(r: NodeReader, n: yaml.Node, what: str) -> str:
+    return r.string(n, what)
+
+
+def _strings(r: NodeReader, n: yaml.Node, what: str) -> tuple[str, ...]:
+    return r.strings(n, what)
+
+
+def _number(low: float, high: float) -> FieldReader:
+    return lambda r, n, what: r.number(n, what, low, high)
+
+
+def _integer(low: int, high: int) -> FieldReader:
+    return lambda r, n, what: int(r.number(n, what, low, high))
+
+
+def _paths(r: NodeReader, n: yaml.Node, what: str) -> tuple[Path, ...]:
+    return tuple(r.abspath(item, f"{what}: entry") for item in r.seq(n, what))
+
+
+def _weights(r: NodeReader, n: yaml.Node, what: str) -> Weights:
+    return r.weights(n)
+
+
+def _cache(r: NodeReader, n: yaml.Node, what: str) -> Cache:
+    items = r.mapping(n, what, tuple(CACHE_FIELDS))
+    if "dir" not in items:
+        raise r.fail(n, "cache needs 'dir:', a directory on the SSD")
+    return Cache(**r.fields(items, CACHE_FIELDS, "cache: "))
+
+
+def _health(r: NodeReader, n: yaml.Node, what: str) -> str:
+    value = r.string(n, what)
+    if not value.startswith("/"):
+        raise r.fail(n, f"{what} must be a path such as /health")
+    return value
+
+
+def _backend(r: NodeReader, n: yaml.Node, what: str) -> str:
+    value = r.string(n, what)
+    if value not in BACKENDS:
+        raise r.fail(n, f"{what} must be one of {', '.join(BACKENDS)}")
+    return value
+
+
+def _command(r: NodeReader, n: yaml.Node, what: str) -> tuple[str, ...]:
+    command = r.strings(n, what)
+    for arg, anode in zip(command, n.value, strict=True):
+        try:
+            arg.format_map(dict.fromkeys(COMMAND_FIELDS, ""))
+        except (KeyError, ValueError, IndexError) as exc:
+            raise r.fail(anode, f"{what}: '{arg}' has an unknown placeholder ({exc}); known: "
+                         + ", ".join("{" + f + "}" for f in COMMAND_FIELDS)) from None
+    return command
+
+
+#: key -> reader, for the keys that are read the same way wherever they are
+CACHE_FIELDS: dict[str, FieldReader] = {
+    "dir": _path, "max_size": _size, "min_free": _size, "expire_after": _duration,
+    "min_rank": _number(-1e9, 1e9),
+}
+TOP_FIELDS: dict[str, FieldReader] = {
+    "ramdisk": _path, "runtime_dir": _path, "llama_server": _path, "state_dir": _path,
+    "idle_ttl": _duration, "router_idle_exit": _duration, "start_timeout": _duration,
+    "admission_wait": _duration, "min_reload_seconds": _duration,
+    "memory_budget": _size, "evict_floor": _size,
+    "safety_margin": _number(1, 10), "pressure_warn": _number(0.001, 1),
+    "pressure_critical": _number(0.001, 1), "max_loaded_models": _integer(1, 1000),
+    "strict_names": _boolean, "sources": _paths, "cache": _cache, "rank": _weights,
+}
+#: top-level keys read by hand: they depend on each other
+TOP_SPECIAL = ("default_model", "models")
+#: the field of Config each key fills, where the names differ
+TOP_RENAMED = {"rank": "weights"}
+MODEL_FIELDS: dict[str, FieldReader] = {
+    "ttl": _duration, "args": _strings, "pinned": _boolean, "health": _health,
+    "backend": _backend, "command": _command,
+}
+MODEL_SPECIAL = ("path", "aliases", "tags")
+
+
+class ConfigError(HoshikageError):
+    def __init__(self, path: Path, line: int | None, message: str) -> None:
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {message}",
+                         hint="run 'hoshikage check' after editing the manifest", code=2)
+        self.path = path
+        self.line = line
+        self.problem = message
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_PATH)
+
+
+def load(path: Path | None = None) -> Config:
+    path = path or config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise HoshikageError(f"no manifest at {path}",
+                             hint="create it (see README) or set HOSHIKAGE_CONFIG") from None
+    except OSError as exc:
+        raise HoshikageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 text: {exc.reason}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(path, line, f"not valid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+        raise ConfigError(path, None, f"not valid YAML: {exc}") from None
+    return _Parser(path).config(node)
+
+
+def model_name_for(path: Path) -> str | None:
+    """The model name a scanned file gets: its stem, with characters we refuse made '-'."""
+    name = re.sub(r"[^A-Za-z0-9._:-]+", "-", path.stem).strip("-._:")[:100]
+    return name if NAME_RE.match(name) else None
+
+
+def scan_sources(sources: tuple[Path, ...]) -> dict[str, Path]:
+    """*.gguf files in the source directories, earlier directories first."""
+    found: dict[str, Path] = {}
+    for directory in sources:
+        try:
+            entries = sorted(directory.glob("*.gguf"))
+        except OSError:
+            continue
+        for path in entries:
+            name = model_name_for(path)
+            if name and name not in found and path.is_file():
+                found[name] = path
+    return found
+
+
+class _Parser(NodeReader):
+    def __init__(self, path: Path) -> None:
+        super().__init__(lambda line, message: ConfigError(path, line, message))
+        self.path = path
+        self.warnings: list[str] = []
+
+    def name(self, node: yaml.Node, what: str) -> str:
+        value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
+        if not NAME_RE.match(value):
+            raise self.fail(node, f"{what} '{value}' is not a valid name "
+                                  "(letters, digits, '.', '_', ':', '-'; at most 100)")
+        return value
+
+    def config(self, node: yaml.Node | None) -> Config:
+        top = self.mapping(node, "the manifest", (*TOP_FIELDS, *TOP_SPECIAL))
+        kw = self.fields(top, TOP_FIELDS, renamed=TOP_RENAMED)
+        if "models" not in top and "sources" not in top:
+            raise self.fail(node, "the manifest has neither 'models:' nor 'sources:'")
+        if kw.get("pressure_warn", 0.7) > kw.get("pressure_critical", 0.9):
+            raise self.fail(top.get("pressure_warn", (None, node))[1],
+                            "pressure_warn must not be above pressure_critical")
+        models = self.models(top, kw.get("idle_ttl", Config.idle_ttl),
+                             scan_sources(kw.get("sources", ())))
+        if "default_model" in top:
+            default = self.string(top["default_model"][1], "default_model")
+            if default not in models:
+                raise self.fail(top["default_model"][1],
+                                f"default_model '{default}' is not one of the models")
+            kw["default_model"] = default
+        return Config(source=self.path, models=models, warnings=tuple(self.warnings), **kw)
+
+    def models(self, top: Mapping[str, tuple[yaml.Node, yaml.Node]], idle_ttl: float,
+               found: Mapping[str, Path]) -> dict[str, Model]:
+        """The `models:` entries, then the files scanned from `sources:` (explicit entries
+        win); no name, alias or tag names two models."""
+        models: dict[str, Model] = {}
+        owner: dict[str, str] = {}
+        tag_owner: dict[str, str] = {}
+        explicit = self.mapping(top["models"][1], "models") if "models" in top else {}
+        for name, (knode, vnode) in explicit.items():
+            model, alias_nodes, tag_nodes = self.model(self.name(knode, "model name"), knode,
+                                                       vnode, idle_ttl, found)
+            if name in owner:
+                raise self.fail(knode, f"model name '{name}' is already an alias of "
+                                       f"'{owner[name]}'")
+            for alias, anode in zip(model.aliases, alias_nodes, strict=True):
+                if alias in models or alias in owner or alias == name:
+                    raise self.fail(anode, f"alias '{alias}' of '{name}' is already taken "
+                                           f"by '{owner.get(alias, alias)}'")
+                owner[alias] = name
+            for tag, tnode in zip(model.tags, tag_nodes, strict=True):
+                if tag in tag_owner:
+                    raise self.fail(tnode, f"tag '{tag}' names one model at a time; it is "
+                                           f"already on '{tag_owner[tag]}'")
+                tag_owner[tag] = name
+            models[name] = model
+        for name, path in found.items():
+            if name not in models and name not in owner:
+                models[name] = Model(name=name, path=path, ttl=idle_ttl)
+        return models
+
+    def model(self, name: str, key: yaml.Node, node: yaml.Node, idle_ttl: float,
+              found: Mapping[str, Path]) -> tuple[Model, list[yaml.Node], list[yaml.Node]]:
+        what = f"model '{name}'"
+        items = self.mapping(node, what, (*MODEL_SPECIAL, *MODEL_FIELDS))
+        if "path" in items:
+            path = self.abspath(items["path"][1], f"{what}: path")
+            if not path.is_file():
+                self.warnings.append(f"{self.path}:{items['path'][1].start_mark.line + 1}: "
+                                     f"{what}: {path} does not exist (yet)")
+        elif name in found:
+            path = found[name]
+        else:
+            raise self.fail(key, f"{what} has no 'path:' and no {name}.gguf is in "
+                                  "the sources: directories")
+        alias_nodes = self.seq(items["aliases"][1], f"{what}: aliases") \
+            if "aliases" in items else []
+        tag_nodes = self.seq(items["tags"][1], f"{what}: tags") if "tags" in items else []
+        kw: dict[str, Any] = {"ttl": idle_ttl, **self.fields(items, MODEL_FIELDS, f"{what}: ")}
+        kw["aliases"] = tuple(self.name(a, f"{what}: alias") for a in alias_nodes)
+        kw["tags"] = tuple(self.name(t, f"{what}: tag") for t in tag_nodes)
+        if kw.get("backend") == "command" and "command" not in kw:
+            raise self.fail(key, f"{what}: backend 'command' needs 'command:', an argv list "
+                                 "such as [/usr/bin/server, --model, '{path}', --uds, "
+                                 "'{socket}']")
+        if "command" in kw and kw.get("backend") != "command":
+            raise self.fail(items["command"][0], f"{what}: 'command:' needs "
+                                                 "'backend: command'")
+        return Model(name=name, path=path, **kw), alias_nodes, tag_nodes

@@ -1,0 +1,107 @@
+"""The SSD cache policy: ranks, sizes and the cache's room into keep / copy / expire
+decisions. Pure: cache.py feeds it the machine's facts, the simulator a scenario's."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hoshikage_sd import fmt
+from hoshikage_sd.manifest.model import DAY, CachePolicy
+
+
+class Action(Enum):
+    KEEP = "keep"      # cached, stays
+    COPY = "copy"      # only on a slow tier, earns a place: copy it to the cache
+    EXPIRE = "expire"  # cached, unused for long and lowest-ranked: delete the cached copy
+    SKIP = "skip"      # would earn a place but there is no room
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    size: int
+    rank: float
+    last_used: float | None = None
+    cached: bool = False      # a verified copy is in the cache
+    fast: bool = False        # its source already is on the cache's disk: nothing to do
+    busy: bool = False        # loaded, or being copied: never expired
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    name: str
+    rank: float
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class CacheState:
+    used: int   # bytes the cache holds now
+    free: int   # bytes free on the cache's disk now
+    candidates: Sequence[Candidate] = field(default_factory=tuple)
+
+
+def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decision]:
+    """Copy the highest-ranked slow-tier models that earn a place; make room by expiring the
+    lowest-ranked cached models unused for `expire_after`; keep everything else."""
+    room = state.free - policy.min_free
+    if policy.max_size is not None:
+        room = min(room, policy.max_size - state.used)
+    cached = {c.name: c for c in state.candidates if c.cached}
+    expired: dict[str, Decision] = {}
+    decisions: list[Decision] = []
+
+    def expirable(c: Candidate, above: float) -> bool:
+        unused = now - (c.last_used or 0.0)
+        return (c.name not in expired and not c.busy and not c.pinned and c.rank < above
+                and unused >= policy.expire_after)
+
+    def expire(old: Candidate, why: str) -> None:
+        days = (now - (old.last_used or 0.0)) / DAY
+        expired[old.name] = Decision(Action.EXPIRE, old.name, old.rank, old.size,
+                                     f"{why}; unused {days:.0f} days")
+        decisions.append(expired[old.name])
+
+    # Over its limits already (max_size lowered, the disk filled up): shrink first.
+    for old in sorted(cached.values(), key=lambda o: (o.rank, o.name)):
+        if room >= 0:
+            break
+        if expirable(old, math.inf):
+            expire(old, "the cache is over max_size or min_free")
+            room += old.size
+
+    wanted = sorted((c for c in state.candidates
+                     if not c.cached and not c.fast and c.rank >= policy.min_rank),
+                    key=lambda c: (-c.rank, c.name))
+    for c in wanted:
+        if c.size > room:
+            victims, gain = [], 0
+            for old in sorted(cached.values(), key=lambda o: (o.rank, o.name)):
+                if room + gain >= c.size:
+                    break
+                if expirable(old, c.rank):
+                    victims.append(old)
+                    gain += old.size
+            if room + gain < c.size:
+                decisions.append(Decision(
+                    Action.SKIP, c.name, c.rank, c.size,
+                    f"no room: needs {fmt.size(c.size)}, {fmt.size(max(room, 0))} free, and no "
+                    f"lower-ranked cached model has been unused for "
+                    f"{policy.expire_after / DAY:g} days"))
+                continue
+            for old in victims:
+                expire(old, f"makes room for {c.name} (rank {c.rank:.1f})")
+            room += gain
+        room -= c.size
+        decisions.append(Decision(Action.COPY, c.name, c.rank, c.size,
+                                  f"rank {c.rank:.1f} earns a place on the cache"))
+    for c in sorted(cached.values(), key=lambda c: (-c.rank, c.name)):
+        if c.name not in expired:
+            decisions.append(Decision(Action.KEEP, c.name, c.rank, c.size, "cached"))
+    return decisions
