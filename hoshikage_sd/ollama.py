@@ -788,14 +788,16 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> list[bytes]:
         if self.done:
             return []
-        self._buf += chunk
+        buf = self._buf + chunk if self._buf else chunk
         out: list[bytes] = []
+        pos = 0
         while not self.done:
-            nl = self._buf.find(b"\n")
+            nl = buf.find(b"\n", pos)
             if nl < 0:
                 break
-            line, self._buf = self._buf[:nl], self._buf[nl + 1:]
-            out += self._line(line.rstrip(b"\r").decode("utf-8", errors="replace"))
+            out += self._line(buf[pos:nl].rstrip(b"\r").decode("utf-8", errors="replace"))
+            pos = nl + 1
+        self._buf = buf[pos:]  # one copy per chunk, however many lines it holds
         return out
 
     def finish(self) -> list[bytes]:
