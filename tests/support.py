@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
 from testbed import REPO_ROOT
+
+T = TypeVar("T")
 
 
 def in_ci() -> bool:
@@ -42,3 +47,27 @@ def make_launcher(kind: str, path: Path) -> Path:
     else:
         install.write_stub(str(path), str(REPO_ROOT))
     return path
+
+
+def eventually(fetch: Callable[[], T], done: Callable[[T], object] = bool,
+               timeout: float = 10.0, every: float = 0.05) -> T:
+    """fetch() polled until done(value) or `timeout` seconds: the last value either way, so
+    the test's own assertion says what was wrong. No fixed sleeps in tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value) or time.monotonic() >= deadline:
+            return value
+        time.sleep(every)
+
+
+def listening(port: int, timeout: float = 10.0) -> bool:
+    """Does something accept TCP connections on 127.0.0.1:port (within `timeout`)?"""
+    def accepts() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    return eventually(accepts, timeout=timeout)

@@ -47,6 +47,7 @@ def write_manifest(root: Path, llama_server: Path, source: Path,
     config.write_text(f"""\
 ramdisk: {root / 'rd'}
 runtime_dir: {root / 'run'}
+state_dir: {root / 'state'}
 llama_server: {llama_server}
 router_idle_exit: {router_idle_exit}
 models:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from testbed.unixhttp import UnixHTTPConnection
+from tests.support import listening
 
 from .conftest import NotifyListener, Setup, stop, write_manifest
 
@@ -52,7 +53,7 @@ def served(setup: Setup, notify_socket: NotifyListener) -> Iterator[tuple[Setup,
     notify_socket.wait_for("READY")
     port = free_port()
     router = socket_activated_router(setup, port)
-    time.sleep(0.2)  # systemd-socket-activate binds before the first connection
+    assert listening(port)  # systemd-socket-activate binds before the first connection
     try:
         yield setup, port
     finally:
@@ -131,7 +132,7 @@ def test_router_exits_when_idle_and_nothing_loaded(setup: Setup) -> None:
     write_manifest(setup.root, setup.llama_server, setup.source, router_idle_exit="1s")
     port = free_port()
     router = socket_activated_router(setup, port)
-    time.sleep(0.2)
+    assert listening(port)
     try:
         status, _ = request(port, "GET", "/v1/models")
         assert status == 200

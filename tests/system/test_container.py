@@ -102,7 +102,7 @@ def test_repo_venv_works_inside(container_factory: ContainerFactory) -> None:
     """The repo bind-mounted read-only at its own path: .venv's python, packages, llama-server."""
     venv_python = REPO_ROOT / ".venv/bin/python"
     if not venv_python.exists():
-        pytest.skip("no .venv (run tools/bootstrap.sh)")
+        unavailable("no .venv (run tools/bootstrap.sh)")
     c = container_factory(binds=[(str(REPO_ROOT), str(REPO_ROOT), True)])
     code = (
         "import importlib.util, sys, aiohttp, yaml, gguf, numpy;"

@@ -31,6 +31,7 @@ Script = Callable[[socket.socket], None]
 def peer(tmp_path: Path) -> Iterator[Callable[[Script], str]]:
     """A one-connection server on a unix socket that runs a script: its path."""
     threads: list[threading.Thread] = []
+    failures: list[BaseException] = []
 
     def serve(script: Script) -> str:
         path = str(tmp_path / "private")
@@ -39,13 +40,16 @@ def peer(tmp_path: Path) -> Iterator[Callable[[Script], str]]:
         listener.listen(1)
 
         def run() -> None:
-            conn, _ = listener.accept()
-            with conn, listener:
-                line = b""
-                while b"BEGIN\r\n" not in line:
-                    line += conn.recv(256)
-                assert line.startswith(b"\0AUTH EXTERNAL ")
-                script(conn)
+            try:
+                conn, _ = listener.accept()
+                with conn, listener:
+                    line = b""
+                    while b"BEGIN\r\n" not in line:
+                        line += conn.recv(256)
+                    assert line.startswith(b"\0AUTH EXTERNAL ")
+                    script(conn)
+            except BaseException as exc:  # the test fails with it, below, not this thread
+                failures.append(exc)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -55,6 +59,9 @@ def peer(tmp_path: Path) -> Iterator[Callable[[Script], str]]:
     yield serve
     for thread in threads:
         thread.join(5)
+        assert not thread.is_alive(), "the peer's script did not finish"
+    if failures:
+        raise failures[0]
 
 
 def read_call(conn: socket.socket) -> Any:

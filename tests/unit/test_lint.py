@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support import unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     if importlib.util.find_spec(module) is None:
-        message = f"{module} is not installed in {sys.executable} (pip install '.[test]')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{module} is not installed in {sys.executable} (pip install '.[test]')")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=600, check=False)
 

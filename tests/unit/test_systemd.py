@@ -14,6 +14,7 @@ import pytest
 
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
+from tests.support import unavailable
 
 NAMES = ["tiny", "qwen3:8b", "a-b", "a/b", ".hidden", "ünï", "a b", "../x", "a.b.", "x_y",
          "gemma-3-4b-it.Q4_K_M", "a\\b", "-", "tab\there", "日本語"]
@@ -24,7 +25,7 @@ NAMES = ["tiny", "qwen3:8b", "a-b", "a/b", ".hidden", "ünï", "a b", "../x", "a
 def systemd_escape(text: str) -> str:
     binary = shutil.which("systemd-escape") or "/usr/bin/systemd-escape"
     if not os.path.exists(binary):
-        pytest.skip("systemd-escape is not installed")
+        unavailable("systemd-escape is not installed")
     return subprocess.run([binary, "--", text], check=True, capture_output=True,
                           text=True).stdout.rstrip("\n")
 
