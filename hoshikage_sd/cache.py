@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from hoshikage_sd import fmt, log
-from hoshikage_sd.manifest import CachePolicy, Config, Model
-from hoshikage_sd.policy.cacheplan import Action, CacheState, Candidate, plan_cache
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.policy.cacheplan import Action, CacheState, Holding, cache_state, plan_cache
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import daemon
@@ -64,30 +64,17 @@ def trigger() -> None:
 
 def state(config: Config, busy: set[str], now: float) -> CacheState:
     assert config.cache is not None
-    stats = StatsFile(config.state_dir)
-    ranks = stats.ranks(now, config.weights, busy)
-    usage = stats.read()
-    candidates, used = [], 0
+    models = []
     for model in config.models.values():
         try:
             size = model.path.stat().st_size
         except OSError:
             continue
-        cached = cached_copy(config, model) is not None
-        if cached:
-            used += size
-        last = usage[model.name].last_used if model.name in usage else None
-        candidates.append(Candidate(model.name, size, ranks.get(model.name, 0.0), last,
-                                    cached, on_cache_disk(config, model),
-                                    model.name in busy, model.pinned))
+        models.append(Holding(model.name, size, cached_copy(config, model) is not None,
+                              on_cache_disk(config, model), model.pinned))
     st = os.statvfs(config.cache.dir)
-    return CacheState(used, st.f_bavail * st.f_frsize, candidates)
-
-
-def policy(config: Config) -> CachePolicy:
-    assert config.cache is not None
-    c = config.cache
-    return CachePolicy(c.max_size, c.min_free, c.expire_after, c.min_rank)
+    return cache_state(models, StatsFile(config.state_dir).read(), busy,
+                       st.f_bavail * st.f_frsize, now, config.weights)
 
 
 def sync(config: Config) -> int:
@@ -101,7 +88,8 @@ def sync(config: Config) -> int:
     store = Store(config.cache.dir)
     with runtime.locked("cache"):
         busy = set(systemd.active_model_units())
-        decisions = plan_cache(state(config, busy, time.time()), policy(config), time.time())
+        now = time.time()
+        decisions = plan_cache(state(config, busy, now), config.cache, now)
         for d in decisions:
             model = config.models[d.name]
             if d.action is Action.EXPIRE:

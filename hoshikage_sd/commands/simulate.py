@@ -65,8 +65,8 @@ from hoshikage_sd.manifest import (
 from hoshikage_sd.manifest.model import DAY
 from hoshikage_sd.manifest.nodes import NodeReader
 from hoshikage_sd.manifest.parse import CACHE_FIELDS
-from hoshikage_sd.policy.cacheplan import Action, CacheState, Candidate, Decision, plan_cache
-from hoshikage_sd.policy.rank import ModelStats, rank
+from hoshikage_sd.policy.cacheplan import Action, Decision, Holding, cache_state, plan_cache
+from hoshikage_sd.policy.rank import ModelStats
 
 T = TypeVar("T")
 
@@ -352,23 +352,21 @@ def stats_at(model: SimModel, now: float) -> tuple[ModelStats, bool]:
 def replay(scenario: Scenario) -> list[StepResult]:
     cached = {m.name for m in scenario.models if m.cached}
     free = scenario.disk_free
-    sizes = {m.name: m.size for m in scenario.models}
     results = []
     for step in scenario.steps:
         now = EPOCH + step.at
-        candidates, ranks, busy = [], {}, set()
+        stats, busy = {}, set()
         for model in scenario.models:
-            stats, loaded = stats_at(model, now)
-            ranks[model.name] = rank(stats, now, scenario.weights, loaded)
+            stats[model.name], loaded = stats_at(model, now)
             if loaded:
                 busy.add(model.name)
-            candidates.append(Candidate(model.name, model.size, ranks[model.name],
-                                        stats.last_used, model.name in cached, model.fast,
-                                        loaded, model.pinned))
-        used = sum(sizes[name] for name in cached)
-        decisions = tuple(plan_cache(CacheState(used, free, candidates), scenario.policy, now))
+        state = cache_state((Holding(m.name, m.size, m.name in cached, m.fast, m.pinned)
+                             for m in scenario.models), stats, busy, free, now,
+                            scenario.weights)
+        decisions = tuple(plan_cache(state, scenario.policy, now))
+        ranks = {c.name: c.rank for c in state.candidates}
         expected = scenario.expect.get(step.at)
-        results.append(StepResult(step, used, free, decisions, ranks, frozenset(busy),
+        results.append(StepResult(step, state.used, free, decisions, ranks, frozenset(busy),
                                   expected is not None, compare(expected, decisions)))
         for d in decisions:
             if d.action is Action.COPY:

@@ -4,12 +4,13 @@ decisions. Pure: cache.py feeds it the machine's facts, the simulator a scenario
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 from hoshikage_sd import fmt
-from hoshikage_sd.manifest.model import DAY, CachePolicy
+from hoshikage_sd.manifest.model import DAY, CachePolicy, Weights
+from hoshikage_sd.policy.rank import ModelStats, rank
 
 
 class Action(Enum):
@@ -45,6 +46,31 @@ class CacheState:
     used: int   # bytes the cache holds now
     free: int   # bytes free on the cache's disk now
     candidates: Sequence[Candidate] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A model as the cache sees it, before ranks: the machine's (cache.py) or a scenario's."""
+
+    name: str
+    size: int
+    cached: bool
+    fast: bool
+    pinned: bool
+
+
+def cache_state(models: Iterable[Holding], stats: Mapping[str, ModelStats],
+                busy: Collection[str], free: int, now: float, weights: Weights) -> CacheState:
+    """The input plan_cache decides on, built the same way for cache-sync and the
+    simulator: ranks at `now` from the usage records, what the cache holds, its room."""
+    candidates, used = [], 0
+    for m in models:
+        usage = stats.get(m.name, ModelStats())
+        loaded = m.name in busy
+        candidates.append(Candidate(m.name, m.size, rank(usage, now, weights, loaded),
+                                    usage.last_used, m.cached, m.fast, loaded, m.pinned))
+        used += m.size if m.cached else 0
+    return CacheState(used, free, candidates)
 
 
 def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decision]:
