@@ -46,6 +46,11 @@ def install(boot: Boot, deb: Path, models: Path, llama: Path) -> Deployment:
     assert c.exec("dpkg-query", "-W", "hoshikage", check=False).returncode != 0
     output = apt(c, "install", f"/debs/{deb.name}")
     assert "Setting up hoshikage" in output, output
+    # The shipped example is a conffile, and check says what is missing in it.
+    conffiles = (c.root / "var/lib/dpkg/info/hoshikage.conffiles").read_text()
+    assert conffiles.split() == ["/etc/hoshikage/models.yaml"]
+    example = c.exec("hoshikage", "check").stdout
+    assert "llama_server /usr/bin/llama-server is not an executable file" in example, example
     # The admin's steps from the README: edit the manifest; here also a free port (the
     # container shares the host's network) and an idle watch every second.
     (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST)
@@ -105,6 +110,14 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     passwd = c.exec("getent", "passwd", "hoshikage").stdout.split(":")
     assert passwd[6].strip() == "/usr/sbin/nologin" and int(passwd[2]) < 1000
     assert "1 model(s): tiny" in c.exec("hoshikage", "check").stdout
+    # check runs as root but answers for the service user: a model it cannot read is named.
+    c.exec("install", "-d", "-m", "0700", "/var/private-models")
+    c.exec("cp", "/srv/models/tiny.gguf", "/var/private-models/hidden.gguf")
+    manifest = c.root / "etc/hoshikage/models.yaml"
+    manifest.write_text(MANIFEST + "  hidden:\n    path: /var/private-models/hidden.gguf\n")
+    warning = c.exec("hoshikage", "check").stdout
+    assert "model hidden: hoshikage may not enter /var/private-models" in warning, warning
+    manifest.write_text(MANIFEST)
     # systemd-analyze security on the installed units, rated by the container's systemd.
     for name, bound in BOUNDS.items():
         out = c.exec("systemd-analyze", "security", "--no-pager",
