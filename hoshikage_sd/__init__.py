@@ -1,3 +1,3 @@
 """hoshikage: local LLMs served the systemd way."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

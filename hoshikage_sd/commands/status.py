@@ -150,12 +150,34 @@ def list_models(config: Config, as_json: bool) -> int:
     return 0
 
 
+def service_user_problems(config: Config) -> list[str]:
+    """What the units' user (not the caller, often root) cannot run or read."""
+    from hoshikage_sd.commands import access
+
+    user = access.service_user()
+    if user is None:
+        return []
+    problems = []
+    if os.access(config.llama_server, os.X_OK):
+        why = access.refusal(user, config.llama_server, 5)
+        if why:
+            problems.append(f"llama_server: {why} (the units run as {user.name})")
+    for model in config.models.values():
+        if model.path.exists():
+            why = access.refusal(user, model.path, 4)
+            if why:
+                problems.append(f"model {model.name}: {why} (give it the group: chgrp "
+                                f"{user.name} FILE and chmod g+r FILE, g+x on directories)")
+    return problems
+
+
 def check(config: Config) -> int:
     """The manifest parsed already (errors raised); report warnings and missing parts."""
     problems = list(config.warnings)
     if not os.access(config.llama_server, os.X_OK):
         problems.append(f"{config.source}: llama_server {config.llama_server} is not an "
                         "executable file")
+    problems += service_user_problems(config)
     for line in problems:
         print(f"warning: {line}")
     print(f"{config.source}: {len(config.models)} model(s): "

@@ -3,8 +3,10 @@
 Forking `systemctl start` from the router cost about 50 ms of every cold start. As root,
 systemctl itself does not go through dbus-daemon: it talks to PID 1 on its private socket,
 peer to peer. So do we: jeepney marshals the messages, and each call is a connect, an EXTERNAL
-authentication and one round trip (about a millisecond). Callers fall back to systemctl when
-the socket is not there (not root, or not systemd).
+authentication and one round trip (about a millisecond). Any other user (the units run as
+the service user hoshikage) is refused there and goes through the system bus instead
+(dbus-daemon, where systemd asks polkit about each start and stop). Callers fall back to
+systemctl when neither answers (not systemd, no bus).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from jeepney import DBusAddress, MessageType, Parser, new_method_call
 from jeepney.low_level import HeaderFields
 
 PRIVATE_SOCKET = "/run/systemd/private"
+SYSTEM_BUS = "/run/dbus/system_bus_socket"
+DAEMON = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
+                     interface="org.freedesktop.DBus")
 MANAGER = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
                       interface="org.freedesktop.systemd1.Manager")
 
@@ -46,8 +51,16 @@ class UnitState:
 
 
 def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
-         timeout: float = 10.0, path: str = PRIVATE_SOCKET) -> tuple[Any, ...]:
-    """One method call on org.freedesktop.systemd1.Manager; its reply's body."""
+         timeout: float = 10.0, path: str | None = None,
+         hello: bool | None = None) -> tuple[Any, ...]:
+    """One method call on org.freedesktop.systemd1.Manager; its reply's body.
+
+    By default root talks to PID 1 directly, anyone else through the system bus. `hello`:
+    the peer is a bus daemon, which wants Hello() first (default: path is the system bus)."""
+    if path is None:
+        path = PRIVATE_SOCKET if os.geteuid() == 0 else SYSTEM_BUS
+    if hello is None:
+        hello = path == SYSTEM_BUS
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
@@ -67,16 +80,23 @@ def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
         if not answer.startswith(b"OK "):
             refusal = answer.decode(errors="replace").strip()
             raise BusUnavailable(f"{path} refused authentication: {refusal}")
-        sock.sendall(new_method_call(MANAGER, method, signature, body).serialise(serial=1))
-        # PID 1 sends its signals to every private connection, from the OK on: skip them.
+        # A bus daemon takes Hello() and the call in one write; ours is the last serial.
+        serial = 2 if hello else 1
+        request = new_method_call(MANAGER, method, signature, body).serialise(serial=serial)
+        if hello:
+            request = new_method_call(DAEMON, "Hello").serialise(serial=1) + request
+        sock.sendall(request)
+        # PID 1 sends its signals to every private connection, from the OK on, and the bus
+        # daemon answers Hello() and sends NameAcquired first: skip all of that.
         parser = Parser()
         parser.add_data(rest)
         while True:
             message = parser.get_next_message()
             if message is None:
                 parser.add_data(_recv(sock, deadline, "before answering"))
-            elif message.header.message_type in (MessageType.method_return,
-                                                 MessageType.error):
+            elif (message.header.message_type in (MessageType.method_return,
+                                                  MessageType.error)
+                  and message.header.fields.get(HeaderFields.reply_serial) == serial):
                 break
     finally:
         sock.close()

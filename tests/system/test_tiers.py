@@ -45,6 +45,7 @@ def test_hdd_model_is_served_then_cached_and_an_old_one_expires(
     (cache / ".old.source.json").write_text(json.dumps(
         {"path": "/srv/models/old.gguf", "dev": ident.dev, "ino": ident.ino,
          "size": ident.size, "mtime_ns": ident.mtime_ns}))
+    hk.container.exec("chown", "-R", "hoshikage:hoshikage", CACHE)  # README: the user owns it
     stats = root / "var/lib/hoshikage/stats.json"
     stats.parent.mkdir(parents=True, exist_ok=True)
     long_ago = time.time() - 40 * 86400

@@ -122,3 +122,44 @@ def test_refused_authentication_and_no_socket(peer: Callable[[Script], str],
         bus.call("GetDefaultTarget", path=path)
     with pytest.raises(bus.BusUnavailable):
         bus.call("GetDefaultTarget", path=str(tmp_path / "absent"))
+
+
+def test_through_a_bus_daemon_hello_comes_first(peer: Callable[[Script], str]) -> None:
+    # What the service user does: dbus-daemon wants Hello() before anything else, answers
+    # it, sends NameAcquired, and only then the reply to the call (matched by its serial).
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"OK 0123456789abcdef\r\n")
+        parser = Parser()
+        messages: list[Any] = []
+        while len(messages) < 2:
+            parser.add_data(conn.recv(65536))
+            while (message := parser.get_next_message()) is not None:
+                messages.append(message)
+        hello, call = messages
+        assert hello.header.fields[3] == "Hello"
+        assert hello.header.fields[6] == "org.freedesktop.DBus"  # destination
+        assert call.header.fields[6] == "org.freedesktop.systemd1"
+        daemon = DBusAddress("/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+        acquired = new_signal(daemon, "NameAcquired", "s", (":1.42",))
+        reply = new_method_return(call, "o", ("/org/freedesktop/systemd1/job/9",))
+        conn.sendall(new_method_return(hello, "s", (":1.42",)).serialise(serial=1)
+                     + acquired.serialise(serial=2) + signal_bytes(3) + reply.serialise(serial=4))
+
+    path = peer(script)
+    assert bus.call("StartUnit", "ss", ("x.service", "replace"), path=path, hello=True) == \
+        ("/org/freedesktop/systemd1/job/9",)
+
+
+def test_root_talks_to_pid1_anyone_else_to_the_bus(monkeypatch: pytest.MonkeyPatch) -> None:
+    paths: list[str] = []
+
+    def connect(self: socket.socket, path: str) -> None:
+        paths.append(path)
+        raise FileNotFoundError(2, "absent")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for uid in (0, 999):
+        monkeypatch.setattr(bus.os, "geteuid", lambda uid=uid: uid)
+        with pytest.raises(bus.BusUnavailable):
+            bus.call("GetDefaultTarget")
+    assert paths == [bus.PRIVATE_SOCKET, bus.SYSTEM_BUS]

@@ -94,8 +94,16 @@ def test_ramdisk_allows_huge_pages() -> None:
 
 
 def test_tmpfiles_create(tmp_path: Path) -> None:
+    # The entries name the service user: sysusers.d makes it first, as the package does.
+    (tmp_path / "etc").mkdir()
+    subprocess.run([tool("systemd-sysusers"), f"--root={tmp_path}",
+                    str(REPO_ROOT / "sysusers.d/hoshikage.conf")], capture_output=True, check=True)
     conf = REPO_ROOT / "tmpfiles.d/hoshikage.conf"
     result = subprocess.run([tool("systemd-tmpfiles"), f"--root={tmp_path}", "--create",
                              str(conf)], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     assert (tmp_path / "run/hoshikage/activity").is_dir()
+    user = next(line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()
+                if line.startswith("hoshikage:"))
+    assert (tmp_path / "run/hoshikage").stat().st_uid == int(user[2])
+    assert user[6] == "/usr/sbin/nologin"

@@ -1,0 +1,109 @@
+"""Fixtures of the package tier: the .deb built by tools/build-deb, a cached clean bookworm
+root (rootfs.py), and that root booted with its own systemd in systemd-nspawn."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.container import Container, ContainerError, unavailable_reason
+from tests.package import rootfs
+from tests.support import REPO_ROOT, unavailable
+from tests.system.conftest import unique_name
+
+_CONTAINERS = pytest.StashKey[list[Container]]()
+Binds = Sequence[tuple[str, str, bool]]
+
+
+def build_deb(out: Path, revision: str | None = None) -> Path:
+    """tools/build-deb into `out`: the hoshikage .deb (lintian has passed)."""
+    argv = [str(REPO_ROOT / "tools/build-deb"), "--out", str(out)]
+    argv += ["--revision", revision] if revision else []
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (deb,) = [p for p in out.glob("hoshikage_*.deb")]
+    return deb
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hoshikage_VERSION-1_ARCH.deb, built from this checkout."""
+    for tool in ("dpkg-buildpackage", "dh", "lintian"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is missing: run tools/bootstrap.sh")
+    return build_deb(tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="session")
+def bookworm() -> Path:
+    """The cached debootstrap'ed bookworm root (made on first use, ~70-120 s)."""
+    reason = unavailable_reason()
+    if reason:
+        unavailable(reason)
+    if shutil.which("debootstrap") is None:
+        unavailable("debootstrap is missing: run tools/bootstrap.sh")
+    try:
+        return rootfs.make()
+    except RuntimeError as e:
+        unavailable(f"cannot make the bookworm root: {e}")
+
+
+@pytest.fixture
+def boot(request: pytest.FixtureRequest, bookworm: Path) -> Iterator[Callable[..., Container]]:
+    """``boot(binds)``: the bookworm root booted under its own systemd (a tmpfs overlay keeps
+    the cache pristine); stopped at teardown, its journal in the report of a failure."""
+    made: list[Container] = []
+    request.node.stash[_CONTAINERS] = made
+
+    def make(binds: Binds = ()) -> Container:
+        c = Container(unique_name(request.node.name), binds, rootfs=bookworm)
+        made.append(c)
+        c.start(120)
+        return c
+
+    yield make
+    errors: list[BaseException] = []
+    for c in reversed(made):
+        try:
+            c.stop()
+        except (ContainerError, OSError) as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed or report.when not in ("setup", "call"):
+        return
+    for c in item.stash.get(_CONTAINERS, []):
+        report.sections.append((f"container {c.name}: console", c.console_tail(100)))
+        if c.running:
+            with contextlib.suppress(Exception):  # a post-mortem must never hide the failure
+                report.sections.append((f"container {c.name}: journal", c.exec(
+                    "journalctl", "-b", "--no-pager", "-n", "300", "-o", "short-precise",
+                    check=False, timeout=20).stdout))
+
+
+def pids_in(c: Container) -> list[int]:
+    """Every process in the container's PID namespace (host PIDs), from /proc."""
+    assert c.pid1 is not None
+    ns = os.readlink(f"/proc/{c.pid1}/ns/pid")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns/pid") == ns:
+                    pids.append(int(entry.name))
+    return pids

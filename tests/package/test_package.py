@@ -1,0 +1,209 @@
+"""The Debian package as an admin meets it: apt install in a clean bookworm booted with its own
+systemd, first request, least privilege, idle stop, apt remove, apt purge, and an upgrade."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from testbed.container import Container
+from testbed.deploy import Deployment, free_port
+from tests.package.conftest import build_deb, pids_in
+from tests.unit.test_security import BOUNDS
+
+pytestmark = pytest.mark.package
+Boot = Callable[..., Container]
+UNIT = "hoshikage-model@tiny.service"
+LLAMA_DIR = "/opt/llama"  # the wheel's llama-server and its libraries, bound in read-only
+#: files the test adds as the admin would (a port drop-in, a faster idle timer); they are
+#: the admin's, so a purge keeps them, and the test removes them before it
+ADMIN_FILES = ("/etc/systemd/system/hoshikage.socket.d",
+               "/etc/systemd/system/hoshikage-idle.timer.d")
+MANIFEST = f"""# written by the package test
+llama_server: {LLAMA_DIR}/llama-server
+router_idle_exit: 2s
+models:
+  tiny:
+    path: /srv/models/tiny.gguf
+    ttl: 3s
+"""
+
+
+def apt(c: Container, *args: str) -> str:
+    result = c.exec("apt-get", "-y", "-q", "-o", "Dpkg::Use-Pty=0", *args, timeout=600,
+                    env={"DEBIAN_FRONTEND": "noninteractive"})
+    return result.stdout + result.stderr
+
+
+def install(boot: Boot, deb: Path, models: Path, llama: Path) -> Deployment:
+    """Boot the clean root, apt install the .deb in it, point the manifest at the tiny model."""
+    c = boot(binds=[(str(deb.parent), "/debs", True), (str(models), "/srv/models", True),
+                    (str(llama.parent), LLAMA_DIR, True)])
+    assert c.exec("dpkg-query", "-W", "hoshikage", check=False).returncode != 0
+    output = apt(c, "install", f"/debs/{deb.name}")
+    assert "Setting up hoshikage" in output, output
+    # The shipped example is a conffile, and check says what is missing in it.
+    conffiles = (c.root / "var/lib/dpkg/info/hoshikage.conffiles").read_text()
+    assert conffiles.split() == ["/etc/hoshikage/models.yaml"]
+    example = c.exec("hoshikage", "check").stdout
+    assert "llama_server /usr/bin/llama-server is not an executable file" in example, example
+    # The admin's steps from the README: edit the manifest; here also a free port (the
+    # container shares the host's network) and an idle watch every second.
+    (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST)
+    port = free_port()
+    dropin = c.root / ADMIN_FILES[0].lstrip("/")
+    dropin.mkdir(parents=True)
+    (dropin / "port.conf").write_text(f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
+    dropin = c.root / ADMIN_FILES[1].lstrip("/")
+    dropin.mkdir(parents=True)
+    (dropin / "fast.conf").write_text("[Timer]\nOnActiveSec=\nOnActiveSec=1s\n"
+                                      "OnUnitActiveSec=1s\nAccuracySec=100ms\n")
+    c.systemctl("daemon-reload")
+    c.systemctl("restart", "hoshikage.socket")
+    return Deployment(c, port, models)
+
+
+def processes(c: Container) -> dict[int, tuple[str, str]]:
+    """hoshikage's and llama-server's processes: pid -> (user, command line), from /proc."""
+    users = {line.split(":")[2]: line.split(":")[0]
+             for line in (c.root / "etc/passwd").read_text().splitlines()}
+    found = {}
+    for pid in pids_in(c):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if "hoshikage" in cmdline or "llama-server" in cmdline:
+            uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.MULTILINE)
+            assert uid and len(set(uid.groups())) == 1, status  # real = effective = saved
+            found[pid] = (users.get(uid.group(1), uid.group(1)), cmdline.strip())
+    return found
+
+
+def listening(hk: Deployment) -> bool:
+    return f":{hk.port}" in hk.container.exec("ss", "-Hltn").stdout
+
+
+@pytest.fixture
+def models(tmp_path: Path, tiny_gguf: Path) -> Path:
+    directory = tmp_path / "models"
+    directory.mkdir()
+    shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
+    return directory
+
+
+def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
+                                    llama_server_bin: Path) -> None:
+    hk = install(boot, deb, models, llama_server_bin)
+    c = hk.container
+    files = c.exec("dpkg", "-L", "hoshikage").stdout.split()
+
+    # Installed: the socket enabled and listening, nothing behind it, the user made.
+    assert c.systemctl("is-enabled", "hoshikage.socket").strip() == "enabled"
+    assert hk.state("hoshikage.socket") == "active" and listening(hk)
+    assert processes(c) == {}
+    passwd = c.exec("getent", "passwd", "hoshikage").stdout.split(":")
+    assert passwd[6].strip() == "/usr/sbin/nologin" and int(passwd[2]) < 1000
+    assert "1 model(s): tiny" in c.exec("hoshikage", "check").stdout
+    # check runs as root but answers for the service user: a model it cannot read is named.
+    c.exec("install", "-d", "-m", "0700", "/var/private-models")
+    c.exec("cp", "/srv/models/tiny.gguf", "/var/private-models/hidden.gguf")
+    manifest = c.root / "etc/hoshikage/models.yaml"
+    manifest.write_text(MANIFEST + "  hidden:\n    path: /var/private-models/hidden.gguf\n")
+    warning = c.exec("hoshikage", "check").stdout
+    assert "model hidden: hoshikage may not enter /var/private-models" in warning, warning
+    manifest.write_text(MANIFEST)
+    # systemd-analyze security on the installed units, rated by the container's systemd.
+    for name, bound in BOUNDS.items():
+        out = c.exec("systemd-analyze", "security", "--no-pager",
+                     name.replace("@.", "@tiny."), check=False).stdout
+        score = float(re.findall(r"Overall exposure level for \S+: (\d+\.\d+)", out)[0])
+        assert score <= bound, f"{name}: {score}\n{out}"
+
+    # The first request starts everything, as the service user only.
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    running = processes(c)
+    commands = " | ".join(cmd for _, cmd in running.values())
+    assert "hoshikage router" in commands and "llama-server" in commands, running
+    assert {user for user, _ in running.values()} == {"hoshikage"}, running
+    for path in ("/mnt/hoshikage", "/run/hoshikage", "/var/lib/hoshikage"):
+        owner = c.exec("stat", "-c", "%U:%G", path).stdout.strip()
+        assert owner == "hoshikage:hoshikage", (path, owner)
+    # polkit lets it start and stop its model units, and nothing else.
+    as_user = ("setpriv", "--reuid=hoshikage", "--regid=hoshikage", "--init-groups",
+               "systemctl", "--no-ask-password")
+    refused = c.exec(*as_user, "stop", "hoshikage.socket", check=False)
+    assert refused.returncode != 0 and "authentication required" in refused.stderr.lower()
+    assert hk.state("hoshikage.socket") == "active"
+
+    # Idle: the model stops, its release is journaled, the router exits.
+    hk.wait_for("the idle stop", lambda: hk.state(UNIT) == "inactive", timeout=60)
+    hk.wait_for("the released record", lambda: bool(hk.events("released", "tiny")))
+    (released,) = hk.events("released", "tiny")
+    assert released["HOSHIKAGE_REASON"] == "idle"
+    assert int(released["_UID"]) == int(passwd[2])  # ExecStopPost ran as the user too
+    hk.wait_for("no hoshikage process", lambda: processes(c) == {})
+
+    # apt remove: everything stops (a model loaded again first), config and state stay.
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    apt(c, "remove", "hoshikage")
+    assert processes(c) == {}
+    assert not listening(hk)
+    assert c.exec("findmnt", "/mnt/hoshikage", check=False).returncode != 0
+    loaded = c.systemctl("list-units", "--all", "--plain", "--no-legend", "hoshikage*",
+                         "mnt-hoshikage.mount")
+    assert "active" not in loaded.replace("inactive", ""), loaded
+    assert (c.root / "etc/hoshikage/models.yaml").exists()
+    assert (c.root / "var/lib/hoshikage").is_dir()
+
+    # apt purge: nothing of it is left (the admin's own drop-ins removed first).
+    for path in ADMIN_FILES:
+        shutil.rmtree(c.root / path.lstrip("/"))
+    apt(c, "purge", "hoshikage")
+    assert c.exec("getent", "passwd", "hoshikage", check=False).returncode == 2
+    assert c.exec("getent", "group", "hoshikage", check=False).returncode == 2
+    left = [f for f in files if (c.root / f.lstrip("/")).is_file()]
+    assert left == []
+    leftovers = c.exec("find", "/", "-xdev", "(", "-path", "/debs", "-o", "-path", "/srv",
+                       "-o", "-path", LLAMA_DIR, "-o", "-path", "/proc", "-o", "-path", "/sys",
+                       ")", "-prune", "-o", "-name", "*hoshikage*", "-print").stdout.split()
+    assert leftovers == []
+    assert "hoshikage" not in c.systemctl("list-unit-files", "--no-legend")
+
+
+def test_upgrade_keeps_a_loaded_model_and_serves_again(
+        boot: Boot, deb: Path, models: Path, llama_server_bin: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    next_deb = build_deb(tmp_path_factory.mktemp("deb-next"), revision="2")
+    hk = install(boot, deb, models, llama_server_bin)
+    c = hk.container
+    (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST.replace("ttl: 3s", "ttl: 10m"))
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    model_pid = c.systemctl("show", "-p", "MainPID", "--value", UNIT).strip()
+    router_pid = c.systemctl("show", "-p", "MainPID", "--value", "hoshikage.service").strip()
+    assert model_pid != "0" and router_pid != "0"
+
+    c.exec("mkdir", "-p", "/tmp/next")
+    (c.root / "tmp/next" / next_deb.name).write_bytes(next_deb.read_bytes())
+    output = apt(c, "install", f"/tmp/next/{next_deb.name}")
+    assert "Unpacking hoshikage (0.2.0-2) over (0.2.0-1)" in output, output
+    assert c.exec("dpkg-query", "-W", "-f", "${Version}", "hoshikage").stdout == "0.2.0-2"
+
+    # The loaded model is kept (same process); the router was restarted on the new code.
+    assert hk.state(UNIT) == "active"
+    assert c.systemctl("show", "-p", "MainPID", "--value", UNIT).strip() == model_pid
+    assert c.systemctl("show", "-p", "MainPID", "--value",
+                       "hoshikage.service").strip() != router_pid
+    assert hk.state("hoshikage.socket") == "active" and listening(hk)
+    status, body = hk.chat("tiny")  # no manual step
+    assert status == 200, body
+    assert len(hk.events("staged", "tiny")) == 1  # served by the kept model, not a reload
+    assert {user for user, _ in processes(c).values()} == {"hoshikage"}
