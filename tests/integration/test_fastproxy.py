@@ -1,0 +1,323 @@
+"""hoshikage_sd.fastproxy in front of a real llama-server on a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hoshikage_sd import fastproxy
+from hoshikage_sd.fastproxy import Forward, Proxy, Request, Response, ResponseParser, Upstream
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path,
+          llama_server_bin: Path) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("fastproxy")
+    sock = str(tmp / "tiny.sock")
+    log = (tmp / "llama.log").open("wb")
+    proc = subprocess.Popen([str(llama_server_bin), "-m", str(tiny_gguf), "--host", sock,
+                             "-c", "4096", "-np", "2"], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(sock)
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(100):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("llama-server did not start: "
+                            + (tmp / "llama.log").read_text(errors="replace"))
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.pieces: list[bytes] = []
+        self.ended = False
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                length: int, chunked: bool) -> None:
+        self.status = status
+        self.headers = {k.decode().lower(): v.decode() for k, v in headers}
+        if chunked:
+            self.headers["transfer-encoding"] = "chunked"
+
+    def on_body(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    def on_error(self, exc: BaseException, got_bytes: bool) -> None:
+        raise AssertionError(exc)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> Collect:
+    got = Collect()
+    parser = ResponseParser(got, head_only)
+    while not got.ended:
+        data = await asyncio.wait_for(reader.read(65536), 30)
+        if not data:
+            assert parser.eof(), "connection closed mid-response"
+            break
+        parser.feed(data)
+    got.headers["connection"] = "close" if not parser.keep_alive else "keep-alive"
+    return got
+
+
+def post(path: str, body: bytes | dict[str, Any], **headers: str) -> bytes:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def direct(sock: str, raw: bytes) -> Collect:
+    reader, writer = await asyncio.open_unix_connection(sock)
+    writer.write(raw)
+    try:
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+Scenario = Callable[[int, Upstream], Awaitable[None]]
+
+
+def run(llama: str, scenario: Scenario, handler: fastproxy.Handler | None = None,
+        size: int = 2) -> None:
+    async def main() -> None:
+        upstream = Upstream(llama, size)
+
+        async def forward_all(request: Request) -> Response | Forward:
+            if request.path == "/local":
+                return Response.json(200, {"local": True, "query": request.query})
+            return Forward(upstream)
+
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = await Proxy(handler or forward_all).listen(sock)
+        try:
+            await scenario(port, upstream)
+        finally:
+            server.close()
+            upstream.close()
+
+    asyncio.run(main())
+
+
+def test_streaming_passes_through_event_by_event(llama: str) -> None:
+    async def scenario(port: int, upstream: Upstream) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/completion", {"prompt": "hello", "n_predict": 12, "stream": True}))
+        got = await read_response(reader)
+        writer.close()
+        assert got.status == 200
+        assert got.headers["transfer-encoding"] == "chunked"
+        assert got.headers["content-type"].startswith("text/event-stream")
+        events = [p for p in got.pieces if p.startswith(b"data: ")]
+        # one chunk per event llama-server wrote, not one buffered blob
+        assert len(events) >= 12, got.pieces
+        assert json.loads(events[-1][6:])["stop"] is True
+
+    run(llama, scenario)
+
+
+def test_keep_alive_reuses_one_upstream_connection(llama: str) -> None:
+    async def scenario(port: int, upstream: Upstream) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        seen = set()
+        for _ in range(5):
+            writer.write(post("/tokenize", {"content": "hello world"}))
+            got = await read_response(reader)
+            assert got.status == 200 and got.json()["tokens"]
+            assert got.headers["connection"] == "keep-alive"
+            assert len(upstream.idle) == 1 and upstream.busy == 0
+            seen.add(id(upstream.idle[0]))
+        assert len(seen) == 1  # the same upstream connection every time
+        writer.close()
+
+    run(llama, scenario)
+
+
+def test_chunked_request_body(llama: str) -> None:
+    async def scenario(port: int, upstream: Upstream) -> None:
+        body = json.dumps({"content": "the model server hello world " * 20}).encode()
+        want = (await direct(llama, post("/tokenize", body))).json()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/json\r\n\r\n")
+        for i in range(0, len(body), 100):
+            piece = body[i:i + 100]
+            writer.write(b"%x;ext=1\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.005)  # separate reads on the proxy's side
+        writer.write(b"0\r\n\r\n")
+        got = await read_response(reader)
+        writer.close()
+        assert got.status == 200
+        assert got.json() == want
+
+    run(llama, scenario)
+
+
+def test_client_gone_mid_stream_closes_upstream(llama: str) -> None:
+    async def scenario(port: int, upstream: Upstream) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/completion", {"prompt": "hello", "n_predict": 100000,
+                                          "stream": True, "ignore_eos": True}))
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        assert upstream.busy == 1
+        await reader.readuntil(b"data: ")  # generating
+        writer.transport.abort()
+        for _ in range(100):
+            if upstream.busy == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert upstream.busy == 0 and upstream.idle == []  # dropped, not pooled
+        # llama-server saw its client go: its slots are free again (it answers at once)
+        started = time.monotonic()
+        got = await direct(llama, post("/completion", {"prompt": "hi", "n_predict": 2}))
+        assert got.status == 200 and time.monotonic() - started < 10
+
+    run(llama, scenario)
+
+
+def test_upstream_errors_pass_through(llama: str) -> None:
+    requests = [b"GET /no-such-route HTTP/1.1\r\nHost: x\r\n\r\n",
+                post("/completion", b"{not json"),
+                post("/embeddings", {"content": "hello"})]
+
+    async def scenario(port: int, upstream: Upstream) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for raw in requests:
+            want = await direct(llama, raw)
+            writer.write(raw)
+            got = await read_response(reader)
+            assert want.status >= 400
+            assert (got.status, got.body) == (want.status, want.body)
+        writer.close()
+
+    run(llama, scenario)
+
+
+def test_big_bodies_both_ways(llama: str) -> None:
+    async def scenario(port: int, upstream: Upstream) -> None:
+        body = json.dumps({"content": "hello world the model " * 100_000}).encode()  # 2.2 MB
+        want = await direct(llama, post("/tokenize", body))
+        assert want.status == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/tokenize", body, expect="100-continue"))
+        interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        got = await read_response(reader)
+        writer.close()
+        assert got.status == 200
+        assert len(got.body) > 1_000_000
+        assert got.body == want.body
+
+    run(llama, scenario)
+
+
+def test_local_answers_and_json_errors(llama: str, tmp_path: Path) -> None:
+    gone = Upstream(str(tmp_path / "nobody.sock"))
+    asked: list[OSError] = []
+
+    async def handler(request: Request) -> Response | Forward:
+        if request.path == "/local":
+            return Response.json(200, {"query": request.query})
+        if request.path == "/retry":
+            async def unreachable(exc: OSError) -> Response | Forward:
+                asked.append(exc)
+                return Response.error(503, "could not be started", "model_unavailable")
+            return Forward(gone, unreachable=unreachable)
+        return Forward(gone)
+
+    async def scenario(port: int, upstream: Upstream) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /local?model=a&model=b&x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = await read_response(reader)
+        assert (got.status, got.json()) == (200, {"query": {"model": "a", "x": "1"}})
+        writer.write(post("/v1/chat/completions", {"model": "x"}))
+        got = await read_response(reader)
+        assert got.status == 502 and got.json()["error"]["code"] == 502
+        assert got.headers["content-type"].startswith("application/json")
+        writer.write(post("/retry", {}))
+        got = await read_response(reader)
+        assert got.status == 503 and got.json()["error"]["type"] == "model_unavailable"
+        assert len(asked) == 1 and isinstance(asked[0], FileNotFoundError)
+        # malformed framing: a JSON 400 and the connection closed
+        writer.write(b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+                     b"\r\n\r\n")
+        got = await read_response(reader)
+        assert got.status == 400 and got.headers["connection"] == "close"
+        assert await reader.read() == b""
+        writer.close()
+
+    run(llama, scenario, handler)
+
+
+def test_pool_bounds_upstream_connections(llama: str) -> None:
+    async def scenario(port: int, upstream: Upstream) -> None:
+        most = 0
+
+        async def client() -> None:
+            nonlocal most
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(3):
+                writer.write(post("/tokenize", {"content": "hello"}))
+                got = await read_response(reader)
+                assert got.status == 200
+                most = max(most, upstream.busy)
+            writer.close()
+
+        await asyncio.gather(*(client() for _ in range(40)))
+        assert 1 <= most <= 2 and upstream.busy == 0 and len(upstream.idle) <= 2
+
+    run(llama, scenario, size=2)
+
+
+def test_request_parser_pipelining_and_refusals() -> None:
+    got: list[Request] = []
+    parser = fastproxy.RequestParser(got.append, max_body=100)
+    parser.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b?q=1 HTTP/1.0\r\nContent-Len")
+    parser.feed(b"gth: 3\r\nConnection: keep-alive\r\n\r\nab")
+    parser.feed(b"cGET /c HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert [(r.method, r.target, r.body, r.keep_alive) for r in got] == [
+        ("GET", "/a", b"", True), ("POST", "/b?q=1", b"abc", True), ("GET", "/c", b"", False)]
+    for bad in (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                b"GET / HTTP/1.1\r\n folded: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+                b"GET / HTTP/1.1\r\nContent-Length: 101\r\n\r\n",
+                b"GET / HTTP/2\r\n\r\n",
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        with pytest.raises(fastproxy.BadRequest):
+            fastproxy.RequestParser(got.append, max_body=100).feed(bad)
