@@ -23,7 +23,7 @@ router does):
   c-ht     asyncio.Protocol server parsing with httptools (Debian's 0.1.1) + that pool
   c-py     asyncio.Protocol server with a pure-Python parser + that pool
   d-ht     c-ht on uvloop                d-py     c-py on uvloop
-  fast     hoshikage_sd.fastproxy (the module built from the winner), when it exists
+  fast     hoshikage_sd.router.proxy (the module built from the winner), when it exists
 
   PYTHONPATH=. .venv/bin/python bench/proxy_layers.py [--rounds 5] [--only a,c-py,...]
       [--latency-n 400] [--json FILE]
@@ -781,7 +781,7 @@ def serve_raw(port: int, upstream: str, size: int, parser: str, use_uvloop: bool
 
 
 def serve_fast(port: int, upstream: str, size: int) -> None:
-    fastproxy = importlib.import_module("hoshikage_sd.fastproxy")
+    fastproxy = importlib.import_module("hoshikage_sd.router.proxy")
     fastproxy.bench_serve(port, upstream, size)
 
 

@@ -1,4 +1,4 @@
-"""hoshikage_sd.fastproxy in front of a real llama-server on a unix socket."""
+"""hoshikage_sd.router.proxy in front of a real llama-server on a unix socket."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from hoshikage_sd import fastproxy
-from hoshikage_sd.fastproxy import Forward, Proxy, Request, Response, ResponseParser, Upstream
+from hoshikage_sd.router import proxy as fastproxy
+from hoshikage_sd.router.proxy import Forward, Proxy, Request, Response, ResponseParser, Upstream
 
 pytestmark = pytest.mark.integration
 
