@@ -17,13 +17,16 @@ one candidate proxy in its own process on a TCP port and drives it from this pro
 Candidates (each one process; the request's "model" is read from its JSON body, as the
 router does):
 
-  a        aiohttp server + aiohttp ClientSession, UnixConnector(limit=0): today's router
+  a        aiohttp server + aiohttp ClientSession, UnixConnector(limit=0): the old router
   a-lim    the same with UnixConnector(limit=POOL): aiohttp's own pool, bounded
   b        aiohttp server + a hand-written upstream pool (asyncio.Protocol, POOL connections)
   c-ht     asyncio.Protocol server parsing with httptools (Debian's 0.1.1) + that pool
   c-py     asyncio.Protocol server with a pure-Python parser + that pool
   d-ht     c-ht on uvloop                d-py     c-py on uvloop
   fast     hoshikage_sd.router.proxy (the module built from the winner), when it exists
+  router   the real router (`hoshikage router --listen`), its manifest's runtime directory
+           holding a link to llama-server's socket, so it forwards as to a loaded model
+           (resolve, activity records, manifest checks and all)
 
   PYTHONPATH=. .venv/bin/python bench/proxy_layers.py [--rounds 5] [--only a,c-py,...]
       [--latency-n 400] [--json FILE]
@@ -56,7 +59,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
 
-CANDIDATES = ("a", "a-lim", "b", "c-ht", "c-py", "d-ht", "d-py", "fast")
+CANDIDATES = ("a", "a-lim", "b", "c-ht", "c-py", "d-ht", "d-py", "fast", "router")
 TOKENIZE = json.dumps({"model": "tiny", "content": "hello world, the model server"}).encode()
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
@@ -785,8 +788,38 @@ def serve_fast(port: int, upstream: str, size: int) -> None:
     fastproxy.bench_serve(port, upstream, size)
 
 
+def serve_router(port: int, upstream: str, size: int) -> None:
+    """The real router on a TCP port, in front of the bench's llama-server as model "tiny"
+    (its pool sized by the model's --threads-http, as the manifest sizes it)."""
+    import threading
+
+    from hoshikage_sd import cli
+
+    tmp = Path(tempfile.mkdtemp(prefix="proxy-layers-router-"))
+    run = tmp / "run"
+    run.mkdir()
+    (run / "tiny.sock").symlink_to(upstream)
+    (tmp / "models.yaml").write_text(
+        f"ramdisk: {tmp}\nruntime_dir: {run}\nstate_dir: {tmp / 'state'}\n"
+        f"llama_server: /bin/true\nrouter_idle_exit: 1h\nmodels:\n"
+        f"  tiny:\n    path: {Path(upstream).with_name('tiny.gguf')}\n"
+        f"    args: [--threads-http, '{size + 1}']\n")
+
+    def ready() -> None:
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                print("ready", flush=True)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=ready, daemon=True).start()
+    cli.main(["--config", str(tmp / "models.yaml"), "router", "--listen", f"127.0.0.1:{port}"])
+
+
 def serve(kind: str, port: int, upstream: str, pool: int) -> None:
-    if kind == "a":
+    if kind == "router":
+        serve_router(port, upstream, pool)
+    elif kind == "a":
         serve_aiohttp_client(port, upstream, 0)
     elif kind == "a-lim":
         serve_aiohttp_client(port, upstream, pool)
@@ -1025,7 +1058,8 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=0, help="upstream pool size (default: "
                     "llama-server's HTTP threads less one)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", default=",".join(c for c in CANDIDATES if c != "fast"))
+    ap.add_argument("--only", default=",".join(c for c in CANDIDATES
+                                               if c not in ("fast", "router")))
     ap.add_argument("--latency-n", type=int, default=400)
     ap.add_argument("--bursts", type=int, default=3)
     ap.add_argument("--per32", type=int, default=8)

@@ -1,6 +1,6 @@
 """The `hoshikage` command: unit helpers (activate, release, idle-watch, router) and the
 commands people type (status, check). Imports are per command: helpers sit on the cold-start
-path, so `activate` never pays for aiohttp."""
+path, so `activate` never pays for the router's HTTP front."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from hoshikage_sd import __version__, log
 from hoshikage_sd.errors import HoshikageError, die, report
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from hoshikage_sd.manifest import Config
 
 
@@ -54,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("router", help="(unit helper) the socket-activated request router")
     p.add_argument("--listen", help="HOST:PORT when not socket-activated "
                                     "(default 127.0.0.1:8080)")
+    sub.add_parser("reload", help="make the running router read the manifest and names "
+                                  "again now (nothing to do when none runs)")
     p = sub.add_parser("simulate", help="replay a usage scenario through the cache policy "
                                         "(no manifest needed)")
     p.add_argument("scenario", nargs="?", metavar="SCENARIO",
@@ -82,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     from hoshikage_sd import manifest
     from hoshikage_sd.manifest import names
 
-    config = names.effective(manifest.load(Path(args.config) if args.config else None))
+    source = Path(args.config) if args.config else None
+    if args.command == "router":
+        return router(source, args.listen)
+    if args.command == "reload":
+        return reload(source)
+    config = names.effective(manifest.load(source))
     if args.command == "activate":
         from hoshikage_sd.model_unit import activate
 
@@ -97,13 +106,6 @@ def run(args: argparse.Namespace) -> int:
         from hoshikage_sd.watch import idle
 
         return idle.main(config)
-    if args.command == "router":
-        from hoshikage_sd.router import first_request
-
-        first = first_request.take(config)  # before the router's imports: ~300 ms cold
-        from hoshikage_sd.router import server as router
-
-        return router.main(config, args.listen, first)
     if args.command in ("alias", "tag"):
         return edit_names(config, args)
     if args.command == "cache-sync":
@@ -120,6 +122,44 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "list":
         return status.list_models(config, args.json)
     return status.status(config) if args.command == "status" else status.check(config)
+
+
+def router(source: Path | None, listen: str | None) -> int:
+    """The router starts whatever the manifest says: a broken one gets every model request
+    a 503 with the reason until it is fixed (a router that exited instead would be started
+    again for the same connection until the socket's start limit takes the port down)."""
+    from hoshikage_sd import manifest
+    from hoshikage_sd.manifest import Config, names
+    from hoshikage_sd.router import first_request
+
+    path = source or manifest.config_path()
+    config: Config | None = None
+    broken = None
+    try:
+        loaded = manifest.load(path)
+        config = names.apply(loaded, names.load(loaded))
+    except HoshikageError as err:
+        broken = err.message
+    first = first_request.take(config)  # before the router's own imports
+    from hoshikage_sd.router import server
+
+    return server.main(config or Config(source=path), listen, first, broken)
+
+
+def reload(source: Path | None) -> int:
+    """Tell the running router (if any) to read the manifest and names.json again."""
+    from hoshikage_sd import manifest, protocol
+    from hoshikage_sd.manifest import Config
+
+    path = source or manifest.config_path()
+    try:
+        runtime_dir = manifest.load(path).runtime_dir
+    except HoshikageError:  # the router says what is wrong; the default place is its
+        runtime_dir = Config(source=path).runtime_dir
+    if protocol.send_datagram(protocol.router_socket(str(runtime_dir)).encode(),
+                              protocol.RELOAD):
+        print(f"router told to reload {path}")
+    return 0
 
 
 def edit_names(config: Config, args: argparse.Namespace) -> int:

@@ -21,6 +21,9 @@ TICKET_DIR = "launch"
 #: the router's datagram socket in the runtime directory: a model's name sent there says
 #: "it serves now", so the router need not poll /health (CPU llama-server's load wants)
 ROUTER_SOCKET = "router.notify"
+#: the datagram on that socket that says "read the manifest and names.json again now"
+#: (`hoshikage reload`; a model's name never starts with "!")
+RELOAD = b"!reload"
 #: seconds a ticket stays good: one the unit did not take by then is from a start that failed
 TICKET_TTL = 30.0
 #: the model-name rule (manifest.NAME_RE says the same as a regular expression): a name

@@ -164,6 +164,19 @@ class Runtime:
     def set_caching(self, name: str, done: int, total: int) -> None:
         self._write("caching", name, {"done": done, "total": total})
 
+    def ttl(self, name: str) -> float | None:
+        """The TTL a request set for this load (Ollama's keep_alive; the router writes it,
+        the unit's release clears it): seconds, math.inf for "until stopped", None: the
+        manifest's."""
+        data = self._read("ttl", name)
+        value = data.get("ttl") if data else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float("inf") if value < 0 else float(value)
+
+    def set_ttl(self, name: str, seconds: float) -> None:
+        self._write("ttl", name, {"ttl": -1 if seconds == float("inf") else seconds})
+
     def stop_reason(self, name: str) -> str | None:
         data = self._read("stop", name)
         return str(data.get("reason")) if data else None

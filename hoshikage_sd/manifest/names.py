@@ -31,14 +31,32 @@ def path(config: Config) -> Path:
 
 
 def load(config: Config) -> Names:
+    """The CLI's names; HoshikageError (file, line where JSON says, what is wrong) for a
+    file that is not JSON or not of this shape."""
+    where = path(config)
     try:
-        data = json.loads(path(config).read_text())
+        data = json.loads(where.read_text())
     except FileNotFoundError:
         return Names()
+    except json.JSONDecodeError as exc:
+        die(f"{where}:{exc.lineno}: not valid JSON: {exc.msg}", hint="fix or remove the file")
     except (OSError, ValueError) as exc:
-        die(f"cannot read {path(config)}: {exc}", hint="fix or remove the file")
-    return Names(aliases=dict(data.get("aliases", {})), removed=list(data.get("removed", [])),
-                 tags=dict(data.get("tags", {})))
+        die(f"cannot read {where}: {exc}", hint="fix or remove the file")
+    if not isinstance(data, dict):
+        die(f"{where}: must be a JSON object, not {type(data).__name__}",
+            hint="fix or remove the file")
+    mappings = {}
+    for key in ("aliases", "tags"):
+        value = data.get(key, {})
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            die(f"{where}: '{key}' must be an object of names to model names",
+                hint="fix or remove the file")
+        mappings[key] = dict(value)
+    removed = data.get("removed", [])
+    if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
+        die(f"{where}: 'removed' must be a list of names", hint="fix or remove the file")
+    return Names(aliases=mappings["aliases"], removed=list(removed), tags=mappings["tags"])
 
 
 def save(config: Config, names: Names) -> None:

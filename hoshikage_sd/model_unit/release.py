@@ -34,7 +34,7 @@ def main(config: Config, name: str) -> int:
     result, code, status = (os.environ.get(k) for k in ("SERVICE_RESULT", "EXIT_CODE",
                                                         "EXIT_STATUS"))
     reason = reason_for(runtime.stop_reason(name), result, code, status)
-    for kind in ("running", "activity", "stop", "admitted"):
+    for kind in ("running", "activity", "stop", "admitted", "ttl"):
         runtime.clear(kind, name)
     # A ticket written while this unit was still stopping must not outlive its copy.
     with contextlib.suppress(FileNotFoundError):

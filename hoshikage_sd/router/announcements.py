@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from hoshikage_sd import protocol
@@ -18,12 +19,15 @@ class Announcements:
     """Model units saying "it serves now" (protocol.tell_router: the model's name in a datagram
     on a socket in the runtime directory). While a model loads the router waits for that
     instead of probing its /health every START_POLL: the probes cost ~30 ms of CPU per cold
-    start (measured), CPU that llama-server's load and first answer want."""
+    start (measured), CPU that llama-server's load and first answer want.
 
-    def __init__(self, runtime_dir: Path) -> None:
+    The same socket takes protocol.RELOAD (`hoshikage reload`): `on_reload` is called."""
+
+    def __init__(self, runtime_dir: Path, on_reload: Callable[[], None] | None = None) -> None:
         self.path = Path(protocol.router_socket(str(runtime_dir)))
         self.events: dict[str, asyncio.Event] = {}
         self.sock: socket.socket | None = None
+        self.on_reload = on_reload
 
     @property
     def listening(self) -> bool:
@@ -35,7 +39,7 @@ class Announcements:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()  # a router before this one's
-            umask = os.umask(0o177)  # only root (the model units) may say so
+            umask = os.umask(0o177)  # only its user and root (units, `hoshikage reload`)
             try:
                 sock.bind(str(self.path))
             finally:
@@ -56,6 +60,10 @@ class Announcements:
                 name = self.sock.recv(256)
             except OSError:  # BlockingIOError: all read
                 return
+            if name == protocol.RELOAD:
+                if self.on_reload is not None:
+                    self.on_reload()
+                continue
             event = self.events.get(name.decode(errors="replace"))
             if event is not None:
                 event.set()

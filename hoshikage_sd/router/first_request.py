@@ -1,12 +1,13 @@
-"""The request that woke the router, read before the router imports aiohttp.
+"""The request that woke the router, read before the router's own imports.
 
-From zero processes, the router's imports (aiohttp above all) take ~300 ms before it can read
-a request, and only then would the model's unit start. So `hoshikage router` first accepts
-the pending connection itself, peeks at its bytes (MSG_PEEK: they stay in the socket for the
-real HTTP server), and when it names a model that is not serving, starts that model's unit
-at once. The unit stages and loads while the router imports; the connection is then handed
-to aiohttp like any other. Anything unexpected (no connection pending, a slow or odd client,
-an unknown model) just skips the head start: the router handles the request as always.
+From zero processes, the router's imports take a while before it can read a request, and
+only then would the model's unit start. So `hoshikage router` first accepts the pending
+connection itself, peeks at its bytes (MSG_PEEK: they stay in the socket for the real HTTP
+server), and when it names a model that is not serving, starts that model's unit at once.
+The unit stages and loads while the router imports; the connection is then handed to the
+router's HTTP front (proxy.adopt) like any other. Anything unexpected (no connection
+pending, a slow or odd client, an unknown model, a manifest that cannot be read) just skips
+the head start: the router handles the request as always.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.resolve import resolve
+from hoshikage_sd.router import routes
 from hoshikage_sd.sd import daemon, units
 
 logger = logging.getLogger("hoshikage.router")
@@ -52,9 +54,23 @@ def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
 
 def forwarded(method: str, path: str, query: dict[str, str]) -> bool:
     """Is this a request the router forwards to a model (not one it answers itself)?"""
-    if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
-        return False
-    return not (path in ("/health", "/hoshikage/health") and "model" not in query)
+    return routes.classify(method, path, query) is routes.Route.FORWARD
+
+
+def ollama_model(path: str, body: bytes) -> str | None:
+    """The model an Ollama inference request loads (None: none, or it only unloads: a
+    keep_alive of zero). ValueError if the body is not JSON."""
+    if routes.classify("POST", path, {}) is not routes.Route.OLLAMA_INFER:
+        return None
+    data = json.loads(body) if body.strip() else {}
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str):
+        return None
+    keep = data.get("keep_alive")
+    if isinstance(keep, int | float) and not isinstance(keep, bool) and keep == 0:
+        return None
+    if isinstance(keep, str) and not keep.strip().lstrip("+-").strip("0.nsuµμmh"):
+        return None  # "0", "0s", "0m", ...: unload
+    return str(data["model"])
 
 
 def parse(data: bytes) -> tuple[str, str, dict[str, str], bytes] | None:
@@ -105,10 +121,11 @@ def peek(connection: socket.socket, wait: float = PEEK_WAIT) -> tuple[str, str, 
         time.sleep(0.001)  # the rest is on its way (select says "readable" while a byte waits)
 
 
-def take(config: Config) -> FirstRequest:
-    """The sockets systemd passed, and a head start for the model the pending request names."""
+def take(config: Config | None) -> FirstRequest:
+    """The sockets systemd passed, and a head start for the model the pending request names
+    (none without a usable manifest)."""
     first = FirstRequest([socket.socket(fileno=fd) for fd in daemon.listen_fds()])
-    if not first.sockets:
+    if not first.sockets or config is None:
         return first
     listener = first.sockets[0]
     try:
@@ -123,9 +140,13 @@ def take(config: Config) -> FirstRequest:
         if request is None:
             return first
         method, path, query, body = request
-        if not forwarded(method, path, query):
-            return first
-        model = resolve(config, model_name_of(body, query))
+        if forwarded(method, path, query):
+            model = resolve(config, model_name_of(body, query))
+        else:
+            name = ollama_model(path, body) if method == "POST" else None
+            if name is None:
+                return first
+            model = resolve(config, name) or resolve(config, name.removesuffix(":latest"))
         if model is None:
             return first
         if protocol.probe(str(config.socket_path(model.name)), model.health, timeout=0.5) == 200:

@@ -44,9 +44,12 @@ CLIENT_KEEPALIVE = 75.0
 #: pipelined requests parsed ahead of the one being answered before reading pauses
 MAX_QUEUED = 16
 REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
-           404: "Not Found", 409: "Conflict", 413: "Payload Too Large",
+           401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+           413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable"}
+           501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
 
 T = TypeVar("T")
 
@@ -68,6 +71,8 @@ class Request:
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
     keep_alive: bool = True
+    #: the handler's id for it (request ids in replies and logs)
+    id: str = ""
 
     @property
     def path(self) -> str:
@@ -105,23 +110,70 @@ class Response:
 
     @classmethod
     def error(cls, status: int, message: str, kind: str, **headers: str) -> Response:
-        """The router's error shape: {"error": {"message", "type", "code"}}."""
-        return cls.json(status, {"error": {"message": message, "type": kind, "code": status}},
-                        **headers)
+        """OpenAI's error shape: {"error": {"message", "type", "param", "code"}} (the
+        front's own errors where the caller renders none: see Proxy's `error`)."""
+        code = kind if kind != "invalid_request_error" else "invalid_request"
+        return cls.json(status, {"error": {"message": message, "type": (
+            "server_error" if status >= 500 else "invalid_request_error"), "param": None,
+            "code": code}}, **headers)
+
+
+class Transform(Protocol):
+    """Rewrites one upstream response for the client (e.g. llama-server's SSE as Ollama's
+    NDJSON). Made by Forward's `transform` from the upstream's status and headers; the
+    client then gets `status` and `headers` and what `feed` and `finish` return as its
+    body: chunked as it comes, or, when `whole`, all at the end with a Content-Length (the
+    head waits for it, so `status` may still change in `finish`)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    whole: bool
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes:
+        """The rest, at the upstream's end (or when it failed midway: say so if you can)."""
+        ...
+
+
+@dataclass
+class Outcome:
+    """How a forwarded exchange ended: the status the client got (0: none), when the
+    response head went out (monotonic; None: never), whether the body was complete."""
+
+    status: int = 0
+    head_at: float | None = None
+    complete: bool = False
 
 
 @dataclass
 class Forward:
     """Send the request to `upstream`. `unreachable` is asked what to do when no connection
     to it can be made (the unit was stopped: start it again, or give up); without it the
-    client gets a 502. `done` runs once the exchange is over, however it ended."""
+    client gets a 502. `done` runs once the exchange is over, however it ended.
+
+    `request`: send this instead of the client's request (a translated one). `headers` are
+    added to the response; upstream headers named in `drop` (lower case) are not passed on.
+    `transform`, given the upstream status and headers, may return a Transform for the body
+    (None: pass it through as it is)."""
 
     upstream: Upstream
     unreachable: Callable[[OSError], Awaitable[Forward | Response]] | None = None
-    done: Callable[[], None] | None = None
+    done: Callable[[Outcome], None] | None = None
+    request: Request | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    drop: frozenset[bytes] = frozenset()
+    transform: Callable[[int, list[tuple[bytes, bytes]]], Transform | None] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | Forward]]
+#: renders the front's own errors (malformed requests, an upstream failing) for a request
+#: (None: it could not be parsed): status, message, OpenAI-style code
+ErrorRenderer = Callable[[Request | None, int, str, str], Response]
+
+
+def default_error(request: Request | None, status: int, message: str, code: str) -> Response:
+    return Response.error(status, message, code)
 
 
 def response_bytes(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
@@ -565,18 +617,44 @@ class Upstream:
 class Exchange:
     """The upstream side of one forwarded request, as seen from the client connection."""
 
-    def __init__(self, client: ClientConnection, keep_alive: bool, http10: bool) -> None:
+    def __init__(self, client: ClientConnection, keep_alive: bool, http10: bool,
+                 forward: Forward | None = None, head_only: bool = False) -> None:
         self.client = client
         self.keep_alive = keep_alive
         self.http10 = http10
+        self.forward = forward
+        self.head_only = head_only
+        self.transform: Transform | None = None
         self.chunked = False
         self.head_sent = False
         self.error: BaseException | None = None
         self.got_bytes = False
+        self.outcome = Outcome()
         self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                 length: int, chunked: bool) -> None:
+        forward = self.forward
+        if forward is not None:
+            if forward.drop:
+                headers = [(k, v) for k, v in headers if k.lower() not in forward.drop]
+            if forward.transform is not None and not self.head_only:
+                transform = self.transform = forward.transform(status, headers)
+                if transform is not None:
+                    if transform.whole:
+                        return  # the head goes out with the body, at the end
+                    if status != transform.status:
+                        reason = REASONS.get(transform.status, "Unknown").encode()
+                    status, headers = transform.status, transform.headers
+                    length, chunked = -1, True
+            if forward.headers:
+                headers = headers + forward.headers
+        self._head(status, reason, headers, length, chunked)
+
+    def _head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+              length: int, chunked: bool) -> None:
+        self.outcome.status = status
+        self.outcome.head_at = time.monotonic()
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         out += [k + b": " + v + b"\r\n" for k, v in headers]
         if length >= 0:
@@ -595,18 +673,44 @@ class Exchange:
         self.client.write(b"".join(out))
 
     def on_body(self, data: bytes) -> None:
+        if self.transform is not None:
+            data = self.transform.feed(data)
+            if not data:
+                return
         # one chunk out per piece in: server-sent events pass through as they come
         self.client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
+    def _finish_transform(self) -> None:
+        transform, self.transform = self.transform, None
+        if transform is None:
+            return
+        data = transform.finish()
+        if transform.whole:
+            headers = transform.headers
+            if self.forward is not None and self.forward.headers:
+                headers = headers + self.forward.headers
+            self._head(transform.status, REASONS.get(transform.status, "Unknown").encode(),
+                       headers, len(data), False)
+            self.client.write(data)
+        elif data:
+            self.client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
     def on_end(self) -> None:
+        self._finish_transform()
         if self.chunked:
             self.client.write(b"0\r\n\r\n")
+        self.outcome.complete = True
         if not self.finished.done():
             self.finished.set_result(True)
 
     def on_error(self, exc: BaseException, got_bytes: bool) -> None:
         self.error = exc
         self.got_bytes = got_bytes
+        if self.head_sent and self.transform is not None and not self.transform.whole:
+            # a translated stream ends with its own word on what went wrong
+            self._finish_transform()
+            if self.chunked:
+                self.client.write(b"0\r\n\r\n")
         if not self.finished.done():
             self.finished.set_result(False)
 
@@ -639,8 +743,8 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed(data)
         except BadRequest as exc:
             self.queue.clear()
-            self.write(response_bytes(Response.error(exc.status, str(exc),
-                                                     "invalid_request_error"), False))
+            self.write(response_bytes(self.proxy.error(None, exc.status, str(exc),
+                                                       "invalid_request"), False))
             self.close()
             return
         if self.parser.expects_continue:
@@ -706,8 +810,8 @@ class ClientConnection(asyncio.Protocol):
             return
         except Exception:
             logger.exception("proxy: request failed")
-            self.write(response_bytes(Response.error(500, "internal error in the router",
-                                                     "server_error"), False))
+            self.write(response_bytes(self.proxy.error(None, 500, "internal error in the "
+                                                       "router", "server_error"), False))
             self.close()
             return
         finally:
@@ -723,26 +827,30 @@ class ClientConnection(asyncio.Protocol):
         result = await self.proxy.handler(request)
         while isinstance(result, Forward):
             forward = result
+            outcome = Outcome()
             try:
-                return await self._forward(request, forward, head_only)
-            except OSError as exc:  # no connection could be made
+                return await self._forward(request, forward, head_only, outcome)
+            except OSError as exc:  # no connection could be made: nothing was sent
                 if forward.unreachable is None:
-                    result = Response.error(502, f"upstream not answering: {exc}",
-                                            "model_unavailable")
+                    result = self.proxy.error(request, 502, f"upstream not answering: {exc}",
+                                              "model_unavailable")
                 else:
                     result = await forward.unreachable(exc)
             finally:
                 if forward.done is not None:
-                    forward.done()
+                    forward.done(outcome)
         self.write(response_bytes(result, request.keep_alive, head_only))
         return request.keep_alive
 
-    async def _forward(self, request: Request, forward: Forward, head_only: bool) -> bool:
-        data = request_bytes(request)
+    async def _forward(self, request: Request, forward: Forward, head_only: bool,
+                       outcome: Outcome) -> bool:
+        data = request_bytes(forward.request or request)
         fresh = False
         while True:
             conn, reused = await forward.upstream.acquire(fresh)
-            exchange = Exchange(self, request.keep_alive, request.version == "1.0")
+            exchange = Exchange(self, request.keep_alive, request.version == "1.0", forward,
+                                head_only)
+            exchange.outcome = outcome
             self.upstream = conn
             ok = False
             try:
@@ -759,9 +867,11 @@ class ClientConnection(asyncio.Protocol):
                 # llama-server closed an idle connection as we sent on it: it read nothing
                 fresh = True
                 continue
-            if not exchange.head_sent:
-                self.write(response_bytes(Response.error(
-                    502, f"upstream failed: {exchange.error}", "model_unavailable"), False))
+            if not exchange.head_sent and not self.lost:
+                response = self.proxy.error(request, 502, f"upstream failed: {exchange.error}",
+                                            "model_unavailable")
+                outcome.status = response.status
+                self.write(response_bytes(response, False))
             return False
 
 
@@ -769,10 +879,12 @@ class Proxy:
     """The front: parse, ask the handler, answer or forward. One per router."""
 
     def __init__(self, handler: Handler, max_body: int = MAX_BODY,
-                 keepalive: float = CLIENT_KEEPALIVE) -> None:
+                 keepalive: float = CLIENT_KEEPALIVE,
+                 error: ErrorRenderer = default_error) -> None:
         self.handler = handler
         self.max_body = max_body
         self.keepalive = keepalive
+        self.error = error
         self.connections: set[ClientConnection] = set()
 
     def protocol(self) -> ClientConnection:

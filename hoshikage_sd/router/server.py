@@ -5,22 +5,31 @@ hoshikage-model@NAME.service (a D-Bus call to PID 1, no systemctl fork), forward
 to that model's unix socket as soon as the unit says llama-server serves (Announcements), and
 streams the reply chunk by chunk. When the model's staged copy is current and it fits, the
 router admits it itself and leaves the unit's launcher a ticket (launch.py), so llama-server
-is the unit's first act.
-Exits once nothing is loaded and nobody asked for anything for `router_idle_exit`.
+is the unit's first act. Exits once nothing is loaded and nobody asked for anything for
+`router_idle_exit`.
+
+HTTP is router/proxy.py (an asyncio.Protocol front with a bounded upstream pool per model,
+sized to llama-server's HTTP threads); which requests start a model is router/routes.py;
+error bodies are in each API's shape (router/errors.py); Ollama's API is translated
+(router/ollama). A manifest that cannot be read never stops the router: it answers every
+model request with a 503 that says what is wrong until the file is fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
-
-from aiohttp import ClientSession, ClientTimeout, UnixConnector, client_exceptions, web
+from urllib.parse import unquote
 
 from hoshikage_sd import cache, log, manifest, proc, protocol
 from hoshikage_sd.errors import HoshikageError
@@ -28,8 +37,12 @@ from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.policy import residents
 from hoshikage_sd.policy.admission import Verdict
 from hoshikage_sd.resolve import resolve
+from hoshikage_sd.router import errors as api
+from hoshikage_sd.router import ollama, proxy, routes
 from hoshikage_sd.router.announcements import Announcements
-from hoshikage_sd.router.first_request import FirstRequest, forwarded, model_name_of
+from hoshikage_sd.router.first_request import FirstRequest, model_name_of
+from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
+from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Activity, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
@@ -37,47 +50,69 @@ from hoshikage_sd.staging import Identity, Store
 
 logger = logging.getLogger("hoshikage.router")
 
-HOP_BY_HOP = frozenset(h.lower() for h in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-    "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
-MAX_BODY = 256 << 20
-MODELS_PREFIX = "/v1/models/"
 START_POLL = 0.005  # while a model starts and nobody will say when it serves: probe this often
 UNIT_POLL = 0.25  # ... and how often to ask systemd whether its unit failed
 PROBE_TIMEOUT = 2.0
 #: seconds after start-up during which a start of the model first_request started is that
 #: start (its request comes at once; one whose client went away must not block a later one)
 EARLY_START_VALID = 30.0
+#: a request's "busy" activity record is written only once it has run this long (or at once
+#: when its model is this close to its TTL): a short request writes one record, at its end
+BUSY_DELAY = 1.0
+#: seconds an unload (Ollama's keep_alive 0) waits for the unit to leave "active"
+UNLOAD_WAIT = 5.0
+#: upstream response headers the router never passes on: CORS is the router's to grant
+CORS_HEADERS = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
+                          b"access-control-allow-methods", b"access-control-allow-headers",
+                          b"access-control-expose-headers", b"access-control-max-age"})
+JSON = [(b"Content-Type", b"application/json; charset=utf-8")]
+NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
 
 
 class StartFailed(Exception):
-    pass
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
-def error(status: int, message: str, kind: str, **headers: str) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return web.json_response(body, status=status, headers=headers)
+def load_config(source: Path) -> Config:
+    """The manifest with the CLI's names over it; HoshikageError (file:line, what is wrong)
+    if either cannot be used. Unlike names.effective, a broken names.json is an error: the
+    router keeps its last good state rather than serve without the names."""
+    config = manifest.load(source)
+    return names.apply(config, names.load(config))
 
 
 class Router:
-    def __init__(self, config: Config, started: str | None = None) -> None:
+    def __init__(self, config: Config, started: str | None = None,
+                 broken: str | None = None) -> None:
         self.config = config
+        #: why the manifest cannot be used (it never could since this router started): every
+        #: model request gets a 503 saying so, until it can
+        self.broken = broken
         #: the model whose unit first_request started before this router could read requests
         self.started_early = started
         self._created = time.monotonic()
         self.runtime = Runtime(config.runtime_dir)
-        self.announcements = Announcements(config.runtime_dir)
-        self.sessions: dict[str, ClientSession] = {}
+        self.announcements = Announcements(config.runtime_dir, self.reload_now)
+        self.pools: dict[str, proxy.Upstream] = {}
         self.starting: dict[str, asyncio.Task[None]] = {}
         self.ready: set[str] = set()
         self.in_flight: dict[str, int] = {}
         self.last_activity = time.monotonic()
         self.done = asyncio.Event()
+        self.pid = os.getpid()
+        #: wall-clock end of each model's last request (as last written), and pending
+        #: "busy" writes: the activity record is written once per request, at its end
+        self._last_end: dict[str, float] = {}
+        self._busy: dict[str, asyncio.TimerHandle | None] = {}
+        #: each loaded model's TTL override (keep_alive), as last read or written
+        self._ttl: dict[str, float | None] = {}
         self._manifest_id = self._stat_manifest()
         self._checked = time.monotonic()
 
     # -- manifest reload ------------------------------------------------------------------
-    def _stat_manifest(self) -> tuple[tuple[int, int, int] | None, ...] | None:
+    def _stat_manifest(self) -> tuple[tuple[int, int, int] | None, ...]:
         """Identity of the manifest and the CLI's names file: a change in either reloads."""
         out: list[tuple[int, int, int] | None] = []
         for path in (self.config.source, names.path(self.config)):
@@ -85,34 +120,47 @@ class Router:
                 st = os.stat(path)
                 out.append((st.st_ino, st.st_size, st.st_mtime_ns))
             except OSError:
-                if path == self.config.source:
-                    return None
                 out.append(None)
         return tuple(out)
 
-    def maybe_reload(self) -> None:
-        """Pick up an edited manifest (checked at most once a second); keep the last good one."""
+    def maybe_reload(self, force: bool = False) -> None:
+        """Pick up an edited manifest (checked at most once a second, or now when `force`);
+        keep the last good one."""
         now = time.monotonic()
-        if now - self._checked < 1.0:
+        if not force and now - self._checked < 1.0:
             return
         self._checked = now
         current = self._stat_manifest()
-        if current == self._manifest_id or current is None:
+        if current == self._manifest_id and not force:
             return
         self._manifest_id = current
         try:
-            config = names.effective(manifest.load(self.config.source))
+            config = load_config(self.config.source)
         except HoshikageError as err:
-            logger.error("keeping the last good manifest: %s", err.message)
+            if self.broken is not None:
+                self.broken = err.message
+                logger.error("cannot serve: %s", err.message)
+            else:
+                logger.error("keeping the last good manifest: %s", err.message)
             return
+        if self.broken is not None:
+            logger.info("manifest %s usable again", config.source)
+        self.broken = None
         logger.info("manifest %s reloaded: %d model(s)", config.source, len(config.models))
+        for warning in config.warnings:
+            logger.warning("%s", warning)
         self.config = config
+
+    def reload_now(self) -> None:
+        """`hoshikage reload` (its datagram on the announcements socket)."""
+        logger.info("reloading the manifest on request")
+        self.maybe_reload(force=True)
 
     # -- model lifecycle ------------------------------------------------------------------
     async def serving(self, model: Model) -> bool:
         """Does the model's llama-server answer its health route with 200 (not 503
-        'loading')? In raw HTTP/1.0, a third of aiohttp's CPU per probe (0.28 ms against
-        0.85): without Announcements it is asked every START_POLL while the model loads."""
+        'loading')? Raw HTTP/1.0 on a fresh connection: without Announcements it is asked
+        every START_POLL while the model loads."""
         path = self.config.socket_path(model.name)
         if not path.exists():
             return False
@@ -160,6 +208,7 @@ class Router:
             return
         unit = systemd.model_unit(model.name)
         began = time.monotonic()
+        self._ttl.pop(model.name, None)
         announced = self.announcements.expect(model.name)
         try:
             await asyncio.to_thread(self.begin, model, unit)
@@ -177,8 +226,11 @@ class Router:
                 checked = time.monotonic()
                 state, pending = await asyncio.to_thread(systemd.unit_state, unit)
                 if state == "failed" or (state == "inactive" and not pending):
-                    raise StartFailed(self.runtime.error(model.name)
-                                      or f"{unit} failed to start")
+                    reason = self.runtime.error(model.name)
+                    # the activator recorded why; only "no room yet" can change by itself
+                    if reason is None:
+                        raise StartFailed(f"{unit} failed to start")
+                    raise StartFailed(reason, permanent=not reason.startswith("no room for"))
         logger.info("%s serves after %.3f s (%s)", model.name, time.monotonic() - began,
                     "announced by its unit" if announced.is_set() else "probed")
         self.ready.add(model.name)
@@ -205,120 +257,363 @@ class Router:
             task.add_done_callback(lambda _t: self.starting.pop(model.name, None))
         await asyncio.shield(task)
 
-    def session(self, model: Model) -> ClientSession:
-        session = self.sessions.get(model.name)
-        if session is None:
-            connector = UnixConnector(path=str(self.config.socket_path(model.name)),
-                                      limit=0)
-            session = ClientSession("http://localhost", connector=connector,
-                                    auto_decompress=False,
-                                    timeout=ClientTimeout(total=None))
-            self.sessions[model.name] = session
-        return session
+    def pool(self, model: Model) -> proxy.Upstream:
+        path, size = str(self.config.socket_path(model.name)), model.upstream_pool
+        pool = self.pools.get(model.name)
+        if pool is None or pool.path != path or pool.size != size:
+            if pool is not None:
+                pool.close()
+            pool = self.pools[model.name] = proxy.Upstream(path, size)
+        return pool
+
+    def gone(self, name: str) -> None:
+        """The model's llama-server went away (stopped, or being stopped)."""
+        self.ready.discard(name)
+        self._ttl.pop(name, None)  # its release clears the override
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            pool.close()
+
+    async def unload(self, model: Model, reason: str) -> None:
+        """Stop the model's unit now (Ollama's keep_alive 0) and return once it is no
+        longer "active" (so /api/ps no longer lists it)."""
+        unit = systemd.model_unit(model.name)
+        self.gone(model.name)
+        self.runtime.set_stop_reason(model.name, reason)
+        try:
+            await asyncio.to_thread(systemd.stop_unit, unit)
+        except HoshikageError as err:
+            logger.warning("cannot unload %s: %s", model.name, err.message)
+            return
+        deadline = time.monotonic() + UNLOAD_WAIT
+        while time.monotonic() < deadline:
+            state, _ = await asyncio.to_thread(systemd.unit_state, unit)
+            if state != "active":
+                return
+            await asyncio.sleep(0.02)
 
     # -- activity -------------------------------------------------------------------------
-    def _record(self, name: str, delta: int) -> None:
-        count = self.in_flight.get(name, 0) + delta
+    def effective_ttl(self, model: Model) -> float:
+        """The model's TTL for this load: a request's keep_alive, else the manifest's."""
+        if model.name not in self._ttl:
+            self._ttl[model.name] = self.runtime.ttl(model.name)
+        return self._ttl[model.name] or model.ttl
+
+    def _begin(self, model: Model) -> None:
+        name = model.name
+        count = self.in_flight.get(name, 0) + 1
         self.in_flight[name] = count
         self.last_activity = time.monotonic()
-        self.runtime.set_activity(name, Activity(count, time.time(), os.getpid()))
+        if count > 1 or name in self._busy:
+            return
+        last = self._last_end.get(name)
+        if last is None or time.time() - last + BUSY_DELAY + 1.0 >= self.effective_ttl(model):
+            # unknown, or near its TTL: the idle watch must see it busy now
+            self._write_busy(name)
+        else:
+            self._busy[name] = asyncio.get_running_loop().call_later(
+                BUSY_DELAY, self._write_busy, name)
+
+    def _write_busy(self, name: str) -> None:
+        self._busy[name] = None  # written (or moot): no timer left
+        count = self.in_flight.get(name, 0)
+        if count:
+            self.runtime.set_activity(name, Activity(count, time.time(), self.pid))
+
+    def _end(self, name: str) -> None:
+        count = self.in_flight.get(name, 0) - 1
+        self.in_flight[name] = max(0, count)
+        self.last_activity = time.monotonic()
+        if count > 0:
+            return
+        timer = self._busy.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        now = self._last_end[name] = time.time()
+        self.runtime.set_activity(name, Activity(0, now, self.pid))
 
     # -- HTTP -----------------------------------------------------------------------------
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response | Forward:
+        rid = request.id = api.request_id(request.header("x-request-id"))
         self.last_activity = time.monotonic()
         self.maybe_reload()
-        if not forwarded(request.method, request.path, dict(request.query)):
-            if request.path == "/v1/models":
-                return await self.list_models()
-            if request.path.startswith(MODELS_PREFIX):
-                return await self.show_model(request.path[len(MODELS_PREFIX):])
-            return web.json_response({"status": "ok"})
-        body = await request.read()
-        try:
-            name = model_name_of(body, dict(request.query))
-        except ValueError as exc:
-            return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        route = routes.classify(request.method, request.path, request.query)
+        if route is Route.FORWARD:
+            return await self.forward(request, rid)
+        if route is Route.OPTIONS:
+            return self.options(request, rid)
+        if route is Route.HEALTH:
+            if self.broken is not None:
+                return self.fail(request, self.broken_error())
+            return self.reply(request, 200, {"status": "ok"})
+        if route is Route.NOT_FOUND:
+            return self.fail(request, api.ApiError(
+                404, f"no route {request.method} {request.path}: hoshikage serves the OpenAI, "
+                "Anthropic and Ollama APIs and llama-server's own routes", code="not_found"))
+        if route is Route.NOT_ALLOWED:
+            return self.fail(request, api.ApiError(
+                405, f"{request.method} is not allowed on {request.path}",
+                code="method_not_allowed"), Allow=routes.allowed_methods(request.path))
+        if route is Route.METRICS:
+            return self.fail(request, api.ApiError(404, "no metrics in this build",
+                                                   code="not_found"))
+        if route is Route.OLLAMA_VERSION:
+            return self.reply(request, 200, ollama.version_body())
+        if route is Route.OLLAMA_UNMANAGED:
+            err = ollama.unmanaged(request.path)
+            assert err is not None
+            return self.fail(request, api.ApiError(err.status, err.message, retry=False))
+        if self.broken is not None:
+            return self.fail(request, self.broken_error())
+        if route is Route.MODELS:
+            return self.reply(request, 200, await self.list_models())
+        if route is Route.MODEL:
+            return await self.show_model(request)
+        if route is Route.OLLAMA_TAGS:
+            return self.reply(request, 200, await asyncio.to_thread(self.ollama_tags))
+        if route is Route.OLLAMA_PS:
+            return self.reply(request, 200, await self.ollama_ps())
+        if route is Route.OLLAMA_SHOW:
+            return self.ollama_show(request)
+        return await self.ollama_infer(request, rid)
+
+    # replies
+    def cors(self, request: Request) -> list[tuple[str, str]]:
+        """CORS headers for a request from a browser, if the manifest allows its origin."""
+        origins = self.config.cors_origins
+        if not origins:
+            return []
+        origin = request.header("origin")
+        if origin is None or ("*" not in origins and origin not in origins):
+            return []
+        return [("Access-Control-Allow-Origin", "*" if "*" in origins else origin),
+                ("Vary", "Origin")]
+
+    def reply(self, request: Request, status: int, data: object,
+              **headers: str) -> Response:
+        response = Response.json(status, data, **api.request_id_headers(request.id), **headers)
+        response.headers += self.cors(request)
+        return response
+
+    def fail(self, request: Request, err: api.ApiError, **extra: str) -> Response:
+        low = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        status, headers, body = api.render(request.path, err, request.id, low)
+        response = Response.json(status, body, **headers, **extra)
+        response.headers += self.cors(request)
+        return response
+
+    def render_error(self, request: Request | None, status: int, message: str,
+                     code: str) -> Response:
+        """The proxy's own errors (malformed requests, an upstream failing mid-way)."""
+        err = api.ApiError(status, message, code=code)
+        if request is None:
+            _, headers, body = api.render("/", err)
+            return Response.json(status, body, **headers)
+        return self.fail(request, err)
+
+    def broken_error(self) -> api.ApiError:
+        return api.ApiError(503, f"hoshikage cannot serve: {self.broken}; fix the file "
+                            "(the router picks it up within a second, or `hoshikage reload`)",
+                            code="manifest_invalid", retry=False)
+
+    def options(self, request: Request, rid: str) -> Response:
+        """OPTIONS: a CORS preflight (granted only for the manifest's cors_origins), or the
+        methods in general."""
+        response = Response(204, headers=[("Allow", "GET, HEAD, POST, OPTIONS"),
+                                          *api.request_id_headers(rid).items()])
+        granted = self.cors(request)
+        if granted:
+            asked = request.header("access-control-request-headers")
+            response.headers += [*granted,
+                                 ("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS"),
+                                 ("Access-Control-Allow-Headers", asked or "*"),
+                                 ("Access-Control-Max-Age", "600")]
+        return response
+
+    # resolving
+    def model_for(self, request: Request, name: str | None) -> Model | api.ApiError:
         try:
             model = resolve(self.config, name)
         except AmbiguousModel as exc:
-            return error(409, exc.message + "; name one exactly", "model_ambiguous")
-        if model is None:
-            known = ", ".join(self.config.models) or "(none)"
-            if name:
-                return error(404, f"model '{name}' is not known; known models: {known}",
-                             "model_not_found")
-            return error(400, f"the request names no model and there is no default; "
-                              f"known models: {known}", "invalid_request_error")
-        self._record(model.name, +1)
+            return api.model_ambiguous(exc.message + "; name one exactly")
+        if model is not None:
+            return model
+        known = list(self.config.models)
+        return api.model_not_found(name, known) if name else api.no_model(known)
+
+    # forwarding
+    async def forward(self, request: Request, rid: str) -> Response | Forward:
+        if self.broken is not None:
+            return self.fail(request, self.broken_error())
         try:
-            return await self.forward(request, model, body)
-        finally:
-            self._record(model.name, -1)
+            name = model_name_of(request.body, request.query)
+        except ValueError as exc:
+            return self.fail(request, api.bad_json(str(exc)))
+        found = self.model_for(request, name)
+        if isinstance(found, api.ApiError):
+            return self.fail(request, found)
+        return await self.exchange(request, found, Call(self, request, found))
 
-    async def forward(self, request: web.Request, model: Model,
-                      body: bytes) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        for attempt in (1, 2):
-            try:
-                await self.ensure(model)
-            except StartFailed as exc:
-                return error(503, f"model '{model.name}' could not be started: {exc}",
-                             "model_unavailable", **{"Retry-After": "10"})
-            try:
-                upstream = await self.session(model).request(
-                    request.method, request.rel_url, headers=headers, data=body or None,
-                    allow_redirects=False)
-                break
-            except (client_exceptions.ClientConnectorError,
-                    client_exceptions.ServerDisconnectedError) as exc:
-                # The unit was stopped (idle watch) or is restarting: start it again, once.
-                self.ready.discard(model.name)
-                if attempt == 2:
-                    return error(502, f"model '{model.name}' is not answering: {exc}",
-                                 "model_unavailable")
-        async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in HOP_BY_HOP:
-                    response.headers.add(key, value)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        return response
+    async def exchange(self, request: Request, model: Model, call: Call,
+                       retried: bool = False) -> Response | Forward:
+        """Make sure the model serves, then forward (a Forward whose `done` ends the call)."""
+        try:
+            await self.ensure(model)
+        except StartFailed as exc:
+            return self.fail(request, api.start_failed(model.name, str(exc),
+                                                       permanent=exc.permanent))
+        call.loaded()
+        pool = self.pool(model)
 
+        async def unreachable(exc: OSError) -> Response | Forward:
+            # The unit was stopped (idle watch, eviction) or is restarting: start it once more.
+            self.gone(model.name)
+            if retried:
+                return self.fail(request, api.not_answering(model.name, str(exc)))
+            return await self.exchange(request, model, call, retried=True)
+
+        self._begin(model)
+        return Forward(pool, unreachable=unreachable, done=call.done,
+                       request=call.upstream_request,
+                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform)
+
+    # listings
     async def loaded(self) -> set[str]:
         """Models whose llama-server runs, from the runtime records: the truth after a
         router restart or an idle stop, which this router's own memory is not."""
         return await asyncio.to_thread(
             lambda: {name for name in self.config.models if self.runtime.serving(name)})
 
+    async def up(self) -> set[str]:
+        """Loaded models whose unit is not being stopped: what Ollama's /api/ps lists."""
+        loaded = await self.loaded()
+        try:
+            active = set(await asyncio.to_thread(systemd.active_model_units, ("active",)))
+        except HoshikageError as err:  # no systemd to ask (a test bed): the records
+            logger.debug("listing from the runtime records: %s", err.message)
+            return loaded
+        return loaded & active
+
     @staticmethod
     def describe(model: Model, loaded: set[str]) -> dict[str, Any]:
+        """A model as OpenAI's models.retrieve returns it (and Anthropic's models API, whose
+        clients read type/id/display_name/created_at), plus hoshikage's own facts."""
         return {"id": model.name, "object": "model", "owned_by": "hoshikage", "created": 0,
+                "type": "model", "display_name": model.name,
+                "created_at": "1970-01-01T00:00:00Z",
                 "aliases": list(model.aliases), "loaded": model.name in loaded}
 
-    async def list_models(self) -> web.Response:
+    async def list_models(self) -> dict[str, Any]:
         loaded = await self.loaded()
-        return web.json_response({"object": "list", "data": [
-            self.describe(model, loaded) for model in self.config.models.values()]})
+        data = [self.describe(model, loaded) for model in self.config.models.values()]
+        return {"object": "list", "data": data, "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
 
-    async def show_model(self, name: str) -> web.Response:
+    async def show_model(self, request: Request) -> Response:
         """GET /v1/models/{id}: aliases and partial names resolve as in a request."""
+        name = unquote(request.path[len(routes.MODEL_PREFIX):])
+        found = self.model_for(request, name) if name else api.model_not_found(
+            name, list(self.config.models))
+        if isinstance(found, api.ApiError):
+            return self.fail(request, found)
+        return self.reply(request, 200, self.describe(found, await self.loaded()))
+
+    # -- Ollama ---------------------------------------------------------------------------
+    def facts(self, model: Model) -> ollama.ModelFacts:
+        return ollama.model_facts(model.name, model.path, args=model.server_args,
+                                  aliases=model.aliases)
+
+    def ollama_model(self, request: Request, name: object) -> Model | api.ApiError:
+        if not isinstance(name, str) or not name:
+            return api.ApiError(400, "model is required", param="model")
+        return self.model_for(request, ollama.resolve_name(
+            name, lambda n: bool(self.config.matches(n))))
+
+    def ollama_tags(self) -> dict[str, Any]:
+        return ollama.tags_body([self.facts(m) for m in self.config.models.values()])
+
+    async def ollama_ps(self) -> dict[str, Any]:
+        up = await self.up()
+        now = time.time()
+        rows = []
+        for name in sorted(up):
+            model = self.config.models[name]
+            ttl = self.effective_ttl(model)
+            if math.isinf(ttl):
+                expires: int | None = None
+            else:
+                activity = self.runtime.activity(name)
+                running = self.runtime.running(name)
+                since = now if activity is not None and activity.in_flight else max(
+                    activity.last_end if activity else 0.0,
+                    running.started if running else now)
+                expires = int((since + ttl) * 1e9)
+            size = self.runtime.admitted(name) or self.facts(model).size
+            rows.append(ollama.Loaded(self.facts(model), size, expires))
+        return ollama.ps_body(rows)
+
+    def ollama_show(self, request: Request) -> Response:
         try:
-            model = resolve(self.config, name) if name else None
-        except AmbiguousModel as exc:
-            return error(409, exc.message + "; name one exactly", "model_ambiguous")
-        if model is None:
-            return error(404, f"model '{name}' is not known", "model_not_found")
-        return web.json_response(self.describe(model, await self.loaded()))
+            data = ollama.read_json(request.body)
+        except ollama.OllamaError as exc:
+            return self.fail(request, api.ApiError(exc.status, exc.message))
+        name = data.get("model") or data.get("name") if isinstance(data, dict) else None
+        found = self.ollama_model(request, name)
+        if isinstance(found, api.ApiError):
+            return self.fail(request, found)
+        return self.reply(request, 200, ollama.show_body(self.facts(found)))
+
+    async def ollama_infer(self, request: Request, rid: str) -> Response | Forward:
+        started = time.monotonic_ns()
+        try:
+            data = ollama.read_json(request.body)
+            found = self.ollama_model(request, data.get("model")
+                                      if isinstance(data, dict) else None)
+            if isinstance(found, api.ApiError):
+                return self.fail(request, found)
+            facts = self.facts(found)
+            action = ollama.translate(request.path, data, n_ctx=facts.context_length,
+                                      accepts_images=facts.accepts_images
+                                      if facts.info is not None else None)
+        except ollama.OllamaError as exc:
+            return self.fail(request, api.ApiError(exc.status, exc.message))
+        keep = action.keep_alive
+        if isinstance(action, ollama.LoadOnly):
+            if keep.mode == "unload":
+                if found.name in await self.loaded():
+                    await self.unload(found, "keep_alive 0")
+                self.runtime.clear("ttl", found.name)
+                self._ttl.pop(found.name, None)
+                return self.reply(request, 200, ollama.load_only_response(action))
+            try:
+                await self.ensure(found)
+            except StartFailed as exc:
+                return self.fail(request, api.start_failed(found.name, str(exc),
+                                                           permanent=exc.permanent))
+            self.keep_alive(found, keep)
+            return self.reply(request, 200, ollama.load_only_response(action))
+        call = OllamaCall(self, request, found, action, started)
+        return await self.exchange(request, found, call)
+
+    def keep_alive(self, model: Model, keep: ollama.KeepAlive) -> None:
+        """A request's keep_alive for this load: a TTL or forever (for the idle watch), or
+        the manifest's again (a request without one, as Ollama resets it)."""
+        name = model.name
+        if keep.mode == "ttl" and keep.seconds is not None:
+            self.runtime.set_ttl(name, keep.seconds)
+            self._ttl[name] = keep.seconds
+        elif keep.mode == "forever":
+            self.runtime.set_ttl(name, math.inf)
+            self._ttl[name] = math.inf
+        elif keep.mode == "default" and self.effective_ttl(model) != model.ttl:
+            self.runtime.clear("ttl", name)
+            self._ttl[name] = None
 
     # -- idle exit ------------------------------------------------------------------------
     async def watch_idle(self) -> None:
-        period = max(0.2, min(5.0, self.config.router_idle_exit / 4))
         while True:
+            period = max(0.2, min(5.0, self.config.router_idle_exit / 4))
             await asyncio.sleep(period)
             if any(self.in_flight.values()):
                 continue
@@ -337,10 +632,160 @@ class Router:
             self.done.set()
             return
 
-    async def close(self) -> None:
+    def close(self) -> None:
         self.announcements.close()
-        for session in self.sessions.values():
-            await session.close()
+        for pool in self.pools.values():
+            pool.close()
+
+
+class Call:
+    """One forwarded request: what the client gets besides the upstream's reply, and what
+    happens when it ends."""
+
+    #: the client's request is sent as it is
+    upstream_request: Request | None = None
+
+    def __init__(self, router: Router, request: Request, model: Model) -> None:
+        self.router = router
+        self.request = request
+        self.model = model
+        self.load_ns = 0
+        self._began = time.monotonic_ns()
+        self._loaded = False
+        self.transform: Callable[[int, list[tuple[bytes, bytes]]],
+                                 proxy.Transform | None] | None = None
+        path = request.path
+        if path == "/v1/messages" or path.startswith("/v1/messages/"):
+            self.transform = self._errors_as(api.Api.ANTHROPIC)
+        elif path.startswith("/v1/"):
+            self.transform = self._errors_as(api.Api.OPENAI)
+
+    def loaded(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            self.load_ns = time.monotonic_ns() - self._began
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        rid = self.request.id.encode()
+        out = [(b"x-request-id", rid), (b"request-id", rid)]
+        out += [(k.encode(), v.encode("latin-1")) for k, v in self.router.cors(self.request)]
+        return out
+
+    def _errors_as(self, which: api.Api) -> Callable[[int, list[tuple[bytes, bytes]]],
+                                                     proxy.Transform | None]:
+        rid = self.request.id
+
+        def transform(status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform | None:
+            if status < 400:
+                return None
+            return Whole(status, JSON, lambda raw: (status, json.dumps(api.body(
+                which, api.from_upstream(status, _json_or_text(raw)), rid)).encode()))
+        return transform
+
+    def done(self, outcome: Outcome) -> None:
+        self.router._end(self.model.name)
+
+
+class OllamaCall(Call):
+    """A request to Ollama's /api/chat, /api/generate, /api/embed or /api/embeddings, sent
+    to llama-server translated and answered in Ollama's shape."""
+
+    def __init__(self, router: Router, request: Request, model: Model,
+                 action: ollama.Upstream, started_ns: int) -> None:
+        super().__init__(router, request, model)
+        self._began = started_ns
+        self.action = action
+        self.upstream_request = Request(
+            "POST", action.path, "1.1", [(b"Content-Type", b"application/json")],
+            json.dumps(action.body, ensure_ascii=False).encode())
+        self.transform = self._translate
+
+    def loaded(self) -> None:
+        super().loaded()
+        self.router.keep_alive(self.model, self.action.keep_alive)  # for this load
+
+    def _translate(self, status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform:
+        action = self.action
+        if status >= 400:
+            def error(raw: bytes) -> tuple[int, bytes]:
+                told, body = ollama.error_from_upstream(status, raw)
+                return told, json.dumps(body).encode()
+            return Whole(status, JSON, error)
+        if action.stream:
+            return Stream(ollama.StreamTranslator(action, started_ns=self._began,
+                                                  load_ns=self.load_ns))
+
+        def whole(raw: bytes) -> tuple[int, bytes]:
+            total = time.monotonic_ns() - self._began
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                return 502, json.dumps({"error": "llama-server answered with something "
+                                                 "that is not JSON"}).encode()
+            if action.endpoint == "chat":
+                out = ollama.chat_response(data, action.model, total_ns=total,
+                                           load_ns=self.load_ns)
+            elif action.endpoint == "generate":
+                out = ollama.generate_response(data, action.model, total_ns=total,
+                                               load_ns=self.load_ns)
+            elif action.endpoint == "embed":
+                out = ollama.embed_response(data, action.model, total_ns=total,
+                                            load_ns=self.load_ns, dimensions=action.dimensions)
+            else:
+                out = ollama.embeddings_response(data)
+            return 200, json.dumps(out, ensure_ascii=False).encode()
+        return Whole(200, JSON, whole)
+
+    def done(self, outcome: Outcome) -> None:
+        super().done(outcome)
+        name = self.model.name
+        if (self.action.keep_alive.mode == "unload" and outcome.status
+                and not self.router.in_flight.get(name)):
+            asyncio.get_running_loop().create_task(
+                self.router.unload(self.model, "keep_alive 0"))
+
+
+class Whole:
+    """A proxy.Transform that rewrites a whole (small) response body at its end."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]],
+                 rewrite: Callable[[bytes], tuple[int, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+        self.whole = True
+        self.rewrite = rewrite
+        self.parts: list[bytes] = []
+
+    def feed(self, data: bytes) -> bytes:
+        self.parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        self.status, body = self.rewrite(b"".join(self.parts))
+        return body
+
+
+class Stream:
+    """A proxy.Transform: llama-server's SSE as Ollama's NDJSON, line by line."""
+
+    def __init__(self, translator: ollama.StreamTranslator) -> None:
+        self.status = 200
+        self.headers = NDJSON
+        self.whole = False
+        self.translator = translator
+
+    def feed(self, data: bytes) -> bytes:
+        return b"".join(self.translator.feed(data))
+
+    def finish(self) -> bytes:
+        return b"".join(self.translator.finish())
+
+
+def _json_or_text(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
 
 
 def listening_sockets(first: FirstRequest, listen: str | None) -> list[socket.socket]:
@@ -352,31 +797,32 @@ def listening_sockets(first: FirstRequest, listen: str | None) -> list[socket.so
 
 
 async def serve(config: Config, listen: str | None = None,
-                first: FirstRequest | None = None) -> int:
+                first: FirstRequest | None = None, broken: str | None = None) -> int:
     first = first or FirstRequest()
-    router = Router(config, first.started)
+    router = Router(config, first.started, broken)
+    if broken is not None:
+        logger.error("cannot serve until the manifest is fixed: %s", broken)
     router.announcements.open()
-    app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_route("*", "/{tail:.*}", router.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    for sock in listening_sockets(first, listen):
-        await web.SockSite(runner, sock).start()
+    front = proxy.Proxy(router.handle, error=router.render_error)
+    servers = [await front.listen(sock) for sock in listening_sockets(first, listen)]
+    if first.connection is not None:
+        # The connection first_request took: its request is still unread.
+        await front.adopt(first.connection)
     loop = asyncio.get_running_loop()
-    if first.connection is not None and runner.server is not None:
-        # The connection first_request took: its request is still unread, for aiohttp.
-        await loop.connect_accepted_socket(runner.server, first.connection)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, router.done.set)
-    daemon.notify(READY=1, STATUS="routing")
+    daemon.notify(READY=1, STATUS="routing" if broken is None else "manifest broken")
     idle = asyncio.create_task(router.watch_idle())
     await router.done.wait()
     idle.cancel()
     daemon.notify(STOPPING=1)
-    await runner.cleanup()
-    await router.close()
+    for server in servers:
+        server.close()
+    front.close()
+    router.close()
     return 0
 
 
-def main(config: Config, listen: str | None = None, first: FirstRequest | None = None) -> int:
-    return asyncio.run(serve(config, listen, first))
+def main(config: Config, listen: str | None = None, first: FirstRequest | None = None,
+         broken: str | None = None) -> int:
+    return proxy.run(serve(config, listen, first, broken))

@@ -76,6 +76,18 @@ def start_unit(unit: str) -> None:
         die(f"cannot start {unit}: {exc.message}")
 
 
+def stop_unit(unit: str) -> None:
+    """Queue a stop job and return without waiting for it (`systemctl stop --no-block`)."""
+    from hoshikage_sd.sd import bus
+
+    try:
+        bus.call("StopUnit", "ss", (unit, "replace"))
+    except bus.BusUnavailable:
+        systemctl("stop", "--no-block", "--no-ask-password", unit)
+    except bus.BusError as exc:
+        die(f"cannot stop {unit}: {exc.message}")
+
+
 def unit_state(unit: str) -> tuple[str, bool]:
     """(ActiveState, whether a job is pending) of a unit: ('inactive', False) when unknown."""
     from hoshikage_sd.sd import bus

@@ -25,7 +25,7 @@ def main(config: Config) -> int:
     now = time.time()
     for name in systemd.active_model_units(("active",)):  # not one already stopping
         model = config.models.get(name)
-        ttl = model.ttl if model else config.idle_ttl
+        ttl = runtime.ttl(name) or (model.ttl if model else config.idle_ttl)
         idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
         if not should_stop(idle, ttl):
             continue

@@ -268,11 +268,13 @@ def test_local_answers_and_json_errors(llama: str, tmp_path: Path) -> None:
         assert (got.status, got.json()) == (200, {"query": {"model": "a", "x": "1"}})
         writer.write(post("/v1/chat/completions", {"model": "x"}))
         got = await read_response(reader)
-        assert got.status == 502 and got.json()["error"]["code"] == 502
+        error = got.json()["error"]  # OpenAI's shape
+        assert got.status == 502 and error["code"] == "model_unavailable", error
+        assert error["type"] == "server_error" and error["param"] is None
         assert got.headers["content-type"].startswith("application/json")
         writer.write(post("/retry", {}))
         got = await read_response(reader)
-        assert got.status == 503 and got.json()["error"]["type"] == "model_unavailable"
+        assert got.status == 503 and got.json()["error"]["code"] == "model_unavailable"
         assert len(asked) == 1 and isinstance(asked[0], FileNotFoundError)
         # malformed framing: a JSON 400 and the connection closed
         writer.write(b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"

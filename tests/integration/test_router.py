@@ -95,6 +95,7 @@ def test_models_unknown_and_malformed(served: tuple[Setup, int]) -> None:
     status, body = request(port, "GET", "/v1/models")
     assert status == 200
     tiny = {"id": "tiny", "object": "model", "owned_by": "hoshikage", "created": 0,
+            "type": "model", "display_name": "tiny", "created_at": "1970-01-01T00:00:00Z",
             "aliases": ["small"], "loaded": True}
     assert body["data"] == [tiny]
     assert request(port, "GET", "/v1/models/small") == (200, tiny)

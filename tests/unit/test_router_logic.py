@@ -214,7 +214,7 @@ def test_write_atomic_replaces_not_rewrites(tmp_path: Path) -> None:
     assert target.read_text() == "new"
 
 
-# -- first_request: the request that woke the router, peeked at before aiohttp loads ---------
+# -- first_request: the request that woke the router, peeked at before the router loads -----
 
 CHAT = (b"POST /v1/chat/completions?x=1&model=q HTTP/1.1\r\nHost: h\r\n"
         b"Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"model\": \"tiny\"}")

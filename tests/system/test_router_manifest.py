@@ -1,0 +1,75 @@
+"""The router under real systemd with a manifest or names file that cannot be used: it starts
+and answers anyway, and serves again once the file is fixed, without anyone resetting units."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from testbed.deploy import Deployment, deploy, manifest
+from tests.system.conftest import ContainerFactory
+
+pytestmark = pytest.mark.system
+CONFIG = "etc/hoshikage/models.yaml"
+
+
+@pytest.fixture
+def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+       llama_server_bin: Path) -> Deployment:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
+    text = manifest(llama_server_bin, {"tiny": "ttl: 1h"}, router_idle_exit="1h")
+    return deploy(container_factory, models, text)
+
+
+def hoshikage(hk: Deployment, *args: str) -> str:
+    exe = hk.container.exec("systemctl", "show", "-p", "ExecStart", "hoshikage.service").stdout
+    binary = exe.split("path=")[1].split(" ")[0].strip(";")
+    return hk.container.exec(binary, *args).stdout
+
+
+def test_a_broken_manifest_at_start_is_a_503_with_the_reason_not_a_dead_socket(
+        hk: Deployment) -> None:
+    path = hk.container.root / CONFIG
+    good = path.read_text()
+    path.write_text(good.replace("ttl: 1h", "ttl: whenever"))
+    for _ in range(3):  # each a new connection; the router stays up and answers
+        status, body = hk.chat("tiny")
+        assert status == 503, body
+        message = body["error"]["message"]
+        assert "/etc/hoshikage/models.yaml:" in message and "whenever" in message, message
+    status, body = hk.request("GET", "/v1/models")
+    assert status == 503 and "whenever" in body["error"]["message"], body
+    assert hk.state("hoshikage.socket") == "active"
+    assert hk.state("hoshikage.service") == "active"
+    assert hk.state("hoshikage-model@tiny.service") == "inactive"  # nothing started
+    errors = [str(e.get("MESSAGE")) for e in hk.container.journal(
+        "-u", "hoshikage.service", "-p", "err")]
+    assert any("whenever" in m for m in errors), errors
+    path.write_text(good)
+    hoshikage(hk, "reload")  # no waiting for the once-a-second check
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+
+
+def test_a_broken_names_file_at_start_then_fixed(hk: Deployment) -> None:
+    names = hk.container.root / "var/lib/hoshikage/names.json"
+    names.parent.mkdir(parents=True, exist_ok=True)
+    names.write_text("[]")
+    status, body = hk.chat("tiny")
+    assert status == 503 and "names.json: must be a JSON object" in body["error"]["message"]
+    assert hk.state("hoshikage.socket") == "active"
+    names.write_text('{"aliases": {"wee": "tiny"}}')
+    hk.wait_for("the router to read the fixed file",
+                lambda: hk.request("GET", "/v1/models")[0] == 200, timeout=10)
+    status, body = hk.chat("wee")
+    assert status == 200, body
+
+
+def test_reload_with_no_router_running_does_nothing(hk: Deployment) -> None:
+    assert hk.state("hoshikage.service") == "inactive"
+    hoshikage(hk, "reload")  # exits 0 (exec raises otherwise)
+    assert hk.state("hoshikage.service") == "inactive"

@@ -1,0 +1,284 @@
+"""The router's decisions without a network: which routes start a model, its activity
+records, manifest reloads (on a timer, on `hoshikage reload`, broken at start), error shapes
+and CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hoshikage_sd import protocol
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.router import first_request, routes, server
+from hoshikage_sd.router.proxy import Forward, Request, Response
+from hoshikage_sd.router.routes import Route
+from hoshikage_sd.runtime import Activity
+
+MANIFEST = """\
+ramdisk: {tmp}/rd
+runtime_dir: {tmp}/run
+state_dir: {tmp}/state
+llama_server: /bin/true
+router_idle_exit: 1h
+{extra}
+models:
+  tiny:
+    path: {tmp}/tiny.gguf
+    aliases: [small]
+    ttl: 1h
+"""
+
+
+def write(tmp: Path, extra: str = "") -> Path:
+    path = tmp / "models.yaml"
+    path.write_text(MANIFEST.format(tmp=tmp, extra=extra))
+    return path
+
+
+def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(coro())
+
+
+def request(method: str, target: str, body: object = None,
+            headers: dict[str, str] | None = None) -> Request:
+    data = json.dumps(body).encode() if body is not None else b""
+    return Request(method, target, "1.1",
+                   [(k.encode(), v.encode()) for k, v in (headers or {}).items()], data)
+
+
+def answer(result: Response | Forward) -> tuple[int, dict[str, str], Any]:
+    assert isinstance(result, Response), result
+    headers = {k.lower(): v for k, v in result.headers}
+    return result.status, headers, json.loads(result.body) if result.body else None
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "path", "query", "route"), [
+    ("POST", "/v1/chat/completions", {}, Route.FORWARD),
+    ("POST", "/v1/messages", {}, Route.FORWARD),
+    ("POST", "/v1/messages/count_tokens", {}, Route.FORWARD),
+    ("POST", "/completion", {}, Route.FORWARD),
+    ("POST", "/tokenize", {}, Route.FORWARD),
+    ("POST", "/v1/rerank", {}, Route.FORWARD),
+    ("POST", "/apply-template", {}, Route.FORWARD),
+    ("POST", "/slots/0", {}, Route.FORWARD),
+    ("GET", "/props", {}, Route.FORWARD),
+    ("GET", "/v1/chat/completions", {}, Route.NOT_ALLOWED),
+    ("GET", "/health", {}, Route.HEALTH),
+    ("GET", "/health", {"model": "a"}, Route.FORWARD),
+    ("GET", "/metrics", {}, Route.METRICS),
+    ("GET", "/metrics", {"model": "a"}, Route.FORWARD),
+    ("GET", "/v1/models", {}, Route.MODELS),
+    ("GET", "/v1/models/tiny", {}, Route.MODEL),
+    ("POST", "/v1/models", {}, Route.NOT_ALLOWED),
+    ("OPTIONS", "/v1/chat/completions", {}, Route.OPTIONS),
+    ("POST", "/v1/chat/completion", {}, Route.NOT_FOUND),  # a typo starts nothing
+    ("POST", "/generate", {}, Route.NOT_FOUND),
+    ("GET", "/api/tags", {}, Route.OLLAMA_TAGS),
+    ("GET", "/api/ps", {}, Route.OLLAMA_PS),
+    ("GET", "/api/version", {}, Route.OLLAMA_VERSION),
+    ("POST", "/api/show", {}, Route.OLLAMA_SHOW),
+    ("POST", "/api/chat", {}, Route.OLLAMA_INFER),
+    ("POST", "/api/embeddings", {}, Route.OLLAMA_INFER),
+    ("POST", "/api/pull", {}, Route.OLLAMA_UNMANAGED),
+    ("HEAD", "/api/blobs/sha256:00", {}, Route.OLLAMA_UNMANAGED),
+    ("GET", "/api/chat", {}, Route.NOT_ALLOWED),
+    ("POST", "/api/nothing", {}, Route.NOT_FOUND),
+])
+def test_only_model_routes_are_forwarded(method: str, path: str, query: dict[str, str],
+                                         route: Route) -> None:
+    assert routes.classify(method, path, query) is route
+
+
+@pytest.mark.parametrize(("body", "model"), [
+    ({"model": "tiny", "messages": []}, "tiny"),
+    ({"model": "tiny", "keep_alive": "5m"}, "tiny"),
+    ({"model": "tiny", "keep_alive": -1}, "tiny"),
+    ({"model": "tiny", "keep_alive": 0}, None),
+    ({"model": "tiny", "keep_alive": "0s"}, None),
+    ({"model": "tiny", "keep_alive": "0"}, None),
+    ({"prompt": "x"}, None),
+])
+def test_first_request_starts_ollama_models_unless_they_unload(body: object,
+                                                               model: str | None) -> None:
+    assert first_request.ollama_model("/api/generate", json.dumps(body).encode()) == model
+    assert first_request.ollama_model("/api/tags", json.dumps(body).encode()) is None
+
+
+# -- the router, without a network ---------------------------------------------------------
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return server.load_config(write(tmp_path))
+
+
+def test_errors_are_in_each_apis_shape_and_start_nothing(config: Config) -> None:
+    async def scenario() -> None:
+        router = server.Router(config)
+        status, headers, body = answer(await router.handle(
+            request("POST", "/v1/chat/completions", {"model": "nope"},
+                    {"x-request-id": "abc-1"})))
+        assert status == 404 and headers["x-request-id"] == "abc-1"
+        assert body["error"]["type"] == "invalid_request_error"
+        assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+        status, headers, body = answer(await router.handle(
+            request("POST", "/v1/messages", {"model": "nope"})))
+        assert status == 404 and body["type"] == "error"
+        assert body["error"]["type"] == "not_found_error"
+        assert body["request_id"] == headers["request-id"] == headers["x-request-id"]
+        status, _, body = answer(await router.handle(request("POST", "/api/chat",
+                                                             {"model": "nope"})))
+        assert status == 404 and set(body) == {"error"}
+        status, headers, body = answer(await router.handle(request("POST", "/api/pull",
+                                                                   {"model": "x"})))
+        assert status == 501 and "does not manage" in body["error"]
+        assert headers["x-should-retry"] == "false" and "retry-after" not in headers
+        status, _, body = answer(await router.handle(request("POST", "/v1/chat/complet",
+                                                             {"model": "tiny"})))
+        assert status == 404 and body["error"]["code"] == "not_found"
+        status, headers, _ = answer(await router.handle(request("GET", "/v1/embeddings")))
+        assert status == 405 and headers["allow"] == "POST"
+        status, _, body = answer(await router.handle(request("GET", "/v1/models/small")))
+        assert status == 200 and body["id"] == "tiny" and body["object"] == "model"
+        assert router.starting == {} and router.ready == set()
+        assert not (config.runtime_dir / "activity").exists()
+
+    run(scenario)
+
+
+def test_cors_is_off_unless_the_manifest_allows_an_origin(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        preflight = request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization"})
+        router = server.Router(server.load_config(write(tmp_path)))
+        status, headers, _ = answer(await router.handle(preflight))
+        assert status == 204 and "access-control-allow-origin" not in headers
+        router = server.Router(server.load_config(write(
+            tmp_path, "cors_origins: [http://app.example]")))
+        status, headers, _ = answer(await router.handle(preflight))
+        assert status == 204
+        assert headers["access-control-allow-origin"] == "http://app.example"
+        assert headers["access-control-allow-headers"] == "content-type, authorization"
+        assert "POST" in headers["access-control-allow-methods"]
+        status, headers, _ = answer(await router.handle(request(
+            "GET", "/v1/models", headers={"Origin": "http://elsewhere.example"})))
+        assert status == 200 and "access-control-allow-origin" not in headers
+
+    run(scenario)
+
+
+def test_a_broken_manifest_at_start_gets_503s_with_the_reason_until_fixed(
+        tmp_path: Path) -> None:
+    path = write(tmp_path)
+    good = path.read_text()
+    path.write_text(good.replace("    ttl: 1h", "    ttl: soon"))
+
+    async def scenario() -> None:
+        with pytest.raises(HoshikageError) as caught:
+            server.load_config(path)
+        reason = caught.value.message
+        router = server.Router(Config(source=path), broken=reason)
+        for req in (request("POST", "/v1/chat/completions", {"model": "tiny"}),
+                    request("GET", "/v1/models"), request("POST", "/api/chat",
+                                                          {"model": "tiny"})):
+            status, headers, body = answer(await router.handle(req))
+            assert status == 503, body
+            assert "models.yaml:11" in json.dumps(body) and "soon" in json.dumps(body)
+            assert headers["x-should-retry"] == "false"
+        path.write_text(good)
+        router.reload_now()
+        status, _, body = answer(await router.handle(request("GET", "/v1/models")))
+        assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+
+    run(scenario)
+
+
+def test_reload_datagram_rereads_now_and_a_broken_edit_keeps_the_last_good(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path)
+
+    async def scenario() -> None:
+        router = server.Router(server.load_config(path))
+        router.announcements.open()
+        try:
+            path.write_text(path.read_text().replace("aliases: [small]", "aliases: [wee]"))
+            router._checked = time.monotonic()  # the once-a-second check would not look yet
+            assert protocol.send_datagram(protocol.router_socket(
+                str(router.config.runtime_dir)).encode(), protocol.RELOAD)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if router.config.models["tiny"].aliases == ("wee",):
+                    break
+            assert router.config.models["tiny"].aliases == ("wee",)
+            names = tmp_path / "state" / "names.json"
+            names.parent.mkdir(parents=True, exist_ok=True)
+            names.write_text('{"aliases": "abc"}')
+            with caplog.at_level(logging.ERROR, "hoshikage.router"):
+                router.reload_now()
+            assert router.config.models["tiny"].aliases == ("wee",)  # the last good one
+            assert router.broken is None
+            assert any("names.json: 'aliases' must be an object" in r.getMessage()
+                       for r in caplog.records if r.levelno == logging.ERROR)
+        finally:
+            router.announcements.close()
+
+    run(scenario)
+
+
+def test_the_activity_record_is_written_once_per_short_request(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "BUSY_DELAY", 0.05)
+    writes: list[Activity] = []
+
+    async def scenario() -> None:
+        router = server.Router(config)
+        monkeypatch.setattr(router.runtime, "set_activity", lambda _n, a: writes.append(a))
+        tiny = config.models["tiny"]
+        router._begin(tiny)  # the first: nothing known of its last end, so busy at once
+        router._end("tiny")
+        assert [a.in_flight for a in writes] == [1, 0]
+        writes.clear()
+        for _ in range(3):  # short ones: one record each, at the end
+            router._begin(tiny)
+            router._end("tiny")
+        assert [a.in_flight for a in writes] == [0, 0, 0]
+        writes.clear()
+        router._begin(tiny)  # overlapping: one record when the last one ends
+        router._begin(tiny)
+        router._end("tiny")
+        router._end("tiny")
+        assert [a.in_flight for a in writes] == [0]
+        writes.clear()
+        router._begin(tiny)  # a long one: busy after BUSY_DELAY, then its end
+        await asyncio.sleep(0.15)
+        router._end("tiny")
+        assert [a.in_flight for a in writes] == [1, 0]
+        writes.clear()
+        short = Model("tiny", tiny.path, ttl=1.5)  # near its TTL: busy at once
+        router._last_end["tiny"] = time.time() - 1.0
+        router._begin(short)
+        assert [a.in_flight for a in writes] == [1]
+        router._end("tiny")
+
+    run(scenario)
+
+
+def test_llama_server_gets_its_http_threads_and_the_pool_one_less(tmp_path: Path) -> None:
+    model = Model("m", tmp_path / "m.gguf")
+    assert model.server_args[-2:] == ("--threads-http", "8") and model.upstream_pool == 7
+    given = Model("m", tmp_path / "m.gguf", args=("--threads-http", "3"))
+    assert given.server_args.count("--threads-http") == 1 and given.upstream_pool == 2
+    many = Model("m", tmp_path / "m.gguf", args=("-np", "16"))
+    assert many.http_threads == 18 and many.upstream_pool == 17
+    command = Model("m", tmp_path / "m.gguf", backend="command", command=("x",))
+    assert "--threads-http" not in command.server_args and command.upstream_pool == 4
