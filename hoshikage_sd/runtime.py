@@ -22,7 +22,9 @@ from hoshikage_sd.files import write_atomic
 
 @dataclass(frozen=True)
 class Activity:
-    """Written by the router: requests in flight and when the last one ended (wall clock)."""
+    """Written by the router: requests in flight and when the last one ended (wall clock).
+    It writes it once per request, at its end; while one is in flight it holds the model's
+    busy lock instead (Runtime.busy), and writes in_flight > 0 only where it cannot."""
 
     in_flight: int
     last_end: float
@@ -97,11 +99,32 @@ class Runtime:
         except TypeError:
             return None
 
+    def busy_path(self, name: str) -> Path:
+        return self.dir / "busy" / f"{name}.lock"
+
+    def busy(self, name: str) -> bool:
+        """Is a request to the model in flight? The router holds a shared flock on its busy
+        file while one is, which costs it no write per request, and which the kernel drops
+        if the router dies."""
+        try:
+            fd = os.open(self.busy_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # and with it the lock, if this got it
+        return False
+
     def idle_seconds(self, name: str, now: float) -> float | None:
         """How long the model has been idle (the idle watch, admission and `status` all ask
         this), or None while it is busy: a request in flight, or not serving yet."""
         running = self.running(name)
-        if running is None:
+        if running is None or self.busy(name):
             return None
         activity = self.activity(name)
         alive = activity is not None and psutil.pid_exists(activity.router_pid)

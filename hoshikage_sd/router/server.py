@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -56,9 +57,6 @@ PROBE_TIMEOUT = 2.0
 #: seconds after start-up during which a start of the model first_request started is that
 #: start (its request comes at once; one whose client went away must not block a later one)
 EARLY_START_VALID = 30.0
-#: a request's "busy" activity record is written only once it has run this long (or at once
-#: when its model is this close to its TTL): a short request writes one record, at its end
-BUSY_DELAY = 1.0
 #: seconds an unload (Ollama's keep_alive 0) waits for the unit to leave "active"
 UNLOAD_WAIT = 5.0
 #: upstream response headers the router never passes on: CORS is the router's to grant
@@ -102,10 +100,9 @@ class Router:
         self.last_activity = time.monotonic()
         self.done = asyncio.Event()
         self.pid = os.getpid()
-        #: wall-clock end of each model's last request (as last written), and pending
-        #: "busy" writes: the activity record is written once per request, at its end
-        self._last_end: dict[str, float] = {}
-        self._busy: dict[str, asyncio.TimerHandle | None] = {}
+        #: each model's busy lock while requests are in flight: the activity record is
+        #: written once per request, at its end
+        self.busy = BusyLocks(self.runtime)
         #: each loaded model's TTL override (keep_alive), as last read or written
         self._ttl: dict[str, float | None] = {}
         self._manifest_id = self._stat_manifest()
@@ -300,24 +297,15 @@ class Router:
         return self._ttl[model.name] or model.ttl
 
     def _begin(self, model: Model) -> None:
+        """A request to the model starts: from the first in flight, it is busy (no idle
+        stop, no eviction) for the idle watch and admission."""
         name = model.name
         count = self.in_flight.get(name, 0) + 1
         self.in_flight[name] = count
         self.last_activity = time.monotonic()
-        if count > 1 or name in self._busy:
-            return
-        last = self._last_end.get(name)
-        if last is None or time.time() - last + BUSY_DELAY + 1.0 >= self.effective_ttl(model):
-            # unknown, or near its TTL: the idle watch must see it busy now
-            self._write_busy(name)
-        else:
-            self._busy[name] = asyncio.get_running_loop().call_later(
-                BUSY_DELAY, self._write_busy, name)
-
-    def _write_busy(self, name: str) -> None:
-        self._busy[name] = None  # written (or moot): no timer left
-        count = self.in_flight.get(name, 0)
-        if count:
+        if count == 1 and not self.busy.hold(name):
+            # no lock to be had (a reader holds it this very moment, or no runtime
+            # directory): say so in the record, as the router always did
             self.runtime.set_activity(name, Activity(count, time.time(), self.pid))
 
     def _end(self, name: str) -> None:
@@ -326,11 +314,8 @@ class Router:
         self.last_activity = time.monotonic()
         if count > 0:
             return
-        timer = self._busy.pop(name, None)
-        if timer is not None:
-            timer.cancel()
-        now = self._last_end[name] = time.time()
-        self.runtime.set_activity(name, Activity(0, now, self.pid))
+        self.runtime.set_activity(name, Activity(0, time.time(), self.pid))
+        self.busy.release(name)  # after the record: never idle with an old last_end
 
     # -- HTTP -----------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response | Forward:
@@ -636,6 +621,41 @@ class Router:
         self.announcements.close()
         for pool in self.pools.values():
             pool.close()
+        self.busy.close()
+
+
+class BusyLocks:
+    """A shared flock on each model's busy file (Runtime.busy_path) while requests to it are
+    in flight: two system calls per busy period instead of a record written at its start."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.fds: dict[str, int] = {}
+
+    def hold(self, name: str) -> bool:
+        try:
+            fd = self.fds.get(name)
+            if fd is None:
+                path = self.runtime.busy_path(name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = self.fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                              0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            logger.debug("no busy lock for %s: %s", name, exc)
+            return False
+        return True
+
+    def release(self, name: str) -> None:
+        fd = self.fds.get(name)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 class Call:

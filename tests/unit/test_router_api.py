@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -20,7 +21,7 @@ from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.router import first_request, routes, server
 from hoshikage_sd.router.proxy import Forward, Request, Response
 from hoshikage_sd.router.routes import Route
-from hoshikage_sd.runtime import Activity
+from hoshikage_sd.runtime import Activity, Running
 
 MANIFEST = """\
 ramdisk: {tmp}/rd
@@ -235,40 +236,46 @@ def test_reload_datagram_rereads_now_and_a_broken_edit_keeps_the_last_good(
     run(scenario)
 
 
-def test_the_activity_record_is_written_once_per_short_request(
+def test_one_activity_record_per_request_and_busy_seen_at_once(
         config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "BUSY_DELAY", 0.05)
     writes: list[Activity] = []
 
     async def scenario() -> None:
         router = server.Router(config)
-        monkeypatch.setattr(router.runtime, "set_activity", lambda _n, a: writes.append(a))
+        runtime = router.runtime
+        set_activity = runtime.set_activity
+
+        def counted(name: str, activity: Activity) -> None:
+            writes.append(activity)
+            set_activity(name, activity)
+
+        monkeypatch.setattr(runtime, "set_activity", counted)
+        runtime.set_running("tiny", Running(os.getpid(), "/x", time.time() - 60))
         tiny = config.models["tiny"]
-        router._begin(tiny)  # the first: nothing known of its last end, so busy at once
-        router._end("tiny")
-        assert [a.in_flight for a in writes] == [1, 0]
-        writes.clear()
-        for _ in range(3):  # short ones: one record each, at the end
+        for _ in range(3):
             router._begin(tiny)
+            # what the idle watch and admission ask, from another process: busy now
+            assert runtime.busy("tiny") and runtime.idle_seconds("tiny", time.time()) is None
             router._end("tiny")
-        assert [a.in_flight for a in writes] == [0, 0, 0]
+            assert not runtime.busy("tiny")
+        assert [a.in_flight for a in writes] == [0, 0, 0]  # one record each, at its end
+        idle = runtime.idle_seconds("tiny", time.time())
+        assert idle is not None and idle < 5
         writes.clear()
-        router._begin(tiny)  # overlapping: one record when the last one ends
+        router._begin(tiny)  # overlapping requests: one record when the last one ends
         router._begin(tiny)
         router._end("tiny")
+        assert runtime.busy("tiny")
         router._end("tiny")
-        assert [a.in_flight for a in writes] == [0]
+        assert [a.in_flight for a in writes] == [0] and not runtime.busy("tiny")
+        router.close()
+        router = server.Router(config)  # a router whose lock cannot be had says so in the record
+        router.runtime = runtime
+        monkeypatch.setattr(router.busy, "hold", lambda _name: False)
         writes.clear()
-        router._begin(tiny)  # a long one: busy after BUSY_DELAY, then its end
-        await asyncio.sleep(0.15)
-        router._end("tiny")
-        assert [a.in_flight for a in writes] == [1, 0]
-        writes.clear()
-        short = Model("tiny", tiny.path, ttl=1.5)  # near its TTL: busy at once
-        router._last_end["tiny"] = time.time() - 1.0
-        router._begin(short)
+        router._begin(tiny)
         assert [a.in_flight for a in writes] == [1]
-        router._end("tiny")
+        assert runtime.idle_seconds("tiny", time.time()) is None  # in_flight, router alive
 
     run(scenario)
 
