@@ -1,4 +1,5 @@
-"""`hoshikage idle-watch`, run by hoshikage-idle.timer: stop model units idle past their TTL.
+"""`hoshikage idle-watch`, run by hoshikage-idle.timer: stop model units idle past their TTL,
+within about a second of it (LOOKAHEAD), though the timer ticks once a minute.
 
 Idle time runs from the end of the last request with nothing in flight (the router's activity
 record), or from when the model became ready if it never served one. A model with a request in
@@ -20,22 +21,41 @@ def should_stop(idle: float | None, ttl: float) -> bool:
     return idle is not None and idle >= ttl
 
 
+#: hoshikage-idle.timer fires once a minute; a model due before the next tick is waited for
+#: here, so a 30 s TTL stops after ~30 s, not after 60-90 s
+LOOKAHEAD = 55.0
+#: never sweep more often than this while waiting
+MIN_WAIT = 0.5
+
+
 def main(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
+    until = time.monotonic() + LOOKAHEAD
+    while (wait := sweep(config, runtime)) is not None and time.monotonic() + wait < until:
+        time.sleep(max(wait, MIN_WAIT))
+    watch_pressure(config, runtime)
+    return 0
+
+
+def sweep(config: Config, runtime: Runtime) -> float | None:
+    """Stop the models idle past their TTL; seconds until the next one may be due (a busy
+    one: its TTL from now at the soonest), or None when no model is up."""
     now = time.time()
+    soonest: float | None = None
     for name in systemd.active_model_units(("active",)):  # not one already stopping
         model = config.models.get(name)
         ttl = model.ttl if model else config.idle_ttl
         idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
         if not should_stop(idle, ttl):
+            due = ttl - (idle or 0.0)
+            soonest = due if soonest is None else min(soonest, due)
             continue
         assert idle is not None
         runtime.set_stop_reason(name, "idle")
         log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
-    watch_pressure(config, runtime)
-    return 0
+    return soonest
 
 
 def watch_pressure(config: Config, runtime: Runtime) -> None:
