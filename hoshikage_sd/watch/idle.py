@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 
-from hoshikage_sd import log
+from hoshikage_sd import fmt, log
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Store
 
 
 def should_stop(idle: float | None, ttl: float) -> bool:
@@ -55,7 +56,21 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
         log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
+    expire_kept(config, runtime, now)
     return soonest
+
+
+def expire_kept(config: Config, runtime: Runtime, now: float) -> None:
+    """Kept staged copies of stopped models (model_unit/release.py) whose TTL ran out."""
+    store = Store(config.ramdisk)
+    for name in runtime.names("kept"):
+        until = runtime.kept_until(name)
+        if until is not None and until > now:
+            continue
+        freed = store.remove(name)
+        runtime.clear("kept", name)
+        log.event("released", name, f"released {name}'s kept copy: its TTL ran out; freed "
+                  f"{fmt.size(freed)} of RAM disk", reason="idle", bytes_freed=freed)
 
 
 def watch_pressure(config: Config, runtime: Runtime) -> None:
