@@ -16,11 +16,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import cache, fmt, log, proc, protocol
+from hoshikage_sd import cache, fmt, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import launch
@@ -106,6 +107,16 @@ class Activator:
         self._escalated = 0
         self.deadline = time.monotonic() + config.start_timeout
         self._last_beat = 0.0
+        #: seconds spent in admission and staging (metrics: the load's phases)
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - began
 
     # -- signals --------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -155,7 +166,8 @@ class Activator:
                                f"({100 * done // total}%)")
 
         self.heartbeat(f"staging {name} from {self.source}", force=True)
-        staged = self.store.stage(name, self.source, progress, force=force)
+        with self.phase("staging"):
+            staged = self.store.stage(name, self.source, progress, force=force)
         if staged.copied:
             rate = staged.size / max(staged.seconds, 1e-6)
             log.event("staged", name,
@@ -202,6 +214,10 @@ class Activator:
 
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse."""
+        with self.phase("admission"):
+            self._admit()
+
+    def _admit(self) -> None:
         name = self.model.name
         wait_until = time.monotonic() + self.config.admission_wait
         announced = False
@@ -210,11 +226,16 @@ class Activator:
                 decision, estimate = residents.judge(self.config, self.model, self.runtime)
                 verdict = decision.verdict
                 if verdict is not admission.Verdict.WAIT or not announced:
-                    residents.record(name, decision)
+                    residents.record(name, decision, self.config.runtime_dir)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
                     self.runtime.set_admitted(name, estimate)  # others count it from now on
+                    evicted = metrics.Tally()
+                    for victim in decision.victims:
+                        evicted.count("hoshikage_evictions_total", model=victim.name,
+                                      reason="admission")
+                    metrics.commit(self.config.runtime_dir, evicted)
                     for victim in decision.victims:
                         self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
                         self.heartbeat(f"stopping {victim.name} to make room", force=True)
@@ -223,6 +244,8 @@ class Activator:
                     return
             announced = True
             if time.monotonic() > wait_until:
+                metrics.count(self.config.runtime_dir, "hoshikage_refusals_total", model=name,
+                              reason="wait_timeout")
                 die(f"no room for '{name}' yet: {decision.message}",
                     hint="the busy models will go idle; try again shortly")
             self.heartbeat(f"waiting for room: {decision.message}")
@@ -276,11 +299,18 @@ class Activator:
                   pid=child.pid, load_seconds=f"{load:.3f}",
                   stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied),
                   launched=int(adopted is not None), spawned_at=f"{load_start:.6f}")
-        self.after_ready(load)
+        self.after_ready(load, launched=adopted is not None)
         return child
 
-    def after_ready(self, load_seconds: float) -> None:
-        """Bookkeeping that must never fail a start: usage statistics, the SSD cache."""
+    def after_ready(self, load_seconds: float, launched: bool = False) -> None:
+        """Bookkeeping that must never fail a start: metrics, usage statistics, the SSD
+        cache."""
+        name = self.model.name
+        counts = metrics.Tally().count("hoshikage_loads_total", model=name,
+                                       path="launcher" if launched else "activator")
+        for phase, seconds in (*self.phases.items(), ("llama_server", load_seconds)):
+            counts.observe("hoshikage_load_phase_seconds", seconds, model=name, phase=phase)
+        metrics.commit(self.config.runtime_dir, counts)
         try:
             StatsFile(self.config.state_dir).record_load(self.model.name, load_seconds)
             if cache.wants_sync(self.config, self.model):
@@ -300,6 +330,8 @@ class Activator:
         except Stopped:
             return 0
         except HoshikageError as err:
+            metrics.count(self.config.runtime_dir, "hoshikage_load_failures_total",
+                          model=self.model.name)
             self.runtime.set_error(self.model.name, err.message)
             daemon.notify(STATUS=f"failed: {err.message}")
             log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import psutil
 
-from hoshikage_sd import log
+from hoshikage_sd import log, metrics
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy import admission
@@ -107,11 +108,24 @@ def judge(config: Config, model: Model, runtime: Runtime) -> tuple[Decision, int
     return decision, estimate_bytes
 
 
-def record(name: str, decision: Decision) -> None:
-    """The journal's 'admission' record of a decision, with its numbers."""
+def record(name: str, decision: Decision, runtime_dir: Path | None = None) -> None:
+    """The journal's 'admission' record of a decision, with its numbers; with the runtime
+    dir, counted too (metrics: the verdict, and a refusal's reason)."""
     verdict = decision.verdict
     log.event("admission", name, decision.message,
               level=logging.INFO if verdict in (Verdict.LOAD, Verdict.EVICT)
               else logging.WARNING,
               verdict=verdict.value, needed=decision.needed, available=decision.available,
               victims=",".join(v.name for v in decision.victims) or None)
+    if runtime_dir is not None:
+        counts = metrics.Tally().count("hoshikage_admission_decisions_total", model=name,
+                                       verdict=verdict.value)
+        if verdict is Verdict.REJECT:
+            counts.count("hoshikage_refusals_total", model=name,
+                         reason=refusal_reason(decision))
+        metrics.commit(runtime_dir, counts)
+
+
+def refusal_reason(decision: Decision) -> str:
+    """Why a model can never load: not enough memory, or (with enough) max_loaded_models."""
+    return "memory" if decision.available < decision.needed else "max_loaded_models"
