@@ -361,6 +361,27 @@ def count(runtime_dir: Path, name: str, by: float = 1.0, **labels: object) -> No
     commit(runtime_dir, Tally().count(name, by, **labels))
 
 
+def as_json(totals: Tally) -> dict[str, list[dict[str, Any]]]:
+    """The counters for scripts (`status --json`): per family, each label set with its
+    value, or a histogram's count, sum and cumulative buckets ({"0.5": n, ..., "+Inf": n})."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for family in COUNTED.values():
+        rows: list[dict[str, Any]] = []
+        if family.kind == "counter":
+            for key, value in sorted(totals.counters.get(family.name, {}).items()):
+                rows.append({"labels": dict(zip(family.labels, key, strict=True)),
+                             "value": value})
+        else:
+            les = [_le(b) for b in (*family.buckets, math.inf)]
+            for key, hist in sorted(totals.histograms.get(family.name, {}).items()):
+                cumulative = [sum(hist.counts[:i + 1]) for i in range(len(hist.counts))]
+                rows.append({"labels": dict(zip(family.labels, key, strict=True)),
+                             "count": hist.count, "sum": hist.sum,
+                             "buckets": dict(zip(les, cumulative, strict=True))})
+        out[family.name] = rows
+    return out
+
+
 # -- scrape-time facts ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadedModel:

@@ -282,3 +282,67 @@ def test_label_sets_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ])
 def test_route_label(path: str, label: str) -> None:
     assert route_label(path) == label
+
+
+# -- the writers outside the router, and status --json ---------------------------------------
+def test_admission_records_count_verdicts_and_refusals(tmp_path: Path) -> None:
+    from hoshikage_sd.policy.admission import decide
+    from hoshikage_sd.policy.residents import record
+
+    record("a", decide("a", 100, 1000, []), tmp_path)
+    record("huge", decide("huge", 10_000, 1000, []), tmp_path)
+    record("c", decide("c", 100, 1000, [], max_loaded=0), tmp_path)
+    record("not-counted", decide("not-counted", 100, 1000, []))  # no runtime dir given
+    totals = metrics.read(tmp_path)
+    assert totals.counters["hoshikage_admission_decisions_total"] == {
+        ("a", "load"): 1, ("huge", "reject"): 1, ("c", "reject"): 1}
+    assert totals.counters["hoshikage_refusals_total"] == {
+        ("huge", "memory"): 1, ("c", "max_loaded_models"): 1}
+
+
+def test_status_json_has_the_same_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from hoshikage_sd.commands import status
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.sd import units
+
+    config = Config(source=tmp_path / "models.yaml", ramdisk=tmp_path / "mnt",
+                    runtime_dir=tmp_path / "run",
+                    models={"a": Model("a", tmp_path / "a.gguf", ttl=600.0),
+                            "b": Model("b", tmp_path / "b.gguf")})
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_running("a", Running(os.getpid(), "/x/a.gguf", time.time() - 100))
+    runtime.set_activity("a", Activity(0, time.time() - 60, os.getpid()))
+    metrics.count(config.runtime_dir, "hoshikage_loads_total", model="a", path="activator")
+    # systemd is the system tier's to bring: here its two answers stand in
+    monkeypatch.setattr(units, "active_model_units", lambda *_a: ["a"])
+    monkeypatch.setattr(units, "show", lambda _unit, *_p: {
+        "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": "1048576"})
+    assert status.status(config, as_json=True) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["loaded"] == ["a"]
+    a, b = facts["models"]
+    assert a["name"] == "a" and a["pid"] == 4242 and a["llama_server_pid"] == os.getpid()
+    assert a["memory_bytes"] == 1 << 20 and a["resident_bytes"] > 0
+    assert 59 <= a["idle_seconds"] < 600 and a["busy"] is False
+    assert a["ttl_seconds"] == 600 and a["ttl_left_seconds"] == pytest.approx(
+        600 - a["idle_seconds"])
+    assert b["state"] == "inactive" and b["llama_server_pid"] is None
+    assert b["ttl_left_seconds"] is None
+    assert facts["ramdisk"] == {"path": str(config.ramdisk), "mounted": False,
+                                "used_bytes": None, "size_bytes": None}
+    assert facts["memory"]["available_bytes"] > 0
+    assert facts["counters"]["hoshikage_loads_total"] == [
+        {"labels": {"model": "a", "path": "activator"}, "value": 1.0}]
+    assert facts["counters_since"] is not None
+
+
+def test_counters_as_json_match_the_text(tmp_path: Path) -> None:
+    t = Tally().observe("hoshikage_load_phase_seconds", 0.3, model="a", phase="staging")
+    t.observe("hoshikage_load_phase_seconds", 7.0, model="a", phase="staging")
+    (row,) = metrics.as_json(t)["hoshikage_load_phase_seconds"]
+    text = metrics.exposition(t, {})
+    for le, n in row["buckets"].items():
+        assert value(text, "hoshikage_load_phase_seconds_bucket", model="a", phase="staging",
+                     le=le) == n
+    assert row["count"] == 2 and row["sum"] == pytest.approx(7.3)
