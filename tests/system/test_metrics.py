@@ -31,6 +31,7 @@ def models_dir(tmp_path: Path, tiny_gguf: Path) -> Path:
     directory = tmp_path / "models"
     directory.mkdir()
     shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
+    shutil.copyfile(tiny_gguf, directory / "twin.gguf")
     write_model(directory / "huge.gguf", n_embd=512, n_ff=1024, n_layer=8, seed=9)
     return directory
 
@@ -41,9 +42,10 @@ def hk(container_factory: ContainerFactory, models_dir: Path,
     tiny = estimate(Model("tiny", models_dir / "tiny.gguf", args=ARGS))
     huge = estimate(Model("huge", models_dir / "huge.gguf", args=ARGS))
     budget = int(tiny * 1.2 * 1.5)
-    assert huge * 1.2 > budget  # the premise: huge can never fit, tiny can
+    assert huge * 1.2 > budget  # the premises: huge can never fit, tiny can, not with twin
     args = 'args: ["-c", "512", "-np", "1"]'
-    text = manifest(llama_server_bin, {"tiny": f"{args}\nttl: 3s", "huge": args},
+    text = manifest(llama_server_bin, {"tiny": f"{args}\nttl: 3s", "huge": args,
+                                       "twin": f"{args}\nttl: 1h"},
                     memory_budget=str(budget), router_idle_exit="5s")
     return deploy(container_factory, models_dir, text)
 
@@ -143,3 +145,34 @@ def test_a_load_by_the_launcher_is_counted(hk: Deployment, models_dir: Path) -> 
     # admitted by the router, staged before: the activator saw neither phase
     assert get(samples, "hoshikage_load_phase_seconds_count", model="tiny",
                phase="staging") is None
+
+
+def test_a_stop_for_memory_pressure_is_counted(container_factory: ContainerFactory,
+                                               models_dir: Path,
+                                               llama_server_bin: Path) -> None:
+    """With pressure_critical at 1% of RAM, the idle watch's next tick stops the idle model."""
+    text = manifest(llama_server_bin, {"tiny": 'args: ["-c", "512", "-np", "1"]\nttl: 1h'},
+                    pressure_warn="0.005", pressure_critical="0.01")
+    hk = deploy(container_factory, models_dir, text)
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    hk.wait_for("the pressure stop", lambda: hk.state("hoshikage-model@tiny.service")
+                == "inactive")
+    (released,) = hk.events("released", "tiny")
+    assert released["HOSHIKAGE_REASON"] == "memory pressure"
+    samples = scrape(hk)
+    assert get(samples, "hoshikage_evictions_total", model="tiny", reason="pressure") == 1
+    assert get(samples, "hoshikage_evictions_total", model="tiny", reason="idle") is None
+
+
+def test_an_eviction_for_another_model_is_counted(hk: Deployment) -> None:
+    status, body = hk.chat("twin")
+    assert status == 200, body
+    status, body = hk.chat("tiny")  # twin is idle: stopped to make room
+    assert status == 200, body
+    samples = scrape(hk)
+    assert get(samples, "hoshikage_evictions_total", model="twin", reason="admission") == 1
+    assert get(samples, "hoshikage_admission_decisions_total", model="tiny",
+               verdict="evict") == 1
+    assert get(samples, "hoshikage_loads_total", model="tiny", path="activator") == 1
+    assert get(samples, "hoshikage_loads_total", model="twin", path="activator") == 1
