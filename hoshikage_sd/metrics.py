@@ -61,9 +61,8 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hoshikage_sd import __version__
 from hoshikage_sd.files import write_atomic
@@ -83,8 +82,9 @@ LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
                 300.0, 600.0)
 
 
-@dataclass(frozen=True)
-class Family:
+# NamedTuples and plain classes, not dataclasses: this module is on the activator's cold
+# path, where they cost 2.1 ms of import against 0.85 ms (python -X importtime, .pyc).
+class Family(NamedTuple):
     name: str
     kind: str  # counter | histogram | gauge
     help: str
@@ -184,13 +184,22 @@ def route_label(path: str) -> str:
 Labels = tuple[str, ...]
 
 
-@dataclass
 class Histogram:
     """Counts per bucket (not cumulative; the last is +Inf), their sum and count."""
 
-    counts: list[int]
-    sum: float = 0.0
-    count: int = 0
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self, counts: list[int], total: float = 0.0, count: int = 0) -> None:
+        self.counts = counts
+        self.sum = total
+        self.count = count
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Histogram) and \
+            (self.counts, self.sum, self.count) == (other.counts, other.sum, other.count)
+
+    def __repr__(self) -> str:
+        return f"Histogram({self.counts}, {self.sum}, {self.count})"
 
     def observe(self, value: float, buckets: tuple[float, ...]) -> None:
         i = 0
@@ -206,13 +215,13 @@ class Histogram:
         self.count += other.count
 
 
-@dataclass
 class Tally:
     """Counts by family and label values: a process's increments, or the file's totals."""
 
-    counters: dict[str, dict[Labels, float]] = field(default_factory=dict)
-    histograms: dict[str, dict[Labels, Histogram]] = field(default_factory=dict)
-    since: float | None = None  # the file's: when its first count was added
+    def __init__(self, since: float | None = None) -> None:
+        self.counters: dict[str, dict[Labels, float]] = {}
+        self.histograms: dict[str, dict[Labels, Histogram]] = {}
+        self.since = since  # the file's: when its first count was added
 
     def __bool__(self) -> bool:
         return bool(self.counters or self.histograms)
@@ -383,8 +392,7 @@ def as_json(totals: Tally) -> dict[str, list[dict[str, Any]]]:
 
 
 # -- scrape-time facts ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoadedModel:
+class LoadedModel(NamedTuple):
     name: str
     pid: int
     started: float           # wall clock, when it became ready
