@@ -109,6 +109,8 @@ class Activator:
         self._last_beat = 0.0
         #: seconds spent in admission and staging (metrics: the load's phases)
         self.phases: dict[str, float] = {}
+        #: what this start counted; written once it served or failed, not on its way
+        self.counts = metrics.Tally()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -226,17 +228,14 @@ class Activator:
                 decision, estimate = residents.judge(self.config, self.model, self.runtime)
                 verdict = decision.verdict
                 if verdict is not admission.Verdict.WAIT or not announced:
-                    residents.record(name, decision, self.config.runtime_dir)
+                    residents.record(name, decision, self.counts)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
                     self.runtime.set_admitted(name, estimate)  # others count it from now on
-                    evicted = metrics.Tally()
                     for victim in decision.victims:
-                        evicted.count("hoshikage_evictions_total", model=victim.name,
-                                      reason="admission")
-                    metrics.commit(self.config.runtime_dir, evicted)
-                    for victim in decision.victims:
+                        self.counts.count("hoshikage_evictions_total", model=victim.name,
+                                          reason="admission")
                         self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
                         self.heartbeat(f"stopping {victim.name} to make room", force=True)
                         systemd.systemctl("stop", systemd.model_unit(victim.name),
@@ -244,8 +243,8 @@ class Activator:
                     return
             announced = True
             if time.monotonic() > wait_until:
-                metrics.count(self.config.runtime_dir, "hoshikage_refusals_total", model=name,
-                              reason="wait_timeout")
+                self.counts.count("hoshikage_refusals_total", model=name,
+                                  reason="wait_timeout")
                 die(f"no room for '{name}' yet: {decision.message}",
                     hint="the busy models will go idle; try again shortly")
             self.heartbeat(f"waiting for room: {decision.message}")
@@ -306,11 +305,11 @@ class Activator:
         """Bookkeeping that must never fail a start: metrics, usage statistics, the SSD
         cache."""
         name = self.model.name
-        counts = metrics.Tally().count("hoshikage_loads_total", model=name,
-                                       path="launcher" if launched else "activator")
+        self.counts.count("hoshikage_loads_total", model=name,
+                          path="launcher" if launched else "activator")
         for phase, seconds in (*self.phases.items(), ("llama_server", load_seconds)):
-            counts.observe("hoshikage_load_phase_seconds", seconds, model=name, phase=phase)
-        metrics.commit(self.config.runtime_dir, counts)
+            self.counts.observe("hoshikage_load_phase_seconds", seconds, model=name,
+                                phase=phase)
         try:
             StatsFile(self.config.state_dir).record_load(self.model.name, load_seconds)
             if cache.wants_sync(self.config, self.model):
@@ -330,13 +329,14 @@ class Activator:
         except Stopped:
             return 0
         except HoshikageError as err:
-            metrics.count(self.config.runtime_dir, "hoshikage_load_failures_total",
-                          model=self.model.name)
+            self.counts.count("hoshikage_load_failures_total", model=self.model.name)
             self.runtime.set_error(self.model.name, err.message)
             daemon.notify(STATUS=f"failed: {err.message}")
             log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",
                       level=logging.ERROR, reason=err.message)
             return err.code
+        finally:  # served (READY=1 sent), failed or stopped: now the counts may cost a write
+            metrics.commit(self.config.runtime_dir, self.counts)
         if adopted is not None:
             self.full_priority()
         code = child.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import psutil
 
@@ -108,22 +107,21 @@ def judge(config: Config, model: Model, runtime: Runtime) -> tuple[Decision, int
     return decision, estimate_bytes
 
 
-def record(name: str, decision: Decision, runtime_dir: Path | None = None) -> None:
-    """The journal's 'admission' record of a decision, with its numbers; with the runtime
-    dir, counted too (metrics: the verdict, and a refusal's reason)."""
+def record(name: str, decision: Decision, counts: metrics.Counts | None = None) -> None:
+    """The journal's 'admission' record of a decision, with its numbers; counted into
+    `counts` too (the verdict, and a refusal's reason), which its caller writes later: this
+    runs under the admission lock, on the way to a cold start."""
     verdict = decision.verdict
     log.event("admission", name, decision.message,
               level=logging.INFO if verdict in (Verdict.LOAD, Verdict.EVICT)
               else logging.WARNING,
               verdict=verdict.value, needed=decision.needed, available=decision.available,
               victims=",".join(v.name for v in decision.victims) or None)
-    if runtime_dir is not None:
-        counts = metrics.Tally().count("hoshikage_admission_decisions_total", model=name,
-                                       verdict=verdict.value)
+    if counts is not None:
+        counts.count("hoshikage_admission_decisions_total", model=name, verdict=verdict.value)
         if verdict is Verdict.REJECT:
             counts.count("hoshikage_refusals_total", model=name,
                          reason=refusal_reason(decision))
-        metrics.commit(runtime_dir, counts)
 
 
 def refusal_reason(decision: Decision) -> str:

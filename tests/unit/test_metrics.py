@@ -289,13 +289,19 @@ def test_admission_records_count_verdicts_and_refusals(tmp_path: Path) -> None:
     from hoshikage_sd.policy.admission import decide
     from hoshikage_sd.policy.residents import record
 
-    record("a", decide("a", 100, 1000, []), tmp_path)
-    record("huge", decide("huge", 10_000, 1000, []), tmp_path)
-    record("c", decide("c", 100, 1000, [], max_loaded=0), tmp_path)
-    record("not-counted", decide("not-counted", 100, 1000, []))  # no runtime dir given
+    counts = Tally()
+    record("a", decide("a", 100, 1000, []), counts)
+    record("huge", decide("huge", 10_000, 1000, []), counts)
+    record("c", decide("c", 100, 1000, [], max_loaded=0), counts)
+    record("not-counted", decide("not-counted", 100, 1000, []))
+    router = Metrics(tmp_path)  # the router counts into its batch
+    record("d", decide("d", 100, 1000, []), router)
+    assert not metrics.counter_file(tmp_path).exists()  # nothing written on the way
+    router.flush()
+    metrics.commit(tmp_path, counts)
     totals = metrics.read(tmp_path)
     assert totals.counters["hoshikage_admission_decisions_total"] == {
-        ("a", "load"): 1, ("huge", "reject"): 1, ("c", "reject"): 1}
+        ("a", "load"): 1, ("huge", "reject"): 1, ("c", "reject"): 1, ("d", "load"): 1}
     assert totals.counters["hoshikage_refusals_total"] == {
         ("huge", "memory"): 1, ("c", "max_loaded_models"): 1}
 
