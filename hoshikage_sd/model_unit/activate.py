@@ -17,11 +17,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import cache, fmt, log, proc, protocol
+from hoshikage_sd import cache, fmt, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import launch
@@ -109,6 +110,18 @@ class Activator:
         self._last_beat = 0.0
         #: llama-server serves from the source; its RAM-disk copy is made once it serves
         self.copy_later = False
+        #: seconds spent in admission and staging (metrics: the load's phases)
+        self.phases: dict[str, float] = {}
+        #: what this start counted; written once it served or failed, not on its way
+        self.counts = metrics.Tally()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - began
 
     # -- signals --------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -158,7 +171,8 @@ class Activator:
                                f"({100 * done // total}%)")
 
         self.heartbeat(f"staging {name} from {self.source}", force=True)
-        staged = self.store.stage(name, self.source, progress, force=force)
+        with self.phase("staging"):
+            staged = self.store.stage(name, self.source, progress, force=force)
         if staged.copied:
             rate = staged.size / max(staged.seconds, 1e-6)
             log.event("staged", name,
@@ -254,6 +268,10 @@ class Activator:
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse. Kept
         copies of stopped models go before any model that runs."""
+        with self.phase("admission"):
+            self._admit()
+
+    def _admit(self) -> None:
         name = self.model.name
         self.make_room(residents.estimate(self.model, self.runtime))
         wait_until = time.monotonic() + self.config.admission_wait
@@ -263,12 +281,14 @@ class Activator:
                 decision, estimate = residents.judge(self.config, self.model, self.runtime)
                 verdict = decision.verdict
                 if verdict is not admission.Verdict.WAIT or not announced:
-                    residents.record(name, decision)
+                    residents.record(name, decision, self.counts)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
                     self.runtime.set_admitted(name, estimate)  # others count it from now on
                     for victim in decision.victims:
+                        self.counts.count("hoshikage_evictions_total", model=victim.name,
+                                          reason="admission")
                         self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
                         if decision.available >= decision.needed:  # by count: RAM to spare
                             self.runtime.set_keep_copy(victim.name)
@@ -278,6 +298,8 @@ class Activator:
                     return
             announced = True
             if time.monotonic() > wait_until:
+                self.counts.count("hoshikage_refusals_total", model=name,
+                                  reason="wait_timeout")
                 die(f"no room for '{name}' yet: {decision.message}",
                     hint="the busy models will go idle; try again shortly")
             self.heartbeat(f"waiting for room: {decision.message}")
@@ -335,11 +357,18 @@ class Activator:
                   launched=int(adopted is not None), spawned_at=f"{load_start:.6f}",
                   served_from=path)
         self.runtime.clear("kept", name)  # a kept copy serves again: no longer kept
-        self.after_ready(load)
+        self.after_ready(load, launched=adopted is not None)
         return child
 
-    def after_ready(self, load_seconds: float) -> None:
-        """Bookkeeping that must never fail a start: usage statistics, the SSD cache."""
+    def after_ready(self, load_seconds: float, launched: bool = False) -> None:
+        """Bookkeeping that must never fail a start: metrics, usage statistics, the SSD
+        cache."""
+        name = self.model.name
+        self.counts.count("hoshikage_loads_total", model=name,
+                          path="launcher" if launched else "activator")
+        for phase, seconds in (*self.phases.items(), ("llama_server", load_seconds)):
+            self.counts.observe("hoshikage_load_phase_seconds", seconds, model=name,
+                                phase=phase)
         try:
             StatsFile(self.config.state_dir).record_load(self.model.name, load_seconds)
             if cache.wants_sync(self.config, self.model):
@@ -359,11 +388,14 @@ class Activator:
         except Stopped:
             return 0
         except HoshikageError as err:
+            self.counts.count("hoshikage_load_failures_total", model=self.model.name)
             self.runtime.set_error(self.model.name, err.message)
             daemon.notify(STATUS=f"failed: {err.message}")
             log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",
                       level=logging.ERROR, reason=err.message)
             return err.code
+        finally:  # served (READY=1 sent), failed or stopped: now the counts may cost a write
+            metrics.commit(self.config.runtime_dir, self.counts)
         if adopted is not None:
             self.full_priority()
         if self.copy_later:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from hoshikage_sd import fmt, log
+from hoshikage_sd import fmt, log, metrics
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
@@ -53,6 +53,8 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
             continue
         assert idle is not None
         runtime.set_stop_reason(name, "idle")
+        metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=name,
+                      reason="idle")
         log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
@@ -99,4 +101,6 @@ def watch_pressure(config: Config, runtime: Runtime) -> None:
               victims=",".join(v.name for v in victims) or None)
     for victim in victims:
         runtime.set_stop_reason(victim.name, "memory pressure")
+        metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=victim.name,
+                      reason="pressure")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(victim.name), check=False)
