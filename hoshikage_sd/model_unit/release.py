@@ -49,10 +49,10 @@ def keeps_copy(config: Config, runtime: Runtime, name: str, reason: str) -> bool
     return bool(others)
 
 
-def drop_kept(config: Config, runtime: Runtime, store: Store) -> None:
-    """The last model stopped: no kept copy outlives it."""
+def drop_kept(config: Config, runtime: Runtime, store: Store, name: str) -> None:
+    """The last model stopped (`name`, deactivating now): no kept copy outlives it."""
     try:
-        if systemd.active_model_units():
+        if any(other != name for other in systemd.active_model_units()):
             return
     except HoshikageError:
         pass
@@ -95,7 +95,7 @@ def main(config: Config, name: str) -> int:
         except OSError as exc:
             log.log.warning("cannot record %s's runtime: %s", name, exc)
     if config.ramdisk.is_dir():
-        drop_kept(config, runtime, store)
+        drop_kept(config, runtime, store, name)
     until = time.strftime("%H:%M:%S", time.localtime(runtime.kept_until(name) or 0))
     log.event("released", name,
               f"released {name}: {reason}; "

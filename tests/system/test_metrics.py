@@ -85,9 +85,13 @@ def test_loads_refusals_and_idle_stops_are_counted(hk: Deployment, models_dir: P
     hk.wait_for("the ready record", lambda: bool(hk.events("ready", "tiny")))
     loaded = scrape(hk)
     assert get(loaded, "hoshikage_loads_total", model="tiny", path="activator") == 1
-    for phase in ("admission", "staging", "llama_server"):
+    for phase in ("admission", "llama_server"):
         assert get(loaded, "hoshikage_load_phase_seconds_count", model="tiny",
                    phase=phase) == 1, phase
+    # nothing staged before the load: it served from the source, the copy came after
+    assert get(loaded, "hoshikage_load_phase_seconds_count", model="tiny",
+               phase="staging") is None
+    hk.wait_for("the copy alongside", lambda: bool(hk.events("staged", "tiny")))
     (ready,) = hk.events("ready", "tiny")
     assert get(loaded, "hoshikage_load_phase_seconds_sum", model="tiny",
                phase="llama_server") == pytest.approx(float(ready["HOSHIKAGE_LOAD_SECONDS"]),
@@ -96,6 +100,7 @@ def test_loads_refusals_and_idle_stops_are_counted(hk: Deployment, models_dir: P
     assert get(loaded, "hoshikage_models_loaded") == 1
     assert (get(loaded, "hoshikage_model_resident_bytes", model="tiny") or 0) > 1 << 20
     staged = (hk.container.root / "mnt/hoshikage/tiny.gguf").stat().st_size
+    loaded = scrape(hk)
     assert (get(loaded, "hoshikage_ramdisk_used_bytes") or 0) >= staged
     assert (get(loaded, "hoshikage_ramdisk_size_bytes") or 0) > staged
 
