@@ -25,7 +25,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="manifest (default $HOSHIKAGE_CONFIG or "
                                      "/etc/hoshikage/models.yaml)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="loaded models, RAM disk and memory")
+    p = sub.add_parser("status", help="loaded models, RAM disk and memory")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable, with the metrics' counters")
+    sub.add_parser("metrics", help="the Prometheus metrics as text (what GET /metrics "
+                                   "answers; e.g. for node_exporter's textfile collector)")
     sub.add_parser("check", help="validate the manifest without starting anything")
     p = sub.add_parser("list", help="the models: names, size, architecture, estimate, state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -117,11 +121,17 @@ def run(args: argparse.Namespace) -> int:
 
         return manual.load(config, args.name) if args.command == "load" \
             else manual.unload(config, args.name)
+    if args.command == "metrics":
+        from hoshikage_sd import metrics
+
+        sys.stdout.buffer.write(metrics.render(config.runtime_dir, config.ramdisk))
+        return 0
     from hoshikage_sd.commands import status
 
     if args.command == "list":
         return status.list_models(config, args.json)
-    return status.status(config) if args.command == "status" else status.check(config)
+    return status.status(config, args.json) if args.command == "status" \
+        else status.check(config)
 
 
 def router(source: Path | None, listen: str | None) -> int:

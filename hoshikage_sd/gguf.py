@@ -14,6 +14,8 @@ tensor data. A string is a u64 length and UTF-8 bytes; an array is a u32 element
 count and the elements.
 """
 
+# ~500 lines on purpose: one concern (GGUF's header), and the bounded reader reads the caps as
+# gguf.MAX_* where tests patch them; a reader module apart would not see the patch.
 from __future__ import annotations
 
 import io
@@ -350,6 +352,25 @@ def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
 
 
 def _parse(r: _Reader) -> GGUFInfo:
+    version, n_tensors, n_kv = _counts(r)
+    metadata, array_lengths = _metadata(r, n_kv)
+    tensors = _raw_tensors(r, n_tensors)
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+            or alignment & (alignment - 1):
+        raise r.fail(f"general.alignment must be a power of two, not {alignment!r}")
+    data_offset = -(-r.offset // alignment) * alignment
+    if data_offset > r.size:
+        raise r.fail(f"truncated: tensor data would start at offset {data_offset} "
+                     f"but the file has {r.size} bytes")
+    tensor_bytes = r.size - data_offset
+    infos = _tensor_infos(r, tensors, tensor_bytes, alignment)
+    return _info(r, version, metadata, array_lengths, infos, data_offset, tensor_bytes,
+                 alignment)
+
+
+def _counts(r: _Reader) -> tuple[int, int, int]:
+    """Magic, version, tensor and kv counts, each checked before anything is allocated."""
     if r.size < 24:
         raise r.fail(f"too small to be a GGUF file ({r.size} bytes)")
     magic = r.read(4, "magic")
@@ -371,7 +392,11 @@ def _parse(r: _Reader) -> GGUFInfo:
     if n_kv * 13 + n_tensors * 24 > r.size - r.offset:  # the smallest possible encodings
         raise r.fail(f"truncated: header claims {n_kv} key/value pairs and {n_tensors} "
                      f"tensors but the file has only {r.size} bytes")
+    return version, n_tensors, n_kv
 
+
+def _metadata(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int]]:
+    """The key/value pairs: the values kept, and the length of every array."""
     metadata: dict[str, object] = {}
     seen: set[str] = set()
     array_lengths: dict[str, int] = {}
@@ -386,7 +411,11 @@ def _parse(r: _Reader) -> GGUFInfo:
             array_lengths[key] = length
         if value is not None:
             metadata[key] = value
+    return metadata, array_lengths
 
+
+def _raw_tensors(r: _Reader, n_tensors: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """The tensor infos as written: (name, dims, ggml type, offset)."""
     tensors: list[tuple[str, tuple[int, ...], int, int]] = []
     names: set[str] = set()
     for i in range(n_tensors):
@@ -401,19 +430,7 @@ def _parse(r: _Reader) -> GGUFInfo:
         ttype = r.u32(f"type of tensor {name}")
         offset = r.u64(f"offset of tensor {name}")
         tensors.append((name, dims, ttype, offset))
-
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
-            or alignment & (alignment - 1):
-        raise r.fail(f"general.alignment must be a power of two, not {alignment!r}")
-    data_offset = -(-r.offset // alignment) * alignment
-    if data_offset > r.size:
-        raise r.fail(f"truncated: tensor data would start at offset {data_offset} "
-                     f"but the file has {r.size} bytes")
-    tensor_bytes = r.size - data_offset
-    infos = _tensor_infos(r, tensors, tensor_bytes, alignment)
-    return _info(r, version, metadata, array_lengths, infos, data_offset, tensor_bytes,
-                 alignment)
+    return tensors
 
 
 def _tensor_infos(r: _Reader, raw: list[tuple[str, tuple[int, ...], int, int]],

@@ -124,6 +124,7 @@ def _cache_type(flag: str, value: str | None) -> str:
 
 def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
     """What llama-server will use, from its command-line arguments (the manifest's args)."""
+    # ~60 lines on purpose: one flat table of llama-server's flags, read top to bottom
     n_ctx = 0
     n_parallel = -1
     kw: dict[str, Any] = {}

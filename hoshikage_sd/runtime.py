@@ -84,6 +84,29 @@ class Runtime:
         with contextlib.suppress(FileNotFoundError):
             self._file(kind, name).unlink()
 
+    def names(self, kind: str) -> list[str]:
+        """The models that have a record of this kind."""
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(p.stem for p in (self.dir / kind).glob("*.json"))
+        return []
+
+    def kept_until(self, name: str) -> float | None:
+        """A stopped model's staged copy kept in RAM: until when (wall clock), else None."""
+        data = self._read("kept", name)
+        value = data.get("until") if data else None
+        return float(value) if isinstance(value, int | float) else None
+
+    def set_kept(self, name: str, until: float) -> None:
+        self._write("kept", name, {"until": until})
+
+    def keep_copy(self, name: str) -> bool:
+        """Did whoever stopped the model ask to keep its staged copy (a stop to make room by
+        count, not by memory)?"""
+        return self._read("keep", name) is not None
+
+    def set_keep_copy(self, name: str) -> None:
+        self._write("keep", name, {})
+
     def recorded(self) -> list[str]:
         """Models with a running or an admitted record: what the units say they hold."""
         names: set[str] = set()

@@ -87,6 +87,17 @@ class Store:
         except (OSError, ValueError):
             return False
 
+    def has_copy(self, name: str) -> bool:
+        """Is there a complete staged copy (with its source record) of the model?"""
+        return self.staged(name).is_file() and self._meta(name).is_file()
+
+    @staticmethod
+    def size_of(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return 0
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.ramdisk)
         return st.f_bavail * st.f_frsize

@@ -26,6 +26,7 @@ APT_PACKAGES=(
   python3-jeepney     # D-Bus marshalling: the router talks to PID 1 without forking systemctl
   python3-systemd     # sd_notify, socket activation, the journal
   python3-psutil      # process and memory facts
+  python3-prometheus-client  # tests: its parser reads back hoshikage's /metrics text
   curl
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError, die
@@ -20,29 +22,103 @@ from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 
 
-def status(config: Config) -> int:
+@dataclass(frozen=True)
+class ModelStatus:
+    """One manifest model as `hoshikage status` shows it (null where it does not apply)."""
+
+    name: str
+    state: str                      # the unit's ActiveState
+    pid: int | None                 # the unit's main process (the activator)
+    llama_server_pid: int | None    # from the runtime record
+    memory_bytes: int | None        # the unit's cgroup (MemoryCurrent): staged copy included
+    resident_bytes: int | None      # llama-server's RSS
+    staged_bytes: int | None        # its copy on the RAM disk
+    last_request_end: float | None  # Unix time
+    idle_seconds: float | None      # null while a request is in flight or not loaded
+    busy: bool                      # loaded with a request in flight
+    ttl_seconds: float
+    ttl_left_seconds: float | None  # until the idle watch stops it; null: busy or not loaded
+
+
+def model_status(config: Config, model: Model, runtime: Runtime, active: set[str],
+                 now: float) -> ModelStatus:
+    import psutil
+
+    unit = systemd.model_unit(model.name)
+    props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent") \
+        if model.name in active else {}
+    state = props.get("ActiveState", "inactive")
+    staged = config.staged_path(model.name)
+    size = staged.stat().st_size if staged.exists() else None
+    mem = props.get("MemoryCurrent", "")
+    pid = props.get("MainPID", "")
+    running = runtime.running(model.name)
+    activity = runtime.activity(model.name)
+    idle = left = rss = None
+    serving = running is not None and state == "active"
+    if serving and running is not None:
+        idle = runtime.idle_seconds(model.name, now)
+        left = None if idle is None else max(0.0, model.ttl - idle)
+        with contextlib.suppress(psutil.Error):
+            rss = psutil.Process(running.pid).memory_info().rss
+    return ModelStatus(
+        model.name, state, int(pid) if pid.isdigit() and pid != "0" else None,
+        running.pid if serving and running else None,
+        int(mem) if mem.isdigit() else None, rss, size,
+        activity.last_end if activity else None, idle, serving and idle is None,
+        model.ttl, left)
+
+
+def gather(config: Config) -> dict[str, Any]:
+    """What `status --json` prints: every model, the RAM disk, memory, copies to the SSD
+    cache under way, and the metrics' counters (the same facts /metrics has)."""
+    from hoshikage_sd import metrics
+
+    runtime = Runtime(config.runtime_dir)
+    now = time.time()
+    active = set(loaded_units())
+    models = [model_status(config, m, runtime, active, now) for m in config.models.values()]
+    available, total = memory()
+    usage = metrics.ramdisk_usage(config.ramdisk)
+    caching = []
+    for model in config.models.values():
+        copying = runtime.caching(model.name)
+        if copying:
+            caching.append({"model": model.name, "done_bytes": copying[0],
+                            "total_bytes": copying[1],
+                            "cache_dir": str(config.cache.dir) if config.cache else None})
+    totals = metrics.read(config.runtime_dir)
+    return {
+        "time": now,
+        "models": [dataclasses.asdict(m) for m in models],
+        "loaded": [m.name for m in models if m.llama_server_pid is not None],
+        "ramdisk": {"path": str(config.ramdisk), "mounted": usage is not None,
+                    "used_bytes": usage[0] if usage else None,
+                    "size_bytes": usage[1] if usage else None},
+        "memory": {"available_bytes": available, "total_bytes": total},
+        "caching": caching,
+        "counters": metrics.as_json(totals),
+        "counters_since": totals.since,
+    }
+
+
+def status(config: Config, as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps(gather(config), indent=2))
+        return 0
     runtime = Runtime(config.runtime_dir)
     now = time.time()
     active = set(loaded_units())
     rows = []
     for model in config.models.values():
-        unit = systemd.model_unit(model.name)
-        props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent") \
-            if model.name in active else {}
-        state = props.get("ActiveState", "inactive")
-        staged = config.staged_path(model.name)
-        size = staged.stat().st_size if staged.exists() else 0
-        mem = props.get("MemoryCurrent", "")
-        held = fmt.size(int(mem)) if mem.isdigit() else "-"
-        running = runtime.running(model.name)
-        activity = runtime.activity(model.name)
-        last = fmt.ago(now - activity.last_end) + " ago" if activity else "never"
+        m = model_status(config, model, runtime, active, now)
+        last = fmt.ago(now - m.last_request_end) + " ago" if m.last_request_end else "never"
         left = "-"
-        if running and state == "active":
-            idle = runtime.idle_seconds(model.name, now)
-            left = "busy" if idle is None else fmt.ago(max(0.0, model.ttl - idle))
-        rows.append((model.name, state, props.get("MainPID", "-") if props else "-", held,
-                     fmt.size(size) if size else "-", last, left))
+        if m.llama_server_pid is not None:
+            left = "busy" if m.busy else fmt.ago(m.ttl_left_seconds or 0.0)
+        rows.append((m.name, m.state, str(m.pid) if m.pid is not None else "-",
+                     fmt.size(m.memory_bytes) if m.memory_bytes is not None else "-",
+                     fmt.size(m.staged_bytes) if m.staged_bytes else "-", last, left))
     table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "LAST REQUEST", "IDLE STOP IN"), rows)
     for model in config.models.values():
         copying = runtime.caching(model.name)

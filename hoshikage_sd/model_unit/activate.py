@@ -15,12 +15,14 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import cache, fmt, log, proc, protocol
+from hoshikage_sd import cache, fmt, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import launch
@@ -29,7 +31,7 @@ from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Staged, Store
+from hoshikage_sd.staging import Identity, Staged, Store
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
@@ -106,6 +108,20 @@ class Activator:
         self._escalated = 0
         self.deadline = time.monotonic() + config.start_timeout
         self._last_beat = 0.0
+        #: llama-server serves from the source; its RAM-disk copy is made once it serves
+        self.copy_later = False
+        #: seconds spent in admission and staging (metrics: the load's phases)
+        self.phases: dict[str, float] = {}
+        #: what this start counted; written once it served or failed, not on its way
+        self.counts = metrics.Tally()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - began
 
     # -- signals --------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -155,7 +171,8 @@ class Activator:
                                f"({100 * done // total}%)")
 
         self.heartbeat(f"staging {name} from {self.source}", force=True)
-        staged = self.store.stage(name, self.source, progress, force=force)
+        with self.phase("staging"):
+            staged = self.store.stage(name, self.source, progress, force=force)
         if staged.copied:
             rate = staged.size / max(staged.seconds, 1e-6)
             log.event("staged", name,
@@ -164,6 +181,54 @@ class Activator:
                       bytes=staged.size, seconds=f"{staged.seconds:.3f}",
                       source=self.source, staged_path=staged.path)
         return staged
+
+    def serve_from(self) -> tuple[Path, bool]:
+        """The file llama-server starts on, and whether its RAM-disk copy is still to make.
+
+        A current staged copy is used as it is. Otherwise llama-server starts on the source
+        (or its SSD cache copy) at once and the copy is made alongside once it serves
+        (copy_alongside): the first request waits for one read of the file, not a copy and
+        then a load, and the copy reads what the load left in the page cache."""
+        try:
+            ident = Identity.of(self.source)
+        except OSError:
+            return self.stage().path, False  # says what is wrong with the source
+        if self.store.reusable(self.model.name, ident):
+            return self.store.staged(self.model.name), False
+        return self.source, True
+
+    def copy_alongside(self) -> threading.Thread:
+        """Stage the model into the RAM disk at the lowest CPU priority while it serves from
+        its source: the next start of this model starts from RAM."""
+        def copy() -> None:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            try:
+                self.make_room(self.store.size_of(self.source))
+                self.stage()
+            except (OSError, HoshikageError) as exc:  # it serves either way
+                logging.getLogger("hoshikage").warning(
+                    "%s serves from %s; no RAM-disk copy: %s", self.model.name, self.source,
+                    getattr(exc, "message", exc))
+
+        thread = threading.Thread(target=copy, name="stage", daemon=True)
+        thread.start()
+        return thread
+
+    def make_room(self, size: int) -> None:
+        """Kept copies of stopped models (staging.Store.kept) go first, lowest rank first,
+        when the RAM disk or the memory lacks `size` bytes."""
+        ranks = StatsFile(self.config.state_dir).ranks(w=self.config.weights)
+        available, _ = residents.memory()
+        for name in sorted(self.runtime.names("kept"), key=lambda n: ranks.get(n, 0.0)):
+            if self.store.free_bytes() >= size and available >= size:
+                return
+            freed = self.store.remove(name)
+            self.runtime.clear("kept", name)
+            available += freed
+            log.event("released", name, f"released {name}'s kept copy: room for "
+                      f"{self.model.name}; freed {fmt.size(freed)} of RAM disk",
+                      reason=f"room for {self.model.name}", bytes_freed=freed)
 
     def spawn(self, staged: Path) -> Child:
         with contextlib.suppress(FileNotFoundError):
@@ -201,8 +266,14 @@ class Activator:
         return f"journalctl -u {systemd.model_unit(self.model.name)}"
 
     def admit(self) -> None:
-        """Make room before staging: evict idle models, wait for busy ones, or refuse."""
+        """Make room before staging: evict idle models, wait for busy ones, or refuse. Kept
+        copies of stopped models go before any model that runs."""
+        with self.phase("admission"):
+            self._admit()
+
+    def _admit(self) -> None:
         name = self.model.name
+        self.make_room(residents.estimate(self.model, self.runtime))
         wait_until = time.monotonic() + self.config.admission_wait
         announced = False
         while True:
@@ -210,19 +281,25 @@ class Activator:
                 decision, estimate = residents.judge(self.config, self.model, self.runtime)
                 verdict = decision.verdict
                 if verdict is not admission.Verdict.WAIT or not announced:
-                    residents.record(name, decision)
+                    residents.record(name, decision, self.counts)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
                     self.runtime.set_admitted(name, estimate)  # others count it from now on
                     for victim in decision.victims:
+                        self.counts.count("hoshikage_evictions_total", model=victim.name,
+                                          reason="admission")
                         self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
+                        if decision.available >= decision.needed:  # by count: RAM to spare
+                            self.runtime.set_keep_copy(victim.name)
                         self.heartbeat(f"stopping {victim.name} to make room", force=True)
                         systemd.systemctl("stop", systemd.model_unit(victim.name),
                                           check=False)
                     return
             announced = True
             if time.monotonic() > wait_until:
+                self.counts.count("hoshikage_refusals_total", model=name,
+                                  reason="wait_timeout")
                 die(f"no room for '{name}' yet: {decision.message}",
                     hint="the busy models will go idle; try again shortly")
             self.heartbeat(f"waiting for room: {decision.message}")
@@ -234,21 +311,21 @@ class Activator:
         name = self.model.name
         if adopted is None:
             self.admit()
-            staged = self.stage()
+            path, self.copy_later = self.serve_from()
             load_start = time.monotonic()
-            child = self.spawn(staged.path)
+            child = self.spawn(path)
             healthy_at = None
         else:
-            path = self.store.staged(name)
-            staged = Staged(path, path.stat().st_size if path.exists() else 0, False, 0.0)
+            path, self.copy_later = self.serve_from()
             load_start, healthy_at = adopted.spawned, adopted.healthy
             child = self.child = Child(adopted.pid)
+        staged = Staged(path, self.store.size_of(path), False, 0.0)
         if not self.wait_healthy(child):
             if self.stopping:
                 raise Stopped
             code = child.returncode
             self.child = None
-            if self.store.matches_source(name, self.source):
+            if self.copy_later or self.store.matches_source(name, self.source):
                 die(f"{exit_reason(code)} while loading '{name}' ({self.source})",
                     hint=self.crash_hint(code))
             log.event("restaged", name, f"staged copy of {name} does not match "
@@ -258,6 +335,7 @@ class Activator:
                 self.full_priority()
                 self.admit()
             staged = self.stage(force=True)
+            self.copy_later = False
             load_start, healthy_at = time.monotonic(), None
             child = self.spawn(staged.path)
             if not self.wait_healthy(child):
@@ -266,21 +344,31 @@ class Activator:
                 die(f"{exit_reason(child.returncode)} while loading '{name}' even after a "
                     "fresh copy", hint=self.crash_hint(child.returncode))
         load = (healthy_at or time.monotonic()) - load_start
+        how = ("copied" if staged.copied else
+               "from the source, copying alongside" if self.copy_later else "reused")
         self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
         if healthy_at is None:  # else the launcher has told the router already
             protocol.tell_router(str(self.config.runtime_dir), name)
         daemon.notify(READY=1, STATUS=f"serving {name} on {self.socket}")
         log.event("ready", name, f"{name} ready: llama-server pid {child.pid}, "
-                  f"load {load:.2f} s, staging {staged.seconds:.2f} s "
-                  f"({'copied' if staged.copied else 'reused'})",
+                  f"load {load:.2f} s, staging {staged.seconds:.2f} s ({how})",
                   pid=child.pid, load_seconds=f"{load:.3f}",
                   stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied),
-                  launched=int(adopted is not None), spawned_at=f"{load_start:.6f}")
-        self.after_ready(load)
+                  launched=int(adopted is not None), spawned_at=f"{load_start:.6f}",
+                  served_from=path)
+        self.runtime.clear("kept", name)  # a kept copy serves again: no longer kept
+        self.after_ready(load, launched=adopted is not None)
         return child
 
-    def after_ready(self, load_seconds: float) -> None:
-        """Bookkeeping that must never fail a start: usage statistics, the SSD cache."""
+    def after_ready(self, load_seconds: float, launched: bool = False) -> None:
+        """Bookkeeping that must never fail a start: metrics, usage statistics, the SSD
+        cache."""
+        name = self.model.name
+        self.counts.count("hoshikage_loads_total", model=name,
+                          path="launcher" if launched else "activator")
+        for phase, seconds in (*self.phases.items(), ("llama_server", load_seconds)):
+            self.counts.observe("hoshikage_load_phase_seconds", seconds, model=name,
+                                phase=phase)
         try:
             StatsFile(self.config.state_dir).record_load(self.model.name, load_seconds)
             if cache.wants_sync(self.config, self.model):
@@ -300,13 +388,18 @@ class Activator:
         except Stopped:
             return 0
         except HoshikageError as err:
+            self.counts.count("hoshikage_load_failures_total", model=self.model.name)
             self.runtime.set_error(self.model.name, err.message)
             daemon.notify(STATUS=f"failed: {err.message}")
             log.event("start-failed", self.model.name, f"cannot start {self.model.name}: {err}",
                       level=logging.ERROR, reason=err.message)
             return err.code
+        finally:  # served (READY=1 sent), failed or stopped: now the counts may cost a write
+            metrics.commit(self.config.runtime_dir, self.counts)
         if adopted is not None:
             self.full_priority()
+        if self.copy_later:
+            self.copy_alongside()
         code = child.wait()
         if self.stopping and (code in (0, -signal.SIGTERM, -signal.SIGINT) or self._escalated):
             return 0  # a stop asked for; forced or not, nothing failed

@@ -2,17 +2,27 @@
 
 Idempotent and safe after a failed or half-finished start: clear the RAM-disk copy (and any
 partial copy), the socket and the runtime state, then write one `released` journal record.
+
+A model stopped by hand or to make room by count (not by memory, not by its TTL) keeps its
+staged copy while RAM is plentiful (below pressure_warn) and another model runs: swapping
+back is then a load from RAM, not a copy. The copy goes when its TTL runs out (the idle
+watch), when a start needs the room (kept copies go first, lowest rank first), or when the
+last model stops: an idle machine holds nothing in RAM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from hoshikage_sd import fmt, log, protocol
+from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
+from hoshikage_sd.policy.residents import memory
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store
 
 
@@ -24,17 +34,56 @@ def reason_for(stop_reason: str | None, result: str | None, code: str | None,
     return stop_reason or "manual stop"
 
 
+def keeps_copy(config: Config, runtime: Runtime, name: str, reason: str) -> bool:
+    """Keep the staged copy of a model stopped by hand or by count, while RAM is plentiful
+    and another model runs (the idle watch, which expires kept copies, runs only then)."""
+    if not (reason in ("manual stop", "manual unload") or runtime.keep_copy(name)):
+        return False
+    available, total = memory()
+    if total - available >= config.pressure_warn * total:
+        return False
+    try:
+        others = [n for n in systemd.active_model_units() if n != name]
+    except HoshikageError:
+        return False
+    return bool(others)
+
+
+def drop_kept(config: Config, runtime: Runtime, store: Store, name: str) -> None:
+    """The last model stopped (`name`, deactivating now): no kept copy outlives it."""
+    try:
+        if any(other != name for other in systemd.active_model_units()):
+            return
+    except HoshikageError:
+        pass
+    for other in runtime.names("kept"):
+        freed = store.remove(other)
+        runtime.clear("kept", other)
+        log.event("released", other, f"released {other}'s kept copy: no model runs; freed "
+                  f"{fmt.size(freed)} of RAM disk", reason="nothing loaded", bytes_freed=freed)
+
+
 def main(config: Config, name: str) -> int:
     runtime = Runtime(config.runtime_dir)
     running = runtime.running(name)
     activity = runtime.activity(name)
-    freed = Store(config.ramdisk).remove(name) if config.ramdisk.is_dir() else 0
-    with contextlib.suppress(FileNotFoundError):
-        config.socket_path(name).unlink()
+    store = Store(config.ramdisk)
     result, code, status = (os.environ.get(k) for k in ("SERVICE_RESULT", "EXIT_CODE",
                                                         "EXIT_STATUS"))
     reason = reason_for(runtime.stop_reason(name), result, code, status)
-    for kind in ("running", "activity", "stop", "admitted", "ttl"):
+    kept = config.ramdisk.is_dir() and store.has_copy(name) and \
+        keeps_copy(config, runtime, name, reason)
+    freed = 0
+    if kept:
+        model = config.models.get(name)
+        ttl = model.ttl if model else config.idle_ttl
+        runtime.set_kept(name, (activity.last_end if activity else time.time()) + ttl)
+    elif config.ramdisk.is_dir():
+        freed = store.remove(name)
+        runtime.clear("kept", name)
+    with contextlib.suppress(FileNotFoundError):
+        config.socket_path(name).unlink()
+    for kind in ("running", "activity", "stop", "admitted", "keep", "ttl"):
         runtime.clear(kind, name)
     # A ticket written while this unit was still stopping must not outlive its copy.
     with contextlib.suppress(FileNotFoundError):
@@ -45,9 +94,14 @@ def main(config: Config, name: str) -> int:
             StatsFile(config.state_dir).record_stop(name, activity.last_end if activity else None)
         except OSError as exc:
             log.log.warning("cannot record %s's runtime: %s", name, exc)
+    if config.ramdisk.is_dir():
+        drop_kept(config, runtime, store, name)
+    until = time.strftime("%H:%M:%S", time.localtime(runtime.kept_until(name) or 0))
     log.event("released", name,
-              f"released {name}: {reason}; freed {fmt.size(freed)} of RAM disk"
+              f"released {name}: {reason}; "
+              + (f"its staged copy stays in RAM until {until} (or until the room is needed)"
+                 if kept else f"freed {fmt.size(freed)} of RAM disk")
               + (f"; llama-server pid was {pid}" if pid else ""),
-              pid=pid, reason=reason, bytes_freed=freed, service_result=result,
+              pid=pid, reason=reason, bytes_freed=freed, kept=int(kept), service_result=result,
               exit_code=code, exit_status=status)
     return 0

@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from hoshikage_sd import log
+from hoshikage_sd import log, metrics
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy import admission
@@ -107,11 +107,23 @@ def judge(config: Config, model: Model, runtime: Runtime) -> tuple[Decision, int
     return decision, estimate_bytes
 
 
-def record(name: str, decision: Decision) -> None:
-    """The journal's 'admission' record of a decision, with its numbers."""
+def record(name: str, decision: Decision, counts: metrics.Counts | None = None) -> None:
+    """The journal's 'admission' record of a decision, with its numbers; counted into
+    `counts` too (the verdict, and a refusal's reason), which its caller writes later: this
+    runs under the admission lock, on the way to a cold start."""
     verdict = decision.verdict
     log.event("admission", name, decision.message,
               level=logging.INFO if verdict in (Verdict.LOAD, Verdict.EVICT)
               else logging.WARNING,
               verdict=verdict.value, needed=decision.needed, available=decision.available,
               victims=",".join(v.name for v in decision.victims) or None)
+    if counts is not None:
+        counts.count("hoshikage_admission_decisions_total", model=name, verdict=verdict.value)
+        if verdict is Verdict.REJECT:
+            counts.count("hoshikage_refusals_total", model=name,
+                         reason=refusal_reason(decision))
+
+
+def refusal_reason(decision: Decision) -> str:
+    """Why a model can never load: not enough memory, or (with enough) max_loaded_models."""
+    return "memory" if decision.available < decision.needed else "max_loaded_models"

@@ -181,8 +181,10 @@ class Router:
         config, name = self.config, model.name
         store = Store(config.ramdisk)
         try:
-            if not store.reusable(name, Identity.of(cache.source_for(config, model))):
-                return False
+            # A current staged copy, else the source: its RAM-disk copy is made alongside
+            # once it serves (model_unit/activate.py copy_alongside).
+            source = cache.source_for(config, model)
+            path = store.staged(name) if store.reusable(name, Identity.of(source)) else source
             with self.runtime.locked("admission"):
                 decision, estimate = residents.judge(config, model, self.runtime)
                 if decision.verdict is not Verdict.LOAD:
@@ -192,7 +194,7 @@ class Router:
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
                                       proc.minimal_env(),
-                                      config.server_argv(model, store.staged(name)))
+                                      config.server_argv(model, path))
         except (OSError, HoshikageError) as exc:
             logger.warning("starting %s the slow way: %s", name, exc)
             return False

@@ -1,4 +1,5 @@
-"""`hoshikage idle-watch`, run by hoshikage-idle.timer: stop model units idle past their TTL.
+"""`hoshikage idle-watch`, run by hoshikage-idle.timer: stop model units idle past their TTL,
+within about a second of it (LOOKAHEAD), though the timer ticks once a minute.
 
 Idle time runs from the end of the last request with nothing in flight (the router's activity
 record), or from when the model became ready if it never served one. A model with a request in
@@ -10,32 +11,68 @@ from __future__ import annotations
 import logging
 import time
 
-from hoshikage_sd import log
+from hoshikage_sd import fmt, log, metrics
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Store
 
 
 def should_stop(idle: float | None, ttl: float) -> bool:
     return idle is not None and idle >= ttl
 
 
+#: hoshikage-idle.timer fires once a minute; a model due before the next tick is waited for
+#: here, so a 30 s TTL stops after ~30 s, not after 60-90 s
+LOOKAHEAD = 55.0
+#: never sweep more often than this while waiting
+MIN_WAIT = 0.5
+
+
 def main(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
+    until = time.monotonic() + LOOKAHEAD
+    while (wait := sweep(config, runtime)) is not None and time.monotonic() + wait < until:
+        time.sleep(max(wait, MIN_WAIT))
+    watch_pressure(config, runtime)
+    return 0
+
+
+def sweep(config: Config, runtime: Runtime) -> float | None:
+    """Stop the models idle past their TTL; seconds until the next one may be due (a busy
+    one: its TTL from now at the soonest), or None when no model is up."""
     now = time.time()
+    soonest: float | None = None
     for name in systemd.active_model_units(("active",)):  # not one already stopping
         model = config.models.get(name)
         ttl = runtime.ttl(name) or (model.ttl if model else config.idle_ttl)
         idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
         if not should_stop(idle, ttl):
+            due = ttl - (idle or 0.0)
+            soonest = due if soonest is None else min(soonest, due)
             continue
         assert idle is not None
         runtime.set_stop_reason(name, "idle")
+        metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=name,
+                      reason="idle")
         log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
-    watch_pressure(config, runtime)
-    return 0
+    expire_kept(config, runtime, now)
+    return soonest
+
+
+def expire_kept(config: Config, runtime: Runtime, now: float) -> None:
+    """Kept staged copies of stopped models (model_unit/release.py) whose TTL ran out."""
+    store = Store(config.ramdisk)
+    for name in runtime.names("kept"):
+        until = runtime.kept_until(name)
+        if until is not None and until > now:
+            continue
+        freed = store.remove(name)
+        runtime.clear("kept", name)
+        log.event("released", name, f"released {name}'s kept copy: its TTL ran out; freed "
+                  f"{fmt.size(freed)} of RAM disk", reason="idle", bytes_freed=freed)
 
 
 def watch_pressure(config: Config, runtime: Runtime) -> None:
@@ -64,4 +101,6 @@ def watch_pressure(config: Config, runtime: Runtime) -> None:
               victims=",".join(v.name for v in victims) or None)
     for victim in victims:
         runtime.set_stop_reason(victim.name, "memory pressure")
+        metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=victim.name,
+                      reason="pressure")
         systemd.systemctl("stop", "--no-block", systemd.model_unit(victim.name), check=False)

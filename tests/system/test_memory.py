@@ -194,3 +194,27 @@ def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
     assert hk.events("released", "a") == []
     assert hk.chat("b")[0] == 200  # a is idle now: it makes room
     assert hk.events("released", "a")[0]["HOSHIKAGE_REASON"] == "evicted for b"
+
+
+def test_a_model_stopped_by_count_keeps_its_copy_for_the_swap_back(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    """max_loaded_models: 1 and plenty of RAM: a swap stops the other model but keeps its
+    staged copy, so swapping back loads from RAM without a copy; when the last model goes
+    idle, nothing stays on the RAM disk."""
+    text = manifest(llama_server_bin, {n: f"{ARGS}\nttl: 4s" for n in ("a", "b")},
+                    max_loaded_models="1", admission_wait="20s")
+    hk = deploy(container_factory, models_dir, text)
+    ramdisk = hk.container.root / "mnt/hoshikage"
+    assert hk.chat("a")[0] == 200
+    hk.wait_for("a's copy", lambda: bool(hk.events("staged", "a")))
+    assert hk.chat("b")[0] == 200
+    hk.wait_for("a's release", lambda: bool(hk.events("released", "a")))
+    (released,) = hk.events("released", "a")
+    assert released["HOSHIKAGE_KEPT"] == "1", released["MESSAGE"]
+    assert (ramdisk / "a.gguf").read_bytes() == (models_dir / "a.gguf").read_bytes()
+    assert hk.chat("a")[0] == 200  # the swap back
+    ready = hk.events("ready", "a")
+    assert len(ready) == 2 and ready[1]["HOSHIKAGE_SERVED_FROM"] == "/mnt/hoshikage/a.gguf"
+    assert len(hk.events("staged", "a")) == 1  # no second copy
+    hk.wait_for("both idle stops", lambda: not loaded(hk), timeout=60)
+    hk.wait_for("an empty RAM disk", lambda: not list(ramdisk.glob("*.gguf")), timeout=30)
