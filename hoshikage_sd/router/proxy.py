@@ -102,6 +102,8 @@ class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    #: the model it concerns, if any (the handler's own bookkeeping: never sent)
+    model: str = ""
 
     @classmethod
     def json(cls, status: int, data: object, **headers: str) -> Response:

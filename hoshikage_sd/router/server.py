@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from hoshikage_sd import cache, log, manifest, proc, protocol
+from hoshikage_sd import cache, log, manifest, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.policy import residents
@@ -103,6 +103,7 @@ class Router:
         #: each model's busy lock while requests are in flight: the activity record is
         #: written once per request, at its end
         self.busy = BusyLocks(self.runtime)
+        self.metrics = metrics.Metrics(config.runtime_dir, config.ramdisk)
         #: each loaded model's TTL override (keep_alive), as last read or written
         self._ttl: dict[str, float | None] = {}
         self._manifest_id = self._stat_manifest()
@@ -189,7 +190,7 @@ class Router:
                 decision, estimate = residents.judge(config, model, self.runtime)
                 if decision.verdict is not Verdict.LOAD:
                     return False
-                residents.record(name, decision)
+                residents.record(name, decision, counts=self.metrics)
                 self.runtime.set_admitted(name, estimate)
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
@@ -305,6 +306,7 @@ class Router:
         count = self.in_flight.get(name, 0) + 1
         self.in_flight[name] = count
         self.last_activity = time.monotonic()
+        self.metrics.in_flight(name, +1)
         if count == 1 and not self.busy.hold(name):
             # no lock to be had (a reader holds it this very moment, or no runtime
             # directory): say so in the record, as the router always did
@@ -314,6 +316,7 @@ class Router:
         count = self.in_flight.get(name, 0) - 1
         self.in_flight[name] = max(0, count)
         self.last_activity = time.monotonic()
+        self.metrics.in_flight(name, -1)
         if count > 0:
             return
         self.runtime.set_activity(name, Activity(0, time.time(), self.pid))
@@ -321,10 +324,26 @@ class Router:
 
     # -- HTTP -----------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response | Forward:
-        rid = request.id = api.request_id(request.header("x-request-id"))
-        self.last_activity = time.monotonic()
-        self.maybe_reload()
+        started = time.monotonic()
+        request.id = api.request_id(request.header("x-request-id"))
         route = routes.classify(request.method, request.path, request.query)
+        if route is Route.METRICS:
+            # a scrape starts nothing and keeps nothing alive, the router's idle clock
+            # included; it is not counted either (it would count itself)
+            return Response(200, await asyncio.to_thread(self.metrics.render),
+                            [("Content-Type", metrics.CONTENT_TYPE),
+                             *api.request_id_headers(request.id).items()])
+        self.last_activity = started
+        self.maybe_reload()
+        result = await self.dispatch(request, route)
+        if isinstance(result, Response):
+            seconds = time.monotonic() - started
+            self.metrics.request(result.model, metrics.route_label(request.path),
+                                 result.status, seconds, seconds)
+        return result
+
+    async def dispatch(self, request: Request, route: Route) -> Response | Forward:
+        rid = request.id
         if route is Route.FORWARD:
             return await self.forward(request, rid)
         if route is Route.OPTIONS:
@@ -341,9 +360,6 @@ class Router:
             return self.fail(request, api.ApiError(
                 405, f"{request.method} is not allowed on {request.path}",
                 code="method_not_allowed"), Allow=routes.allowed_methods(request.path))
-        if route is Route.METRICS:
-            return self.fail(request, api.ApiError(404, "no metrics in this build",
-                                                   code="not_found"))
         if route is Route.OLLAMA_VERSION:
             return self.reply(request, 200, ollama.version_body())
         if route is Route.OLLAMA_UNMANAGED:
@@ -447,8 +463,10 @@ class Router:
         try:
             await self.ensure(model)
         except StartFailed as exc:
-            return self.fail(request, api.start_failed(model.name, str(exc),
-                                                       permanent=exc.permanent))
+            response = self.fail(request, api.start_failed(model.name, str(exc),
+                                                           permanent=exc.permanent))
+            response.model = model.name
+            return response
         call.loaded()
         pool = self.pool(model)
 
@@ -456,8 +474,15 @@ class Router:
             # The unit was stopped (idle watch, eviction) or is restarting: start it once more.
             self.gone(model.name)
             if retried:
-                return self.fail(request, api.not_answering(model.name, str(exc)))
-            return await self.exchange(request, model, call, retried=True)
+                result: Response | Forward = self.fail(
+                    request, api.not_answering(model.name, str(exc)))
+            else:
+                result = await self.exchange(request, model, call, retried=True)
+            if isinstance(result, Response):  # sent by the proxy, uncounted so far
+                seconds = (time.monotonic_ns() - call.began_ns) / 1e9
+                self.metrics.request(model.name, metrics.route_label(request.path),
+                                     result.status, seconds, seconds)
+            return result
 
         self._begin(model)
         return Forward(pool, unreachable=unreachable, done=call.done,
@@ -572,14 +597,18 @@ class Router:
                     await self.unload(found, "keep_alive 0")
                 self.runtime.clear("ttl", found.name)
                 self._ttl.pop(found.name, None)
-                return self.reply(request, 200, ollama.load_only_response(action))
-            try:
-                await self.ensure(found)
-            except StartFailed as exc:
-                return self.fail(request, api.start_failed(found.name, str(exc),
-                                                           permanent=exc.permanent))
-            self.keep_alive(found, keep)
-            return self.reply(request, 200, ollama.load_only_response(action))
+                response = self.reply(request, 200, ollama.load_only_response(action))
+            else:
+                try:
+                    await self.ensure(found)
+                except StartFailed as exc:
+                    response = self.fail(request, api.start_failed(
+                        found.name, str(exc), permanent=exc.permanent))
+                else:
+                    self.keep_alive(found, keep)
+                    response = self.reply(request, 200, ollama.load_only_response(action))
+            response.model = found.name
+            return response
         call = OllamaCall(self, request, found, action, started)
         return await self.exchange(request, found, call)
 
@@ -672,7 +701,7 @@ class Call:
         self.request = request
         self.model = model
         self.load_ns = 0
-        self._began = time.monotonic_ns()
+        self.began_ns = time.monotonic_ns()
         self._loaded = False
         self.transform: Callable[[int, list[tuple[bytes, bytes]]],
                                  proxy.Transform | None] | None = None
@@ -685,7 +714,7 @@ class Call:
     def loaded(self) -> None:
         if not self._loaded:
             self._loaded = True
-            self.load_ns = time.monotonic_ns() - self._began
+            self.load_ns = time.monotonic_ns() - self.began_ns
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         rid = self.request.id.encode()
@@ -706,6 +735,11 @@ class Call:
 
     def done(self, outcome: Outcome) -> None:
         self.router._end(self.model.name)
+        if outcome.status:  # else a retry follows, or the proxy answered (and counts) it
+            now, began = time.monotonic(), self.began_ns / 1e9
+            self.router.metrics.request(
+                self.model.name, metrics.route_label(self.request.path), outcome.status,
+                now - began, None if outcome.head_at is None else outcome.head_at - began)
 
 
 class OllamaCall(Call):
@@ -715,7 +749,7 @@ class OllamaCall(Call):
     def __init__(self, router: Router, request: Request, model: Model,
                  action: ollama.Upstream, started_ns: int) -> None:
         super().__init__(router, request, model)
-        self._began = started_ns
+        self.began_ns = started_ns
         self.action = action
         self.upstream_request = Request(
             "POST", action.path, "1.1", [(b"Content-Type", b"application/json")],
@@ -734,11 +768,11 @@ class OllamaCall(Call):
                 return told, json.dumps(body).encode()
             return Whole(status, JSON, error)
         if action.stream:
-            return Stream(ollama.StreamTranslator(action, started_ns=self._began,
+            return Stream(ollama.StreamTranslator(action, started_ns=self.began_ns,
                                                   load_ns=self.load_ns))
 
         def whole(raw: bytes) -> tuple[int, bytes]:
-            total = time.monotonic_ns() - self._began
+            total = time.monotonic_ns() - self.began_ns
             try:
                 data = json.loads(raw)
             except ValueError:
@@ -842,6 +876,7 @@ async def serve(config: Config, listen: str | None = None,
         server.close()
     front.close()
     router.close()
+    router.metrics.flush()
     return 0
 
 

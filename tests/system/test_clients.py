@@ -4,6 +4,7 @@ systemd: openai, anthropic and ollama (the test extra installs them)."""
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import openai
 import pytest
 from ollama import Client as OllamaClient
 from ollama import ResponseError
+from prometheus_client import parser
 
 from testbed.deploy import Deployment, deploy, manifest
 from tests.system.conftest import ContainerFactory
@@ -200,3 +202,46 @@ def test_ollama_keep_alive_duration_and_forever(hk: Deployment) -> None:
     hk.wait_for("the 2 s keep_alive to stop the model", lambda: hk.state(UNIT) == "inactive")
     (idle,) = hk.events("idle-stop", "tiny")
     assert float(idle["HOSHIKAGE_TTL_SECONDS"]) == 2.0
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def scrape(hk: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed by prometheus_client (which raises on a malformed exposition)."""
+    conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=30)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    assert response.status == 200 and response.getheader("Content-Type", "").startswith(
+        "text/plain; version=0.0.4"), text[:200]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in parser.text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_and_a_scrape_keeps_nothing_alive(
+        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
+    hk = deploy(container_factory, models, manifest(llama_server_bin, {"tiny": "ttl: 2s"},
+                                                    router_idle_exit="2s"))
+    scrape(hk)
+    assert hk.state(UNIT) == "inactive"  # a scrape starts no model
+    oai(hk).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        oai(hk).chat.completions.create(model="nope", messages=HELLO, max_tokens=2)
+    samples = scrape(hk)
+    chat = (("model", "tiny"), ("route", "/v1/chat/completions"), ("status", "200"))
+    assert samples[("hoshikage_requests_total", chat)] == 1
+    ttfb = (("model", "tiny"), ("route", "/v1/chat/completions"))
+    assert samples[("hoshikage_time_to_first_byte_seconds_count", ttfb)] == 1
+    unknown = (("model", ""), ("route", "/v1/chat/completions"), ("status", "404"))
+    assert samples[("hoshikage_requests_total", unknown)] == 1
+    # scraped five times a second, the model still idles out and the router still exits
+    hk.wait_for("the router's idle exit while scraped",
+                lambda: bool(scrape(hk)) and bool(hk.events("router-exit")), timeout=60)
+    assert hk.events("idle-stop", "tiny")
+    # the router's counts outlive it
+    assert scrape(hk)[("hoshikage_requests_total", chat)] == 1

@@ -289,3 +289,19 @@ def test_llama_server_gets_its_http_threads_and_the_pool_one_less(tmp_path: Path
     assert many.http_threads == 18 and many.upstream_pool == 17
     command = Model("m", tmp_path / "m.gguf", backend="command", command=("x",))
     assert "--threads-http" not in command.server_args and command.upstream_pool == 4
+
+
+def test_a_scrape_is_not_activity_and_counts_are_in_it(config: Config) -> None:
+    async def scenario() -> None:
+        router = server.Router(config)
+        answer(await router.handle(request("POST", "/v1/chat/completions", {"model": "x"})))
+        router.last_activity = 0.0
+        result = await router.handle(request("GET", "/metrics"))
+        assert isinstance(result, Response) and result.status == 200
+        assert router.last_activity == 0.0  # the router's idle exit is not put off
+        text = result.body.decode()
+        assert ('hoshikage_requests_total{model="",route="/v1/chat/completions",'
+                'status="404"} 1') in text
+        assert router.starting == {}
+
+    run(scenario)
