@@ -25,8 +25,10 @@ router does):
   d-ht     c-ht on uvloop                d-py     c-py on uvloop
   fast     hoshikage_sd.router.proxy (the module built from the winner), when it exists
   router   the real router (`hoshikage router --listen`), its manifest's runtime directory
-           holding a link to llama-server's socket, so it forwards as to a loaded model
-           (resolve, activity records, manifest checks and all)
+           (on a tmpfs, /dev/shm, as /run is) holding a link to llama-server's socket, so it
+           forwards as to a loaded model (resolve, activity records, manifest checks and all)
+  router-old  the same from another tree (--old-tree DIR, e.g. `git archive COMMIT
+           hoshikage_sd | tar -x -C DIR`): before and after in one run
 
   PYTHONPATH=. .venv/bin/python bench/proxy_layers.py [--rounds 5] [--only a,c-py,...]
       [--latency-n 400] [--json FILE]
@@ -59,7 +61,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
 
-CANDIDATES = ("a", "a-lim", "b", "c-ht", "c-py", "d-ht", "d-py", "fast", "router")
+CANDIDATES = ("a", "a-lim", "b", "c-ht", "c-py", "d-ht", "d-py", "fast", "router",
+              "router-old")
 TOKENIZE = json.dumps({"model": "tiny", "content": "hello world, the model server"}).encode()
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
@@ -795,7 +798,8 @@ def serve_router(port: int, upstream: str, size: int) -> None:
 
     from hoshikage_sd import cli
 
-    tmp = Path(tempfile.mkdtemp(prefix="proxy-layers-router-"))
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    tmp = Path(tempfile.mkdtemp(prefix="proxy-layers-router-", dir=shm))
     run = tmp / "run"
     run.mkdir()
     (run / "tiny.sock").symlink_to(upstream)
@@ -813,11 +817,17 @@ def serve_router(port: int, upstream: str, size: int) -> None:
             time.sleep(0.02)
 
     threading.Thread(target=ready, daemon=True).start()
-    cli.main(["--config", str(tmp / "models.yaml"), "router", "--listen", f"127.0.0.1:{port}"])
+    print(f"router from {Path(cli.__file__).parent}", file=sys.stderr, flush=True)
+    try:
+        cli.main(["--config", str(tmp / "models.yaml"), "router", "--listen",
+                  f"127.0.0.1:{port}"])
+    finally:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def serve(kind: str, port: int, upstream: str, pool: int) -> None:
-    if kind == "router":
+    if kind in ("router", "router-old"):
         serve_router(port, upstream, pool)
     elif kind == "a":
         serve_aiohttp_client(port, upstream, 0)
@@ -993,9 +1003,10 @@ def free_port() -> int:
 
 async def measure(kind: str, direct: str, pool: int, args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
+    path = f"{args.old_tree}:{REPO}" if kind == "router-old" else str(REPO)
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port),
                              "--upstream", direct, "--pool", str(pool)],
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
     try:
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
@@ -1059,13 +1070,16 @@ def main() -> None:
                     "llama-server's HTTP threads less one)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default=",".join(c for c in CANDIDATES
-                                               if c not in ("fast", "router")))
+                                               if c not in ("fast", "router", "router-old")))
     ap.add_argument("--latency-n", type=int, default=400)
     ap.add_argument("--bursts", type=int, default=3)
     ap.add_argument("--per32", type=int, default=8)
     ap.add_argument("--per128", type=int, default=4)
     ap.add_argument("--json")
+    ap.add_argument("--old-tree", help="a tree with hoshikage_sd/ for router-old")
     args = ap.parse_args()
+    if not args.serve and "router-old" in args.only.split(",") and not args.old_tree:
+        ap.error("router-old needs --old-tree")
     if args.serve:
         serve(args.serve, args.port, args.upstream, args.pool)
         return

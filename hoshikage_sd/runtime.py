@@ -153,6 +153,9 @@ class Runtime:
         alive = activity is not None and psutil.pid_exists(activity.router_pid)
         return idle_seconds(now, running.started, activity, alive)
 
+    def activity_path(self, name: str) -> Path:
+        return self._file("activity", name)
+
     def set_activity(self, name: str, activity: Activity) -> None:
         self._write("activity", name, asdict(activity))
 

@@ -323,3 +323,84 @@ def test_request_parser_pipelining_and_refusals() -> None:
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
         with pytest.raises(fastproxy.BadRequest):
             fastproxy.RequestParser(got.append, max_body=100).feed(bad)
+
+
+class Upper:
+    """A streaming transform: every piece upper-cased, a last line at the end."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.headers = [(b"Content-Type", b"text/plain")]
+        self.whole = False
+        self.pieces = 0
+
+    def feed(self, data: bytes) -> bytes:
+        self.pieces += 1
+        return data.upper()
+
+    def finish(self) -> bytes:
+        return b"END %d\n" % self.pieces
+
+
+class Count:
+    """A whole-body transform: the body's length as JSON, and a status of its choosing."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers = [(b"Content-Type", b"application/json")]
+        self.whole = True
+        self.parts: list[bytes] = []
+
+    def feed(self, data: bytes) -> bytes:
+        self.parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        self.status = 202
+        return json.dumps({"bytes": len(b"".join(self.parts))}).encode()
+
+
+def test_forward_transforms_the_body_adds_and_drops_headers_and_says_how_it_ended(
+        llama: str) -> None:
+    outcomes: list[fastproxy.Outcome] = []
+    upstream_holder: list[Upstream] = []
+
+    async def handler(request: Request) -> Response | Forward:
+        upstream = upstream_holder[0]
+        common = {"headers": [(b"x-request-id", b"req_1")],
+                  "drop": frozenset({b"content-type"}), "done": outcomes.append}
+        if request.path == "/upper":
+            translated = Request("POST", "/completion", "1.1", [], json.dumps(
+                {"prompt": "once upon a time", "n_predict": 16, "stream": True}).encode())
+            return Forward(upstream, request=translated,
+                           transform=lambda status, _headers: Upper(status), **common)
+        if request.path == "/count":
+            return Forward(upstream, request=Request("POST", "/tokenize", "1.1", [],
+                                                     b'{"content": "hello"}'),
+                           transform=lambda _s, _h: Count(), **common)
+        return Forward(upstream, transform=lambda _s, _h: None, **common)
+
+    async def scenario(port: int, upstream: Upstream) -> None:
+        upstream_holder.append(upstream)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/upper", {}))
+        got = await read_response(reader)
+        assert got.status == 200 and got.headers["transfer-encoding"] == "chunked"
+        assert got.headers["content-type"] == "text/plain"  # llama-server's was dropped
+        assert got.headers["x-request-id"] == "req_1"
+        lines = got.body.splitlines()
+        assert lines[0].startswith(b"DATA: ") and lines[-1].startswith(b"END ")
+        assert int(lines[-1].split()[1]) > 1  # piece by piece, not buffered
+        writer.write(post("/count", {}))  # same connection: still framed right
+        got = await read_response(reader)
+        assert got.status == 202 and "transfer-encoding" not in got.headers
+        assert got.json()["bytes"] > 0 and got.headers["x-request-id"] == "req_1"
+        writer.write(post("/tokenize", {"content": "hello"}))  # no transform: as it is
+        got = await read_response(reader)
+        assert got.status == 200 and got.json()["tokens"]
+        assert "content-type" not in got.headers
+        writer.close()
+        assert [o.status for o in outcomes] == [200, 202, 200]
+        assert all(o.complete and o.head_at is not None for o in outcomes)
+
+    run(llama, scenario, handler)

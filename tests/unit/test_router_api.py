@@ -243,13 +243,13 @@ def test_one_activity_record_per_request_and_busy_seen_at_once(
     async def scenario() -> None:
         router = server.Router(config)
         runtime = router.runtime
-        set_activity = runtime.set_activity
+        write = router.activity.write
 
-        def counted(name: str, activity: Activity) -> None:
-            writes.append(activity)
-            set_activity(name, activity)
+        def counted(name: str, in_flight: int, last_end: float) -> None:
+            writes.append(Activity(in_flight, last_end))
+            write(name, in_flight, last_end)
 
-        monkeypatch.setattr(runtime, "set_activity", counted)
+        monkeypatch.setattr(router.activity, "write", counted)
         runtime.set_running("tiny", Running(os.getpid(), "/x", time.time() - 60))
         tiny = config.models["tiny"]
         for _ in range(3):
@@ -259,6 +259,7 @@ def test_one_activity_record_per_request_and_busy_seen_at_once(
             router._end("tiny")
             assert not runtime.busy("tiny")
         assert [a.in_flight for a in writes] == [0, 0, 0]  # one record each, at its end
+        assert runtime.activity("tiny") == Activity(0, writes[-1].last_end, os.getpid())
         idle = runtime.idle_seconds("tiny", time.time())
         assert idle is not None and idle < 5
         writes.clear()
@@ -270,7 +271,7 @@ def test_one_activity_record_per_request_and_busy_seen_at_once(
         assert [a.in_flight for a in writes] == [0] and not runtime.busy("tiny")
         router.close()
         router = server.Router(config)  # a router whose lock cannot be had says so in the record
-        router.runtime = runtime
+        monkeypatch.setattr(router.activity, "write", counted)
         monkeypatch.setattr(router.busy, "hold", lambda _name: False)
         writes.clear()
         router._begin(tiny)
