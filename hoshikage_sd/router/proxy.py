@@ -181,7 +181,8 @@ def default_error(request: Request | None, status: int, message: str, code: str)
 def response_bytes(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
     out = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"]
     out += [f"{k}: {v}\r\n" for k, v in response.headers]
-    out.append(f"Content-Length: {len(response.body)}\r\n")
+    if response.status != 204 and not 100 <= response.status < 200:
+        out.append(f"Content-Length: {len(response.body)}\r\n")
     if not keep_alive:
         out.append("Connection: close\r\n")
     out.append("\r\n")

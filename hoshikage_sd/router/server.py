@@ -418,7 +418,7 @@ class Router:
         """The proxy's own errors (malformed requests, an upstream failing mid-way)."""
         err = api.ApiError(status, message, code=code)
         if request is None:
-            _, headers, body = api.render("/", err)
+            _, headers, body = api.render("/", err, api.new_request_id())
             return Response.json(status, body, **headers)
         return self.fail(request, err)
 

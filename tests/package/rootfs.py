@@ -46,11 +46,15 @@ def mirror() -> str:
 
 
 def depends() -> list[str]:
-    """The package's Depends: from packaging/debian/control (the Debian packages only)."""
+    """What apt installs with the package: its Depends and Recommends from
+    packaging/debian/control (the Debian packages only)."""
     control = (REPO_ROOT / "packaging/debian/control").read_text()
-    field = re.search(r"^Depends:(.*?)^\S", control, re.MULTILINE | re.DOTALL)
-    assert field, "packaging/debian/control has no Depends:"
-    names = [re.split(r"[\s(]", x.strip())[0] for x in field.group(1).split(",")]
+    names: list[str] = []
+    for key in ("Depends", "Recommends"):
+        field = re.search(rf"^{key}:(.*?)^\S", control, re.MULTILINE | re.DOTALL)
+        assert field or key != "Depends", "packaging/debian/control has no Depends:"
+        if field:
+            names += [re.split(r"[\s(]", x.strip())[0] for x in field.group(1).split(",")]
     return sorted(n for n in names if n and not n.startswith("${"))
 
 
