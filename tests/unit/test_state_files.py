@@ -258,3 +258,30 @@ def test_an_integral_number_reads_as_a_float_field(tmp_path: Path) -> None:
     value, problem = statefile.record(Activity, {"in_flight": 0, "last_end": 5})
     assert problem is None and value == Activity(0, 5.0) and \
         isinstance(value.last_end, float)  # type: ignore[union-attr]
+
+
+# -- the manifest's model paths ----------------------------------------------------------------
+
+def test_a_model_path_the_reader_may_not_look_at_is_a_warning_not_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model in a directory the service user may not search took every reader of the
+    manifest down with a PermissionError (the router, the units, the CLI)."""
+    real = Path.is_file
+
+    def is_file(path: Path) -> bool:
+        if path.parent.name == "private":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(Path, "is_file", is_file)
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open" / "b.gguf").write_bytes(b"GGUF")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "c.gguf").write_bytes(b"GGUF")
+    config = parse(textwrap.dedent(f"""
+        sources: [{tmp_path / 'open'}, {tmp_path / 'private'}]
+        models:
+          a:
+            path: {tmp_path / 'private' / 'a.gguf'}
+    """), tmp_path / "models.yaml")
+    assert sorted(config.models) == ["a", "b"]
+    assert any("a.gguf cannot be looked at: Permission denied" in w for w in config.warnings)
