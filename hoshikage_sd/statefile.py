@@ -5,6 +5,7 @@ would take the port, a model start or a command down with it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import os
 import time
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,18 +91,28 @@ def _fits(value: object, hint: object) -> bool:
     raise TypeError(f"statefile.record cannot check {hint}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates the annotations: ~25 us a time
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[Field[Any], ...]:
+    return fields(cls)
+
+
 def record(cls: type[T], data: object) -> tuple[T | None, str | None]:
     """A dataclass of plain fields (int, float, str, bool, list, dict, X | None) from a JSON
     object: (instance, None), or (None, what is wrong). One writer writes each record, of the
     same version: a key it does not know means the record is not what it seems."""
     if not isinstance(data, dict):
         return None, f"expected an object, found {kind_of(data)}"
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)  # type: ignore[arg-type]  # a class is hashable
     unknown = sorted(set(data) - set(hints))
     if unknown:
         return None, f"unknown key '{unknown[0]}'"
     values = {}
-    for f in fields(cls):  # type: ignore[arg-type]
+    for f in _fields(cls):  # type: ignore[arg-type]
         if f.name not in data:
             if f.default is MISSING and f.default_factory is MISSING:
                 return None, f"'{f.name}' is missing"
