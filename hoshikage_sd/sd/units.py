@@ -13,8 +13,9 @@ from hoshikage_sd.errors import die
 
 MODEL_UNIT_PREFIX = "hoshikage-model@"
 #: how long a unit that is up while its model does not serve may take to go down before a
-#: start is queued anyway, and how often to look
-SETTLE_LIMIT = 5.0
+#: start is queued anyway (its release takes about 0.15 s; a hung llama-server that stays
+#: up costs a start this much, the router's head start included), and how often to look
+SETTLE_LIMIT = 3.0
 SETTLE_POLL = 0.02
 
 logger = logging.getLogger("hoshikage")
