@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hoshikage_sd import __version__, log
@@ -81,12 +82,17 @@ def run(args: argparse.Namespace) -> int:
         from hoshikage_sd.commands import simulate
 
         return simulate.main(args.scenario, args.json, args.list)
-    from pathlib import Path
-
     from hoshikage_sd import manifest
     from hoshikage_sd.manifest import names
 
-    config = names.effective(manifest.load(Path(args.config) if args.config else None))
+    path = Path(args.config) if args.config else None
+    if args.command in UNIT_HELPERS:
+        helper_config = unit_helper_config(args, path)
+        if helper_config is None:
+            return 0
+        config = helper_config
+    else:
+        config = names.effective(manifest.load(path))
     if args.command == "activate":
         from hoshikage_sd.model_unit import activate
 
@@ -130,6 +136,36 @@ def run(args: argparse.Namespace) -> int:
         return status.list_models(config, args.json)
     return status.status(config, args.json) if args.command == "status" \
         else status.check(config)
+
+
+#: the programs the router starts (directly or through a unit): they fall back to the router's
+#: last good manifest when the file is broken, so a broken edit never fails what the running
+#: router admitted
+UNIT_HELPERS = ("activate", "release", "idle-watch", "cache-sync")
+
+
+def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | None:
+    """The manifest (or the router's last good copy of it) for a unit helper; None when
+    there is neither and the helper should exit without doing anything."""
+    from hoshikage_sd.manifest import Config, config_path, names, snapshot
+
+    try:
+        return names.effective(snapshot.load_or_last_good(path))
+    except HoshikageError as err:
+        if args.command in ("idle-watch", "cache-sync"):
+            # Exit cleanly: a failing oneshot would only add noise; the reason is the error.
+            log.log.error("%s: nothing done: %s", args.command, err.message)
+            return None
+        if args.command == "release":
+            # Clean up at the default places rather than leave a copy on the RAM disk.
+            log.log.error("release %s at the default places: %s", args.name, err.message)
+            return Config(source=path or config_path())
+        from hoshikage_sd.manifest import NAME_RE
+        from hoshikage_sd.runtime import Runtime
+
+        if NAME_RE.match(args.name):  # the router reads this as the reason of the failure
+            Runtime(snapshot.default_dir()).set_error(args.name, err.message)
+        raise
 
 
 def edit_names(config: Config, args: argparse.Namespace) -> int:
