@@ -59,6 +59,16 @@ class _Estimate:
 
 
 @dataclass(frozen=True)
+class _Kept:
+    until: float
+
+
+@dataclass(frozen=True)
+class _Keep:
+    pass
+
+
+@dataclass(frozen=True)
 class _Caching:
     done: int
     total: int
@@ -123,9 +133,8 @@ class Runtime:
 
     def kept_until(self, name: str) -> float | None:
         """A stopped model's staged copy kept in RAM: until when (wall clock), else None."""
-        data = self._read("kept", name)
-        value = data.get("until") if data else None
-        return float(value) if isinstance(value, int | float) else None
+        kept = self._read("kept", name, _Kept)
+        return kept.until if kept else None
 
     def set_kept(self, name: str, until: float) -> None:
         self._write("kept", name, {"until": until})
@@ -133,7 +142,7 @@ class Runtime:
     def keep_copy(self, name: str) -> bool:
         """Did whoever stopped the model ask to keep its staged copy (a stop to make room by
         count, not by memory)?"""
-        return self._read("keep", name) is not None
+        return self._read("keep", name, _Keep) is not None
 
     def set_keep_copy(self, name: str) -> None:
         self._write("keep", name, {})
