@@ -24,10 +24,11 @@ machine with the page cache dropped and memory settled (bench/common.py):
 
 Then, with model a loaded in both: /tokenize latency, sequential on a kept-alive connection,
 router and direct interleaved request by request (added latency = router - direct, p50 and
-p99); throughput of 32 clients on kept-alive connections (share of direct) with the router
-process's CPU per request (/proc/PID/stat: hoshikage.service's MainPID in the container, the
-llama.cpp router's own process); bursts of 32 and 128 clients each opening a connection for
-one request (slowest / median of a burst).
+p99); throughput of 32 clients on kept-alive connections (llama.cpp's router closes them
+after each request), /tokenize and max_tokens=1 chat completions (share of direct), with the
+router process's CPU per request (/proc/PID/stat: hoshikage.service's MainPID in the
+container, the llama.cpp router's own process); bursts of 32 and 128 clients each opening a
+connection for one /tokenize request (slowest / median of a burst).
 
 Every cold run and throughput run records the CPU steal and the share of the CPUs used by
 processes that are not the benchmark's; a disturbed one is measured again (--tries). The
@@ -104,6 +105,7 @@ HK, PEER, DIRECT = "hoshikage", "llama.cpp router", "direct"
 SHORT = {HK: "hoshikage", PEER: "llama.cpp"}  # target labels: "llama.cpp router", ...
 REQUEST_TIMEOUT = 60.0
 SPAWN_KEY = "request -> model process spawned (+-5 ms)"
+KINDS = {"tokenize": "/tokenize", "chat": "chat completion, max_tokens 1"}
 
 
 def tokenize_body(model: str) -> bytes:
@@ -325,8 +327,8 @@ class Target:
         return self.label.endswith("router")
 
 
-def request_bytes(body: bytes, close: bool) -> bytes:
-    head = (f"POST {TOKENIZE_PATH} HTTP/1.1\r\nHost: localhost\r\n"
+def request_bytes(path: str, body: bytes, close: bool) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             + ("Connection: close\r\n" if close else "") + "\r\n")
     return head.encode() + body
@@ -361,10 +363,9 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return status, headers.get("connection", "").lower() != "close"
 
 
-async def throughput(t: Target, model: str, clients: int, each: int) -> tuple[int, int]:
-    """`clients` kept-alive connections sending `each` requests one after another:
-    (requests answered 200, failures)."""
-    request = request_bytes(tokenize_body(model), close=False)
+async def throughput(t: Target, request: bytes, clients: int, each: int) -> tuple[int, int]:
+    """`clients` connections (kept alive where the server does) sending `each` requests
+    one after another: (requests answered 200, failures)."""
 
     async def client() -> int:
         ok = 0
@@ -392,7 +393,7 @@ async def throughput(t: Target, model: str, clients: int, each: int) -> tuple[in
 async def burst(t: Target, model: str, n: int) -> tuple[list[float], int]:
     """n clients at once, each opening a connection for one request: the latencies of those
     answered 200, and the number of failures."""
-    request = request_bytes(tokenize_body(model), close=True)
+    request = request_bytes(TOKENIZE_PATH, tokenize_body(model), close=True)
 
     async def one() -> float | None:
         begin = time.monotonic()
@@ -449,10 +450,12 @@ class Figures:
     swap_copied: list[str] = field(default_factory=list)  # hoshikage: "1111" = all copied
     latency: dict[str, list[float]] = field(default_factory=dict)  # seconds, per target
     latency_others: float | None = None
-    throughput: dict[str, list[Run]] = field(default_factory=dict)  # fixed request count
-    throughput_requests: int = 0
+    #: kind ("tokenize", "chat") -> target -> runs of a fixed number of requests
+    throughput: dict[str, dict[str, list[Run]]] = field(default_factory=dict)
+    throughput_requests: dict[str, int] = field(default_factory=dict)
     throughput_failures: dict[str, int] = field(default_factory=dict)
-    router_cpu: dict[str, list[float]] = field(default_factory=dict)  # s per request
+    #: kind -> system -> router CPU seconds per request
+    router_cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     bursts: dict[str, list[list[float]]] = field(default_factory=dict)  # "label@N"
     burst_failures: dict[str, int] = field(default_factory=dict)
     burst_others: list[float] = field(default_factory=list)
@@ -508,14 +511,15 @@ def summary_rows(f: Figures) -> list[tuple[str, str, str, str, str]]:
             added[system] = pct(routed, q) - pct(direct, q)
         rows.append((f"/tokenize added latency p{q} over direct", msec(added[HK], 2),
                      msec(added[PEER], 2), "0", ratio(added[HK], added[PEER])))
-    shares = {}
-    for system in (HK, PEER):
-        via = med(secs(f.throughput.get(f"{SHORT[system]} router", [])))
-        alone = med(secs(f.throughput.get(f"{SHORT[system]} direct", [])))
-        shares[system] = alone / via if via == via and via else float("nan")
-    rows.append((f"{f.settings.get('clients')} concurrent /tokenize clients, share of direct "
-                 "throughput", f"{shares[HK]:.2f}", f"{shares[PEER]:.2f}", "1",
-                 ratio(shares[HK], shares[PEER])))
+    for kind, runs in f.throughput.items():
+        shares = {}
+        for system in (HK, PEER):
+            via = med(secs(runs.get(f"{SHORT[system]} router", [])))
+            alone = med(secs(runs.get(f"{SHORT[system]} direct", [])))
+            shares[system] = alone / via if via == via and via else float("nan")
+        rows.append((f"{f.settings.get('clients')} concurrent clients, {KINDS[kind]}: share of "
+                     "direct throughput", f"{shares[HK]:.2f}", f"{shares[PEER]:.2f}", "1",
+                     ratio(shares[HK], shares[PEER])))
     for size in f.settings.get("burst_sizes", []):
         cells = []
         for system in (HK, PEER):
@@ -527,8 +531,10 @@ def summary_rows(f: Figures) -> list[tuple[str, str, str, str, str]]:
                    for b in f.bursts.get(f"{SHORT[system]} direct@{size}", []) if b]
         rows.append((f"burst of {size} clients: slowest / median (median of bursts)",
                      cells[0], cells[1], f"{med(directs):.1f}" if directs else "–", ""))
-    h, p = med(f.router_cpu.get(HK, [])), med(f.router_cpu.get(PEER, []))
-    rows.append(("router CPU per request", msec(h, 2), msec(p, 2), "", ratio(h, p)))
+    for kind, cpu in f.router_cpu.items():
+        h, p = med(cpu.get(HK, [])), med(cpu.get(PEER, []))
+        rows.append((f"router CPU per request ({KINDS[kind]}, {f.settings.get('clients')} "
+                     "clients)", msec(h, 2), msec(p, 2), "", ratio(h, p)))
     hi, pi = f.idle.get(HK, {}), f.idle.get(PEER, {})
     rows.append(("idle: processes / RSS", f"{hi.get('processes', 0)} / "
                  f"{hi.get('rss', 0) / 1e6:.0f} MB", f"{pi.get('processes', 0)} / "
@@ -566,7 +572,8 @@ def report(f: Figures, out: TextIO) -> None:
       f" others' share of the CPUs median {100 * med(others):.0f}% "
       f"(max {100 * max(others, default=0):.0f}%); measured again (> {100 * limit:.0f}%): "
       f"{again or 'none'}; still disturbed after {s.get('tries')} tries: {still or 'none'}")
-    tput = [r.others for rs in f.throughput.values() for r in rs if r.others is not None]
+    tput = [r.others for kind in f.throughput.values() for rs in kind.values() for r in rs
+            if r.others is not None]
     p(f"proxy phase: others' share of the CPUs: throughput runs median {100 * med(tput):.0f}%, "
       f"latency run {100 * (f.latency_others or 0):.0f}%, bursts median "
       f"{100 * med(f.burst_others):.0f}%")
@@ -576,12 +583,16 @@ def report(f: Figures, out: TextIO) -> None:
     p(f"hoshikage swap runs, copied per step (1 = the activator copied the model): "
       f"{', '.join(f.swap_copied) or '–'}")
     p()
-    p("| target | /tokenize p50 | p99 | throughput (req/s) |")
-    p("|---|---|---|---|")
+    kinds = list(f.throughput)
+    p("| target | /tokenize p50 | p99 | "
+      + " | ".join(f"{KINDS[k]}: req/s" for k in kinds) + " |")
+    p("|---|---|---|" + "---|" * len(kinds))
     for label in f.latency:
-        rps = [f.throughput_requests / r.seconds for r in f.throughput.get(label, [])]
+        rates = [med([f.throughput_requests[k] / r.seconds
+                      for r in f.throughput[k].get(label, [])]) for k in kinds]
         p(f"| {label} | {msec(pct(f.latency[label], 50), 2)} | "
-          f"{msec(pct(f.latency[label], 99), 2)} | {med(rps):.0f} |")
+          f"{msec(pct(f.latency[label], 99), 2)} | "
+          + " | ".join(f"{x:.0f}" for x in rates) + " |")
     for title, runs in ((f"first request, file not in page cache: {HK}", f.first_cold.get(HK)),
                         (f"first request, file not in page cache: {PEER}",
                          f.first_cold.get(PEER)),
@@ -652,26 +663,30 @@ def proxy(s: Setup, f: Figures, args: argparse.Namespace) -> None:
     with observed() as seen:
         f.latency = sequential(targets, "a", args.requests)
     f.latency_others = seen.others
-    f.throughput_requests = args.clients * args.each
-    say(f"throughput: {args.clients} clients x {args.each} /tokenize requests, "
-        f"{args.rounds} round(s) per target")
-
-    def tput(t: Target) -> Run:
+    def tput(t: Target, kind: str, request: bytes, each: int) -> Run:
         s.cond.wait_quiet()
         cpu0 = common.process_cpu(router_pid[t.system])
         with observed() as run:
-            ok, failed = asyncio.run(throughput(t, "a", args.clients, args.each))
+            ok, failed = asyncio.run(throughput(t, request, args.clients, each))
         cpu = common.process_cpu(router_pid[t.system]) - cpu0
         if failed:
-            f.throughput_failures[t.label] = f.throughput_failures.get(t.label, 0) + failed
+            key = f"{t.label} {kind}"
+            f.throughput_failures[key] = f.throughput_failures.get(key, 0) + failed
         if t.routed:
-            f.router_cpu.setdefault(t.system, []).append(cpu / max(ok, 1))
+            f.router_cpu.setdefault(kind, {}).setdefault(t.system, []).append(cpu / max(ok, 1))
         return run
 
-    for i in range(args.rounds):
-        for t in rotated(targets, i):
-            measure(s.cond, f.throughput.setdefault(t.label, []), t.label,
-                    functools.partial(tput, t))
+    for kind, path, body, each in (
+            ("tokenize", TOKENIZE_PATH, tokenize_body("a"), args.each),
+            ("chat", common.CHAT_PATH, chat_body("a"), args.chat_each)):
+        f.throughput_requests[kind] = args.clients * each
+        say(f"throughput: {args.clients} clients x {each} requests ({KINDS[kind]}), "
+            f"{args.rounds} round(s) per target")
+        request = request_bytes(path, body, close=False)
+        for i in range(args.rounds):
+            for t in rotated(targets, i):
+                measure(s.cond, f.throughput.setdefault(kind, {}).setdefault(t.label, []),
+                        f"{t.label} {kind}", functools.partial(tput, t, kind, request, each))
     for size in args.burst_sizes:
         say(f"bursts of {size} clients, {args.bursts} per target")
         for i in range(args.bursts):
@@ -740,8 +755,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="sequential /tokenize requests per target (default 200)")
     ap.add_argument("--clients", type=int, default=32,
                     help="concurrent clients of a throughput run (default 32)")
-    ap.add_argument("--each", type=int, default=25,
-                    help="requests per client of a throughput run (default 25)")
+    ap.add_argument("--each", type=int, default=100,
+                    help="/tokenize requests per client of a throughput run (default 100)")
+    ap.add_argument("--chat-each", type=int, default=8,
+                    help="chat completions (max_tokens 1) per client of a throughput run "
+                         "(default 8)")
     ap.add_argument("--burst-sizes", type=int, nargs="+", default=[32, 128],
                     help="clients of a burst (default 32 128)")
     ap.add_argument("--bursts", type=int, default=3, help="bursts per size and target")
@@ -760,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "one counts even when disturbed")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures to FILE")
     args = ap.parse_args(argv)
-    if min(args.rounds, args.requests, args.clients, args.each, args.bursts, args.tries,
+    if min(args.rounds, args.requests, args.clients, args.each, args.chat_each, args.bursts,
+           args.tries,
            *args.burst_sizes) < 1:
         ap.error("counts must be at least 1")
     reason = unavailable_reason()
@@ -774,7 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  else argv)]),
                 loadavg_start=common.loadavg(),
                 settings={k: getattr(args, k) for k in (
-                    "rounds", "requests", "clients", "each", "burst_sizes", "bursts", "settle",
+                    "rounds", "requests", "clients", "each", "chat_each", "burst_sizes",
+                    "bursts", "settle",
                     "quiet", "quiet_wait", "max_disturbance", "tries")})
     cleanup = Cleanup()
     ACCOUNTING.enter()
