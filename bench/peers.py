@@ -105,6 +105,10 @@ HK, PEER, DIRECT = "hoshikage", "llama.cpp router", "direct"
 SHORT = {HK: "hoshikage", PEER: "llama.cpp"}  # target labels: "llama.cpp router", ...
 REQUEST_TIMEOUT = 60.0
 SPAWN_KEY = "request -> model process spawned (+-5 ms)"
+#: systemd's journal message ids (sd-messages.h)
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+UNIT_STOPPING = "de5b426a63be47a7b6ac3eaac82e2f6f"
+UNIT_STOPPED = "9d1aaa27d60140bd96365438aad20286"
 KINDS = {"tokenize": "/tokenize", "chat": "chat completion, max_tokens 1"}
 
 
@@ -146,11 +150,12 @@ def rss_bytes(pid: int) -> int:
 class Peer:
     """`llama-server --models-dir MODEL_DIR --models-max 1` on a loopback port."""
 
-    def __init__(self, cleanup: Cleanup, server: Path, log_path: Path) -> None:
+    def __init__(self, cleanup: Cleanup, server: Path, log_path: Path,
+                 extra: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.log = open(log_path, "w")  # noqa: SIM115 (open as long as the process runs)
         argv = [str(server), "--models-dir", str(MODEL_DIR), "--models-max", "1",
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", "127.0.0.1", "--port", str(self.port), *extra]
         self.proc = cleanup.spawn(argv, self.log)
         deadline = time.monotonic() + 60
         while True:
@@ -293,11 +298,30 @@ def hk_swap(s: Setup, copied: list[str]) -> Run:
         s.hk.wait_for(f"swap step {i + 1}'s ready record", found)
         ready = records[0]
         flags += "1" if ready.get("HOSHIKAGE_COPIED") == "1" else "0"
-        run.parts[f"step {i + 1}: {COPY_KEY}"] = float(ready["HOSHIKAGE_STAGE_SECONDS"])
-        run.parts[f"step {i + 1}: llama-server spawn -> /health 200"] = float(
+        step = f"step {i + 1}:"
+        starting = unit_events(s.hk, common.unit_of(name), UNIT_STARTING, begin)
+        if starting:
+            run.parts[f"{step} request -> model unit starting"] = starting[0] - begin
+        if i:  # the model before it made room: its unit's stop, as systemd logged it
+            other = common.unit_of(SWAP[i - 1])
+            stopping = unit_events(s.hk, other, UNIT_STOPPING, begin)
+            stopped = unit_events(s.hk, other, UNIT_STOPPED, begin)
+            if stopping and stopped:
+                run.parts[f"{step} the other unit's stop (stopping -> stopped)"] = (
+                    stopped[0] - stopping[0])
+        run.parts[f"{step} {COPY_KEY}"] = float(ready["HOSHIKAGE_STAGE_SECONDS"])
+        run.parts[f"{step} llama-server spawn -> /health 200"] = float(
             ready["HOSHIKAGE_LOAD_SECONDS"])
     copied.append(flags)
     return run
+
+
+def unit_events(hk: Deployment, unit: str, message_id: str, after: float) -> list[float]:
+    """When systemd logged `message_id` about `unit` after `after` (CLOCK_MONOTONIC s)."""
+    return sorted(t for t in (int(e["__MONOTONIC_TIMESTAMP"]) / 1e6 for e in
+                              hk.container.journal(f"UNIT={unit}", f"MESSAGE_ID={message_id}",
+                                                   sync=False))
+                  if t > after)
 
 
 def peer_swap(s: Setup) -> Run:
@@ -627,7 +651,6 @@ def rotated(items: Sequence[Any], i: int) -> list[Any]:
 
 
 def cold_rounds(s: Setup, f: Figures, rounds: int) -> None:
-    copied: list[str] = f.swap_copied
     for i in range(rounds):
         say(f"round {i + 1}/{rounds}")
         for cached, out in ((False, f.first_cold), (True, f.first_cached)):
@@ -638,10 +661,12 @@ def cold_rounds(s: Setup, f: Figures, rounds: int) -> None:
                 (DIRECT, functools.partial(direct_first, s, "a", cached, f"{tag}-{i}"))]
             for system, attempt in rotated(cases, i):
                 measure(s.cond, out.setdefault(system, []), f"{tag} {system}", attempt)
+        copied: list[str] = []  # one entry per attempt; the last one's run counts
         swaps: list[tuple[str, Callable[[], Run]]] = [
             (HK, functools.partial(hk_swap, s, copied)), (PEER, functools.partial(peer_swap, s))]
         for system, attempt in rotated(swaps, i):
             measure(s.cond, f.swap.setdefault(system, []), f"swap {system}", attempt)
+        f.swap_copied.append(copied[-1])
 
 
 def proxy(s: Setup, f: Figures, args: argparse.Namespace) -> None:
@@ -733,7 +758,7 @@ def run(args: argparse.Namespace, f: Figures, cleanup: Cleanup) -> None:
                     router_idle_exit="1d", max_loaded_models="1")
     hk = deploy(make, MODEL_DIR, text, timer_every=None)
     say("starting llama.cpp's router")
-    peer = Peer(cleanup, server, logs / "router.log")
+    peer = Peer(cleanup, server, logs / "router.log", shlex.split(args.peer_args))
     s = Setup(hk, peer, cond, cleanup, server, logs)
 
     cold_rounds(s, f, args.rounds)
@@ -776,6 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tries", type=int, default=2,
                     help="at most this many measurements per figure (default 2); the last "
                          "one counts even when disturbed")
+    ap.add_argument("--peer-args", default="", metavar="ARGS",
+                    help="more arguments for llama.cpp's router, which passes them on to its "
+                         "models' processes (e.g. '--cache-ram 0', as hoshikage gives its "
+                         "llama-servers); default none")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures to FILE")
     args = ap.parse_args(argv)
     if min(args.rounds, args.requests, args.clients, args.each, args.chat_each, args.bursts,
@@ -794,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loadavg_start=common.loadavg(),
                 settings={k: getattr(args, k) for k in (
                     "rounds", "requests", "clients", "each", "chat_each", "burst_sizes",
-                    "bursts", "settle",
+                    "bursts", "peer_args", "settle",
                     "quiet", "quiet_wait", "max_disturbance", "tries")})
     cleanup = Cleanup()
     ACCOUNTING.enter()
