@@ -550,7 +550,9 @@ def summary_rows(f: Figures) -> list[tuple[str, str, str, str, str]]:
             bursts = f.bursts.get(f"{SHORT[system]} router@{size}", [])
             ratios = [max(b) / statistics.median(b) for b in bursts if b]
             worst = max((max(b) for b in bursts if b), default=float("nan"))
-            cells.append(f"{med(ratios):.1f} (worst {msec(worst)})" if ratios else "–")
+            over = sum(r > 2 for r in ratios)
+            cells.append(f"{med(ratios):.1f}; over 2 in {over} of {len(ratios)} "
+                         f"(worst {msec(worst)})" if ratios else "–")
         directs = [max(b) / statistics.median(b) for system in (HK, PEER)
                    for b in f.bursts.get(f"{SHORT[system]} direct@{size}", []) if b]
         rows.append((f"burst of {size} clients: slowest / median (median of bursts)",
@@ -637,6 +639,20 @@ def report(f: Figures, out: TextIO) -> None:
             p(f"  {key:52} {common.ms(med(values))}   ("
               + ", ".join(f"{1000 * v:.0f}" for v in values) + ")")
         p(f"  {'total':52} {common.ms(med(secs(runs)))}")
+
+
+def load_figures(path: Path) -> Figures:
+    """Figures from a --json dump (to print its report again)."""
+    data = json.loads(path.read_text())
+
+    def runs(group: dict[str, list[dict[str, Any]]]) -> dict[str, list[Run]]:
+        return {k: [Run(**r) for r in v] for k, v in group.items()}
+
+    f = Figures(**data)
+    f.first_cold, f.first_cached, f.swap = (runs(data["first_cold"]), runs(data["first_cached"]),
+                                            runs(data["swap"]))
+    f.throughput = {kind: runs(group) for kind, group in data["throughput"].items()}
+    return f
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -806,11 +822,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "models' processes (e.g. '--cache-ram 0', as hoshikage gives its "
                          "llama-servers); default none")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures to FILE")
+    ap.add_argument("--report", metavar="FILE", type=Path,
+                    help="measure nothing: print the report of a --json FILE again")
     args = ap.parse_args(argv)
     if min(args.rounds, args.requests, args.clients, args.each, args.chat_each, args.bursts,
            args.tries,
            *args.burst_sizes) < 1:
         ap.error("counts must be at least 1")
+    if args.report:
+        report(load_figures(args.report), sys.stdout)
+        return 0
     reason = unavailable_reason()
     if reason:
         print(f"peers: {reason}", file=sys.stderr)
