@@ -40,52 +40,67 @@ Needs root (drop_caches, mount, systemd-nspawn), the test extra and skulk-llama-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import http.client
 import json
 import os
-import platform
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
+                if p not in sys.path]
+
+import common  # noqa: E402
+from common import (  # noqa: E402
+    ACCOUNTING,
+    CACHE,
+    COPY_KEY,
+    ROUTER,
+    Cleanup,
+    Conditions,
+    Run,
+    by_hand,
+    chat_body,
+    cold_request,
+    loadavg,
+    machine,
+    measure,
+    med,
+    meminfo,
+    ms,
+    say,
+    secs,
+    tcp,
+    timed,
+    timed_chat,
+    unit_of,
+    wait_state,
+)
 
 from hoshikage_sd.staging import Store  # noqa: E402
 from testbed.container import Container, unavailable_reason  # noqa: E402
-from testbed.deploy import Deployment, deploy, free_port, manifest  # noqa: E402
+from testbed.deploy import Deployment, deploy, manifest  # noqa: E402
 from testbed.unixhttp import UnixHTTPConnection  # noqa: E402
 
-CACHE = Path("/var/tmp/hoshikage-bench")
 NAME = "bench"
-UNIT = f"hoshikage-model@{NAME}.service"
-ROUTER = "hoshikage.service"
+UNIT = unit_of(NAME)
 MIN_MODEL_BYTES = 900_000_000
-POLL = 0.005
-COLD_TIMEOUT = 180.0
-CHAT_PATH = "/v1/chat/completions"
-CHAT_BODY = json.dumps({"model": NAME, "max_tokens": 1,
-                        "messages": [{"role": "user", "content": "hello"}]}).encode()
-HEADERS = {"Content-Type": "application/json"}
-CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "LANG": "C.UTF-8", "HOME": "/root"}
+CHAT_BODY = chat_body(NAME)
+
+
 STAGE_IN_CONTAINER = (
     "import sys; from pathlib import Path; from hoshikage_sd.store import Store; "
     "s = Store(Path('/mnt/hoshikage')).stage(sys.argv[1], Path(sys.argv[2])); "
     "print(int(s.copied), s.seconds)"
 )
-COPY_KEY = "staging (journal)"
 
 # The issue's targets (seconds, ratio)
 TARGET_B_OVER_A_TMPFS = 0.100
@@ -93,228 +108,7 @@ TARGET_C_OVER_A_DISK_PLUS_COPY = 0.400
 TARGET_STAGING_RATIO = 0.9
 
 
-def say(text: str) -> None:
-    print(f"[coldstart] {text}", file=sys.stderr, flush=True)
-
-
-# -- the machine ----------------------------------------------------------------------------
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def meminfo(key: str) -> int:
-    """A /proc/meminfo field in bytes."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name == key:
-            return int(rest.split()[0]) * 1024
-    return 0
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-@dataclass(frozen=True)
-class CpuTimes:
-    """The machine-wide line of /proc/stat: total, idle (incl. iowait) and steal ticks."""
-
-    total: int
-    idle: int
-    steal: int
-
-    @classmethod
-    def now(cls) -> CpuTimes:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return cls(sum(ticks), ticks[3] + ticks[4], ticks[7])
-
-    def busy_since(self, before: CpuTimes) -> tuple[float, float]:
-        """(busy, steal) fractions of the CPU time between two readings."""
-        total = max(self.total - before.total, 1)
-        steal = (self.steal - before.steal) / total
-        busy = (total - (self.idle - before.idle) - (self.steal - before.steal)) / total
-        return busy, steal
-
-
-def machine(server: Path) -> dict[str, Any]:
-    try:
-        out = subprocess.run([str(server), "--version"], capture_output=True, text=True,
-                             timeout=30, env=CHILD_ENV)
-        version = next((ln for ln in (out.stdout + out.stderr).splitlines()
-                        if ln.startswith("version")), "unknown")
-    except (OSError, subprocess.TimeoutExpired):
-        version = "unknown"
-    git = ["git", "-C", str(REPO)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "hoshikage_sd", "units"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(),
-            "commit": head + (" (hoshikage_sd/units modified)" if dirty else ""),
-            "mem_gib": round(meminfo("MemTotal") / 2**30, 1), "kernel": platform.release(),
-            "llama_server": str(server), "llama_server_version": version}
-
-
-@dataclass(frozen=True)
-class Conditions:
-    """How every cold run starts: a quiet machine, no page cache, memory settled."""
-
-    settle: float
-    quiet: float
-    quiet_wait: float
-    max_disturbance: float = 1.0  # a run with more steal + others is measured again...
-    tries: int = 1  # ...up to this many times in all
-
-    def wait_quiet(self) -> float:
-        """Wait (up to quiet_wait) until the machine's load (busy + steal, 0..1) is at most
-        quiet; return the load seen in the last second."""
-        deadline = time.monotonic() + self.quiet_wait
-        while True:
-            before = CpuTimes.now()
-            time.sleep(1.0)
-            busy, steal = CpuTimes.now().busy_since(before)
-            if busy + steal <= self.quiet or time.monotonic() >= deadline:
-                return busy + steal
-
-    def prepare(self) -> float:
-        """wait_quiet(), drop the page cache, sleep settle; the load wait_quiet() saw."""
-        load = self.wait_quiet()
-        drop_caches()
-        time.sleep(self.settle)
-        return load
-
-
-@dataclass
-class Run:
-    """One timed cold (or staging) run, with the conditions it ran under."""
-
-    seconds: float
-    steal: float = 0.0  # fraction of CPU time the hypervisor took while it ran
-    others: float | None = None  # fraction of all CPUs used by processes not ours meanwhile
-    background: float = 0.0  # load (busy + steal) in the second before the run
-    parts: dict[str, float] = field(default_factory=dict)  # where the time went
-    copied: bool | None = None  # (b), (c): did the activator copy the model?
-    launched: bool | None = None  # (b), (c): did the unit's launcher start llama-server?
-    attempts: int = 1  # measured again when disturbed (see Conditions)
-
-    def disturbance(self) -> float:
-        return self.steal + (self.others or 0.0)
-
-
-class Accounting:
-    """CPU time of everything this benchmark runs, from a cgroup of its own.
-
-    The benchmark moves itself into a new cpuacct (cgroup v1) or cgroup v2 group; the
-    llama-servers it starts and the container (whose private cgroups nest under ours) are
-    counted there. Machine-wide busy time less ours is what others used during a run: a
-    shared machine shows up in the figures instead of silently in the timings."""
-
-    def __init__(self) -> None:
-        self.group: Path | None = None
-        self.usage_file: Path | None = None
-        self.parent_procs: Path | None = None
-        self.hz = os.sysconf("SC_CLK_TCK")
-
-    def enter(self) -> None:
-        base: Path | None = None
-        usage = ""
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if "cpuacct" in controllers.split(","):  # cgroup v1 (or hybrid)
-                base, usage = Path("/sys/fs/cgroup/cpuacct") / path.lstrip("/"), "cpuacct.usage"
-                break
-            if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-                base, usage = Path("/sys/fs/cgroup") / path.lstrip("/"), "cpu.stat"
-        if base is None:
-            say("no CPU accounting of other processes (no cpuacct or cgroup v2 found)")
-            return
-        group = base / f"hoshikage-bench-{os.getpid()}"
-        try:
-            group.mkdir()
-            (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            say(f"no CPU accounting of other processes ({group}: {exc.strerror})")
-            with contextlib.suppress(OSError):
-                group.rmdir()
-            return
-        self.group, self.usage_file = group, group / usage
-        self.parent_procs = base / "cgroup.procs"
-
-    def leave(self) -> None:
-        if self.group is None or self.parent_procs is None:
-            return
-        with contextlib.suppress(OSError):
-            self.parent_procs.write_text(f"{os.getpid()}\n")
-        for _ in range(50):  # children still exiting keep it busy for a moment
-            try:
-                self.group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-        self.group = None
-
-    def ours(self) -> float | None:
-        """CPU seconds used in our group so far."""
-        if self.usage_file is None:
-            return None
-        text = self.usage_file.read_text()
-        if self.usage_file.name == "cpuacct.usage":
-            return int(text) / 1e9
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "usage_usec":
-                return int(value) / 1e6
-        return None
-
-    def busy(self) -> float:
-        """Machine-wide busy CPU seconds (not idle, iowait or steal)."""
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (sum(ticks) - ticks[3] - ticks[4] - ticks[7]) / self.hz
-
-
-ACCOUNTING = Accounting()
-
-
-@contextlib.contextmanager
-def timed(cond: Conditions) -> Iterator[Run]:
-    """Prepare a cold run and time the block: the Run (the block may fill in parts)."""
-    background = cond.prepare()
-    run = Run(0.0, background=background)
-    before = CpuTimes.now()
-    busy0, ours0 = ACCOUNTING.busy(), ACCOUNTING.ours()
-    start = time.monotonic()
-    yield run
-    run.seconds = time.monotonic() - start
-    busy1, ours1 = ACCOUNTING.busy(), ACCOUNTING.ours()
-    run.steal = CpuTimes.now().busy_since(before)[1]
-    if ours0 is not None and ours1 is not None:
-        others = (busy1 - busy0) - (ours1 - ours0)
-        run.others = max(0.0, others / (run.seconds * (os.cpu_count() or 1)))
-
-
-def measure(cond: Conditions, out: list[Run], label: str, attempt: Callable[[], Run]) -> Run:
-    """One figure: attempt() again while steal + others exceed the limit (up to tries)."""
-    for n in range(1, cond.tries + 1):
-        run = attempt()
-        run.attempts = n
-        if run.disturbance() <= cond.max_disturbance or n == cond.tries:
-            break
-        say(f"  {label:9} {run.seconds:.3f} s disturbed (steal {100 * run.steal:.0f}%, "
-            f"others {100 * (run.others or 0):.0f}%): measuring again")
-    out.append(run)
-    say(f"  {label:9} {run.seconds:.3f} s (steal {100 * run.steal:.0f}%, "
-        f"others {100 * (run.others or 0):.0f}%)")
-    return run
-
+# -- the machine ---------------------------------------------------------------------------
 
 def mount_hugepage_tmpfs(size: str = "3G") -> Path:
     """Our own tmpfs mounted huge=always under /tmp (Cleanup unmounts and removes it)."""
@@ -330,148 +124,16 @@ def mount_hugepage_tmpfs(size: str = "3G") -> Path:
 
 def ensure_model(path: Path) -> int:
     """The cached ~1 GiB model (make_gguf.py's "1g" shape), generated when missing."""
-    with contextlib.suppress(FileNotFoundError):
-        size = path.stat().st_size
-        if size >= MIN_MODEL_BYTES:
-            return size
-    import make_gguf  # tools/make_gguf.py (needs gguf, numpy)
-
-    say(f"generating {path} (~1 GiB f16, once)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        make_gguf.write_model(tmp, n_embd=2048, n_ff=5632, n_layer=10, n_head=16, dtype="f16")
-        os.rename(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path.stat().st_size
+    return common.ensure_gguf(path, MIN_MODEL_BYTES, n_embd=2048, n_ff=5632, n_layer=10,
+                              n_head=16, dtype="f16")
 
 
 # -- HTTP -----------------------------------------------------------------------------------
 
 def chat(conn: http.client.HTTPConnection) -> int:
     """POST one max_tokens=1 chat completion; the status once the whole reply is read."""
-    try:
-        conn.request("POST", CHAT_PATH, body=CHAT_BODY, headers=HEADERS)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
+    return common.chat(conn, CHAT_BODY)
 
-
-def tcp(port: int, timeout: float = COLD_TIMEOUT) -> http.client.HTTPConnection:
-    return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-
-
-def timed_chat(connect: Callable[[], http.client.HTTPConnection]) -> float:
-    start = time.monotonic()
-    status = chat(connect())
-    elapsed = time.monotonic() - start
-    if status != 200:
-        raise RuntimeError(f"chat request answered HTTP {status}")
-    return elapsed
-
-
-# -- what we start, and stop whatever happens -----------------------------------------------
-
-class Cleanup:
-    """What the run started: llama-servers by hand, containers, mounts, scratch directories.
-
-    Undone in reverse on the way out, whatever happens (errors, Ctrl-C, SIGTERM)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.containers: list[Container] = []
-        self.mounts: list[Path] = []
-        self.dirs: list[Path] = []
-
-    def spawn(self, argv: Sequence[str], log: TextIO) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=CHILD_ENV,
-                                start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with contextlib.suppress(ValueError):
-            self.procs.remove(proc)
-
-    def run(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
-        for container in reversed(self.containers):
-            try:
-                container.stop()
-            except Exception as exc:
-                say(f"stopping container {container.name}: {exc}")
-        for where in reversed(self.mounts):
-            if subprocess.run(["umount", str(where)], check=False).returncode != 0:
-                subprocess.run(["umount", "--lazy", str(where)], check=False)
-            with contextlib.suppress(OSError):
-                where.rmdir()
-        for d in reversed(self.dirs):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-# -- (a) llama-server by hand ---------------------------------------------------------------
-
-def by_hand(cleanup: Cleanup, cond: Conditions, server: Path, model: Path,
-            log_path: Path) -> Run:
-    """Spawn llama-server; poll it every POLL s until a chat completion answers 200.
-
-    The polls go to /health until it is 200, then to the chat completion: the first 200 of
-    a chat completion comes at the same moment as when polling it alone (llama-server
-    answers 503 to both while it loads), and the split is the one hoshikage's activator
-    reports (spawn -> /health 200, then the answer)."""
-    port = free_port()
-    argv = [str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--alias", NAME]
-    healthy: float | None = None
-
-    def health() -> int:
-        conn = tcp(port, timeout=30)
-        try:
-            conn.request("GET", "/health")
-            response = conn.getresponse()
-            response.read()
-            return response.status
-        finally:
-            conn.close()
-
-    with open(log_path, "w") as log, timed(cond) as run:
-        start = time.monotonic()
-        proc = cleanup.spawn(argv, log)
-        try:
-            while True:
-                with contextlib.suppress(OSError, http.client.HTTPException):
-                    if healthy is None and health() == 200:
-                        healthy = time.monotonic()
-                    if healthy is not None and chat(tcp(port, timeout=30)) == 200:
-                        break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited with {proc.returncode}: "
-                                       f"{log_path.read_text()[-2000:]}")
-                if time.monotonic() - start > COLD_TIMEOUT:
-                    raise RuntimeError(f"llama-server did not answer in {COLD_TIMEOUT:.0f} s")
-                time.sleep(POLL)
-        except BaseException:
-            cleanup.stop(proc)
-            raise
-        answered = time.monotonic()
-    cleanup.stop(proc)
-    assert healthy is not None
-    run.parts["spawn -> /health 200"] = healthy - start
-    run.parts["/health 200 -> response"] = answered - healthy
-    return run
 
 
 # -- staging --------------------------------------------------------------------------------
@@ -494,34 +156,10 @@ def stage_once(cond: Conditions, source: Path, tmpfs: Path, how: str) -> Run:
 
 # -- hoshikage in a container ---------------------------------------------------------------
 
-def show(hk: Deployment, unit: str, *props: str) -> dict[str, str]:
-    out = hk.container.systemctl("show", unit, *(f"--property={p}" for p in props))
-    values: dict[str, str] = {}
-    for line in out.splitlines():
-        key, _, value = line.partition("=")
-        values[key] = value
-    return values
-
-
-def mono(value: str) -> float:
-    """A systemd *TimestampMonotonic (CLOCK_MONOTONIC, microseconds) in seconds."""
-    return int(value) / 1e6
-
-
-def wait_state(hk: Deployment, unit: str, states: tuple[str, ...], timeout: float = 60) -> None:
-    hk.wait_for(f"{unit} to be {'/'.join(states)}", lambda: hk.state(unit) in states, timeout)
-
-
 def zero_processes(hk: Deployment) -> None:
     """Socket only: model unit (its ExecStopPost drops the staged copy) and router stopped."""
-    hk.container.systemctl("stop", UNIT, ROUTER)
-    wait_state(hk, UNIT, ("inactive", "failed"))
-    wait_state(hk, ROUTER, ("inactive", "failed"))
-    left = hk.processes("llama-server") + hk.processes("hoshikage")
-    if left:
-        raise RuntimeError(f"processes left in the container: {left}")
-    if (hk.container.root / f"mnt/hoshikage/{NAME}.gguf").exists():
-        raise RuntimeError("the staged copy survived the model unit's stop")
+    common.zero_processes(hk, [NAME])
+
 
 
 def staged_router_up(hk: Deployment, python: str) -> None:
@@ -537,90 +175,6 @@ def staged_router_up(hk: Deployment, python: str) -> None:
         raise RuntimeError(f"staging inside the container did not copy: {out!r}")
 
 
-def explain(hk: Deployment, run: Run, start: float, router_started: bool) -> None:
-    """Fill in where the time went, from systemd's monotonic timestamps (CLOCK_MONOTONIC,
-    the same clock as time.monotonic() here) and the activator's `ready` journal record:
-    when llama-server was spawned, and `load` seconds later its /health said 200 (the split
-    of (a)). READY=1 may come later than that: after a launched start the activator
-    imports only once llama-server serves."""
-    end = start + run.seconds
-    model = show(hk, UNIT, "InactiveExitTimestampMonotonic", "ActiveEnterTimestampMonotonic")
-    m_begin = mono(model["InactiveExitTimestampMonotonic"])
-    m_ready = mono(model["ActiveEnterTimestampMonotonic"])
-    ready = ready_since(hk, start)
-    assert ready is not None
-    stage = float(ready["HOSHIKAGE_STAGE_SECONDS"])
-    load = float(ready["HOSHIKAGE_LOAD_SECONDS"])
-    launched = ready.get("HOSHIKAGE_LAUNCHED") == "1"
-    spawned = float(ready["HOSHIKAGE_SPAWNED_AT"])
-    healthy = spawned + load
-    parts = run.parts
-    if router_started:
-        router = show(hk, ROUTER, "InactiveExitTimestampMonotonic",
-                      "ActiveEnterTimestampMonotonic")
-        r_begin = mono(router["InactiveExitTimestampMonotonic"])
-        r_ready = mono(router["ActiveEnterTimestampMonotonic"])
-        parts["socket -> router spawned"] = r_begin - start
-        # The router starts the unit for the request that woke it before its own READY=1.
-        parts["router spawned -> model unit starting"] = m_begin - r_begin
-        parts["(router spawned -> its READY=1)"] = r_ready - r_begin
-    else:
-        parts["request -> model unit starting"] = m_begin - start
-    if launched:  # the router admitted it; the unit's launcher spawned llama-server
-        parts["unit starting -> llama-server spawned"] = spawned - m_begin
-    else:
-        first = first_record(hk, m_begin, m_ready, ready)
-        if first is not None:  # split at the activator's first journal record
-            kind, when = first
-            parts[f"unit starting -> activator's '{kind}' record"] = when - m_begin
-            parts["activator, rest (not staging)"] = spawned - when - stage
-        else:
-            parts["unit starting -> spawned (not staging)"] = spawned - m_begin - stage
-        parts[COPY_KEY] = stage
-    parts["llama-server spawn -> /health 200"] = load
-    parts["/health 200 -> response"] = end - healthy
-    parts["(/health 200 -> READY=1)"] = m_ready - healthy
-    run.copied = ready.get("HOSHIKAGE_COPIED") == "1"
-    run.launched = launched
-
-
-def ready_since(hk: Deployment, start: float) -> dict[str, Any] | None:
-    """The model's `ready` journal record logged after `start` (CLOCK_MONOTONIC s)."""
-    later = [e for e in hk.events("ready", NAME)
-             if int(e["__MONOTONIC_TIMESTAMP"]) / 1e6 > start]
-    return later[-1] if later else None
-
-
-def first_record(hk: Deployment, begin: float, ready_at: float,
-                 ready: dict[str, Any]) -> tuple[str, float] | None:
-    """The activator's first lifecycle record of this start: (kind, CLOCK_MONOTONIC s).
-
-    journald stamps entries with the kernel's CLOCK_MONOTONIC, as systemd does; if the
-    `ready` record is not within 0.5 s of the unit's ActiveEnter the clocks differ: None."""
-    if abs(int(ready["__MONOTONIC_TIMESTAMP"]) / 1e6 - ready_at) > 0.5:
-        return None
-    entries = [(int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, str(e.get("HOSHIKAGE_EVENT")))
-               for e in hk.container.journal(f"HOSHIKAGE_MODEL={NAME}")
-               if "HOSHIKAGE_EVENT" in e]
-    during = sorted((t, kind) for t, kind in entries if begin <= t <= ready_at)
-    if not during or during[0][1] == "ready":
-        return None
-    return during[0][1], during[0][0]
-
-
-def cold_request(hk: Deployment, cond: Conditions, router_started: bool) -> Run:
-    with timed(cond) as run:
-        start = time.monotonic()
-        status = chat(tcp(hk.port))
-    if status != 200:
-        raise RuntimeError(f"hoshikage answered HTTP {status}")
-    # The activator's `ready` record comes after the answer when the launcher started
-    # llama-server: wait for this start's.
-    hk.wait_for("this start's ready record", lambda: ready_since(hk, start) is not None)
-    explain(hk, run, start, router_started)
-    return run
-
-
 def warm_requests(hk: Deployment, n: int) -> tuple[list[float], list[float]]:
     """The model loaded: n requests through the router and n straight to its unix socket."""
     direct_path = str(hk.container.root / f"run/hoshikage/{NAME}.sock")
@@ -632,14 +186,14 @@ def warm_requests(hk: Deployment, n: int) -> tuple[list[float], list[float]]:
         return tcp(hk.port, timeout=60)
 
     for _ in range(3):  # warm both paths (router's upstream pool, llama-server's prompt cache)
-        timed_chat(routed)
-        timed_chat(direct)
+        timed_chat(routed, CHAT_BODY)
+        timed_chat(direct, CHAT_BODY)
     via_router: list[float] = []
     straight: list[float] = []
     for i in range(n):  # interleaved, alternating which goes first
         pair = [(via_router, routed), (straight, direct)]
         for out, connect in pair if i % 2 == 0 else pair[::-1]:
-            out.append(timed_chat(connect))
+            out.append(timed_chat(connect, CHAT_BODY))
     return via_router, straight
 
 
@@ -662,18 +216,6 @@ class Figures:
     loadavg_start: float = 0.0
     loadavg_end: float = 0.0
     container_boot_seconds: float | None = None
-
-
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def secs(runs: Sequence[Run]) -> list[float]:
-    return [r.seconds for r in runs]
-
-
-def ms(x: float) -> str:
-    return f"{1000 * x:8.1f}"
 
 
 def mbps(size: int, seconds: float) -> float:
@@ -856,19 +398,19 @@ def run(args: argparse.Namespace, f: Figures, cleanup: Cleanup) -> None:
 
     def c_run() -> Run:
         zero_processes(hk)
-        return cold_request(hk, cond, router_started=True)
+        return cold_request(hk, cond, NAME, router_started=True)
 
     def b_run() -> Run:
         staged_router_up(hk, python)
-        return cold_request(hk, cond, router_started=False)
+        return cold_request(hk, cond, NAME, router_started=False)
 
     for i in range(args.runs):
         say(f"run {i + 1}/{args.runs}")
         zero_processes(hk)
         measure(cond, f.a_disk, "(a-disk)", functools.partial(
-            by_hand, cleanup, cond, server, source, logs / f"a-disk-{i}.log"))
+            by_hand, cleanup, cond, server, source, logs / f"a-disk-{i}.log", NAME))
         measure(cond, f.a_tmpfs, "(a-tmpfs)", functools.partial(
-            by_hand, cleanup, cond, server, staged, logs / f"a-tmpfs-{i}.log"))
+            by_hand, cleanup, cond, server, staged, logs / f"a-tmpfs-{i}.log", NAME))
         measure(cond, f.c, "(c)", c_run)
         measure(cond, f.b, "(b)", b_run)
     say(f"(b-warm): {args.requests} requests via the router and {args.requests} direct")

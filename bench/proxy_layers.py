@@ -803,6 +803,7 @@ def serve_router(port: int, upstream: str, size: int) -> None:
     run = tmp / "run"
     run.mkdir()
     (run / "tiny.sock").symlink_to(upstream)
+    os.environ["RUNTIME_DIRECTORY"] = str(run)  # its last good manifest goes there, not /run
     (tmp / "models.yaml").write_text(
         f"ramdisk: {tmp}\nruntime_dir: {run}\nstate_dir: {tmp / 'state'}\n"
         f"llama_server: /bin/true\nrouter_idle_exit: 1h\nmodels:\n"

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hoshikage_sd import __version__, log
 from hoshikage_sd.errors import HoshikageError, die, report
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from hoshikage_sd.manifest import Config
 
 
@@ -85,17 +84,21 @@ def run(args: argparse.Namespace) -> int:
         from hoshikage_sd.commands import simulate
 
         return simulate.main(args.scenario, args.json, args.list)
-    from pathlib import Path
-
     from hoshikage_sd import manifest
     from hoshikage_sd.manifest import names
 
-    source = Path(args.config) if args.config else None
+    path = Path(args.config) if args.config else None
     if args.command == "router":
-        return router(source, args.listen)
+        return router(path, args.listen)
     if args.command == "reload":
-        return reload(source)
-    config = names.effective(manifest.load(source))
+        return reload(path)
+    if args.command in UNIT_HELPERS:
+        helper_config = unit_helper_config(args, path)
+        if helper_config is None:
+            return 0
+        config = helper_config
+    else:
+        config = names.effective(manifest.load(path))
     if args.command == "activate":
         from hoshikage_sd.model_unit import activate
 
@@ -139,15 +142,15 @@ def router(source: Path | None, listen: str | None) -> int:
     a 503 with the reason until it is fixed (a router that exited instead would be started
     again for the same connection until the socket's start limit takes the port down)."""
     from hoshikage_sd import manifest
-    from hoshikage_sd.manifest import Config, names
+    from hoshikage_sd.manifest import Config
     from hoshikage_sd.router import first_request
+    from hoshikage_sd.router.config import load_config
 
     path = source or manifest.config_path()
     config: Config | None = None
     broken = None
     try:
-        loaded = manifest.load(path)
-        config = names.apply(loaded, names.load(loaded))
+        config = load_config(path)
     except HoshikageError as err:
         broken = err.message
     first = first_request.take(config)  # before the router's own imports
@@ -170,6 +173,36 @@ def reload(source: Path | None) -> int:
                               protocol.RELOAD):
         print(f"router told to reload {path}")
     return 0
+
+
+#: the programs the router starts (directly or through a unit): they fall back to the router's
+#: last good manifest when the file is broken, so a broken edit never fails what the running
+#: router admitted
+UNIT_HELPERS = ("activate", "release", "idle-watch", "cache-sync")
+
+
+def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | None:
+    """The manifest (or the router's last good copy of it) for a unit helper; None when
+    there is neither and the helper should exit without doing anything."""
+    from hoshikage_sd.manifest import Config, config_path, names, snapshot
+
+    try:
+        return names.effective(snapshot.load_or_last_good(path))
+    except HoshikageError as err:
+        if args.command in ("idle-watch", "cache-sync"):
+            # Exit cleanly: a failing oneshot would only add noise; the reason is the error.
+            log.log.error("%s: nothing done: %s", args.command, err.message)
+            return None
+        if args.command == "release":
+            # Clean up at the default places rather than leave a copy on the RAM disk.
+            log.log.error("release %s at the default places: %s", args.name, err.message)
+            return Config(source=path or config_path())
+        from hoshikage_sd.manifest import NAME_RE
+        from hoshikage_sd.runtime import Runtime
+
+        if NAME_RE.match(args.name):  # the router reads this as the reason of the failure
+            Runtime(snapshot.default_dir()).set_error(args.name, err.message)
+        raise
 
 
 def edit_names(config: Config, args: argparse.Namespace) -> int:

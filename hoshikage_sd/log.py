@@ -55,7 +55,7 @@ class JournalHandler(logging.Handler):
             fields.update(getattr(record, "journal", {}))
             if not journal.send(message, fields):
                 sys.stderr.write(message + "\n")
-        except Exception:
+        except Exception:  # logging.Handler's contract: a log line must never raise
             self.handleError(record)
 
 

@@ -1,7 +1,8 @@
 """Runtime state shared by the router, the activator, the idle watch and `status`.
 
 Small JSON files under /run/hoshikage, each replaced atomically (temp + rename), so a reader
-never sees half a write and a crashed writer leaves the previous state intact.
+never sees half a write and a crashed writer leaves the previous state intact. A record of the
+wrong shape (another version, a hand edit) is reported and read as no record: never a crash.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
+from hoshikage_sd import statefile
 from hoshikage_sd.files import write_atomic
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,43 @@ class Running:
     pid: int
     staged: str
     started: float
+
+
+@dataclass(frozen=True)
+class _Reason:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    estimate: int
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    key: list[Any]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class _Kept:
+    until: float
+
+
+@dataclass(frozen=True)
+class _Keep:
+    pass
+
+
+@dataclass(frozen=True)
+class _Ttl:
+    ttl: float  # seconds; below zero: until stopped
+
+
+@dataclass(frozen=True)
+class _Caching:
+    done: int
+    total: int
 
 
 def idle_seconds(now: float, ready_since: float, activity: Activity | None,
@@ -70,12 +111,19 @@ class Runtime:
     def _file(self, kind: str, name: str) -> Path:
         return self.dir / kind / f"{name}.json"
 
-    def _read(self, kind: str, name: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self._file(kind, name).read_text())
-        except (OSError, ValueError):
+    def _read(self, kind: str, name: str, cls: type[T]) -> T | None:
+        """The record, or None: not there, or of the wrong shape (reported)."""
+        path = self._file(kind, name)
+        data, problem = statefile.read_json(path)
+        if data is None and problem is None:
             return None
-        return data if isinstance(data, dict) else None
+        value, problem = (None, problem) if problem else statefile.record(cls, data)
+        if value is not None and (getattr(value, "pid", 1) <= 0 or
+                                  getattr(value, "in_flight", 0) < 0):
+            value, problem = None, "a pid or a count below zero"
+        if problem is not None:
+            statefile.report(path, f"{path}: {problem} (ignored)")
+        return value
 
     def _write(self, kind: str, name: str, data: dict[str, Any]) -> None:
         write_atomic(self._file(kind, name), json.dumps(data))
@@ -92,9 +140,8 @@ class Runtime:
 
     def kept_until(self, name: str) -> float | None:
         """A stopped model's staged copy kept in RAM: until when (wall clock), else None."""
-        data = self._read("kept", name)
-        value = data.get("until") if data else None
-        return float(value) if isinstance(value, int | float) else None
+        kept = self._read("kept", name, _Kept)
+        return kept.until if kept else None
 
     def set_kept(self, name: str, until: float) -> None:
         self._write("kept", name, {"until": until})
@@ -102,7 +149,7 @@ class Runtime:
     def keep_copy(self, name: str) -> bool:
         """Did whoever stopped the model ask to keep its staged copy (a stop to make room by
         count, not by memory)?"""
-        return self._read("keep", name) is not None
+        return self._read("keep", name, _Keep) is not None
 
     def set_keep_copy(self, name: str) -> None:
         self._write("keep", name, {})
@@ -116,11 +163,7 @@ class Runtime:
         return sorted(names)
 
     def activity(self, name: str) -> Activity | None:
-        data = self._read("activity", name)
-        try:
-            return Activity(**data) if data else None
-        except TypeError:
-            return None
+        return self._read("activity", name, Activity)
 
     def busy_path(self, name: str) -> Path:
         return self.dir / "busy" / f"{name}.lock"
@@ -160,11 +203,7 @@ class Runtime:
         self._write("activity", name, asdict(activity))
 
     def running(self, name: str) -> Running | None:
-        data = self._read("running", name)
-        try:
-            return Running(**data) if data else None
-        except TypeError:
-            return None
+        return self._read("running", name, Running)
 
     def serving(self, name: str) -> bool:
         """Is the model loaded: its llama-server's record is there and that process lives?
@@ -176,39 +215,32 @@ class Runtime:
         self._write("running", name, asdict(running))
 
     def error(self, name: str) -> str | None:
-        data = self._read("error", name)
-        return str(data.get("reason")) if data else None
+        record = self._read("error", name, _Reason)
+        return record.reason if record else None
 
     def set_error(self, name: str, reason: str) -> None:
         self._write("error", name, {"reason": reason})
 
     def admitted(self, name: str) -> int | None:
         """The estimate a starting model was admitted with (it holds or will hold that)."""
-        data = self._read("admitted", name)
-        value = data.get("estimate") if data else None
-        return value if isinstance(value, int) else None
+        record = self._read("admitted", name, _Admitted)
+        return record.estimate if record else None
 
     def set_admitted(self, name: str, estimate: int) -> None:
         self._write("admitted", name, {"estimate": estimate})
 
     def estimate(self, name: str) -> tuple[list[Any], int] | None:
         """A remembered memory estimate: (what it was computed from, bytes)."""
-        data = self._read("estimate", name)
-        if not data or not isinstance(data.get("key"), list) or \
-                not isinstance(data.get("bytes"), int):
-            return None
-        return data["key"], data["bytes"]
+        record = self._read("estimate", name, _Estimate)
+        return (record.key, record.bytes) if record else None
 
     def set_estimate(self, name: str, key: list[Any], value: int) -> None:
         self._write("estimate", name, {"key": key, "bytes": value})
 
     def caching(self, name: str) -> tuple[int, int] | None:
         """A copy to the SSD cache under way: (bytes done, bytes total)."""
-        data = self._read("caching", name)
-        try:
-            return (int(data["done"]), int(data["total"])) if data else None
-        except (KeyError, TypeError, ValueError):
-            return None
+        record = self._read("caching", name, _Caching)
+        return (record.done, record.total) if record else None
 
     def set_caching(self, name: str, done: int, total: int) -> None:
         self._write("caching", name, {"done": done, "total": total})
@@ -217,18 +249,17 @@ class Runtime:
         """The TTL a request set for this load (Ollama's keep_alive; the router writes it,
         the unit's release clears it): seconds, math.inf for "until stopped", None: the
         manifest's."""
-        data = self._read("ttl", name)
-        value = data.get("ttl") if data else None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        record = self._read("ttl", name, _Ttl)
+        if record is None:
             return None
-        return float("inf") if value < 0 else float(value)
+        return float("inf") if record.ttl < 0 else record.ttl
 
     def set_ttl(self, name: str, seconds: float) -> None:
         self._write("ttl", name, {"ttl": -1 if seconds == float("inf") else seconds})
 
     def stop_reason(self, name: str) -> str | None:
-        data = self._read("stop", name)
-        return str(data.get("reason")) if data else None
+        record = self._read("stop", name, _Reason)
+        return record.reason if record else None
 
     def set_stop_reason(self, name: str, reason: str) -> None:
         self._write("stop", name, {"reason": reason})

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, unavailable
+from testbed import REPO_ROOT
+from tests.support import unavailable
 
 # tools/ holds scripts, not a package: make tools/make_gguf.py importable as make_gguf
 if str(REPO_ROOT / "tools") not in sys.path:

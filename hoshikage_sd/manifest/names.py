@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hoshikage_sd.errors import HoshikageError, die
+from hoshikage_sd import statefile
+from hoshikage_sd.errors import die
 from hoshikage_sd.files import write_atomic
 from hoshikage_sd.manifest import NAME_RE, Config, Model
 
@@ -30,33 +31,57 @@ def path(config: Config) -> Path:
     return config.state_dir / "names.json"
 
 
-def load(config: Config) -> Names:
-    """The CLI's names; HoshikageError (file, line where JSON says, what is wrong) for a
-    file that is not JSON or not of this shape."""
-    where = path(config)
-    try:
-        data = json.loads(where.read_text())
-    except FileNotFoundError:
-        return Names()
-    except json.JSONDecodeError as exc:
-        die(f"{where}:{exc.lineno}: not valid JSON: {exc.msg}", hint="fix or remove the file")
-    except (OSError, ValueError) as exc:
-        die(f"cannot read {where}: {exc}", hint="fix or remove the file")
+def _mapping(data: dict[str, object], key: str, problems: list[str]) -> dict[str, str]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(f"'{key}' is {statefile.kind_of(value)}, not an object")
+        return {}
+    out = {}
+    for name, target in value.items():
+        if isinstance(target, str):
+            out[name] = target
+        else:
+            problems.append(f"'{key}': '{name}' is {statefile.kind_of(target)}, "
+                            "not a model name")
+    return out
+
+
+def parse(data: object) -> tuple[Names, list[str]]:
+    """The decoded file: what is usable of it, and what is wrong with the rest."""
     if not isinstance(data, dict):
-        die(f"{where}: must be a JSON object, not {type(data).__name__}",
-            hint="fix or remove the file")
-    mappings = {}
-    for key in ("aliases", "tags"):
-        value = data.get(key, {})
-        if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            die(f"{where}: '{key}' must be an object of names to model names",
-                hint="fix or remove the file")
-        mappings[key] = dict(value)
+        return Names(), [f"expected an object, found {statefile.kind_of(data)}"]
+    problems: list[str] = []
+    aliases = _mapping(data, "aliases", problems)
+    tags = _mapping(data, "tags", problems)
     removed = data.get("removed", [])
-    if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
-        die(f"{where}: 'removed' must be a list of names", hint="fix or remove the file")
-    return Names(aliases=mappings["aliases"], removed=list(removed), tags=mappings["tags"])
+    if not isinstance(removed, list):
+        problems.append(f"'removed' is {statefile.kind_of(removed)}, not a list")
+        removed = []
+    elif not all(isinstance(r, str) for r in removed):
+        problems.append("'removed' holds something other than names")
+        removed = [r for r in removed if isinstance(r, str)]
+    return Names(aliases=aliases, removed=removed, tags=tags), problems
+
+
+def read(config: Config) -> tuple[Names, list[str]]:
+    """The names file, validated: what is usable of it, and each problem as a sentence
+    that names the file. A reader never fails on it."""
+    data, problem = statefile.read_json(path(config))
+    if problem is not None:
+        return Names(), [f"cannot read {path(config)}: {problem}"]
+    if data is None:
+        return Names(), []
+    names, problems = parse(data)
+    return names, [f"{path(config)}: {p}; ignored" for p in problems]
+
+
+def load(config: Config) -> Names:
+    """For a change to the file: one with problems is not written over (it would lose what
+    it holds); the operator fixes or removes it first."""
+    names, problems = read(config)
+    if problems:
+        die("; ".join(problems), hint=f"fix or remove {path(config)}")
+    return names
 
 
 def save(config: Config, names: Names) -> None:
@@ -97,11 +122,14 @@ def apply(config: Config, names: Names) -> Config:
 
 
 def effective(config: Config) -> Config:
-    """What every command and the router use: the manifest, with the CLI's names over it."""
-    try:
-        return apply(config, load(config))
-    except HoshikageError as err:
-        return dataclasses.replace(config, warnings=(*config.warnings, err.message))
+    """What every command and the router use: the manifest, with the CLI's names over it.
+    A names file of the wrong shape is reported (once per version) and what is usable of it
+    applies: it never takes a reader down."""
+    names, problems = read(config)
+    for problem in problems:
+        statefile.report(path(config), problem)
+    applied = apply(config, names)
+    return dataclasses.replace(applied, warnings=(*applied.warnings, *problems))
 
 
 def _model(config: Config, name: str) -> Model:

@@ -6,6 +6,7 @@ Every error names the file, the line and what is wrong; a missing model file is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -181,8 +182,9 @@ def scan_sources(sources: tuple[Path, ...]) -> dict[str, Path]:
             continue
         for path in entries:
             name = model_name_for(path)
-            if name and name not in found and path.is_file():
-                found[name] = path
+            with contextlib.suppress(OSError):  # one this user may not look at: not a model
+                if name and name not in found and path.is_file():
+                    found[name] = path
     return found
 
 
@@ -253,9 +255,13 @@ class _Parser(NodeReader):
         items = self.mapping(node, what, (*MODEL_SPECIAL, *MODEL_FIELDS))
         if "path" in items:
             path = self.abspath(items["path"][1], f"{what}: path")
-            if not path.is_file():
+            try:
+                problem = None if path.is_file() else "does not exist (yet)"
+            except OSError as exc:  # a directory this user may not search: say so, go on
+                problem = f"cannot be looked at: {exc.strerror}"
+            if problem:
                 self.warnings.append(f"{self.path}:{items['path'][1].start_mark.line + 1}: "
-                                     f"{what}: {path} does not exist (yet)")
+                                     f"{what}: {path} {problem}")
         elif name in found:
             path = found[name]
         else:

@@ -866,10 +866,15 @@ class ClientConnection(asyncio.Protocol):
                 forward.upstream.release(conn, ok)
             if ok:
                 return exchange.keep_alive
-            if reused and not exchange.got_bytes and not self.lost:
-                # llama-server closed an idle connection as we sent on it: it read nothing
-                fresh = True
-                continue
+            if not exchange.got_bytes and not self.lost:
+                if reused:
+                    # llama-server closed an idle connection as we sent on it: it read nothing
+                    fresh = True
+                    continue
+                # reset or closed before a byte of answer (it died, or is stopping, with the
+                # request in its queue): the caller's to handle, as a refused connection is
+                raise ConnectionResetError(f"upstream closed before answering: "
+                                           f"{exchange.error}")
             if not exchange.head_sent and not self.lost:
                 response = self.proxy.error(request, 502, f"upstream failed: {exchange.error}",
                                             "model_unavailable")

@@ -28,11 +28,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from hoshikage_sd import cache, log, manifest, metrics, proc, protocol
+from hoshikage_sd import cache, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.policy import residents
@@ -41,6 +40,7 @@ from hoshikage_sd.resolve import resolve
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router import ollama, proxy, routes
 from hoshikage_sd.router.announcements import Announcements
+from hoshikage_sd.router.config import load_config
 from hoshikage_sd.router.first_request import FirstRequest, model_name_of
 from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
 from hoshikage_sd.router.routes import Route
@@ -71,14 +71,6 @@ class StartFailed(Exception):
     def __init__(self, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
-
-
-def load_config(source: Path) -> Config:
-    """The manifest with the CLI's names over it; HoshikageError (file:line, what is wrong)
-    if either cannot be used. Unlike names.effective, a broken names.json is an error: the
-    router keeps its last good state rather than serve without the names."""
-    config = manifest.load(source)
-    return names.apply(config, names.load(config))
 
 
 class Router:

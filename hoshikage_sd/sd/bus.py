@@ -126,6 +126,11 @@ def start_unit(unit: str, mode: str = "replace") -> str:
     return str(call("StartUnit", "ss", (unit, mode))[0])
 
 
+def reset_failed_unit(unit: str) -> None:
+    """Clear a unit's failed state and its start limit (`systemctl reset-failed UNIT`)."""
+    call("ResetFailedUnit", "s", (unit,))
+
+
 def _states(rows: list[tuple[Any, ...]]) -> list[UnitState]:
     # a(ssssssouso): name, description, load, active, sub, following, path, job id, ...
     return [UnitState(r[0], r[2], r[3], r[4], int(r[7])) for r in rows]

@@ -5,10 +5,20 @@ D-Bus (bus.py) first: no systemctl fork on a cold start; systemctl where the bus
 
 from __future__ import annotations
 
+import logging
+import time
+
 from hoshikage_sd import proc
 from hoshikage_sd.errors import die
 
 MODEL_UNIT_PREFIX = "hoshikage-model@"
+#: how long a unit that is up while its model does not serve may take to go down before a
+#: start is queued anyway (its release takes about 0.15 s; a hung llama-server that stays
+#: up costs a start this much, the router's head start included), and how often to look
+SETTLE_LIMIT = 3.0
+SETTLE_POLL = 0.02
+
+logger = logging.getLogger("hoshikage")
 
 
 def escape(text: str) -> str:
@@ -65,10 +75,22 @@ def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
 
 
 def start_unit(unit: str) -> None:
-    """Queue a start job and return without waiting for it (`systemctl start --no-block`)."""
+    """Queue a start job for a model that does not serve now, and return without waiting for
+    the job (`systemctl start --no-block`).
+
+    A unit still up then is going down: its llama-server died (a crash, kill -9, the OOM
+    killer) and the activator or the release after it has not finished. A start queued now
+    would be a no-op on the dying unit, whose failure the caller would then read as the new
+    start's. So a unit that is up gets SETTLE_LIMIT to go down first; a failed one is reset
+    (its failed state and its start limit: a start on demand is always a fresh try)."""
     from hoshikage_sd.sd import bus
 
     try:
+        if _settle(unit) == "failed":
+            try:
+                bus.reset_failed_unit(unit)
+            except bus.BusError as exc:  # a failed unit still starts, below its start limit
+                logger.warning("cannot reset the failed state of %s: %s", unit, exc.message)
         bus.start_unit(unit)
     except bus.BusUnavailable:
         systemctl("start", "--no-block", "--no-ask-password", unit)
@@ -86,6 +108,19 @@ def stop_unit(unit: str) -> None:
         systemctl("stop", "--no-block", "--no-ask-password", unit)
     except bus.BusError as exc:
         die(f"cannot stop {unit}: {exc.message}")
+
+
+def _settle(unit: str) -> str:
+    """The unit's ActiveState once it is not up (or SETTLE_LIMIT passed): see start_unit."""
+    from hoshikage_sd.sd import bus
+
+    deadline = time.monotonic() + SETTLE_LIMIT
+    while True:
+        state = bus.units([unit])[0]
+        if state.active not in ("active", "reloading", "deactivating") or \
+                time.monotonic() > deadline:
+            return state.active
+        time.sleep(SETTLE_POLL)
 
 
 def unit_state(unit: str) -> tuple[str, bool]:

@@ -32,6 +32,8 @@ def socket_activated_router(setup: Setup, port: int) -> subprocess.Popen[bytes]:
         pytest.fail("systemd-socket-activate is missing (Debian package systemd)")
     return subprocess.Popen([tool, "-l", f"127.0.0.1:{port}",
                              "-E", f"HOSHIKAGE_CONFIG={setup.config}",
+                             # its last good manifest goes here, as under systemd
+                             "-E", f"RUNTIME_DIRECTORY={setup.runtime}",
                              *setup.hoshikage("router")], stderr=subprocess.PIPE)
 
 

@@ -7,19 +7,17 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from testbed.container import Container, ContainerError, unavailable_reason
+from testbed import REPO_ROOT
+from testbed.container import Container, unavailable_reason
+from tests.containers import Binds, made_for, post_mortem, unique_name
 from tests.package import rootfs
-from tests.support import REPO_ROOT, unavailable
-from tests.system.conftest import unique_name
-
-_CONTAINERS = pytest.StashKey[list[Container]]()
-Binds = Sequence[tuple[str, str, bool]]
+from tests.support import unavailable
 
 
 def build_deb(out: Path, revision: str | None = None) -> Path:
@@ -59,24 +57,11 @@ def bookworm() -> Path:
 def boot(request: pytest.FixtureRequest, bookworm: Path) -> Iterator[Callable[..., Container]]:
     """``boot(binds)``: the bookworm root booted under its own systemd (a tmpfs overlay keeps
     the cache pristine); stopped at teardown, its journal in the report of a failure."""
-    made: list[Container] = []
-    request.node.stash[_CONTAINERS] = made
+    with made_for(request) as boot:
+        def make(binds: Binds = ()) -> Container:
+            return boot(unique_name(request.node.name), binds, 120, rootfs=str(bookworm))
 
-    def make(binds: Binds = ()) -> Container:
-        c = Container(unique_name(request.node.name), binds, rootfs=bookworm)
-        made.append(c)
-        c.start(120)
-        return c
-
-    yield make
-    errors: list[BaseException] = []
-    for c in reversed(made):
-        try:
-            c.stop()
-        except (ContainerError, OSError) as e:
-            errors.append(e)
-    if errors:
-        raise errors[0]
+        yield make
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -84,16 +69,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
     outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if not report.failed or report.when not in ("setup", "call"):
-        return
-    for c in item.stash.get(_CONTAINERS, []):
-        report.sections.append((f"container {c.name}: console", c.console_tail(100)))
-        if c.running:
-            with contextlib.suppress(Exception):  # a post-mortem must never hide the failure
-                report.sections.append((f"container {c.name}: journal", c.exec(
-                    "journalctl", "-b", "--no-pager", "-n", "300", "-o", "short-precise",
-                    check=False, timeout=20).stdout))
+    post_mortem(item, outcome.get_result(), lines=300)
 
 
 def pids_in(c: Container) -> list[int]:

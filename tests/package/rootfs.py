@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import REPO_ROOT
+from testbed import REPO_ROOT
 
 SUITE = "bookworm"
 CACHE = Path(os.environ.get("HOSHIKAGE_TEST_CACHE", "/var/cache/hoshikage-test"))

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import re
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
 
-from testbed.container import Container, ContainerError, unavailable_reason
+from testbed.container import Container, unavailable_reason
+from tests.containers import Binds, made_for, post_mortem, unique_name
 from tests.support import unavailable
 
-_CONTAINERS = pytest.StashKey[list[Container]]()
-_serial = itertools.count(1)
-
-Binds = Sequence[tuple[str, str, bool]]
 ContainerFactory = Callable[..., Container]
-
-
-def unique_name(hint: str = "t") -> str:
-    """A machine name (valid hostname) unique in this host: hint, pid, serial number."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-")[:24] or "t"
-    return f"hk-{slug}-{os.getpid()}-{next(_serial)}"
 
 
 @pytest.fixture
@@ -41,26 +29,12 @@ def container_factory(request: pytest.FixtureRequest) -> Iterator[ContainerFacto
     reason = unavailable_reason()
     if reason:
         unavailable(reason)
-    made: list[Container] = []
-    request.node.stash[_CONTAINERS] = made
+    with made_for(request) as boot:
+        def make(hint: str = "", binds: Binds = (), timeout: float = 60,
+                 rootfs: str | None = None) -> Container:
+            return boot(unique_name(hint or request.node.name), binds, timeout, rootfs)
 
-    def make(
-        hint: str = "", binds: Binds = (), timeout: float = 60, rootfs: str | None = None
-    ) -> Container:
-        c = Container(unique_name(hint or request.node.name), binds, rootfs=rootfs)
-        made.append(c)
-        c.start(timeout)
-        return c
-
-    yield make
-    errors: list[BaseException] = []
-    for c in reversed(made):
-        try:
-            c.stop()
-        except (ContainerError, OSError) as e:
-            errors.append(e)
-    if errors:
-        raise errors[0]
+        yield make
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -68,17 +42,4 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
     outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if not report.failed or report.when not in ("setup", "call"):
-        return
-    for c in item.stash.get(_CONTAINERS, []):
-        report.sections.append((f"container {c.name}: console", c.console_tail(200)))
-        if c.running:
-            try:
-                journal = c.exec(
-                    "journalctl", "-b", "--no-pager", "-n", "200", "-o", "short-precise",
-                    check=False, timeout=20,
-                ).stdout  # fmt: skip
-            except Exception as e:  # a post-mortem must never hide the real failure
-                journal = f"(journalctl failed: {e})"
-            report.sections.append((f"container {c.name}: journal", journal))
+    post_mortem(item, outcome.get_result())

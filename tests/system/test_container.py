@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed import REPO_ROOT
 from testbed.container import Container, ExecError, unavailable_reason
-from tests.support import REPO_ROOT, unavailable
+from tests.support import unavailable
 from tests.system.conftest import ContainerFactory, unique_name
 
 pytestmark = pytest.mark.system

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed import REPO_ROOT
 from testbed.deploy import Deployment, free_port
-from tests.support import REPO_ROOT
 from tests.system.conftest import ContainerFactory
 
 pytestmark = pytest.mark.system

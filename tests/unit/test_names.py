@@ -84,19 +84,4 @@ def test_corrupt_names_file_is_a_warning_not_a_crash(config: Config) -> None:
     names.path(config).write_text("{not json")
     effective = names.effective(config)
     assert effective.models.keys() == config.models.keys()
-    assert any("names.json:1: not valid JSON" in w for w in effective.warnings)
-
-
-@pytest.mark.parametrize(("text", "what"), [
-    ("[]", "must be a JSON object, not list"),
-    ('{"aliases": "abc"}', "'aliases' must be an object"),
-    ('{"tags": {"t": 3}}', "'tags' must be an object"),
-    ('{"removed": "x"}', "'removed' must be a list"),
-])
-def test_names_file_of_the_wrong_shape_is_reported_not_a_crash(config: Config, text: str,
-                                                                what: str) -> None:
-    names.path(config).parent.mkdir(parents=True)
-    names.path(config).write_text(text)
-    with pytest.raises(HoshikageError, match=what):
-        names.load(config)
-    assert any(what in w for w in names.effective(config).warnings)
+    assert any("cannot read" in w for w in effective.warnings)

@@ -38,6 +38,16 @@ models:
 """
 
 
+@pytest.fixture(autouse=True)
+def units_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router keeps its last good manifest in $RUNTIME_DIRECTORY: the test's, not /run."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(config_dir(tmp_path)))
+
+
+def config_dir(tmp: Path) -> Path:
+    return tmp / "units-runtime"
+
+
 def write(tmp: Path, extra: str = "") -> Path:
     path = tmp / "models.yaml"
     path.write_text(MANIFEST.format(tmp=tmp, extra=extra))
@@ -223,13 +233,19 @@ def test_reload_datagram_rereads_now_and_a_broken_edit_keeps_the_last_good(
             assert router.config.models["tiny"].aliases == ("wee",)
             names = tmp_path / "state" / "names.json"
             names.parent.mkdir(parents=True, exist_ok=True)
-            names.write_text('{"aliases": "abc"}')
+            names.write_text('{"aliases": "abc", "tags": {"fast": "tiny"}}')
+            router.reload_now()  # a bad names file: reported, what is usable of it applies
+            assert router.config.models["tiny"].tags == ("fast",) and router.broken is None
+            good = path.read_text()
+            path.write_text(good.replace("ttl: 1h", "ttl: soon"))
             with caplog.at_level(logging.ERROR, "hoshikage.router"):
                 router.reload_now()
             assert router.config.models["tiny"].aliases == ("wee",)  # the last good one
             assert router.broken is None
-            assert any("names.json: 'aliases' must be an object" in r.getMessage()
+            assert any("models.yaml:11" in r.getMessage() and "soon" in r.getMessage()
                        for r in caplog.records if r.levelno == logging.ERROR)
+            snapshot = config_dir(tmp_path) / "manifest.yaml"
+            assert snapshot.exists() and "wee" in snapshot.read_text()  # for the units
         finally:
             router.announcements.close()
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, unavailable
+from testbed import REPO_ROOT
+from tests.support import unavailable
 from tests.unit.test_unit_files import sections
 
 #: the bounds of issue 12: nothing that parses requests or model files runs exposed

@@ -16,7 +16,7 @@ from hoshikage_sd import cli
 from hoshikage_sd.commands import simulate
 from hoshikage_sd.commands.simulate import ScenarioError
 from hoshikage_sd.errors import HoshikageError
-from tests.support import REPO_ROOT
+from testbed import REPO_ROOT
 
 BUILTINS = simulate.builtin_names()
 ESC = "\033["

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, unavailable
+from testbed import REPO_ROOT
+from tests.support import unavailable
 
 UNITS = sorted((REPO_ROOT / "units").iterdir())
 

@@ -6,7 +6,7 @@ import re
 import tomllib
 
 from hoshikage_sd import __version__
-from tests.support import REPO_ROOT
+from testbed import REPO_ROOT
 
 CHANGELOG = REPO_ROOT / "packaging/debian/changelog"
 
