@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import traceback
 
 log = logging.getLogger("hoshikage")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -29,34 +27,22 @@ MESSAGE_IDS = {
     "cache-expire": "5c1a3e0f8b9d4a62a1f0e7d3b6c48a0b",
 }
 
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-             logging.CRITICAL: 2}
-
-
 class JournalHandler(logging.Handler):
+    """python-systemd's JournalHandler, made when the first record comes: systemd.journal
+    costs ~10 ms of imports, which the router must not spend before its head start for the
+    request that woke it (router/first_request.py)."""
+
     def __init__(self, identifier: str) -> None:
         super().__init__()
         self.identifier = identifier
+        self.inner: logging.Handler | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        from hoshikage_sd.sd import journal  # see sd/journal.py: not before it is needed
+        if self.inner is None:
+            from systemd.journal import JournalHandler as Journal
 
-        try:
-            message = record.getMessage()
-            if record.exc_info:
-                message += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            fields: dict[str, object] = {
-                "PRIORITY": _PRIORITY.get(record.levelno, 6),
-                "SYSLOG_IDENTIFIER": self.identifier,
-                "CODE_FILE": record.pathname,
-                "CODE_LINE": record.lineno,
-                "CODE_FUNC": record.funcName,
-            }
-            fields.update(getattr(record, "journal", {}))
-            if not journal.send(message, fields):
-                sys.stderr.write(message + "\n")
-        except Exception:  # logging.Handler's contract: a log line must never raise
-            self.handleError(record)
+            self.inner = Journal(SYSLOG_IDENTIFIER=self.identifier)
+        self.inner.handle(record)
 
 
 def under_journal() -> bool:
@@ -86,5 +72,7 @@ def event(kind: str, model: str, message: str, level: int = logging.INFO,
         "HOSHIKAGE_EVENT": kind,
         "HOSHIKAGE_MODEL": model,
     }
-    journal.update({f"HOSHIKAGE_{k.upper()}": v for k, v in fields.items()})
-    log.log(level, message, extra={"journal": journal})
+    journal.update({f"HOSHIKAGE_{k.upper()}": str(v) for k, v in fields.items()
+                    if v is not None})
+    # UPPERCASE attributes of the record are the journal's fields (JournalHandler sends them)
+    log.log(level, message, extra=journal)

@@ -1,2 +1,3 @@
-"""Speaking to systemd: units.py (hoshikage's units, through bus.py: PID 1 over D-Bus),
-daemon.py (sd_notify and socket activation) and journal.py (structured records)."""
+"""Speaking to systemd: units.py (hoshikage's units, through bus.py: PID 1 over D-Bus) and
+daemon.py (sd_notify and socket activation). Journal records go through python-systemd's
+JournalHandler (log.py)."""
