@@ -261,7 +261,7 @@ def test_the_file_round_trips(tmp_path: Path) -> None:
 
 def test_label_sets_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(metrics, "MAX_SERIES", 3)
+    monkeypatch.setattr(metrics.tally, "MAX_SERIES", 3)
     t = Tally()
     for i in range(5):
         t.count("hoshikage_requests_total", model=f"m{i}", route="other", status=404)
