@@ -58,6 +58,8 @@ class FirstRequest:
         self.decided = False
         #: what the early step has to say, for the log once there is one
         self.notes: list[str] = []
+        #: when the early step began (CLOCK_MONOTONIC seconds; bench/router_start.py)
+        self.began: float | None = None
 
 
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
@@ -183,6 +185,7 @@ def take_early() -> FirstRequest:
     Built-in modules, name_index and sd/bus (jeepney) only: no manifest, no logging yet."""
     began = time.monotonic()
     first = FirstRequest([socket.socket(fileno=fd) for fd in listen_fds()])
+    first.began = began
     try:
         if not first.sockets:
             return first
@@ -258,7 +261,8 @@ def take(config: Config | None, first: FirstRequest | None = None) -> FirstReque
         if first.sockets:
             accept(first)
     for note in first.notes:
-        logger.info("%s", note)
+        fields = {"HOSHIKAGE_HEAD_START_USEC": int(first.began * 1e6)} if first.began else {}
+        logger.info("%s", note, extra={"journal": fields})
     if first.decided or first.request is None or config is None:
         return first
     try:
