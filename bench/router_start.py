@@ -10,6 +10,9 @@ send one chat completion over loopback and read systemd's own CLOCK_MONOTONIC ti
   router spawned -> unit starting  hoshikage-model@tiny.service's InactiveExitTimestamp
                                    (first_request's head start: before the router's imports)
   request -> unit starting         the sum: the issue's "from zero processes" figure
+  router spawned -> head start begins
+                                   the interpreter and the imports before
+                                   first_request.take_early (its journal entry)
   router spawned -> its READY=1    the router's imports and set-up
   request -> response              the whole cold request (tiny model: mostly not the load)
 
@@ -55,6 +58,17 @@ def zero(hk: Deployment) -> None:
     hk.container.systemctl("reset-failed", check=False)
 
 
+def head_start(hk: Deployment, since: float) -> float | None:
+    """When this router's early head start began (first_request.take_early, logged with
+    HOSHIKAGE_HEAD_START_USEC), and how it went, printed; None without one."""
+    for entry in reversed(hk.container.journal("-u", ROUTER, "-n", "30")):
+        usec = entry.get("HOSHIKAGE_HEAD_START_USEC")
+        if usec and int(usec) / 1e6 >= since:
+            print(f"  {entry.get('MESSAGE')}")
+            return int(usec) / 1e6
+    return None
+
+
 def one(hk: Deployment) -> dict[str, float]:
     zero(hk)
     time.sleep(0.5)  # let the stop's aftermath (journal, release) settle
@@ -70,9 +84,11 @@ def one(hk: Deployment) -> dict[str, float]:
     r_begin = mono(hk, ROUTER, "InactiveExitTimestampMonotonic")
     r_ready = mono(hk, ROUTER, "ActiveEnterTimestampMonotonic")
     u_begin = mono(hk, UNIT, "InactiveExitTimestampMonotonic")
+    early = head_start(hk, r_begin)
     return {"request -> router spawned": r_begin - start,
             "router spawned -> unit starting": u_begin - r_begin,
             "request -> unit starting": u_begin - start,
+            **({"router spawned -> head start begins": early - r_begin} if early else {}),
             "router spawned -> its READY=1": r_ready - r_begin,
             "request -> response": end - start}
 
@@ -119,10 +135,11 @@ def main() -> None:
                            capture_output=True, text=True).stdout.strip()
     print(f"\n{args.runs} runs at {commit}{' (+ uncommitted changes)' if dirty else ''}; "
           "median [min-max] ms")
-    for key in runs[0]:
-        values = [r[key] * 1e3 for r in runs]
-        print(f"  {key:34} {statistics.median(values):7.1f}  "
-              f"[{min(values):.1f}-{max(values):.1f}]")
+    for key in dict.fromkeys(k for r in runs for k in r):
+        values = [r[key] * 1e3 for r in runs if key in r]
+        print(f"  {key:38} {statistics.median(values):7.1f}  "
+              f"[{min(values):.1f}-{max(values):.1f}]"
+              + (f"  ({len(values)} of {len(runs)} runs)" if len(values) < len(runs) else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"commit": commit, "runs": runs}, indent=1))
     shutil.rmtree(Path(tmp), ignore_errors=True)

@@ -5,42 +5,61 @@ only then would the model's unit start. So `hoshikage router` first accepts the 
 connection itself, peeks at its bytes (MSG_PEEK: they stay in the socket for the real HTTP
 server), and when it names a model that is not serving, starts that model's unit at once.
 The unit stages and loads while the router imports; the connection is then handed to the
-router's HTTP front (proxy.adopt) like any other. Anything unexpected (no connection
-pending, a slow or odd client, an unknown model, a manifest that cannot be read) just skips
-the head start: the router handles the request as always.
+router's HTTP front (proxy.adopt) like any other.
+
+Two steps. take_early() runs first thing in `hoshikage router`, before argparse, logging,
+PyYAML or the manifest code are imported: it resolves the name with the index the last
+router left (name_index) and starts the unit over D-Bus. What it cannot decide (no index, a
+changed manifest, an ambiguous name) take() decides once the manifest is parsed, with
+resolve() as always. Anything unexpected (no connection pending, a slow or odd client, an
+unknown model, a manifest that cannot be read) just skips the head start: the router handles
+the request as always.
+
+Imports at the top: built-in and small modules only (the head start's budget); the rest in
+take(), after the early step.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import os
 import select
 import socket
 import time
-from dataclasses import dataclass, field
 
 from hoshikage_sd import protocol
-from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.manifest import Config
-from hoshikage_sd.resolve import resolve
-from hoshikage_sd.router import routes
-from hoshikage_sd.sd import daemon, units
+from hoshikage_sd.router import name_index, routes
 
-logger = logging.getLogger("hoshikage.router")
+TYPE_CHECKING = False  # typing, dataclasses and logging would each cost the head start ms
+if TYPE_CHECKING:
+    from hoshikage_sd.manifest import Config
+
 
 #: how long to wait for the whole request (head and body) to arrive
 PEEK_WAIT = 0.05
 MAX_PEEK = 1 << 20
 
 
-@dataclass
+Request = tuple[str, str, dict[str, str], bytes]  # method, path, query, body
+
+
 class FirstRequest:
     """The router's listening sockets, the connection taken early (if any), and the model
     whose unit was started for it (if any)."""
 
-    sockets: list[socket.socket] = field(default_factory=list)
-    connection: socket.socket | None = None
-    started: str | None = None
+    def __init__(self, sockets: list[socket.socket] | None = None,
+                 connection: socket.socket | None = None, started: str | None = None) -> None:
+        self.sockets = sockets if sockets is not None else []
+        self.connection = connection
+        self.started = started
+        #: the pending request, peeked at (None: none, or none this parser takes)
+        self.request: Request | None = None
+        #: the early step decided (a start, or the model serves already): take() is done
+        self.decided = False
+        #: what the early step has to say, for the log once there is one
+        self.notes: list[str] = []
+        #: when the early step began (CLOCK_MONOTONIC seconds; bench/router_start.py)
+        self.began: float | None = None
 
 
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
@@ -73,7 +92,7 @@ def ollama_model(path: str, body: bytes) -> str | None:
     return str(data["model"])
 
 
-def parse(data: bytes) -> tuple[str, str, dict[str, str], bytes] | None:
+def parse(data: bytes) -> Request | None:
     """(method, path, query, body) of a complete HTTP/1.x request in `data`, or None while
     it is incomplete or for anything this small parser does not take (chunked bodies)."""
     head, sep, rest = data.partition(b"\r\n\r\n")
@@ -104,8 +123,7 @@ def parse(data: bytes) -> tuple[str, str, dict[str, str], bytes] | None:
     return parts[0], path, query, rest[:length]
 
 
-def peek(connection: socket.socket, wait: float = PEEK_WAIT) -> tuple[str, str, dict[str, str],
-                                                                      bytes] | None:
+def peek(connection: socket.socket, wait: float = PEEK_WAIT) -> Request | None:
     """The whole request waiting on `connection`, left unread, or None by `wait` seconds."""
     deadline = time.monotonic() + wait
     while True:
@@ -121,32 +139,139 @@ def peek(connection: socket.socket, wait: float = PEEK_WAIT) -> tuple[str, str, 
         time.sleep(0.001)  # the rest is on its way (select says "readable" while a byte waits)
 
 
-def take(config: Config | None) -> FirstRequest:
-    """The sockets systemd passed, and a head start for the model the pending request names
-    (none without a usable manifest)."""
-    first = FirstRequest([socket.socket(fileno=fd) for fd in daemon.listen_fds()])
-    if not first.sockets or config is None:
-        return first
+def listen_fds() -> list[int]:
+    """The sockets systemd passed (sd_listen_fds(3)), with LISTEN_* removed from the
+    environment and not inherited by children: sd/daemon.listen_fds without python-systemd,
+    whose import the head start cannot afford."""
+    try:
+        mine = int(os.environ.get("LISTEN_PID", "")) == os.getpid()
+        count = int(os.environ.get("LISTEN_FDS", "")) if mine else 0
+    except ValueError:
+        count = 0
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    fds = list(range(3, 3 + max(count, 0)))  # SD_LISTEN_FDS_START
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds
+
+
+def accept(first: FirstRequest) -> None:
+    """Take the pending connection (if any) and peek at its request."""
     listener = first.sockets[0]
     try:
         listener.setblocking(False)
         first.connection, _ = listener.accept()
     except OSError:  # nothing pending (or not a stream socket): no head start
-        return first
+        return
     finally:
         listener.setblocking(True)
+    first.request = peek(first.connection)
+
+
+def wanted(request: Request) -> list[str | None] | None:
+    """The names to resolve for a request, in order (None: the default model), or None when
+    the request starts no model (not a model route, or an Ollama unload)."""
+    method, path, query, body = request
+    if forwarded(method, path, query):
+        return [model_name_of(body, query)]
+    name = ollama_model(path, body) if method == "POST" else None
+    return None if name is None else [name, name.removesuffix(":latest")]
+
+
+def take_early() -> FirstRequest:
+    """The first thing `hoshikage router` does: the sockets, the pending request, and its
+    model's unit started when the last router's index (name_index) says which model that is.
+    Built-in modules, name_index and sd/bus (jeepney) only: no manifest, no logging yet."""
+    began = time.monotonic()
+    first = FirstRequest([socket.socket(fileno=fd) for fd in listen_fds()])
+    first.began = began
     try:
-        request = peek(first.connection)
-        if request is None:
+        if not first.sockets:
             return first
-        method, path, query, body = request
-        if forwarded(method, path, query):
-            model = resolve(config, model_name_of(body, query))
-        else:
-            name = ollama_model(path, body) if method == "POST" else None
-            if name is None:
+        accept(first)
+        if first.request is None:
+            return first
+        names = wanted(first.request)
+        if names is None:
+            first.decided = True  # take() would start nothing either
+            return first
+        index = name_index.read()
+        if index is None:
+            first.notes.append("no current name index: resolving after the imports")
+            return first
+        model = None
+        for name in names:
+            try:
+                model = name_index.lookup(index, name)
+            except name_index.Ambiguous:  # the ranks' to decide: take(), with resolve()
                 return first
-            model = resolve(config, name) or resolve(config, name.removesuffix(":latest"))
+            if model is not None:
+                break
+        if model is None:  # no such model: take() answers it as always
+            return first
+        peeked = time.monotonic()
+        if protocol.probe(model["socket"], model["health"], timeout=0.5) == 200:
+            first.decided = True
+            return first
+        probed = time.monotonic()
+        if start_early(model["unit"]):
+            first.started = model["name"]
+            first.decided = True
+            first.notes.append(
+                f"started {model['name']} for the request that woke the router, from the "
+                f"name index ({(peeked - began) * 1e3:.1f} ms to read the request and the "
+                f"index, {(probed - peeked) * 1e3:.1f} ms to probe, "
+                f"{(time.monotonic() - probed) * 1e3:.1f} ms to start the unit)")
+    except Exception as exc:  # a head start must never keep the router from serving
+        first.notes.append(f"no early head start: {exc!r}")
+    return first
+
+
+def start_early(unit: str) -> bool:
+    """units.start_unit's common case (the unit is down, or failed): start it. A unit that
+    is up, or any error, is take()'s to handle with units.start_unit (it waits for a
+    dying unit to go down, and falls back to systemctl)."""
+    from hoshikage_sd.sd import bus
+
+    try:
+        state = bus.units([unit])[0]
+        if state.active in ("active", "reloading", "deactivating"):
+            return False
+        if state.active == "failed":
+            bus.reset_failed_unit(unit)
+        bus.start_unit(unit)
+    except (OSError, bus.BusError):
+        return False
+    return True
+
+
+def take(config: Config | None, first: FirstRequest | None = None) -> FirstRequest:
+    """The sockets systemd passed, and a head start for the model the pending request names
+    (none without a usable manifest). `first`: what take_early() did already."""
+    import logging
+
+    from hoshikage_sd.errors import HoshikageError
+    from hoshikage_sd.resolve import resolve
+    from hoshikage_sd.sd import units
+
+    logger = logging.getLogger("hoshikage.router")
+    if first is None:
+        first = FirstRequest([socket.socket(fileno=fd) for fd in listen_fds()])
+        if first.sockets:
+            accept(first)
+    for note in first.notes:
+        fields = {"HOSHIKAGE_HEAD_START_USEC": int(first.began * 1e6)} if first.began else {}
+        logger.info("%s", note, extra={"journal": fields})
+    if first.decided or first.request is None or config is None:
+        return first
+    try:
+        names = wanted(first.request)
+        model = None
+        for name in names or ():
+            model = resolve(config, name)
+            if model is not None:
+                break
         if model is None:
             return first
         if protocol.probe(str(config.socket_path(model.name)), model.health, timeout=0.5) == 200:

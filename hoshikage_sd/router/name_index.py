@@ -1,0 +1,155 @@
+"""The router's compact index of the manifest's names, for the head start of the next router.
+
+From zero processes, what the request waits for before its model's unit starts is the
+router's start: the interpreter, then the CLI, then the manifest (PyYAML and the model
+checks) and only then the name resolution. So each router that loads a good manifest also
+writes what resolving a name takes (names, aliases, tags, the default model, strict_names,
+each model's socket, health route and unit) into the runtime directory, with the identity
+(stat) of the manifest and names.json it was made from. The next router's head start
+(first_request.take_early) reads it with built-in modules only, checks those identities,
+and starts the unit before it imports argparse, PyYAML or the manifest code.
+
+Any doubt (no index, another manifest path, a file changed since, another version, a name
+with several partial matches, whose winner is the usage ranks' to pick) means no answer:
+the router then resolves the request the usual way, after its imports.
+
+Reading: os and json only (the head start's budget). Writing: the router, lazily importing
+what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+TYPE_CHECKING = False  # typing itself costs the head start ~10 ms when nothing loaded it
+if TYPE_CHECKING:
+    from typing import Any
+
+    from hoshikage_sd.manifest import Config
+
+NAME = "names.index.json"
+VERSION = 1
+#: manifest/parse.py's DEFAULT_PATH (a unit test keeps them equal: parse imports PyYAML)
+DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
+DEFAULT_RUNTIME = "/run/hoshikage"
+
+#: what this process last wrote, per index file: an unchanged manifest costs no I/O
+_written: dict[str, bytes] = {}
+
+
+def runtime_dir() -> str:
+    """Where the index lives: the runtime directory every unit shares (like the manifest's
+    last good copy, manifest/snapshot.py: a manifest must be parsed to say its own)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return runtime or DEFAULT_RUNTIME
+
+
+def index_path(runtime: str | None = None) -> str:
+    return os.path.join(runtime or runtime_dir(), NAME)
+
+
+def manifest_path() -> str:
+    """manifest.config_path() as a string, without importing the manifest code."""
+    return os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_MANIFEST
+
+
+def identity(path: str) -> list[int] | None:
+    """What changes when the file does: device, inode (a rename), size, mtime and ctime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, Any]:
+    """The index of `config` (the manifest with names.json over it)."""
+    from hoshikage_sd.sd.units import model_unit
+
+    default = config.default()
+    return {
+        "version": VERSION,
+        "source": str(config.source),
+        "files": identities,
+        "default": default.name if default else None,
+        "strict_names": config.strict_names,
+        "models": [{"name": m.name, "aliases": list(m.aliases), "tags": list(m.tags),
+                    "socket": str(config.socket_path(m.name)), "health": m.health,
+                    "unit": model_unit(m.name)} for m in config.models.values()],
+    }
+
+
+def write(config: Config, identities: dict[str, list[int] | None],
+          runtime: str | None = None) -> bool:
+    """Keep the index of `config`, made from the files whose identities were taken before
+    they were read and found the same after. Never raises: without an index the next router
+    only starts the unit later. True when the index holds this config."""
+    from pathlib import Path
+
+    from hoshikage_sd.files import write_atomic
+
+    path = index_path(runtime)
+    data = json.dumps(build(config, identities), separators=(",", ":")).encode()
+    if _written.get(path) == data:
+        return True
+    try:
+        write_atomic(Path(path), data, mode=0o640)
+    except OSError:
+        return False
+    _written[path] = data
+    return True
+
+
+def remove(runtime: str | None = None) -> None:
+    """No index (the files changed while read): the next router resolves after its imports."""
+    import contextlib
+
+    path = index_path(runtime)
+    _written.pop(path, None)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def read(runtime: str | None = None) -> dict[str, Any] | None:
+    """The index, when it is current for this manifest and names.json; else None."""
+    try:
+        with open(index_path(runtime), "rb") as f:
+            index = json.loads(f.read())
+        if index.get("version") != VERSION or index.get("source") != manifest_path():
+            return None
+        files = index["files"]
+        if not isinstance(files, dict) or not files:
+            return None
+        for path, known in files.items():
+            if identity(path) != known:
+                return None
+        return index if isinstance(index.get("models"), list) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+class Ambiguous(Exception):
+    """Several partial matches: strict_names refuses the name, and otherwise the winner is
+    the usage ranks' to pick (resolve.py), which the head start leaves to the router."""
+
+
+def lookup(index: dict[str, Any], name: str | None) -> dict[str, Any] | None:
+    """The model `name` means, by resolve.resolve's rules (manifest.Config.matches), or
+    None when none matches; Ambiguous when several partial matches do."""
+    models: list[dict[str, Any]] = index["models"]
+    if not name:
+        default = index.get("default")
+        return next((m for m in models if m["name"] == default), None) if default else None
+    for model in models:
+        if model["name"] == name:
+            return model
+    for key in ("aliases", "tags"):
+        for model in models:
+            if name in model[key]:
+                return model
+    needle = name.lower()
+    found = [m for m in models if any(needle in n.lower() for n in (m["name"], *m["aliases"]))]
+    if len(found) > 1:
+        raise Ambiguous(name)
+    return found[0] if found else None
