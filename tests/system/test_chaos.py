@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -427,4 +428,116 @@ def test_a_model_file_replaced_while_loaded_keeps_serving_then_loads_the_new_fil
     chat_ok(hk)
     hk.wait_for("the replacement's copy",
                 lambda: staged.exists() and staged.read_bytes() == replacement)
+    assert_no_errors_but(hk, since)
+
+
+# -- clients that go away, and stopping the router -----------------------------------------------
+
+LONG_CHAT = {"model": "tiny", "max_tokens": 30000, "ignore_eos": True,
+             "messages": [{"role": "user", "content": "tell me a very long story"}]}
+
+
+def processing(hk: Deployment) -> bool:
+    """Is any of llama-server's slots generating? (its /slots, through the router)"""
+    status, slots = hk.request("GET", "/slots?model=tiny", timeout=10)
+    assert status == 200, slots
+    return any(slot.get("is_processing") for slot in slots)
+
+
+def raw_request(hk: Deployment, method: str, path: str, body: bytes,
+                extra: str = "") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", hk.port), timeout=30)
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
+    return sock
+
+
+def cancel_entry(hk: Deployment, since: str) -> dict[str, Any]:
+    """llama-server's journal line saying it cancelled a task (bounded wait)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for entry in hk.container.journal(f"--after-cursor={since}"):
+            if "cancel task" in str(entry.get("MESSAGE")):
+                return entry
+        time.sleep(0.2)
+    raise AssertionError("llama-server never cancelled the task")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_that_goes_away_stops_its_generation_upstream_within_a_second(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path,
+        stream: bool) -> None:
+    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "32768", "-np", "1"]'},
+                    router_idle_exit="1h")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    chat_ok(hk)
+    since = cursor(hk)
+    latencies = []
+    for _ in range(3):
+        mark = cursor(hk)
+        sock = raw_request(hk, "POST", "/v1/chat/completions",
+                           json.dumps({**LONG_CHAT, "stream": stream}).encode())
+        hk.wait_for("the generation", lambda: processing(hk), timeout=10)
+        time.sleep(0.3)
+        gone = time.time()
+        sock.close()  # the client gives up
+        # llama-server says it cancelled the task (it notices its connection closed); had it
+        # generated the whole answer for nobody, it would say "stop processing" only
+        cancelled = cancel_entry(hk, mark)
+        latencies.append(int(cancelled["__REALTIME_TIMESTAMP"]) / 1e6 - gone)
+        hk.wait_for("the slot free", lambda: not processing(hk), timeout=5)
+    print(f"cancel latency ({'streamed' if stream else 'whole'}, s): "
+          f"{', '.join(f'{t:.2f}' for t in latencies)}")
+    # the client that went away is a debug line, not an error (nor a traceback)
+    chat_ok(hk)
+    assert_no_errors_but(hk, since)
+
+
+def test_stopping_the_router_lets_a_stream_finish_within_its_grace_and_stops_soon(
+        hk: Deployment) -> None:
+    chat_ok(hk)
+    since = cursor(hk)
+    # a stream that ends by itself within the grace (default 10 s): it is let finish
+    conn, response = stream_until_first_token(hk, "a short story")
+    stopper = threading.Thread(target=hk.container.systemctl, args=("stop", "hoshikage.service"))
+    began = time.monotonic()
+    stopper.start()
+    time.sleep(0.3)
+    # a request during the stop: answered (by the next router, started by the socket)
+    status, body = hk.chat("tiny", max_tokens=4)
+    rest, complete = rest_of_stream(response)
+    conn.close()
+    stopper.join(30)
+    stopped = time.monotonic() - began
+    assert not stopper.is_alive()
+    assert status == 200, body
+    print(f"router stop with a stream in flight: {stopped:.2f} s")
+    assert complete, rest[-300:]
+    assert_no_errors_but(hk, since)
+
+
+def test_stopping_the_router_ends_a_stream_past_its_grace_cleanly_and_stops(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    """stop_grace 2s, a stream that would go on far longer: the stop takes the grace, the
+    stream gets an error event and its proper end (no cut chunking), llama-server stops."""
+    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "32768", "-np", "1"]'},
+                    router_idle_exit="1h", stop_grace="2s")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    chat_ok(hk)
+    since = cursor(hk)
+    sock = raw_request(hk, "POST", "/v1/chat/completions",
+                       json.dumps({**LONG_CHAT, "stream": True}).encode())
+    hk.wait_for("the generation", lambda: processing(hk), timeout=10)
+    began = time.monotonic()
+    hk.container.systemctl("stop", "hoshikage.service")
+    stopped = time.monotonic() - began
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    sock.close()
+    print(f"router stop with a stream past a 2 s grace: {stopped:.2f} s")
+    assert data.endswith(b"\r\n0\r\n\r\n"), data[-300:]  # the chunked body's end
+    assert b"event: error" in data and b"router stopped" in data, data[-300:]
+    hk.wait_for("the slot free", lambda: not processing(hk), timeout=5)
     assert_no_errors_but(hk, since)
