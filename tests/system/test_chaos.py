@@ -441,7 +441,8 @@ def processing(hk: Deployment) -> bool:
     """Is any of llama-server's slots generating? (its /slots, through the router)"""
     status, slots = hk.request("GET", "/slots?model=tiny", timeout=10)
     assert status == 200, slots
-    return any(slot.get("is_processing") for slot in slots)
+    listed: list[dict[str, Any]] = slots  # type: ignore[assignment]  # a JSON list here
+    return any(slot.get("is_processing") for slot in listed)
 
 
 def raw_request(hk: Deployment, method: str, path: str, body: bytes,
