@@ -169,7 +169,7 @@ class Config:
     client_idle_timeout: float = 75.0
     max_body: int = 256 << 20
     large_body: int = 1 << 20
-    large_bodies: int = 2
+    body_memory: int = 256 << 20
     #: how long a stopping router lets requests in flight finish
     stop_grace: float = 10.0
     weights: Weights = field(default_factory=Weights)

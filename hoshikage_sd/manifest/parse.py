@@ -116,7 +116,7 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "strict_names": _boolean, "sources": _paths, "cache": _cache, "rank": _weights,
     "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
-    "max_body": _size, "large_body": _size, "large_bodies": _integer(1, 10_000),
+    "max_body": _size, "large_body": _size, "body_memory": _size,
     "stop_grace": _duration,
 }
 #: top-level keys read by hand: they depend on each other

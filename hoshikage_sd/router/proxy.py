@@ -71,14 +71,17 @@ class Limits:
     gets a 503. A request head must be in within `header_timeout`, and a body must not stall
     for longer; a connection waits `idle_timeout` for its next request. Bodies are read
     whole (the router needs the JSON's model), so at most `large_bodies` requests with more
-    than `large_body` bytes are read at once: another gets a 503 before its body is read."""
+    than `large_body` bytes count against `body_memory`, the bytes of such bodies being
+    read or answered at once: one that does not fit gets a 503 before its body is read (the
+    first one always fits, up to `max_body`). The router holds about three times a body
+    while it reads its JSON (bytes, text, the strings in it)."""
 
     max_connections: int = 1000
     header_timeout: float = 30.0
     idle_timeout: float = 75.0
     max_body: int = MAX_BODY
     large_body: int = 1 << 20
-    large_bodies: int = 2
+    body_memory: int = 256 << 20
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -94,8 +97,8 @@ class Request:
     keep_alive: bool = True
     #: the handler's id for it (request ids in replies and logs)
     id: str = ""
-    #: holds one of the proxy's large-body places (Limits.large_bodies) until answered
-    large: bool = False
+    #: bytes of the proxy's body_memory it holds until answered (a large body)
+    large: int = 0
 
     @property
     def path(self) -> str:
@@ -234,7 +237,7 @@ class RequestParser:
 
     def __init__(self, on_request: Callable[[Request], None], max_body: int = MAX_BODY,
                  large_body: int = 0,
-                 admit_large: Callable[[Request], bool] | None = None) -> None:
+                 admit_large: Callable[[Request, int], bool] | None = None) -> None:
         self.on_request = on_request
         self.max_body = max_body
         #: a body above `large_body` bytes is read only if `admit_large` says so
@@ -246,6 +249,7 @@ class RequestParser:
         self.chunked = False
         self.parts: list[bytes] = []
         self.size = 0
+        self.into: bytearray | None = None
         #: set when a head asked for "100-continue" (the caller answers it)
         self.expects_continue = False
 
@@ -308,16 +312,18 @@ class RequestParser:
         if length is not None and length > self.max_body:
             raise BadRequest(f"body larger than {self.max_body} bytes", 413, request)
         if length is not None and length > self.large_body:
-            self._large(request)
+            self._large(request, length)
         self.request = request
         self.chunked = chunked
         self.left = -1 if chunked else (length or 0)
         self.parts = []
         self.size = 0
+        # a large body is read into its own buffer: no second copy to join it
+        self.into = bytearray(length) if length and length > self.large_body else None
         self.expects_continue = expect and (chunked or bool(length))
 
-    def _large(self, request: Request) -> None:
-        if self.admit_large is not None and not self.admit_large(request):
+    def _large(self, request: Request, size: int) -> None:
+        if self.admit_large is not None and not self.admit_large(request, size):
             raise BadRequest("too many large request bodies are being read; try again",
                              503, request, **{"Retry-After": "1"})
 
@@ -328,6 +334,15 @@ class RequestParser:
 
     def _length(self, buf: bytes) -> bytes:
         n = self.left
+        into = self.into
+        if into is not None:
+            take = min(n, len(buf))
+            at = len(into) - n
+            into[at:at + take] = buf[:take]
+            self.left = n - take
+            if self.left == 0:
+                self._complete()
+            return buf[take:]
         if len(buf) < n:
             self.parts.append(buf)
             self.left = n - len(buf)
@@ -358,8 +373,8 @@ class RequestParser:
                 if self.size > self.max_body:
                     raise BadRequest(f"body larger than {self.max_body} bytes", 413,
                                      self.request)
-                if self.size > self.large_body and not self.request.large:
-                    self._large(self.request)
+                if self.size > self.large_body:
+                    self._large(self.request, self.size)
                 buf = buf[end + 2:]
                 self.left = size if size else -2
             elif self.left > 0:
@@ -390,7 +405,10 @@ class RequestParser:
     def _complete(self) -> None:
         request = self.request
         assert request is not None
-        request.body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        if self.into is not None:
+            request.body, self.into = self.into, None  # type: ignore[assignment]
+        else:
+            request.body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         self.request = None
         self.parts = []
         self.chunked = False
@@ -1034,7 +1052,8 @@ class Proxy:
         self.error = error
         #: open client connections, oldest first
         self.connections: dict[ClientConnection, None] = {}
-        self.large_in_flight = 0
+        #: bytes of large bodies held (Limits.body_memory)
+        self.body_bytes = 0
         self.draining = False
         self._drained: asyncio.Event | None = None
 
@@ -1078,19 +1097,21 @@ class Proxy:
                 c.task is not None for c in self.connections):
             self._drained.set()
 
-    def admit_large(self, request: Request) -> bool:
-        if self.large_in_flight >= self.limits.large_bodies:
-            logger.warning("refusing a request body of more than %d bytes: %d being read "
-                           "(large_bodies)", self.limits.large_body, self.large_in_flight)
+    def admit_large(self, request: Request, size: int) -> bool:
+        """May `request` hold `size` bytes of body (it holds request.large already)?"""
+        more = size - request.large
+        if self.body_bytes and self.body_bytes + more > self.limits.body_memory:
+            logger.warning("refusing a request body of %d bytes: %d bytes of bodies held "
+                           "(body_memory %d)", size, self.body_bytes, self.limits.body_memory)
             return False
-        self.large_in_flight += 1
-        request.large = True
+        self.body_bytes += more
+        request.large = size
         return True
 
     def release_large(self, request: Request) -> None:
         if request.large:
-            request.large = False
-            self.large_in_flight -= 1
+            self.body_bytes -= request.large
+            request.large = 0
 
     async def listen(self, sock: Any) -> asyncio.Server:
         """Serve a listening socket (one of systemd's)."""

@@ -877,7 +877,7 @@ def limits(config: Config) -> proxy.Limits:
     return proxy.Limits(max_connections=config.max_connections,
                         header_timeout=config.client_header_timeout,
                         idle_timeout=config.client_idle_timeout, max_body=config.max_body,
-                        large_body=config.large_body, large_bodies=config.large_bodies)
+                        large_body=config.large_body, body_memory=config.body_memory)
 
 
 def listening_sockets(first: FirstRequest, listen: str | None) -> list[socket.socket]:
