@@ -433,8 +433,16 @@ def test_a_model_file_replaced_while_loaded_keeps_serving_then_loads_the_new_fil
 
 # -- clients that go away, and stopping the router -----------------------------------------------
 
-LONG_CHAT = {"model": "tiny", "max_tokens": 30000, "ignore_eos": True,
+#: a context long enough that a generation lasts seconds even at the tiny model's ~10k tokens/s
+LONG_CTX = 131072
+LONG_CHAT = {"model": "tiny", "max_tokens": LONG_CTX - 100, "ignore_eos": True,
              "messages": [{"role": "user", "content": "tell me a very long story"}]}
+
+
+def long_context(models_dir: Path) -> None:
+    from make_gguf import write_model  # tools/
+
+    write_model(models_dir / "tiny.gguf", n_ctx=LONG_CTX)
 
 
 def processing(hk: Deployment) -> bool:
@@ -468,7 +476,8 @@ def cancel_entry(hk: Deployment, since: str) -> dict[str, Any]:
 def test_a_client_that_goes_away_stops_its_generation_upstream_within_a_second(
         container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path,
         stream: bool) -> None:
-    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "32768", "-np", "1"]'},
+    long_context(models_dir)
+    text = manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{LONG_CTX}", "-np", "1"]'},
                     router_idle_exit="1h")
     hk = deploy(container_factory, models_dir, text, timer_every="2s")
     chat_ok(hk)
@@ -521,7 +530,8 @@ def test_stopping_the_router_ends_a_stream_past_its_grace_cleanly_and_stops(
         container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
     """stop_grace 2s, a stream that would go on far longer: the stop takes the grace, the
     stream gets an error event and its proper end (no cut chunking), llama-server stops."""
-    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "32768", "-np", "1"]'},
+    long_context(models_dir)
+    text = manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{LONG_CTX}", "-np", "1"]'},
                     router_idle_exit="1h", stop_grace="2s")
     hk = deploy(container_factory, models_dir, text, timer_every="2s")
     chat_ok(hk)
