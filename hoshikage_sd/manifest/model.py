@@ -163,6 +163,15 @@ class Config:
     cache: Cache | None = None
     #: origins a browser may call the API from (CORS; "*": any); none by default
     cors_origins: tuple[str, ...] = ()
+    #: what clients may hold of the router (router/proxy.py Limits; README "Operating")
+    max_connections: int = 1000
+    client_header_timeout: float = 30.0
+    client_idle_timeout: float = 75.0
+    max_body: int = 256 << 20
+    large_body: int = 1 << 20
+    body_memory: int = 256 << 20
+    #: how long a stopping router lets requests in flight finish
+    stop_grace: float = 10.0
     weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()

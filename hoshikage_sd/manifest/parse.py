@@ -114,7 +114,10 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "safety_margin": _number(1, 10), "pressure_warn": _number(0.001, 1),
     "pressure_critical": _number(0.001, 1), "max_loaded_models": _integer(1, 1000),
     "strict_names": _boolean, "sources": _paths, "cache": _cache, "rank": _weights,
-    "cors_origins": _strings,
+    "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
+    "client_header_timeout": _duration, "client_idle_timeout": _duration,
+    "max_body": _size, "large_body": _size, "body_memory": _size,
+    "stop_grace": _duration,
 }
 #: top-level keys read by hand: they depend on each other
 TOP_SPECIAL = ("default_model", "models")

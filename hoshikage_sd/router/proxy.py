@@ -39,8 +39,6 @@ HOP_BY_HOP = frozenset(h.encode() for h in (
     "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"))
 MAX_BODY = 256 << 20
 MAX_HEAD = 64 << 10
-#: seconds an idle client connection is kept (aiohttp's server default, which the router had)
-CLIENT_KEEPALIVE = 75.0
 #: pipelined requests parsed ahead of the one being answered before reading pauses
 MAX_QUEUED = 16
 REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
@@ -55,9 +53,35 @@ T = TypeVar("T")
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, request: Request | None = None,
+                 **headers: str) -> None:
         super().__init__(message)
         self.status = status
+        #: the request as far as it was read (its head: the error's shape follows its path)
+        self.request = request
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold of the router (the manifest's client_* keys, README).
+
+    Connections past `max_connections` first close the longest idle one (a keep-alive
+    connection, or one that has not sent a whole request head); with none idle, the new one
+    gets a 503. A request head must be in within `header_timeout`, and a body must not stall
+    for longer; a connection waits `idle_timeout` for its next request. Bodies are read
+    whole (the router needs the JSON's model), so at most `large_bodies` requests with more
+    than `large_body` bytes count against `body_memory`, the bytes of such bodies being
+    read or answered at once: one that does not fit gets a 503 before its body is read (the
+    first one always fits, up to `max_body`). The router holds about three times a body
+    while it reads its JSON (bytes, text, the strings in it)."""
+
+    max_connections: int = 1000
+    header_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    max_body: int = MAX_BODY
+    large_body: int = 1 << 20
+    body_memory: int = 256 << 20
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -73,6 +97,8 @@ class Request:
     keep_alive: bool = True
     #: the handler's id for it (request ids in replies and logs)
     id: str = ""
+    #: bytes of the proxy's body_memory it holds until answered (a large body)
+    large: int = 0
 
     @property
     def path(self) -> str:
@@ -190,8 +216,9 @@ def response_bytes(response: Response, keep_alive: bool, head_only: bool = False
     return head if head_only else head + response.body
 
 
-def request_bytes(request: Request) -> bytes:
-    """The request as sent upstream: HTTP/1.1, keep-alive, its body with a Content-Length."""
+def request_head(request: Request) -> bytes:
+    """The request's head as sent upstream: HTTP/1.1, keep-alive, a Content-Length for its
+    body (sent after it as it is: a large body is never copied into one buffer with it)."""
     out = [f"{request.method} {request.target} HTTP/1.1\r\nHost: localhost\r\n".encode("latin-1")]
     for k, v in request.headers:
         if k.lower() not in HOP_BY_HOP:
@@ -199,7 +226,6 @@ def request_bytes(request: Request) -> bytes:
     if request.body or request.method in ("POST", "PUT", "PATCH"):
         out.append(b"Content-Length: %d\r\n" % len(request.body))
     out.append(b"\r\n")
-    out.append(request.body)
     return b"".join(out)
 
 
@@ -209,15 +235,21 @@ class RequestParser:
     a lenient parser would let two parties read one stream differently (both framings, two
     lengths, folded or malformed header lines): such a request is a BadRequest."""
 
-    def __init__(self, on_request: Callable[[Request], None], max_body: int = MAX_BODY) -> None:
+    def __init__(self, on_request: Callable[[Request], None], max_body: int = MAX_BODY,
+                 large_body: int = 0,
+                 admit_large: Callable[[Request, int], bool] | None = None) -> None:
         self.on_request = on_request
         self.max_body = max_body
+        #: a body above `large_body` bytes is read only if `admit_large` says so
+        self.large_body = large_body
+        self.admit_large = admit_large
         self.buf = b""
         self.request: Request | None = None
         self.left = 0  # Content-Length: bytes to come; chunked: see _chunked
         self.chunked = False
         self.parts: list[bytes] = []
         self.size = 0
+        self.into: bytearray | None = None
         #: set when a head asked for "100-continue" (the caller answers it)
         self.expects_continue = False
 
@@ -278,16 +310,39 @@ class RequestParser:
         if chunked and length is not None:
             raise BadRequest("both Content-Length and Transfer-Encoding")
         if length is not None and length > self.max_body:
-            raise BadRequest(f"body larger than {self.max_body} bytes", 413)
+            raise BadRequest(f"body larger than {self.max_body} bytes", 413, request)
+        if length is not None and length > self.large_body:
+            self._large(request, length)
         self.request = request
         self.chunked = chunked
         self.left = -1 if chunked else (length or 0)
         self.parts = []
         self.size = 0
+        # a large body is read into its own buffer: no second copy to join it
+        self.into = bytearray(length) if length and length > self.large_body else None
         self.expects_continue = expect and (chunked or bool(length))
+
+    def _large(self, request: Request, size: int) -> None:
+        if self.admit_large is not None and not self.admit_large(request, size):
+            raise BadRequest("too many large request bodies are being read; try again",
+                             503, request, **{"Retry-After": "1"})
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: nothing of the next one read (a partial head aside)."""
+        return self.request is None
 
     def _length(self, buf: bytes) -> bytes:
         n = self.left
+        into = self.into
+        if into is not None:
+            take = min(n, len(buf))
+            at = len(into) - n
+            into[at:at + take] = buf[:take]
+            self.left = n - take
+            if self.left == 0:
+                self._complete()
+            return buf[take:]
         if len(buf) < n:
             self.parts.append(buf)
             self.left = n - len(buf)
@@ -316,7 +371,10 @@ class RequestParser:
                     raise BadRequest("malformed chunk size")
                 self.size += size
                 if self.size > self.max_body:
-                    raise BadRequest(f"body larger than {self.max_body} bytes", 413)
+                    raise BadRequest(f"body larger than {self.max_body} bytes", 413,
+                                     self.request)
+                if self.size > self.large_body:
+                    self._large(self.request, self.size)
                 buf = buf[end + 2:]
                 self.left = size if size else -2
             elif self.left > 0:
@@ -347,7 +405,10 @@ class RequestParser:
     def _complete(self) -> None:
         request = self.request
         assert request is not None
-        request.body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+        if self.into is not None:
+            request.body, self.into = self.into, None  # type: ignore[assignment]
+        else:
+            request.body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         self.request = None
         self.parts = []
         self.chunked = False
@@ -491,12 +552,16 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but are ones
         self.transport = cast(asyncio.Transport, transport)
 
-    def send(self, data: bytes, sink: Sink, head_only: bool = False) -> None:
+    def send(self, data: bytes, sink: Sink, head_only: bool = False, body: bytes = b"") -> None:
         assert self.transport is not None
         self.sink = sink
         self.got_bytes = False
         self.parser = ResponseParser(sink, head_only)
-        self.transport.write(data)
+        if len(body) < 65536:
+            self.transport.write(data + body)
+        else:
+            self.transport.write(data)
+            self.transport.write(body)
 
     def data_received(self, data: bytes) -> None:
         if self.parser is None:  # bytes on an idle connection: nobody asked
@@ -633,6 +698,7 @@ class Exchange:
         self.error: BaseException | None = None
         self.got_bytes = False
         self.outcome = Outcome()
+        self.sse = False
         self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -658,6 +724,8 @@ class Exchange:
               length: int, chunked: bool) -> None:
         self.outcome.status = status
         self.outcome.head_at = time.monotonic()
+        if self.client.proxy.draining:
+            self.keep_alive = False
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         out += [k + b": " + v + b"\r\n" for k, v in headers]
         if length >= 0:
@@ -673,6 +741,8 @@ class Exchange:
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.head_sent = True
+        self.sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                       for k, v in headers)
         self.client.write(b"".join(out))
 
     def on_body(self, data: bytes) -> None:
@@ -718,54 +788,91 @@ class Exchange:
             self.finished.set_result(False)
 
 
+    def cut(self, error: Response) -> None:
+        """End the response here (the router stops): a chunked one gets its end, after a
+        last word on why: an SSE `error` event carrying `error`'s JSON body (what OpenAI's
+        and Anthropic's clients raise on), or the translation's own (Ollama's)."""
+        if not self.head_sent or not self.chunked or self.finished.done():
+            return  # no head yet or no framing to end: the close says it
+        if self.transform is not None and not self.transform.whole:
+            self._finish_transform()
+        elif self.sse:
+            event = b"event: error\ndata: " + error.body + b"\n\n"
+            self.client.write(b"%x\r\n%b\r\n" % (len(event), event))
+        self.client.write(b"0\r\n\r\n")
+        self.got_bytes = True  # not to be sent again
+        self.finished.set_result(False)
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.parser = RequestParser(self._parsed, proxy.max_body)
+        limits = proxy.limits
+        self.parser = RequestParser(self._parsed, limits.max_body, limits.large_body,
+                                    proxy.admit_large)
         self.transport: asyncio.Transport | None = None
         self.queue: collections.deque[Request] = collections.deque()
         self.task: asyncio.Task[None] | None = None
         self.upstream: UpstreamConnection | None = None
+        self.exchange: Exchange | None = None
+        self.current: Request | None = None
         self.lost = False
         self.reading = True
         self.eof = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        #: the one timer: idle (between requests), head (one coming in), body (stalled)
+        self.timer: asyncio.TimerHandle | None = None
+        self.timing = ""
 
     # transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but are ones
         self.transport = cast(asyncio.Transport, transport)
-        self.proxy.connections.add(self)
-        self._idle()
+        if not self.proxy.admit(self):
+            return
+        self._arm("head", self.proxy.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         try:
             self.parser.feed(data)
         except BadRequest as exc:
             self.queue.clear()
-            self.write(response_bytes(self.proxy.error(None, exc.status, str(exc),
-                                                       "invalid_request"), False))
+            response = self.proxy.error(exc.request, exc.status, str(exc),
+                                        "model_unavailable" if exc.status == 503
+                                        else "invalid_request")
+            response.headers += list(exc.headers.items())
+            self.write(response_bytes(response, False))
             self.close()
             return
+        if self.task is None:
+            # a head on its way, or a body: either must come within the header timeout
+            if not self.parser.idle:
+                self._arm("body", self.proxy.limits.header_timeout)
+            elif self.timing == "idle" and self.parser.buf:
+                self._arm("head", self.proxy.limits.header_timeout)
         if self.parser.expects_continue:
             self.parser.expects_continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def eof_received(self) -> bool:
-        # A client that half-closes after its request still gets the answer.
         self.eof = True
-        return self.task is not None
+        if self.task is not None:
+            # The client closed its side with a request in flight: it went away (as nginx
+            # reads it; HTTP clients do not half-close). Closing aborts the upstream request,
+            # so llama-server stops generating for nobody.
+            logger.debug("client went away during %s", self._what())
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.proxy.connections.discard(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        self.proxy.lost(self)
+        self._disarm()
+        for request in (self.parser.request, *self.queue):
+            if request is not None:
+                self.proxy.release_large(request)
         if self.upstream is not None:
             # llama-server sees its client go and stops generating
+            logger.debug("client went away (%s) during %s: cancelled upstream",
+                         exc or "closed", self._what())
             self.upstream.abort()
         elif self.task is not None:
             self.task.cancel()  # still in the handler (a model starting) or waiting its turn
@@ -779,6 +886,15 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.resume()
 
     # helpers
+    @property
+    def idle(self) -> bool:
+        """Nothing being answered, nothing but a partial head read: may be closed."""
+        return self.task is None and self.parser.idle and not self.lost
+
+    def _what(self) -> str:
+        request = self.current
+        return f"{request.method} {request.path} ({request.id})" if request else "a request"
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.lost:
             self.transport.write(data)
@@ -787,9 +903,28 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _idle(self) -> None:
-        self.idle_timer = asyncio.get_running_loop().call_later(self.proxy.keepalive,
-                                                                self.close)
+    def _arm(self, what: str, seconds: float) -> None:
+        self._disarm()
+        self.timing = what
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timing = ""
+
+    def _expired(self) -> None:
+        what, self.timer, self.timing = self.timing, None, ""
+        if self.task is not None or self.lost:
+            return  # answering: the connection's timers start again after it
+        if what != "idle" and (self.parser.buf or not self.parser.idle):
+            logger.debug("closing a client connection: its request %s stalled",
+                         "head" if what == "head" else "body")
+            self.write(response_bytes(self.proxy.error(
+                None, 408, f"the request {what} did not come within "
+                f"{self.proxy.limits.header_timeout:g} s", "timeout"), False))
+        self.close()
 
     def _parsed(self, request: Request) -> None:
         self.queue.append(request)
@@ -797,16 +932,22 @@ class ClientConnection(asyncio.Protocol):
             self.reading = False
             self.transport.pause_reading()
         if self.task is None:
+            self._disarm()
             self.task = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
         try:
             while self.queue and not self.lost:
-                request = self.queue.popleft()
+                request = self.current = self.queue.popleft()
                 if not self.reading and self.transport is not None:
                     self.reading = True
                     self.transport.resume_reading()
-                if not await self._answer(request):
+                try:
+                    keep = await self._answer(request)
+                finally:
+                    self.current = None
+                    self.proxy.release_large(request)
+                if not keep or self.proxy.draining:
                     self.close()
                     return
         except asyncio.CancelledError:
@@ -819,10 +960,16 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self.task = None
+            self.proxy.answered()
         if self.eof:
             self.close()
         elif not self.lost:
-            self._idle()
+            if not self.parser.idle:
+                self._arm("body", self.proxy.limits.header_timeout)
+            elif self.parser.buf:
+                self._arm("head", self.proxy.limits.header_timeout)
+            else:
+                self._arm("idle", self.proxy.limits.idle_timeout)
 
     async def _answer(self, request: Request) -> bool:
         """Answer one request; False when the connection must close after it."""
@@ -842,27 +989,29 @@ class ClientConnection(asyncio.Protocol):
             finally:
                 if forward.done is not None:
                     forward.done(outcome)
-        self.write(response_bytes(result, request.keep_alive, head_only))
-        return request.keep_alive
+        keep = request.keep_alive and not self.proxy.draining
+        self.write(response_bytes(result, keep, head_only))
+        return keep
 
     async def _forward(self, request: Request, forward: Forward, head_only: bool,
                        outcome: Outcome) -> bool:
-        data = request_bytes(forward.request or request)
+        upstream_request = forward.request or request
+        head = request_head(upstream_request)
         fresh = False
         while True:
             conn, reused = await forward.upstream.acquire(fresh)
             exchange = Exchange(self, request.keep_alive, request.version == "1.0", forward,
                                 head_only)
             exchange.outcome = outcome
-            self.upstream = conn
+            self.upstream, self.exchange = conn, exchange
             ok = False
             try:
                 if self.lost:
                     return False
-                conn.send(data, exchange, head_only)
+                conn.send(head, exchange, head_only, upstream_request.body)
                 ok = await exchange.finished
             finally:
-                self.upstream = None
+                self.upstream = self.exchange = None
                 forward.upstream.release(conn, ok)
             if ok:
                 return exchange.keep_alive
@@ -882,21 +1031,87 @@ class ClientConnection(asyncio.Protocol):
                 self.write(response_bytes(response, False))
             return False
 
+    def cut(self, message: str) -> None:
+        """End what is being answered now, as cleanly as its framing allows (the router
+        stops): a chunked stream gets a last event saying why and its end."""
+        exchange = self.exchange
+        if exchange is not None and self.current is not None:
+            exchange.cut(self.proxy.error(self.current, 503, message, "shutting_down"))
+        self.close()
+        if self.upstream is not None:
+            self.upstream.abort()
+
 
 class Proxy:
     """The front: parse, ask the handler, answer or forward. One per router."""
 
-    def __init__(self, handler: Handler, max_body: int = MAX_BODY,
-                 keepalive: float = CLIENT_KEEPALIVE,
+    def __init__(self, handler: Handler, limits: Limits | None = None,
                  error: ErrorRenderer = default_error) -> None:
         self.handler = handler
-        self.max_body = max_body
-        self.keepalive = keepalive
+        self.limits = limits or Limits()
         self.error = error
-        self.connections: set[ClientConnection] = set()
+        #: open client connections, oldest first
+        self.connections: dict[ClientConnection, None] = {}
+        #: bytes of large bodies held (Limits.body_memory)
+        self.body_bytes = 0
+        self.draining = False
+        self._drained: asyncio.Event | None = None
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def admit(self, client: ClientConnection) -> bool:
+        """A new connection: past max_connections, the longest idle one makes room for it,
+        or (none idle) it gets a 503 and is closed."""
+        if self.draining:
+            client.write(response_bytes(self.error(
+                None, 503, "the router is stopping; try again", "shutting_down"), False))
+            client.close()
+            return False
+        if len(self.connections) >= self.limits.max_connections:
+            oldest = next((c for c in self.connections if c.idle), None)
+            if oldest is None:
+                logger.warning("refusing a connection: %d open, none idle (max_connections)",
+                               len(self.connections))
+                response = self.error(None, 503, f"too many connections "
+                                      f"({self.limits.max_connections}); try again",
+                                      "too_many_connections")
+                response.headers.append(("Retry-After", "1"))
+                client.write(response_bytes(response, False))
+                client.close()
+                return False
+            logger.debug("max_connections reached: closing the longest idle connection")
+            del self.connections[oldest]
+            oldest.close()
+        self.connections[client] = None
+        return True
+
+    def lost(self, client: ClientConnection) -> None:
+        self.connections.pop(client, None)
+        if self._drained is not None and not any(
+                c.task is not None for c in self.connections):
+            self._drained.set()
+
+    def answered(self) -> None:
+        if self._drained is not None and not any(
+                c.task is not None for c in self.connections):
+            self._drained.set()
+
+    def admit_large(self, request: Request, size: int) -> bool:
+        """May `request` hold `size` bytes of body (it holds request.large already)?"""
+        more = size - request.large
+        if self.body_bytes and self.body_bytes + more > self.limits.body_memory:
+            logger.warning("refusing a request body of %d bytes: %d bytes of bodies held "
+                           "(body_memory %d)", size, self.body_bytes, self.limits.body_memory)
+            return False
+        self.body_bytes += more
+        request.large = size
+        return True
+
+    def release_large(self, request: Request) -> None:
+        if request.large:
+            self.body_bytes -= request.large
+            request.large = 0
 
     async def listen(self, sock: Any) -> asyncio.Server:
         """Serve a listening socket (one of systemd's)."""
@@ -906,6 +1121,24 @@ class Proxy:
     async def adopt(self, conn: Any) -> None:
         """Serve a connection accepted already (first_request's), its request unread."""
         await asyncio.get_running_loop().connect_accepted_socket(self.protocol, conn)
+
+    async def drain(self, grace: float) -> int:
+        """Stop: idle connections close now, each busy one after its answer, and what is
+        still being answered after `grace` seconds is cut. Returns how many were cut."""
+        self.draining = True
+        self._drained = asyncio.Event()
+        for client in list(self.connections):
+            if client.idle:
+                client.close()
+        self.answered()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._drained.wait()
+        busy = [c for c in self.connections if c.task is not None]
+        for client in busy:
+            client.cut(f"the router stopped; the request ran past its {grace:g} s grace")
+        self.close()
+        return len(busy)
 
     def close(self) -> None:
         for client in list(self.connections):

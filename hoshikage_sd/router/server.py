@@ -873,6 +873,13 @@ def _json_or_text(raw: bytes) -> object:
         return raw.decode(errors="replace")
 
 
+def limits(config: Config) -> proxy.Limits:
+    return proxy.Limits(max_connections=config.max_connections,
+                        header_timeout=config.client_header_timeout,
+                        idle_timeout=config.client_idle_timeout, max_body=config.max_body,
+                        large_body=config.large_body, body_memory=config.body_memory)
+
+
 def listening_sockets(first: FirstRequest, listen: str | None) -> list[socket.socket]:
     if first.sockets:
         return first.sockets
@@ -888,7 +895,7 @@ async def serve(config: Config, listen: str | None = None,
     if broken is not None:
         logger.error("cannot serve until the manifest is fixed: %s", broken)
     router.announcements.open()
-    front = proxy.Proxy(router.handle, error=router.render_error)
+    front = proxy.Proxy(router.handle, limits(config), error=router.render_error)
     servers = [await front.listen(sock) for sock in listening_sockets(first, listen)]
     if first.connection is not None:
         # The connection first_request took: its request is still unread.
@@ -901,9 +908,15 @@ async def serve(config: Config, listen: str | None = None,
     await router.done.wait()
     idle.cancel()
     daemon.notify(STOPPING=1)
-    for server in servers:
+    began = time.monotonic()
+    for server in servers:  # systemd's socket holds what comes now, for the next router
         server.close()
-    front.close()
+    busy = sum(c.task is not None for c in front.connections)
+    cut = await front.drain(router.config.stop_grace)
+    if busy:
+        logger.info("stopped in %.2f s: %d request(s) in flight let finish, %d cut at the "
+                    "%g s grace", time.monotonic() - began, busy - cut, cut,
+                    router.config.stop_grace)
     router.close()
     router.metrics.flush()
     return 0

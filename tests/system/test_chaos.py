@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -427,4 +428,260 @@ def test_a_model_file_replaced_while_loaded_keeps_serving_then_loads_the_new_fil
     chat_ok(hk)
     hk.wait_for("the replacement's copy",
                 lambda: staged.exists() and staged.read_bytes() == replacement)
+    assert_no_errors_but(hk, since)
+
+
+# -- clients that go away, and stopping the router -----------------------------------------------
+
+#: a context long enough that a generation lasts seconds even at the tiny model's ~10k tokens/s
+LONG_CTX = 131072
+LONG_CHAT = {"model": "tiny", "max_tokens": LONG_CTX - 100, "ignore_eos": True,
+             "messages": [{"role": "user", "content": "tell me a very long story"}]}
+
+
+def long_context(models_dir: Path) -> None:
+    from make_gguf import write_model  # tools/
+
+    write_model(models_dir / "tiny.gguf", n_ctx=LONG_CTX)
+
+
+def processing(hk: Deployment) -> bool:
+    """Is any of llama-server's slots generating? (its /slots, through the router)"""
+    status, slots = hk.request("GET", "/slots?model=tiny", timeout=10)
+    assert status == 200, slots
+    listed: list[dict[str, Any]] = slots  # type: ignore[assignment]  # a JSON list here
+    return any(slot.get("is_processing") for slot in listed)
+
+
+def raw_request(hk: Deployment, method: str, path: str, body: bytes,
+                extra: str = "") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", hk.port), timeout=30)
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
+    return sock
+
+
+def cancel_entry(hk: Deployment, since: str) -> dict[str, Any]:
+    """llama-server's journal line saying it cancelled a task (bounded wait)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for entry in hk.container.journal(f"--after-cursor={since}"):
+            if "cancel task" in str(entry.get("MESSAGE")):
+                return entry
+        time.sleep(0.2)
+    raise AssertionError("llama-server never cancelled the task")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_that_goes_away_stops_its_generation_upstream_within_a_second(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path,
+        stream: bool) -> None:
+    long_context(models_dir)
+    text = manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{LONG_CTX}", "-np", "1"]'},
+                    router_idle_exit="1h")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    chat_ok(hk)
+    since = cursor(hk)
+    latencies = []
+    for _ in range(3):
+        mark = cursor(hk)
+        sock = raw_request(hk, "POST", "/v1/chat/completions",
+                           json.dumps({**LONG_CHAT, "stream": stream}).encode())
+        hk.wait_for("the generation", lambda: processing(hk), timeout=10)
+        time.sleep(0.3)
+        gone = time.time()
+        sock.close()  # the client gives up
+        # llama-server says it cancelled the task (it notices its connection closed); had it
+        # generated the whole answer for nobody, it would say "stop processing" only
+        cancelled = cancel_entry(hk, mark)
+        latencies.append(int(cancelled["__REALTIME_TIMESTAMP"]) / 1e6 - gone)
+        hk.wait_for("the slot free", lambda: not processing(hk), timeout=5)
+    print(f"cancel latency ({'streamed' if stream else 'whole'}, s): "
+          f"{', '.join(f'{t:.2f}' for t in latencies)}")
+    # the client that went away is a debug line, not an error (nor a traceback)
+    chat_ok(hk)
+    assert_no_errors_but(hk, since)
+
+
+def test_stopping_the_router_lets_a_stream_finish_within_its_grace_and_stops_soon(
+        hk: Deployment) -> None:
+    chat_ok(hk)
+    since = cursor(hk)
+    # a stream that ends by itself within the grace (default 10 s): it is let finish
+    conn, response = stream_until_first_token(hk, "a short story")
+    stopper = threading.Thread(target=hk.container.systemctl, args=("stop", "hoshikage.service"))
+    began = time.monotonic()
+    stopper.start()
+    time.sleep(0.3)
+    # a request during the stop: answered (by the next router, started by the socket)
+    status, body = hk.chat("tiny", max_tokens=4)
+    rest, complete = rest_of_stream(response)
+    conn.close()
+    stopper.join(30)
+    stopped = time.monotonic() - began
+    assert not stopper.is_alive()
+    assert status == 200, body
+    print(f"router stop with a stream in flight: {stopped:.2f} s")
+    assert complete, rest[-300:]
+    assert_no_errors_but(hk, since)
+
+
+def test_stopping_the_router_ends_a_stream_past_its_grace_cleanly_and_stops(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    """stop_grace 2s, a stream that would go on far longer: the stop takes the grace, the
+    stream gets an error event and its proper end (no cut chunking), llama-server stops."""
+    long_context(models_dir)
+    text = manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{LONG_CTX}", "-np", "1"]'},
+                    router_idle_exit="1h", stop_grace="2s")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    chat_ok(hk)
+    since = cursor(hk)
+    sock = raw_request(hk, "POST", "/v1/chat/completions",
+                       json.dumps({**LONG_CHAT, "stream": True}).encode())
+    hk.wait_for("the generation", lambda: processing(hk), timeout=10)
+    began = time.monotonic()
+    hk.container.systemctl("stop", "hoshikage.service")
+    stopped = time.monotonic() - began
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    sock.close()
+    print(f"router stop with a stream past a 2 s grace: {stopped:.2f} s")
+    assert data.endswith(b"\r\n0\r\n\r\n"), data[-300:]  # the chunked body's end
+    assert b"event: error" in data and b"router stopped" in data, data[-300:]
+    hk.wait_for("the slot free", lambda: not processing(hk), timeout=5)
+    assert_no_errors_but(hk, since)
+
+
+# -- bounded resources ---------------------------------------------------------------------------
+
+def router_proc(hk: Deployment) -> Path:
+    pid = hk.container.systemctl("show", "-P", "MainPID", "hoshikage.service").strip()
+    assert pid not in ("", "0")
+    return hk.container.root / "proc" / pid
+
+
+def quick_chat(hk: Deployment) -> None:
+    """A normal request, bounded (a router out of descriptors never answers it)."""
+    sock = raw_request(hk, "POST", "/v1/chat/completions", json.dumps({
+        "model": "tiny", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]}).encode(), "Connection: close\r\n")
+    sock.settimeout(15)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+
+
+def test_1100_idle_connections_never_stop_normal_requests_and_slow_clients_are_closed(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
+                    router_idle_exit="1h", client_header_timeout="4s")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    chat_ok(hk)
+    since = cursor(hk)
+    idle = []
+    try:
+        for _ in range(1100):  # past max_connections (1000): the oldest idle ones close
+            idle.append(socket.create_connection(("127.0.0.1", hk.port), timeout=10))
+        slow = socket.create_connection(("127.0.0.1", hk.port), timeout=10)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # and never the rest
+        for _ in range(3):
+            quick_chat(hk)
+        fds = len(os.listdir(router_proc(hk) / "fd"))
+        print(f"router descriptors with 1100 idle connections: {fds}")
+        # the slow client is told why, and closed, after the header timeout
+        answer = slow.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+        assert slow.recv(65536) == b""
+        # ... as is every connection that never sent a request (closed, or reset)
+        with contextlib.suppress(ConnectionResetError):
+            assert idle[-1].recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    quick_chat(hk)
+    assert_no_errors_but(hk, since)
+
+
+def test_connections_past_max_connections_with_none_idle_get_a_clear_503(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
+                    router_idle_exit="1h", max_connections="20")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    chat_ok(hk)
+    since = cursor(hk)
+    busy = []
+    try:
+        for _ in range(20):  # each sending a body, slowly: none idle
+            sock = socket.create_connection(("127.0.0.1", hk.port), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            busy.append(sock)
+        time.sleep(0.5)
+        extra = socket.create_connection(("127.0.0.1", hk.port), timeout=10)
+        answer = extra.recv(65536)
+        extra.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), answer[:300]
+        assert "too many connections" in json.loads(body)["error"]["message"]
+    finally:
+        for sock in busy:
+            sock.close()
+    quick_chat(hk)
+    # the refusal is a warning, not an error
+    assert_no_errors_but(hk, since)
+
+
+def test_three_200_mb_bodies_at_once_keep_the_routers_memory_bounded(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    """body_memory (256 MiB by default): one 200 MiB body is read, the two others get a 503
+    before theirs."""
+    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
+                    router_idle_exit="1h")
+    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    assert hk.request("GET", "/v1/models")[0] == 200
+    since = cursor(hk)
+    proc = router_proc(hk)
+
+    def rss(field: str) -> int:
+        for line in (proc / "status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(field)
+    before = rss("VmRSS")
+    size = 200 << 20
+    prefix = b'{"model": "nope", "messages": [{"role": "user", "content": "'
+    suffix = b'"}]}'
+    filler = b"a" * (1 << 20)
+    answers: list[bytes] = []
+
+    def send() -> None:
+        sock = socket.create_connection(("127.0.0.1", hk.port), timeout=60)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         + str(size).encode() + b"\r\n\r\n" + prefix)
+            left = size - len(prefix) - len(suffix)
+            while left > 0:
+                left -= sock.send(filler[:left])
+            sock.sendall(suffix)
+        except OSError:
+            pass  # refused before the body: the answer is waiting
+        answers.append(sock.recv(65536))
+        sock.close()
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(60)
+    peak = rss("VmHWM")
+    print(f"router RSS: {before / 2**20:.0f} MiB before, peak {peak / 2**20:.0f} MiB with "
+          f"3 x 200 MiB bodies sent at once")
+    statuses = sorted(int(a.split(b" ", 2)[1]) for a in answers)
+    assert statuses == [404, 503, 503], [a[:200] for a in answers]
+    # one body's worth (its bytes, its text, the string in it), not three
+    assert peak < before + 4 * size, peak
+    quick_chat(hk)
     assert_no_errors_but(hk, since)
