@@ -1,0 +1,414 @@
+"""The client side: connections, the listener, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+from hoshikage_sd.router.proxy.exchange import Exchange
+from hoshikage_sd.router.proxy.messages import (
+    MAX_QUEUED,
+    BadRequest,
+    ErrorRenderer,
+    Forward,
+    Handler,
+    Limits,
+    Outcome,
+    Request,
+    Response,
+    default_error,
+    request_head,
+    response_bytes,
+)
+from hoshikage_sd.router.proxy.parsing import RequestParser
+from hoshikage_sd.router.proxy.upstream import Upstream, UpstreamConnection
+
+logger = logging.getLogger("hoshikage.proxy")
+T = TypeVar("T")
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        limits = proxy.limits
+        self.parser = RequestParser(self._parsed, limits.max_body, limits.large_body,
+                                    proxy.admit_large)
+        self.transport: asyncio.Transport | None = None
+        self.queue: collections.deque[Request] = collections.deque()
+        self.task: asyncio.Task[None] | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.exchange: Exchange | None = None
+        self.current: Request | None = None
+        self.lost = False
+        self.reading = True
+        self.eof = False
+        #: the one timer: idle (between requests), head (one coming in), body (stalled)
+        self.timer: asyncio.TimerHandle | None = None
+        self.timing = ""
+
+    # transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but are ones
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.proxy.admit(self):
+            return
+        self._arm("head", self.proxy.limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+        except BadRequest as exc:
+            self.queue.clear()
+            response = self.proxy.error(exc.request, exc.status, str(exc),
+                                        "model_unavailable" if exc.status == 503
+                                        else "invalid_request")
+            response.headers += list(exc.headers.items())
+            self.write(response_bytes(response, False))
+            self.close()
+            return
+        if self.task is None:
+            # a head on its way, or a body: either must come within the header timeout
+            if not self.parser.idle:
+                self._arm("body", self.proxy.limits.header_timeout)
+            elif self.timing == "idle" and self.parser.buf:
+                self._arm("head", self.proxy.limits.header_timeout)
+        if self.parser.expects_continue:
+            self.parser.expects_continue = False
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.task is not None:
+            # The client closed its side with a request in flight: it went away (as nginx
+            # reads it; HTTP clients do not half-close). Closing aborts the upstream request,
+            # so llama-server stops generating for nobody.
+            logger.debug("client went away during %s", self._what())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.proxy.lost(self)
+        self._disarm()
+        for request in (self.parser.request, *self.queue):
+            if request is not None:
+                self.proxy.release_large(request)
+        if self.upstream is not None:
+            # llama-server sees its client go and stops generating
+            logger.debug("client went away (%s) during %s: cancelled upstream",
+                         exc or "closed", self._what())
+            self.upstream.abort()
+        elif self.task is not None:
+            self.task.cancel()  # still in the handler (a model starting) or waiting its turn
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume()
+
+    # helpers
+    @property
+    def idle(self) -> bool:
+        """Nothing being answered, nothing but a partial head read: may be closed."""
+        return self.task is None and self.parser.idle and not self.lost
+
+    def _what(self) -> str:
+        request = self.current
+        return f"{request.method} {request.path} ({request.id})" if request else "a request"
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm(self, what: str, seconds: float) -> None:
+        self._disarm()
+        self.timing = what
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timing = ""
+
+    def _expired(self) -> None:
+        what, self.timer, self.timing = self.timing, None, ""
+        if self.task is not None or self.lost:
+            return  # answering: the connection's timers start again after it
+        if what != "idle" and (self.parser.buf or not self.parser.idle):
+            logger.debug("closing a client connection: its request %s stalled",
+                         "head" if what == "head" else "body")
+            self.write(response_bytes(self.proxy.error(
+                None, 408, f"the request {what} did not come within "
+                f"{self.proxy.limits.header_timeout:g} s", "timeout"), False))
+        self.close()
+
+    def _parsed(self, request: Request) -> None:
+        self.queue.append(request)
+        if len(self.queue) > MAX_QUEUED and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+        if self.task is None:
+            self._disarm()
+            self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        try:
+            while self.queue and not self.lost:
+                request = self.current = self.queue.popleft()
+                if not self.reading and self.transport is not None:
+                    self.reading = True
+                    self.transport.resume_reading()
+                try:
+                    keep = await self._answer(request)
+                finally:
+                    self.current = None
+                    self.proxy.release_large(request)
+                if not keep or self.proxy.draining:
+                    self.close()
+                    return
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            logger.exception("proxy: request failed")
+            self.write(response_bytes(self.proxy.error(None, 500, "internal error in the "
+                                                       "router", "server_error"), False))
+            self.close()
+            return
+        finally:
+            self.task = None
+            self.proxy.answered()
+        if self.eof:
+            self.close()
+        elif not self.lost:
+            if not self.parser.idle:
+                self._arm("body", self.proxy.limits.header_timeout)
+            elif self.parser.buf:
+                self._arm("head", self.proxy.limits.header_timeout)
+            else:
+                self._arm("idle", self.proxy.limits.idle_timeout)
+
+    async def _answer(self, request: Request) -> bool:
+        """Answer one request; False when the connection must close after it."""
+        head_only = request.method == "HEAD"
+        result = await self.proxy.handler(request)
+        while isinstance(result, Forward):
+            forward = result
+            outcome = Outcome()
+            try:
+                return await self._forward(request, forward, head_only, outcome)
+            except OSError as exc:  # no connection could be made: nothing was sent
+                if forward.unreachable is None:
+                    result = self.proxy.error(request, 502, f"upstream not answering: {exc}",
+                                              "model_unavailable")
+                else:
+                    result = await forward.unreachable(exc)
+            finally:
+                if forward.done is not None:
+                    forward.done(outcome)
+        keep = request.keep_alive and not self.proxy.draining
+        self.write(response_bytes(result, keep, head_only))
+        return keep
+
+    async def _forward(self, request: Request, forward: Forward, head_only: bool,
+                       outcome: Outcome) -> bool:
+        upstream_request = forward.request or request
+        head = request_head(upstream_request)
+        fresh = False
+        while True:
+            conn, reused = await forward.upstream.acquire(fresh)
+            exchange = Exchange(self, request.keep_alive, request.version == "1.0", forward,
+                                head_only)
+            exchange.outcome = outcome
+            self.upstream, self.exchange = conn, exchange
+            ok = False
+            try:
+                if self.lost:
+                    return False
+                conn.send(head, exchange, head_only, upstream_request.body)
+                ok = await exchange.finished
+            finally:
+                self.upstream = self.exchange = None
+                forward.upstream.release(conn, ok)
+            if ok:
+                return exchange.keep_alive
+            if not exchange.got_bytes and not self.lost:
+                if reused:
+                    # llama-server closed an idle connection as we sent on it: it read nothing
+                    fresh = True
+                    continue
+                # reset or closed before a byte of answer (it died, or is stopping, with the
+                # request in its queue): the caller's to handle, as a refused connection is
+                raise ConnectionResetError(f"upstream closed before answering: "
+                                           f"{exchange.error}")
+            if not exchange.head_sent and not self.lost:
+                response = self.proxy.error(request, 502, f"upstream failed: {exchange.error}",
+                                            "model_unavailable")
+                outcome.status = response.status
+                self.write(response_bytes(response, False))
+            return False
+
+    def cut(self, message: str) -> None:
+        """End what is being answered now, as cleanly as its framing allows (the router
+        stops): a chunked stream gets a last event saying why and its end."""
+        exchange = self.exchange
+        if exchange is not None and self.current is not None:
+            exchange.cut(self.proxy.error(self.current, 503, message, "shutting_down"))
+        self.close()
+        if self.upstream is not None:
+            self.upstream.abort()
+
+
+class Proxy:
+    """The front: parse, ask the handler, answer or forward. One per router."""
+
+    def __init__(self, handler: Handler, limits: Limits | None = None,
+                 error: ErrorRenderer = default_error) -> None:
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.error = error
+        #: open client connections, oldest first
+        self.connections: dict[ClientConnection, None] = {}
+        #: bytes of large bodies held (Limits.body_memory)
+        self.body_bytes = 0
+        self.draining = False
+        self._drained: asyncio.Event | None = None
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def admit(self, client: ClientConnection) -> bool:
+        """A new connection: past max_connections, the longest idle one makes room for it,
+        or (none idle) it gets a 503 and is closed."""
+        if self.draining:
+            client.write(response_bytes(self.error(
+                None, 503, "the router is stopping; try again", "shutting_down"), False))
+            client.close()
+            return False
+        if len(self.connections) >= self.limits.max_connections:
+            oldest = next((c for c in self.connections if c.idle), None)
+            if oldest is None:
+                logger.warning("refusing a connection: %d open, none idle (max_connections)",
+                               len(self.connections))
+                response = self.error(None, 503, f"too many connections "
+                                      f"({self.limits.max_connections}); try again",
+                                      "too_many_connections")
+                response.headers.append(("Retry-After", "1"))
+                client.write(response_bytes(response, False))
+                client.close()
+                return False
+            logger.debug("max_connections reached: closing the longest idle connection")
+            del self.connections[oldest]
+            oldest.close()
+        self.connections[client] = None
+        return True
+
+    def lost(self, client: ClientConnection) -> None:
+        self.connections.pop(client, None)
+        if self._drained is not None and not any(
+                c.task is not None for c in self.connections):
+            self._drained.set()
+
+    def answered(self) -> None:
+        if self._drained is not None and not any(
+                c.task is not None for c in self.connections):
+            self._drained.set()
+
+    def admit_large(self, request: Request, size: int) -> bool:
+        """May `request` hold `size` bytes of body (it holds request.large already)?"""
+        more = size - request.large
+        if self.body_bytes and self.body_bytes + more > self.limits.body_memory:
+            logger.warning("refusing a request body of %d bytes: %d bytes of bodies held "
+                           "(body_memory %d)", size, self.body_bytes, self.limits.body_memory)
+            return False
+        self.body_bytes += more
+        request.large = size
+        return True
+
+    def release_large(self, request: Request) -> None:
+        if request.large:
+            self.body_bytes -= request.large
+            request.large = 0
+
+    async def listen(self, sock: Any) -> asyncio.Server:
+        """Serve a listening socket (one of systemd's)."""
+        return await asyncio.get_running_loop().create_server(self.protocol, sock=sock,
+                                                              backlog=1024)
+
+    async def adopt(self, conn: Any) -> None:
+        """Serve a connection accepted already (first_request's), its request unread."""
+        await asyncio.get_running_loop().connect_accepted_socket(self.protocol, conn)
+
+    async def drain(self, grace: float) -> int:
+        """Stop: idle connections close now, each busy one after its answer, and what is
+        still being answered after `grace` seconds is cut. Returns how many were cut."""
+        self.draining = True
+        self._drained = asyncio.Event()
+        for client in list(self.connections):
+            if client.idle:
+                client.close()
+        self.answered()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._drained.wait()
+        busy = [c for c in self.connections if c.task is not None]
+        for client in busy:
+            client.cut(f"the router stopped; the request ran past its {grace:g} s grace")
+        self.close()
+        return len(busy)
+
+    def close(self) -> None:
+        for client in list(self.connections):
+            client.close()
+
+
+# -- event loop -------------------------------------------------------------------------------
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop where installed (a fifth less CPU per forwarded request), else asyncio's."""
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
+
+
+def bench_serve(port: int, upstream_path: str, size: int) -> None:
+    """bench/proxy_layers.py's "fast" candidate: every request forwarded to one upstream,
+    after the router's own cost of reading the model from the JSON body."""
+    import socket
+
+    async def main() -> None:
+        upstream = Upstream(upstream_path, size)
+
+        async def handler(request: Request) -> Response | Forward:
+            if request.body.strip():
+                try:
+                    json.loads(request.body)
+                except ValueError as exc:
+                    return Response.error(400, f"request body is not valid JSON: {exc}",
+                                          "invalid_request_error")
+            return Forward(upstream)
+
+        sock = socket.create_server(("127.0.0.1", port), backlog=1024)
+        server = await Proxy(handler).listen(sock)
+        print("ready", flush=True)
+        await server.serve_forever()
+
+    run(main())
