@@ -37,8 +37,8 @@ from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.policy import residents
 from hoshikage_sd.policy.admission import Verdict
 from hoshikage_sd.resolve import resolve
+from hoshikage_sd.router import auth, ollama, proxy, routes
 from hoshikage_sd.router import errors as api
-from hoshikage_sd.router import ollama, proxy, routes
 from hoshikage_sd.router.announcements import Announcements
 from hoshikage_sd.router.config import load_config
 from hoshikage_sd.router.first_request import FirstRequest, model_name_of
@@ -65,6 +65,8 @@ CORS_HEADERS = frozenset({b"access-control-allow-origin", b"access-control-allow
                           b"access-control-expose-headers", b"access-control-max-age"})
 JSON = [(b"Content-Type", b"application/json; charset=utf-8")]
 NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
+#: routes that need no API key: a load balancer's health check, a browser's preflight
+KEYLESS = frozenset({Route.HEALTH, Route.OPTIONS})
 
 
 class StartFailed(Exception):
@@ -100,14 +102,19 @@ class Router:
         self.metrics = metrics.Metrics(config.runtime_dir, config.ramdisk)
         #: each loaded model's TTL override (keep_alive), as last read or written
         self._ttl: dict[str, float | None] = {}
+        self.gate = auth.Gate()
+        self._load_keys()
         self._manifest_id = self._stat_manifest()
         self._checked = time.monotonic()
 
     # -- manifest reload ------------------------------------------------------------------
     def _stat_manifest(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """Identity of the manifest and the CLI's names file: a change in either reloads."""
+        """Identity of the manifest, the CLI's names file and the API keys file: a change in
+        any reloads."""
         out: list[tuple[int, int, int] | None] = []
-        for path in (self.config.source, names.path(self.config)):
+        for path in (self.config.source, names.path(self.config), self.gate.path()):
+            if path is None:
+                continue
             try:
                 st = os.stat(path)
                 out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -134,6 +141,7 @@ class Router:
                 logger.error("cannot serve: %s", err.message)
             else:
                 logger.error("keeping the last good manifest: %s", err.message)
+            self._load_keys()
             return
         if self.broken is not None:
             logger.info("manifest %s usable again", config.source)
@@ -142,6 +150,16 @@ class Router:
         for warning in config.warnings:
             logger.warning("%s", warning)
         self.config = config
+        self._load_keys()
+
+    def _load_keys(self) -> None:
+        """(Re-)read the API keys the manifest names; one that cannot be used closes the
+        door (every request a 503 saying why), never opens it."""
+        self.gate.load(self.config.api_keys)
+        if self.gate.problem is not None:
+            logger.error("cannot serve: %s", self.gate.problem)
+        elif self.gate.spec is not None:
+            logger.info("API keys: %d from %s", len(self.gate.keys), self.gate.spec)
 
     def reload_now(self) -> None:
         """`hoshikage reload` (its datagram on the announcements socket)."""
@@ -327,6 +345,16 @@ class Router:
         started = time.monotonic()
         request.id = api.request_id(request.header("x-request-id"))
         route = routes.classify(request.method, request.path, request.query)
+        self.maybe_reload()
+        if route in KEYLESS:
+            # a health check says the router cannot serve (keys file unusable)
+            denied = self.fail(request, auth.unusable(self.gate.problem)) \
+                if route is Route.HEALTH and self.gate.problem else None
+        else:
+            denied = self.admit(request)
+        if denied is not None:
+            self.metrics.request("", metrics.route_label(request.path), denied.status, 0.0, 0.0)
+            return denied
         if route is Route.METRICS:
             # a scrape starts nothing and keeps nothing alive, the router's idle clock
             # included; it is not counted either (it would count itself)
@@ -334,13 +362,25 @@ class Router:
                             [("Content-Type", metrics.CONTENT_TYPE),
                              *api.request_id_headers(request.id).items()])
         self.last_activity = started
-        self.maybe_reload()
         result = await self.dispatch(request, route)
         if isinstance(result, Response):
             seconds = time.monotonic() - started
             self.metrics.request(result.model, metrics.route_label(request.path),
                                  result.status, seconds, seconds)
         return result
+
+    def admit(self, request: Request) -> Response | None:
+        """The API key check, before anything can start: None lets the request on (with
+        its key as `request.grant`, whose allow-list model_for applies)."""
+        if self.broken is not None:
+            # a manifest never read: whether it asks for keys is unknown, so nothing passes
+            return self.fail(request, self.broken_error())
+        grant = self.gate.check(request.header)
+        if isinstance(grant, api.ApiError):
+            extra = {"WWW-Authenticate": "Bearer"} if grant.status == 401 else {}
+            return self.fail(request, grant, **extra)
+        request.grant = grant
+        return None
 
     async def dispatch(self, request: Request, route: Route) -> Response | Forward:
         rid = request.id
@@ -440,6 +480,9 @@ class Router:
         except AmbiguousModel as exc:
             return api.model_ambiguous(exc.message + "; name one exactly")
         if model is not None:
+            grant = request.grant
+            if isinstance(grant, auth.Key) and not grant.allows(model.name, model.aliases):
+                return auth.forbidden(model.name)
             return model
         known = list(self.config.models)
         return api.model_not_found(name, known) if name else api.no_model(known)
