@@ -172,6 +172,8 @@ class Config:
     body_memory: int = 256 << 20
     #: how long a stopping router lets requests in flight finish
     stop_grace: float = 10.0
+    #: where the API keys are (router/auth.py): an absolute path, or "credential:NAME"
+    api_keys: str | None = None
     weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()

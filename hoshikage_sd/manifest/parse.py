@@ -101,6 +101,17 @@ def _command(r: NodeReader, n: yaml.Node, what: str) -> tuple[str, ...]:
     return command
 
 
+def _api_keys(r: NodeReader, n: yaml.Node, what: str) -> str:
+    value = r.string(n, what)
+    if value.startswith("credential:"):
+        name = value.removeprefix("credential:")
+        if not name or "/" in name or name in (".", ".."):
+            raise r.fail(n, f"{what}: 'credential:NAME' needs a credential name (as in "
+                            "LoadCredential=NAME:/path), without '/'")
+        return value
+    return str(r.abspath(n, what))
+
+
 #: key -> reader, for the keys that are read the same way wherever they are
 CACHE_FIELDS: dict[str, FieldReader] = {
     "dir": _path, "max_size": _size, "min_free": _size, "expire_after": _duration,
@@ -117,7 +128,7 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
     "max_body": _size, "large_body": _size, "body_memory": _size,
-    "stop_grace": _duration,
+    "stop_grace": _duration, "api_keys": _api_keys,
 }
 #: top-level keys read by hand: they depend on each other
 TOP_SPECIAL = ("default_model", "models")

@@ -200,6 +200,9 @@ def take_early() -> FirstRequest:
         if index is None:
             first.notes.append("no current name index: resolving after the imports")
             return first
+        if index.get("api_keys"):  # a request must show its key before it starts anything
+            first.decided = True
+            return first
         model = None
         for name in names:
             try:
@@ -263,7 +266,7 @@ def take(config: Config | None, first: FirstRequest | None = None) -> FirstReque
     for note in first.notes:
         fields = {"HOSHIKAGE_HEAD_START_USEC": int(first.began * 1e6)} if first.began else {}
         logger.info("%s", note, extra={"journal": fields})
-    if first.decided or first.request is None or config is None:
+    if first.decided or first.request is None or config is None or config.api_keys:
         return first
     try:
         names = wanted(first.request)

@@ -74,6 +74,8 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         "files": identities,
         "default": default.name if default else None,
         "strict_names": config.strict_names,
+        # with API keys, the key is checked before a start: no head start (router/auth.py)
+        "api_keys": config.api_keys is not None,
         "models": [{"name": m.name, "aliases": list(m.aliases), "tags": list(m.tags),
                     "socket": str(config.socket_path(m.name)), "health": m.health,
                     "unit": model_unit(m.name)} for m in config.models.values()],

@@ -11,23 +11,26 @@ is the unit's first act. Exits once nothing is loaded and nobody asked for anyth
 HTTP is router/proxy.py (an asyncio.Protocol front with a bounded upstream pool per model,
 sized to llama-server's HTTP threads); which requests start a model is router/routes.py;
 error bodies are in each API's shape (router/errors.py); Ollama's API is translated
-(router/ollama). A manifest that cannot be read never stops the router: it answers every
-model request with a 503 that says what is wrong until the file is fixed.
+(router/ollama) and served by router/ollama_routes.py; one forwarded request is a
+router/call.py Call; API keys are router/auth.py's; the busy locks and activity records are
+router/activity.py's. A manifest that cannot be read never stops the router: it answers
+every model request with a 503 that says what is wrong until the file is fixed.
+
+Over the house's ~400 lines on purpose: what is left is the Router's one state (ready,
+starting, in flight, pools, TTLs, the manifest and keys in use) and the methods that read and
+change it together (reload, start, forward, the idle exit); split further, each part would
+reach into the others' state, as ollama_routes.py already has to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import logging
-import math
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -37,14 +40,16 @@ from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.policy import residents
 from hoshikage_sd.policy.admission import Verdict
 from hoshikage_sd.resolve import resolve
+from hoshikage_sd.router import auth, ollama, ollama_routes, proxy, routes
 from hoshikage_sd.router import errors as api
-from hoshikage_sd.router import ollama, proxy, routes
+from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
+from hoshikage_sd.router.call import Call
 from hoshikage_sd.router.config import load_config
 from hoshikage_sd.router.first_request import FirstRequest, model_name_of
-from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
+from hoshikage_sd.router.proxy import Forward, Request, Response
 from hoshikage_sd.router.routes import Route
-from hoshikage_sd.runtime import Activity, Runtime
+from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Identity, Store
@@ -63,8 +68,8 @@ UNLOAD_WAIT = 5.0
 CORS_HEADERS = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
                           b"access-control-allow-methods", b"access-control-allow-headers",
                           b"access-control-expose-headers", b"access-control-max-age"})
-JSON = [(b"Content-Type", b"application/json; charset=utf-8")]
-NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
+#: routes that need no API key: a load balancer's health check, a browser's preflight
+KEYLESS = frozenset({Route.HEALTH, Route.OPTIONS})
 
 
 class StartFailed(Exception):
@@ -100,14 +105,19 @@ class Router:
         self.metrics = metrics.Metrics(config.runtime_dir, config.ramdisk)
         #: each loaded model's TTL override (keep_alive), as last read or written
         self._ttl: dict[str, float | None] = {}
+        self.gate = auth.Gate()
+        self._load_keys()
         self._manifest_id = self._stat_manifest()
         self._checked = time.monotonic()
 
     # -- manifest reload ------------------------------------------------------------------
     def _stat_manifest(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """Identity of the manifest and the CLI's names file: a change in either reloads."""
+        """Identity of the manifest, the CLI's names file and the API keys file: a change in
+        any reloads."""
         out: list[tuple[int, int, int] | None] = []
-        for path in (self.config.source, names.path(self.config)):
+        for path in (self.config.source, names.path(self.config), self.gate.path()):
+            if path is None:
+                continue
             try:
                 st = os.stat(path)
                 out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -134,6 +144,7 @@ class Router:
                 logger.error("cannot serve: %s", err.message)
             else:
                 logger.error("keeping the last good manifest: %s", err.message)
+            self._load_keys()
             return
         if self.broken is not None:
             logger.info("manifest %s usable again", config.source)
@@ -142,6 +153,16 @@ class Router:
         for warning in config.warnings:
             logger.warning("%s", warning)
         self.config = config
+        self._load_keys()
+
+    def _load_keys(self) -> None:
+        """(Re-)read the API keys the manifest names; one that cannot be used closes the
+        door (every request a 503 saying why), never opens it."""
+        self.gate.load(self.config.api_keys)
+        if self.gate.problem is not None:
+            logger.error("cannot serve: %s", self.gate.problem)
+        elif self.gate.spec is not None:
+            logger.info("API keys: %d from %s", len(self.gate.keys), self.gate.spec)
 
     def reload_now(self) -> None:
         """`hoshikage reload` (its datagram on the announcements socket)."""
@@ -327,6 +348,16 @@ class Router:
         started = time.monotonic()
         request.id = api.request_id(request.header("x-request-id"))
         route = routes.classify(request.method, request.path, request.query)
+        self.maybe_reload()
+        if route in KEYLESS:
+            # a health check says the router cannot serve (keys file unusable)
+            denied = self.fail(request, auth.unusable(self.gate.problem)) \
+                if route is Route.HEALTH and self.gate.problem else None
+        else:
+            denied = self.admit(request)
+        if denied is not None:
+            self.metrics.request("", metrics.route_label(request.path), denied.status, 0.0, 0.0)
+            return denied
         if route is Route.METRICS:
             # a scrape starts nothing and keeps nothing alive, the router's idle clock
             # included; it is not counted either (it would count itself)
@@ -334,13 +365,25 @@ class Router:
                             [("Content-Type", metrics.CONTENT_TYPE),
                              *api.request_id_headers(request.id).items()])
         self.last_activity = started
-        self.maybe_reload()
         result = await self.dispatch(request, route)
         if isinstance(result, Response):
             seconds = time.monotonic() - started
             self.metrics.request(result.model, metrics.route_label(request.path),
                                  result.status, seconds, seconds)
         return result
+
+    def admit(self, request: Request) -> Response | None:
+        """The API key check, before anything can start: None lets the request on (with
+        its key as `request.grant`, whose allow-list model_for applies)."""
+        if self.broken is not None:
+            # a manifest never read: whether it asks for keys is unknown, so nothing passes
+            return self.fail(request, self.broken_error())
+        grant = self.gate.check(request.header)
+        if isinstance(grant, api.ApiError):
+            extra = {"WWW-Authenticate": "Bearer"} if grant.status == 401 else {}
+            return self.fail(request, grant, **extra)
+        request.grant = grant
+        return None
 
     async def dispatch(self, request: Request, route: Route) -> Response | Forward:
         rid = request.id
@@ -373,12 +416,12 @@ class Router:
         if route is Route.MODEL:
             return await self.show_model(request)
         if route is Route.OLLAMA_TAGS:
-            return self.reply(request, 200, await asyncio.to_thread(self.ollama_tags))
+            return self.reply(request, 200, await asyncio.to_thread(ollama_routes.tags, self))
         if route is Route.OLLAMA_PS:
-            return self.reply(request, 200, await self.ollama_ps())
+            return self.reply(request, 200, await ollama_routes.ps(self))
         if route is Route.OLLAMA_SHOW:
-            return self.ollama_show(request)
-        return await self.ollama_infer(request, rid)
+            return ollama_routes.show(self, request)
+        return await ollama_routes.infer(self, request, rid)
 
     # replies
     def cors(self, request: Request) -> list[tuple[str, str]]:
@@ -440,6 +483,9 @@ class Router:
         except AmbiguousModel as exc:
             return api.model_ambiguous(exc.message + "; name one exactly")
         if model is not None:
+            grant = request.grant
+            if isinstance(grant, auth.Key) and not grant.allows(model.name, model.aliases):
+                return auth.forbidden(model.name)
             return model
         known = list(self.config.models)
         return api.model_not_found(name, known) if name else api.no_model(known)
@@ -457,9 +503,8 @@ class Router:
             return self.fail(request, found)
         return await self.exchange(request, found, Call(self, request, found))
 
-    async def exchange(self, request: Request, model: Model, call: Call,
-                       retried: bool = False) -> Response | Forward:
-        """Make sure the model serves, then forward (a Forward whose `done` ends the call)."""
+    async def started(self, request: Request, model: Model) -> Response | None:
+        """Make sure the model serves: None once it does, else the error reply."""
         try:
             await self.ensure(model)
         except StartFailed as exc:
@@ -467,6 +512,14 @@ class Router:
                                                            permanent=exc.permanent))
             response.model = model.name
             return response
+        return None
+
+    async def exchange(self, request: Request, model: Model, call: Call,
+                       retried: bool = False) -> Response | Forward:
+        """Make sure the model serves, then forward (a Forward whose `done` ends the call)."""
+        failed = await self.started(request, model)
+        if failed is not None:
+            return failed
         call.loaded()
         pool = self.pool(model)
 
@@ -531,101 +584,6 @@ class Router:
             return self.fail(request, found)
         return self.reply(request, 200, self.describe(found, await self.loaded()))
 
-    # -- Ollama ---------------------------------------------------------------------------
-    def facts(self, model: Model) -> ollama.ModelFacts:
-        return ollama.model_facts(model.name, model.path, args=model.server_args,
-                                  aliases=model.aliases)
-
-    def ollama_model(self, request: Request, name: object) -> Model | api.ApiError:
-        if not isinstance(name, str) or not name:
-            return api.ApiError(400, "model is required", param="model")
-        return self.model_for(request, ollama.resolve_name(
-            name, lambda n: bool(self.config.matches(n))))
-
-    def ollama_tags(self) -> dict[str, Any]:
-        return ollama.tags_body([self.facts(m) for m in self.config.models.values()])
-
-    async def ollama_ps(self) -> dict[str, Any]:
-        up = await self.up()
-        now = time.time()
-        rows = []
-        for name in sorted(up):
-            model = self.config.models[name]
-            ttl = self.effective_ttl(model)
-            if math.isinf(ttl):
-                expires: int | None = None
-            else:
-                activity = self.runtime.activity(name)
-                running = self.runtime.running(name)
-                since = now if activity is not None and activity.in_flight else max(
-                    activity.last_end if activity else 0.0,
-                    running.started if running else now)
-                expires = int((since + ttl) * 1e9)
-            size = self.runtime.admitted(name) or self.facts(model).size
-            rows.append(ollama.Loaded(self.facts(model), size, expires))
-        return ollama.ps_body(rows)
-
-    def ollama_show(self, request: Request) -> Response:
-        try:
-            data = ollama.read_json(request.body)
-        except ollama.OllamaError as exc:
-            return self.fail(request, api.ApiError(exc.status, exc.message))
-        name = data.get("model") or data.get("name") if isinstance(data, dict) else None
-        found = self.ollama_model(request, name)
-        if isinstance(found, api.ApiError):
-            return self.fail(request, found)
-        return self.reply(request, 200, ollama.show_body(self.facts(found)))
-
-    async def ollama_infer(self, request: Request, rid: str) -> Response | Forward:
-        started = time.monotonic_ns()
-        try:
-            data = ollama.read_json(request.body)
-            found = self.ollama_model(request, data.get("model")
-                                      if isinstance(data, dict) else None)
-            if isinstance(found, api.ApiError):
-                return self.fail(request, found)
-            facts = self.facts(found)
-            action = ollama.translate(request.path, data, n_ctx=facts.context_length,
-                                      accepts_images=facts.accepts_images
-                                      if facts.info is not None else None)
-        except ollama.OllamaError as exc:
-            return self.fail(request, api.ApiError(exc.status, exc.message))
-        keep = action.keep_alive
-        if isinstance(action, ollama.LoadOnly):
-            if keep.mode == "unload":
-                if found.name in await self.loaded():
-                    await self.unload(found, "keep_alive 0")
-                self.runtime.clear("ttl", found.name)
-                self._ttl.pop(found.name, None)
-                response = self.reply(request, 200, ollama.load_only_response(action))
-            else:
-                try:
-                    await self.ensure(found)
-                except StartFailed as exc:
-                    response = self.fail(request, api.start_failed(
-                        found.name, str(exc), permanent=exc.permanent))
-                else:
-                    self.keep_alive(found, keep)
-                    response = self.reply(request, 200, ollama.load_only_response(action))
-            response.model = found.name
-            return response
-        call = OllamaCall(self, request, found, action, started)
-        return await self.exchange(request, found, call)
-
-    def keep_alive(self, model: Model, keep: ollama.KeepAlive) -> None:
-        """A request's keep_alive for this load: a TTL or forever (for the idle watch), or
-        the manifest's again (a request without one, as Ollama resets it)."""
-        name = model.name
-        if keep.mode == "ttl" and keep.seconds is not None:
-            self.runtime.set_ttl(name, keep.seconds)
-            self._ttl[name] = keep.seconds
-        elif keep.mode == "forever":
-            self.runtime.set_ttl(name, math.inf)
-            self._ttl[name] = math.inf
-        elif keep.mode == "default" and self.effective_ttl(model) != model.ttl:
-            self.runtime.clear("ttl", name)
-            self._ttl[name] = None
-
     # -- idle exit ------------------------------------------------------------------------
     async def watch_idle(self) -> None:
         while True:
@@ -653,224 +611,6 @@ class Router:
         for pool in self.pools.values():
             pool.close()
         self.busy.close()
-
-
-class ActivityRecords:
-    """Writes Runtime's activity records (what Runtime.activity reads) on the request path:
-    the same file, temp + rename, from precomputed paths and without dataclasses.asdict and
-    pathlib (together ~4 times the cost of the write itself, measured)."""
-
-    def __init__(self, runtime: Runtime, pid: int) -> None:
-        self.runtime = runtime
-        self.pid = pid
-        self.paths: dict[str, tuple[str, str]] = {}
-
-    def write(self, name: str, in_flight: int, last_end: float) -> None:
-        paths = self.paths.get(name)
-        if paths is None:
-            final = str(self.runtime.activity_path(name))
-            paths = self.paths[name] = (f"{final}.tmp-{self.pid}", final)
-        data = json.dumps({"in_flight": in_flight, "last_end": last_end,
-                           "router_pid": self.pid}).encode()
-        try:
-            fd = os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:  # the first record: its directory too
-            self.runtime.set_activity(name, Activity(in_flight, last_end, self.pid))
-            return
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(*paths)
-
-
-class BusyLocks:
-    """A shared flock on each model's busy file (Runtime.busy_path) while requests to it are
-    in flight: two system calls per busy period instead of a record written at its start."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.fds: dict[str, int] = {}
-
-    def hold(self, name: str) -> bool:
-        try:
-            fd = self.fds.get(name)
-            if fd is None:
-                path = self.runtime.busy_path(name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = self.fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                              0o644)
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            logger.debug("no busy lock for %s: %s", name, exc)
-            return False
-        return True
-
-    def release(self, name: str) -> None:
-        fd = self.fds.get(name)
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-class Call:
-    """One forwarded request: what the client gets besides the upstream's reply, and what
-    happens when it ends."""
-
-    #: the client's request is sent as it is
-    upstream_request: Request | None = None
-
-    def __init__(self, router: Router, request: Request, model: Model) -> None:
-        self.router = router
-        self.request = request
-        self.model = model
-        self.load_ns = 0
-        self.began_ns = time.monotonic_ns()
-        self._loaded = False
-        self.transform: Callable[[int, list[tuple[bytes, bytes]]],
-                                 proxy.Transform | None] | None = None
-        path = request.path
-        if path == "/v1/messages" or path.startswith("/v1/messages/"):
-            self.transform = self._errors_as(api.Api.ANTHROPIC)
-        elif path.startswith("/v1/"):
-            self.transform = self._errors_as(api.Api.OPENAI)
-
-    def loaded(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            self.load_ns = time.monotonic_ns() - self.began_ns
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        rid = self.request.id.encode()
-        out = [(b"x-request-id", rid), (b"request-id", rid)]
-        out += [(k.encode(), v.encode("latin-1")) for k, v in self.router.cors(self.request)]
-        return out
-
-    def _errors_as(self, which: api.Api) -> Callable[[int, list[tuple[bytes, bytes]]],
-                                                     proxy.Transform | None]:
-        rid = self.request.id
-
-        def transform(status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform | None:
-            if status < 400:
-                return None
-            return Whole(status, JSON, lambda raw: (status, json.dumps(api.body(
-                which, api.from_upstream(status, _json_or_text(raw)), rid)).encode()))
-        return transform
-
-    def done(self, outcome: Outcome) -> None:
-        self.router._end(self.model.name)
-        if outcome.status:  # else a retry follows, or the proxy answered (and counts) it
-            now, began = time.monotonic(), self.began_ns / 1e9
-            self.router.metrics.request(
-                self.model.name, metrics.route_label(self.request.path), outcome.status,
-                now - began, None if outcome.head_at is None else outcome.head_at - began)
-
-
-class OllamaCall(Call):
-    """A request to Ollama's /api/chat, /api/generate, /api/embed or /api/embeddings, sent
-    to llama-server translated and answered in Ollama's shape."""
-
-    def __init__(self, router: Router, request: Request, model: Model,
-                 action: ollama.Upstream, started_ns: int) -> None:
-        super().__init__(router, request, model)
-        self.began_ns = started_ns
-        self.action = action
-        self.upstream_request = Request(
-            "POST", action.path, "1.1", [(b"Content-Type", b"application/json")],
-            json.dumps(action.body, ensure_ascii=False).encode())
-        self.transform = self._translate
-
-    def loaded(self) -> None:
-        super().loaded()
-        self.router.keep_alive(self.model, self.action.keep_alive)  # for this load
-
-    def _translate(self, status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform:
-        action = self.action
-        if status >= 400:
-            def error(raw: bytes) -> tuple[int, bytes]:
-                told, body = ollama.error_from_upstream(status, raw)
-                return told, json.dumps(body).encode()
-            return Whole(status, JSON, error)
-        if action.stream:
-            return Stream(ollama.StreamTranslator(action, started_ns=self.began_ns,
-                                                  load_ns=self.load_ns))
-
-        def whole(raw: bytes) -> tuple[int, bytes]:
-            total = time.monotonic_ns() - self.began_ns
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                return 502, json.dumps({"error": "llama-server answered with something "
-                                                 "that is not JSON"}).encode()
-            if action.endpoint == "chat":
-                out = ollama.chat_response(data, action.model, total_ns=total,
-                                           load_ns=self.load_ns)
-            elif action.endpoint == "generate":
-                out = ollama.generate_response(data, action.model, total_ns=total,
-                                               load_ns=self.load_ns)
-            elif action.endpoint == "embed":
-                out = ollama.embed_response(data, action.model, total_ns=total,
-                                            load_ns=self.load_ns, dimensions=action.dimensions)
-            else:
-                out = ollama.embeddings_response(data)
-            return 200, json.dumps(out, ensure_ascii=False).encode()
-        return Whole(200, JSON, whole)
-
-    def done(self, outcome: Outcome) -> None:
-        super().done(outcome)
-        name = self.model.name
-        if (self.action.keep_alive.mode == "unload" and outcome.status
-                and not self.router.in_flight.get(name)):
-            asyncio.get_running_loop().create_task(
-                self.router.unload(self.model, "keep_alive 0"))
-
-
-class Whole:
-    """A proxy.Transform that rewrites a whole (small) response body at its end."""
-
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]],
-                 rewrite: Callable[[bytes], tuple[int, bytes]]) -> None:
-        self.status = status
-        self.headers = headers
-        self.whole = True
-        self.rewrite = rewrite
-        self.parts: list[bytes] = []
-
-    def feed(self, data: bytes) -> bytes:
-        self.parts.append(data)
-        return b""
-
-    def finish(self) -> bytes:
-        self.status, body = self.rewrite(b"".join(self.parts))
-        return body
-
-
-class Stream:
-    """A proxy.Transform: llama-server's SSE as Ollama's NDJSON, line by line."""
-
-    def __init__(self, translator: ollama.StreamTranslator) -> None:
-        self.status = 200
-        self.headers = NDJSON
-        self.whole = False
-        self.translator = translator
-
-    def feed(self, data: bytes) -> bytes:
-        return b"".join(self.translator.feed(data))
-
-    def finish(self) -> bytes:
-        return b"".join(self.translator.finish())
-
-
-def _json_or_text(raw: bytes) -> object:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode(errors="replace")
 
 
 def limits(config: Config) -> proxy.Limits:

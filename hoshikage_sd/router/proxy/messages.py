@@ -81,6 +81,8 @@ class Request:
     id: str = ""
     #: bytes of the proxy's body_memory it holds until answered (a large body)
     large: int = 0
+    #: what the handler's access check granted it (router/auth.py: the key; None: no keys)
+    grant: object = None
 
     @property
     def path(self) -> str:

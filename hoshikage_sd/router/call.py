@@ -1,0 +1,101 @@
+"""One forwarded request (Call): the headers the client gets besides the upstream's reply,
+errors retold in the API's shape (Whole), and its end's bookkeeping. router/ollama_routes.py
+builds its OllamaCall on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from hoshikage_sd import metrics
+from hoshikage_sd.manifest import Model
+from hoshikage_sd.router import errors as api
+from hoshikage_sd.router import proxy
+from hoshikage_sd.router.proxy import Outcome, Request
+
+if TYPE_CHECKING:
+    from hoshikage_sd.router.server import Router
+
+JSON = [(b"Content-Type", b"application/json; charset=utf-8")]
+
+
+class Call:
+    """One forwarded request: what the client gets besides the upstream's reply, and what
+    happens when it ends."""
+
+    #: the client's request is sent as it is
+    upstream_request: Request | None = None
+
+    def __init__(self, router: Router, request: Request, model: Model) -> None:
+        self.router = router
+        self.request = request
+        self.model = model
+        self.load_ns = 0
+        self.began_ns = time.monotonic_ns()
+        self._loaded = False
+        self.transform: Callable[[int, list[tuple[bytes, bytes]]],
+                                 proxy.Transform | None] | None = None
+        path = request.path
+        if path == "/v1/messages" or path.startswith("/v1/messages/"):
+            self.transform = self._errors_as(api.Api.ANTHROPIC)
+        elif path.startswith("/v1/"):
+            self.transform = self._errors_as(api.Api.OPENAI)
+
+    def loaded(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            self.load_ns = time.monotonic_ns() - self.began_ns
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        rid = self.request.id.encode()
+        out = [(b"x-request-id", rid), (b"request-id", rid)]
+        out += [(k.encode(), v.encode("latin-1")) for k, v in self.router.cors(self.request)]
+        return out
+
+    def _errors_as(self, which: api.Api) -> Callable[[int, list[tuple[bytes, bytes]]],
+                                                     proxy.Transform | None]:
+        rid = self.request.id
+
+        def transform(status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform | None:
+            if status < 400:
+                return None
+            return Whole(status, JSON, lambda raw: (status, json.dumps(api.body(
+                which, api.from_upstream(status, _json_or_text(raw)), rid)).encode()))
+        return transform
+
+    def done(self, outcome: Outcome) -> None:
+        self.router._end(self.model.name)
+        if outcome.status:  # else a retry follows, or the proxy answered (and counts) it
+            now, began = time.monotonic(), self.began_ns / 1e9
+            self.router.metrics.request(
+                self.model.name, metrics.route_label(self.request.path), outcome.status,
+                now - began, None if outcome.head_at is None else outcome.head_at - began)
+
+
+class Whole:
+    """A proxy.Transform that rewrites a whole (small) response body at its end."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]],
+                 rewrite: Callable[[bytes], tuple[int, bytes]]) -> None:
+        self.status = status
+        self.headers = headers
+        self.whole = True
+        self.rewrite = rewrite
+        self.parts: list[bytes] = []
+
+    def feed(self, data: bytes) -> bytes:
+        self.parts.append(data)
+        return b""
+
+    def finish(self) -> bytes:
+        self.status, body = self.rewrite(b"".join(self.parts))
+        return body
+
+
+def _json_or_text(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")

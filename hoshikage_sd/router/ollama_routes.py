@@ -1,0 +1,197 @@
+"""Ollama's API on the router: /api/tags, /api/ps, /api/show and the inference routes
+(/api/chat, /api/generate, /api/embed, /api/embeddings) sent to llama-server translated
+(router/ollama does the translating) and answered in Ollama's shape, with keep_alive as the
+TTL of a load. Functions of the Router, which router/server.py dispatches to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from hoshikage_sd.manifest import Model
+from hoshikage_sd.router import errors as api
+from hoshikage_sd.router import ollama, proxy
+from hoshikage_sd.router.call import JSON, Call, Whole
+from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
+
+if TYPE_CHECKING:
+    from hoshikage_sd.router.server import Router
+
+NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
+
+
+def model_facts(model: Model) -> ollama.ModelFacts:
+    return ollama.model_facts(model.name, model.path, args=model.server_args,
+                              aliases=model.aliases)
+
+
+def resolve_model(router: Router, request: Request, name: object) -> Model | api.ApiError:
+    if not isinstance(name, str) or not name:
+        return api.ApiError(400, "model is required", param="model")
+    return router.model_for(request, ollama.resolve_name(
+        name, lambda n: bool(router.config.matches(n))))
+
+
+def tags(router: Router) -> dict[str, Any]:
+    return ollama.tags_body([model_facts(m) for m in router.config.models.values()])
+
+
+async def ps(router: Router) -> dict[str, Any]:
+    up = await router.up()
+    now = time.time()
+    rows = []
+    for name in sorted(up):
+        model = router.config.models[name]
+        ttl = router.effective_ttl(model)
+        if math.isinf(ttl):
+            expires: int | None = None
+        else:
+            activity = router.runtime.activity(name)
+            running = router.runtime.running(name)
+            since = now if activity is not None and activity.in_flight else max(
+                activity.last_end if activity else 0.0,
+                running.started if running else now)
+            expires = int((since + ttl) * 1e9)
+        size = router.runtime.admitted(name) or model_facts(model).size
+        rows.append(ollama.Loaded(model_facts(model), size, expires))
+    return ollama.ps_body(rows)
+
+
+def show(router: Router, request: Request) -> Response:
+    try:
+        data = ollama.read_json(request.body)
+    except ollama.OllamaError as exc:
+        return router.fail(request, api.ApiError(exc.status, exc.message))
+    name = data.get("model") or data.get("name") if isinstance(data, dict) else None
+    found = resolve_model(router, request, name)
+    if isinstance(found, api.ApiError):
+        return router.fail(request, found)
+    return router.reply(request, 200, ollama.show_body(model_facts(found)))
+
+
+async def infer(router: Router, request: Request, rid: str) -> Response | Forward:
+    started = time.monotonic_ns()
+    try:
+        data = ollama.read_json(request.body)
+        found = resolve_model(router, request, data.get("model")
+                              if isinstance(data, dict) else None)
+        if isinstance(found, api.ApiError):
+            return router.fail(request, found)
+        facts = model_facts(found)
+        action = ollama.translate(request.path, data, n_ctx=facts.context_length,
+                                  accepts_images=facts.accepts_images
+                                  if facts.info is not None else None)
+    except ollama.OllamaError as exc:
+        return router.fail(request, api.ApiError(exc.status, exc.message))
+    keep = action.keep_alive
+    if isinstance(action, ollama.LoadOnly):
+        if keep.mode == "unload":
+            if found.name in await router.loaded():
+                await router.unload(found, "keep_alive 0")
+            router.runtime.clear("ttl", found.name)
+            router._ttl.pop(found.name, None)
+            response = router.reply(request, 200, ollama.load_only_response(action))
+        else:
+            failed = await router.started(request, found)
+            if failed is not None:
+                response = failed
+            else:
+                keep_alive(router, found, keep)
+                response = router.reply(request, 200, ollama.load_only_response(action))
+        response.model = found.name
+        return response
+    call = OllamaCall(router, request, found, action, started)
+    return await router.exchange(request, found, call)
+
+
+def keep_alive(router: Router, model: Model, keep: ollama.KeepAlive) -> None:
+    """A request's keep_alive for this load: a TTL or forever (for the idle watch), or
+    the manifest's again (a request without one, as Ollama resets it)."""
+    name = model.name
+    if keep.mode == "ttl" and keep.seconds is not None:
+        router.runtime.set_ttl(name, keep.seconds)
+        router._ttl[name] = keep.seconds
+    elif keep.mode == "forever":
+        router.runtime.set_ttl(name, math.inf)
+        router._ttl[name] = math.inf
+    elif keep.mode == "default" and router.effective_ttl(model) != model.ttl:
+        router.runtime.clear("ttl", name)
+        router._ttl[name] = None
+
+
+class OllamaCall(Call):
+    """A request to Ollama's /api/chat, /api/generate, /api/embed or /api/embeddings, sent
+    to llama-server translated and answered in Ollama's shape."""
+
+    def __init__(self, router: Router, request: Request, model: Model,
+                 action: ollama.Upstream, started_ns: int) -> None:
+        super().__init__(router, request, model)
+        self.began_ns = started_ns
+        self.action = action
+        self.upstream_request = Request(
+            "POST", action.path, "1.1", [(b"Content-Type", b"application/json")],
+            json.dumps(action.body, ensure_ascii=False).encode())
+        self.transform = self._translate
+
+    def loaded(self) -> None:
+        super().loaded()
+        keep_alive(self.router, self.model, self.action.keep_alive)  # for this load
+
+    def _translate(self, status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform:
+        action = self.action
+        if status >= 400:
+            def error(raw: bytes) -> tuple[int, bytes]:
+                told, body = ollama.error_from_upstream(status, raw)
+                return told, json.dumps(body).encode()
+            return Whole(status, JSON, error)
+        if action.stream:
+            return Stream(ollama.StreamTranslator(action, started_ns=self.began_ns,
+                                                  load_ns=self.load_ns))
+
+        def whole(raw: bytes) -> tuple[int, bytes]:
+            total = time.monotonic_ns() - self.began_ns
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                return 502, json.dumps({"error": "llama-server answered with something "
+                                                 "that is not JSON"}).encode()
+            if action.endpoint == "chat":
+                out = ollama.chat_response(data, action.model, total_ns=total,
+                                           load_ns=self.load_ns)
+            elif action.endpoint == "generate":
+                out = ollama.generate_response(data, action.model, total_ns=total,
+                                               load_ns=self.load_ns)
+            elif action.endpoint == "embed":
+                out = ollama.embed_response(data, action.model, total_ns=total,
+                                            load_ns=self.load_ns, dimensions=action.dimensions)
+            else:
+                out = ollama.embeddings_response(data)
+            return 200, json.dumps(out, ensure_ascii=False).encode()
+        return Whole(200, JSON, whole)
+
+    def done(self, outcome: Outcome) -> None:
+        super().done(outcome)
+        name = self.model.name
+        if (self.action.keep_alive.mode == "unload" and outcome.status
+                and not self.router.in_flight.get(name)):
+            asyncio.get_running_loop().create_task(
+                self.router.unload(self.model, "keep_alive 0"))
+
+
+class Stream:
+    """A proxy.Transform: llama-server's SSE as Ollama's NDJSON, line by line."""
+
+    def __init__(self, translator: ollama.StreamTranslator) -> None:
+        self.status = 200
+        self.headers = NDJSON
+        self.whole = False
+        self.translator = translator
+
+    def feed(self, data: bytes) -> bytes:
+        return b"".join(self.translator.feed(data))
+
+    def finish(self) -> bytes:
+        return b"".join(self.translator.finish())
