@@ -97,7 +97,7 @@ CHAT_BODY = chat_body(NAME)
 
 
 STAGE_IN_CONTAINER = (
-    "import sys; from pathlib import Path; from hoshikage_sd.store import Store; "
+    "import sys; from pathlib import Path; from hoshikage_sd.staging import Store; "
     "s = Store(Path('/mnt/hoshikage')).stage(sys.argv[1], Path(sys.argv[2])); "
     "print(int(s.copied), s.seconds)"
 )

@@ -50,16 +50,17 @@ SANDBOX = ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only
            "ProtectControlGroups=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
            "LockPersonality=yes", "RuntimeDirectory=hkprof", "LimitMEMLOCK=infinity")
 ACTIVATOR_IMPORTS = ("import hoshikage_sd.cli as c; c.parser(); "
-                     "from hoshikage_sd import config, activate")
+                     "from hoshikage_sd import manifest; "
+                     "from hoshikage_sd.model_unit import activate")
 ROUTER_IMPORTS = ("import hoshikage_sd.cli as c; c.parser(); "
-                  "from hoshikage_sd import config, router")
+                  "from hoshikage_sd import manifest; from hoshikage_sd.router import server")
 #: the activator's calls worth naming, by (file suffix, function name)
-CALLS = (("cli.py", "main"), ("config.py", "load"), ("activate.py", "main"),
+CALLS = (("cli.py", "main"), ("parse.py", "load"), ("activate.py", "main"),
          ("activate.py", "start"), ("activate.py", "admit"), ("residents.py", "residents"),
-         ("residents.py", "estimate"), ("systemd.py", "active_model_units"),
-         ("gguf.py", "read_info"), ("rank.py", "ranks"), ("activate.py", "stage"),
-         ("store.py", "stage"), ("activate.py", "spawn"), ("activate.py", "wait_healthy"),
-         ("launch.py", "probe"), ("activate.py", "after_ready"))
+         ("residents.py", "estimate"), ("units.py", "active_model_units"),
+         ("gguf.py", "read_info"), ("stats.py", "ranks"), ("activate.py", "stage"),
+         ("staging.py", "stage"), ("activate.py", "spawn"), ("activate.py", "wait_healthy"),
+         ("protocol.py", "probe"), ("activate.py", "after_ready"))
 
 
 def drop_in(python: str, command: str, profile: str) -> str:

@@ -1,4 +1,4 @@
-"""Names given from the CLI, laid over the manifest (hoshikage_sd.names)."""
+"""Names given from the CLI, laid over the manifest (hoshikage_sd.manifest.names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Usage statistics, rank and the SSD cache plan (hoshikage_sd.rank)."""
+"""Usage statistics, rank and the SSD cache plan (hoshikage_sd.policy: rank, stats, cacheplan)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""hoshikage_sd.simulate: scenarios replayed through the real rank and cache policy."""
+"""hoshikage_sd.commands.simulate: scenarios replayed through the real rank and cache policy."""
 
 from __future__ import annotations
 
