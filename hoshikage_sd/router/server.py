@@ -585,6 +585,15 @@ class Router:
         return self.reply(request, 200, self.describe(found, await self.loaded()))
 
     # -- idle exit ------------------------------------------------------------------------
+    async def watch_manifest(self) -> None:
+        """Look at the manifest's and names.json's identity once a second, besides
+        hoshikage-reload.path's datagram: systemd drops a path trigger that comes while the
+        reload service from the previous one still runs, so a quick second edit would wait
+        for the next request (seen in test_manifest_edit_takes_effect_without_restart)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.maybe_reload()
+
     async def watch_idle(self) -> None:
         while True:
             period = max(0.2, min(5.0, self.config.router_idle_exit / 4))
@@ -645,8 +654,10 @@ async def serve(config: Config, listen: str | None = None,
         loop.add_signal_handler(sig, router.done.set)
     daemon.notify(READY=1, STATUS="routing" if broken is None else "manifest broken")
     idle = asyncio.create_task(router.watch_idle())
+    manifest = asyncio.create_task(router.watch_manifest())
     await router.done.wait()
     idle.cancel()
+    manifest.cancel()
     daemon.notify(STOPPING=1)
     began = time.monotonic()
     for server in servers:  # systemd's socket holds what comes now, for the next router
