@@ -40,8 +40,6 @@ from hoshikage_sd.router.proxy.messages import (
     REASONS,
     BadRequest,
     ErrorRenderer,
-    Forward,
-    Handler,
     Limits,
     Outcome,
     Request,
@@ -57,6 +55,8 @@ from hoshikage_sd.router.proxy.parsing import (
     Sink,
 )
 from hoshikage_sd.router.proxy.upstream import (
+    Forward,
+    Handler,
     Upstream,
     UpstreamConnection,
 )

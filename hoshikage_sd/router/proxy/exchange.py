@@ -5,18 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from hoshikage_sd.router.proxy.messages import (
     REASONS,
-    Forward,
     Outcome,
     Response,
     Transform,
 )
+from hoshikage_sd.router.proxy.upstream import Forward
 
-if TYPE_CHECKING:  # a type only: front.py imports this module
-    from hoshikage_sd.router.proxy.front import ClientConnection
+
+class Draining(Protocol):
+    draining: bool
+
+
+class Client(Protocol):
+    """What an exchange needs of the client connection it answers (front.ClientConnection,
+    which imports this module)."""
+
+    @property
+    def proxy(self) -> Draining: ...
+
+    def write(self, data: bytes) -> None: ...
 
 logger = logging.getLogger("hoshikage.proxy")
 
@@ -25,7 +36,7 @@ logger = logging.getLogger("hoshikage.proxy")
 class Exchange:
     """The upstream side of one forwarded request, as seen from the client connection."""
 
-    def __init__(self, client: ClientConnection, keep_alive: bool, http10: bool,
+    def __init__(self, client: Client, keep_alive: bool, http10: bool,
                  forward: Forward | None = None, head_only: bool = False) -> None:
         self.client = client
         self.keep_alive = keep_alive

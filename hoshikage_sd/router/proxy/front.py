@@ -15,8 +15,6 @@ from hoshikage_sd.router.proxy.messages import (
     MAX_QUEUED,
     BadRequest,
     ErrorRenderer,
-    Forward,
-    Handler,
     Limits,
     Outcome,
     Request,
@@ -26,7 +24,7 @@ from hoshikage_sd.router.proxy.messages import (
     response_bytes,
 )
 from hoshikage_sd.router.proxy.parsing import RequestParser
-from hoshikage_sd.router.proxy.upstream import Upstream, UpstreamConnection
+from hoshikage_sd.router.proxy.upstream import Forward, Handler, Upstream, UpstreamConnection
 
 logger = logging.getLogger("hoshikage.proxy")
 T = TypeVar("T")

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
-
-if TYPE_CHECKING:  # a type only: upstream.py imports this module
-    from hoshikage_sd.router.proxy.upstream import Upstream
+from typing import Protocol, TypeVar
 
 logger = logging.getLogger("hoshikage.proxy")
 
@@ -158,27 +155,6 @@ class Outcome:
     complete: bool = False
 
 
-@dataclass
-class Forward:
-    """Send the request to `upstream`. `unreachable` is asked what to do when no connection
-    to it can be made (the unit was stopped: start it again, or give up); without it the
-    client gets a 502. `done` runs once the exchange is over, however it ended.
-
-    `request`: send this instead of the client's request (a translated one). `headers` are
-    added to the response; upstream headers named in `drop` (lower case) are not passed on.
-    `transform`, given the upstream status and headers, may return a Transform for the body
-    (None: pass it through as it is)."""
-
-    upstream: Upstream
-    unreachable: Callable[[OSError], Awaitable[Forward | Response]] | None = None
-    done: Callable[[Outcome], None] | None = None
-    request: Request | None = None
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    drop: frozenset[bytes] = frozenset()
-    transform: Callable[[int, list[tuple[bytes, bytes]]], Transform | None] | None = None
-
-
-Handler = Callable[[Request], Awaitable[Response | Forward]]
 #: renders the front's own errors (malformed requests, an upstream failing) for a request
 #: (None: it could not be parsed): status, message, OpenAI-style code
 ErrorRenderer = Callable[[Request | None, int, str, str], Response]

@@ -1,4 +1,5 @@
-"""Upstream connections to llama-server's unix socket, in bounded pools."""
+"""Upstream connections to llama-server's unix socket, in bounded pools, and what a handler
+answers to send a request there (Forward)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import cast
 
+from hoshikage_sd.router.proxy.messages import Outcome, Request, Response, Transform
 from hoshikage_sd.router.proxy.parsing import ResponseParser, Sink
 
 logger = logging.getLogger("hoshikage.proxy")
@@ -156,3 +160,26 @@ class Upstream:
         for conn in self.idle:
             conn.abort()
         self.idle.clear()
+
+
+@dataclass
+class Forward:
+    """Send the request to `upstream`. `unreachable` is asked what to do when no connection
+    to it can be made (the unit was stopped: start it again, or give up); without it the
+    client gets a 502. `done` runs once the exchange is over, however it ended.
+
+    `request`: send this instead of the client's request (a translated one). `headers` are
+    added to the response; upstream headers named in `drop` (lower case) are not passed on.
+    `transform`, given the upstream status and headers, may return a Transform for the body
+    (None: pass it through as it is)."""
+
+    upstream: Upstream
+    unreachable: Callable[[OSError], Awaitable[Forward | Response]] | None = None
+    done: Callable[[Outcome], None] | None = None
+    request: Request | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    drop: frozenset[bytes] = frozenset()
+    transform: Callable[[int, list[tuple[bytes, bytes]]], Transform | None] | None = None
+
+
+Handler = Callable[[Request], Awaitable[Response | Forward]]
