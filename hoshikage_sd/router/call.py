@@ -7,18 +7,41 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from hoshikage_sd import metrics
-from hoshikage_sd.manifest import Model
+from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router import proxy
-from hoshikage_sd.router.proxy import Outcome, Request
-
-if TYPE_CHECKING:
-    from hoshikage_sd.router.server import Router
+from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
+from hoshikage_sd.runtime import Runtime
 
 JSON = [(b"Content-Type", b"application/json; charset=utf-8")]
+
+
+class Router(Protocol):
+    """What a call and the Ollama routes use of the router (server.Router, which imports
+    them): said here, so that neither needs to import server.py."""
+
+    config: Config
+    runtime: Runtime
+    metrics: metrics.Metrics
+    in_flight: dict[str, int]
+    _ttl: dict[str, float | None]
+
+    def _end(self, name: str) -> None: ...
+    def cors(self, request: Request) -> list[tuple[str, str]]: ...
+    def reply(self, request: Request, status: int, data: object,
+              **headers: str) -> Response: ...
+    def fail(self, request: Request, err: api.ApiError, **extra: str) -> Response: ...
+    def model_for(self, request: Request, name: str | None) -> Model | api.ApiError: ...
+    def effective_ttl(self, model: Model) -> float: ...
+    async def unload(self, model: Model, reason: str) -> None: ...
+    async def started(self, request: Request, model: Model) -> Response | None: ...
+    async def exchange(self, request: Request, model: Model, call: Call,
+                       retried: bool = False) -> Response | Forward: ...
+    async def loaded(self) -> set[str]: ...
+    async def up(self) -> set[str]: ...
 
 
 class Call:

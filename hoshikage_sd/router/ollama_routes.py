@@ -9,16 +9,13 @@ import asyncio
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hoshikage_sd.manifest import Model
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router import ollama, proxy
-from hoshikage_sd.router.call import JSON, Call, Whole
+from hoshikage_sd.router.call import JSON, Call, Router, Whole
 from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
-
-if TYPE_CHECKING:
-    from hoshikage_sd.router.server import Router
 
 NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
 
