@@ -216,11 +216,14 @@ class Activator:
         return thread
 
     def make_room(self, size: int) -> None:
-        """Kept copies of stopped models (staging.Store.kept) go first, lowest rank first,
-        when the RAM disk or the memory lacks `size` bytes."""
+        """Kept copies of stopped models (model_unit/release.py) go first, lowest rank
+        first, when the RAM disk or the memory lacks `size` bytes."""
+        kept = self.runtime.names("kept")
+        if not kept:
+            return  # the usual case: no stats to read, nothing to free
         ranks = StatsFile(self.config.state_dir).ranks(w=self.config.weights)
         available, _ = residents.memory()
-        for name in sorted(self.runtime.names("kept"), key=lambda n: ranks.get(n, 0.0)):
+        for name in sorted(kept, key=lambda n: ranks.get(n, 0.0)):
             if self.store.free_bytes() >= size and available >= size:
                 return
             freed = self.store.remove(name)
@@ -273,7 +276,8 @@ class Activator:
 
     def _admit(self) -> None:
         name = self.model.name
-        self.make_room(residents.estimate(self.model, self.runtime))
+        if self.runtime.names("kept"):
+            self.make_room(residents.estimate(self.model, self.runtime))
         wait_until = time.monotonic() + self.config.admission_wait
         announced = False
         while True:
