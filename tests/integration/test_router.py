@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from testbed.unixhttp import UnixHTTPConnection
-from tests.support import listening
+from tests.support import eventually, listening
 
 from .conftest import NotifyListener, Setup, stop, write_manifest
 
@@ -72,13 +72,10 @@ def test_chat_completion_by_alias(served: tuple[Setup, int]) -> None:
     assert body["model"] == "tiny"
     choices = body["choices"]
     assert isinstance(choices, list) and choices[0]["message"]["content"]
-    # The router records the end just after the last byte went out: give it a moment.
-    deadline = time.monotonic() + 5
-    while True:
-        activity = json.loads((setup.runtime / "activity" / "tiny.json").read_text())
-        if activity["in_flight"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    # The router writes the record once the request ended, just after the last byte went out.
+    record = setup.runtime / "activity" / "tiny.json"
+    assert eventually(record.exists, timeout=5)
+    activity = json.loads(record.read_text())
     assert activity["in_flight"] == 0 and activity["last_end"] > time.time() - 60
 
 
