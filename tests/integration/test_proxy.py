@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -404,3 +405,54 @@ def test_forward_transforms_the_body_adds_and_drops_headers_and_says_how_it_ende
         assert all(o.complete and o.head_at is not None for o in outcomes)
 
     run(llama, scenario, handler)
+
+
+def test_a_refused_client_reads_its_answer_not_a_reset() -> None:
+    """A connection closed with its request unread would send a reset, which loses the
+    answer written just before: refusals shut the write side and drop what still comes."""
+    async def handler(request: Request) -> Response | Forward:
+        return Response.json(200, {"ok": True})
+
+    def read_all(sock: socket.socket) -> bytes:
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        limits = fastproxy.Limits(max_connections=1, max_body=1000)
+        server = await Proxy(handler, limits).listen(listener)
+        try:
+            busy = socket.create_connection(("127.0.0.1", port))
+            busy.sendall(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")  # not idle
+            await asyncio.sleep(0.1)
+            # connected and sent before the router's loop runs again: the request lies
+            # unread in the kernel when the router refuses the connection
+            extra = socket.create_connection(("127.0.0.1", port))
+            extra.sendall(post("/v1/chat/completions", {"model": "x"}))
+            extra.settimeout(5)
+            answer = await loop.run_in_executor(None, read_all, extra)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+            assert b"too many connections" in answer
+            extra.close()
+            busy.close()
+            await asyncio.sleep(0.1)
+            # a body past max_body, still being sent when the router answers 413
+            big = socket.create_connection(("127.0.0.1", port))
+            big.settimeout(5)
+
+            def send_and_read() -> bytes:
+                with contextlib.suppress(OSError):  # the router stops reading at its end
+                    big.sendall(post("/x", b"x" * (4 << 20)))
+                return read_all(big)
+
+            answer = await loop.run_in_executor(None, send_and_read)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+            big.close()
+        finally:
+            server.close()
+
+    asyncio.run(main())

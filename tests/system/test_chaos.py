@@ -562,8 +562,8 @@ def router_proc(hk: Deployment) -> Path:
     return hk.container.root / "proc" / pid
 
 
-def quick_chat(hk: Deployment) -> None:
-    """A normal request, bounded (a router out of descriptors never answers it)."""
+def chat_answer(hk: Deployment) -> bytes:
+    """A normal request's whole answer, bounded (a router out of descriptors never answers)."""
     sock = raw_request(hk, "POST", "/v1/chat/completions", json.dumps({
         "model": "tiny", "max_tokens": 4,
         "messages": [{"role": "user", "content": "hi"}]}).encode(), "Connection: close\r\n")
@@ -572,6 +572,11 @@ def quick_chat(hk: Deployment) -> None:
     while chunk := sock.recv(65536):
         data += chunk
     sock.close()
+    return data
+
+
+def quick_chat(hk: Deployment) -> None:
+    data = chat_answer(hk)
     assert data.startswith(b"HTTP/1.1 200 "), data[:300]
 
 
@@ -630,7 +635,15 @@ def test_connections_past_max_connections_with_none_idle_get_a_clear_503(
     finally:
         for sock in busy:
             sock.close()
-    quick_chat(hk)
+    # the router sees the 20 go a moment later; until then it says so (a 503, not a reset)
+    answers: list[bytes] = []
+
+    def answered() -> bool:
+        answers.append(chat_answer(hk))
+        return answers[-1].startswith(b"HTTP/1.1 200 ")
+
+    hk.wait_for("a normal request answered", answered, timeout=10)
+    assert all(a.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 503 ")) for a in answers), answers
     # the refusal is a warning, not an error
     assert_no_errors_but(hk, since)
 

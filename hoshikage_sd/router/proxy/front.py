@@ -29,6 +29,11 @@ from hoshikage_sd.router.proxy.upstream import Forward, Handler, Upstream, Upstr
 logger = logging.getLogger("hoshikage.proxy")
 T = TypeVar("T")
 
+#: how long, and how many bytes at most, a connection closed with a last answer keeps
+#: reading (and dropping) what its client still sends
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 << 20
+
 
 class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
@@ -48,6 +53,8 @@ class ClientConnection(asyncio.Protocol):
         #: the one timer: idle (between requests), head (one coming in), body (stalled)
         self.timer: asyncio.TimerHandle | None = None
         self.timing = ""
+        #: bytes still to drop before closing (a last answer sent, see finish())
+        self.lingering = 0
 
     # transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,6 +65,11 @@ class ClientConnection(asyncio.Protocol):
         self._arm("head", self.proxy.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.lingering = max(0, self.lingering - len(data))
+            if not self.lingering:
+                self.close()
+            return
         try:
             self.parser.feed(data)
         except BadRequest as exc:
@@ -66,8 +78,7 @@ class ClientConnection(asyncio.Protocol):
                                         "model_unavailable" if exc.status == 503
                                         else "invalid_request")
             response.headers += list(exc.headers.items())
-            self.write(response_bytes(response, False))
-            self.close()
+            self.finish(response_bytes(response, False))
             return
         if self.task is None:
             # a head on its way, or a body: either must come within the header timeout
@@ -129,6 +140,22 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def finish(self, last: bytes) -> None:
+        """Send a last answer and close without losing it. Closed with bytes of the request
+        unread, a socket sends a reset, and a client that is still sending may get the reset
+        before it reads the answer. So, as nginx's lingering close does: shut our side, drop
+        what still comes for a moment, then close."""
+        self.write(last)
+        transport = self.transport
+        if transport is None or self.lost or not transport.can_write_eof():
+            self.close()
+            return
+        self._disarm()
+        self.queue.clear()
+        self.lingering = LINGER_BYTES
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
+
     def _arm(self, what: str, seconds: float) -> None:
         self._disarm()
         self.timing = what
@@ -147,9 +174,10 @@ class ClientConnection(asyncio.Protocol):
         if what != "idle" and (self.parser.buf or not self.parser.idle):
             logger.debug("closing a client connection: its request %s stalled",
                          "head" if what == "head" else "body")
-            self.write(response_bytes(self.proxy.error(
+            self.finish(response_bytes(self.proxy.error(
                 None, 408, f"the request {what} did not come within "
                 f"{self.proxy.limits.header_timeout:g} s", "timeout"), False))
+            return
         self.close()
 
     def _parsed(self, request: Request) -> None:
@@ -290,9 +318,8 @@ class Proxy:
         """A new connection: past max_connections, the longest idle one makes room for it,
         or (none idle) it gets a 503 and is closed."""
         if self.draining:
-            client.write(response_bytes(self.error(
+            client.finish(response_bytes(self.error(
                 None, 503, "the router is stopping; try again", "shutting_down"), False))
-            client.close()
             return False
         if len(self.connections) >= self.limits.max_connections:
             oldest = next((c for c in self.connections if c.idle), None)
@@ -303,8 +330,7 @@ class Proxy:
                                       f"({self.limits.max_connections}); try again",
                                       "too_many_connections")
                 response.headers.append(("Retry-After", "1"))
-                client.write(response_bytes(response, False))
-                client.close()
+                client.finish(response_bytes(response, False))
                 return False
             logger.debug("max_connections reached: closing the longest idle connection")
             del self.connections[oldest]
