@@ -290,15 +290,12 @@ class Activator:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
                     self.runtime.set_admitted(name, estimate)  # others count it from now on
-                    for victim in decision.victims:
-                        self.counts.count("hoshikage_evictions_total", model=victim.name,
-                                          reason="admission")
-                        self.runtime.set_stop_reason(victim.name, f"evicted for {name}")
-                        if decision.available >= decision.needed:  # by count: RAM to spare
-                            self.runtime.set_keep_copy(victim.name)
-                        self.heartbeat(f"stopping {victim.name} to make room", force=True)
-                        systemd.systemctl("stop", systemd.model_unit(victim.name),
-                                          check=False)
+                    if decision.victims:
+                        self.heartbeat("stopping " + ", ".join(v.name for v in
+                                       decision.victims) + " to make room", force=True)
+                    # by count, the memory is free already: load while they stop
+                    residents.evict(name, decision, self.runtime, self.counts,
+                                    wait=not residents.by_count(decision))
                     return
             announced = True
             if time.monotonic() > wait_until:

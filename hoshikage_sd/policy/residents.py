@@ -4,7 +4,9 @@ is free for a newcomer."""
 from __future__ import annotations
 
 import logging
+import os
 import time
+from typing import Any
 
 import psutil
 
@@ -36,7 +38,7 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
         st = model.path.stat()
     except OSError:
         return 0
-    key = [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args)]
+    key = estimate_key(model, st)
     if runtime is not None:
         cached = runtime.estimate(model.name)
         if cached is not None and cached[0] == key:
@@ -53,6 +55,23 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
     if runtime is not None:
         runtime.set_estimate(model.name, key, value)
     return value
+
+
+def estimate_key(model: Model, st: os.stat_result) -> list[Any]:
+    """What a remembered estimate was computed from: the file as it was, and the arguments."""
+    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args)]
+
+
+def remembered_estimate(model: Model, runtime: Runtime) -> tuple[os.stat_result, int] | None:
+    """The runtime's estimate for the model's file as it is now (and that file's stat), if
+    one was computed for it; never reads the header."""
+    try:
+        st = model.path.stat()
+    except OSError:
+        return None
+    cached = runtime.estimate(model.name)
+    return (st, cached[1]) if cached is not None and cached[0] == estimate_key(model, st) \
+        else None
 
 
 def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:
@@ -122,6 +141,29 @@ def record(name: str, decision: Decision, counts: metrics.Counts | None = None) 
         if verdict is Verdict.REJECT:
             counts.count("hoshikage_refusals_total", model=name,
                          reason=refusal_reason(decision))
+
+
+def by_count(decision: Decision) -> bool:
+    """Does the decision evict for max_loaded_models only, the memory being free already?
+    Then the newcomer need not wait for its victims to stop, and their staged copies may
+    stay (model_unit/release.py keeps them while RAM is plentiful)."""
+    return decision.verdict is Verdict.EVICT and decision.available >= decision.needed
+
+
+def evict(name: str, decision: Decision, runtime: Runtime, counts: metrics.Counts,
+          wait: bool) -> None:
+    """Stop the decision's victims for `name` (hold the admission lock); with `wait`, return
+    once they are down (their memory is what `name` needs)."""
+    for victim in decision.victims:
+        counts.count("hoshikage_evictions_total", model=victim.name, reason="admission")
+        runtime.set_stop_reason(victim.name, f"evicted for {name}")
+        if by_count(decision):
+            runtime.set_keep_copy(victim.name)
+        unit = systemd.model_unit(victim.name)
+        if wait:
+            systemd.systemctl("stop", unit, check=False)
+        else:
+            systemd.stop_unit(unit)
 
 
 def refusal_reason(decision: Decision) -> str:

@@ -28,7 +28,7 @@ import socket
 import time
 
 from hoshikage_sd import protocol
-from hoshikage_sd.router import name_index, routes
+from hoshikage_sd.router import early_admission, name_index, routes
 
 TYPE_CHECKING = False  # typing, dataclasses and logging would each cost the head start ms
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ class FirstRequest:
         self.notes: list[str] = []
         #: when the early step began (CLOCK_MONOTONIC seconds; bench/router_start.py)
         self.began: float | None = None
+        #: (estimate, available) when the early step admitted the model it started and left
+        #: its launch ticket (early_admission): the router records the decision
+        self.admitted: tuple[int, int] | None = None
 
 
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
@@ -218,6 +221,11 @@ def take_early() -> FirstRequest:
             first.decided = True
             return first
         probed = time.monotonic()
+        try:
+            first.admitted = early_admission.admit(index, model)
+        except Exception as exc:  # the activator admits it then, as it always did
+            first.notes.append(f"no admission in the head start: {exc!r}")
+        admitted = time.monotonic()
         if start_early(model["unit"]):
             first.started = model["name"]
             first.decided = True
@@ -225,7 +233,12 @@ def take_early() -> FirstRequest:
                 f"started {model['name']} for the request that woke the router, from the "
                 f"name index ({(peeked - began) * 1e3:.1f} ms to read the request and the "
                 f"index, {(probed - peeked) * 1e3:.1f} ms to probe, "
-                f"{(time.monotonic() - probed) * 1e3:.1f} ms to start the unit)")
+                + (f"{(admitted - probed) * 1e3:.1f} ms to admit it and leave its ticket, "
+                   if first.admitted else "") +
+                f"{(time.monotonic() - admitted) * 1e3:.1f} ms to start the unit)")
+        elif first.admitted:
+            early_admission.withdraw(index["runtime"], model["name"])
+            first.admitted = None
     except Exception as exc:  # a head start must never keep the router from serving
         first.notes.append(f"no early head start: {exc!r}")
     return first

@@ -26,10 +26,10 @@ TYPE_CHECKING = False  # typing itself costs the head start ~10 ms when nothing 
 if TYPE_CHECKING:
     from typing import Any
 
-    from hoshikage_sd.manifest import Config
+    from hoshikage_sd.manifest import Config, Model
 
 NAME = "names.index.json"
-VERSION = 1
+VERSION = 2
 #: manifest/parse.py's DEFAULT_PATH (a unit test keeps them equal: parse imports PyYAML)
 DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
 DEFAULT_RUNTIME = "/run/hoshikage"
@@ -64,8 +64,26 @@ def identity(path: str) -> list[int] | None:
 
 
 def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, Any]:
-    """The index of `config` (the manifest with names.json over it)."""
+    """The index of `config` (the manifest with names.json over it), with what the head
+    start's admission (early_admission) needs."""
+    from hoshikage_sd import proc
+    from hoshikage_sd.policy.residents import remembered_estimate
+    from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
+    from hoshikage_sd.staging import Store
+
+    runtime, store = Runtime(config.runtime_dir), Store(config.ramdisk)
+
+    def launch(m: Model) -> dict[str, Any] | None:
+        """The model's ticket, when it starts from its source: not with an SSD cache (the
+        cache's copy may be the one to read), not before an estimate was remembered."""
+        known = remembered_estimate(m, runtime) if config.cache is None else None
+        if known is None:
+            return None
+        st, estimate = known
+        return {"argv": config.server_argv(m, m.path), "source": str(m.path),
+                "file": [st.st_size, st.st_mtime_ns], "estimate": estimate,
+                "staged": str(store.staged(m.name))}
 
     default = config.default()
     return {
@@ -76,9 +94,14 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         "strict_names": config.strict_names,
         # with API keys, the key is checked before a start: no head start (router/auth.py)
         "api_keys": config.api_keys is not None,
+        "runtime": str(config.runtime_dir),
+        "env": proc.minimal_env(),
+        "admission": {"margin": config.safety_margin, "budget": config.memory_budget,
+                      "max_loaded": config.max_loaded_models},
         "models": [{"name": m.name, "aliases": list(m.aliases), "tags": list(m.tags),
                     "socket": str(config.socket_path(m.name)), "health": m.health,
-                    "unit": model_unit(m.name)} for m in config.models.values()],
+                    "unit": model_unit(m.name), "launch": launch(m)}
+                   for m in config.models.values()],
     }
 
 
@@ -101,6 +124,22 @@ def write(config: Config, identities: dict[str, list[int] | None],
         return False
     _written[path] = data
     return True
+
+
+def refresh(config: Config, runtime: str | None = None) -> None:
+    """Write the index of `config` again, made from the same files (when they are still as
+    they were): a model's estimate, remembered once it started, lets the next head start
+    admit it (early_admission). Never raises, as write()."""
+    path = index_path(runtime)
+    last = _written.get(path)
+    if last is None:
+        return
+    files = json.loads(last)["files"]
+    if all(identity(p) == known for p, known in files.items()):
+        try:
+            write(config, files, runtime)
+        except Exception:  # an index is a head start's shortcut, never worth a failure
+            remove(runtime)
 
 
 def remove(runtime: str | None = None) -> None:

@@ -37,10 +37,10 @@ from urllib.parse import unquote
 from hoshikage_sd import cache, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
-from hoshikage_sd.policy import residents
+from hoshikage_sd.policy import admission, residents
 from hoshikage_sd.policy.admission import Verdict
 from hoshikage_sd.resolve import resolve
-from hoshikage_sd.router import auth, ollama, ollama_routes, proxy, routes
+from hoshikage_sd.router import auth, name_index, ollama, ollama_routes, proxy, routes
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
@@ -189,11 +189,12 @@ class Router:
             if writer is not None:
                 writer.close()
 
-    def prepare(self, model: Model) -> bool:
-        """The fast path of a cold start: when the staged copy is current and the model fits
-        now, admit it here and leave the unit's launcher a ticket, so that llama-server starts
-        as the unit's first act. Anything else (a copy to make, models to stop, a wait) is
-        the activator's to do."""
+    def prepare(self, model: Model) -> list[str] | None:
+        """The fast path of a cold start: when the model fits now, or once others stop for
+        max_loaded_models only (their memory is not needed: they stop while it loads), admit
+        it here and leave the unit's launcher a ticket, so that llama-server starts as the
+        unit's first act. Returns the models stopped for it, or None: anything else (memory
+        to free, a wait) is the activator's to do."""
         config, name = self.config, model.name
         store = Store(config.ramdisk)
         try:
@@ -203,18 +204,30 @@ class Router:
             path = store.staged(name) if store.reusable(name, Identity.of(source)) else source
             with self.runtime.locked("admission"):
                 decision, estimate = residents.judge(config, model, self.runtime)
-                if decision.verdict is not Verdict.LOAD:
-                    return False
+                if decision.verdict is not Verdict.LOAD and not residents.by_count(decision):
+                    return None
                 residents.record(name, decision, counts=self.metrics)
                 self.runtime.set_admitted(name, estimate)
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
                                       proc.minimal_env(),
                                       config.server_argv(model, path))
+                residents.evict(name, decision, self.runtime, self.metrics, wait=False)
         except (OSError, HoshikageError) as exc:
             logger.warning("starting %s the slow way: %s", name, exc)
-            return False
-        return True
+            return None
+        return [victim.name for victim in decision.victims]
+
+    def record_early_admission(self, name: str, estimate: int, available: int) -> None:
+        """The journal's admission record (and its count) for the model the head start
+        admitted with nothing else up (early_admission): the decision the policy makes."""
+        model = self.config.models.get(name)
+        if model is None:
+            return
+        decision = admission.decide(name, estimate, available, [],
+                                    margin=self.config.safety_margin,
+                                    max_loaded=self.config.max_loaded_models)
+        residents.record(name, decision, counts=self.metrics)
 
     async def _start(self, model: Model) -> None:
         # A router started afresh finds a model still loaded: no systemd round trip.
@@ -226,9 +239,11 @@ class Router:
         self._ttl.pop(model.name, None)
         announced = self.announcements.expect(model.name)
         try:
-            await asyncio.to_thread(self.begin, model, unit)
+            evicted = await asyncio.to_thread(self.begin, model, unit)
         except HoshikageError as err:
             raise StartFailed(err.message) from None
+        for name in evicted:
+            self.gone(name)
         # Forward once the unit says it serves (before its READY=1 and the job's end); probe
         # only now and then, in case nobody says so (a unit started before this router).
         poll = UNIT_POLL if self.announcements.listening else START_POLL
@@ -249,17 +264,21 @@ class Router:
         logger.info("%s serves after %.3f s (%s)", model.name, time.monotonic() - began,
                     "announced by its unit" if announced.is_set() else "probed")
         self.ready.add(model.name)
+        # its estimate is remembered now: the next router's head start may admit it
+        await asyncio.to_thread(name_index.refresh, self.config)
 
-    def begin(self, model: Model, unit: str) -> None:
-        """Admit the model if it can go the fast way, and queue its unit's start."""
+    def begin(self, model: Model, unit: str) -> list[str]:
+        """Admit the model if it can go the fast way, and queue its unit's start. Returns
+        the models stopped to make room for it."""
         if model.name == self.started_early:
             self.started_early = None
             if time.monotonic() - self._created < EARLY_START_VALID:
                 # Its unit is on its way already (or has failed, which _start reports): a
                 # ticket now would be left unused, a second start would fail twice.
-                return
-        self.prepare(model)
+                return []
+        evicted = self.prepare(model)
         systemd.start_unit(unit)
+        return evicted or []
 
     async def ensure(self, model: Model) -> None:
         """Return once the model serves; concurrent callers share one start."""
@@ -641,6 +660,8 @@ async def serve(config: Config, listen: str | None = None,
                 first: FirstRequest | None = None, broken: str | None = None) -> int:
     first = first or FirstRequest()
     router = Router(config, first.started, broken)
+    if first.started and first.admitted:
+        router.record_early_admission(first.started, *first.admitted)
     if broken is not None:
         logger.error("cannot serve until the manifest is fixed: %s", broken)
     router.announcements.open()

@@ -211,10 +211,21 @@ def test_a_model_stopped_by_count_keeps_its_copy_for_the_swap_back(
     hk.wait_for("a's release", lambda: bool(hk.events("released", "a")))
     (released,) = hk.events("released", "a")
     assert released["HOSHIKAGE_KEPT"] == "1", released["MESSAGE"]
+    # evicted by count, the memory free: the router admits b itself (the launcher's way)
+    # and b starts while a is still stopping
+    hk.wait_for("b's ready record", lambda: bool(hk.events("ready", "b")))
+    (ready_b,) = hk.events("ready", "b")
+    assert ready_b["HOSHIKAGE_LAUNCHED"] == "1", ready_b["MESSAGE"]
+    b_spawned = float(ready_b["HOSHIKAGE_SPAWNED_AT"]) * 1e6  # CLOCK_MONOTONIC, as below
+    a_released = int(released["__MONOTONIC_TIMESTAMP"])
+    assert b_spawned < a_released, (b_spawned, a_released)
     assert (ramdisk / "a.gguf").read_bytes() == (models_dir / "a.gguf").read_bytes()
     assert hk.chat("a")[0] == 200  # the swap back
+    # launched: the activator adopts it (and says "ready") once its first answer is out
+    hk.wait_for("a's second ready record", lambda: len(hk.events("ready", "a")) == 2)
     ready = hk.events("ready", "a")
     assert len(ready) == 2 and ready[1]["HOSHIKAGE_SERVED_FROM"] == "/mnt/hoshikage/a.gguf"
+    assert ready[1]["HOSHIKAGE_LAUNCHED"] == "1"
     assert len(hk.events("staged", "a")) == 1  # no second copy
     hk.wait_for("both idle stops", lambda: not loaded(hk), timeout=60)
     hk.wait_for("an empty RAM disk", lambda: not list(ramdisk.glob("*.gguf")), timeout=30)

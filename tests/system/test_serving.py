@@ -214,3 +214,23 @@ def test_router_starts_again_and_again_without_tripping_a_limit(hk: Deployment) 
         assert status == 200, body
     assert time.monotonic() - started < 10  # within one default StartLimitIntervalSec
     assert hk.state("hoshikage.socket") == "active"
+
+
+def test_from_zero_a_model_started_before_is_admitted_by_the_head_start(
+        hk: Deployment) -> None:
+    """Once a model has started (its estimate remembered), the next router's head start
+    admits it (nothing else up) and leaves its ticket: llama-server starts before any of
+    the activator is imported, from zero processes too."""
+    assert hk.chat("tiny")[0] == 200
+    hk.wait_for("the idle stop and the router's exit", lambda: hk.state(UNIT) == "inactive"
+                and hk.state("hoshikage.service") == "inactive", timeout=60)
+    assert hk.chat("tiny")[0] == 200
+    hk.wait_for("the second ready record", lambda: len(hk.events("ready", "tiny")) == 2)
+    first, second = hk.events("ready", "tiny")
+    assert first["HOSHIKAGE_LAUNCHED"] == "0" and second["HOSHIKAGE_LAUNCHED"] == "1", second
+    assert second["HOSHIKAGE_SERVED_FROM"] == "/srv/models/tiny.gguf"
+    admission = hk.events("admission", "tiny")[-1]
+    assert admission["SYSLOG_IDENTIFIER"] == "hoshikage-router", admission
+    assert admission["HOSHIKAGE_VERDICT"] == "load"
+    notes = [str(e.get("MESSAGE")) for e in hk.container.journal("-u", "hoshikage.service")]
+    assert any("to admit it and leave its ticket" in n for n in notes), notes

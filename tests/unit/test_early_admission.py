@@ -1,0 +1,131 @@
+"""The head start's admission (router/early_admission.py): the policy's answer for a model
+when nothing else is up, from the name index's numbers, and the ticket it leaves."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd import protocol
+from hoshikage_sd.policy import residents
+from hoshikage_sd.router import early_admission, name_index
+from hoshikage_sd.router.config import load_config
+from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.sd import bus, units
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    run = tmp_path / "run"
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a.gguf").write_bytes(b"GGUF" + bytes(1000))
+    (models / "b.gguf").write_bytes(b"GGUF" + bytes(1000))
+    path = tmp_path / "models.yaml"
+    path.write_text(textwrap.dedent(f"""
+        runtime_dir: {run}
+        state_dir: {tmp_path / 'state'}
+        ramdisk: {tmp_path / 'ram'}
+        llama_server: /usr/bin/llama-server
+        models:
+          a: {{path: {models / 'a.gguf'}, args: ["-c", "512"]}}
+          b: {{path: {models / 'b.gguf'}}}
+    """))
+    monkeypatch.setenv("HOSHIKAGE_CONFIG", str(path))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    name_index._written.clear()
+    return path
+
+
+def remember(path: Path, name: str, estimate: int) -> None:
+    """What a start of the model leaves: its estimate, for the file as it is."""
+    config = load_config(path)
+    model = config.models[name]
+    Runtime(config.runtime_dir).set_estimate(
+        name, residents.estimate_key(model, model.path.stat()), estimate)
+
+
+def entry(name: str) -> tuple[dict, dict]:  # type: ignore[type-arg]
+    index = name_index.read()
+    assert index is not None
+    return index, next(m for m in index["models"] if m["name"] == name)
+
+
+def test_the_index_carries_a_ticket_only_for_a_model_with_a_remembered_estimate(
+        setup: Path) -> None:
+    remember(setup, "a", 100 << 20)
+    config = load_config(setup)  # the next router's index
+    index, a = entry("a")
+    _, b = entry("b")
+    assert b["launch"] is None
+    model = config.models["a"]
+    assert a["launch"]["argv"] == config.server_argv(model, model.path)
+    assert a["launch"]["estimate"] == 100 << 20
+    assert index["admission"] == {"margin": config.safety_margin, "budget": None,
+                                  "max_loaded": None}
+
+
+def test_fits_by_the_numbers_alone(setup: Path) -> None:
+    remember(setup, "a", 100 << 20)
+    load_config(setup)
+    index, a = entry("a")
+    launch = a["launch"]
+    estimate, available = early_admission.fits(index, launch) or (0, 0)
+    assert estimate == 100 << 20 and available > 0
+    too_big = {**launch, "estimate": early_admission.mem_available()}  # × margin 1.2
+    assert early_admission.fits(index, too_big) is None
+    assert early_admission.fits({**index, "admission": {**index["admission"],
+                                "budget": 100 << 20}}, launch) is None  # × 1.2 > budget
+    assert early_admission.fits({**index, "admission": {**index["admission"],
+                                "max_loaded": 0}}, launch) is None
+    Path(launch["source"]).write_bytes(b"GGUF" + bytes(2000))  # another file now
+    assert early_admission.fits(index, launch) is None
+
+
+def test_a_staged_copy_is_the_routers_call(setup: Path) -> None:
+    remember(setup, "a", 100 << 20)
+    load_config(setup)
+    index, a = entry("a")
+    Path(a["launch"]["staged"]).parent.mkdir(parents=True)
+    Path(a["launch"]["staged"]).write_bytes(b"GGUF")
+    assert early_admission.fits(index, a["launch"]) is None
+
+
+def test_admit_leaves_the_ticket_and_the_promise_only_with_nothing_else_up(
+        setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    remember(setup, "a", 100 << 20)
+    config = load_config(setup)
+    index, a = entry("a")
+    runtime = Runtime(config.runtime_dir)
+    up: list[bus.UnitState] = [bus.UnitState("hoshikage-model@b.service", "loaded",
+                                             "active", "running", 0)]
+    asked: list[tuple[list[str], list[str] | None]] = []
+
+    def list_units(patterns: list[str], states: list[str] | None = None) -> list[object]:
+        asked.append((patterns, states))
+        return list(up)
+
+    monkeypatch.setattr(bus, "list_units", list_units)
+    assert early_admission.admit(index, a) is None
+    assert runtime.admitted("a") is None
+    assert not os.path.exists(protocol.ticket_path(str(config.runtime_dir), "a"))
+    assert asked == [(["hoshikage-model@*.service"], list(units.UP_STATES))]
+    up.clear()
+    estimate, _ = early_admission.admit(index, a) or (0, 0)
+    assert estimate == 100 << 20 and runtime.admitted("a") == 100 << 20
+    ticket = protocol.take_ticket(str(config.runtime_dir), "a")
+    model = config.models["a"]
+    assert [arg.decode() for arg in ticket.argv] == config.server_argv(model, model.path)
+    early_admission.write_admitted(str(config.runtime_dir), "b", 5)
+    early_admission.withdraw(str(config.runtime_dir), "b")
+    assert runtime.admitted("b") is None
+
+
+def test_up_states_are_the_units_modules() -> None:
+    assert tuple(early_admission.UP_STATES) == units.UP_STATES
+    assert f"{units.MODEL_UNIT_PREFIX}*.service" == early_admission.MODEL_UNITS
