@@ -234,9 +234,23 @@ def edit_names(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    early = None
-    if (sys.argv[1:] if argv is None else argv) == ["router"]:  # as hoshikage.service runs it
+def router_main(inserted: int = 0) -> int:
+    """hoshikage-router (model_unit/install.py): `hoshikage router` started without site
+    (python -IS, ~30 ms sooner): the head start first, then site-packages, then the rest.
+    `inserted`: how many directories the stub put first on the path, taken away again once
+    site has set the path up (they would shadow the venv's own packages)."""
+    from hoshikage_sd.router import first_request
+
+    early = first_request.take_early()
+    import site
+
+    del sys.path[:inserted]
+    site.main()
+    return main(["router"], early)
+
+
+def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> int:
+    if early is None and (sys.argv[1:] if argv is None else argv) == ["router"]:
         from hoshikage_sd.router import first_request
 
         early = first_request.take_early()

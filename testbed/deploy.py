@@ -39,6 +39,8 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
     """Write units, tmpfiles, the manifest and the test drop-ins into a root directory."""
     launcher = hoshikage_bin().with_name("hoshikage-launch")
     assert os.access(launcher, os.X_OK), f"{launcher} is missing: run tools/bootstrap.sh"
+    router = hoshikage_bin().with_name("hoshikage-router")
+    assert os.access(router, os.X_OK), f"{router} is missing: run tools/bootstrap.sh"
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True, exist_ok=True)
     for unit in sorted((REPO_ROOT / "units").iterdir()):

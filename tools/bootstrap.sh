@@ -101,5 +101,8 @@ fi
 # hoshikage_sd/model_unit/launch.py from this checkout, its bytecode compiled now.
 say "launcher: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_launcher
 print(install_launcher(*sys.argv[1:]))' .venv/bin/hoshikage-launch .)"
+# The router's entry: the venv's Python without site until the head start is done.
+say "router: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_router
+print(install_router(*sys.argv[1:]))' "$PWD/.venv/bin/hoshikage-router")"
 .venv/bin/python -m compileall -q hoshikage_sd
 say "ready"

@@ -1,12 +1,14 @@
 """Installing hoshikage-launch, the model unit's first process: compiled from launch.c when
 there is a C compiler (~14 ms sooner per cold start than Python's interpreter start), else a
 Python stub that imports model_unit/launch.py (whose bytecode Python caches; it would compile
-a script on every run, ~7 ms). The package build, tools/bootstrap.sh and tests call this.
+a script on every run, ~7 ms). And hoshikage-router, the router's entry, which starts Python
+without site. The package build, tools/bootstrap.sh, tools/install and tests call this.
 """
 
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from hoshikage_sd import proc
@@ -20,6 +22,38 @@ sys.path.insert(0, (__file__.rpartition("/")[0] or ".") + "/{site}")
 from hoshikage_sd.model_unit.launch import main
 main(sys.argv)
 """
+
+
+ROUTER_STUB = """#!{python} -IS
+# hoshikage-router, written by hoshikage's installer: `hoshikage router` as hoshikage.service
+# runs it. Without site (-S) the interpreter starts ~30 ms sooner: the head start (the waking
+# request's model unit started) comes first, site-packages after it (cli.router_main).
+import sys
+sys.path[:0] = {paths!r}
+from hoshikage_sd.cli import router_main
+raise SystemExit(router_main({count}))
+"""
+
+
+def install_router(path: str, python: str | None = None, paths: list[str] | None = None,
+                   root: str = "") -> str:
+    """hoshikage-router at `path`: `python` (default: this interpreter) with the
+    directories that hold hoshikage_sd and jeepney (the head start's imports; default:
+    where this interpreter finds them, less the staging `root` it is installed under) put
+    first on its path."""
+    if paths is None:
+        import jeepney
+
+        import hoshikage_sd
+
+        found = (os.path.dirname(os.path.dirname(os.path.abspath(str(m.__file__))))
+                 for m in (hoshikage_sd, jeepney))
+        paths = list(dict.fromkeys(p.removeprefix(root) if root else p for p in found))
+    python = python or sys.executable.removeprefix(root)
+    text = ROUTER_STUB.format(python=python, paths=paths, count=len(paths))
+    write_atomic(Path(path), text.encode())
+    os.chmod(path, 0o755)
+    return f"{path}: {python} -IS, site-packages after the head start"
 
 
 def write_stub(path: str, site: str) -> None:

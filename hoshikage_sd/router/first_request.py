@@ -278,7 +278,7 @@ def take(config: Config | None, first: FirstRequest | None = None) -> FirstReque
             accept(first)
     for note in first.notes:
         fields = {"HOSHIKAGE_HEAD_START_USEC": int(first.began * 1e6)} if first.began else {}
-        logger.info("%s", note, extra={"journal": fields})
+        logger.info("%s", note, extra=fields)
     if first.decided or first.request is None or config is None or config.api_keys:
         return first
     try:

@@ -7,8 +7,10 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,14 +29,18 @@ def free_port() -> int:
 
 
 def socket_activated_router(setup: Setup, port: int) -> subprocess.Popen[bytes]:
+    """The router as hoshikage.service runs it: hoshikage-router (python -IS, site after the
+    head start), next to the venv's hoshikage (tools/bootstrap.sh writes it)."""
     tool = shutil.which("systemd-socket-activate")
     if tool is None:
         pytest.fail("systemd-socket-activate is missing (Debian package systemd)")
+    entry = Path(sys.executable).with_name("hoshikage-router")
+    assert entry.exists(), f"{entry} is missing: run tools/bootstrap.sh"
     return subprocess.Popen([tool, "-l", f"127.0.0.1:{port}",
                              "-E", f"HOSHIKAGE_CONFIG={setup.config}",
                              # its last good manifest goes here, as under systemd
                              "-E", f"RUNTIME_DIRECTORY={setup.runtime}",
-                             *setup.hoshikage("router")], stderr=subprocess.PIPE)
+                             str(entry)], stderr=subprocess.PIPE)
 
 
 def request(port: int, method: str, path: str,

@@ -133,7 +133,7 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert status == 200, body
     running = processes(c)
     commands = " | ".join(cmd for _, cmd in running.values())
-    assert "hoshikage router" in commands and "llama-server" in commands, running
+    assert "hoshikage-router" in commands and "llama-server" in commands, running
     assert {user for user, _ in running.values()} == {"hoshikage"}, running
     for path in ("/mnt/hoshikage", "/run/hoshikage", "/var/lib/hoshikage"):
         owner = c.exec("stat", "-c", "%U:%G", path).stdout.strip()

@@ -328,3 +328,22 @@ def test_both_launchers_pass_a_stop_on_while_the_server_loads(
     with pytest.raises(ProcessLookupError):
         os.kill(server, 0)  # stopped and reaped by the launcher
     assert not args.exists()  # and it did not go on to the activator
+
+
+def test_the_router_entry_starts_python_without_site_and_finds_its_imports(
+        tmp_path: Path) -> None:
+    entry = tmp_path / "hoshikage-router"
+    install.install_router(str(entry))
+    text = entry.read_text()
+    assert text.startswith(f"#!{sys.executable} -IS\n") and os.access(entry, os.X_OK)
+    # what the stub puts first on the path is enough for the head start's imports
+    paths = text.split("sys.path[:0] = ")[1].split("\n")[0]
+    check = subprocess.run(
+        [sys.executable, "-IS", "-c", f"import sys; sys.path[:0] = {paths}; "
+         "import hoshikage_sd.router.first_request, hoshikage_sd.sd.bus; "
+         "assert sys.flags.no_site; print(len(sys.modules))"],
+        capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    # installed under a staging root (tools/install's DESTDIR): the paths as they will be
+    install.install_router(str(entry), root=os.path.dirname(sys.executable))
+    assert entry.read_text().startswith(f"#!/{os.path.basename(sys.executable)} -IS\n")
