@@ -108,6 +108,10 @@ class Deployment:
         out = self.container.exec("pgrep", "-a", "-f", name, check=False).stdout
         return [line for line in out.splitlines() if "pgrep" not in line]
 
+    def hoshikage(self, *args: str) -> str:
+        """`hoshikage ARGS` inside the container (the CLI the units run), its output."""
+        return self.container.exec(str(hoshikage_bin()), *args).stdout
+
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -51,8 +51,7 @@ def hk(container_factory: ContainerFactory, models_dir: Path,
 
 
 def hoshikage(hk: Deployment, *args: str) -> str:
-    exe = hk.container.exec("systemctl", "show", "-p", "ExecStart", "hoshikage.service").stdout
-    return hk.container.exec(exe.split("path=")[1].split(" ")[0].strip(";"), *args).stdout
+    return hk.hoshikage(*args)
 
 
 def scrape(hk: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

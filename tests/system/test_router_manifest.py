@@ -26,9 +26,7 @@ def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
 
 
 def hoshikage(hk: Deployment, *args: str) -> str:
-    exe = hk.container.exec("systemctl", "show", "-p", "ExecStart", "hoshikage.service").stdout
-    binary = exe.split("path=")[1].split(" ")[0].strip(";")
-    return hk.container.exec(binary, *args).stdout
+    return hk.hoshikage(*args)
 
 
 def test_a_broken_manifest_at_start_is_a_503_with_the_reason_not_a_dead_socket(

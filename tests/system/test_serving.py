@@ -80,9 +80,7 @@ def test_status_shows_the_loaded_model(hk: Deployment, models_dir: Path) -> None
     status, _ = hk.chat("tiny")
     assert status == 200
     hk.wait_for("the copy alongside", lambda: bool(hk.events("staged", "tiny")))
-    exe = hk.container.exec("systemctl", "show", "-p", "ExecStart", "hoshikage.service").stdout
-    hoshikage = exe.split("path=")[1].split(" ")[0].strip(";")
-    out = hk.container.exec(hoshikage, "status").stdout
+    out = hk.hoshikage("status")
     row = next(line for line in out.splitlines() if line.startswith("tiny "))
     size = fmt.size((models_dir / "tiny.gguf").stat().st_size)
     assert " active " in row and size in row, out
