@@ -188,13 +188,16 @@ class Runtime:
 
     def idle_seconds(self, name: str, now: float) -> float | None:
         """How long the model has been idle (the idle watch, admission and `status` all ask
-        this), or None while it is busy: a request in flight, or not serving yet."""
+        this), or None while it is busy: a request in flight, or not serving yet. A model
+        the launcher started serves before its activator writes the running record (after
+        the first answer): a request it answered (its activity record) says so too."""
         running = self.running(name)
-        if running is None or self.busy(name):
-            return None
         activity = self.activity(name)
+        if (running is None and activity is None) or self.busy(name):
+            return None
         alive = activity is not None and psutil.pid_exists(activity.router_pid)
-        return idle_seconds(now, running.started, activity, alive)
+        since = running.started if running is not None else 0.0
+        return idle_seconds(now, since, activity, alive)
 
     def activity_path(self, name: str) -> Path:
         return self._file("activity", name)

@@ -100,9 +100,11 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
         memory = admitted if admitted is not None else estimate(model, runtime) if model else 0
         activity = runtime.activity(name)
         idle = runtime.idle_seconds(name, now)  # a unit still starting is busy: no victim
-        last = max(activity.last_end if activity else 0.0, running.started if running else now)
+        last = max(activity.last_end if activity else 0.0,
+                   running.started if running else 0.0) or now
         out.append(Resident(name, memory, idle, bool(model and model.pinned), last,
-                            starting=running is None, rank=ranks.get(name, 0.0)))
+                            starting=running is None and activity is None,
+                            rank=ranks.get(name, 0.0)))
     return out
 
 

@@ -230,6 +230,7 @@ class Router:
         residents.record(name, decision, counts=self.metrics)
 
     async def _start(self, model: Model) -> None:
+        early = self.early_start(model.name)
         # A router started afresh finds a model still loaded: no systemd round trip.
         if await self.serving(model):
             self.ready.add(model.name)
@@ -239,7 +240,7 @@ class Router:
         self._ttl.pop(model.name, None)
         announced = self.announcements.expect(model.name)
         try:
-            evicted = await asyncio.to_thread(self.begin, model, unit)
+            evicted = [] if early else await asyncio.to_thread(self.begin, model, unit)
         except HoshikageError as err:
             raise StartFailed(err.message) from None
         for name in evicted:
@@ -267,17 +268,25 @@ class Router:
         # its estimate is remembered now: the next router's head start may admit it
         await asyncio.to_thread(name_index.refresh, self.config)
 
+    def early_start(self, name: str) -> bool:
+        """Is the model's unit the head start's, on its way? For this router's first start
+        of the model only, whether it serves already or not: a later one (after a stop)
+        needs a start of its own."""
+        if name != self.started_early:
+            return False
+        self.started_early = None
+        return time.monotonic() - self._created < EARLY_START_VALID
+
     def begin(self, model: Model, unit: str) -> list[str]:
         """Admit the model if it can go the fast way, and queue its unit's start. Returns
-        the models stopped to make room for it."""
-        if model.name == self.started_early:
-            self.started_early = None
-            if time.monotonic() - self._created < EARLY_START_VALID:
-                # Its unit is on its way already (or has failed, which _start reports): a
-                # ticket now would be left unused, a second start would fail twice.
-                return []
+        the models stopped to make room for it. (Not for the head start's unit: it is on
+        its way already, or has failed, which _start reports; a ticket now would be left
+        unused, a second start would fail twice.)"""
+        # A unit still stopping (evicted a moment ago) goes down first: its release removes
+        # the ticket and the admission record of a start prepared before.
+        state = systemd.wait_down(unit)
         evicted = self.prepare(model)
-        systemd.start_unit(unit)
+        systemd.start_unit(unit, state)
         return evicted or []
 
     async def ensure(self, model: Model) -> None:

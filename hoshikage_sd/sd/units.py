@@ -74,7 +74,7 @@ def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
             for unit, active in units if active in states]
 
 
-def start_unit(unit: str) -> None:
+def start_unit(unit: str, state: str | None = None) -> None:
     """Queue a start job for a model that does not serve now, and return without waiting for
     the job (`systemctl start --no-block`).
 
@@ -82,11 +82,12 @@ def start_unit(unit: str) -> None:
     killer) and the activator or the release after it has not finished. A start queued now
     would be a no-op on the dying unit, whose failure the caller would then read as the new
     start's. So a unit that is up gets SETTLE_LIMIT to go down first; a failed one is reset
-    (its failed state and its start limit: a start on demand is always a fresh try)."""
+    (its failed state and its start limit: a start on demand is always a fresh try).
+    `state`: what wait_down(unit) said just now, if the caller asked already."""
     from hoshikage_sd.sd import bus
 
     try:
-        if _settle(unit) == "failed":
+        if (state or wait_down(unit)) == "failed":
             try:
                 bus.reset_failed_unit(unit)
             except bus.BusError as exc:  # a failed unit still starts, below its start limit
@@ -110,8 +111,18 @@ def stop_unit(unit: str) -> None:
         die(f"cannot stop {unit}: {exc.message}")
 
 
+def wait_down(unit: str) -> str:
+    """The unit's ActiveState once it is not up (or SETTLE_LIMIT passed): see start_unit.
+    "unknown" when the bus cannot say (start_unit then finds out what is wrong)."""
+    from hoshikage_sd.sd import bus
+
+    try:
+        return _settle(unit)
+    except (bus.BusUnavailable, bus.BusError):
+        return "unknown"
+
+
 def _settle(unit: str) -> str:
-    """The unit's ActiveState once it is not up (or SETTLE_LIMIT passed): see start_unit."""
     from hoshikage_sd.sd import bus
 
     deadline = time.monotonic() + SETTLE_LIMIT

@@ -229,3 +229,24 @@ def test_a_model_stopped_by_count_keeps_its_copy_for_the_swap_back(
     assert len(hk.events("staged", "a")) == 1  # no second copy
     hk.wait_for("both idle stops", lambda: not loaded(hk), timeout=60)
     hk.wait_for("an empty RAM disk", lambda: not list(ramdisk.glob("*.gguf")), timeout=30)
+
+
+def test_a_swap_right_after_a_launched_answer_goes_the_fast_way(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    """Swaps in a row, each as soon as the last answered: every start after the first goes
+    the router's way (admitted by the router, launched from its ticket), though the model
+    evicted is still stopping or its activator has not adopted its llama-server yet (the
+    orders that could go wrong are pinned by tests/unit/test_router_logic.py)."""
+    text = manifest(llama_server_bin, {n: f"{ARGS}\nttl: 1h" for n in ("a", "b")},
+                    max_loaded_models="1", admission_wait="20s")
+    hk = deploy(container_factory, models_dir, text)
+    assert hk.chat("a")[0] == 200
+    hk.wait_for("a's ready record", lambda: bool(hk.events("ready", "a")))
+    assert hk.chat("b")[0] == 200  # launched: the router admits it, a stops meanwhile
+    assert hk.chat("a")[0] == 200  # at once, before b's activator has adopted it
+    hk.wait_for("a's second ready record", lambda: len(hk.events("ready", "a")) == 2)
+    again = hk.events("ready", "a")[1]
+    assert again["HOSHIKAGE_LAUNCHED"] == "1", again["MESSAGE"]
+    admission = hk.events("admission", "a")[-1]
+    assert admission["SYSLOG_IDENTIFIER"] == "hoshikage-router", admission["MESSAGE"]
+    assert admission["HOSHIKAGE_VERDICT"] == "evict" and admission["HOSHIKAGE_VICTIMS"] == "b"

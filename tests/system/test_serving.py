@@ -232,3 +232,8 @@ def test_from_zero_a_model_started_before_is_admitted_by_the_head_start(
     assert admission["HOSHIKAGE_VERDICT"] == "load"
     notes = [str(e.get("MESSAGE")) for e in hk.container.journal("-u", "hoshikage.service")]
     assert any("to admit it and leave its ticket" in n for n in notes), notes
+    # stopped by hand at once, with the same router up: the next request starts it again
+    # (the head start's unit counted for the router's first start only: this was a 503)
+    hk.container.systemctl("stop", UNIT)
+    status, body = hk.chat("tiny")
+    assert status == 200, body

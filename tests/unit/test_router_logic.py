@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -262,25 +263,68 @@ def test_first_request_peek_waits_for_the_body_and_leaves_it_unread() -> None:
 
 def test_router_does_not_start_again_what_first_request_started(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
     from hoshikage_sd.manifest import Config, Model
     from hoshikage_sd.router import server as router_module
 
-    started: list[str] = []
-    monkeypatch.setattr(router_module.systemd, "start_unit", started.append)
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
-    tiny, other = Model("tiny", tmp_path / "tiny.gguf"), Model("other", tmp_path / "o.gguf")
-
-    def begin(router: router_module.Router, model: Model) -> None:
-        monkeypatch.setattr(router, "prepare", lambda _model: started.append("prepare"))
-        router.begin(model, f"hoshikage-model@{model.name}.service")
-
     router = router_module.Router(config, started="tiny")
-    begin(router, other)  # another model's start does not use up tiny's head start
-    begin(router, tiny)  # tiny's request: its unit is on its way
-    assert started == ["prepare", "hoshikage-model@other.service"]
-    begin(router, tiny)  # a later start is a start
-    assert started[2:] == ["prepare", "hoshikage-model@tiny.service"]
+    assert not router.early_start("other")  # another model does not use up tiny's
+    assert router.early_start("tiny")  # tiny's request: its unit is on its way
+    assert not router.early_start("tiny")  # a later start is a start
     late = router_module.Router(config, started="tiny")
     late._created -= router_module.EARLY_START_VALID  # its request never came
-    begin(late, tiny)
-    assert started[4:] == ["prepare", "hoshikage-model@tiny.service"]
+    assert not late.early_start("tiny")
+
+    # Served before the router looked (the launcher is quick): that uses it up too, so a
+    # start after a stop within EARLY_START_VALID is a real start (it was not: a 503)
+    quick = router_module.Router(config, started="tiny")
+
+    async def serving(_model: Model) -> bool:
+        return True
+
+    monkeypatch.setattr(quick, "serving", serving)
+    asyncio.run(quick._start(Model("tiny", tmp_path / "tiny.gguf")))
+    assert quick.started_early is None and "tiny" in quick.ready
+    quick.close()
+
+
+def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit still stopping (evicted a moment ago) removes the ticket and the admission
+    record at its release: the start's ticket must come after that."""
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.router import server as router_module
+
+    calls: list[str] = []
+    monkeypatch.setattr(router_module.systemd, "wait_down",
+                        lambda unit: calls.append(f"down {unit}") or "inactive")
+    monkeypatch.setattr(router_module.systemd, "start_unit",
+                        lambda unit, state=None: calls.append(f"start {unit} {state}"))
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
+    router = router_module.Router(config)
+    monkeypatch.setattr(router, "prepare", lambda model: calls.append("ticket") or ["b"])
+    assert router.begin(Model("a", tmp_path / "a.gguf"), "u@a") == ["b"]
+    assert calls == ["down u@a", "ticket", "start u@a inactive"]
+
+
+def test_a_model_that_answered_before_its_activator_adopted_it_is_idle_not_starting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's model serves before the activator writes its running record: its
+    activity record (a request ended) makes it a resident that may be evicted."""
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.policy import residents
+    from hoshikage_sd.runtime import Activity, Runtime
+
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    models={"b": Model("b", tmp_path / "b.gguf")})
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_admitted("b", 1000)
+    monkeypatch.setattr(residents.systemd, "active_model_units", lambda: ["b"])
+    (starting,) = residents.residents(config, runtime)
+    assert starting.starting and starting.idle is None  # admitted, nothing answered yet
+    runtime.set_activity("b", Activity(0, time.time() - 5, os.getpid()))
+    (served,) = residents.residents(config, runtime)
+    assert not served.starting and served.idle is not None and served.idle >= 5
+    assert runtime.idle_seconds("b", time.time()) is not None

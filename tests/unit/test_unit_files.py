@@ -31,8 +31,8 @@ def sections(unit: Path) -> configparser.RawConfigParser:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root with the host's targets and slices, our units, and executable hoshikage and
-    hoshikage-launch."""
+    """A root with the host's targets and slices, our units, and executable hoshikage,
+    hoshikage-launch and hoshikage-router."""
     root = tmp_path_factory.mktemp("root")
     lib = root / "usr/lib/systemd/system"
     lib.mkdir(parents=True)
@@ -42,6 +42,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "usr/bin").mkdir(parents=True)
     shutil.copy("/bin/true", root / "usr/bin/hoshikage")
     shutil.copy("/bin/true", root / "usr/bin/hoshikage-launch")
+    shutil.copy("/bin/true", root / "usr/bin/hoshikage-router")
     for unit in UNITS:
         shutil.copy(unit, lib)
     return root
