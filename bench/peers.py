@@ -286,18 +286,22 @@ def hk_swap(s: Setup, copied: list[str]) -> Run:
         wait_state(s.hk, ROUTER, ("active",))
     with timed(s.cond) as run:
         starts = swap_steps(s.hk.port, run)
-    # Each step's `ready` record (after the answer when the launcher started llama-server)
+    # Each step's `ready` record (after the answer when the launcher started llama-server;
+    # none when the next step evicted it before its activator adopted it: then its unit's
+    # stop says the step is over, and the launcher made no copy)
     flags = ""
     for i, (name, begin) in enumerate(zip(SWAP, starts, strict=True)):
         records: list[dict[str, Any]] = []
+        unit = common.unit_of(name)
 
-        def found(n: str = name, b: float = begin, out: list[Any] = records) -> bool:
+        def found(n: str = name, b: float = begin, u: str = unit, last: bool = i == len(SWAP) - 1,
+                  out: list[Any] = records) -> bool:
             out[:] = ready_records(s.hk, n, b)
-            return bool(out)
+            return bool(out) or (not last and bool(unit_events(s.hk, u, UNIT_STOPPED, b)))
 
         s.hk.wait_for(f"swap step {i + 1}'s ready record", found)
-        ready = records[0]
-        flags += "1" if ready.get("HOSHIKAGE_COPIED") == "1" else "0"
+        ready = records[0] if records else {}
+        flags += "1" if ready.get("HOSHIKAGE_COPIED") == "1" else "0" if ready else "L"
         step = f"step {i + 1}:"
         starting = unit_events(s.hk, common.unit_of(name), UNIT_STARTING, begin)
         if starting:
@@ -309,9 +313,10 @@ def hk_swap(s: Setup, copied: list[str]) -> Run:
             if stopping and stopped:
                 run.parts[f"{step} the other unit's stop (stopping -> stopped)"] = (
                     stopped[0] - stopping[0])
-        run.parts[f"{step} {COPY_KEY}"] = float(ready["HOSHIKAGE_STAGE_SECONDS"])
-        run.parts[f"{step} llama-server spawn -> /health 200"] = float(
-            ready["HOSHIKAGE_LOAD_SECONDS"])
+        if ready:
+            run.parts[f"{step} {COPY_KEY}"] = float(ready["HOSHIKAGE_STAGE_SECONDS"])
+            run.parts[f"{step} llama-server spawn -> /health 200"] = float(
+                ready["HOSHIKAGE_LOAD_SECONDS"])
     copied.append(flags)
     return run
 
@@ -606,7 +611,8 @@ def report(f: Figures, out: TextIO) -> None:
     if f.throughput_failures or f.burst_failures:
         p(f"failed requests: throughput {f.throughput_failures or 'none'}, bursts "
           f"{f.burst_failures or 'none'}")
-    p(f"hoshikage swap runs, copied per step (1 = the activator copied the model): "
+    p(f"hoshikage swap runs, copied per step (1 = the activator copied the model, L = "
+      f"launched and evicted before its activator adopted it: no copy): "
       f"{', '.join(f.swap_copied) or '–'}")
     p()
     kinds = list(f.throughput)
