@@ -28,6 +28,11 @@ ROUTER_SOCKET = "router.notify"
 RELOAD = b"!reload"
 #: seconds a ticket stays good: one the unit did not take by then is from a start that failed
 TICKET_TTL = 30.0
+#: what a launcher started: $RUNTIME_DIRECTORY/LAUNCHED_DIR/NAME, "PID SPAWNED HEALTHY\n"
+#: (CLOCK_MONOTONIC seconds), written once llama-server serves; the activator that adopts it
+#: removes it, and a release that still finds it (a stop before the hand-over) does the
+#: load's bookkeeping instead
+LAUNCHED_DIR = "launched"
 #: the model-name rule (manifest.NAME_RE says the same as a regular expression): a name
 #: reaches paths and unit names, so nothing else gets through
 NAME_MAX = 100
@@ -89,6 +94,42 @@ def write_ticket(runtime_dir: str, name: str, socket: str, health: str,
     finally:
         posix.close(fd)
     posix.rename(temporary, path)
+
+
+def launched_path(runtime_dir: str, name: str) -> str:
+    return f"{runtime_dir}/{LAUNCHED_DIR}/{name}"
+
+
+def write_launched(runtime_dir: str, name: str, pid: int, spawned: float,
+                   healthy: float) -> None:
+    """The launcher's record of llama-server serving (see LAUNCHED_DIR); never raises."""
+    path = launched_path(runtime_dir, name)
+    temporary = f"{path}.tmp-{posix.getpid()}"
+    try:
+        for directory in (runtime_dir, f"{runtime_dir}/{LAUNCHED_DIR}"):
+            try:  # noqa: SIM105 (contextlib: one more import on the launcher's path)
+                posix.mkdir(directory, 0o755)
+            except FileExistsError:
+                pass
+        fd = posix.open(temporary, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC |
+                        posix.O_CLOEXEC, 0o644)
+        try:
+            posix.write(fd, f"{pid} {spawned:.9f} {healthy:.9f}\n".encode())
+        finally:
+            posix.close(fd)
+        posix.rename(temporary, path)
+    except OSError:
+        pass  # bookkeeping only: the model serves either way
+
+
+def read_launched(runtime_dir: str, name: str) -> tuple[int, float, float] | None:
+    """(pid, spawned, healthy) of the launcher's record, or None."""
+    try:
+        with open(launched_path(runtime_dir, name), "rb") as f:
+            pid, spawned, healthy = f.read().split()
+        return int(pid), float(spawned), float(healthy)
+    except (OSError, ValueError):
+        return None
 
 
 def _encode(text: str) -> bytes:

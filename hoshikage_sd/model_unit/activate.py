@@ -348,6 +348,9 @@ class Activator:
         how = ("copied" if staged.copied else
                "from the source, copying alongside" if self.copy_later else "reused")
         self.runtime.set_running(name, Running(child.pid, str(staged.path), time.time()))
+        # adopted: this start's bookkeeping is ours now, not its release's (LAUNCHED_DIR)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(protocol.launched_path(str(self.config.runtime_dir), name))
         if healthy_at is None:  # else the launcher has told the router already
             protocol.tell_router(str(self.config.runtime_dir), name)
         daemon.notify(READY=1, STATUS=f"serving {name} on {self.socket}")

@@ -29,6 +29,7 @@
 /* Keep these in step with launch.py. */
 #define MAGIC "hoshikage-launch-1"
 #define TICKET_DIR "launch"
+#define LAUNCHED_DIR "launched"
 #define ROUTER_SOCKET "router.notify"
 #define NICE 19
 #define POLL_NS 5000000L          /* /health polling */
@@ -238,6 +239,26 @@ static void on_stop(int signum) {
     _exit(0);
 }
 
+/* protocol.write_launched: "PID SPAWNED HEALTHY\n", written to a temporary name and renamed;
+ * bookkeeping only, so errors are ignored. */
+static void write_launched(const char *runtime_dir, const char *name, pid_t pid, double spawned,
+                           double healthy) {
+    char dir[4200], path[4400], temporary[4500], text[128];
+    snprintf(dir, sizeof dir, "%s/%s", runtime_dir, LAUNCHED_DIR);
+    mkdir(runtime_dir, 0755);
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    snprintf(temporary, sizeof temporary, "%s.tmp-%d", path, (int)getpid());
+    int n = snprintf(text, sizeof text, "%d %.9f %.9f\n", (int)pid, spawned, healthy);
+    int fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return;
+    int ok = write(fd, text, (size_t)n) == n;
+    close(fd);
+    if (!ok || rename(temporary, path) != 0)
+        unlink(temporary);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fputs("usage: hoshikage-launch NAME\n", stderr);
@@ -295,6 +316,7 @@ int main(int argc, char **argv) {
                 snprintf(message, sizeof message, "READY=1\nSTATUS=serving %s", name);
                 if (notify_socket)
                     send_datagram(notify_socket, message);
+                write_launched(runtime_dir, name, pid, started, healthy);
                 wait_quiet(pid, healthy + HANDOVER_LIMIT);
             }
             signal(SIGTERM, SIG_DFL);

@@ -13,7 +13,9 @@ take CPU and disk that llama-server's first answer wants (measured: about 60 ms 
 nice 19), so only once llama-server has gone quiet (the first answer is out) or
 HANDOVER_LIMIT has passed does the launcher become (same PID, so still the unit's main
 process and llama-server's parent) `hoshikage activate NAME --adopt PID`, at the lowest CPU
-priority; the activator keeps the records and supervises. Without a usable ticket (a manual
+priority; the activator keeps the records and supervises. (Stopped before that, the unit's
+release does the load's bookkeeping from the record the launcher leaves once llama-server
+serves: protocol.LAUNCHED_DIR.) Without a usable ticket (a manual
 start, a copy to make, room to make) the launcher becomes `hoshikage activate NAME` at once,
 which does all of it. The `hoshikage` it runs is the one next to this file.
 
@@ -42,6 +44,7 @@ from hoshikage_sd.protocol import (
     take_ticket,
     tell_router,
     valid_name,
+    write_launched,
 )
 
 #: Python ignores these; llama-server must not inherit that (subprocess restores them too)
@@ -124,6 +127,7 @@ def launch(name: str, runtime_dir: str,
     if healthy is not None:
         tell_router(runtime_dir, name)  # first: a request is waiting for this
         notify(b"READY=1\nSTATUS=serving " + name.encode(), notify_socket)
+        write_launched(runtime_dir, name, pid, started, healthy)
         wait_quiet(pid, healthy + HANDOVER_LIMIT)
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)

@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 
-from hoshikage_sd import fmt, log, protocol
+from hoshikage_sd import fmt, log, metrics, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.policy.residents import memory
@@ -63,10 +63,30 @@ def drop_kept(config: Config, runtime: Runtime, store: Store, name: str) -> None
                   f"{fmt.size(freed)} of RAM disk", reason="nothing loaded", bytes_freed=freed)
 
 
+def launched_only(config: Config, name: str) -> tuple[int, float] | None:
+    """(pid, load seconds) of a llama-server its launcher started and served, stopped before
+    an activator adopted it (its record still there, protocol.LAUNCHED_DIR): that load's
+    bookkeeping (usage statistics, the load counter) is the release's. Clears the record."""
+    path = protocol.launched_path(str(config.runtime_dir), name)
+    launched = protocol.read_launched(str(config.runtime_dir), name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    if launched is None:
+        return None
+    pid, spawned, healthy = launched
+    metrics.count(config.runtime_dir, "hoshikage_loads_total", model=name, path="launcher")
+    try:
+        StatsFile(config.state_dir).record_load(name, healthy - spawned)
+    except OSError as exc:
+        log.log.warning("cannot record %s's load: %s", name, exc)
+    return pid, healthy - spawned
+
+
 def main(config: Config, name: str) -> int:
     runtime = Runtime(config.runtime_dir)
     running = runtime.running(name)
     activity = runtime.activity(name)
+    launched = launched_only(config, name) if running is None else None
     store = Store(config.ramdisk)
     result, code, status = (os.environ.get(k) for k in ("SERVICE_RESULT", "EXIT_CODE",
                                                         "EXIT_STATUS"))
@@ -88,8 +108,8 @@ def main(config: Config, name: str) -> int:
     # A ticket written while this unit was still stopping must not outlive its copy.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(protocol.ticket_path(str(config.runtime_dir), name))
-    pid = running.pid if running else None
-    if running is not None:
+    pid = running.pid if running else launched[0] if launched else None
+    if running is not None or launched is not None:
         try:
             StatsFile(config.state_dir).record_stop(name, activity.last_end if activity else None)
         except OSError as exc:
@@ -101,7 +121,10 @@ def main(config: Config, name: str) -> int:
               f"released {name}: {reason}; "
               + (f"its staged copy stays in RAM until {until} (or until the room is needed)"
                  if kept else f"freed {fmt.size(freed)} of RAM disk")
-              + (f"; llama-server pid was {pid}" if pid else ""),
+              + (f"; llama-server pid was {pid}" if pid else "")
+              + (f" (launched, loaded in {launched[1]:.2f} s, stopped before its activator "
+                 "took over)" if launched else ""),
               pid=pid, reason=reason, bytes_freed=freed, kept=int(kept), service_result=result,
-              exit_code=code, exit_status=status)
+              exit_code=code, exit_status=status,
+              load_seconds=f"{launched[1]:.3f}" if launched else None)
     return 0

@@ -286,6 +286,35 @@ def test_both_launchers_spawn_the_ticket_and_hand_its_pid_over(
     assert not (runtime / "launch" / "tiny").exists()
 
 
+def test_both_launchers_leave_a_record_of_what_they_started_once_it_serves(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    """protocol.LAUNCHED_DIR: the activator that adopts llama-server removes it; a release
+    that finds it (stopped before the hand-over) does the load's bookkeeping."""
+    launcher, args = launcher_form
+    runtime = tmp_path / "run"
+    sock = tmp_path / "tiny.sock"
+    protocol.write_ticket(str(runtime), "tiny", str(sock), "/health", {"PATH": "/usr/bin:/bin"},
+                          [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0"])
+    # not run_launcher: the server lives on with the output pipes, which it would wait for
+    with (tmp_path / "launcher.err").open("wb") as err:
+        code = subprocess.run([str(launcher), "tiny"], stdout=subprocess.DEVNULL, stderr=err,
+                              timeout=30, env={"PATH": "/usr/bin:/bin",
+                                               "RUNTIME_DIRECTORY": str(runtime)}).returncode
+    assert code == 0, (tmp_path / "launcher.err").read_text()
+    argv = args.read_text().splitlines()
+    try:
+        assert argv[2] == "--adopt" and argv[6] == "--healthy", argv
+        record = protocol.read_launched(str(runtime), "tiny")
+        assert record is not None
+        pid, spawned, healthy = record
+        assert pid == int(argv[3])
+        assert spawned == pytest.approx(float(argv[5]), abs=1e-6)
+        assert healthy == pytest.approx(float(argv[7]), abs=1e-6) and healthy > spawned
+        assert os.listdir(runtime / protocol.LAUNCHED_DIR) == ["tiny"]  # no temporary left
+    finally:
+        os.kill(int(argv[3]), signal.SIGKILL)
+
+
 HANGS_ON_FIRST_SIGTERM = """\
 import os, signal, sys, time
 terms = []
