@@ -18,10 +18,6 @@ if TYPE_CHECKING:
     from hoshikage_sd.router.first_request import FirstRequest
 
 
-#: the CPU priority of `hoshikage release` (ExecStopPost), below every model's llama-server
-RELEASE_NICE = 10
-
-
 def parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -254,20 +250,10 @@ def router_main(inserted: int = 0) -> int:
 
 
 def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> int:
-    words = sys.argv[1:] if argv is None else argv
-    if early is None and words == ["router"]:
+    if early is None and (sys.argv[1:] if argv is None else argv) == ["router"]:
         from hoshikage_sd.router import first_request
 
         early = first_request.take_early()
-    if words[:1] == ["release"]:
-        import os
-
-        # A model evicted by count is released while the next one loads and gives its first
-        # answer (a swap does not wait for the stop): its bookkeeping must not take their CPU.
-        try:  # noqa: SIM105 (contextlib: a module more before the release's work)
-            os.nice(RELEASE_NICE)
-        except OSError:
-            pass
     from hoshikage_sd import log
     from hoshikage_sd.errors import HoshikageError, report
 

@@ -25,17 +25,3 @@ def test_a_load_stopped_before_the_hand_over_is_counted_by_the_release(tmp_path:
     totals = metrics.read(config.runtime_dir)
     assert totals.counters["hoshikage_loads_total"] == {("m", "launcher"): 1.0}
 
-
-def test_the_release_runs_below_the_models_cpu_priority(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ExecStopPost of a model evicted by count runs while the next model loads."""
-    import os
-
-    from hoshikage_sd import cli
-
-    niced: list[int] = []
-    monkeypatch.setattr(os, "nice", niced.append)
-    monkeypatch.setattr(cli, "run", lambda args, early: 0)
-    monkeypatch.setattr("hoshikage_sd.log.setup", lambda *a, **k: None)
-    assert cli.main(["release", "m"]) == 0
-    assert niced == [cli.RELEASE_NICE]
-    assert cli.main(["status"]) == 0 and niced == [cli.RELEASE_NICE]  # nothing else
