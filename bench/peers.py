@@ -49,7 +49,6 @@ import http.client
 import json
 import os
 import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -57,7 +56,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +64,6 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
 
 import common  # noqa: E402
 from common import (  # noqa: E402
-    ACCOUNTING,
     CACHE,
     COPY_KEY,
     ROUTER,
@@ -663,10 +660,6 @@ def load_figures(path: Path) -> Figures:
 
 # -- main -----------------------------------------------------------------------------------
 
-def raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def rotated(items: Sequence[Any], i: int) -> list[Any]:
     k = i % len(items)
     return [*items[k:], *items[:k]]
@@ -843,7 +836,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peers: {reason}", file=sys.stderr)
         return 2
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
     command = "sudo PYTHONPATH=. .venv/bin/python bench/peers.py"
     f = Figures(command=" ".join([command, *map(shlex.quote, sys.argv[1:] if argv is None
                                                  else argv)]),
@@ -852,20 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "rounds", "requests", "clients", "each", "chat_each", "burst_sizes",
                     "bursts", "peer_args", "settle",
                     "quiet", "quiet_wait", "max_disturbance", "tries")})
-    cleanup = Cleanup()
-    ACCOUNTING.enter()
-    try:
-        run(args, f, cleanup)
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
+    if common.run_cleaning_up(lambda cleanup: run(args, f, cleanup)):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cleanup.run()
-        ACCOUNTING.leave()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     f.loadavg_end = common.loadavg()
     report(f, sys.stdout)
     if args.json:
