@@ -196,8 +196,11 @@ def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | 
     there is neither and the helper should exit without doing anything."""
     from hoshikage_sd import log
     from hoshikage_sd.errors import HoshikageError
-    from hoshikage_sd.manifest import Config, config_path, names, snapshot
+    from hoshikage_sd.manifest import Config, compiled, config_path, names, snapshot
 
+    kept = compiled.load(path or config_path(), snapshot.default_dir())
+    if kept is not None:
+        return kept
     try:
         return names.effective(snapshot.load_or_last_good(path))
     except HoshikageError as err:

@@ -14,12 +14,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import psutil
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hoshikage_sd import statefile
 from hoshikage_sd.files import write_atomic
+from hoshikage_sd.host import pid_exists
+
+if TYPE_CHECKING:
+    from hoshikage_sd.manifest import Model
 
 T = TypeVar("T")
 
@@ -195,7 +197,7 @@ class Runtime:
         activity = self.activity(name)
         if (running is None and activity is None) or self.busy(name):
             return None
-        alive = activity is not None and psutil.pid_exists(activity.router_pid)
+        alive = activity is not None and pid_exists(activity.router_pid)
         since = running.started if running is not None else 0.0
         return idle_seconds(now, since, activity, alive)
 
@@ -212,7 +214,7 @@ class Runtime:
         """Is the model loaded: its llama-server's record is there and that process lives?
         (The record outlives a router restart and goes with the unit's ExecStopPost.)"""
         running = self.running(name)
-        return running is not None and psutil.pid_exists(running.pid)
+        return running is not None and pid_exists(running.pid)
 
     def set_running(self, name: str, running: Running) -> None:
         self._write("running", name, asdict(running))
@@ -240,6 +242,17 @@ class Runtime:
     def set_estimate(self, name: str, key: list[Any], value: int) -> None:
         self._write("estimate", name, {"key": key, "bytes": value})
 
+    def remembered_estimate(self, model: Model) -> tuple[os.stat_result, int] | None:
+        """The estimate remembered for the model's file as it is now (and that file's stat),
+        if one was computed for it (policy/residents.estimate); never reads the header."""
+        try:
+            st = model.path.stat()
+        except OSError:
+            return None
+        cached = self.estimate(model.name)
+        return (st, cached[1]) if cached is not None and cached[0] == estimate_key(model, st) \
+            else None
+
     def caching(self, name: str) -> tuple[int, int] | None:
         """A copy to the SSD cache under way: (bytes done, bytes total)."""
         record = self._read("caching", name, _Caching)
@@ -266,3 +279,8 @@ class Runtime:
 
     def set_stop_reason(self, name: str, reason: str) -> None:
         self._write("stop", name, {"reason": reason})
+
+
+def estimate_key(model: Model, st: os.stat_result) -> list[Any]:
+    """What a remembered estimate was computed from: the file as it was, and the arguments."""
+    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args)]

@@ -15,9 +15,9 @@ from typing import Any
 
 from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError, die
+from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.rank import ModelStats
-from hoshikage_sd.policy.residents import memory
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 

@@ -6,6 +6,7 @@ aliases and tags over them; resolve.py turns a request's model name into one of 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.protocol import NAME_PATTERN
 
 NAME_RE = re.compile(NAME_PATTERN)
+DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
 
 
 BACKENDS = ("llama-server", "command")
@@ -214,3 +216,6 @@ class Config:
                 "--alias", model.name, *model.server_args]
 
 
+def config_path() -> Path:
+    """The manifest: $HOSHIKAGE_CONFIG, else DEFAULT_PATH."""
+    return Path(os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_PATH)

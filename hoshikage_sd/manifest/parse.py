@@ -7,7 +7,6 @@ Every error names the file, the line and what is wrong; a missing model file is 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,10 +23,10 @@ from hoshikage_sd.manifest.model import (
     Config,
     Model,
     Weights,
+    config_path,
 )
 from hoshikage_sd.manifest.nodes import FieldReader, NodeReader
 
-DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
 
 def _path(r: NodeReader, n: yaml.Node, what: str) -> Path:
     return r.abspath(n, what)
@@ -149,10 +148,6 @@ class ConfigError(HoshikageError):
         self.path = path
         self.line = line
         self.problem = message
-
-
-def config_path() -> Path:
-    return Path(os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_PATH)
 
 
 def load(path: Path | None = None) -> Config:

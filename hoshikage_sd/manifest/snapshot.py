@@ -23,8 +23,7 @@ from pathlib import Path
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.files import write_atomic
-from hoshikage_sd.manifest.model import Config
-from hoshikage_sd.manifest.parse import config_path, load, parse
+from hoshikage_sd.manifest.model import Config, config_path
 
 DEFAULT_DIR = Path("/run/hoshikage")
 NAME = "manifest.yaml"
@@ -80,6 +79,8 @@ def save(manifest: str | Path, runtime_dir: Path | None = None,
 def load_and_save(path: Path | None = None, runtime_dir: Path | None = None) -> Config:
     """For the router: the manifest, parsed; when it is good, it is the new last good copy.
     Raises as manifest.load does (the copy stays as it was)."""
+    from hoshikage_sd.manifest.parse import load, parse
+
     path = path or config_path()
     try:
         text = path.read_text()
@@ -95,6 +96,8 @@ def load_or_last_good(path: Path | None = None, runtime_dir: Path | None = None)
     """For the programs the router starts: the manifest, or, when it is broken (or gone),
     the router's last good copy of it, with a warning that says what is wrong with the file.
     Raises the manifest's own error (with where no copy was found) when both fail."""
+    from hoshikage_sd.manifest.parse import load, parse
+
     path = path or config_path()
     try:
         return load(path)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hoshikage_sd import cache, fmt, log, metrics, proc, protocol
+from hoshikage_sd import cache, fmt, host, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import launch
@@ -222,7 +222,7 @@ class Activator:
         if not kept:
             return  # the usual case: no stats to read, nothing to free
         ranks = StatsFile(self.config.state_dir).ranks(w=self.config.weights)
-        available, _ = residents.memory()
+        available, _ = host.memory()
         for name in sorted(kept, key=lambda n: ranks.get(n, 0.0)):
             if self.store.free_bytes() >= size and available >= size:
                 return

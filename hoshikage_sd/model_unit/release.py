@@ -18,8 +18,8 @@ import time
 
 from hoshikage_sd import fmt, log, metrics, protocol
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config
-from hoshikage_sd.policy.residents import memory
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd

@@ -4,28 +4,19 @@ is free for a newcomer."""
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any
-
-import psutil
 
 from hoshikage_sd import log, metrics
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy import admission
 from hoshikage_sd.policy.admission import Decision, Resident, Verdict
 from hoshikage_sd.policy.stats import StatsFile
-from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.runtime import Runtime, estimate_key
 from hoshikage_sd.sd import units as systemd
 
 logger = logging.getLogger("hoshikage")
-
-
-def memory() -> tuple[int, int]:
-    """(MemAvailable, MemTotal) in bytes, as psutil reads /proc/meminfo."""
-    vm = psutil.virtual_memory()
-    return vm.available, vm.total
 
 
 def estimate(model: Model, runtime: Runtime | None = None) -> int:
@@ -55,23 +46,6 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
     if runtime is not None:
         runtime.set_estimate(model.name, key, value)
     return value
-
-
-def estimate_key(model: Model, st: os.stat_result) -> list[Any]:
-    """What a remembered estimate was computed from: the file as it was, and the arguments."""
-    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args)]
-
-
-def remembered_estimate(model: Model, runtime: Runtime) -> tuple[os.stat_result, int] | None:
-    """The runtime's estimate for the model's file as it is now (and that file's stat), if
-    one was computed for it; never reads the header."""
-    try:
-        st = model.path.stat()
-    except OSError:
-        return None
-    cached = runtime.estimate(model.name)
-    return (st, cached[1]) if cached is not None and cached[0] == estimate_key(model, st) \
-        else None
 
 
 def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 
+from hoshikage_sd.fileid import identity
+
 TYPE_CHECKING = False  # typing itself costs the head start ~10 ms when nothing loaded it
 if TYPE_CHECKING:
     from typing import Any
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 NAME = "names.index.json"
 VERSION = 2
-#: manifest/parse.py's DEFAULT_PATH (a unit test keeps them equal: parse imports PyYAML)
+#: manifest/model.py's DEFAULT_PATH (a unit test keeps them equal: model imports dataclasses)
 DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
 DEFAULT_RUNTIME = "/run/hoshikage"
 
@@ -54,20 +56,10 @@ def manifest_path() -> str:
     return os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_MANIFEST
 
 
-def identity(path: str) -> list[int] | None:
-    """What changes when the file does: device, inode (a rename), size, mtime and ctime."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, Any]:
     """The index of `config` (the manifest with names.json over it), with what the head
     start's admission (early_admission) needs."""
     from hoshikage_sd import proc
-    from hoshikage_sd.policy.residents import remembered_estimate
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
     from hoshikage_sd.staging import Store
@@ -77,7 +69,7 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
     def launch(m: Model) -> dict[str, Any] | None:
         """The model's ticket, when it starts from its source: not with an SSD cache (the
         cache's copy may be the one to read), not before an estimate was remembered."""
-        known = remembered_estimate(m, runtime) if config.cache is None else None
+        known = runtime.remembered_estimate(m) if config.cache is None else None
         if known is None:
             return None
         st, estimate = known
@@ -142,6 +134,21 @@ def refresh(config: Config, runtime: str | None = None) -> None:
             remove(runtime)
 
 
+def adopt(runtime: str | None = None) -> bool:
+    """Take the index on disk as this process's own write (refresh() rewrites it), when it
+    is current; False when it is not (the caller writes one)."""
+    path = index_path(runtime)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    if current(data) is None:
+        return False
+    _written[path] = data
+    return True
+
+
 def remove(runtime: str | None = None) -> None:
     """No index (the files changed while read): the next router resolves after its imports."""
     import contextlib
@@ -156,7 +163,15 @@ def read(runtime: str | None = None) -> dict[str, Any] | None:
     """The index, when it is current for this manifest and names.json; else None."""
     try:
         with open(index_path(runtime), "rb") as f:
-            index = json.loads(f.read())
+            return current(f.read())
+    except OSError:
+        return None
+
+
+def current(data: bytes) -> dict[str, Any] | None:
+    """The index in `data`, when it is current for this manifest and names.json."""
+    try:
+        index = json.loads(data)
         if index.get("version") != VERSION or index.get("source") != manifest_path():
             return None
         files = index["files"]
@@ -166,7 +181,7 @@ def read(runtime: str | None = None) -> dict[str, Any] | None:
             if identity(path) != known:
                 return None
         return index if isinstance(index.get("models"), list) else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
 

@@ -34,11 +34,9 @@ import time
 from typing import Any
 from urllib.parse import unquote
 
-from hoshikage_sd import cache, log, metrics, proc, protocol
+from hoshikage_sd import log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
-from hoshikage_sd.policy import admission, residents
-from hoshikage_sd.policy.admission import Verdict
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.router import auth, name_index, proxy, routes
 from hoshikage_sd.router import errors as api
@@ -52,7 +50,6 @@ from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Identity, Store
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -195,6 +192,11 @@ class Router:
         it here and leave the unit's launcher a ticket, so that llama-server starts as the
         unit's first act. Returns the models stopped for it, or None: anything else (memory
         to free, a wait) is the activator's to do."""
+        from hoshikage_sd import cache
+        from hoshikage_sd.policy import residents
+        from hoshikage_sd.policy.admission import Verdict
+        from hoshikage_sd.staging import Identity, Store
+
         config, name = self.config, model.name
         store = Store(config.ramdisk)
         try:
@@ -221,6 +223,8 @@ class Router:
     def record_early_admission(self, name: str, estimate: int, available: int) -> None:
         """The journal's admission record (and its count) for the model the head start
         admitted with nothing else up (early_admission): the decision the policy makes."""
+        from hoshikage_sd.policy import admission, residents
+
         model = self.config.models.get(name)
         if model is None:
             return
@@ -678,8 +682,6 @@ async def serve(config: Config, listen: str | None = None,
                 first: FirstRequest | None = None, broken: str | None = None) -> int:
     first = first or FirstRequest()
     router = Router(config, first.started, broken)
-    if first.started and first.admitted:
-        router.record_early_admission(first.started, *first.admitted)
     if broken is not None:
         logger.error("cannot serve until the manifest is fixed: %s", broken)
     router.announcements.open()
@@ -692,6 +694,10 @@ async def serve(config: Config, listen: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, router.done.set)
     daemon.notify(READY=1, STATUS="routing" if broken is None else "manifest broken")
+    # The policy's modules are imported by the router's own starts: from zero, the waking
+    # request's model was admitted by the head start, and its record need not wait for them.
+    if first.started and first.admitted:
+        router.record_early_admission(first.started, *first.admitted)
     idle = asyncio.create_task(router.watch_idle())
     manifest = asyncio.create_task(router.watch_manifest())
     await router.done.wait()

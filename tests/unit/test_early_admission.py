@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import protocol
-from hoshikage_sd.policy import residents
 from hoshikage_sd.router import early_admission, name_index
 from hoshikage_sd.router.config import load_config
-from hoshikage_sd.runtime import Runtime
+from hoshikage_sd.runtime import Runtime, estimate_key
 from hoshikage_sd.sd import bus, units
 
 GIB = 1 << 30
@@ -47,7 +46,7 @@ def remember(path: Path, name: str, estimate: int) -> None:
     config = load_config(path)
     model = config.models[name]
     Runtime(config.runtime_dir).set_estimate(
-        name, residents.estimate_key(model, model.path.stat()), estimate)
+        name, estimate_key(model, model.path.stat()), estimate)
 
 
 def entry(name: str) -> tuple[dict, dict]:  # type: ignore[type-arg]

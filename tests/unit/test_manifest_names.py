@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.manifest import AmbiguousModel, ConfigError, parse, parse_size
+from hoshikage_sd.manifest import AmbiguousModel, ConfigError, parse_size
+from hoshikage_sd.manifest.parse import parse
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.resolve import resolve
 

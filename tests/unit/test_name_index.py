@@ -70,7 +70,7 @@ def found(index: dict[str, object], name: str | None) -> str | None:
 
 
 def test_the_default_manifest_path_is_the_manifests() -> None:
-    from hoshikage_sd.manifest.parse import DEFAULT_PATH
+    from hoshikage_sd.manifest.model import DEFAULT_PATH
 
     assert str(DEFAULT_PATH) == name_index.DEFAULT_MANIFEST
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.manifest import Config, names, parse
+from hoshikage_sd.manifest import Config, names
+from hoshikage_sd.manifest.parse import parse
 from hoshikage_sd.resolve import resolve
 
 

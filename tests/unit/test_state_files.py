@@ -15,7 +15,8 @@ import pytest
 
 from hoshikage_sd import statefile
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.manifest import Config, names, parse
+from hoshikage_sd.manifest import Config, names
+from hoshikage_sd.manifest.parse import parse
 from hoshikage_sd.policy.rank import ModelStats, Use
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.resolve import resolve
