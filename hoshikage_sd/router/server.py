@@ -694,13 +694,17 @@ async def serve(config: Config, listen: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, router.done.set)
     daemon.notify(READY=1, STATUS="routing" if broken is None else "manifest broken")
-    # The policy's modules are imported by the router's own starts: from zero, the waking
-    # request's model was admitted by the head start, and its record need not wait for them.
+    # The policy's modules (~10 ms of imports) are the router's own starts' to import: the
+    # head start admitted the waking request's model, whose answer must not wait for them.
+    record = None
     if first.started and first.admitted:
-        router.record_early_admission(first.started, *first.admitted)
+        record = asyncio.create_task(asyncio.to_thread(
+            router.record_early_admission, first.started, *first.admitted))
     idle = asyncio.create_task(router.watch_idle())
     manifest = asyncio.create_task(router.watch_manifest())
     await router.done.wait()
+    if record is not None:
+        await record
     idle.cancel()
     manifest.cancel()
     daemon.notify(STOPPING=1)
