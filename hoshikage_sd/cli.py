@@ -12,6 +12,7 @@ from hoshikage_sd import __version__
 TYPE_CHECKING = False  # typing costs the router's head start ~10 ms when nothing loaded it
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from pathlib import Path
 
     from hoshikage_sd.manifest import Config
@@ -149,12 +150,13 @@ def router(source: Path | None, listen: str | None, early: FirstRequest | None =
     """The router starts whatever the manifest says: a broken one gets every model request
     a 503 with the reason until it is fixed (a router that exited instead would be started
     again for the same connection until the socket's start limit takes the port down)."""
-    from hoshikage_sd import manifest
+    from hoshikage_sd import log, manifest
     from hoshikage_sd.errors import HoshikageError
     from hoshikage_sd.manifest import Config
     from hoshikage_sd.router import first_request
     from hoshikage_sd.router.config import load_config
 
+    log.hold()  # until READY=1 (router.server.after_ready): the journal's imports can wait
     path = source or manifest.config_path()
     config: Config | None = None
     broken = None
@@ -249,7 +251,8 @@ def router_main(inserted: int = 0) -> int:
 
     del sys.path[:inserted]
     site.main()
-    return main(["router"], early)
+    # `hoshikage router` without argparse (~3 ms before READY=1): the unit passes nothing
+    return guarded("router", False, lambda: router(None, None, early))
 
 
 def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> int:
@@ -257,15 +260,21 @@ def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> in
         from hoshikage_sd.router import first_request
 
         early = first_request.take_early()
+    args = parser().parse_args(argv)
+    return guarded(args.command, args.debug, lambda: run(args, early))
+
+
+def guarded(command: str, debug: bool, body: Callable[[], int]) -> int:
+    """Run a command: its errors as one clear sentence (the journal's, under systemd), a
+    traceback only with --debug."""
     from hoshikage_sd import log
     from hoshikage_sd.errors import HoshikageError, report
 
-    args = parser().parse_args(argv)
-    log.setup(f"hoshikage-{args.command}", args.debug)
+    log.setup(f"hoshikage-{command}", debug)
     try:
-        return run(args, early)
+        return body()
     except HoshikageError as err:
-        if args.debug:
+        if debug:
             raise
         if log.under_journal():
             log.log.error("%s", err)
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> in
         return report(err)
     except KeyboardInterrupt:
         return 130
+    finally:
+        log.release()  # nothing a command logged stays held back (log.hold)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ Lifecycle events carry a fixed MESSAGE_ID per kind and UPPERCASE fields, so that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 
 log = logging.getLogger("hoshikage")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -30,19 +32,56 @@ MESSAGE_IDS = {
 class JournalHandler(logging.Handler):
     """python-systemd's JournalHandler, made when the first record comes: systemd.journal
     costs ~10 ms of imports, which the router must not spend before its head start for the
-    request that woke it (router/first_request.py)."""
+    request that woke it (router/first_request.py), nor before READY=1 for the records it
+    makes on the way: hold() keeps info records back until release()."""
 
     def __init__(self, identifier: str) -> None:
         super().__init__()
         self.identifier = identifier
         self.inner: logging.Handler | None = None
+        self.held: list[logging.LogRecord] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None:
+            if record.levelno < logging.WARNING:
+                # the journal stamps it when it is sent: this says when it was made
+                record.HOSHIKAGE_HELD_USEC = time.monotonic_ns() // 1000
+                self.held.append(record)
+                return
+            self.send_held()  # a warning goes out now, after what came before it
+        self.send(record)
+
+    def send(self, record: logging.LogRecord) -> None:
         if self.inner is None:
             from systemd.journal import JournalHandler as Journal
 
             self.inner = Journal(SYSLOG_IDENTIFIER=self.identifier)
         self.inner.handle(record)
+
+    def send_held(self) -> None:
+        with self.lock or contextlib.nullcontext():  # another thread may be emitting
+            held, self.held = self.held or [], None
+            for record in held:
+                self.send(record)
+
+
+def _journal_handlers() -> list[JournalHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, JournalHandler)]
+
+
+def hold() -> None:
+    """Keep info records for the journal back, in order, until release() (or a warning).
+    Each carries HOSHIKAGE_HELD_USEC: when it was made (CLOCK_MONOTONIC, as systemd's
+    timestamps), which its journal timestamp no longer says."""
+    for handler in _journal_handlers():
+        if handler.held is None:
+            handler.held = []
+
+
+def release() -> None:
+    """Send what hold() kept back."""
+    for handler in _journal_handlers():
+        handler.send_held()
 
 
 def under_journal() -> bool:

@@ -22,8 +22,8 @@ identical answers.
 from __future__ import annotations
 
 import enum
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -64,8 +64,9 @@ _INCOMING_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def new_request_id() -> str:
-    """A fresh id in the style both vendors use ("req_" and 32 hex digits)."""
-    return "req_" + uuid.uuid4().hex
+    """A fresh id in the style both vendors use ("req_" and 32 hex digits): 128 random bits,
+    as uuid4 has (whose module costs the router's start ~3.5 ms of imports)."""
+    return "req_" + os.urandom(16).hex()
 
 
 def request_id(incoming: str | None = None) -> str:

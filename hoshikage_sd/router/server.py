@@ -694,17 +694,11 @@ async def serve(config: Config, listen: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, router.done.set)
     daemon.notify(READY=1, STATUS="routing" if broken is None else "manifest broken")
-    # The policy's modules (~10 ms of imports) are the router's own starts' to import: the
-    # head start admitted the waking request's model, whose answer must not wait for them.
-    record = None
-    if first.started and first.admitted:
-        record = asyncio.create_task(asyncio.to_thread(
-            router.record_early_admission, first.started, *first.admitted))
+    after = asyncio.create_task(asyncio.to_thread(after_ready, router, first))
     idle = asyncio.create_task(router.watch_idle())
     manifest = asyncio.create_task(router.watch_manifest())
     await router.done.wait()
-    if record is not None:
-        await record
+    await after
     idle.cancel()
     manifest.cancel()
     daemon.notify(STOPPING=1)
@@ -720,6 +714,15 @@ async def serve(config: Config, listen: str | None = None,
     router.close()
     router.metrics.flush()
     return 0
+
+
+def after_ready(router: Router, first: FirstRequest) -> None:
+    """What the router writes once READY=1 is out, in a worker thread: the journal's module
+    and the policy's (~20 ms of imports) must not hold up the waking request's answer. The
+    records held back until now (log.hold), and the admission the head start made."""
+    log.release()
+    if first.started and first.admitted:
+        router.record_early_admission(first.started, *first.admitted)
 
 
 def main(config: Config, listen: str | None = None, first: FirstRequest | None = None,
