@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -186,12 +187,17 @@ class Router:
             if writer is not None:
                 writer.close()
 
-    def prepare(self, model: Model) -> list[str] | None:
+    def prepare(self, model: Model, start: Callable[[], None]) -> list[str] | None:
         """The fast path of a cold start: when the model fits now, or once others stop for
         max_loaded_models only (their memory is not needed: they stop while it loads), admit
-        it here and leave the unit's launcher a ticket, so that llama-server starts as the
-        unit's first act. Returns the models stopped for it, or None: anything else (memory
-        to free, a wait) is the activator's to do."""
+        it here, leave the unit's launcher a ticket (so that llama-server starts as the
+        unit's first act) and `start` the unit, then stop the others. Returns the models
+        stopped for it, or None (not started): anything else (memory to free, a wait) is
+        the activator's to do.
+
+        The start goes before the stops and the records: a stop queued first kept PID 1
+        and polkit busy while the start waited (a swap step's request -> unit starting
+        30-37 ms after the stop was queued, bench/peers.py's breakdown)."""
         from hoshikage_sd import cache
         from hoshikage_sd.policy import residents
         from hoshikage_sd.policy.admission import Verdict
@@ -199,6 +205,7 @@ class Router:
 
         config, name = self.config, model.name
         store = Store(config.ramdisk)
+        started = False
         try:
             # A current staged copy, else the source: its RAM-disk copy is made alongside
             # once it serves (model_unit/activate.py copy_alongside).
@@ -208,14 +215,20 @@ class Router:
                 decision, estimate = residents.judge(config, model, self.runtime)
                 if decision.verdict is not Verdict.LOAD and not residents.by_count(decision):
                     return None
-                residents.record(name, decision, counts=self.metrics)
                 self.runtime.set_admitted(name, estimate)
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
                                       proc.minimal_env(),
                                       config.server_argv(model, path))
+                start()
+                started = True
+                residents.record(name, decision, counts=self.metrics)
                 residents.evict(name, decision, self.runtime, self.metrics, wait=False)
         except (OSError, HoshikageError) as exc:
+            if started:
+                logger.warning("%s started, but stopping the models it replaces failed: %s",
+                               name, exc)
+                return []
             logger.warning("starting %s the slow way: %s", name, exc)
             return None
         return [victim.name for victim in decision.victims]
@@ -289,8 +302,15 @@ class Router:
         # A unit still stopping (evicted a moment ago) goes down first: its release removes
         # the ticket and the admission record of a start prepared before.
         state = systemd.wait_down(unit)
-        evicted = self.prepare(model)
-        systemd.start_unit(unit, state)
+        started: list[bool] = []
+
+        def start() -> None:
+            systemd.start_unit(unit, state)
+            started.append(True)
+
+        evicted = self.prepare(model, start)
+        if not started:  # the activator's start (or one that failed once: tried again)
+            start()
         return evicted or []
 
     async def ensure(self, model: Model) -> None:
