@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -304,9 +305,46 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
                         lambda unit, state=None: calls.append(f"start {unit} {state}"))
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
     router = router_module.Router(config)
-    monkeypatch.setattr(router, "prepare", lambda model: calls.append("ticket") or ["b"])
+
+    def prepare(model: Model, start: Callable[[], None]) -> list[str]:
+        calls.append("ticket")
+        start()
+        return ["b"]
+
+    monkeypatch.setattr(router, "prepare", prepare)
     assert router.begin(Model("a", tmp_path / "a.gguf"), "u@a") == ["b"]
     assert calls == ["down u@a", "ticket", "start u@a inactive"]
+    # the activator's way (no ticket): begin starts the unit itself
+    calls.clear()
+    monkeypatch.setattr(router, "prepare", lambda model, start: calls.append("no ticket"))
+    assert router.begin(Model("a", tmp_path / "a.gguf"), "u@a") == []
+    assert calls == ["down u@a", "no ticket", "start u@a inactive"]
+
+
+def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop queued first kept PID 1 and polkit busy while the start waited."""
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.policy import residents
+    from hoshikage_sd.router import server as router_module
+
+    models = {n: Model(n, tmp_path / f"{n}.gguf") for n in "ab"}
+    for model in models.values():
+        model.path.write_bytes(b"GGUF")
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "ram", state_dir=tmp_path / "state",
+                    max_loaded_models=1, models=models)
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_running("b", Running(os.getpid(), "", time.time() - 60))
+    runtime.set_activity("b", Activity(0, time.time() - 30, os.getpid()))
+    calls: list[str] = []
+    monkeypatch.setattr(residents.systemd, "active_model_units", lambda: ["b"])
+    monkeypatch.setattr(residents.systemd, "stop_unit",
+                        lambda unit: calls.append(f"stop {unit}"))
+    router = router_module.Router(config)
+    assert router.prepare(models["a"], lambda: calls.append("start a")) == ["b"]
+    assert calls == ["start a", "stop hoshikage-model@b.service"]
+    assert os.path.exists(protocol.ticket_path(str(config.runtime_dir), "a"))
 
 
 def test_a_model_that_answered_before_its_activator_adopted_it_is_idle_not_starting(
