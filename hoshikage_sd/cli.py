@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
     from pathlib import Path
+    from typing import Any
 
     from hoshikage_sd.manifest import Config
     from hoshikage_sd.router.first_request import FirstRequest
@@ -260,8 +261,26 @@ def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> in
         from hoshikage_sd.router import first_request
 
         early = first_request.take_early()
-    args = parser().parse_args(argv)
+    args = helper_args(sys.argv[1:] if argv is None else argv) or parser().parse_args(argv)
     return guarded(args.command, args.debug, lambda: run(args, early))
+
+
+#: the unit helpers' command lines as their units give them (positional arguments only)
+HELPER_ARGV = {"release": ("name",), "idle-watch": (), "cache-sync": ()}
+
+
+def helper_args(argv: list[str]) -> Any:
+    """A unit helper's command line read without argparse, whose import and parser cost
+    ~5 ms of each release (beside the next model's load in a swap) and each idle watch: the
+    attributes argparse would give; None for anything else (argparse reads it, with its
+    errors and --help)."""
+    if not argv or argv[0] not in HELPER_ARGV or any(a.startswith("-") for a in argv) \
+            or len(argv) != 1 + len(HELPER_ARGV[argv[0]]):
+        return None
+    from types import SimpleNamespace
+
+    fields = dict(zip(HELPER_ARGV[argv[0]], argv[1:], strict=True))
+    return SimpleNamespace(command=argv[0], debug=False, config=None, **fields)
 
 
 def guarded(command: str, debug: bool, body: Callable[[], int]) -> int:

@@ -34,7 +34,17 @@ def reason_for(stop_reason: str | None, result: str | None, code: str | None,
     return stop_reason or "manual stop"
 
 
-def keeps_copy(config: Config, runtime: Runtime, name: str, reason: str) -> bool:
+def others_up(name: str) -> list[str] | None:
+    """The other model units that are up (asked once per release), None when systemd
+    cannot say."""
+    try:
+        return [n for n in systemd.active_model_units() if n != name]
+    except HoshikageError:
+        return None
+
+
+def keeps_copy(config: Config, runtime: Runtime, name: str, reason: str,
+               others: list[str] | None) -> bool:
     """Keep the staged copy of a model stopped by hand or by count, while RAM is plentiful
     and another model runs (the idle watch, which expires kept copies, runs only then)."""
     if not (reason in ("manual stop", "manual unload") or runtime.keep_copy(name)):
@@ -42,20 +52,14 @@ def keeps_copy(config: Config, runtime: Runtime, name: str, reason: str) -> bool
     available, total = memory()
     if total - available >= config.pressure_warn * total:
         return False
-    try:
-        others = [n for n in systemd.active_model_units() if n != name]
-    except HoshikageError:
-        return False
     return bool(others)
 
 
-def drop_kept(config: Config, runtime: Runtime, store: Store, name: str) -> None:
-    """The last model stopped (`name`, deactivating now): no kept copy outlives it."""
-    try:
-        if any(other != name for other in systemd.active_model_units()):
-            return
-    except HoshikageError:
-        pass
+def drop_kept(runtime: Runtime, store: Store, others: list[str] | None) -> None:
+    """The last model stopped (none of `others` up, or systemd cannot say): no kept copy
+    outlives it."""
+    if others:
+        return
     for other in runtime.names("kept"):
         freed = store.remove(other)
         runtime.clear("kept", other)
@@ -91,14 +95,15 @@ def main(config: Config, name: str) -> int:
     result, code, status = (os.environ.get(k) for k in ("SERVICE_RESULT", "EXIT_CODE",
                                                         "EXIT_STATUS"))
     reason = reason_for(runtime.stop_reason(name), result, code, status)
-    kept = config.ramdisk.is_dir() and store.has_copy(name) and \
-        keeps_copy(config, runtime, name, reason)
+    ramdisk = config.ramdisk.is_dir()
+    others = others_up(name) if ramdisk else None
+    kept = ramdisk and store.has_copy(name) and keeps_copy(config, runtime, name, reason, others)
     freed = 0
     if kept:
         model = config.models.get(name)
         ttl = model.ttl if model else config.idle_ttl
         runtime.set_kept(name, (activity.last_end if activity else time.time()) + ttl)
-    elif config.ramdisk.is_dir():
+    elif ramdisk:
         freed = store.remove(name)
         runtime.clear("kept", name)
     with contextlib.suppress(FileNotFoundError):
@@ -114,8 +119,8 @@ def main(config: Config, name: str) -> int:
             StatsFile(config.state_dir).record_stop(name, activity.last_end if activity else None)
         except OSError as exc:
             log.log.warning("cannot record %s's runtime: %s", name, exc)
-    if config.ramdisk.is_dir():
-        drop_kept(config, runtime, store, name)
+    if ramdisk:
+        drop_kept(runtime, store, others)
     until = time.strftime("%H:%M:%S", time.localtime(runtime.kept_until(name) or 0))
     log.event("released", name,
               f"released {name}: {reason}; "
