@@ -19,7 +19,15 @@ send one chat completion over loopback and read systemd's own CLOCK_MONOTONIC ti
 Medians and the spread over the runs. Only the router's part differs between versions of
 the router; the rest is systemd's and the model unit's.
 
-  sudo PYTHONPATH=. .venv/bin/python bench/router_start.py [--runs 10] [--json FILE]
+--against REV measures the router of git revision REV in the same container, alternating
+with the working tree's run by run (the order flips every other run), so that a change is
+judged against the machine's state of the moment rather than against another run's: REV's
+hoshikage_sd is copied into the container with its own hoshikage-router, and a drop-in
+switches hoshikage.service between the two. Only the router is REV's; the model unit runs
+the working tree's code.
+
+  sudo PYTHONPATH=. .venv/bin/python bench/router_start.py [--runs 10] [--against REV]
+      [--json FILE]
 """
 
 from __future__ import annotations
@@ -93,11 +101,58 @@ def one(hk: Deployment) -> dict[str, float]:
             "request -> response": end - start}
 
 
+def other_router(hk: Deployment, rev: str) -> Path:
+    """REV's hoshikage_sd in the container (/opt/hoshikage-REV, bytecode compiled) and its
+    hoshikage-router; the drop-in that makes hoshikage.service run it (written by use())."""
+    import jeepney
+
+    from hoshikage_sd.model_unit.install import install_router
+
+    inside = Path(f"/opt/hoshikage-{rev}")
+    tree = hk.container.root / inside.relative_to("/")
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "hoshikage_sd"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-d", str(inside),
+                    str(tree / "hoshikage_sd")], check=True)
+    install_router(str(tree / "hoshikage-router"), sys.executable,
+                   [str(inside), str(Path(jeepney.__file__).parent.parent)])
+    return inside / "hoshikage-router"
+
+
+def use(hk: Deployment, router: Path | None) -> None:
+    """hoshikage.service runs `router` (None: the working tree's)."""
+    dropin = hk.container.root / "etc/systemd/system/hoshikage.service.d/against.conf"
+    if router is None:
+        dropin.unlink(missing_ok=True)
+    else:
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(f"[Service]\nExecStart=\nExecStart={router}\n")
+    hk.container.systemctl("daemon-reload")
+
+
+def report(title: str, runs: list[dict[str, float]]) -> None:
+    print(f"\n{title}; median [min-max] ms")
+    for key in dict.fromkeys(k for r in runs for k in r):
+        values = [r[key] * 1e3 for r in runs if key in r]
+        print(f"  {key:38} {statistics.median(values):7.1f}  "
+              f"[{min(values):.1f}-{max(values):.1f}]"
+              + (f"  ({len(values)} of {len(runs)} runs)" if len(values) < len(runs) else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--against", metavar="REV",
+                    help="alternate with the router of this git revision")
     ap.add_argument("--json")
     args = ap.parse_args()
+    against = None
+    if args.against:
+        against = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short",
+                                  args.against], capture_output=True, text=True,
+                                 check=True).stdout.strip()
     reason = unavailable_reason()
     if reason:
         raise SystemExit(reason)
@@ -120,12 +175,21 @@ def main() -> None:
 
         try:
             hk = deploy(make, models, text)
-            one(hk)  # warm-up: page cache, the journal
-            runs = []
+            routers: dict[str, Path | None] = {"this": None}
+            if against:
+                routers[against] = other_router(hk, against)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in routers}
             for i in range(args.runs):
-                runs.append(one(hk))
-                print(f"run {i + 1}: " + ", ".join(f"{k} {v * 1e3:.0f} ms"
-                                                   for k, v in runs[-1].items()), flush=True)
+                order = list(routers) if i % 2 == 0 else list(reversed(routers))
+                for name in order:
+                    if against:
+                        use(hk, routers[name])
+                    if i == 0 or against:
+                        one(hk)  # warm-up: page cache, the journal, its bytecode
+                    runs[name].append(one(hk))
+                    print(f"run {i + 1}{f' ({name})' if against else ''}: "
+                          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in runs[name][-1].items()),
+                          flush=True)
         finally:
             for c in made:
                 c.stop()
@@ -133,15 +197,20 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "hoshikage_sd"],
                            capture_output=True, text=True).stdout.strip()
-    print(f"\n{args.runs} runs at {commit}{' (+ uncommitted changes)' if dirty else ''}; "
-          "median [min-max] ms")
-    for key in dict.fromkeys(k for r in runs for k in r):
-        values = [r[key] * 1e3 for r in runs if key in r]
-        print(f"  {key:38} {statistics.median(values):7.1f}  "
-              f"[{min(values):.1f}-{max(values):.1f}]"
-              + (f"  ({len(values)} of {len(runs)} runs)" if len(values) < len(runs) else ""))
+    here = f"{commit}{' (+ uncommitted changes)' if dirty else ''}"
+    report(f"{args.runs} runs at {here}", runs["this"])
+    if against:
+        report(f"{args.runs} runs of {against}'s router, alternating with them", runs[against])
+        print(f"\nthis - {against} (difference of the medians):")
+        for key in dict.fromkeys(k for r in runs["this"] for k in r):
+            a = [r[key] * 1e3 for r in runs["this"] if key in r]
+            b = [r[key] * 1e3 for r in runs[against] if key in r]
+            if a and b:
+                print(f"  {key:38} {statistics.median(a) - statistics.median(b):+7.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"commit": commit, "runs": runs}, indent=1))
+        Path(args.json).write_text(json.dumps({"commit": here, "runs": runs["this"],
+                                               **({"against": {against: runs[against]}}
+                                                  if against else {})}, indent=1))
     shutil.rmtree(Path(tmp), ignore_errors=True)
 
 
