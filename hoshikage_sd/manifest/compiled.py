@@ -10,9 +10,11 @@ the manifest, names.json, each sources: directory and each model's file (a warni
 whether it exists). A reader that finds each of them as it was gets the same Config without
 YAML; any difference, or anything odd about the file, and it parses as before.
 
-A file changed just before the parse may keep its identity through the parse (timestamps
-come from a coarse clock), so nothing is kept when any of them changed less than RACY
-seconds before the parse began (as git treats a racily clean index). The file is trusted
+A file changed during the parse may show a time just before it began (the kernel stamps
+files from its coarse clock, up to a tick behind: 1-10 ms), so nothing is kept when any of
+them changed less than RACY seconds before the parse began (as git treats a racily clean
+index). An edit reaches the router's reload some 50 ms later (hoshikage-reload.path, then
+`hoshikage reload`), so its parse is kept as a rule. The file is trusted
 only from this user or root: it decides which program a unit runs.
 """
 
@@ -33,7 +35,7 @@ from hoshikage_sd.manifest.model import Cache, Config, Model, Weights
 VERSION = 1
 NAME = "manifest.json"
 #: seconds: a file changed this close to the parse's start may have changed during it
-RACY = 0.1
+RACY = 0.02
 
 def inputs(config: Config) -> list[str]:
     """The files a parse of config.source (names.json over it) looked at."""
