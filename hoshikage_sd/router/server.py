@@ -742,7 +742,10 @@ def after_ready(router: Router, first: FirstRequest) -> None:
     records held back until now (log.hold), and the admission the head start made."""
     log.release()
     if first.started and first.admitted:
-        router.record_early_admission(first.started, *first.admitted)
+        try:
+            router.record_early_admission(first.started, *first.admitted)
+        except Exception as exc:  # a record must never take the router down at its stop
+            logger.warning("cannot record the head start's admission: %r", exc)
 
 
 def main(config: Config, listen: str | None = None, first: FirstRequest | None = None,
