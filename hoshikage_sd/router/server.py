@@ -305,11 +305,14 @@ class Router:
         started: list[bool] = []
 
         def start() -> None:
-            systemd.start_unit(unit, state)
+            try:
+                systemd.start_unit(unit, state)
+            except HoshikageError as err:  # the start's failure, not the fast path's
+                raise StartFailed(err.message) from None
             started.append(True)
 
         evicted = self.prepare(model, start)
-        if not started:  # the activator's start (or one that failed once: tried again)
+        if not started:  # the activator's start
             start()
         return evicted or []
 

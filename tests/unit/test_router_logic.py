@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import protocol
+from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.model_unit.release import reason_for
 from hoshikage_sd.router import first_request
 from hoshikage_sd.router.first_request import model_name_of
@@ -319,6 +320,18 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
     monkeypatch.setattr(router, "prepare", lambda model, start: calls.append("no ticket"))
     assert router.begin(Model("a", tmp_path / "a.gguf"), "u@a") == []
     assert calls == ["down u@a", "no ticket", "start u@a inactive"]
+    # a start that fails is the start's failure, tried once, not a reason for the slow way
+
+    def refuse(unit: str, state: str | None = None) -> None:
+        calls.append(f"refused {unit}")
+        raise HoshikageError("cannot start u@a: access denied")
+
+    calls.clear()
+    monkeypatch.setattr(router_module.systemd, "start_unit", refuse)
+    monkeypatch.setattr(router, "prepare", prepare)
+    with pytest.raises(router_module.StartFailed, match="access denied"):
+        router.begin(Model("a", tmp_path / "a.gguf"), "u@a")
+    assert calls == ["down u@a", "ticket", "refused u@a"]
 
 
 def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
