@@ -270,10 +270,10 @@ HELPER_ARGV = {"release": ("name",), "idle-watch": (), "cache-sync": ()}
 
 
 def helper_args(argv: list[str]) -> Any:
-    """A unit helper's command line read without argparse, whose import and parser cost
-    ~5 ms of each release (beside the next model's load in a swap) and each idle watch: the
-    attributes argparse would give; None for anything else (argparse reads it, with its
-    errors and --help)."""
+    """A unit helper's command line read without argparse, whose import alone is ~3 ms of
+    each release (beside the next model's load in a swap) and each idle watch
+    (`-X importtime`, in the container): the attributes argparse would give; None for
+    anything else (argparse reads it, with its errors and --help)."""
     if not argv or argv[0] not in HELPER_ARGV or any(a.startswith("-") for a in argv) \
             or len(argv) != 1 + len(HELPER_ARGV[argv[0]]):
         return None
