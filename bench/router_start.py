@@ -104,8 +104,6 @@ def one(hk: Deployment) -> dict[str, float]:
 def other_router(hk: Deployment, rev: str) -> Path:
     """REV's hoshikage_sd in the container (/opt/hoshikage-REV, bytecode compiled) and its
     hoshikage-router; the drop-in that makes hoshikage.service run it (written by use())."""
-    import jeepney
-
     from hoshikage_sd.model_unit.install import install_router
 
     inside = Path(f"/opt/hoshikage-{rev}")
@@ -116,8 +114,9 @@ def other_router(hk: Deployment, rev: str) -> Path:
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-d", str(inside),
                     str(tree / "hoshikage_sd")], check=True)
+    # a REV whose head start imports jeepney finds Debian's there
     install_router(str(tree / "hoshikage-router"), sys.executable,
-                   [str(inside), str(Path(jeepney.__file__).parent.parent)])
+                   [str(inside), "/usr/lib/python3/dist-packages"])
     return inside / "hoshikage-router"
 
 

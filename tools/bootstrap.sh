@@ -23,7 +23,7 @@ APT_PACKAGES=(
   python3-aiohttp     # only bench/proxy_layers.py's baselines (a, b: the router before proxy.py)
   python3-uvloop      # the router's event loop where installed (the package recommends it)
   python3-yaml
-  python3-jeepney     # D-Bus marshalling: the router talks to PID 1 without forking systemctl
+  python3-jeepney     # tests: the D-Bus reference that sd/wire.py is checked against
   python3-systemd     # sd_notify, socket activation, the journal
   python3-psutil      # process and memory facts
   python3-prometheus-client  # tests: its parser reads back hoshikage's /metrics text

@@ -37,18 +37,15 @@ raise SystemExit(router_main({count}))
 
 def install_router(path: str, python: str | None = None, paths: list[str] | None = None,
                    root: str = "") -> str:
-    """hoshikage-router at `path`: `python` (default: this interpreter) with the
-    directories that hold hoshikage_sd and jeepney (the head start's imports; default:
-    where this interpreter finds them, less the staging `root` it is installed under) put
-    first on its path."""
+    """hoshikage-router at `path`: `python` (default: this interpreter) with the directory
+    that holds hoshikage_sd (the head start imports nothing else that site would add;
+    default: where this interpreter finds it, less the staging `root` it is installed
+    under) put first on its path."""
     if paths is None:
-        import jeepney
-
         import hoshikage_sd
 
-        found = (os.path.dirname(os.path.dirname(os.path.abspath(str(m.__file__))))
-                 for m in (hoshikage_sd, jeepney))
-        paths = list(dict.fromkeys(p.removeprefix(root) if root else p for p in found))
+        found = os.path.dirname(os.path.dirname(os.path.abspath(str(hoshikage_sd.__file__))))
+        paths = [found.removeprefix(root) if root else found]
     python = python or sys.executable.removeprefix(root)
     text = ROUTER_STUB.format(python=python, paths=paths, count=len(paths))
     write_atomic(Path(path), text.encode())

@@ -21,17 +21,19 @@ take(), after the early step.
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
 import select
-import socket
 import time
 
 from hoshikage_sd import protocol
 from hoshikage_sd.router import early_admission, name_index, routes
+from hoshikage_sd.router.jsonload import loads
 
 TYPE_CHECKING = False  # typing, dataclasses and logging would each cost the head start ms
 if TYPE_CHECKING:
+    import socket
+
     from hoshikage_sd.manifest import Config
 
 
@@ -51,6 +53,10 @@ class FirstRequest:
                  connection: socket.socket | None = None, started: str | None = None) -> None:
         self.sockets = sockets if sockets is not None else []
         self.connection = connection
+        #: take_early's: the same as _socket's objects, which take() turns into the socket
+        #: module's for the router (socket's import, with enum, is ~10 ms of the head start)
+        self.raw_sockets: list[_socket.socket] = []
+        self.raw_connection: _socket.socket | None = None
         self.started = started
         #: the pending request, peeked at (None: none, or none this parser takes)
         self.request: Request | None = None
@@ -68,7 +74,7 @@ class FirstRequest:
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
     """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON."""
     if body.strip():
-        data = json.loads(body)
+        data = loads(body)
         if isinstance(data, dict) and isinstance(data.get("model"), str):
             return str(data["model"])
     return query.get("model")
@@ -76,15 +82,15 @@ def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
 
 def forwarded(method: str, path: str, query: dict[str, str]) -> bool:
     """Is this a request the router forwards to a model (not one it answers itself)?"""
-    return routes.classify(method, path, query) is routes.Route.FORWARD
+    return routes.classify(method, path, query) == routes.Route.FORWARD
 
 
 def ollama_model(path: str, body: bytes) -> str | None:
     """The model an Ollama inference request loads (None: none, or it only unloads: a
     keep_alive of zero). ValueError if the body is not JSON."""
-    if routes.classify("POST", path, {}) is not routes.Route.OLLAMA_INFER:
+    if routes.classify("POST", path, {}) != routes.Route.OLLAMA_INFER:
         return None
-    data = json.loads(body) if body.strip() else {}
+    data = loads(body) if body.strip() else {}
     if not isinstance(data, dict) or not isinstance(data.get("model"), str):
         return None
     keep = data.get("keep_alive")
@@ -126,14 +132,14 @@ def parse(data: bytes) -> Request | None:
     return parts[0], path, query, rest[:length]
 
 
-def peek(connection: socket.socket, wait: float = PEEK_WAIT) -> Request | None:
+def peek(connection: _socket.socket, wait: float = PEEK_WAIT) -> Request | None:
     """The whole request waiting on `connection`, left unread, or None by `wait` seconds."""
     deadline = time.monotonic() + wait
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([connection], [], [], left)[0]:
             return None
-        data = connection.recv(MAX_PEEK, socket.MSG_PEEK)
+        data = connection.recv(MAX_PEEK, _socket.MSG_PEEK)
         if not data or len(data) >= MAX_PEEK:  # closed, or more than a peek should hold
             return None
         request = parse(data)
@@ -161,15 +167,27 @@ def listen_fds() -> list[int]:
 
 def accept(first: FirstRequest) -> None:
     """Take the pending connection (if any) and peek at its request."""
-    listener = first.sockets[0]
+    listener = first.raw_sockets[0]
     try:
         listener.setblocking(False)
-        first.connection, _ = listener.accept()
+        fd, _ = listener._accept()  # type: ignore[attr-defined]  # what socket.accept calls
     except OSError:  # nothing pending (or not a stream socket): no head start
         return
     finally:
         listener.setblocking(True)
-    first.request = peek(first.connection)
+    first.raw_connection = _socket.socket(fileno=fd)
+    first.request = peek(first.raw_connection)
+
+
+def as_sockets(first: FirstRequest) -> None:
+    """take_early's raw sockets as the socket module's, for the router's HTTP front."""
+    import socket
+
+    first.sockets += [socket.socket(fileno=raw.detach()) for raw in first.raw_sockets
+                      if raw.fileno() >= 0]
+    if first.raw_connection is not None and first.raw_connection.fileno() >= 0:
+        first.connection = socket.socket(fileno=first.raw_connection.detach())
+    first.raw_sockets, first.raw_connection = [], None
 
 
 def wanted(request: Request) -> list[str | None] | None:
@@ -185,12 +203,14 @@ def wanted(request: Request) -> list[str | None] | None:
 def take_early() -> FirstRequest:
     """The first thing `hoshikage router` does: the sockets, the pending request, and its
     model's unit started when the last router's index (name_index) says which model that is.
-    Built-in modules, name_index and sd/bus (jeepney) only: no manifest, no logging yet."""
+    Built-in modules and the router's own small ones only (tests/unit/test_launch.py says
+    which are not imported): no manifest, no logging, no socket or json modules yet."""
     began = time.monotonic()
-    first = FirstRequest([socket.socket(fileno=fd) for fd in listen_fds()])
+    first = FirstRequest()
+    first.raw_sockets = [_socket.socket(fileno=fd) for fd in listen_fds()]
     first.began = began
     try:
-        if not first.sockets:
+        if not first.raw_sockets:
             return first
         accept(first)
         if first.request is None:
@@ -273,9 +293,11 @@ def take(config: Config | None, first: FirstRequest | None = None) -> FirstReque
 
     logger = logging.getLogger("hoshikage.router")
     if first is None:
-        first = FirstRequest([socket.socket(fileno=fd) for fd in listen_fds()])
-        if first.sockets:
+        first = FirstRequest()
+        first.raw_sockets = [_socket.socket(fileno=fd) for fd in listen_fds()]
+        if first.raw_sockets:
             accept(first)
+    as_sockets(first)
     for note in first.notes:
         fields = {"HOSHIKAGE_HEAD_START_USEC": int(first.began * 1e6)} if first.began else {}
         logger.info("%s", note, extra=fields)

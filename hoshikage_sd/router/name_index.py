@@ -13,16 +13,16 @@ Any doubt (no index, another manifest path, a file changed since, another versio
 with several partial matches, whose winner is the usage ranks' to pick) means no answer:
 the router then resolves the request the usual way, after its imports.
 
-Reading: os and json only (the head start's budget). Writing: the router, lazily importing
+Reading: os and jsonload only (the head start's budget). Writing: the router, lazily importing
 what it needs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 from hoshikage_sd.fileid import identity
+from hoshikage_sd.router.jsonload import loads
 
 TYPE_CHECKING = False  # typing itself costs the head start ~10 ms when nothing loaded it
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ def write(config: Config, identities: dict[str, list[int] | None],
     """Keep the index of `config`, made from the files whose identities were taken before
     they were read and found the same after. Never raises: without an index the next router
     only starts the unit later. True when the index holds this config."""
+    import json
     from pathlib import Path
 
     from hoshikage_sd.files import write_atomic
@@ -126,7 +127,7 @@ def refresh(config: Config, runtime: str | None = None) -> None:
     last = _written.get(path)
     if last is None:
         return
-    files = json.loads(last)["files"]
+    files = loads(last)["files"]
     if all(identity(p) == known for p, known in files.items()):
         try:
             write(config, files, runtime)
@@ -171,7 +172,7 @@ def read(runtime: str | None = None) -> dict[str, Any] | None:
 def current(data: bytes) -> dict[str, Any] | None:
     """The index in `data`, when it is current for this manifest and names.json."""
     try:
-        index = json.loads(data)
+        index = loads(data)
         if index.get("version") != VERSION or index.get("source") != manifest_path():
             return None
         files = index["files"]

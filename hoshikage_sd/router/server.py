@@ -407,13 +407,13 @@ class Router:
         if route in KEYLESS:
             # a health check says the router cannot serve (keys file unusable)
             denied = self.fail(request, auth.unusable(self.gate.problem)) \
-                if route is Route.HEALTH and self.gate.problem else None
+                if route == Route.HEALTH and self.gate.problem else None
         else:
             denied = self.admit(request)
         if denied is not None:
             self.metrics.request("", metrics.route_label(request.path), denied.status, 0.0, 0.0)
             return denied
-        if route is Route.METRICS:
+        if route == Route.METRICS:
             # a scrape starts nothing and keeps nothing alive, the router's idle clock
             # included; it is not counted either (it would count itself)
             return Response(200, await asyncio.to_thread(self.metrics.render),
@@ -440,21 +440,21 @@ class Router:
         request.grant = grant
         return None
 
-    async def dispatch(self, request: Request, route: Route) -> Response | Forward:
+    async def dispatch(self, request: Request, route: str) -> Response | Forward:
         rid = request.id
-        if route is Route.FORWARD:
+        if route == Route.FORWARD:
             return await self.forward(request, rid)
-        if route is Route.OPTIONS:
+        if route == Route.OPTIONS:
             return self.options(request, rid)
-        if route is Route.HEALTH:
+        if route == Route.HEALTH:
             if self.broken is not None:
                 return self.fail(request, self.broken_error())
             return self.reply(request, 200, {"status": "ok"})
-        if route is Route.NOT_FOUND:
+        if route == Route.NOT_FOUND:
             return self.fail(request, api.ApiError(
                 404, f"no route {request.method} {request.path}: hoshikage serves the OpenAI, "
                 "Anthropic and Ollama APIs and llama-server's own routes", code="not_found"))
-        if route is Route.NOT_ALLOWED:
+        if route == Route.NOT_ALLOWED:
             return self.fail(request, api.ApiError(
                 405, f"{request.method} is not allowed on {request.path}",
                 code="method_not_allowed"), Allow=routes.allowed_methods(request.path))
@@ -462,28 +462,28 @@ class Router:
             return await self.ollama(request, route, rid)
         if self.broken is not None:
             return self.fail(request, self.broken_error())
-        if route is Route.MODELS:
+        if route == Route.MODELS:
             return self.reply(request, 200, await self.list_models())
-        if route is Route.MODEL:
+        if route == Route.MODEL:
             return await self.show_model(request)
         return await self.ollama(request, route, rid)
 
-    async def ollama(self, request: Request, route: Route, rid: str) -> Response | Forward:
+    async def ollama(self, request: Request, route: str, rid: str) -> Response | Forward:
         """Ollama's API, imported on its first request: ~17 ms (with gguf) that no router
         start pays, which from zero processes is on the waking request's path."""
         from hoshikage_sd.router import ollama, ollama_routes
 
-        if route is Route.OLLAMA_VERSION:
+        if route == Route.OLLAMA_VERSION:
             return self.reply(request, 200, ollama.version_body())
-        if route is Route.OLLAMA_UNMANAGED:
+        if route == Route.OLLAMA_UNMANAGED:
             err = ollama.unmanaged(request.path)
             assert err is not None
             return self.fail(request, api.ApiError(err.status, err.message, retry=False))
-        if route is Route.OLLAMA_TAGS:
+        if route == Route.OLLAMA_TAGS:
             return self.reply(request, 200, await asyncio.to_thread(ollama_routes.tags, self))
-        if route is Route.OLLAMA_PS:
+        if route == Route.OLLAMA_PS:
             return self.reply(request, 200, await ollama_routes.ps(self))
-        if route is Route.OLLAMA_SHOW:
+        if route == Route.OLLAMA_SHOW:
             return ollama_routes.show(self, request)
         return await ollama_routes.infer(self, request, rid)
 

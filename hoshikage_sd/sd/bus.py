@@ -2,29 +2,31 @@
 
 Forking `systemctl start` from the router cost about 50 ms of every cold start. As root,
 systemctl itself does not go through dbus-daemon: it talks to PID 1 on its private socket,
-peer to peer. So do we: jeepney marshals the messages, and each call is a connect, an EXTERNAL
-authentication and one round trip (about a millisecond). Any other user (the units run as
-the service user hoshikage) is refused there and goes through the system bus instead
+peer to peer. So do we: wire.py marshals the messages, and each call is a connect, an
+EXTERNAL authentication and one round trip (about a millisecond). Any other user (the units
+run as the service user hoshikage) is refused there and goes through the system bus instead
 (dbus-daemon, where systemd asks polkit about each start and stop). Callers fall back to
-systemctl when neither answers (not systemd, no bus).
+systemctl when neither answers (not systemd, no bus). Built-in modules only, as wire.py: the
+router's head start starts a unit through here before its own imports.
 """
 
 from __future__ import annotations
 
-import os
-import socket
+import _socket
+import posix
 import time
-from typing import Any
 
-from jeepney import DBusAddress, MessageType, Parser, new_method_call
-from jeepney.low_level import HeaderFields
+from hoshikage_sd.sd import wire
+
+TYPE_CHECKING = False  # typing would cost the head start ~5 ms (typing imports re)
+if TYPE_CHECKING:
+    from typing import Any
 
 PRIVATE_SOCKET = "/run/systemd/private"
 SYSTEM_BUS = "/run/dbus/system_bus_socket"
-DAEMON = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
-                     interface="org.freedesktop.DBus")
-MANAGER = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
-                      interface="org.freedesktop.systemd1.Manager")
+MANAGER = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+           "org.freedesktop.systemd1.Manager")
+DAEMON = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 
 
 class BusUnavailable(OSError):
@@ -75,11 +77,11 @@ def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
     By default root talks to PID 1 directly, anyone else through the system bus. `hello`:
     the peer is a bus daemon, which wants Hello() first (default: path is the system bus)."""
     if path is None:
-        path = PRIVATE_SOCKET if os.geteuid() == 0 else SYSTEM_BUS
+        path = PRIVATE_SOCKET if posix.geteuid() == 0 else SYSTEM_BUS
     if hello is None:
         hello = path == SYSTEM_BUS
     deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         try:
@@ -88,7 +90,7 @@ def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
             raise BusUnavailable(exc.errno, f"{path}: {exc.strerror}") from exc
         # Authentication and BEGIN in one write, the call only after the OK: sd-bus (252) does
         # not dispatch a message that arrived in the same read as BEGIN until more data comes.
-        uid = str(os.getuid()).encode().hex().encode()
+        uid = str(posix.getuid()).encode().hex().encode()
         sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n")
         buffer = b""
         while b"\r\n" not in buffer:
@@ -99,31 +101,43 @@ def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
             raise BusUnavailable(f"{path} refused authentication: {refusal}")
         # A bus daemon takes Hello() and the call in one write; ours is the last serial.
         serial = 2 if hello else 1
-        request = new_method_call(MANAGER, method, signature, body).serialise(serial=serial)
+        request = wire.method_call(serial, *MANAGER, method, signature or "", body)
         if hello:
-            request = new_method_call(DAEMON, "Hello").serialise(serial=1) + request
+            request = wire.method_call(1, *DAEMON, "Hello") + request
         sock.sendall(request)
-        # PID 1 sends its signals to every private connection, from the OK on, and the bus
-        # daemon answers Hello() and sends NameAcquired first: skip all of that.
-        parser = Parser()
-        parser.add_data(rest)
-        while True:
-            message = parser.get_next_message()
-            if message is None:
-                parser.add_data(_recv(sock, deadline, "before answering"))
-            elif (message.header.message_type in (MessageType.method_return,
-                                                  MessageType.error)
-                  and message.header.fields.get(HeaderFields.reply_serial) == serial):
-                break
+        message = _reply(sock, rest, serial, deadline)
     finally:
         sock.close()
-    if message.header.message_type is MessageType.error:
-        name = message.header.fields.get(HeaderFields.error_name, "error")
+    if message.kind == wire.ERROR:
+        name = str(message.fields.get(wire.ERROR_NAME, "error"))
         raise BusError(name, str(message.body[0]) if message.body else "")
-    return tuple(message.body)
+    return message.body
 
 
-def _recv(sock: socket.socket, deadline: float, when: str) -> bytes:
+def _reply(sock: _socket.socket, data: bytes, serial: int, deadline: float) -> wire.Message:
+    """The reply to `serial`. PID 1 sends its signals to every private connection, from the
+    OK on, and the bus daemon answers Hello() and sends NameAcquired first: all skipped."""
+    buffer = bytearray(data)
+    while True:
+        try:
+            size = wire.message_size(buffer)
+        except wire.WireError as exc:
+            raise BusUnavailable(f"systemd's answer is not D-Bus: {exc}") from None
+        if size is None or len(buffer) < size:
+            buffer += _recv(sock, deadline, "before answering")
+            continue
+        head, buffer = buffer[:size], buffer[size:]
+        if head[1] not in (wire.METHOD_RETURN, wire.ERROR):
+            continue
+        try:
+            message = wire.read_message(head)
+        except wire.WireError as exc:
+            raise BusUnavailable(str(exc)) from None
+        if message.fields.get(wire.REPLY_SERIAL) == serial:
+            return message
+
+
+def _recv(sock: _socket.socket, deadline: float, when: str) -> bytes:
     """More bytes, by the deadline: a stream of signals must not keep a call waiting."""
     left = deadline - time.monotonic()
     if left <= 0:

@@ -189,10 +189,10 @@ def early(setup: Path, monkeypatch: pytest.MonkeyPatch, request: bytes,
     monkeypatch.setattr(protocol, "probe",
                         lambda *_a, **_k: 200 if serving else None)
     first = first_request.take_early()
-    assert first.connection is not None
-    assert first.connection.recv(4096) == request  # left for the HTTP server
+    assert first.raw_connection is not None
+    assert first.raw_connection.recv(4096) == request  # left for the HTTP server
     client.close()
-    for s in (first.connection, *first.sockets):
+    for s in (first.raw_connection, *first.raw_sockets):
         s.close()
     return first, started
 

@@ -106,8 +106,8 @@ def answer(result: Response | Forward) -> tuple[int, dict[str, str], Any]:
     ("POST", "/api/nothing", {}, Route.NOT_FOUND),
 ])
 def test_only_model_routes_are_forwarded(method: str, path: str, query: dict[str, str],
-                                         route: Route) -> None:
-    assert routes.classify(method, path, query) is route
+                                         route: str) -> None:
+    assert routes.classify(method, path, query) == route
 
 
 @pytest.mark.parametrize(("body", "model"), [
