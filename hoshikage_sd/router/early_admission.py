@@ -27,6 +27,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from hoshikage_sd.sd import bus
+
 #: sd/units.py's UP_STATES: a unit in any of them holds memory or is about to
 UP_STATES = ["active", "activating", "deactivating", "reloading"]
 MODEL_UNITS = "hoshikage-model@*.service"
@@ -60,29 +62,34 @@ def fits(index: dict[str, Any], launch: dict[str, Any]) -> tuple[int, int] | Non
     return (estimate, available) if available >= needed else None
 
 
-def admit(index: dict[str, Any], model: dict[str, Any]) -> tuple[int, int] | None:
+def admit(index: dict[str, Any], model: dict[str, Any], conn: bus.Connection | None = None
+          ) -> tuple[tuple[int, int] | None, str | None]:
     """Admit `model` (a name index entry) and leave its launch ticket when no model unit is
-    up and it fits; (estimate, available) then, else None. The caller starts the unit."""
+    up and it fits: ((estimate, available) then, else None; the model's unit's ActiveState as
+    the same list of the model units says, None when it was not asked). The caller starts
+    the unit, over `conn` too."""
     launch = model.get("launch")
     if not launch:
-        return None
+        return None, None
     numbers = fits(index, launch)
     if numbers is None:
-        return None
+        return None, None
     from hoshikage_sd.sd import bus
 
     runtime = index["runtime"]
     lock = os.open(f"{runtime}/admission.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # Runtime.locked("admission")
-        if bus.list_units([MODEL_UNITS], UP_STATES):
-            return None
+        loaded = bus.list_units([MODEL_UNITS], conn=conn)
+        state = next((u.active for u in loaded if u.name == model["unit"]), "inactive")
+        if any(u.active in UP_STATES for u in loaded):
+            return None, state
         write_admitted(runtime, model["name"], numbers[0])
         protocol.write_ticket(runtime, model["name"], model["socket"], model["health"],
                               index["env"], launch["argv"])
     finally:
         os.close(lock)
-    return numbers
+    return numbers, state
 
 
 def write_admitted(runtime: str, name: str, estimate: int) -> None:

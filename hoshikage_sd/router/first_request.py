@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import socket
 
     from hoshikage_sd.manifest import Config
+    from hoshikage_sd.sd import bus
 
 
 #: how long to wait for the whole request (head and body) to arrive
@@ -241,12 +242,17 @@ def take_early() -> FirstRequest:
             first.decided = True
             return first
         probed = time.monotonic()
-        try:
-            first.admitted = early_admission.admit(index, model)
-        except Exception as exc:  # the activator admits it then, as it always did
-            first.notes.append(f"no admission in the head start: {exc!r}")
-        admitted = time.monotonic()
-        if start_early(model["unit"]):
+        from hoshikage_sd.sd import bus
+
+        with bus.Connection() as conn:  # one for the list and the start
+            state = None
+            try:
+                first.admitted, state = early_admission.admit(index, model, conn)
+            except Exception as exc:  # the activator admits it then, as it always did
+                first.notes.append(f"no admission in the head start: {exc!r}")
+            admitted = time.monotonic()
+            started = start_early(model["unit"], state, conn)
+        if started:
             first.started = model["name"]
             first.decided = True
             first.notes.append(
@@ -264,19 +270,22 @@ def take_early() -> FirstRequest:
     return first
 
 
-def start_early(unit: str) -> bool:
+def start_early(unit: str, state: str | None = None, conn: bus.Connection | None = None
+                ) -> bool:
     """units.start_unit's common case (the unit is down, or failed): start it. A unit that
     is up, or any error, is take()'s to handle with units.start_unit (it waits for a
-    dying unit to go down, and falls back to systemctl)."""
+    dying unit to go down, and falls back to systemctl). `state`: the unit's ActiveState,
+    when the caller has just asked (admit's list)."""
     from hoshikage_sd.sd import bus
 
     try:
-        state = bus.units([unit])[0]
-        if state.active in ("active", "reloading", "deactivating"):
+        if state is None:
+            state = bus.units([unit], conn)[0].active
+        if state in ("active", "reloading", "deactivating"):
             return False
-        if state.active == "failed":
-            bus.reset_failed_unit(unit)
-        bus.start_unit(unit)
+        if state == "failed":
+            bus.reset_failed_unit(unit, conn)
+        bus.start_unit(unit, conn=conn)
     except (OSError, bus.BusError):
         return False
     return True

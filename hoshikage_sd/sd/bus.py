@@ -69,72 +69,113 @@ class UnitState:
             *self._fields())
 
 
-def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
-         timeout: float = 10.0, path: str | None = None,
-         hello: bool | None = None) -> tuple[Any, ...]:
-    """One method call on org.freedesktop.systemd1.Manager; its reply's body.
+class Connection:
+    """A connection to PID 1 (root) or the system bus (anyone else) for one or more calls: the
+    head start lists the model units and starts one over the same connection (a connect, an
+    authentication and a Hello() less).
 
-    By default root talks to PID 1 directly, anyone else through the system bus. `hello`:
-    the peer is a bus daemon, which wants Hello() first (default: path is the system bus)."""
-    if path is None:
-        path = PRIVATE_SOCKET if posix.geteuid() == 0 else SYSTEM_BUS
-    if hello is None:
-        hello = path == SYSTEM_BUS
-    deadline = time.monotonic() + timeout
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
-    try:
+    `hello`: the peer is a bus daemon, which wants Hello() first (default: path is the
+    system bus). `timeout`: for the authentication, then for each call. Connected on the
+    first call, which raises what connecting raises (BusUnavailable)."""
+
+    def __init__(self, path: str | None = None, hello: bool | None = None,
+                 timeout: float = 10.0) -> None:
+        self.path = path or (PRIVATE_SOCKET if posix.geteuid() == 0 else SYSTEM_BUS)
+        self.hello = self.path == SYSTEM_BUS if hello is None else hello
+        self.timeout = timeout
+        self.serial = 0
+        self.buffer = bytearray()
+        self.sock: _socket.socket | None = None
+
+    def _connect(self) -> _socket.socket:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         try:
-            sock.connect(path)
+            self._authenticate(sock, time.monotonic() + self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        return sock
+
+    def _authenticate(self, sock: _socket.socket, deadline: float) -> None:
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
         except OSError as exc:
-            raise BusUnavailable(exc.errno, f"{path}: {exc.strerror}") from exc
+            raise BusUnavailable(exc.errno, f"{self.path}: {exc.strerror}") from exc
         # Authentication and BEGIN in one write, the call only after the OK: sd-bus (252) does
         # not dispatch a message that arrived in the same read as BEGIN until more data comes.
         uid = str(posix.getuid()).encode().hex().encode()
         sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n")
-        buffer = b""
-        while b"\r\n" not in buffer:
-            buffer += _recv(sock, deadline, "while authenticating")
-        answer, _, rest = buffer.partition(b"\r\n")
+        while b"\r\n" not in self.buffer:
+            self.buffer += _recv(sock, deadline, "while authenticating")
+        answer, _, rest = bytes(self.buffer).partition(b"\r\n")
         if not answer.startswith(b"OK "):
             refusal = answer.decode(errors="replace").strip()
-            raise BusUnavailable(f"{path} refused authentication: {refusal}")
-        # A bus daemon takes Hello() and the call in one write; ours is the last serial.
-        serial = 2 if hello else 1
-        request = wire.method_call(serial, *MANAGER, method, signature or "", body)
-        if hello:
-            request = wire.method_call(1, *DAEMON, "Hello") + request
+            raise BusUnavailable(f"{self.path} refused authentication: {refusal}")
+        self.buffer = bytearray(rest)
+
+    def call(self, method: str, signature: str | None = None,
+             body: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        """A method call on org.freedesktop.systemd1.Manager; its reply's body."""
+        sock = self.sock or self._connect()
+        deadline = time.monotonic() + self.timeout
+        request = b""
+        if self.hello and self.serial == 0:  # a bus daemon takes Hello() and the call at once
+            self.serial = 1
+            request = wire.method_call(1, *DAEMON, "Hello")
+        self.serial += 1
+        request += wire.method_call(self.serial, *MANAGER, method, signature or "", body)
         sock.sendall(request)
-        message = _reply(sock, rest, serial, deadline)
-    finally:
-        sock.close()
-    if message.kind == wire.ERROR:
-        name = str(message.fields.get(wire.ERROR_NAME, "error"))
-        raise BusError(name, str(message.body[0]) if message.body else "")
-    return message.body
+        message = self._reply(sock, self.serial, deadline)
+        if message.kind == wire.ERROR:
+            name = str(message.fields.get(wire.ERROR_NAME, "error"))
+            raise BusError(name, str(message.body[0]) if message.body else "")
+        return message.body
+
+    def _reply(self, sock: _socket.socket, serial: int, deadline: float) -> wire.Message:
+        """The reply to `serial`. PID 1 sends its signals to every private connection, from
+        the OK on, and the bus daemon answers Hello() and sends NameAcquired first: all
+        skipped."""
+        while True:
+            try:
+                size = wire.message_size(self.buffer)
+            except wire.WireError as exc:
+                raise BusUnavailable(f"systemd's answer is not D-Bus: {exc}") from None
+            if size is None or len(self.buffer) < size:
+                self.buffer += _recv(sock, deadline, "before answering")
+                continue
+            head, self.buffer = self.buffer[:size], self.buffer[size:]
+            if head[1] not in (wire.METHOD_RETURN, wire.ERROR):
+                continue
+            try:
+                message = wire.read_message(head)
+            except wire.WireError as exc:
+                raise BusUnavailable(str(exc)) from None
+            if message.fields.get(wire.REPLY_SERIAL) == serial:
+                return message
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
-def _reply(sock: _socket.socket, data: bytes, serial: int, deadline: float) -> wire.Message:
-    """The reply to `serial`. PID 1 sends its signals to every private connection, from the
-    OK on, and the bus daemon answers Hello() and sends NameAcquired first: all skipped."""
-    buffer = bytearray(data)
-    while True:
-        try:
-            size = wire.message_size(buffer)
-        except wire.WireError as exc:
-            raise BusUnavailable(f"systemd's answer is not D-Bus: {exc}") from None
-        if size is None or len(buffer) < size:
-            buffer += _recv(sock, deadline, "before answering")
-            continue
-        head, buffer = buffer[:size], buffer[size:]
-        if head[1] not in (wire.METHOD_RETURN, wire.ERROR):
-            continue
-        try:
-            message = wire.read_message(head)
-        except wire.WireError as exc:
-            raise BusUnavailable(str(exc)) from None
-        if message.fields.get(wire.REPLY_SERIAL) == serial:
-            return message
+def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
+         timeout: float = 10.0, path: str | None = None,
+         hello: bool | None = None, conn: Connection | None = None) -> tuple[Any, ...]:
+    """One method call on org.freedesktop.systemd1.Manager, over `conn` or a connection of
+    its own (root to PID 1 directly, anyone else through the system bus); its reply's body."""
+    if conn is not None:
+        return conn.call(method, signature, body)
+    with Connection(path, hello, timeout) as own:
+        return own.call(method, signature, body)
 
 
 def _recv(sock: _socket.socket, deadline: float, when: str) -> bytes:
@@ -152,14 +193,14 @@ def _recv(sock: _socket.socket, deadline: float, when: str) -> bytes:
     return data
 
 
-def start_unit(unit: str, mode: str = "replace") -> str:
+def start_unit(unit: str, mode: str = "replace", conn: Connection | None = None) -> str:
     """Queue a start job and return at once (like `systemctl start --no-block`)."""
-    return str(call("StartUnit", "ss", (unit, mode))[0])
+    return str(call("StartUnit", "ss", (unit, mode), conn=conn)[0])
 
 
-def reset_failed_unit(unit: str) -> None:
+def reset_failed_unit(unit: str, conn: Connection | None = None) -> None:
     """Clear a unit's failed state and its start limit (`systemctl reset-failed UNIT`)."""
-    call("ResetFailedUnit", "s", (unit,))
+    call("ResetFailedUnit", "s", (unit,), conn=conn)
 
 
 def _states(rows: list[tuple[Any, ...]]) -> list[UnitState]:
@@ -167,11 +208,12 @@ def _states(rows: list[tuple[Any, ...]]) -> list[UnitState]:
     return [UnitState(r[0], r[2], r[3], r[4], int(r[7])) for r in rows]
 
 
-def units(names: list[str]) -> list[UnitState]:
+def units(names: list[str], conn: Connection | None = None) -> list[UnitState]:
     """The state of these units, loaded or not (ListUnitsByNames)."""
-    return _states(call("ListUnitsByNames", "as", (names,))[0])
+    return _states(call("ListUnitsByNames", "as", (names,), conn=conn)[0])
 
 
-def list_units(patterns: list[str], states: list[str] | None = None) -> list[UnitState]:
+def list_units(patterns: list[str], states: list[str] | None = None,
+               conn: Connection | None = None) -> list[UnitState]:
     """Loaded units matching the glob patterns, in one of `states` (all when empty)."""
-    return _states(call("ListUnitsByPatterns", "asas", (states or [], patterns))[0])
+    return _states(call("ListUnitsByPatterns", "asas", (states or [], patterns), conn=conn)[0])

@@ -159,3 +159,36 @@ def test_root_talks_to_pid1_anyone_else_to_the_bus(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(bus.posix, "geteuid", lambda uid=uid: uid)
         with pytest.raises(bus.BusUnavailable, match=path):  # neither is there
             bus.call("GetDefaultTarget")
+
+
+def test_one_connection_carries_several_calls(peer: Callable[[Script], str]) -> None:
+    """The head start lists the model units and starts one over the same connection: one
+    authentication, one Hello(), serials counting on; the peer takes one connection only."""
+    rows = [("hoshikage-model@a.service", "", "loaded", "failed", "failed", "", "/u/a", 0,
+             "", "/")]
+
+    def script(conn: socket.socket) -> None:
+        parser = Parser()
+
+        def next_message() -> Any:
+            while (message := parser.get_next_message()) is None:
+                parser.add_data(conn.recv(65536))
+            return message
+
+        conn.sendall(b"OK 0123456789abcdef\r\n")
+        hello, listing = next_message(), next_message()
+        assert (hello.header.serial, hello.header.fields[3]) == (1, "Hello")
+        assert (listing.header.serial, listing.header.fields[3]) == (2, "ListUnitsByPatterns")
+        conn.sendall(new_method_return(hello, "s", (":1.7",)).serialise(serial=1)
+                     + signal_bytes(2)
+                     + new_method_return(listing, "a(ssssssouso)", (rows,)).serialise(serial=3))
+        start = next_message()
+        assert (start.header.serial, start.body) == (3, ("hoshikage-model@a.service",
+                                                         "replace"))
+        conn.sendall(new_method_return(start, "o", ("/job/5",)).serialise(serial=4))
+
+    path = peer(script)
+    with bus.Connection(path, hello=True) as conn:
+        (state,) = bus.list_units(["hoshikage-model@*.service"], conn=conn)
+        assert (state.name, state.active) == ("hoshikage-model@a.service", "failed")
+        assert bus.start_unit("hoshikage-model@a.service", conn=conn) == "/job/5"

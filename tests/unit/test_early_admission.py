@@ -105,17 +105,20 @@ def test_admit_leaves_the_ticket_and_the_promise_only_with_nothing_else_up(
                                              "active", "running", 0)]
     asked: list[tuple[list[str], list[str] | None]] = []
 
-    def list_units(patterns: list[str], states: list[str] | None = None) -> list[object]:
+    def list_units(patterns: list[str], states: list[str] | None = None,
+                   conn: object = None) -> list[object]:
         asked.append((patterns, states))
         return list(up)
 
     monkeypatch.setattr(bus, "list_units", list_units)
-    assert early_admission.admit(index, a) is None
+    assert early_admission.admit(index, a) == (None, "inactive")  # b is up; a not loaded
     assert runtime.admitted("a") is None
     assert not os.path.exists(protocol.ticket_path(str(config.runtime_dir), "a"))
-    assert asked == [(["hoshikage-model@*.service"], list(units.UP_STATES))]
-    up.clear()
-    estimate, _ = early_admission.admit(index, a) or (0, 0)
+    assert asked == [(["hoshikage-model@*.service"], None)]  # every state: a's too
+    up[:] = [bus.UnitState("hoshikage-model@a.service", "loaded", "failed", "failed", 0)]
+    numbers, state = early_admission.admit(index, a)
+    assert numbers is not None and state == "failed"  # the start resets it first
+    estimate, _ = numbers
     assert estimate == 100 << 20 and runtime.admitted("a") == 100 << 20
     ticket = protocol.take_ticket(str(config.runtime_dir), "a")
     model = config.models["a"]

@@ -181,7 +181,7 @@ def early(setup: Path, monkeypatch: pytest.MonkeyPatch, request: bytes,
     monkeypatch.setattr(first_request, "listen_fds", lambda: [fd])
     started: list[str] = []
 
-    def start(unit: str) -> bool:
+    def start(unit: str, state: str | None = None, conn: object = None) -> bool:
         started.append(unit)
         return True
 
