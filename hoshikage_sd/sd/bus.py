@@ -2,12 +2,12 @@
 
 Forking `systemctl start` from the router cost about 50 ms of every cold start. As root,
 systemctl itself does not go through dbus-daemon: it talks to PID 1 on its private socket,
-peer to peer. So do we: wire.py marshals the messages, and each call is a connect, an
-EXTERNAL authentication and one round trip (about a millisecond). Any other user (the units
-run as the service user hoshikage) is refused there and goes through the system bus instead
-(dbus-daemon, where systemd asks polkit about each start and stop). Callers fall back to
-systemctl when neither answers (not systemd, no bus). Built-in modules only, as wire.py: the
-router's head start starts a unit through here before its own imports.
+peer to peer. So do we: wire.py marshals the messages; a Connection is a connect and an
+EXTERNAL authentication, then one round trip per call (about a millisecond each). Any other
+user (the units run as the service user hoshikage) is refused there and goes through the
+system bus instead (dbus-daemon, where systemd asks polkit about each start and stop).
+Callers fall back to systemctl when neither answers (not systemd, no bus). Built-in modules
+only, as wire.py: the router's head start starts a unit through here before its imports.
 """
 
 from __future__ import annotations
