@@ -1,5 +1,5 @@
 """The `hoshikage` command: unit helpers (activate, release, idle-watch, router) and the
-commands people type (status, check). Imports are per command: helpers sit on the cold-start
+commands people type (status, check, logs). Imports are per command: helpers sit on the cold-start
 path, so `activate` never pays for the router's HTTP front, and `hoshikage router` starts
 the waking request's model before it imports even argparse (first_request.take_early)."""
 
@@ -61,6 +61,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = sub.add_parser("unload", help="unload a model now (through systemd)")
     p.add_argument("name")
+    p = sub.add_parser("logs", help="a model's journal: its unit's lines (llama-server's "
+                                    "among them) and hoshikage's records about it")
+    p.add_argument("name", help="a model's name, alias or tag (as `hoshikage load` takes)")
+    p.add_argument("-f", "--follow", action="store_true", help="show new lines as they come")
+    p.add_argument("-n", "--lines", type=logs_lines, metavar="N",
+                   help="the last N lines (+N: the first N; all)")
+    p.add_argument("--since", metavar="WHEN",
+                   help="from WHEN on (journalctl's time: '1h ago', today, 09:00)")
+    p.add_argument("-o", "--output", metavar="FORMAT",
+                   help="journalctl's output format (short, cat, verbose: with hoshikage's "
+                        "fields, json, ...)")
     p = sub.add_parser("router", help="(unit helper) the socket-activated request router")
     p.add_argument("--listen", help="HOST:PORT when not socket-activated "
                                     "(default 127.0.0.1:8080)")
@@ -73,6 +84,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="the built-in scenarios")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
+
+
+def logs_lines(text: str) -> str:
+    from hoshikage_sd.commands.logs import lines_value
+
+    return lines_value(text)
 
 
 def model_name(name: str) -> str:
@@ -134,6 +151,11 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
 
         return manual.load(config, args.name) if args.command == "load" \
             else manual.unload(config, args.name)
+    if args.command == "logs":
+        from hoshikage_sd.commands import logs
+
+        return logs.logs(config, args.name, args.follow, args.lines, args.since,
+                         args.output)
     if args.command == "metrics":
         from hoshikage_sd import metrics
 

@@ -40,7 +40,8 @@ def load(config: Config, name: str) -> int:
             code=3)
     systemd.systemctl("start", unit, check=False)  # returns once READY=1, or failed
     if model.name not in systemd.active_model_units():
-        reason = Runtime(config.runtime_dir).error(model.name) or f"see journalctl -u {unit}"
+        reason = Runtime(config.runtime_dir).error(model.name) or \
+            f"see hoshikage logs {model.name} (or journalctl -u {systemd.shell_unit(model.name)})"
         die(f"{model.name} did not start: {reason}")
     print(f"{model.name} loaded")
     return 0

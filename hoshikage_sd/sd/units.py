@@ -39,6 +39,15 @@ def model_unit(name: str) -> str:
     return f"{MODEL_UNIT_PREFIX}{escape(name)}.service"
 
 
+def shell_unit(name: str) -> str:
+    """The model's unit name as a person pastes it into a POSIX shell: quoted where its
+    escapes need it (`Qwen3-8B` gives 'hoshikage-model@Qwen3\\x2d8B.service'; unquoted,
+    the shell eats the backslash and systemd sees another unit), bare where nothing does."""
+    import shlex
+
+    return shlex.quote(model_unit(name))
+
+
 def unescape(text: str) -> str:
     raw = bytearray()
     i = 0
