@@ -20,6 +20,19 @@ def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def server_env(manifest_env: Mapping[str, str]) -> dict[str, str]:
+    """llama-server's environment, when this process (the model unit's) starts it:
+    minimal_env, the unit's variables that protocol.passed_env lets through (a GPU's
+    selection and drivers), and the manifest's `env:` over both. The launcher does the same
+    with the router's ticket (minimal_env and the manifest's env) and its own environment."""
+    from hoshikage_sd.protocol import passed_env
+
+    env = minimal_env()
+    env.update((k, v) for k, v in os.environ.items() if passed_env(k))
+    env.update(manifest_env)
+    return env
+
+
 def run(
     argv: Sequence[str],
     *,

@@ -61,6 +61,33 @@ STOP_GRACE = 8
 STOP_ESCALATION = (15, 9)
 
 
+#: the model unit's own environment that reaches llama-server, besides PATH, LANG, LC_ALL,
+#: TZ and HOME: device selection and driver settings of llama.cpp's backends (CUDA,
+#: ROCm/HIP, Vulkan, SYCL/Level Zero, OpenMP, BLAS) and llama.cpp's own (GGML_*, LLAMA_*,
+#: LLAMA_ARG_*), set in a drop-in or /etc/default/hoshikage. By prefix, or by whole name.
+#: launch.c holds the same lists (the contract test compares them); a variable the ticket
+#: (the manifest's `env:`) sets wins over the unit's.
+PASSED_ENV_PREFIXES = ("AMD_", "CUDA_", "GGML_", "GPU_", "HIP_", "HSA_", "LLAMA_", "MESA_",
+                       "MKL_", "NVIDIA_", "OMP_", "ONEAPI_", "OPENBLAS_", "RADV_", "ROCR_",
+                       "SYCL_", "VK_", "ZES_", "ZE_")
+PASSED_ENV_NAMES = ("LD_LIBRARY_PATH", "DRI_PRIME")
+
+
+def passed_env(name: str) -> bool:
+    """Does the model unit's variable `name` reach llama-server (PASSED_ENV_*)?"""
+    return name in PASSED_ENV_NAMES or name.startswith(PASSED_ENV_PREFIXES)
+
+
+def with_unit_env(env: dict[bytes, bytes], own: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """`env` (a ticket's) and what of `own` (the unit's environment) passed_env lets through,
+    where `env` does not set it already."""
+    merged = dict(env)
+    for key, value in own.items():
+        if key not in merged and passed_env(key.decode("latin-1")):
+            merged[key] = value
+    return merged
+
+
 def valid_name(name: str) -> bool:
     """NAME_PATTERN without importing re."""
     return (0 < len(name) <= NAME_MAX and name[0] in _NAME_FIRST

@@ -19,8 +19,10 @@ from hoshikage_sd.manifest.model import (
     CachePolicy,
     Config,
     Model,
+    Source,
     Weights,
     config_path,
+    model_files,
 )
 
 if TYPE_CHECKING:
@@ -28,18 +30,18 @@ if TYPE_CHECKING:
     from hoshikage_sd.manifest.parse import (
         ConfigError,
         load,
-        model_name_for,
         scan_sources,
     )
+    from hoshikage_sd.manifest.sources import model_name_for
 
 _LAZY = {"parse_duration": "nodes", "parse_size": "nodes", "ConfigError": "parse",
-         "load": "parse", "model_name_for": "parse",
+         "load": "parse", "model_name_for": "sources",
          "scan_sources": "parse"}
 
 __all__ = [
     "DEFAULT_PATH", "NAME_RE", "AmbiguousModel", "Cache", "CachePolicy", "Config",
-    "ConfigError", "Model", "Weights", "config_path", "load", "model_name_for",
-    "parse_duration", "parse_size", "scan_sources",
+    "ConfigError", "Model", "Source", "Weights", "config_path", "load", "model_files",
+    "model_name_for", "parse_duration", "parse_size", "scan_sources",
 ]
 
 

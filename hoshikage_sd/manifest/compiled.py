@@ -30,7 +30,7 @@ from typing import Any
 
 from hoshikage_sd.fileid import identity
 from hoshikage_sd.files import write_atomic
-from hoshikage_sd.manifest.model import Cache, Config, Model, Weights
+from hoshikage_sd.manifest.model import Cache, Config, Model, Source, Weights, model_files
 
 VERSION = 1
 NAME = "manifest.json"
@@ -40,7 +40,8 @@ RACY = 0.02
 def inputs(config: Config) -> list[str]:
     """The files a parse of config.source (names.json over it) looked at."""
     return [str(config.source), str(config.state_dir / "names.json"),
-            *(str(d) for d in config.sources), *(str(m.path) for m in config.models.values())]
+            *(str(d) for d in config.scanned),
+            *(str(p) for m in config.models.values() for p in model_files(m))]
 
 
 # ---- the codec: Config <-> JSON, by each field's annotation -----------------------------
@@ -62,8 +63,10 @@ def _same(value: Any) -> Any:
 DECODE: dict[str, Callable[[Any], Any]] = {
     "str": str, "bool": bool, "int": int, "float": float,
     "str | None": _optional(str), "int | None": _optional(int),
-    "Path": Path, "tuple[str, ...]": _tuple_of(str), "tuple[Path, ...]": _tuple_of(Path),
+    "Path": Path, "Path | None": _optional(Path), "tuple[str, ...]": _tuple_of(str),
+    "tuple[Path, ...]": _tuple_of(Path),
     "Weights": lambda v: decode(Weights, v), "Cache | None": _optional(lambda v: decode(Cache, v)),
+    "tuple[Source, ...]": _tuple_of(lambda v: decode(Source, v)),
     "Mapping[str, Model]": lambda v: {k: decode(Model, m) for k, m in v.items()},
 }
 

@@ -48,10 +48,26 @@ def _int_flag(args: tuple[str, ...], flags: tuple[str, ...]) -> int | None:
     return found
 
 
+def environment(entries: tuple[str, ...]) -> dict[str, str]:
+    """An `env:` as the manifest keeps it ("KEY=VALUE" entries) as a mapping."""
+    return dict(entry.split("=", 1) for entry in entries)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A `sources:` entry: a directory scanned for models (its subdirectories too when
+    recursive, and Hugging Face's cache layout always), and what the models found get."""
+
+    dir: Path
+    recursive: bool = False
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
-    path: Path
+    path: Path  # the GGUF, or the first shard of a split one
     aliases: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     ttl: float = 3600.0
@@ -60,6 +76,17 @@ class Model:
     backend: str = "llama-server"
     command: tuple[str, ...] = ()  # argv template of the `command` backend
     health: str = "/health"
+    #: llama-server's environment from the manifest ("KEY=VALUE"; the top level's `env:`,
+    #: the source's, the model's, later ones winning), over the unit's (protocol.passed_env)
+    env: tuple[str, ...] = ()
+    #: a split GGUF's shards after the first (`path`), in order
+    shards: tuple[Path, ...] = ()
+    #: a multimodal model's projector (llama-server's --mmproj)
+    mmproj: Path | None = None
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return environment(self.env)
 
     @property
     def server_args(self) -> tuple[str, ...]:
@@ -94,6 +121,11 @@ class Model:
         llama-server has (HTTP_THREADS), COMMAND_POOL for a command backend."""
         threads = self.http_threads
         return COMMAND_POOL if threads is None else max(1, threads - 1)
+
+
+def model_files(model: Model) -> tuple[Path, ...]:
+    """Every file a model is made of: its GGUF (or first shard), other shards, projector."""
+    return (model.path, *model.shards, *((model.mmproj,) if model.mmproj else ()))
 
 
 DAY = 86400.0
@@ -151,7 +183,9 @@ class Config:
     router_idle_exit: float = 300.0
     start_timeout: float = 600.0
     default_model: str | None = None
-    sources: tuple[Path, ...] = ()
+    sources: tuple[Source, ...] = ()
+    #: every directory the scan of `sources:` looked into (manifest/compiled.py's inputs)
+    scanned: tuple[Path, ...] = ()
     state_dir: Path = Path("/var/lib/hoshikage")
     strict_names: bool = False
     memory_budget: int | None = None
@@ -176,6 +210,9 @@ class Config:
     stop_grace: float = 10.0
     #: where the API keys are (router/auth.py): an absolute path, or "credential:NAME"
     api_keys: str | None = None
+    #: what every model gets before its source's and its own (`args:`, `env:` at the top)
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
     weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()

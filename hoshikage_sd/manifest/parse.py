@@ -6,7 +6,6 @@ Every error names the file, the line and what is wrong; a missing model file is 
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,10 +21,15 @@ from hoshikage_sd.manifest.model import (
     Cache,
     Config,
     Model,
+    Source,
     Weights,
     config_path,
+    environment,
 )
 from hoshikage_sd.manifest.nodes import FieldReader, NodeReader
+from hoshikage_sd.manifest.sources import Found, scan, shards_of
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _path(r: NodeReader, n: yaml.Node, what: str) -> Path:
@@ -60,8 +64,33 @@ def _integer(low: int, high: int) -> FieldReader:
     return lambda r, n, what: int(r.number(n, what, low, high))
 
 
-def _paths(r: NodeReader, n: yaml.Node, what: str) -> tuple[Path, ...]:
-    return tuple(r.abspath(item, f"{what}: entry") for item in r.seq(n, what))
+def _env(r: NodeReader, n: yaml.Node, what: str) -> tuple[str, ...]:
+    """An `env:` mapping of variable names to strings, kept as "KEY=VALUE" entries."""
+    entries = []
+    for key, (knode, vnode) in r.mapping(n, what).items():
+        if not ENV_NAME_RE.match(key):
+            raise r.fail(knode, f"{what}: '{key}' is not an environment variable's name")
+        if not isinstance(vnode, yaml.ScalarNode):
+            raise r.fail(vnode, f"{what}: {key} must be a string")
+        value = str(vnode.value)  # as written: YAML 1.1 would make 0,1 a number
+        if "\0" in value:
+            raise r.fail(vnode, f"{what}: {key} must not contain a NUL character")
+        entries.append(f"{key}={value}")
+    return tuple(entries)
+
+
+def _sources(r: NodeReader, n: yaml.Node, what: str) -> tuple[Source, ...]:
+    """`sources:` entries: a directory, or {dir:, recursive:, args:, env:}."""
+    entries = []
+    for item in r.seq(n, what):
+        if isinstance(item, yaml.MappingNode):
+            items = r.mapping(item, f"{what} entry", tuple(SOURCE_FIELDS))
+            if "dir" not in items:
+                raise r.fail(item, f"{what}: an entry needs 'dir:', the directory to scan")
+            entries.append(Source(**r.fields(items, SOURCE_FIELDS, f"{what}: ")))
+        else:
+            entries.append(Source(r.abspath(item, f"{what}: entry")))
+    return tuple(entries)
 
 
 def _weights(r: NodeReader, n: yaml.Node, what: str) -> Weights:
@@ -123,7 +152,8 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "memory_budget": _size, "evict_floor": _size,
     "safety_margin": _number(1, 10), "pressure_warn": _number(0.001, 1),
     "pressure_critical": _number(0.001, 1), "max_loaded_models": _integer(1, 1000),
-    "strict_names": _boolean, "sources": _paths, "cache": _cache, "rank": _weights,
+    "strict_names": _boolean, "sources": _sources,
+    "args": _strings, "env": _env, "cache": _cache, "rank": _weights,
     "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
     "max_body": _size, "large_body": _size, "body_memory": _size,
@@ -135,7 +165,10 @@ TOP_SPECIAL = ("default_model", "models")
 TOP_RENAMED = {"rank": "weights"}
 MODEL_FIELDS: dict[str, FieldReader] = {
     "ttl": _duration, "args": _strings, "pinned": _boolean, "health": _health,
-    "backend": _backend, "command": _command,
+    "backend": _backend, "command": _command, "env": _env, "mmproj": _path,
+}
+SOURCE_FIELDS: dict[str, FieldReader] = {
+    "dir": _path, "recursive": _boolean, "args": _strings, "env": _env,
 }
 MODEL_SPECIAL = ("path", "aliases", "tags")
 
@@ -175,26 +208,9 @@ def parse(text: str, path: Path) -> Config:
     return _Parser(path).config(node)
 
 
-def model_name_for(path: Path) -> str | None:
-    """The model name a scanned file gets: its stem, with characters we refuse made '-'."""
-    name = re.sub(r"[^A-Za-z0-9._:-]+", "-", path.stem).strip("-._:")[:100]
-    return name if NAME_RE.match(name) else None
-
-
-def scan_sources(sources: tuple[Path, ...]) -> dict[str, Path]:
-    """*.gguf files in the source directories, earlier directories first."""
-    found: dict[str, Path] = {}
-    for directory in sources:
-        try:
-            entries = sorted(directory.glob("*.gguf"))
-        except OSError:
-            continue
-        for path in entries:
-            name = model_name_for(path)
-            with contextlib.suppress(OSError):  # one this user may not look at: not a model
-                if name and name not in found and path.is_file():
-                    found[name] = path
-    return found
+def scan_sources(sources: tuple[Source, ...]) -> dict[str, Path]:
+    """The files the `sources:` entries give, by model name (what `check` lists)."""
+    return {name: found.path for name, found in scan(sources).found.items()}
 
 
 class _Parser(NodeReader):
@@ -202,6 +218,8 @@ class _Parser(NodeReader):
         super().__init__(lambda line, message: ConfigError(path, line, message))
         self.path = path
         self.warnings: list[str] = []
+        #: the top level's args and env, as a source every model has
+        self.defaults = Source(Path("/"))
 
     def name(self, node: yaml.Node, what: str) -> str:
         value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
@@ -218,8 +236,11 @@ class _Parser(NodeReader):
         if kw.get("pressure_warn", 0.7) > kw.get("pressure_critical", 0.9):
             raise self.fail(top.get("pressure_warn", (None, node))[1],
                             "pressure_warn must not be above pressure_critical")
-        models = self.models(top, kw.get("idle_ttl", Config.idle_ttl),
-                             scan_sources(kw.get("sources", ())))
+        found = scan(kw.get("sources", ()))
+        self.warnings += found.warnings
+        kw["scanned"] = tuple(found.scanned)
+        self.defaults = Source(Path("/"), args=kw.get("args", ()), env=kw.get("env", ()))
+        models = self.models(top, kw.get("idle_ttl", Config.idle_ttl), found.found)
         if "default_model" in top:
             default = self.string(top["default_model"][1], "default_model")
             if default not in models:
@@ -229,7 +250,7 @@ class _Parser(NodeReader):
         return Config(source=self.path, models=models, warnings=tuple(self.warnings), **kw)
 
     def models(self, top: Mapping[str, tuple[yaml.Node, yaml.Node]], idle_ttl: float,
-               found: Mapping[str, Path]) -> dict[str, Model]:
+               found: Mapping[str, Found]) -> dict[str, Model]:
         """The `models:` entries, then the files scanned from `sources:` (explicit entries
         win); no name, alias or tag names two models."""
         models: dict[str, Model] = {}
@@ -253,33 +274,51 @@ class _Parser(NodeReader):
                                            f"already on '{tag_owner[tag]}'")
                 tag_owner[tag] = name
             models[name] = model
-        for name, path in found.items():
+        for name, f in found.items():
             if name not in models and name not in owner:
-                models[name] = Model(name=name, path=path, ttl=idle_ttl)
+                models[name] = Model(name=name, path=f.path, ttl=idle_ttl, shards=f.shards,
+                                     mmproj=f.mmproj, **self.inherited(f.source, {}))
         return models
 
+    def inherited(self, source: Source | None, own: Mapping[str, Any]) -> dict[str, Any]:
+        """A model's args and env: the top level's, its source's, its own, in that order
+        (llama-server takes an option's last value; a variable's last setting wins)."""
+        layers = [self.defaults, *([source] if source else [])]
+        args = tuple(a for layer in layers for a in layer.args) + tuple(own.get("args", ()))
+        env = {k: v for layer in layers for k, v in environment(layer.env).items()}
+        env.update(environment(own.get("env", ())))
+        return {"args": args, "env": tuple(f"{k}={v}" for k, v in env.items())}
+
     def model(self, name: str, key: yaml.Node, node: yaml.Node, idle_ttl: float,
-              found: Mapping[str, Path]) -> tuple[Model, list[yaml.Node], list[yaml.Node]]:
+              found: Mapping[str, Found]) -> tuple[Model, list[yaml.Node], list[yaml.Node]]:
         what = f"model '{name}'"
         items = self.mapping(node, what, (*MODEL_SPECIAL, *MODEL_FIELDS))
+        source: Source | None = None
+        shards: tuple[Path, ...] = ()
+        mmproj = None
         if "path" in items:
             path = self.abspath(items["path"][1], f"{what}: path")
-            try:
-                problem = None if path.is_file() else "does not exist (yet)"
-            except OSError as exc:  # a directory this user may not search: say so, go on
-                problem = f"cannot be looked at: {exc.strerror}"
+            problem = self.missing(path)
+            if problem is None:
+                shards, problem = shards_of(path)
             if problem:
                 self.warnings.append(f"{self.path}:{items['path'][1].start_mark.line + 1}: "
-                                     f"{what}: {path} {problem}")
+                                     f"{what}: {problem}")
         elif name in found:
-            path = found[name]
+            path, source = found[name].path, found[name].source
+            shards, mmproj = found[name].shards, found[name].mmproj
         else:
             raise self.fail(key, f"{what} has no 'path:' and no {name}.gguf is in "
                                   "the sources: directories")
         alias_nodes = self.seq(items["aliases"][1], f"{what}: aliases") \
             if "aliases" in items else []
         tag_nodes = self.seq(items["tags"][1], f"{what}: tags") if "tags" in items else []
-        kw: dict[str, Any] = {"ttl": idle_ttl, **self.fields(items, MODEL_FIELDS, f"{what}: ")}
+        kw: dict[str, Any] = {"ttl": idle_ttl, "shards": shards, "mmproj": mmproj,
+                              **self.fields(items, MODEL_FIELDS, f"{what}: ")}
+        kw.update(self.inherited(source, kw))
+        if "mmproj" in items and (problem := self.missing(kw["mmproj"])):
+            self.warnings.append(f"{self.path}:{items['mmproj'][1].start_mark.line + 1}: "
+                                 f"{what}: mmproj {problem}")
         kw["aliases"] = tuple(self.name(a, f"{what}: alias") for a in alias_nodes)
         kw["tags"] = tuple(self.name(t, f"{what}: tag") for t in tag_nodes)
         if kw.get("backend") == "command" and "command" not in kw:
@@ -289,4 +328,17 @@ class _Parser(NodeReader):
         if "command" in kw and kw.get("backend") != "command":
             raise self.fail(items["command"][0], f"{what}: 'command:' needs "
                                                  "'backend: command'")
+        if kw["mmproj"] and kw.get("backend") == "command":
+            raise self.fail(items["mmproj"][0], f"{what}: 'mmproj:' is for llama-server "
+                                                "(its --mmproj); a command backend names "
+                                                "its files in 'command:'")
         return Model(name=name, path=path, **kw), alias_nodes, tag_nodes
+
+    @staticmethod
+    def missing(path: Path) -> str | None:
+        """What is wrong with a file the manifest names, if anything (a warning: the disk
+        may be mounted later)."""
+        try:
+            return None if path.is_file() else f"{path} does not exist (yet)"
+        except OSError as exc:  # a directory this user may not search: say so, go on
+            return f"{path} cannot be looked at: {exc.strerror}"

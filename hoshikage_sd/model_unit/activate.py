@@ -240,7 +240,7 @@ class Activator:
         argv = self.config.server_argv(self.model, staged)
         logging.getLogger("hoshikage").debug("starting %s", argv)
         try:
-            self.child = Child(launch.spawn(argv, proc.minimal_env()))
+            self.child = Child(launch.spawn(argv, proc.server_env(self.model.environment)))
         except OSError as exc:
             die(f"cannot run {argv[0]}: {exc.strerror}",
                 hint="set 'llama_server:' (or the model's 'command:') in the manifest")
@@ -266,7 +266,7 @@ class Activator:
         if code == -signal.SIGILL:
             return (f"use a llama-server built for this CPU ('llama_server:' in the manifest; "
                     f"{self.config.llama_server} is the one configured)")
-        return f"journalctl -u {systemd.model_unit(self.model.name)}"
+        return f"journalctl -u {systemd.shell_unit(self.model.name)}"
 
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse. Kept

@@ -41,6 +41,15 @@
 #define MAX_TICKET (1 << 20)
 #define MAX_FIELDS 4096
 
+/* protocol.PASSED_ENV_PREFIXES and PASSED_ENV_NAMES: the unit's own environment that reaches
+ * llama-server where the ticket does not set it (the contract test compares the lists). */
+static const char *const PASSED_ENV_PREFIXES[] = {
+    "AMD_", "CUDA_", "GGML_", "GPU_", "HIP_", "HSA_", "LLAMA_", "MESA_",
+    "MKL_", "NVIDIA_", "OMP_", "ONEAPI_", "OPENBLAS_", "RADV_", "ROCR_",
+    "SYCL_", "VK_", "ZES_", "ZE_", NULL};
+static const char *const PASSED_ENV_NAMES[] = {"LD_LIBRARY_PATH", "DRI_PRIME", NULL};
+
+extern char **environ;
 static pid_t child = -1;
 
 static double monotonic(void) {
@@ -67,6 +76,27 @@ static int valid_name(const char *name) {
             return 0;
     }
     return 1;
+}
+
+/* "KEY=VALUE": does KEY reach llama-server from the unit's environment? */
+static int passed_env(const char *entry) {
+    size_t k = strcspn(entry, "=");
+    for (const char *const *n = PASSED_ENV_NAMES; *n; n++)
+        if (strlen(*n) == k && strncmp(entry, *n, k) == 0)
+            return 1;
+    for (const char *const *p = PASSED_ENV_PREFIXES; *p; p++)
+        if (strlen(*p) <= k && strncmp(entry, *p, strlen(*p)) == 0)
+            return 1;
+    return 0;
+}
+
+/* Does env (NULL-terminated) set the variable of "KEY=VALUE"? */
+static int sets(char *const *env, const char *entry) {
+    size_t k = strcspn(entry, "=");
+    for (; *env; env++)
+        if (strncmp(*env, entry, k) == 0 && ((*env)[k] == '=' || (*env)[k] == '\0'))
+            return 1;
+    return 0;
 }
 
 struct ticket {
@@ -109,6 +139,11 @@ static int take_ticket(const char *runtime_dir, const char *name, struct ticket 
     for (; i < count && fields[i][0] != '\0' && e < MAX_FIELDS - 1; i++)
         t->env[e++] = fields[i];
     t->env[e] = NULL;
+    for (char **own = environ; *own && e < MAX_FIELDS - 1; own++)
+        if (passed_env(*own) && !sets(t->env, *own)) {
+            t->env[e++] = *own;
+            t->env[e] = NULL;
+        }
     if (i >= count || fields[i][0] != '\0')
         return 0;
     for (i++; i < count && a < MAX_FIELDS - 1; i++)

@@ -44,6 +44,7 @@ from hoshikage_sd.protocol import (
     take_ticket,
     tell_router,
     valid_name,
+    with_unit_env,
     write_launched,
 )
 
@@ -112,7 +113,7 @@ def launch(name: str, runtime_dir: str,
         pass
     started = time.monotonic()
     try:
-        pid = spawn(ticket.argv, ticket.env)
+        pid = spawn(ticket.argv, with_unit_env(ticket.env, dict(posix.environ)))
     except OSError:
         return None  # the activator tries again and says what is wrong
     _signal.signal(_signal.SIGTERM, lambda signum, _frame: stop(pid, signum))

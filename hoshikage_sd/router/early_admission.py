@@ -86,7 +86,7 @@ def admit(index: dict[str, Any], model: dict[str, Any], conn: bus.Connection | N
             return None, state
         write_admitted(runtime, model["name"], numbers[0])
         protocol.write_ticket(runtime, model["name"], model["socket"], model["health"],
-                              index["env"], launch["argv"])
+                              launch["env"], launch["argv"])
     finally:
         os.close(lock)
     return numbers, state

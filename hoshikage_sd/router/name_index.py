@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from hoshikage_sd.manifest import Config, Model
 
 NAME = "names.index.json"
-VERSION = 2
+VERSION = 3
 #: manifest/model.py's DEFAULT_PATH (a unit test keeps them equal: model imports dataclasses)
 DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
 DEFAULT_RUNTIME = "/run/hoshikage"
@@ -73,7 +73,8 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         if known is None:
             return None
         st, estimate = known
-        return {"argv": config.server_argv(m, m.path), "source": str(m.path),
+        return {"argv": config.server_argv(m, m.path), "env": proc.minimal_env(m.environment),
+                "source": str(m.path),
                 "file": [st.st_size, st.st_mtime_ns], "estimate": estimate,
                 "staged": str(store.staged(m.name))}
 
@@ -87,7 +88,6 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         # with API keys, the key is checked before a start: no head start (router/auth.py)
         "api_keys": config.api_keys is not None,
         "runtime": str(config.runtime_dir),
-        "env": proc.minimal_env(),
         "admission": {"margin": config.safety_margin, "budget": config.memory_budget,
                       "max_loaded": config.max_loaded_models},
         "models": [{"name": m.name, "aliases": list(m.aliases), "tags": list(m.tags),

@@ -218,7 +218,7 @@ class Router:
                 self.runtime.set_admitted(name, estimate)
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
-                                      proc.minimal_env(),
+                                      proc.minimal_env(model.environment),
                                       config.server_argv(model, path))
                 start()
                 started = True

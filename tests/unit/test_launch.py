@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,6 +285,47 @@ def test_both_launchers_spawn_the_ticket_and_hand_its_pid_over(
     assert out.read_text() == "v=w|arg0|a b\nc||"  # env and argv as the router wrote them
     assert not stale.exists()
     assert not (runtime / "launch" / "tiny").exists()
+
+
+def test_both_launchers_pass_the_units_gpu_environment_where_the_ticket_does_not_set_it(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    """A drop-in's CUDA_VISIBLE_DEVICES, GGML_VK_VISIBLE_DEVICES, LD_LIBRARY_PATH reach
+    llama-server; the manifest's env (in the ticket) wins; nothing else of the unit's does."""
+    launcher, args = launcher_form
+    runtime = tmp_path / "run"
+    out = tmp_path / "env.out"
+    protocol.write_ticket(str(runtime), "tiny", str(tmp_path / "tiny.sock"), "/health",
+                          {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "1"},
+                          ["sh", "-c", f"env > {out}"])
+    unit_env = {"PATH": "/usr/bin:/bin", "RUNTIME_DIRECTORY": str(runtime),
+                "CUDA_VISIBLE_DEVICES": "0", "GGML_VK_VISIBLE_DEVICES": "0",
+                "LD_LIBRARY_PATH": "/opt/rocm/lib", "LLAMA_ARG_N_GPU_LAYERS": "99",
+                "SECRET_TOKEN": "no", "LD_PRELOAD": "/no.so", "CUDA": "no"}
+    subprocess.run([str(launcher), "tiny"], capture_output=True, timeout=30, env=unit_env,
+                   check=True)
+    deadline = time.monotonic() + 10
+    while not (out.exists() and out.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "the server was not started"
+        time.sleep(0.01)
+    seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "1"
+    assert seen["GGML_VK_VISIBLE_DEVICES"] == "0"
+    assert seen["LD_LIBRARY_PATH"] == "/opt/rocm/lib"
+    assert seen["LLAMA_ARG_N_GPU_LAYERS"] == "99"
+    assert not {"SECRET_TOKEN", "LD_PRELOAD", "CUDA", "RUNTIME_DIRECTORY"} & set(seen)
+    assert args.read_text().splitlines()[:3] == ["activate", "tiny", "--adopt"]
+
+
+def test_launch_c_passes_the_same_environment_as_protocol() -> None:
+    source = (Path(protocol.__file__).parent / "model_unit" / "launch.c").read_text()
+
+    def c_list(name: str) -> tuple[str, ...]:
+        body = re.search(rf"{name}\[\] = \{{(.*?)\}};", source, re.S)
+        assert body, name
+        return tuple(re.findall(r'"([^"]*)"', body.group(1)))
+
+    assert c_list("PASSED_ENV_PREFIXES") == protocol.PASSED_ENV_PREFIXES
+    assert c_list("PASSED_ENV_NAMES") == protocol.PASSED_ENV_NAMES
 
 
 def test_both_launchers_leave_a_record_of_what_they_started_once_it_serves(

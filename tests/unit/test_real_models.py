@@ -1,0 +1,219 @@
+"""Issue 19's manifest: defaults for every model (args, env), sources as people keep models
+(recursive, Hugging Face's cache), split GGUFs and projectors found and named as one model."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd import manifest, proc
+from hoshikage_sd.manifest import ConfigError, compiled
+from hoshikage_sd.manifest.sources import hf_model_name, shards_of
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def touch(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"GGUF" + bytes(28))
+
+
+def test_args_and_env_layer_top_then_source_then_model(tmp_path: Path) -> None:
+    touch(tmp_path / "gpu" / "big.gguf", tmp_path / "gpu" / "small.gguf",
+          tmp_path / "cpu" / "cpu-only.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        args: [-ngl, "99", -c, "4096"]
+        env: {{GGML_VK_VISIBLE_DEVICES: "0", OMP_NUM_THREADS: 4}}
+        sources:
+          - dir: {tmp_path}/gpu
+            args: [--device, Vulkan0]
+            env: {{CUDA_VISIBLE_DEVICES: "0,1"}}
+          - {tmp_path}/cpu
+        models:
+          small:
+            args: [-ngl, "0"]
+            env: {{CUDA_VISIBLE_DEVICES: "1", LLAMA_ARG_FLASH_ATTN: "on"}}
+    """))
+    assert config.args == ("-ngl", "99", "-c", "4096")
+    big, small, cpu = (config.models[n] for n in ("big", "small", "cpu-only"))
+    assert big.args == ("-ngl", "99", "-c", "4096", "--device", "Vulkan0")
+    assert big.environment == {"GGML_VK_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "4",
+                               "CUDA_VISIBLE_DEVICES": "0,1"}
+    # found in a source and named in models: the source's settings, then its own
+    assert small.args == ("-ngl", "99", "-c", "4096", "--device", "Vulkan0", "-ngl", "0")
+    assert small.environment["CUDA_VISIBLE_DEVICES"] == "1"
+    assert small.environment["LLAMA_ARG_FLASH_ATTN"] == "on"
+    assert cpu.args == ("-ngl", "99", "-c", "4096")
+    assert "CUDA_VISIBLE_DEVICES" not in cpu.environment
+    # the command line llama-server gets carries them, the last -ngl winning in llama.cpp
+    argv = config.server_argv(small, small.path)
+    assert argv[argv.index("--device") + 1] == "Vulkan0" and argv[-6:-4] == ["-ngl", "0"]
+
+
+def test_an_explicit_path_gets_the_top_levels_defaults_only(tmp_path: Path) -> None:
+    touch(tmp_path / "a.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        args: [-ngl, "99"]
+        env: {{VK_ICD_FILENAMES: /usr/share/vulkan/icd.d/lvp_icd.x86_64.json}}
+        models:
+          a: {{path: {tmp_path}/a.gguf, args: [-c, "512"]}}
+    """))
+    a = config.models["a"]
+    assert a.args == ("-ngl", "99", "-c", "512")
+    assert a.environment == {"VK_ICD_FILENAMES": "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json"}
+
+
+@pytest.mark.parametrize(("text", "needle", "words"), [
+    ("env: {'A-B': x}", "A-B", ("not an environment variable",)),
+    ("env: {A: [x]}", "env:", ("must be a string",)),
+    ("env: [A=x]", "env:", ("mapping",)),
+    ("env: {A: \"x\\0y\"}", "env:", ("NUL",)),
+    ("sources: [{recursive: true}]", "recursive", ("needs 'dir:'",)),
+    ("sources: [{dir: rel}]", "dir", ("absolute",)),
+    ("sources: [{dir: /x, depth: 3}]", "depth", ("unknown key 'depth'",)),
+])
+def test_bad_defaults_and_sources_are_named_with_their_line(
+        tmp_path: Path, text: str, needle: str, words: tuple[str, ...]) -> None:
+    path = write(tmp_path, f"models: {{}}\n{text}\n")
+    with pytest.raises(ConfigError) as info:
+        manifest.load(path)
+    assert info.value.line == 2, info.value.message
+    for word in words:
+        assert word in info.value.message
+
+
+def test_server_env_passes_the_units_gpu_variables_and_the_manifests_over_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("HSA_OVERRIDE_GFX_VERSION", "10.3.0")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    env = proc.server_env({"CUDA_VISIBLE_DEVICES": "1", "MY_SETTING": "x"})
+    assert env == {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "1",
+                   "HSA_OVERRIDE_GFX_VERSION": "10.3.0", "MY_SETTING": "x"}
+
+
+# -- sources: as people keep models ---------------------------------------------------------
+
+def hf_repo(hub: Path, repo: str, files: list[str], revision: str = "0123abc") -> Path:
+    """A Hugging Face cache repository as huggingface_hub lays it out: blobs, a snapshot of
+    symlinks into them, refs/main naming the snapshot."""
+    root = hub / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    for i, name in enumerate(files):
+        blob = root / "blobs" / f"{i:040x}"
+        touch(blob)
+        link = root / "snapshots" / revision / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return root
+
+
+def test_huggingface_cache_layout_is_found_and_named(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    hf_repo(hub, "Qwen/Qwen3-8B-GGUF", ["Qwen3-8B-Q4_K_M.gguf", "Qwen3-8B-Q8_0.gguf"])
+    hf_repo(hub, "someone/Llama-3.2-1B-Instruct-GGUF", ["model-q4_k_m.gguf"])
+    hf_repo(hub, "ggml-org/gemma-3-4b-it-GGUF",
+            ["gemma-3-4b-it-Q4_K_M.gguf", "mmproj-model-f16.gguf"])
+    big = hf_repo(hub, "unsloth/Big-GGUF", [f"Q4_K_M/Big-Q4_K_M-{i:05d}-of-00003.gguf"
+                                             for i in (1, 2, 3)])
+    # an older snapshot that refs/main no longer names is not a model
+    touch(hub / "models--Qwen--Qwen3-8B-GGUF" / "snapshots" / "old" / "Qwen3-8B-F16.gguf")
+    config = manifest.load(write(tmp_path, f"sources: [{hub}]\n"))
+    assert sorted(config.models) == ["Big-Q4_K_M", "Llama-3.2-1B-Instruct-q4_k_m",
+                                     "Qwen3-8B-Q4_K_M", "Qwen3-8B-Q8_0",
+                                     "gemma-3-4b-it-Q4_K_M"]
+    qwen = config.models["Qwen3-8B-Q4_K_M"]
+    assert qwen.path.is_symlink() and qwen.path.parent.name == "0123abc"
+    assert config.models["gemma-3-4b-it-Q4_K_M"].mmproj is not None
+    assert config.models["gemma-3-4b-it-Q4_K_M"].mmproj.name == "mmproj-model-f16.gguf"
+    split = config.models["Big-Q4_K_M"]
+    assert split.path.name == "Big-Q4_K_M-00001-of-00003.gguf"
+    assert [p.name for p in split.shards] == ["Big-Q4_K_M-00002-of-00003.gguf",
+                                              "Big-Q4_K_M-00003-of-00003.gguf"]
+    assert split.path.parent == big / "snapshots" / "0123abc" / "Q4_K_M"
+    assert not config.warnings
+    # a repository directory named directly works too
+    direct = manifest.load(write(tmp_path, f"sources: [{big}]\n"))
+    assert list(direct.models) == ["Big-Q4_K_M"]
+
+
+@pytest.mark.parametrize(("repo", "file", "name"), [
+    ("models--Qwen--Qwen3-8B-GGUF", "Qwen3-8B-Q4_K_M.gguf", "Qwen3-8B-Q4_K_M"),
+    ("models--x--Llama-3.2-1B-GGUF", "model-Q4_K_M.gguf", "Llama-3.2-1B-Q4_K_M"),
+    ("models--x--Phi_gguf", "ggml-model-f16.gguf", "Phi-f16"),
+    ("models--x--Tiny", "weights.gguf", "Tiny-weights"),
+])
+def test_hf_names_say_the_repository_and_the_quantisation(repo: str, file: str,
+                                                           name: str) -> None:
+    assert hf_model_name(repo, Path(file)) == name
+
+
+def test_recursive_sources_and_split_models_and_projectors(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    touch(models / "top.gguf", models / "vision" / "llava-7b-Q4_K_M.gguf",
+          models / "vision" / "mmproj-llava-7b-f16.gguf",
+          models / "vision" / "mmproj-other-f32.gguf",
+          *(models / "deep" / "a" / "b" / f"huge-{i:05d}-of-00002.gguf" for i in (1, 2)),
+          *(models / "broken-{}-of-00003.gguf".format(f"{i:05d}") for i in (1, 3)),
+          models / ".hidden" / "secret.gguf")
+    flat = manifest.load(write(tmp_path, f"sources: [{models}]\n"))
+    assert sorted(flat.models) == ["top"]  # not recursive; the broken split is a warning
+    assert any("broken-00002-of-00003.gguf" in w for w in flat.warnings), flat.warnings
+    deep = manifest.load(write(tmp_path, f"sources: [{{dir: {models}, recursive: true}}]\n"))
+    assert sorted(deep.models) == ["huge", "llava-7b-Q4_K_M", "top"]
+    assert deep.models["llava-7b-Q4_K_M"].mmproj == models / "vision" / \
+        "mmproj-llava-7b-f16.gguf"
+    assert deep.models["top"].mmproj is None  # projectors stay in their directory
+    assert [p.name for p in deep.models["huge"].shards] == ["huge-00002-of-00002.gguf"]
+    assert models / "deep" / "a" / "b" in deep.scanned  # compiled.py watches each
+
+
+def test_unreadable_source_directory_is_a_warning_not_silence(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    config = manifest.load(write(tmp_path, f"sources: [{missing}]\nmodels: {{}}\n"))
+    assert any(str(missing) in w and "cannot be read" in w for w in config.warnings)
+
+
+def test_explicit_split_path_and_mmproj(tmp_path: Path) -> None:
+    touch(*(tmp_path / f"m-{i:05d}-of-00002.gguf" for i in (1, 2)), tmp_path / "proj.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        models:
+          m: {{path: {tmp_path}/m-00001-of-00002.gguf, mmproj: {tmp_path}/proj.gguf}}
+          second: {{path: {tmp_path}/m-00002-of-00002.gguf}}
+          gone: {{path: {tmp_path}/m-00001-of-00002.gguf, mmproj: {tmp_path}/nope.gguf}}
+    """))
+    m = config.models["m"]
+    assert m.shards == (tmp_path / "m-00002-of-00002.gguf",) and m.mmproj == tmp_path / \
+        "proj.gguf"
+    assert any("not the first shard" in w for w in config.warnings)
+    assert any("nope.gguf does not exist" in w for w in config.warnings)
+    assert manifest.model_files(m) == (m.path, *m.shards, tmp_path / "proj.gguf")
+
+
+def test_shards_of_a_single_file_is_nothing(tmp_path: Path) -> None:
+    assert shards_of(tmp_path / "x.gguf") == ((), None)
+
+
+def test_the_kept_parse_watches_shards_projectors_and_scanned_directories(
+        tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    touch(*(models / "sub" / f"s-{i:05d}-of-00002.gguf" for i in (1, 2)),
+          models / "sub" / "mmproj-s.gguf")
+    config = manifest.load(write(tmp_path, f"sources: [{{dir: {models}, recursive: true}}]\n"))
+    watched = compiled.inputs(config)
+    for path in (models, models / "sub", models / "sub" / "s-00002-of-00002.gguf",
+                 models / "sub" / "mmproj-s.gguf"):
+        assert str(path) in watched
