@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from hoshikage_sd import fmt, log
 from hoshikage_sd.manifest import Config, Model
@@ -21,26 +20,21 @@ from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Identity, Store
+from hoshikage_sd.staging import Files, Store
 
 CACHE_UNIT = "hoshikage-cache.service"
 
 
-def cached_copy(config: Config, model: Model) -> Path | None:
+def cached_copy(config: Config, model: Model) -> Files | None:
     """The cache's verified copy of the model, if there is one."""
     if config.cache is None:
         return None
-    try:
-        ident = Identity.of(model.path)
-    except OSError:
-        return None
-    store = Store(config.cache.dir)
-    return store.staged(model.name) if store.reusable(model.name, ident) else None
+    return Store(config.cache.dir).current(model.name, Files.of(model))
 
 
-def source_for(config: Config, model: Model) -> Path:
+def source_for(config: Config, model: Model) -> Files:
     """Where staging reads from: the SSD cache copy when it is current, else the source."""
-    return cached_copy(config, model) or model.path
+    return cached_copy(config, model) or Files.of(model)
 
 
 def on_cache_disk(config: Config, model: Model) -> bool:
@@ -66,10 +60,9 @@ def state(config: Config, busy: set[str], now: float) -> CacheState:
     assert config.cache is not None
     models = []
     for model in config.models.values():
-        try:
-            size = model.path.stat().st_size
-        except OSError:
+        if not model.path.exists():
             continue
+        size = Files.of(model).size()
         models.append(Holding(model.name, size, cached_copy(config, model) is not None,
                               on_cache_disk(config, model), model.pinned))
     st = os.statvfs(config.cache.dir)
@@ -124,7 +117,7 @@ def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: flo
               f"{model.path} to the cache {config.cache.dir if config.cache else ''}",
               rank=f"{rank:.1f}", source=model.path, phase="start")
     try:
-        staged = store.stage(model.name, model.path, progress)
+        staged = store.stage(model.name, Files.of(model), progress)
     finally:
         runtime.clear("caching", model.name)
     rate = staged.size / max(staged.seconds, 1e-6)

@@ -23,8 +23,8 @@ import itertools
 import os
 import struct
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
@@ -349,6 +349,33 @@ def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
         raise GGUFError(spath, "is a directory, not a GGUF file") from None
     except OSError as exc:
         raise GGUFError(spath, f"cannot read: {exc.strerror or exc}") from None
+
+
+def read_model_info(paths: Sequence[str | os.PathLike[str]]) -> GGUFInfo:
+    """A model's header over all its files: the first shard's (or the only file's), with the
+    other shards' tensors, sizes and tensor data added (split GGUFs carry the metadata in
+    the first shard only)."""
+    info = read_info(paths[0])
+    if len(paths) == 1:
+        return info
+    tensors, size, tensor_bytes = list(info.tensors), info.file_size, info.tensor_bytes
+    for path in paths[1:]:
+        spath = os.fspath(path)
+        try:
+            with open(spath, "rb", buffering=0) as f:
+                r = _Reader(f, spath, os.fstat(f.fileno()).st_size)
+                _, n_tensors, n_kv = _counts(r)
+                _metadata(r, n_kv)  # read past: the first shard has what counts
+                raw = _raw_tensors(r, n_tensors)
+                data_offset = -(-r.offset // info.alignment) * info.alignment
+                if data_offset > r.size:
+                    raise r.fail("truncated before its tensor data")
+                tensors += _tensor_infos(r, raw, r.size - data_offset, info.alignment)
+                size, tensor_bytes = size + r.size, tensor_bytes + r.size - data_offset
+        except OSError as exc:
+            raise GGUFError(spath, f"cannot read: {exc.strerror or exc}") from None
+    return replace(info, file_size=size, tensor_bytes=tensor_bytes, tensors=tuple(tensors),
+                   n_params=sum(t.n_elements for t in tensors))
 
 
 def _parse(r: _Reader) -> GGUFInfo:

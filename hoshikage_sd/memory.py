@@ -259,6 +259,13 @@ def prompt_cache_bytes(info: GGUFInfo, params: LoadParams) -> int:
     return 0
 
 
+def projector_bytes(file_size: int) -> int:
+    """A multimodal projector (--mmproj): its copy on the RAM disk and the tensors that
+    llama-server's clip loader reads into its own buffers (not an mmap). Its compute buffer
+    for an image is not counted: unmeasured here (no real projector in the test bed)."""
+    return _pad(file_size, TMPFS_PAGE) + file_size
+
+
 def estimate(info: GGUFInfo, params: LoadParams) -> Estimate:
     return Estimate(
         weights=weights_bytes(info, params),

@@ -247,11 +247,11 @@ class Runtime:
         if one was computed for it (policy/residents.estimate); never reads the header."""
         try:
             st = model.path.stat()
+            key = estimate_key(model, st)
         except OSError:
             return None
         cached = self.estimate(model.name)
-        return (st, cached[1]) if cached is not None and cached[0] == estimate_key(model, st) \
-            else None
+        return (st, cached[1]) if cached is not None and cached[0] == key else None
 
     def caching(self, name: str) -> tuple[int, int] | None:
         """A copy to the SSD cache under way: (bytes done, bytes total)."""
@@ -282,5 +282,8 @@ class Runtime:
 
 
 def estimate_key(model: Model, st: os.stat_result) -> list[Any]:
-    """What a remembered estimate was computed from: the file as it was, and the arguments."""
-    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args)]
+    """What a remembered estimate was computed from: the files as they were (`st`: the
+    first's), and the arguments. OSError when another of its files is gone."""
+    others = [[s.st_size, s.st_mtime_ns] for s in
+              (p.stat() for p in (*model.shards, *((model.mmproj,) if model.mmproj else ())))]
+    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args), *others]

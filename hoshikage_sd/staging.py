@@ -3,6 +3,11 @@
 The copy goes to a hidden temporary name and is renamed into place only when complete, so a
 half-copied model is never visible. A per-model flock makes concurrent starts copy once. The
 source is only ever opened for reading.
+
+A model may be several files (Files): a split GGUF's shards are staged as
+NAME-0000k-of-0000N.gguf (llama.cpp finds the other shards by the first one's name), a
+projector as NAME.mmproj.gguf; one lock, one identity record for them all, and the record
+is written only once every file is in place.
 """
 
 from __future__ import annotations
@@ -12,16 +17,23 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hoshikage_sd import fmt
 from hoshikage_sd.errors import die
 from hoshikage_sd.files import write_atomic
 
+if TYPE_CHECKING:
+    from hoshikage_sd.manifest import Model
+
 CHUNK = 64 << 20
+#: what follows NAME in a staged shard's name
+SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf")
 # Progress callback: (bytes done, bytes total). Also called while waiting for another copy.
 Progress = Callable[[int, int], None]
 
@@ -43,11 +55,41 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class Files:
+    """A model's files: its GGUF (or every shard, in order) and its projector."""
+
+    shards: tuple[Path, ...]
+    mmproj: Path | None = None
+
+    @classmethod
+    def of(cls, model: Model) -> Files:
+        return cls((model.path, *model.shards), model.mmproj)
+
+    @classmethod
+    def one(cls, source: Files | Path) -> Files:
+        """`source` as Files: a Path is a model of one file."""
+        return source if isinstance(source, Files) else cls((source,))
+
+    @property
+    def main(self) -> Path:
+        """What llama-server's -m names: the GGUF or the first shard."""
+        return self.shards[0]
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (*self.shards, *((self.mmproj,) if self.mmproj else ()))
+
+    def size(self) -> int:
+        return sum(Store.size_of(p) for p in self.paths)
+
+
+@dataclass(frozen=True)
 class Staged:
-    path: Path
-    size: int
+    path: Path  # the main file (Files.main)
+    size: int   # of all the files
     copied: bool
     seconds: float
+    files: Files | None = None
 
 
 class Store:
@@ -56,6 +98,13 @@ class Store:
 
     def staged(self, name: str) -> Path:
         return self.ramdisk / f"{name}.gguf"
+
+    def staged_files(self, name: str, files: Files) -> Files:
+        """Where the store keeps a model of `files`' shape."""
+        count = len(files.shards)
+        shards = (self.staged(name),) if count == 1 else tuple(
+            self.ramdisk / f"{name}-{k:05d}-of-{count:05d}.gguf" for k in range(1, count + 1))
+        return Files(shards, self.ramdisk / f"{name}.mmproj.gguf" if files.mmproj else None)
 
     def _meta(self, name: str) -> Path:
         return self.ramdisk / f".{name}.source.json"
@@ -79,17 +128,34 @@ class Store:
         finally:
             os.close(fd)
 
-    def reusable(self, name: str, ident: Identity) -> bool:
+    def reusable(self, name: str, files: Files | Path) -> bool:
+        """Is the store's copy of the model exactly `files` as they are now?"""
+        files = Files.one(files)
         try:
-            recorded = json.loads(self._meta(name).read_text())
-            return bool(recorded == asdict(ident)
-                        and self.staged(name).stat().st_size == ident.size)
-        except (OSError, ValueError):
+            idents = [Identity.of(p) for p in files.paths]
+            recorded = json.loads(self._meta(name).read_text())["files"]
+            staged = self.staged_files(name, files).paths
+            return bool(recorded == [asdict(i) for i in idents]
+                        and all(p.stat().st_size == i.size
+                                for p, i in zip(staged, idents, strict=True)))
+        except (OSError, ValueError, KeyError, TypeError):
             return False
+
+    def current(self, name: str, files: Files) -> Files | None:
+        """The store's copy of `files`, when it is current."""
+        return self.staged_files(name, files) if self.reusable(name, files) else None
 
     def has_copy(self, name: str) -> bool:
         """Is there a complete staged copy (with its source record) of the model?"""
-        return self.staged(name).is_file() and self._meta(name).is_file()
+        return self.copy_size(name) is not None
+
+    def copy_size(self, name: str) -> int | None:
+        """Bytes of the complete staged copy of the model, None when there is none."""
+        try:
+            staged = json.loads(self._meta(name).read_text())["staged"]
+            return sum((self.ramdisk / str(n)).stat().st_size for n in staged)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @staticmethod
     def size_of(path: Path) -> int:
@@ -102,44 +168,65 @@ class Store:
         st = os.statvfs(self.ramdisk)
         return st.f_bavail * st.f_frsize
 
-    def stage(self, name: str, source: Path, progress: Progress | None = None,
+    def stage(self, name: str, source: Files | Path, progress: Progress | None = None,
               force: bool = False) -> Staged:
-        """Make ramdisk/NAME.gguf an exact copy of source; reuse one that already is."""
+        """Make the store's copy of the model an exact copy of `source`; reuse one that
+        already is."""
         start = time.monotonic()
-        try:
-            ident = Identity.of(source)
-        except FileNotFoundError:
-            die(f"model '{name}': source file {source} does not exist",
-                hint="fix 'path:' in the manifest or mount the disk that holds it")
-        except PermissionError:
-            die(f"model '{name}': source file {source} is not readable")
+        source = Files.one(source)
+        idents = []
+        for path in source.paths:
+            try:
+                idents.append(Identity.of(path))
+            except FileNotFoundError:
+                die(f"model '{name}': source file {path} does not exist",
+                    hint="fix 'path:' in the manifest or mount the disk that holds it")
+            except PermissionError:
+                die(f"model '{name}': source file {path} is not readable")
+        total = sum(i.size for i in idents)
+        staged = self.staged_files(name, source)
         if not self.ramdisk.is_dir():
             die(f"RAM disk {self.ramdisk} does not exist", hint="is mnt-hoshikage.mount active?")
         with self.locked(name, progress):
-            if not force and self.reusable(name, ident):
-                return Staged(self.staged(name), ident.size, False, time.monotonic() - start)
+            if not force and self.reusable(name, source):
+                return Staged(staged.main, total, False, time.monotonic() - start, staged)
             self.remove(name)
             free = self.free_bytes()
-            if free < ident.size:
-                die(f"model '{name}' needs {fmt.size(ident.size)} on the RAM disk {self.ramdisk} "
+            if free < total:
+                die(f"model '{name}' needs {fmt.size(total)} on the RAM disk {self.ramdisk} "
                     f"but only {fmt.size(free)} is free",
                     hint="stop another model, or give the tmpfs more room (size= in "
                          "mnt-hoshikage.mount)")
-            tmp = self.ramdisk / f".{name}.gguf.tmp-{os.getpid()}"
+            temporaries = [self.ramdisk / f".{name}.gguf.tmp-{os.getpid()}-{k}"
+                           for k in range(len(idents))]
             try:
-                copy_file(source, tmp, ident.size, progress)
-                write_atomic(self._meta(name), json.dumps(asdict(ident)))
-                os.rename(tmp, self.staged(name))
+                done = 0
+                for src, tmp, ident in zip(source.paths, temporaries, idents, strict=True):
+                    def part(n: int, _size: int, before: int = done) -> None:
+                        if progress:
+                            progress(before + n, total)
+                    copy_file(src, tmp, ident.size, part if progress else None)
+                    done += ident.size
+                for tmp, dest in zip(temporaries, staged.paths, strict=True):
+                    os.rename(tmp, dest)
+                # last: a copy without its record is never taken for current
+                write_atomic(self._meta(name), json.dumps({
+                    "files": [asdict(i) for i in idents],
+                    "staged": [p.name for p in staged.paths]}))
             except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+                for tmp in temporaries:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
                 raise
-        return Staged(self.staged(name), ident.size, True, time.monotonic() - start)
+        return Staged(staged.main, total, True, time.monotonic() - start, staged)
 
     def remove(self, name: str) -> int:
-        """Delete the staged copy, its record and any partial copies; return bytes freed."""
+        """Delete the staged copy (every file of it), its record and any partial copies;
+        return bytes freed."""
         freed = 0
-        for path in [self.staged(name), self._meta(name),
+        for path in [self._meta(name), self.staged(name), self.ramdisk / f"{name}.mmproj.gguf",
+                     *(p for p in self.ramdisk.glob(f"{name}-*-of-*.gguf")
+                       if SHARD_RE.fullmatch(p.name[len(name):])),
                      *self.ramdisk.glob(f".{name}.gguf.tmp-*")]:
             try:
                 freed += path.stat().st_blocks * 512
@@ -148,15 +235,16 @@ class Store:
                 pass
         return freed
 
-    def matches_source(self, name: str, source: Path) -> bool:
+    def matches_source(self, name: str, source: Files | Path) -> bool:
         """Size first (cheap), then content: is the staged copy really the source?"""
-        staged = self.staged(name)
+        source = Files.one(source)
+        pairs = list(zip(self.staged_files(name, source).paths, source.paths, strict=True))
         try:
-            if staged.stat().st_size != source.stat().st_size:
+            if any(s.stat().st_size != p.stat().st_size for s, p in pairs):
                 return False
         except FileNotFoundError:
             return False
-        return file_digest(staged) == file_digest(source)
+        return all(file_digest(s) == file_digest(p) for s, p in pairs)
 
 
 def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = None) -> None:

@@ -93,8 +93,13 @@ def write_model(
     seed: int = 0,
     name: str = "tiny-random-llama",
     chat_template: bool = True,
+    split_max_tensors: int = 0,
 ) -> int:
-    """Write a random-weight llama GGUF to ``path``; return its size in bytes.
+    """Write a random-weight llama GGUF to ``path``; return its size in bytes (of all shards).
+
+    With ``split_max_tensors`` it is a split GGUF as llama.cpp's gguf-split writes one:
+    ``path`` must end in ``-00001-of-0000N.gguf`` for N shards of that many tensors each
+    (the gguf package names the shards so; ``split_count`` gives N first).
 
     ``dtype`` is the type of the 2-D weights (norms stay f32). The output is deterministic
     for a given set of arguments.
@@ -126,7 +131,10 @@ def write_model(
         return m
 
     out_path = os.fspath(path)
-    w = gguf.GGUFWriter(out_path, "llama")
+    stem = out_path.removesuffix(".gguf")
+    if split_max_tensors:  # the writer names the shards after a stem of its own
+        stem = stem.rsplit("-", 3)[0]
+    w = gguf.GGUFWriter(stem + ".gguf", "llama", split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -178,6 +186,75 @@ def write_model(
     w.add_tensor("output_norm.weight", ones(n_embd))
     w.add_tensor("output.weight", out)
 
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if not split_max_tensors:
+        return os.path.getsize(out_path)
+    shards = [f for f in os.listdir(os.path.dirname(out_path) or ".")
+              if f.startswith(os.path.basename(stem) + "-") and f.endswith(".gguf")]
+    return sum(os.path.getsize(os.path.join(os.path.dirname(out_path), f)) for f in shards)
+
+
+def split_count(n_layer: int, split_max_tensors: int) -> int:
+    """How many shards write_model makes of a model of n_layer layers."""
+    tensors = 3 + 9 * n_layer
+    return -(-tensors // split_max_tensors)
+
+
+def write_projector(path: str | os.PathLike[str], text_embd: int = 64, seed: int = 0) -> int:
+    """Write a random-weight LLaVA-style (mlp) CLIP projector that llama-server loads with
+    --mmproj beside a write_model model of n_embd ``text_embd``; return its size in bytes."""
+    E, FF, L, H, IMG, P = 64, 128, 2, 4, 32, 16
+    rng = np.random.default_rng(seed)
+
+    def r(*shape: int, dt: type[np.floating] = np.float32) -> npt.NDArray[np.floating]:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
+
+    def const(n: int, value: float) -> npt.NDArray[np.float32]:
+        return np.full(n, value, dtype=np.float32)
+
+    out_path = os.fspath(path)
+    w = gguf.GGUFWriter(out_path, "clip")
+    w.add_name("tiny-random-mmproj")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_clip_projector_type("mlp")
+    w.add_clip_has_vision_encoder(True)
+    w.add_bool("clip.has_llava_projector", True)
+    w.add_vision_image_size(IMG)
+    w.add_vision_patch_size(P)
+    w.add_vision_embedding_length(E)
+    w.add_vision_feed_forward_length(FF)
+    w.add_vision_projection_dim(text_embd)
+    w.add_vision_block_count(L)
+    w.add_vision_head_count(H)
+    w.add_vision_attention_layernorm_eps(1e-6)
+    w.add_vision_image_mean([0.5, 0.5, 0.5])
+    w.add_vision_image_std([0.5, 0.5, 0.5])
+    w.add_vision_use_gelu(True)
+    # numpy's shape is ggml's ne reversed
+    w.add_tensor("v.patch_embd.weight", r(E, 3, P, P, dt=np.float16))
+    w.add_tensor("v.patch_embd.bias", const(E, 0))
+    w.add_tensor("v.position_embd.weight", r((IMG // P) ** 2, E))
+    w.add_tensor("v.pre_ln.weight", const(E, 1))
+    w.add_tensor("v.pre_ln.bias", const(E, 0))
+    for i in range(L):
+        p = f"v.blk.{i}."
+        for n in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(p + n + ".weight", r(E, E))
+            w.add_tensor(p + n + ".bias", const(E, 0))
+        for n in ("ln1", "ln2"):
+            w.add_tensor(p + n + ".weight", const(E, 1))
+            w.add_tensor(p + n + ".bias", const(E, 0))
+        w.add_tensor(p + "ffn_up.weight", r(FF, E))
+        w.add_tensor(p + "ffn_up.bias", const(FF, 0))
+        w.add_tensor(p + "ffn_down.weight", r(E, FF))
+        w.add_tensor(p + "ffn_down.bias", const(E, 0))
+    w.add_tensor("mm.0.weight", r(text_embd, E))
+    w.add_tensor("mm.0.bias", const(text_embd, 0))
+    w.add_tensor("mm.2.weight", r(text_embd, text_embd))
+    w.add_tensor("mm.2.bias", const(text_embd, 0))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

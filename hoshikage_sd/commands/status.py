@@ -20,6 +20,7 @@ from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.rank import ModelStats
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Store
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
     props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent") \
         if model.name in active else {}
     state = props.get("ActiveState", "inactive")
-    staged = config.staged_path(model.name)
-    size = staged.stat().st_size if staged.exists() else None
+    size = Store(config.ramdisk).copy_size(model.name)
     mem = props.get("MemoryCurrent", "")
     pid = props.get("MainPID", "")
     running = runtime.running(model.name)
@@ -184,7 +184,7 @@ def describe(config: Config, model: Model, active: set[str],
                                  usage.last_used if usage else None) if t), default=None)
     base = Listing(model.name, list(model.aliases), list(model.tags), str(model.path),
                    model.pinned, "loaded" if model.name in active else
-                   "staged" if config.staged_path(model.name).exists() else "-",
+                   "staged" if Store(config.ramdisk).has_copy(model.name) else "-",
                    last_used=last_used,
                    rank=round(ranks.get(model.name, 0.0), 1),
                    cached=cache.cached_copy(config, model) is not None)

@@ -11,9 +11,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.protocol import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from hoshikage_sd.staging import Files
 
 NAME_RE = re.compile(NAME_PATTERN)
 DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
@@ -240,17 +244,16 @@ class Config:
     def socket_path(self, name: str) -> Path:
         return self.runtime_dir / f"{name}.sock"
 
-    def staged_path(self, name: str) -> Path:
-        return self.ramdisk / f"{name}.gguf"
-
-    def server_argv(self, model: Model, staged: Path) -> list[str]:
-        """The command line that serves `model` from its staged copy on its unix socket."""
+    def server_argv(self, model: Model, files: Files) -> list[str]:
+        """The command line that serves `model` from `files` (its staged copy or its
+        source) on its unix socket."""
         socket = str(self.socket_path(model.name))
         if model.backend == "command":
-            fields = {"name": model.name, "path": str(staged), "socket": socket}
+            fields = {"name": model.name, "path": str(files.main), "socket": socket}
             return [arg.format_map(fields) for arg in model.command] + list(model.args)
-        return [str(self.llama_server), "-m", str(staged), "--host", socket,
-                "--alias", model.name, *model.server_args]
+        mmproj = ["--mmproj", str(files.mmproj)] if files.mmproj else []
+        return [str(self.llama_server), "-m", str(files.main), "--host", socket,
+                "--alias", model.name, *mmproj, *model.server_args]
 
 
 def config_path() -> Path:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
 from hoshikage_sd import cache, fmt, host, log, metrics, proc, protocol
@@ -31,7 +30,7 @@ from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Identity, Staged, Store
+from hoshikage_sd.staging import Files, Identity, Staged, Store
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
@@ -170,7 +169,7 @@ class Activator:
                 self.heartbeat(f"staging {name}: {fmt.size(done)} of {fmt.size(total)} "
                                f"({100 * done // total}%)")
 
-        self.heartbeat(f"staging {name} from {self.source}", force=True)
+        self.heartbeat(f"staging {name} from {self.source.main}", force=True)
         with self.phase("staging"):
             staged = self.store.stage(name, self.source, progress, force=force)
         if staged.copied:
@@ -179,10 +178,11 @@ class Activator:
                       f"staged {name}: {fmt.size(staged.size)} from {self.source} in "
                       f"{staged.seconds:.2f} s ({fmt.size(rate)}/s)",
                       bytes=staged.size, seconds=f"{staged.seconds:.3f}",
-                      source=self.source, staged_path=staged.path)
+                      source=self.source.main, staged_path=staged.path,
+                      files=len(self.source.paths))
         return staged
 
-    def serve_from(self) -> tuple[Path, bool]:
+    def serve_from(self) -> tuple[Files, bool]:
         """The file llama-server starts on, and whether its RAM-disk copy is still to make.
 
         A current staged copy is used as it is. Otherwise llama-server starts on the source
@@ -190,12 +190,15 @@ class Activator:
         (copy_alongside): the first request waits for one read of the file, not a copy and
         then a load, and the copy reads what the load left in the page cache."""
         try:
-            ident = Identity.of(self.source)
+            for path in self.source.paths:
+                Identity.of(path)
         except OSError:
-            return self.stage().path, False  # says what is wrong with the source
-        if self.store.reusable(self.model.name, ident):
-            return self.store.staged(self.model.name), False
-        return self.source, True
+            return self.staged_files(self.stage()), False  # says what is wrong with the source
+        current = self.store.current(self.model.name, self.source)
+        return (current, False) if current else (self.source, True)
+
+    def staged_files(self, staged: Staged) -> Files:
+        return staged.files or self.store.staged_files(self.model.name, self.source)
 
     def copy_alongside(self) -> threading.Thread:
         """Stage the model into the RAM disk at the lowest CPU priority while it serves from
@@ -204,11 +207,11 @@ class Activator:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             try:
-                self.make_room(self.store.size_of(self.source))
+                self.make_room(self.source.size())
                 self.stage()
             except (OSError, HoshikageError) as exc:  # it serves either way
                 logging.getLogger("hoshikage").warning(
-                    "%s serves from %s; no RAM-disk copy: %s", self.model.name, self.source,
+                    "%s serves from %s; no RAM-disk copy: %s", self.model.name, self.source.main,
                     getattr(exc, "message", exc))
 
         thread = threading.Thread(target=copy, name="stage", daemon=True)
@@ -233,7 +236,7 @@ class Activator:
                       f"{self.model.name}; freed {fmt.size(freed)} of RAM disk",
                       reason=f"room for {self.model.name}", bytes_freed=freed)
 
-    def spawn(self, staged: Path) -> Child:
+    def spawn(self, staged: Files) -> Child:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # llama-server does not remove a stale socket itself
         self.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -312,25 +315,25 @@ class Activator:
         name = self.model.name
         if adopted is None:
             self.admit()
-            path, self.copy_later = self.serve_from()
+            files, self.copy_later = self.serve_from()
             load_start = time.monotonic()
-            child = self.spawn(path)
+            child = self.spawn(files)
             healthy_at = None
         else:
-            path, self.copy_later = self.serve_from()
+            files, self.copy_later = self.serve_from()
             load_start, healthy_at = adopted.spawned, adopted.healthy
             child = self.child = Child(adopted.pid)
-        staged = Staged(path, self.store.size_of(path), False, 0.0)
+        staged = Staged(files.main, files.size(), False, 0.0, files)
         if not self.wait_healthy(child):
             if self.stopping:
                 raise Stopped
             code = child.returncode
             self.child = None
             if self.copy_later or self.store.matches_source(name, self.source):
-                die(f"{exit_reason(code)} while loading '{name}' ({self.source})",
+                die(f"{exit_reason(code)} while loading '{name}' ({self.source.main})",
                     hint=self.crash_hint(code))
             log.event("restaged", name, f"staged copy of {name} does not match "
-                      f"{self.source}; copying it again", level=logging.WARNING,
+                      f"{self.source.main}; copying it again", level=logging.WARNING,
                       exit_status=code)
             if adopted is not None:  # the router's admission may have gone with the copy
                 self.full_priority()
@@ -338,7 +341,7 @@ class Activator:
             staged = self.stage(force=True)
             self.copy_later = False
             load_start, healthy_at = time.monotonic(), None
-            child = self.spawn(staged.path)
+            child = self.spawn(self.staged_files(staged))
             if not self.wait_healthy(child):
                 if self.stopping:
                     raise Stopped
@@ -359,7 +362,7 @@ class Activator:
                   pid=child.pid, load_seconds=f"{load:.3f}",
                   stage_seconds=f"{staged.seconds:.3f}", copied=int(staged.copied),
                   launched=int(adopted is not None), spawned_at=f"{load_start:.6f}",
-                  served_from=path)
+                  served_from=files.main)
         self.runtime.clear("kept", name)  # a kept copy serves again: no longer kept
         self.after_ready(load, launched=adopted is not None)
         return child

@@ -27,9 +27,9 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
     """
     try:
         st = model.path.stat()
+        key = estimate_key(model, st)
     except OSError:
         return 0
-    key = estimate_key(model, st)
     if runtime is not None:
         cached = runtime.estimate(model.name)
         if cached is not None and cached[0] == key:
@@ -37,8 +37,10 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
     from hoshikage_sd import gguf, memory
 
     try:
-        info = gguf.read_info(model.path)
+        info = gguf.read_model_info((model.path, *model.shards))
         value = memory.estimate(info, memory.load_params(info, model.server_args)).worst_case
+        if model.mmproj is not None:
+            value += memory.projector_bytes(model.mmproj.stat().st_size)
     except Exception as exc:  # a header we cannot read must not block admission
         logger.warning("cannot estimate %s from its header (%s); using its size", model.name,
                        exc)

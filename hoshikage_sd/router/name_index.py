@@ -62,7 +62,7 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
     from hoshikage_sd import proc
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
-    from hoshikage_sd.staging import Store
+    from hoshikage_sd.staging import Files, Store
 
     runtime, store = Runtime(config.runtime_dir), Store(config.ramdisk)
 
@@ -73,10 +73,11 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         if known is None:
             return None
         st, estimate = known
-        return {"argv": config.server_argv(m, m.path), "env": proc.minimal_env(m.environment),
+        files = Files.of(m)
+        return {"argv": config.server_argv(m, files), "env": proc.minimal_env(m.environment),
                 "source": str(m.path),
                 "file": [st.st_size, st.st_mtime_ns], "estimate": estimate,
-                "staged": str(store.staged(m.name))}
+                "staged": str(store.staged_files(m.name, files).main)}
 
     default = config.default()
     return {

@@ -201,7 +201,7 @@ class Router:
         from hoshikage_sd import cache
         from hoshikage_sd.policy import residents
         from hoshikage_sd.policy.admission import Verdict
-        from hoshikage_sd.staging import Identity, Store
+        from hoshikage_sd.staging import Store
 
         config, name = self.config, model.name
         store = Store(config.ramdisk)
@@ -210,7 +210,7 @@ class Router:
             # A current staged copy, else the source: its RAM-disk copy is made alongside
             # once it serves (model_unit/activate.py copy_alongside).
             source = cache.source_for(config, model)
-            path = store.staged(name) if store.reusable(name, Identity.of(source)) else source
+            files = store.current(name, source) or source
             with self.runtime.locked("admission"):
                 decision, estimate = residents.judge(config, model, self.runtime)
                 if decision.verdict is not Verdict.LOAD and not residents.by_count(decision):
@@ -219,7 +219,7 @@ class Router:
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
                                       proc.minimal_env(model.environment),
-                                      config.server_argv(model, path))
+                                      config.server_argv(model, files))
                 start()
                 started = True
                 residents.record(name, decision, counts=self.metrics)

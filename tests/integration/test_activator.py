@@ -14,7 +14,7 @@ import pytest
 
 from hoshikage_sd import manifest, protocol
 from hoshikage_sd.manifest import names
-from hoshikage_sd.staging import Store, file_digest
+from hoshikage_sd.staging import Files, Store, file_digest
 from tests.support import LAUNCHERS, eventually, make_launcher
 
 from .conftest import NotifyListener, Setup, popen_logged, stderr_of, stop, write_manifest
@@ -234,7 +234,8 @@ def stage_with_ticket(setup: Setup, ticket: bool) -> Path:
     staged = Store(config.ramdisk).stage("tiny", model.path).path
     if ticket:
         protocol.write_ticket(str(config.runtime_dir), "tiny", str(setup.sock()), model.health,
-                            {"PATH": os.environ["PATH"]}, config.server_argv(model, staged))
+                              {"PATH": os.environ["PATH"]},
+                              config.server_argv(model, Files((staged,))))
     return staged
 
 

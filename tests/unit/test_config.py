@@ -12,6 +12,7 @@ from hoshikage_sd import manifest as config
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, ConfigError, Model, parse_duration
 from hoshikage_sd.resolve import resolve
+from hoshikage_sd.staging import Store
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_valid_manifest_parses_into_dataclasses(tmp_path: Path, gguf: Path) -> N
     assert cfg.models["big"] == Model(name="big", path=gguf, ttl=1800.0)
     assert all(isinstance(a, str) for a in cfg.models["tiny"].args)
     assert cfg.socket_path("tiny") == Path("/run/hk/tiny.sock")
-    assert cfg.staged_path("tiny") == Path("/mnt/hk/tiny.gguf")
+    assert Store(cfg.ramdisk).staged("tiny") == Path("/mnt/hk/tiny.gguf")
 
 
 def test_idle_ttl_is_inherited_even_when_written_after_models(tmp_path: Path,

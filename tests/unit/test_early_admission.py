@@ -14,6 +14,7 @@ from hoshikage_sd.router import early_admission, name_index
 from hoshikage_sd.router.config import load_config
 from hoshikage_sd.runtime import Runtime, estimate_key
 from hoshikage_sd.sd import bus, units
+from hoshikage_sd.staging import Files
 
 GIB = 1 << 30
 
@@ -63,7 +64,7 @@ def test_the_index_carries_a_ticket_only_for_a_model_with_a_remembered_estimate(
     _, b = entry("b")
     assert b["launch"] is None
     model = config.models["a"]
-    assert a["launch"]["argv"] == config.server_argv(model, model.path)
+    assert a["launch"]["argv"] == config.server_argv(model, Files.of(model))
     assert a["launch"]["estimate"] == 100 << 20
     assert index["admission"] == {"margin": config.safety_margin, "budget": None,
                                   "max_loaded": None}
@@ -122,7 +123,7 @@ def test_admit_leaves_the_ticket_and_the_promise_only_with_nothing_else_up(
     assert estimate == 100 << 20 and runtime.admitted("a") == 100 << 20
     ticket = protocol.take_ticket(str(config.runtime_dir), "a")
     model = config.models["a"]
-    assert [arg.decode() for arg in ticket.argv] == config.server_argv(model, model.path)
+    assert [arg.decode() for arg in ticket.argv] == config.server_argv(model, Files.of(model))
     early_admission.write_admitted(str(config.runtime_dir), "b", 5)
     early_admission.withdraw(str(config.runtime_dir), "b")
     assert runtime.admitted("b") is None

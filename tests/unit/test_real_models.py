@@ -12,6 +12,7 @@ import pytest
 from hoshikage_sd import manifest, proc
 from hoshikage_sd.manifest import ConfigError, compiled
 from hoshikage_sd.manifest.sources import hf_model_name, shards_of
+from hoshikage_sd.staging import Files, Store
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -54,7 +55,7 @@ def test_args_and_env_layer_top_then_source_then_model(tmp_path: Path) -> None:
     assert cpu.args == ("-ngl", "99", "-c", "4096")
     assert "CUDA_VISIBLE_DEVICES" not in cpu.environment
     # the command line llama-server gets carries them, the last -ngl winning in llama.cpp
-    argv = config.server_argv(small, small.path)
+    argv = config.server_argv(small, Files.of(small))
     assert argv[argv.index("--device") + 1] == "Vulkan0" and argv[-6:-4] == ["-ngl", "0"]
 
 
@@ -217,3 +218,121 @@ def test_the_kept_parse_watches_shards_projectors_and_scanned_directories(
     for path in (models, models / "sub", models / "sub" / "s-00002-of-00002.gguf",
                  models / "sub" / "mmproj-s.gguf"):
         assert str(path) in watched
+
+
+# -- a model of several files on the RAM disk ----------------------------------------------
+
+def split_sources(tmp_path: Path, mmproj: bool = True) -> Files:
+    src = tmp_path / "ssd"
+    src.mkdir(exist_ok=True)
+    shards = tuple(src / f"Big-Q4_K_M-{k:05d}-of-00003.gguf" for k in (1, 2, 3))
+    for k, path in enumerate(shards):
+        path.write_bytes(bytes([k + 1]) * (1000 + 100 * k))
+    proj = src / "mmproj-big-f16.gguf" if mmproj else None
+    if proj:
+        proj.write_bytes(b"P" * 777)
+    return Files(shards, proj)
+
+
+def test_a_split_model_and_its_projector_stage_under_names_llama_cpp_finds(
+        tmp_path: Path) -> None:
+    ramdisk = tmp_path / "ram"
+    ramdisk.mkdir()
+    source = split_sources(tmp_path)
+    seen: list[tuple[int, int]] = []
+    staged = Store(ramdisk).stage("big", source, lambda done, total: seen.append((done, total)))
+    assert staged.copied and staged.size == 1000 + 1100 + 1200 + 777
+    assert staged.path == ramdisk / "big-00001-of-00003.gguf"
+    assert staged.files is not None and staged.files.mmproj == ramdisk / "big.mmproj.gguf"
+    names = sorted(p.name for p in ramdisk.iterdir() if not p.name.startswith("."))
+    assert names == ["big-00001-of-00003.gguf", "big-00002-of-00003.gguf",
+                     "big-00003-of-00003.gguf", "big.mmproj.gguf"]
+    for copy, original in zip(staged.files.paths, source.paths, strict=True):
+        assert copy.read_bytes() == original.read_bytes()
+    assert seen[-1] == (staged.size, staged.size)  # one progress over all the files
+    assert all(total == staged.size for _, total in seen)
+    store = Store(ramdisk)
+    assert store.reusable("big", source) and store.copy_size("big") == staged.size
+    assert store.current("big", source) == staged.files
+    assert not store.stage("big", source).copied
+    # one shard changed: the whole copy is stale
+    source.shards[1].write_bytes(b"x" * 1100)
+    assert not store.reusable("big", source)
+    assert store.current("big", source) is None
+    assert store.remove("big") > 0
+    assert sorted(p.name for p in ramdisk.iterdir()) == [".big.lock"]
+
+
+def test_a_copy_that_fails_half_way_leaves_no_shard_and_no_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ramdisk = tmp_path / "ram"
+    ramdisk.mkdir()
+    source = split_sources(tmp_path)
+    from hoshikage_sd import staging
+
+    real = staging.copy_file
+    calls = []
+
+    def failing(src: Path, dest: Path, size: int, progress: object = None) -> None:
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError(5, "I/O error")
+        real(src, dest, size, None)
+
+    monkeypatch.setattr(staging, "copy_file", failing)
+    with pytest.raises(OSError):
+        Store(ramdisk).stage("big", source)
+    assert sorted(p.name for p in ramdisk.iterdir()) == [".big.lock"]
+    assert Store(ramdisk).copy_size("big") is None
+
+
+def test_remove_takes_only_this_models_files(tmp_path: Path) -> None:
+    ramdisk = tmp_path / "ram"
+    ramdisk.mkdir()
+    Store(ramdisk).stage("big", split_sources(tmp_path))
+    other = ramdisk / "big-extra-00001-of-00002.gguf"  # model "big-extra"'s shard
+    other.write_bytes(b"keep")
+    (ramdisk / "big-extra.gguf").write_bytes(b"keep")
+    Store(ramdisk).remove("big")
+    assert other.exists() and (ramdisk / "big-extra.gguf").exists()
+
+
+def test_argv_names_the_first_shard_and_the_projector(tmp_path: Path) -> None:
+    source = split_sources(tmp_path)
+    model = manifest.Model("big", source.main, shards=source.shards[1:], mmproj=source.mmproj)
+    config = manifest.Config(source=tmp_path / "m.yaml", models={"big": model})
+    staged = Store(tmp_path).staged_files("big", Files.of(model))
+    argv = config.server_argv(model, staged)
+    assert argv[argv.index("-m") + 1] == str(tmp_path / "big-00001-of-00003.gguf")
+    assert argv[argv.index("--mmproj") + 1] == str(tmp_path / "big.mmproj.gguf")
+    plain = manifest.Model("one", source.main)
+    assert "--mmproj" not in config.server_argv(plain, Files.of(plain))
+
+
+def test_the_estimate_reads_every_shard_and_counts_the_projector(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    import make_gguf
+
+    from hoshikage_sd import gguf, memory
+    from hoshikage_sd.policy import residents
+
+    count = make_gguf.split_count(2, 8)
+    first = tmp_path / f"x-00001-of-{count:05d}.gguf"
+    make_gguf.write_model(first, split_max_tensors=8)
+    make_gguf.write_model(tmp_path / "single.gguf")
+    shards, problem = shards_of(first)
+    assert problem is None and len(shards) == count - 1
+    split = gguf.read_model_info((first, *shards))
+    single = gguf.read_info(tmp_path / "single.gguf")
+    assert (split.n_params, split.tensor_bytes, len(split.tensors)) == \
+        (single.n_params, single.tensor_bytes, len(single.tensors))
+    assert gguf.read_info(first).tensor_bytes < split.tensor_bytes  # the first alone is less
+    proj = tmp_path / "mmproj.gguf"
+    make_gguf.write_projector(proj)
+    with_proj = residents.estimate(manifest.Model("x", first, shards=shards, mmproj=proj))
+    without = residents.estimate(manifest.Model("x", first, shards=shards))
+    assert with_proj - without == memory.projector_bytes(proj.stat().st_size)
+    assert abs(without - residents.estimate(manifest.Model("s", tmp_path / "single.gguf"))) \
+        <= memory.TMPFS_PAGE * count  # the same model, in pages of several files

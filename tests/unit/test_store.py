@@ -155,7 +155,7 @@ def test_no_final_name_until_the_copy_is_complete(tmp_path: Path, ramdisk: Path,
     assert [s[0] for s in seen] == [min(4096 * i, size) for i in range(1, 12)]
     assert all(total == size for _, total, _, _ in seen)
     assert not any(final for _, _, final, _ in seen), "NAME.gguf visible before complete"
-    assert all(temps == [f".{NAME}.gguf.tmp-{os.getpid()}"] for *_, temps in seen)
+    assert all(temps == [f".{NAME}.gguf.tmp-{os.getpid()}-0"] for *_, temps in seen)
     assert staged.path.read_bytes() == source.read_bytes()
     assert not list(ramdisk.glob(f".{NAME}.gguf.tmp-*"))
 
