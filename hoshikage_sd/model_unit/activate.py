@@ -175,7 +175,7 @@ class Activator:
         if staged.copied:
             rate = staged.size / max(staged.seconds, 1e-6)
             log.event("staged", name,
-                      f"staged {name}: {fmt.size(staged.size)} from {self.source} in "
+                      f"staged {name}: {fmt.size(staged.size)} from {self.source.main} in "
                       f"{staged.seconds:.2f} s ({fmt.size(rate)}/s)",
                       bytes=staged.size, seconds=f"{staged.seconds:.3f}",
                       source=self.source.main, staged_path=staged.path,
