@@ -131,10 +131,10 @@ def write_model(
         return m
 
     out_path = os.fspath(path)
-    stem = out_path.removesuffix(".gguf")
-    if split_max_tensors:  # the writer names the shards after a stem of its own
-        stem = stem.rsplit("-", 3)[0]
-    w = gguf.GGUFWriter(stem + ".gguf", "llama", split_max_tensors=split_max_tensors)
+    # split: the writer names the shards after the name it is given, less ".gguf"
+    stem = out_path.removesuffix(".gguf").rsplit("-", 3)[0] if split_max_tensors else ""
+    w = gguf.GGUFWriter(stem + ".gguf" if split_max_tensors else out_path, "llama",
+                        split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)

@@ -125,7 +125,8 @@ def by_count(decision: Decision) -> bool:
     """Does the decision evict for max_loaded_models only, the memory being free already?
     Then the newcomer need not wait for its victims to stop, and their staged copies may
     stay (model_unit/release.py keeps them while RAM is plentiful)."""
-    return decision.verdict is Verdict.EVICT and decision.available >= decision.needed
+    return decision.verdict is Verdict.EVICT and decision.available >= decision.needed \
+        and not decision.devices_short
 
 
 def evict(name: str, decision: Decision, runtime: Runtime, counts: metrics.Counts,

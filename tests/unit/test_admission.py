@@ -93,3 +93,62 @@ def test_pressure_stops_idle_models_until_below_critical() -> None:
     assert pressure_victims(gib(21.0), total, 0.9, residents) == []
     assert [r.name for r in pressure_victims(gib(22.0), total, 0.9, residents)] == ["old"]
     assert [r.name for r in pressure_victims(gib(24.0), total, 0.8, residents)] == ["old", "new"]
+
+
+# -- GPU devices: a model that does not fit a device makes room there as in RAM --------------
+
+def on_gpu(name: str, gpu: float, idle: float | None = 60.0, ram: float = 0.1,
+           **kw: object) -> Resident:
+    return Resident(name, gib(ram), idle, devices={"Vulkan0": gib(gpu)}, **kw)  # type: ignore[arg-type]
+
+
+def device_decide(residents: list[Resident], need: float, total: float = 2.0,
+                  **kw: object) -> object:
+    used = sum(r.devices.get("Vulkan0", 0) for r in residents)
+    return decide("new", gib(0.1), gib(20), residents, margin=1.0,
+                  device_need={"Vulkan0": gib(need)},
+                  device_free={"Vulkan0": gib(total) - used},
+                  device_total={"Vulkan0": gib(total)}, **kw)  # type: ignore[arg-type]
+
+
+def test_a_model_that_fits_the_device_loads() -> None:
+    d = device_decide([on_gpu("a", 0.8)], need=0.8)
+    assert d.verdict is Verdict.LOAD and "Vulkan0 free 1.2 GiB" in d.message
+
+
+def test_a_device_full_of_an_idle_model_evicts_it_though_ram_is_plentiful() -> None:
+    d = device_decide([on_gpu("a", 1.5), Resident("cpu-only", gib(4), 900.0)], need=0.9)
+    assert d.verdict is Verdict.EVICT
+    assert [v.name for v in d.victims] == ["a"]  # not the CPU model, which frees no VRAM
+    assert d.devices_short == ("Vulkan0",) and "Vulkan0 free 512.0 MiB < needed" in d.message
+
+
+def test_a_busy_model_on_the_device_makes_it_wait() -> None:
+    d = device_decide([on_gpu("a", 1.5, idle=None)], need=0.9)
+    assert d.verdict is Verdict.WAIT and "waiting for busy a" in d.message
+
+
+def test_a_pinned_model_on_the_device_makes_it_a_refusal_with_the_numbers() -> None:
+    d = device_decide([on_gpu("a", 1.5, pinned=True)], need=0.9)
+    assert d.verdict is Verdict.REJECT
+    assert "needed 921.6 MiB on Vulkan0, but at most 512.0 MiB can be freed" in d.message
+    assert "a pinned" in d.message
+
+
+def test_a_model_larger_than_the_device_is_refused_at_once() -> None:
+    d = device_decide([], need=2.5)
+    assert d.verdict is Verdict.REJECT
+    assert "needed 2.5 GiB on Vulkan0, which has 2.0 GiB in all" in d.message
+
+
+def test_the_margin_applies_to_devices_too() -> None:
+    residents = [on_gpu("a", 0.9)]
+
+    def verdict(margin: float) -> Verdict:
+        return decide("new", gib(0.1), gib(20), residents, margin=margin,
+                      device_need={"Vulkan0": gib(1.0)},
+                      device_free={"Vulkan0": gib(2) - gib(0.9)},
+                      device_total={"Vulkan0": gib(2)}).verdict
+
+    assert verdict(1.0) is Verdict.LOAD   # 1.0 GiB of 1.1 free
+    assert verdict(1.2) is Verdict.EVICT  # 1.2 GiB of 1.1 free

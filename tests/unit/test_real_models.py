@@ -336,3 +336,28 @@ def test_the_estimate_reads_every_shard_and_counts_the_projector(tmp_path: Path)
     assert with_proj - without == memory.projector_bytes(proj.stat().st_size)
     assert abs(without - residents.estimate(manifest.Model("s", tmp_path / "single.gguf"))) \
         <= memory.TMPFS_PAGE * count  # the same model, in pages of several files
+
+
+# -- `hoshikage check` on llama-server's environment ----------------------------------------
+
+def test_check_says_what_reaches_llama_server_and_what_does_not(tmp_path: Path) -> None:
+    from hoshikage_sd.commands.environment import environment_file, report
+
+    defaults = tmp_path / "default"
+    defaults.write_text('# comment\nexport HIP_VISIBLE_DEVICES="1"\nFOO=bar baz\n\n')
+    unit_env = {**environment_file(defaults), "CUDA_VISIBLE_DEVICES": "0", "PATH": "/bin"}
+    assert unit_env["HIP_VISIBLE_DEVICES"] == "1" and unit_env["FOO"] == "bar baz"
+    touch(tmp_path / "a.gguf", tmp_path / "b.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        models:
+          a: {{path: {tmp_path}/a.gguf, env: {{CUDA_VISIBLE_DEVICES: "1"}}}}
+          b: {{path: {tmp_path}/b.gguf}}
+    """))
+    lines = report(config, unit_env)
+    assert lines[0] == ("llama-server gets from the model unit: CUDA_VISIBLE_DEVICES=0, "
+                        "HIP_VISIBLE_DEVICES=1")
+    assert lines[1].startswith("not passed to llama-server") and lines[1].endswith(": FOO")
+    assert lines[2] == ("manifest env for a: CUDA_VISIBLE_DEVICES=1 "
+                        "(over the unit's CUDA_VISIBLE_DEVICES)")
+    assert "systemd does not know" in report(config, None)[0]
+    assert environment_file(tmp_path / "missing") == {}
