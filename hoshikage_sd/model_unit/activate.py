@@ -34,6 +34,9 @@ from hoshikage_sd.staging import Files, Identity, Staged, Store
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
+#: seconds after the stop's SIGTERM by which a copy alongside that is to be kept must be
+#: done: the unit's TimeoutStopSec= (30 s) less room for the release after it
+FINISH_COPY_BY = 24.0
 
 
 def exit_reason(code: int | None) -> str:
@@ -104,6 +107,7 @@ class Activator:
         self.source = cache.source_for(config, model)  # the SSD cache copy, when current
         self.child: Child | None = None
         self.stopping = False
+        self.stop_began: float | None = None
         self._escalated = 0
         self.deadline = time.monotonic() + config.start_timeout
         self._last_beat = 0.0
@@ -126,6 +130,8 @@ class Activator:
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
         first = not self.stopping
         self.stopping = True
+        if first:
+            self.stop_began = time.monotonic()
         if self.child and self.child.poll() is None:
             self.child.send_signal(signum)
             if first:
@@ -217,6 +223,23 @@ class Activator:
         thread = threading.Thread(target=copy, name="stage", daemon=True)
         thread.start()
         return thread
+
+    def finish_copy(self, copying: threading.Thread | None) -> None:
+        """A model swapped out while memory is plentiful keeps its copy (release.keeps_copy):
+        a copy alongside still under way is finished (bounded by the stop's timeout), since
+        one dropped half-way would make the swap back a read of the disk."""
+        if copying is not None and copying.is_alive() and self.copy_is_kept():
+            began = self.stop_began or time.monotonic()
+            copying.join(max(0.0, began + FINISH_COPY_BY - time.monotonic()))
+
+    def copy_is_kept(self) -> bool:
+        """Will the release keep this model's copy (a stop by hand or by count, memory
+        plentiful)? Then a copy under way is worth finishing."""
+        from hoshikage_sd.model_unit import release
+
+        reason = self.runtime.stop_reason(self.model.name) or "manual stop"
+        return release.keeps_copy(self.config, self.runtime, self.model.name, reason,
+                                  release.others_up(self.model.name))
 
     def make_room(self, size: int) -> None:
         """Kept copies of stopped models (model_unit/release.py) go first, lowest rank
@@ -405,9 +428,9 @@ class Activator:
             metrics.commit(self.config.runtime_dir, self.counts)
         if adopted is not None:
             self.full_priority()
-        if self.copy_later:
-            self.copy_alongside()
+        copying = self.copy_alongside() if self.copy_later else None
         code = child.wait()
+        self.finish_copy(copying)
         if self.stopping and (code in (0, -signal.SIGTERM, -signal.SIGINT) or self._escalated):
             return 0  # a stop asked for; forced or not, nothing failed
         return 128 - code if code < 0 else code
