@@ -34,6 +34,12 @@ APT_PACKAGES=(
   libc6-dev
   dbus                # the units run as user hoshikage: it reaches PID 1 over the system bus
   polkitd             # ... where polkit/hoshikage.rules lets it start and stop model units
+  # lavapipe, Mesa's software Vulkan device (2048 MiB, in host memory): the tests' GPU for
+  # offload and per-device estimates (tests/integration/test_devices.py). The wheel brings its
+  # own Vulkan loader; this adds the ICD (/usr/share/vulkan/icd.d/lvp_icd.x86_64.json), with
+  # libvulkan1 and libllvm15 as its Depends. llama.cpp lists it only with
+  # GGML_VK_VISIBLE_DEVICES=0 (it skips CPU-type Vulkan devices otherwise).
+  mesa-vulkan-drivers
   # tools/build-deb: the Debian package and its lint
   debhelper
   dh-python

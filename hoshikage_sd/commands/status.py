@@ -262,4 +262,70 @@ def check(config: Config) -> int:
     if not Path(config.ramdisk).is_dir():
         print(f"note: RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "
               "mounts it on first use)")
+    from hoshikage_sd.commands import environment
+
+    for line in environment.report(config, environment.unit_environment()):
+        print(f"note: {line}")
+    for line in device_report(config):
+        print(line)
     return 0
+
+
+def device_report(config: Config) -> list[str]:
+    """`check`'s lines on the devices llama-server can offload to: `llama-server
+    --list-devices` run as the model units' user (uid, Group=, its groups and the unit's
+    SupplementaryGroups=) with the environment the units give it (the model unit's passed
+    variables and each model's env:); where it sees none but the machine has GPU device
+    nodes, what keeps that user from them and the fix."""
+    import grp
+
+    from hoshikage_sd import devices
+    from hoshikage_sd.commands import access, environment
+    from hoshikage_sd.protocol import passed_env
+
+    if not os.access(config.llama_server, os.X_OK):
+        return []
+    try:
+        shown = systemd.show(environment.PROBE_UNIT, "SupplementaryGroups")
+        unit_env = environment.unit_environment() or {}
+    except HoshikageError:  # no systemctl here
+        shown, unit_env = {}, {}
+    base = {k: v for k, v in unit_env.items() if passed_env(k)}
+    envs: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for model in config.models.values():
+        envs.setdefault(tuple(sorted({**base, **model.environment}.items())),
+                        []).append(model.name)
+    user = access.service_user()
+    gids = set(user.gids) if user else set()
+    for name in shown.get("SupplementaryGroups", "").split():
+        with contextlib.suppress(KeyError):
+            gids.add(grp.getgrnam(name).gr_gid)
+    runner: list[str] = []
+    lines = []
+    if user is not None and os.geteuid() == 0:
+        try:
+            gid = grp.getgrnam(access.SERVICE_USER).gr_gid  # the units' Group=
+        except KeyError:
+            gid = min(user.gids)
+        runner, who = devices.as_user(user.uid, gid, gids), user.name
+    else:
+        who = "this user"
+        if user is not None:
+            lines.append(f"note: devices are listed as this user, not {user.name}: run "
+                         "`hoshikage check` as root to see what the model units see")
+    for env, names in (envs or {tuple(sorted(base.items())): []}).items():
+        label = f" for {', '.join(names)}" if len(envs) > 1 else ""
+        try:
+            found = devices.list_devices(config.llama_server, dict(env), runner=runner)
+        except HoshikageError as err:
+            lines.append(f"warning: llama-server --list-devices{label}: {err.message}")
+            continue
+        lines += [f"device {d.name}{label}: {d.description}, {fmt.size(d.total)} "
+                  f"({fmt.size(d.free)} free)" for d in found]
+        if found:
+            continue
+        lines.append(f"note: llama-server (as {who}) sees no GPU{label}: its models run on "
+                     "the CPU")
+        if user is not None and devices.has_nodes():
+            lines += [f"warning: {p}" for p in devices.node_problems(user.name, user.uid, gids)]
+    return lines
