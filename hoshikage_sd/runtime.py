@@ -63,6 +63,14 @@ class _Estimate:
 
 
 @dataclass(frozen=True)
+class _Devices:
+    key: list[Any]          # what it was computed from (estimate_key, the devices' listing)
+    use: dict[str, int]     # bytes the model takes on each device
+    total: dict[str, int]   # each listed device's memory
+    full: bool = False      # every layer on a device
+
+
+@dataclass(frozen=True)
 class _Kept:
     until: float
 
@@ -241,6 +249,21 @@ class Runtime:
 
     def set_estimate(self, name: str, key: list[Any], value: int) -> None:
         self._write("estimate", name, {"key": key, "bytes": value})
+
+    def devices(self, name: str) -> tuple[list[Any], dict[str, int], dict[str, int]] | None:
+        """The model's remembered use of GPU devices (policy/residents.device_use): (what it
+        was computed from, bytes by device, each device's total)."""
+        record = self._read("devices", name, _Devices)
+        return (record.key, record.use, record.total) if record else None
+
+    def fully_offloaded(self, name: str) -> bool:
+        """Were all the model's layers on GPU devices when its unit last judged it?"""
+        record = self._read("devices", name, _Devices)
+        return bool(record and record.full)
+
+    def set_devices(self, name: str, key: list[Any], use: dict[str, int],
+                    total: dict[str, int], full: bool = False) -> None:
+        self._write("devices", name, {"key": key, "use": use, "total": total, "full": full})
 
     def remembered_estimate(self, model: Model) -> tuple[os.stat_result, int] | None:
         """The estimate remembered for the model's file as it is now (and that file's stat),

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -210,9 +210,7 @@ class Store:
                 for tmp, dest in zip(temporaries, staged.paths, strict=True):
                     os.rename(tmp, dest)
                 # last: a copy without its record is never taken for current
-                write_atomic(self._meta(name), json.dumps({
-                    "files": [asdict(i) for i in idents],
-                    "staged": [p.name for p in staged.paths]}))
+                write_atomic(self._meta(name), record(idents, staged.paths))
             except BaseException:
                 for tmp in temporaries:
                     with contextlib.suppress(FileNotFoundError):
@@ -245,6 +243,12 @@ class Store:
         except FileNotFoundError:
             return False
         return all(file_digest(s) == file_digest(p) for s, p in pairs)
+
+
+def record(idents: Sequence[Identity], staged: Sequence[Path]) -> str:
+    """A copy's identity record (.NAME.source.json): the files it was copied from, as they
+    were, and its own files' names."""
+    return json.dumps({"files": [asdict(i) for i in idents], "staged": [p.name for p in staged]})
 
 
 def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = None) -> None:

@@ -14,7 +14,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,10 +133,11 @@ def manifest(llama_server: Path, models: dict[str, str], **settings: str) -> str
 
 
 def deploy(make: Callable[..., Container], models_dir: Path, manifest_text: str,
-           timer_every: str | None = "1s") -> Deployment:
+           timer_every: str | None = "1s",
+           binds: Sequence[tuple[str, str, bool]] = ()) -> Deployment:
     port = free_port()
     container = make(binds=[(str(REPO_ROOT), str(REPO_ROOT), True),
-                            (str(models_dir), MODELS_IN_CONTAINER, True)])
+                            (str(models_dir), MODELS_IN_CONTAINER, True), *binds])
     install_files(container.root, manifest_text, port, timer_every)
     container.exec("systemd-sysusers", "/etc/sysusers.d/hoshikage.conf")
     container.exec("systemd-tmpfiles", "--create", "/etc/tmpfiles.d/hoshikage.conf")

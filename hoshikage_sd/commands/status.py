@@ -39,6 +39,7 @@ class ModelStatus:
     busy: bool                      # loaded with a request in flight
     ttl_seconds: float
     ttl_left_seconds: float | None  # until the idle watch stops it; null: busy or not loaded
+    device_bytes: dict[str, int] | None = None  # estimated, on each GPU device; null: none
 
 
 def model_status(config: Config, model: Model, runtime: Runtime, active: set[str],
@@ -66,7 +67,25 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         running.pid if serving and running else None,
         int(mem) if mem.isdigit() else None, rss, size,
         activity.last_end if activity else None, idle, serving and idle is None,
-        model.ttl, left)
+        model.ttl, left, on_devices(runtime, model.name) if state != "inactive" else None)
+
+
+def on_devices(runtime: Runtime, name: str) -> dict[str, int] | None:
+    record = runtime.devices(name)
+    return dict(record[1]) or None if record else None
+
+
+def devices_in_use(runtime: Runtime, names: list[str]) -> list[dict[str, Any]]:
+    """Each GPU device the loaded models use: its memory and their estimated use of it."""
+    used: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for name in names:
+        record = runtime.devices(name)
+        if record:
+            for device, n in record[1].items():
+                used[device] = used.get(device, 0) + n
+                totals[device] = record[2].get(device, 0)
+    return [{"name": d, "total_bytes": totals[d], "used_bytes": used[d]} for d in sorted(used)]
 
 
 def gather(config: Config) -> dict[str, Any]:
@@ -96,6 +115,8 @@ def gather(config: Config) -> dict[str, Any]:
                     "used_bytes": usage[0] if usage else None,
                     "size_bytes": usage[1] if usage else None},
         "memory": {"available_bytes": available, "total_bytes": total},
+        "devices": devices_in_use(runtime, [m.name for m in models
+                                            if m.llama_server_pid is not None]),
         "caching": caching,
         "counters": metrics.as_json(totals),
         "counters_since": totals.since,
@@ -118,8 +139,11 @@ def status(config: Config, as_json: bool = False) -> int:
             left = "busy" if m.busy else fmt.ago(m.ttl_left_seconds or 0.0)
         rows.append((m.name, m.state, str(m.pid) if m.pid is not None else "-",
                      fmt.size(m.memory_bytes) if m.memory_bytes is not None else "-",
-                     fmt.size(m.staged_bytes) if m.staged_bytes else "-", last, left))
-    table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "LAST REQUEST", "IDLE STOP IN"), rows)
+                     fmt.size(m.staged_bytes) if m.staged_bytes else "-",
+                     ", ".join(f"{d} {fmt.size(n)}" for d, n in m.device_bytes.items())
+                     if m.device_bytes else "-", last, left))
+    table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "GPU", "LAST REQUEST", "IDLE STOP IN"),
+          rows)
     for model in config.models.values():
         copying = runtime.caching(model.name)
         if copying:
@@ -134,6 +158,9 @@ def status(config: Config, as_json: bool = False) -> int:
     else:
         print(f"RAM disk {config.ramdisk}: not mounted")
     print(f"MemAvailable: {fmt.size(available)} of {fmt.size(total)}")
+    for device in devices_in_use(runtime, [n for n in active if n in config.models]):
+        print(f"{device['name']}: {fmt.size(device['used_bytes'])} of "
+              f"{fmt.size(device['total_bytes'])} held by hoshikage's models (estimated)")
     return 0
 
 

@@ -24,6 +24,10 @@ DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
 
 
 BACKENDS = ("llama-server", "command")
+#: `stage:` — when a model gets a copy on the RAM disk (README "GPUs"): always; never (it
+#: serves from its source, or the SSD cache's copy); auto: unless all its layers are on
+#: GPU devices (llama-server then reads the file once, into the devices)
+STAGE_MODES = ("auto", "always", "never")
 # Placeholders a `command:` backend's argv may use.
 COMMAND_FIELDS = ("name", "path", "socket")
 #: llama-server's HTTP threads (--threads-http), passed explicitly. cpp-httplib gives each
@@ -66,6 +70,7 @@ class Source:
     recursive: bool = False
     args: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
+    stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Model:
     shards: tuple[Path, ...] = ()
     #: a multimodal model's projector (llama-server's --mmproj)
     mmproj: Path | None = None
+    stage: str = "auto"  # STAGE_MODES
 
     @property
     def environment(self) -> dict[str, str]:
@@ -217,6 +223,7 @@ class Config:
     #: what every model gets before its source's and its own (`args:`, `env:` at the top)
     args: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
+    stage: str = "auto"
     weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ from hoshikage_sd.manifest.model import (
     BACKENDS,
     COMMAND_FIELDS,
     NAME_RE,
+    STAGE_MODES,
     Cache,
     Config,
     Model,
@@ -129,6 +130,13 @@ def _command(r: NodeReader, n: yaml.Node, what: str) -> tuple[str, ...]:
     return command
 
 
+def _stage(r: NodeReader, n: yaml.Node, what: str) -> str:
+    value = r.string(n, what)
+    if value not in STAGE_MODES:
+        raise r.fail(n, f"{what} must be one of {', '.join(STAGE_MODES)}")
+    return value
+
+
 def _api_keys(r: NodeReader, n: yaml.Node, what: str) -> str:
     value = r.string(n, what)
     if value.startswith("credential:"):
@@ -153,7 +161,7 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "safety_margin": _number(1, 10), "pressure_warn": _number(0.001, 1),
     "pressure_critical": _number(0.001, 1), "max_loaded_models": _integer(1, 1000),
     "strict_names": _boolean, "sources": _sources,
-    "args": _strings, "env": _env, "cache": _cache, "rank": _weights,
+    "args": _strings, "env": _env, "stage": _stage, "cache": _cache, "rank": _weights,
     "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
     "max_body": _size, "large_body": _size, "body_memory": _size,
@@ -166,9 +174,10 @@ TOP_RENAMED = {"rank": "weights"}
 MODEL_FIELDS: dict[str, FieldReader] = {
     "ttl": _duration, "args": _strings, "pinned": _boolean, "health": _health,
     "backend": _backend, "command": _command, "env": _env, "mmproj": _path,
+    "stage": _stage,
 }
 SOURCE_FIELDS: dict[str, FieldReader] = {
-    "dir": _path, "recursive": _boolean, "args": _strings, "env": _env,
+    "dir": _path, "recursive": _boolean, "args": _strings, "env": _env, "stage": _stage,
 }
 MODEL_SPECIAL = ("path", "aliases", "tags")
 
@@ -239,7 +248,8 @@ class _Parser(NodeReader):
         found = scan(kw.get("sources", ()))
         self.warnings += found.warnings
         kw["scanned"] = tuple(found.scanned)
-        self.defaults = Source(Path("/"), args=kw.get("args", ()), env=kw.get("env", ()))
+        self.defaults = Source(Path("/"), args=kw.get("args", ()), env=kw.get("env", ()),
+                               stage=kw.get("stage", "auto"))
         models = self.models(top, kw.get("idle_ttl", Config.idle_ttl), found.found)
         if "default_model" in top:
             default = self.string(top["default_model"][1], "default_model")
@@ -287,7 +297,10 @@ class _Parser(NodeReader):
         args = tuple(a for layer in layers for a in layer.args) + tuple(own.get("args", ()))
         env = {k: v for layer in layers for k, v in environment(layer.env).items()}
         env.update(environment(own.get("env", ())))
-        return {"args": args, "env": tuple(f"{k}={v}" for k, v in env.items())}
+        stage = own.get("stage") or next(
+            (layer.stage for layer in reversed(layers) if layer.stage), "auto")
+        return {"args": args, "env": tuple(f"{k}={v}" for k, v in env.items()),
+                "stage": stage}
 
     def model(self, name: str, key: yaml.Node, node: yaml.Node, idle_ttl: float,
               found: Mapping[str, Found]) -> tuple[Model, list[yaml.Node], list[yaml.Node]]:

@@ -133,7 +133,17 @@ def gauges(runtime_dir: Path, ramdisk: Path | None, totals: Tally,
         out["hoshikage_in_flight_requests"][(name,)] = n
     loaded = loaded_models(runtime_dir)
     out["hoshikage_models_loaded"][()] = len(loaded)
+    from hoshikage_sd.runtime import Runtime
+
+    runtime = Runtime(runtime_dir)
     for m in loaded:
+        on_devices = runtime.devices(m.name)
+        if on_devices is not None:
+            for device, used in on_devices[1].items():
+                out["hoshikage_model_device_bytes"][(m.name, device)] = used
+            for device, total in on_devices[2].items():
+                if device in on_devices[1]:
+                    out["hoshikage_device_total_bytes"][(device,)] = total
         if m.resident_bytes is not None:
             out["hoshikage_model_resident_bytes"][(m.name,)] = m.resident_bytes
         if m.idle_seconds is not None:

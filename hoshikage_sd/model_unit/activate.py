@@ -194,14 +194,26 @@ class Activator:
         A current staged copy is used as it is. Otherwise llama-server starts on the source
         (or its SSD cache copy) at once and the copy is made alongside once it serves
         (copy_alongside): the first request waits for one read of the file, not a copy and
-        then a load, and the copy reads what the load left in the page cache."""
+        then a load, and the copy reads what the load left in the page cache. A model that
+        is not staged (`stage:`, staged()) serves from its source, always."""
         try:
             for path in self.source.paths:
                 Identity.of(path)
         except OSError:
+            if not self.staged():
+                die(f"model '{self.model.name}': cannot read {self.source.main}",
+                    hint="fix 'path:' in the manifest or mount the disk that holds it")
             return self.staged_files(self.stage()), False  # says what is wrong with the source
         current = self.store.current(self.model.name, self.source)
-        return (current, False) if current else (self.source, True)
+        return (current, False) if current else (self.source, self.staged())
+
+    def staged(self) -> bool:
+        """Does this model get a RAM-disk copy (`stage:`)? auto: unless all its layers were
+        on GPU devices when its unit last judged it (llama-server then reads the file once,
+        into the devices, and a copy in RAM would only make the next load faster)."""
+        if self.model.stage != "auto":
+            return self.model.stage == "always"
+        return not self.runtime.fully_offloaded(self.model.name)
 
     def staged_files(self, staged: Staged) -> Files:
         return staged.files or self.store.staged_files(self.model.name, self.source)
@@ -352,7 +364,8 @@ class Activator:
                 raise Stopped
             code = child.returncode
             self.child = None
-            if self.copy_later or self.store.matches_source(name, self.source):
+            if self.copy_later or not self.staged() or \
+                    self.store.matches_source(name, self.source):
                 die(f"{exit_reason(code)} while loading '{name}' ({self.source.main})",
                     hint=self.crash_hint(code))
             log.event("restaged", name, f"staged copy of {name} does not match "

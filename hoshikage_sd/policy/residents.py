@@ -50,6 +50,61 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
     return value
 
 
+#: a model's use of GPU devices: (bytes on each device, each listed device's total)
+DeviceUse = tuple[dict[str, int], dict[str, int]]
+
+
+def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = True
+               ) -> DeviceUse | None:
+    """What `model` takes on each GPU device, and the devices' totals.
+
+    With `listing` (the model unit: its environment is llama-server's, and so are the
+    devices it sees), computed from `llama-server --list-devices` (devices.py, cached) and
+    the model's header and arguments (memory.device_estimate), and remembered. Without (the
+    router, whose environment is not the model unit's), the remembered figures when they
+    are for the model's files and arguments as they are; None when there are none: the
+    model unit has to judge. A model on no device: ({}, {})."""
+    if model.backend != "llama-server":
+        return {}, {}
+    try:
+        key = estimate_key(model, model.path.stat())
+    except OSError:
+        return {}, {}
+    known = runtime.devices(model.name)
+    if not listing:
+        return (known[1], known[2]) if known and known[0][:1] == [key] else None
+    from hoshikage_sd import devices, proc
+
+    env = proc.server_env(model.environment)
+    full_key = [key, devices.cache_key(config.llama_server, env)]
+    if known and known[0] == full_key:
+        return known[1], known[2]
+    try:
+        listed = devices.list_devices(config.llama_server, env, cache_dir=config.runtime_dir)
+    except HoshikageError as err:
+        logger.warning("cannot list the devices llama-server sees (%s): GPU memory is not "
+                       "counted for %s", err.message, model.name)
+        return {}, {}
+    use: dict[str, int] = {}
+    full = False
+    if listed:
+        from hoshikage_sd import gguf, memory
+
+        try:
+            info = gguf.read_model_info((model.path, *model.shards))
+            params = memory.load_params(info, model.server_args)
+            offload = memory.offload_params(model.server_args)
+            placed = memory.device_estimate(info, params, offload, listed)
+            use = {d: b for d, b in placed.used.items() if b}
+            full = bool(use) and placed.gpu_layers >= placed.n_layers
+        except Exception as exc:  # a header we cannot read must not block admission
+            logger.warning("cannot estimate %s's GPU memory (%s): not counted", model.name,
+                           exc)
+    total = {d.name: d.total for d in listed}
+    runtime.set_devices(model.name, full_key, use, total, full)
+    return use, total
+
+
 def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:
     """Every model unit that serves or was admitted and is coming up, but `exclude`.
 
@@ -78,9 +133,11 @@ def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resid
         idle = runtime.idle_seconds(name, now)  # a unit still starting is busy: no victim
         last = max(activity.last_end if activity else 0.0,
                    running.started if running else 0.0) or now
+        on_devices = runtime.devices(name)
         out.append(Resident(name, memory, idle, bool(model and model.pinned), last,
                             starting=running is None and activity is None,
-                            rank=ranks.get(name, 0.0)))
+                            rank=ranks.get(name, 0.0),
+                            devices=on_devices[1] if on_devices else {}))
     return out
 
 
@@ -93,15 +150,31 @@ def available(config: Config, others: list[Resident]) -> int:
     return max(0, free)
 
 
-def judge(config: Config, model: Model, runtime: Runtime) -> tuple[Decision, int]:
-    """Admission's verdict for `model` now, and its estimate. Hold the admission lock."""
+def judge(config: Config, model: Model, runtime: Runtime, listing: bool = True
+          ) -> tuple[Decision, int]:
+    """Admission's verdict for `model` now, and its estimate, over RAM and each GPU device
+    (device_use: `listing` in the model unit only). Hold the admission lock. DevicesUnknown
+    when the router cannot judge the model's devices."""
+    on_devices = device_use(config, model, runtime, listing)
+    if on_devices is None:
+        raise DevicesUnknown(model.name)
+    need, total = on_devices
     others = residents(config, runtime, exclude=model.name)
+    held = {d: sum(r.devices.get(d, 0) for r in others) for d in total}
     estimate_bytes = estimate(model, runtime)
     decision = admission.decide(
         model.name, estimate_bytes, available(config, others), others,
         margin=config.safety_margin, max_loaded=config.max_loaded_models,
-        floor=config.evict_floor)
+        floor=config.evict_floor, device_need=need,
+        device_free={d: total[d] - held[d] for d in total}, device_total=total)
     return decision, estimate_bytes
+
+
+class DevicesUnknown(HoshikageError):
+    """The router cannot say what a model takes on GPU devices: its unit must judge."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}'s use of GPU devices is not known yet")
 
 
 def record(name: str, decision: Decision, counts: metrics.Counts | None = None) -> None:

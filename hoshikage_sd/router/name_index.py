@@ -60,6 +60,7 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
     """The index of `config` (the manifest with names.json over it), with what the head
     start's admission (early_admission) needs."""
     from hoshikage_sd import proc
+    from hoshikage_sd.policy import residents
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
     from hoshikage_sd.staging import Files, Store
@@ -70,8 +71,11 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         """The model's ticket, when it starts from its source: not with an SSD cache (the
         cache's copy may be the one to read), not before an estimate was remembered."""
         known = runtime.remembered_estimate(m) if config.cache is None else None
-        if known is None:
-            return None
+        on_devices = residents.device_use(config, m, runtime, listing=False)
+        if known is None or on_devices is None or any(
+                b * config.safety_margin > on_devices[1].get(d, 0)
+                for d, b in on_devices[0].items()):
+            return None  # the router's, or its unit's, to judge
         st, estimate = known
         files = Files.of(m)
         return {"argv": config.server_argv(m, files), "env": proc.minimal_env(m.environment),

@@ -53,7 +53,9 @@ async def ps(router: Router) -> dict[str, Any]:
                 running.started if running else now)
             expires = int((since + ttl) * 1e9)
         size = router.runtime.admitted(name) or model_facts(model).size
-        rows.append(ollama.Loaded(model_facts(model), size, expires))
+        on_devices = router.runtime.devices(name)
+        vram = sum(on_devices[1].values()) if on_devices else 0
+        rows.append(ollama.Loaded(model_facts(model), max(size, vram), expires, vram))
     return ollama.ps_body(rows)
 
 

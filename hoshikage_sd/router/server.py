@@ -212,7 +212,8 @@ class Router:
             source = cache.source_for(config, model)
             files = store.current(name, source) or source
             with self.runtime.locked("admission"):
-                decision, estimate = residents.judge(config, model, self.runtime)
+                decision, estimate = residents.judge(config, model, self.runtime,
+                                                     listing=False)
                 if decision.verdict is not Verdict.LOAD and not residents.by_count(decision):
                     return None
                 self.runtime.set_admitted(name, estimate)
@@ -224,6 +225,8 @@ class Router:
                 started = True
                 residents.record(name, decision, counts=self.metrics)
                 residents.evict(name, decision, self.runtime, self.metrics, wait=False)
+        except residents.DevicesUnknown:
+            return None  # its first start: the unit lists the devices and judges
         except (OSError, HoshikageError) as exc:
             if started:
                 logger.warning("%s started, but stopping the models it replaces failed: %s",

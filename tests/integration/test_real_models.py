@@ -172,4 +172,10 @@ def test_the_units_gpu_environment_reaches_llama_server_and_layers_go_to_the_dev
     log = stderr_of(activator)
     assert "offloaded 3/3 layers to GPU" in log, log[-3000:]
     assert "Vulkan0" in log
+    # its unit listed Vulkan0 as llama-server sees it, estimated its use there, and (stage:
+    # auto, every layer on the device) served it from its source without a RAM-disk copy
+    record = json.loads((tmp_path / "run" / "devices" / "tiny.json").read_text())
+    assert record["full"] is True and record["total"] == {"Vulkan0": 2048 << 20}
+    assert 0 < record["use"]["Vulkan0"] < 256 << 20
+    assert not [p for p in (tmp_path / "rd").iterdir() if p.suffix == ".gguf"]
     assert protocol.passed_env("GGML_VK_VISIBLE_DEVICES")

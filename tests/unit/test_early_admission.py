@@ -42,18 +42,39 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def remember(path: Path, name: str, estimate: int) -> None:
-    """What a start of the model leaves: its estimate, for the file as it is."""
+def remember(path: Path, name: str, estimate: int,
+             devices: tuple[dict[str, int], dict[str, int]] = ({}, {})) -> None:
+    """What a start of the model leaves: its estimate and its use of GPU devices (what its
+    unit listed: none here), for the file as it is."""
     config = load_config(path)
     model = config.models[name]
-    Runtime(config.runtime_dir).set_estimate(
-        name, estimate_key(model, model.path.stat()), estimate)
+    key = estimate_key(model, model.path.stat())
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_estimate(name, key, estimate)
+    runtime.set_devices(name, [key, "listing"], *devices)
 
 
 def entry(name: str) -> tuple[dict, dict]:  # type: ignore[type-arg]
     index = name_index.read()
     assert index is not None
     return index, next(m for m in index["models"] if m["name"] == name)
+
+
+def test_no_head_start_for_a_model_whose_gpu_use_is_unknown_or_too_big(setup: Path) -> None:
+    """The router's environment is not the model unit's: only what a unit listed and
+    estimated for the model's devices lets the head start admit it."""
+    config = load_config(setup)
+    model = config.models["a"]
+    key = estimate_key(model, model.path.stat())
+    Runtime(config.runtime_dir).set_estimate("a", key, 100 << 20)
+    load_config(setup)
+    assert entry("a")[1]["launch"] is None  # devices never judged by its unit
+    remember(setup, "a", 100 << 20, ({"Vulkan0": 1 << 30}, {"Vulkan0": 2 << 30}))
+    load_config(setup)
+    assert entry("a")[1]["launch"] is not None  # 1 GiB × 1.2 fits 2 GiB
+    remember(setup, "a", 100 << 20, ({"Vulkan0": 1900 << 20}, {"Vulkan0": 2 << 30}))
+    load_config(setup)
+    assert entry("a")[1]["launch"] is None  # 1.9 GiB × 1.2 does not: the unit refuses it
 
 
 def test_the_index_carries_a_ticket_only_for_a_model_with_a_remembered_estimate(

@@ -390,3 +390,43 @@ def test_a_copy_alongside_is_finished_when_the_stopped_model_keeps_its_copy(
     slow.start()
     activator.finish_copy(slow)
     assert slow.is_alive()  # not waited for past the bound
+
+
+# -- stage: always | never | auto -----------------------------------------------------------
+
+def test_stage_is_layered_like_args_and_checked(tmp_path: Path) -> None:
+    touch(tmp_path / "gpu" / "g.gguf", tmp_path / "x.gguf", tmp_path / "y.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        stage: always
+        sources: [{{dir: {tmp_path}/gpu, stage: never}}]
+        models:
+          x: {{path: {tmp_path}/x.gguf}}
+          y: {{path: {tmp_path}/y.gguf, stage: auto}}
+    """))
+    assert [config.models[n].stage for n in ("g", "x", "y")] == ["never", "always", "auto"]
+    assert manifest.load(write(tmp_path, f"models: {{x: {{path: {tmp_path}/x.gguf}}}}\n")
+                         ).models["x"].stage == "auto"
+    with pytest.raises(ConfigError) as info:
+        manifest.load(write(tmp_path, "models: {}\nstage: sometimes\n"))
+    assert info.value.line == 2 and "always" in info.value.message
+
+
+@pytest.mark.parametrize(("stage", "full", "staged"), [
+    ("always", True, True), ("never", False, False), ("auto", False, True),
+    ("auto", True, False)])
+def test_which_models_get_a_ram_disk_copy(tmp_path: Path, stage: str, full: bool,
+                                          staged: bool) -> None:
+    from hoshikage_sd.model_unit import activate
+    from hoshikage_sd.runtime import Runtime
+
+    touch(tmp_path / "m.gguf")
+    model = manifest.Model("m", tmp_path / "m.gguf", stage=stage)
+    config = manifest.Config(source=tmp_path / "x.yaml", runtime_dir=tmp_path / "run",
+                             ramdisk=tmp_path / "ram", models={"m": model})
+    (tmp_path / "ram").mkdir()
+    Runtime(config.runtime_dir).set_devices("m", ["k"], {"Vulkan0": 1} if full else {},
+                                            {"Vulkan0": 2}, full)
+    activator = activate.Activator(config, model)
+    assert activator.staged() is staged
+    files, copy_later = activator.serve_from()
+    assert files == Files.of(model) and copy_later is staged  # from the source first

@@ -18,7 +18,7 @@ from hoshikage_sd.model_unit.release import reason_for
 from hoshikage_sd.router import first_request
 from hoshikage_sd.router.first_request import model_name_of
 from hoshikage_sd.router.server import Announcements
-from hoshikage_sd.runtime import Activity, Running, Runtime, write_atomic
+from hoshikage_sd.runtime import Activity, Running, Runtime, estimate_key, write_atomic
 
 # -- router.model_name_of ------------------------------------------------------------------
 
@@ -355,6 +355,11 @@ def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
     monkeypatch.setattr(residents.systemd, "stop_unit",
                         lambda unit: calls.append(f"stop {unit}"))
     router = router_module.Router(config)
+    # its first start: the unit lists the devices and judges (the slow way)
+    assert router.prepare(models["a"], lambda: calls.append("start a")) is None
+    assert calls == []
+    key = estimate_key(models["a"], models["a"].path.stat())
+    runtime.set_devices("a", [key, "its unit's listing"], {}, {})  # on no device
     assert router.prepare(models["a"], lambda: calls.append("start a")) == ["b"]
     assert calls == ["start a", "stop hoshikage-model@b.service"]
     assert os.path.exists(protocol.ticket_path(str(config.runtime_dir), "a"))

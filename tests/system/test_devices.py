@@ -1,0 +1,114 @@
+"""Admission over a GPU's memory under real systemd, on lavapipe (Debian's software Vulkan
+device, 2 GiB): two models of ~0.9 GiB on the device fit alone and not together, so the
+second evicts the idle first although RAM is plentiful; a model larger than the device is
+refused at once with the numbers, and nothing is evicted for it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from testbed.deploy import MODELS_IN_CONTAINER, Deployment, deploy
+from tests.support import unavailable
+from tests.system.conftest import ContainerFactory
+
+pytestmark = pytest.mark.system
+
+#: llama.cpp's Vulkan shaders compile in ~10 s on lavapipe the first time: a cache that
+#: outlives the containers (the model unit's own is /var/cache/hoshikage, per container)
+SHADER_CACHE = Path("/var/tmp/hoshikage-test-mesa-cache")
+DROP_IN = "/etc/systemd/system/hoshikage-model@.service.d/vulkan.conf"
+GiB = 1 << 30
+
+
+@pytest.fixture
+def hk(container_factory: ContainerFactory, tmp_path: Path, llama_server_bin: Path
+       ) -> Deployment:
+    listed = subprocess.run(
+        [str(llama_server_bin), "--list-devices"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GGML_VK_VISIBLE_DEVICES": "0"})
+    if "Vulkan0" not in listed.stdout:
+        unavailable("no Vulkan device (lavapipe: apt install mesa-vulkan-drivers)")
+    make_gguf = importlib.import_module("make_gguf")
+    models = tmp_path / "models"
+    models.mkdir()
+    for seed, name in enumerate("ab"):  # 9 layers of the 1g preset: ~0.95 GiB on the device
+        make_gguf.write_model(models / f"{name}.gguf", **{**make_gguf.PRESETS["1g"],
+                                                           "n_layer": 9, "seed": seed})
+    SHADER_CACHE.mkdir(exist_ok=True)
+    SHADER_CACHE.chmod(0o1777)
+    args = "[-ngl, '99', -c, '512', -np, '1']"
+    text = (f"llama_server: {llama_server_bin}\nargs: {args}\nmodels:\n"
+            f"  a: {{path: {MODELS_IN_CONTAINER}/a.gguf}}\n"
+            f"  b: {{path: {MODELS_IN_CONTAINER}/b.gguf}}\n"
+            # a's weights with a context whose KV cache alone outgrows the device
+            f"  c: {{path: {MODELS_IN_CONTAINER}/a.gguf, args: [-c, '131072']}}\n")
+    hk = deploy(container_factory, models, text,
+                binds=[(str(SHADER_CACHE), "/var/tmp/mesa", False)])
+    hk.container.exec("sh", "-c", f"mkdir -p {os.path.dirname(DROP_IN)} && printf "
+                      "'[Service]\\nEnvironment=GGML_VK_VISIBLE_DEVICES=0 "
+                      f"MESA_SHADER_CACHE_DIR=/var/tmp/mesa\\n' > {DROP_IN}")
+    hk.container.systemctl("daemon-reload")
+    return hk
+
+
+def on_device(hk: Deployment, name: str) -> dict[str, int]:
+    record = json.loads(hk.container.exec("cat", f"/run/hoshikage/devices/{name}.json").stdout)
+    assert record["total"] == {"Vulkan0": 2048 << 20}
+    return dict(record["use"])
+
+
+def tokenize(hk: Deployment, model: str) -> tuple[int, dict[str, object]]:
+    """A request that loads the model without running it (lavapipe computes slowly)."""
+    return hk.request("POST", "/tokenize", {"model": model, "content": "hello"})
+
+
+def test_a_model_that_does_not_fit_the_gpu_evicts_the_idle_one_there(hk: Deployment) -> None:
+    assert "Vulkan0: llvmpipe" in hk.hoshikage("check")  # as user hoshikage sees it
+
+    status, body = tokenize(hk, "a")
+    assert status == 200, body
+    (admitted,) = hk.events("admission", "a")
+    assert admitted["HOSHIKAGE_VERDICT"] == "load"
+    assert "Vulkan0 free 2.0 GiB" in admitted["MESSAGE"]
+    use_a = on_device(hk, "a")["Vulkan0"]
+    assert 0.8 * GiB < use_a < 1.2 * GiB  # 1.2 × it fits 2 GiB once, not twice
+
+    status, body = tokenize(hk, "b")
+    assert status == 200, body
+    (admitted,) = hk.events("admission", "b")
+    assert admitted["HOSHIKAGE_VERDICT"] == "evict" and admitted["HOSHIKAGE_VICTIMS"] == "a"
+    assert "Vulkan0 free" in admitted["MESSAGE"] and "< needed" in admitted["MESSAGE"]
+    hk.wait_for("a's release", lambda: bool(hk.events("released", "a")))
+    assert hk.events("released", "a")[0]["HOSHIKAGE_REASON"] == "evicted for b"
+    assert hk.state("hoshikage-model@b.service") == "active"
+    llama = [p for p in hk.processes("llama-server") if "--alias b" in p]
+    assert len(llama) == 1 and "-ngl 99" in llama[0]
+
+    # device memory where operators and clients look
+    use_b = on_device(hk, "b")["Vulkan0"]
+    state = json.loads(hk.hoshikage("status", "--json"))
+    (row,) = [m for m in state["models"] if m["name"] == "b"]
+    assert row["device_bytes"] == {"Vulkan0": use_b}
+    assert state["devices"] == [{"name": "Vulkan0", "total_bytes": 2048 << 20,
+                                 "used_bytes": use_b}]
+    assert "Vulkan0" in hk.hoshikage("status")
+    status, ps = hk.request("GET", "/api/ps")
+    assert status == 200 and [m["size_vram"] for m in ps["models"]] == [use_b]
+    with urllib.request.urlopen(f"http://127.0.0.1:{hk.port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    assert f'hoshikage_model_device_bytes{{model="b",device="Vulkan0"}} {use_b}' in text
+    assert f'hoshikage_device_total_bytes{{device="Vulkan0"}} {2048 << 20}' in text
+
+    status, body = tokenize(hk, "c")
+    assert status >= 500, body
+    reason = json.dumps(body)
+    assert "on Vulkan0, which has 2.0 GiB in all" in reason, reason
+    assert hk.state("hoshikage-model@b.service") == "active"  # nothing evicted for it
+    assert not hk.events("released", "b")
