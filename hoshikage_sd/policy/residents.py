@@ -72,7 +72,9 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
         return {}, {}
     known = runtime.devices(model.name)
     if not listing:
-        return (known[1], known[2]) if known and known[0][:1] == [key] else None
+        if known and known[0][:1] == [key]:
+            return known[1], known[2]
+        return ({}, {}) if deviceless(model) else None
     from hoshikage_sd import devices, proc
 
     env = proc.server_env(model.environment)
@@ -103,6 +105,35 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
     total = {d.name: d.total for d in listed}
     runtime.set_devices(model.name, full_key, use, total, full)
     return use, total
+
+
+#: the model unit's environment as systemd has it, and when it was asked (monotonic)
+_unit_env: tuple[float, dict[str, str] | None] = (-1e9, None)
+UNIT_ENV_FOR = 60.0
+
+
+def deviceless(model: Model) -> bool:
+    """Can the router tell, without the model unit, that llama-server would see no device
+    for `model`? Where there is no GPU device node (CUDA, ROCm, hardware Vulkan and SYCL
+    all need one), nothing names a software Vulkan device (GGML_VK_VISIBLE_DEVICES: lavapipe
+    is listed only then) and nothing names RPC workers. The unit's environment is asked of
+    systemd at most once a minute."""
+    global _unit_env
+    from hoshikage_sd import devices
+
+    if devices.has_nodes() or any(a.startswith("--rpc") for a in model.args):
+        return False
+    if time.monotonic() - _unit_env[0] > UNIT_ENV_FOR:
+        from hoshikage_sd.commands.environment import unit_environment
+
+        try:
+            _unit_env = (time.monotonic(), unit_environment())
+        except HoshikageError:
+            _unit_env = (time.monotonic(), None)
+    if _unit_env[1] is None:
+        return False
+    env = {**_unit_env[1], **model.environment}
+    return not any(k in env for k in ("GGML_VK_VISIBLE_DEVICES", "LLAMA_ARG_RPC"))
 
 
 def residents(config: Config, runtime: Runtime, exclude: str = "") -> list[Resident]:

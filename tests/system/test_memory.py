@@ -163,9 +163,9 @@ def test_memory_pressure_stops_idle_models(container_factory: ContainerFactory,
 
 def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
         container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
-    # room for a reply that outlasts admission_wait (15000 tokens, no stop at EOS: ~2 s; 3500
-    # that might stop at EOS took under 2 s on an AMD EPYC)
-    long_args = ("-c", "16384", "-np", "1")
+    # room for a reply that outlasts admission_wait and the newcomer's way to its wait
+    # (30000 tokens, no stop at EOS: ~4 s; 15000 ended within 1.3 s on a busy 2-core machine)
+    long_args = ("-c", "32768", "-np", "1")
     a = estimate(Model("a", models_dir / "a.gguf", args=long_args))
     b = estimate(Model("b", models_dir / "b.gguf", args=("-c", "512", "-np", "1")))
     models = {"a": f"args: {json.dumps(long_args)}\nttl: 1h", "b": f"{ARGS}\nttl: 1h"}
@@ -176,7 +176,7 @@ def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
     assert hk.chat("a")[0] == 200
     conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=60)
     conn.request("POST", "/completion", body=json.dumps(
-        {"model": "a", "prompt": "once upon a time", "n_predict": 15000, "ignore_eos": True,
+        {"model": "a", "prompt": "once upon a time", "n_predict": 30000, "ignore_eos": True,
          "stream": True}),
         headers={"Content-Type": "application/json"})
     streaming = conn.getresponse()

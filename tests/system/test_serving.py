@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from hoshikage_sd import fmt
 from hoshikage_sd.memory import TMPFS_PAGE
+from hoshikage_sd.staging import Identity, record
 from testbed.deploy import Deployment, deploy, manifest
 from tests.system.conftest import ContainerFactory
 
@@ -143,10 +144,9 @@ def stage_inside(hk: Deployment, source: Path, data: bytes) -> Path:
     hk.container.systemctl("start", "mnt-hoshikage.mount")
     staged = hk.container.root / "mnt/hoshikage/tiny.gguf"
     staged.write_bytes(data)
-    st = source.stat()  # the source as seen inside
-    (hk.container.root / "mnt/hoshikage/.tiny.source.json").write_text(json.dumps({
-        "path": "/srv/models/tiny.gguf", "dev": st.st_dev, "ino": st.st_ino,
-        "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    ident = replace(Identity.of(source), path="/srv/models/tiny.gguf")  # as seen inside
+    (hk.container.root / "mnt/hoshikage/.tiny.source.json").write_text(
+        record([ident], [staged]))
     return staged
 
 

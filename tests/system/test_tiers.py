@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.staging import Identity
+from hoshikage_sd.staging import Identity, record
 from testbed.deploy import deploy, hoshikage_bin, manifest
 from tests.system.conftest import ContainerFactory
 
@@ -42,9 +43,8 @@ def test_hdd_model_is_served_then_cached_and_an_old_one_expires(
     cache.mkdir(parents=True)
     (cache / "old.gguf").write_bytes((hdd / "old.gguf").read_bytes())
     ident = Identity.of(hdd / "old.gguf")
-    (cache / ".old.source.json").write_text(json.dumps(
-        {"path": "/srv/models/old.gguf", "dev": ident.dev, "ino": ident.ino,
-         "size": ident.size, "mtime_ns": ident.mtime_ns}))
+    (cache / ".old.source.json").write_text(record(
+        [replace(ident, path="/srv/models/old.gguf")], [cache / "old.gguf"]))
     hk.container.exec("chown", "-R", "hoshikage:hoshikage", CACHE)  # README: the user owns it
     stats = root / "var/lib/hoshikage/stats.json"
     stats.parent.mkdir(parents=True, exist_ok=True)

@@ -60,21 +60,27 @@ def entry(name: str) -> tuple[dict, dict]:  # type: ignore[type-arg]
     return index, next(m for m in index["models"] if m["name"] == name)
 
 
-def test_no_head_start_for_a_model_whose_gpu_use_is_unknown_or_too_big(setup: Path) -> None:
-    """The router's environment is not the model unit's: only what a unit listed and
-    estimated for the model's devices lets the head start admit it."""
+def test_no_head_start_for_a_model_whose_gpu_use_is_unknown_or_too_big(
+        setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's environment is not the model unit's: on a machine with GPUs only what a
+    unit listed and estimated for the model's devices lets the head start admit it."""
+    from hoshikage_sd.policy import residents
+
+    monkeypatch.setattr(residents, "deviceless", lambda model: False)
     config = load_config(setup)
     model = config.models["a"]
     key = estimate_key(model, model.path.stat())
     Runtime(config.runtime_dir).set_estimate("a", key, 100 << 20)
-    load_config(setup)
-    assert entry("a")[1]["launch"] is None  # devices never judged by its unit
+
+    def launch() -> object:
+        index = name_index.build(config, {})
+        return next(m for m in index["models"] if m["name"] == "a")["launch"]
+
+    assert launch() is None  # devices never judged by its unit
     remember(setup, "a", 100 << 20, ({"Vulkan0": 1 << 30}, {"Vulkan0": 2 << 30}))
-    load_config(setup)
-    assert entry("a")[1]["launch"] is not None  # 1 GiB × 1.2 fits 2 GiB
+    assert launch() is not None  # 1 GiB × 1.2 fits 2 GiB
     remember(setup, "a", 100 << 20, ({"Vulkan0": 1900 << 20}, {"Vulkan0": 2 << 30}))
-    load_config(setup)
-    assert entry("a")[1]["launch"] is None  # 1.9 GiB × 1.2 does not: the unit refuses it
+    assert launch() is None  # 1.9 GiB × 1.2 does not: its unit refuses it
 
 
 def test_the_index_carries_a_ticket_only_for_a_model_with_a_remembered_estimate(

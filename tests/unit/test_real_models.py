@@ -430,3 +430,30 @@ def test_which_models_get_a_ram_disk_copy(tmp_path: Path, stage: str, full: bool
     assert activator.staged() is staged
     files, copy_later = activator.serve_from()
     assert files == Files.of(model) and copy_later is staged  # from the source first
+
+
+def test_the_router_knows_a_machine_without_gpus_needs_no_unit_to_judge_devices(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hoshikage_sd import devices
+    from hoshikage_sd.commands import environment
+    from hoshikage_sd.policy import residents
+
+    unit_env: dict[str, str] | None = {"CUDA_VISIBLE_DEVICES": "0"}
+    nodes = False
+    monkeypatch.setattr(devices, "has_nodes", lambda: nodes)
+    monkeypatch.setattr(environment, "unit_environment", lambda: unit_env)
+    model = manifest.Model("m", tmp_path / "m.gguf")
+
+    def fresh(m: manifest.Model) -> bool:
+        monkeypatch.setattr(residents, "_unit_env", (-1e9, None))
+        return residents.deviceless(m)
+
+    assert fresh(model)
+    assert not fresh(manifest.Model("m", model.path, args=("--rpc", "10.0.0.2:50052")))
+    assert not fresh(manifest.Model("m", model.path, env=("GGML_VK_VISIBLE_DEVICES=0",)))
+    unit_env = {"GGML_VK_VISIBLE_DEVICES": "0"}  # lavapipe, named in a drop-in
+    assert not fresh(model)
+    unit_env = None  # systemd cannot say
+    assert not fresh(model)
+    unit_env, nodes = {}, True  # /dev/dri, /dev/nvidia0, ...
+    assert not fresh(model)
