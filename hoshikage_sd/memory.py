@@ -126,6 +126,14 @@ def _cache_type(flag: str, value: str | None) -> str:
     return value.lower()
 
 
+def _flag_at(items: Sequence[str], i: int) -> tuple[str, str | None, bool]:
+    """The flag at items[i], its value ("--flag=V" or the next item), and whether that value
+    is the next item (then the next item is consumed when the flag takes a value)."""
+    arg = items[i]
+    flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+    return flag, inline if eq else (items[i + 1] if i + 1 < len(items) else None), not eq
+
+
 def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
     """What llama-server will use, from its command-line arguments (the manifest's args)."""
     # ~60 lines on purpose: one flat table of llama-server's flags, read top to bottom
@@ -136,10 +144,7 @@ def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
     items = list(args)
     i = 0
     while i < len(items):
-        arg = items[i]
-        flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        value = inline if eq else (items[i + 1] if i + 1 < len(items) else None)
-        takes = not eq  # a separate value consumes the next item
+        flag, value, takes = _flag_at(items, i)  # takes: its value is the next item
         if flag in ("-c", "--ctx-size"):
             n_ctx = _int(flag, value)
         elif flag in ("-np", "--parallel"):
@@ -159,7 +164,7 @@ def load_params(info: GGUFInfo, args: Sequence[str]) -> LoadParams:
                 die(f"llama-server argument {flag} needs a mode")
             kw["mmap"] = value.lower() in _MMAP_MODES
         elif flag in ("-fa", "--flash-attn"):
-            if eq or (value is not None and value.lower() in _FA_VALUES):
+            if not takes or (value is not None and value.lower() in _FA_VALUES):
                 kw["flash_attn"] = (value or "").lower() not in _FA_OFF
             else:  # older builds: a bare flag
                 kw["flash_attn"] = True
@@ -385,10 +390,7 @@ def offload_params(args: Sequence[str]) -> Offload:
     items = list(args)
     i = 0
     while i < len(items):
-        arg = items[i]
-        flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        value = inline if eq else (items[i + 1] if i + 1 < len(items) else None)
-        takes = not eq
+        flag, value, takes = _flag_at(items, i)
         if flag in ("-ngl", "--gpu-layers", "--n-gpu-layers"):
             low = (value or "").lower()
             kw["gpu_layers"] = (GPU_LAYERS_AUTO if low == "auto" else
@@ -408,7 +410,7 @@ def offload_params(args: Sequence[str]) -> Offload:
         elif flag in ("-mg", "--main-gpu"):
             kw["main_gpu"] = _int(flag, value)
         elif flag in ("-fit", "--fit"):
-            if eq or (value is not None and value.lower() in ("on", "off")):
+            if not takes or (value is not None and value.lower() in ("on", "off")):
                 kw["fit"] = (value or "").lower() != "off"
             else:
                 kw["fit"], takes = True, False
