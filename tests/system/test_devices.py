@@ -38,23 +38,24 @@ def hk(container_factory: ContainerFactory, tmp_path: Path, llama_server_bin: Pa
     make_gguf = importlib.import_module("make_gguf")
     models = tmp_path / "models"
     models.mkdir()
-    for seed, name in enumerate("ab"):  # 9 layers of the 1g preset: ~0.95 GiB on the device
-        make_gguf.write_model(models / f"{name}.gguf", **{**make_gguf.PRESETS["1g"],
-                                                           "n_layer": 9, "seed": seed})
+    # 9 layers of the 1g preset: ~0.95 GiB on the device; one file for all three models
+    make_gguf.write_model(models / "m.gguf", **{**make_gguf.PRESETS["1g"], "n_layer": 9})
     SHADER_CACHE.mkdir(exist_ok=True)
     SHADER_CACHE.chmod(0o1777)
     args = "[-ngl, '99', -c, '512', -np, '1']"
     text = (f"llama_server: {llama_server_bin}\nargs: {args}\nmodels:\n"
-            f"  a: {{path: {MODELS_IN_CONTAINER}/a.gguf}}\n"
-            f"  b: {{path: {MODELS_IN_CONTAINER}/b.gguf}}\n"
-            # a's weights with a context whose KV cache alone outgrows the device
-            f"  c: {{path: {MODELS_IN_CONTAINER}/a.gguf, args: [-c, '131072']}}\n")
+            f"  a: {{path: {MODELS_IN_CONTAINER}/m.gguf}}\n"
+            f"  b: {{path: {MODELS_IN_CONTAINER}/m.gguf}}\n"
+            # with a context whose KV cache alone outgrows the device
+            f"  c: {{path: {MODELS_IN_CONTAINER}/m.gguf, args: [-c, '131072']}}\n")
     hk = deploy(container_factory, models, text,
                 binds=[(str(SHADER_CACHE), "/var/tmp/mesa", False)])
     hk.container.exec("sh", "-c", f"mkdir -p {os.path.dirname(DROP_IN)} && printf "
                       "'[Service]\\nEnvironment=GGML_VK_VISIBLE_DEVICES=0 "
                       f"MESA_SHADER_CACHE_DIR=/var/tmp/mesa\\n' > {DROP_IN}")
     hk.container.systemctl("daemon-reload")
+    # Mesa keeps a cache only where it may write (else it compiles every shader each start)
+    hk.container.exec("chown", "-R", "hoshikage:", "/var/tmp/mesa")
     return hk
 
 
