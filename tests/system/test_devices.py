@@ -5,6 +5,7 @@ refused at once with the numbers, and nothing is evicted for it."""
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import json
 import os
@@ -43,7 +44,7 @@ def hk(container_factory: ContainerFactory, tmp_path: Path, llama_server_bin: Pa
     SHADER_CACHE.mkdir(exist_ok=True)
     SHADER_CACHE.chmod(0o1777)
     args = "[-ngl, '99', -c, '512', -np, '1']"
-    text = (f"llama_server: {llama_server_bin}\nargs: {args}\nmodels:\n"
+    text = (f"llama_server: {llama_server_bin}\nargs: {args}\nadmission_wait: 1s\nmodels:\n"
             f"  a: {{path: {MODELS_IN_CONTAINER}/m.gguf}}\n"
             f"  b: {{path: {MODELS_IN_CONTAINER}/m.gguf}}\n"
             # with a context whose KV cache alone outgrows the device
@@ -106,6 +107,21 @@ def test_a_model_that_does_not_fit_the_gpu_evicts_the_idle_one_there(hk: Deploym
         text = r.read().decode()
     assert f'hoshikage_model_device_bytes{{model="b",device="Vulkan0"}} {use_b}' in text
     assert f'hoshikage_device_total_bytes{{device="Vulkan0"}} {2048 << 20}' in text
+
+    # b busy (lavapipe takes seconds for a prompt): a waits for it, then is refused, and
+    # b keeps serving
+    busy = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=120)
+    busy.request("POST", "/completion", json.dumps(
+        {"model": "b", "prompt": "once upon a time " * 8, "n_predict": 64, "stream": True}),
+        {"Content-Type": "application/json"})
+    hk.wait_for("b busy", lambda: any(
+        m["busy"] for m in json.loads(hk.hoshikage("status", "--json"))["models"]
+        if m["name"] == "b"))
+    status, body = tokenize(hk, "a")
+    assert status == 503, body
+    assert "waiting for busy b" in json.dumps(body), body
+    assert hk.state("hoshikage-model@b.service") == "active"
+    busy.close()  # the client goes: b is idle again
 
     status, body = tokenize(hk, "c")
     assert status >= 500, body
