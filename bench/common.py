@@ -76,6 +76,34 @@ def read_into_cache(paths: Sequence[Path]) -> None:
                 pass
 
 
+def churn_page_cache(files: Sequence[Path] = ()) -> None:
+    """What a backup or a build does to the page cache between two requests. With no files,
+    the clean page cache dropped (`echo 1 > /proc/sys/vm/drop_caches`: no sync, dentries and
+    inodes kept, tmpfs pages (the RAM disk's copies) kept, as reading more files than the
+    page cache holds would leave them); otherwise `files` read whole."""
+    if files:
+        read_into_cache(files)
+    else:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+def ensure_churn_files(gib: int) -> list[Path]:
+    """`gib` files of 1 GiB of incompressible bytes (CACHE/churn/), written once."""
+    paths = [CACHE / "churn" / f"{i:03}.bin" for i in range(gib)]
+    block = os.urandom(1 << 22)
+    for path in paths:
+        if path.exists() and path.stat().st_size == 1 << 30:
+            continue
+        say(f"writing {path} (once)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for _ in range(256):
+                f.write(block)
+        os.rename(tmp, path)
+    return paths
+
+
 def meminfo(key: str) -> int:
     """A /proc/meminfo field in bytes."""
     for line in Path("/proc/meminfo").read_text().splitlines():

