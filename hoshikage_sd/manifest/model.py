@@ -98,6 +98,11 @@ class Model:
     def environment(self) -> dict[str, str]:
         return environment(self.env)
 
+    def staged(self, fully_offloaded: bool) -> bool:
+        """Does the model get a RAM-disk copy (`stage:`)? auto: unless all its layers are on
+        GPU devices (`fully_offloaded`: its unit's last judgement)."""
+        return self.stage == "always" or (self.stage == "auto" and not fully_offloaded)
+
     @property
     def server_args(self) -> tuple[str, ...]:
         """The extra arguments llama-server really gets. Its prompt cache (--cache-ram,

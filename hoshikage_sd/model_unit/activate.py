@@ -211,9 +211,7 @@ class Activator:
         """Does this model get a RAM-disk copy (`stage:`)? auto: unless all its layers were
         on GPU devices when its unit last judged it (llama-server then reads the file once,
         into the devices, and a copy in RAM would only make the next load faster)."""
-        if self.model.stage != "auto":
-            return self.model.stage == "always"
-        return not self.runtime.fully_offloaded(self.model.name)
+        return self.model.staged(self.runtime.fully_offloaded(self.model.name))
 
     def staged_files(self, staged: Staged) -> Files:
         return staged.files or self.store.staged_files(self.model.name, self.source)

@@ -67,6 +67,36 @@ def drop_kept(runtime: Runtime, store: Store, others: list[str] | None) -> None:
                   f"{fmt.size(freed)} of RAM disk", reason="nothing loaded", bytes_freed=freed)
 
 
+#: seconds of the stop (TimeoutStopSec=30 s) a release may spend making a copy to keep
+COPY_BY = 20.0
+
+
+def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> bool:
+    """Make the RAM-disk copy of a model stopped to be kept that has none: one stopped
+    before its activator took over (the launcher's start) or before its copy alongside was
+    done. Its load left the source in the page cache, so this is a copy from RAM; without it
+    the swap back would read the disk. Bounded by COPY_BY; True when the copy is there."""
+    model = config.models.get(name)
+    if model is None or not model.staged(runtime.fully_offloaded(name)):
+        return False
+    from hoshikage_sd import cache
+
+    deadline = time.monotonic() + COPY_BY
+    with contextlib.suppress(OSError):  # beside the next model's load, as a copy alongside
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+
+    def in_time(_done: int, _total: int) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done within {COPY_BY:.0f} s")
+
+    try:
+        store.stage(name, cache.source_for(config, model), in_time)
+    except (OSError, HoshikageError) as exc:  # TimeoutError is an OSError
+        log.log.warning("%s keeps no copy: %s", name, getattr(exc, "message", exc))
+        return False
+    return True
+
+
 def launched_only(config: Config, name: str) -> tuple[int, float] | None:
     """(pid, load seconds) of a llama-server its launcher started and served, stopped before
     an activator adopted it (its record still there, protocol.LAUNCHED_DIR): that load's
@@ -97,7 +127,9 @@ def main(config: Config, name: str) -> int:
     reason = reason_for(runtime.stop_reason(name), result, code, status)
     ramdisk = config.ramdisk.is_dir()
     others = others_up(name) if ramdisk else None
-    kept = ramdisk and store.has_copy(name) and keeps_copy(config, runtime, name, reason, others)
+    kept = ramdisk and keeps_copy(config, runtime, name, reason, others)
+    copied = kept and not store.has_copy(name)
+    kept = kept and (not copied or copy_to_keep(config, runtime, store, name))
     freed = 0
     if kept:
         model = config.models.get(name)
@@ -125,11 +157,13 @@ def main(config: Config, name: str) -> int:
     log.event("released", name,
               f"released {name}: {reason}; "
               + (f"its staged copy stays in RAM until {until} (or until the room is needed)"
+                 + (" (copied now: its copy alongside was not done)" if copied else "")
                  if kept else f"freed {fmt.size(freed)} of RAM disk")
               + (f"; llama-server pid was {pid}" if pid else "")
               + (f" (launched, loaded in {launched[1]:.2f} s, stopped before its activator "
                  "took over)" if launched else ""),
-              pid=pid, reason=reason, bytes_freed=freed, kept=int(kept), service_result=result,
+              pid=pid, reason=reason, bytes_freed=freed, kept=int(kept),
+              copied_at_stop=int(bool(copied and kept)), service_result=result,
               exit_code=code, exit_status=status,
               load_seconds=f"{launched[1]:.3f}" if launched else None)
     return 0

@@ -25,3 +25,51 @@ def test_a_load_stopped_before_the_hand_over_is_counted_by_the_release(tmp_path:
     totals = metrics.read(config.runtime_dir)
     assert totals.counters["hoshikage_loads_total"] == {("m", "launcher"): 1.0}
 
+
+
+@pytest.mark.parametrize("stage", ["always", "never"])
+def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_at_the_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
+    """Stopped by count while memory is plentiful before its activator took over (the
+    launcher's start): the release copies it, so the swap back is a load from RAM."""
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + bytes(4096))
+    (tmp_path / "ram").mkdir()
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "ram", state_dir=tmp_path / "state",
+                    models={"m": Model("m", source, stage=stage)})
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_stop_reason("m", "evicted for b")
+    runtime.set_keep_copy("m")
+    monkeypatch.setattr(release, "others_up", lambda name: ["b"])
+    monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
+    events: list[dict[str, object]] = []
+    monkeypatch.setattr(release.log, "event",
+                        lambda kind, name, message, **fields: events.append(fields))
+    assert release.main(config, "m") == 0
+    store = Store(config.ramdisk)
+    assert store.has_copy("m") is (stage == "always")
+    assert store.reusable("m", source) is (stage == "always")
+    (record,) = events
+    assert record["kept"] == int(stage == "always")
+    assert record["copied_at_stop"] == int(stage == "always")
+    assert (runtime.kept_until("m") is not None) is (stage == "always")
+
+
+def test_a_copy_at_the_stop_that_takes_too_long_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + bytes(4096))
+    (tmp_path / "ram").mkdir()
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "ram", models={"m": Model("m", source)})
+    monkeypatch.setattr(release, "COPY_BY", -1.0)  # past its time at the first progress
+    assert release.copy_to_keep(config, Runtime(config.runtime_dir), Store(config.ramdisk),
+                                "m") is False
+    assert [p.name for p in config.ramdisk.iterdir()] == [".m.lock"]
