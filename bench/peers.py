@@ -329,7 +329,8 @@ def hk_swap(s: Setup, copied: list[str], churn: bool = False) -> Run:
     ramdisk: list[str] = []  # what the RAM disk holds before each step
 
     def look() -> None:
-        names = sorted(p.name for p in (s.hk.container.root / "mnt/hoshikage").iterdir())
+        ramdisk_dir = s.hk.container.root / "mnt/hoshikage"  # not there before its mount
+        names = sorted(p.name for p in ramdisk_dir.iterdir()) if ramdisk_dir.exists() else []
         ramdisk.append("+".join(names) or "-")
 
     run, starts = steps_run(s, s.hk.port, churn, look)
