@@ -164,6 +164,21 @@ class Runtime:
     def set_keep_copy(self, name: str) -> None:
         self._write("keep", name, {})
 
+    def wanted(self, name: str) -> bool:
+        """Is a request waiting for this model while its unit still stops? Then a copy its
+        stop is making to keep (release.copy_to_keep, Activator.finish_copy) is given up:
+        the request is waiting for that stop, and the source is in the page cache anyway."""
+        return self._file("wanted", name).exists()
+
+    def set_wanted(self, name: str, wanted: bool = True) -> None:
+        path = self._file("wanted", name)
+        if wanted:  # a flag, not a record: no write-and-rename on the request's path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def recorded(self) -> list[str]:
         """Models with a running or an admitted record: what the units say they hold."""
         names: set[str] = set()

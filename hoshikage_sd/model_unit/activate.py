@@ -239,8 +239,11 @@ class Activator:
         a copy alongside still under way is finished (bounded by the stop's timeout), since
         one dropped half-way would make the swap back a read of the disk."""
         if copying is not None and copying.is_alive() and self.copy_is_kept():
-            began = self.stop_began or time.monotonic()
-            copying.join(max(0.0, began + FINISH_COPY_BY - time.monotonic()))
+            until = (self.stop_began or time.monotonic()) + FINISH_COPY_BY
+            # a request for it waits for this stop: it gets the page cache, not the copy
+            while copying.is_alive() and time.monotonic() < until and \
+                    not self.runtime.wanted(self.model.name):
+                copying.join(min(0.05, max(0.0, until - time.monotonic())))
 
     def copy_is_kept(self) -> bool:
         """Will the release keep this model's copy (a stop by hand or by count, memory

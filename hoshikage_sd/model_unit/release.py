@@ -88,6 +88,8 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
     def in_time(_done: int, _total: int) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"not done within {COPY_BY:.0f} s")
+        if runtime.wanted(name):
+            raise InterruptedError("a request for it waits for this stop")
 
     try:
         store.stage(name, cache.source_for(config, model), in_time)

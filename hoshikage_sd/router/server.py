@@ -303,8 +303,17 @@ class Router:
         its way already, or has failed, which _start reports; a ticket now would be left
         unused, a second start would fail twice.)"""
         # A unit still stopping (evicted a moment ago) goes down first: its release removes
-        # the ticket and the admission record of a start prepared before.
-        state = systemd.wait_down(unit)
+        # the ticket and the admission record of a start prepared before. A copy it is
+        # making to keep is given up: this request waits for it (Runtime.wanted).
+        waited: list[bool] = []
+
+        def wanted() -> None:
+            self.runtime.set_wanted(model.name)
+            waited.append(True)
+
+        state = systemd.wait_down(unit, wanted)
+        if waited:
+            self.runtime.set_wanted(model.name, False)
         started: list[bool] = []
 
         def start() -> None:

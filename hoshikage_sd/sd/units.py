@@ -11,6 +11,10 @@ import time
 from hoshikage_sd import proc
 from hoshikage_sd.errors import die
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 MODEL_UNIT_PREFIX = "hoshikage-model@"
 #: how long a unit that is up while its model does not serve may take to go down before a
 #: start is queued anyway (its release takes about 0.15 s; a hung llama-server that stays
@@ -120,18 +124,19 @@ def stop_unit(unit: str) -> None:
         die(f"cannot stop {unit}: {exc.message}")
 
 
-def wait_down(unit: str) -> str:
+def wait_down(unit: str, waiting: Callable[[], None] | None = None) -> str:
     """The unit's ActiveState once it is not up (or SETTLE_LIMIT passed): see start_unit.
-    "unknown" when the bus cannot say (start_unit then finds out what is wrong)."""
+    "unknown" when the bus cannot say (start_unit then finds out what is wrong). `waiting`
+    is called once, before the first wait, when the unit is still up."""
     from hoshikage_sd.sd import bus
 
     try:
-        return _settle(unit)
+        return _settle(unit, waiting)
     except (bus.BusUnavailable, bus.BusError):
         return "unknown"
 
 
-def _settle(unit: str) -> str:
+def _settle(unit: str, waiting: Callable[[], None] | None = None) -> str:
     from hoshikage_sd.sd import bus
 
     deadline = time.monotonic() + SETTLE_LIMIT
@@ -140,6 +145,9 @@ def _settle(unit: str) -> str:
         if state.active not in ("active", "reloading", "deactivating") or \
                 time.monotonic() > deadline:
             return state.active
+        if waiting is not None:
+            waiting()
+            waiting = None
         time.sleep(SETTLE_POLL)
 
 

@@ -390,6 +390,13 @@ def test_a_copy_alongside_is_finished_when_the_stopped_model_keeps_its_copy(
     slow.start()
     activator.finish_copy(slow)
     assert slow.is_alive()  # not waited for past the bound
+    if kept:  # a request for the model waits for this stop: the copy is given up
+        monkeypatch.setattr(activate, "FINISH_COPY_BY", 30.0)
+        activator.runtime.set_wanted("m")
+        wanted = threading.Thread(target=lambda: time.sleep(2), daemon=True)
+        wanted.start()
+        activator.finish_copy(wanted)
+        assert wanted.is_alive()
 
 
 # -- stage: always | never | auto -----------------------------------------------------------

@@ -73,3 +73,21 @@ def test_a_copy_at_the_stop_that_takes_too_long_leaves_nothing(
     assert release.copy_to_keep(config, Runtime(config.runtime_dir), Store(config.ramdisk),
                                 "m") is False
     assert [p.name for p in config.ramdisk.iterdir()] == [".m.lock"]
+
+
+def test_a_copy_at_the_stop_is_given_up_for_a_request_that_waits_for_the_stop(
+        tmp_path: Path) -> None:
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + bytes(4096))
+    (tmp_path / "ram").mkdir()
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "ram", models={"m": Model("m", source)})
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_wanted("m")
+    assert release.copy_to_keep(config, runtime, Store(config.ramdisk), "m") is False
+    assert [p.name for p in config.ramdisk.iterdir()] == [".m.lock"]
+    runtime.set_wanted("m", False)
+    assert release.copy_to_keep(config, runtime, Store(config.ramdisk), "m") is True

@@ -301,7 +301,7 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
 
     calls: list[str] = []
     monkeypatch.setattr(router_module.systemd, "wait_down",
-                        lambda unit: calls.append(f"down {unit}") or "inactive")
+                        lambda unit, waiting=None: calls.append(f"down {unit}") or "inactive")
     monkeypatch.setattr(router_module.systemd, "start_unit",
                         lambda unit, state=None: calls.append(f"start {unit} {state}"))
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
@@ -385,3 +385,27 @@ def test_a_model_that_answered_before_its_activator_adopted_it_is_idle_not_start
     (served,) = residents.residents(config, runtime)
     assert not served.starting and served.idle is not None and served.idle >= 5
     assert runtime.idle_seconds("b", time.time()) is not None
+
+
+def test_a_request_for_a_model_whose_unit_still_stops_says_it_is_wanted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop may be making a copy to keep (release.copy_to_keep): the request waiting
+    for it marks the model wanted, so that copy is given up; the mark goes once it is down."""
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.router import server as router_module
+
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
+    router = router_module.Router(config)
+    seen: list[bool] = []
+
+    def wait_down(unit: str, waiting: Callable[[], None] | None = None) -> str:
+        assert waiting is not None
+        waiting()  # still deactivating
+        seen.append(router.runtime.wanted("a"))
+        return "inactive"
+
+    monkeypatch.setattr(router_module.systemd, "wait_down", wait_down)
+    monkeypatch.setattr(router_module.systemd, "start_unit", lambda unit, state=None: None)
+    monkeypatch.setattr(router, "prepare", lambda model, start: start())
+    router.begin(Model("a", tmp_path / "a.gguf"), "u@a")
+    assert seen == [True] and not router.runtime.wanted("a")
