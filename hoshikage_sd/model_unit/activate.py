@@ -426,6 +426,8 @@ class Activator:
         signal.signal(signal.SIGINT, self.on_signal)
         if adopted is not None:
             self.child = Child(adopted.pid)  # a SIGTERM from here on reaches llama-server
+        # the launcher blocked them for the hand-over: one that came meanwhile arrives now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         self.runtime.clear("error", self.model.name)
         try:
             child = self.start(adopted)

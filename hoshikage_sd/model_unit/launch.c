@@ -354,6 +354,14 @@ int main(int argc, char **argv) {
                 write_launched(runtime_dir, name, pid, started, healthy);
                 wait_quiet(pid, healthy + HANDOVER_LIMIT);
             }
+            /* A stop from here until the activator can pass it on waits (blocked, kept pending
+             * across exec): by default it would end this process and leave llama-server
+             * serving through its unit's stop. The activator unblocks it. */
+            sigset_t stops;
+            sigemptyset(&stops);
+            sigaddset(&stops, SIGTERM);
+            sigaddset(&stops, SIGINT);
+            sigprocmask(SIG_BLOCK, &stops, NULL);
             signal(SIGTERM, SIG_DFL);
             signal(SIGINT, SIG_DFL);
             snprintf(pid_arg, sizeof pid_arg, "%d", (int)pid);

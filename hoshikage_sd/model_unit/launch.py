@@ -162,6 +162,10 @@ def main(argv: list[str]) -> None:
     if started is not None:
         pid, spawned, healthy = started
         command += ["--adopt", str(pid), "--spawned", repr(spawned)]
+        # A stop from here until the activator can pass it on waits (blocked, kept pending
+        # across exec): by default it would end this process and leave llama-server serving
+        # through its unit's stop (the activator unblocks them once its handlers are in place)
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGTERM, _signal.SIGINT})
         if healthy is not None:
             command += ["--healthy", repr(healthy)]
         # Nothing waits for the activator (READY=1 is sent; the router polls /health

@@ -251,8 +251,9 @@ class Router:
 
     async def _start(self, model: Model) -> None:
         early = self.early_start(model.name)
-        # A router started afresh finds a model still loaded: no systemd round trip.
-        if await self.serving(model):
+        # A router started afresh finds a model still loaded: no systemd round trip. Not one
+        # whose stop is under way (evicted, idle): it answers until its unit is down.
+        if self.runtime.stop_reason(model.name) is None and await self.serving(model):
             self.ready.add(model.name)
             return
         unit = systemd.model_unit(model.name)

@@ -357,6 +357,40 @@ def test_both_launchers_leave_a_record_of_what_they_started_once_it_serves(
         os.kill(int(argv[3]), signal.SIGKILL)
 
 
+def test_both_launchers_hand_a_stop_over_to_the_activator_pending_not_lost(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    """Between the hand-over and the activator's handlers a SIGTERM would end the process by
+    default and leave llama-server serving through its unit's stop: the activator starts
+    with SIGTERM and SIGINT blocked (it unblocks them, model_unit/activate.py run), and the
+    server the launcher started has them unblocked."""
+    launcher, args = launcher_form
+    runtime = tmp_path / "run"
+    sock = tmp_path / "tiny.sock"
+    masks = tmp_path / "masks"
+    (launcher.parent / "hoshikage").write_text(  # not sh: dash unblocks them as it starts
+        f"#!{sys.executable}\nimport sys\n"
+        f"open({str(masks)!r}, 'w').write(open('/proc/self/status').read())\n"
+        f"open({str(args)!r}, 'w').write(''.join(a + '\\n' for a in sys.argv[1:]))\n")
+    protocol.write_ticket(str(runtime), "tiny", str(sock), "/health", {"PATH": "/usr/bin:/bin"},
+                          [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0"])
+    with (tmp_path / "launcher.err").open("wb") as err:
+        code = subprocess.run([str(launcher), "tiny"], stdout=subprocess.DEVNULL, stderr=err,
+                              timeout=30, env={"PATH": "/usr/bin:/bin",
+                                               "RUNTIME_DIRECTORY": str(runtime)}).returncode
+    assert code == 0, (tmp_path / "launcher.err").read_text()
+    server = int(args.read_text().splitlines()[3])
+    try:
+        blocked = int(next(line.split()[1] for line in masks.read_text().splitlines()
+                           if line.startswith("SigBlk")), 16)
+        assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGINT - 1))
+        status = Path(f"/proc/{server}/status").read_text()
+        server_blocked = int(next(line.split()[1] for line in status.splitlines()
+                                  if line.startswith("SigBlk")), 16)
+        assert not server_blocked & (1 << (signal.SIGTERM - 1))
+    finally:
+        os.kill(server, signal.SIGKILL)
+
+
 HANGS_ON_FIRST_SIGTERM = """\
 import os, signal, sys, time
 terms = []
