@@ -245,6 +245,20 @@ class Store:
         return all(file_digest(s) == file_digest(p) for s, p in pairs)
 
 
+def log_staged(name: str, staged: Staged, source: Files, how: str = "") -> None:
+    """The journal's `staged` record of a copy made (nothing for one reused)."""
+    if not staged.copied:
+        return
+    from hoshikage_sd import log
+
+    rate = staged.size / max(staged.seconds, 1e-6)
+    log.event("staged", name,
+              f"staged {name}: {fmt.size(staged.size)} from {source.main} in "
+              f"{staged.seconds:.2f} s ({fmt.size(rate)}/s){how}",
+              bytes=staged.size, seconds=f"{staged.seconds:.3f}", source=source.main,
+              staged_path=staged.path, files=len(source.paths))
+
+
 def record(idents: Sequence[Identity], staged: Sequence[Path]) -> str:
     """A copy's identity record (.NAME.source.json): the files it was copied from, as they
     were, and its own files' names."""

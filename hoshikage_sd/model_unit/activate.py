@@ -30,7 +30,7 @@ from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Files, Identity, Staged, Store
+from hoshikage_sd.staging import Files, Identity, Staged, Store, log_staged
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
@@ -178,14 +178,7 @@ class Activator:
         self.heartbeat(f"staging {name} from {self.source.main}", force=True)
         with self.phase("staging"):
             staged = self.store.stage(name, self.source, progress, force=force)
-        if staged.copied:
-            rate = staged.size / max(staged.seconds, 1e-6)
-            log.event("staged", name,
-                      f"staged {name}: {fmt.size(staged.size)} from {self.source.main} in "
-                      f"{staged.seconds:.2f} s ({fmt.size(rate)}/s)",
-                      bytes=staged.size, seconds=f"{staged.seconds:.3f}",
-                      source=self.source.main, staged_path=staged.path,
-                      files=len(self.source.paths))
+        log_staged(name, staged, self.source)
         return staged
 
     def serve_from(self) -> tuple[Files, bool]:

@@ -23,7 +23,7 @@ from hoshikage_sd.manifest import Config
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Store
+from hoshikage_sd.staging import Store, log_staged
 
 
 def reason_for(stop_reason: str | None, result: str | None, code: str | None,
@@ -91,8 +91,9 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
         if runtime.wanted(name):
             raise InterruptedError("a request for it waits for this stop")
 
+    source = cache.source_for(config, model)
     try:
-        store.stage(name, cache.source_for(config, model), in_time)
+        log_staged(name, store.stage(name, source, in_time), source, " (at its stop, to keep)")
     except (OSError, HoshikageError) as exc:  # TimeoutError is an OSError
         log.log.warning("%s keeps no copy: %s", name, getattr(exc, "message", exc))
         return False

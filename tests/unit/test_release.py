@@ -48,12 +48,15 @@ def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_at_the_stop
     monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
     events: list[dict[str, object]] = []
     monkeypatch.setattr(release.log, "event",
-                        lambda kind, name, message, **fields: events.append(fields))
+                        lambda kind, name, message, **fields: events.append(
+                            {"kind": kind, "message": message, **fields}))
     assert release.main(config, "m") == 0
     store = Store(config.ramdisk)
     assert store.has_copy("m") is (stage == "always")
     assert store.reusable("m", source) is (stage == "always")
-    (record,) = events
+    staged = [e for e in events if e["kind"] == "staged"]
+    assert [e["bytes"] for e in staged] == ([4100] if stage == "always" else [])
+    (record,) = [e for e in events if e["kind"] == "released"]
     assert record["kept"] == int(stage == "always")
     assert record["copied_at_stop"] == int(stage == "always")
     assert (runtime.kept_until("m") is not None) is (stage == "always")
