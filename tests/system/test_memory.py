@@ -163,8 +163,8 @@ def test_memory_pressure_stops_idle_models(container_factory: ContainerFactory,
 
 def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
         container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
-    # a reply that outlasts admission_wait and the newcomer's way to its wait: 6000 tokens,
-    # no stop at EOS, ~4 s (the generated models are trained for 2048 tokens, where
+    # a reply that outlasts admission_wait and the newcomer's way to its wait: 4000 tokens,
+    # no stop at EOS, 3-6 s (the generated models are trained for 2048 tokens, where
     # llama-server stops a slot: 2047 took 1.3 s, too close to the 1 s wait)
     from make_gguf import write_model
 
@@ -180,7 +180,7 @@ def test_busy_model_is_never_stopped_the_newcomer_gets_503_retry_after(
     assert hk.chat("a")[0] == 200
     conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=60)
     conn.request("POST", "/completion", body=json.dumps(
-        {"model": "a", "prompt": "once upon a time", "n_predict": 6000, "ignore_eos": True,
+        {"model": "a", "prompt": "once upon a time", "n_predict": 4000, "ignore_eos": True,
          "stream": True}),
         headers={"Content-Type": "application/json"})
     streaming = conn.getresponse()
