@@ -22,14 +22,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hoshikage_sd import fmt
 from hoshikage_sd.errors import die
 from hoshikage_sd.files import write_atomic
-
-if TYPE_CHECKING:
-    from hoshikage_sd.manifest import Model
+from hoshikage_sd.manifest.model import Files
 
 CHUNK = 64 << 20
 #: what follows NAME in a staged shard's name
@@ -52,35 +49,6 @@ class Identity:
     def of(cls, path: Path) -> Identity:
         st = os.stat(path)
         return cls(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@dataclass(frozen=True)
-class Files:
-    """A model's files: its GGUF (or every shard, in order) and its projector."""
-
-    shards: tuple[Path, ...]
-    mmproj: Path | None = None
-
-    @classmethod
-    def of(cls, model: Model) -> Files:
-        return cls((model.path, *model.shards), model.mmproj)
-
-    @classmethod
-    def one(cls, source: Files | Path) -> Files:
-        """`source` as Files: a Path is a model of one file."""
-        return source if isinstance(source, Files) else cls((source,))
-
-    @property
-    def main(self) -> Path:
-        """What llama-server's -m names: the GGUF or the first shard."""
-        return self.shards[0]
-
-    @property
-    def paths(self) -> tuple[Path, ...]:
-        return (*self.shards, *((self.mmproj,) if self.mmproj else ()))
-
-    def size(self) -> int:
-        return sum(Store.size_of(p) for p in self.paths)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from hoshikage_sd.manifest.model import (
     Cache,
     CachePolicy,
     Config,
+    Files,
     Model,
     Source,
     Weights,
@@ -40,7 +41,7 @@ _LAZY = {"parse_duration": "nodes", "parse_size": "nodes", "ConfigError": "parse
 
 __all__ = [
     "DEFAULT_PATH", "NAME_RE", "AmbiguousModel", "Cache", "CachePolicy", "Config",
-    "ConfigError", "Model", "Source", "Weights", "config_path", "load", "model_files",
+    "ConfigError", "Files", "Model", "Source", "Weights", "config_path", "load", "model_files",
     "model_name_for", "parse_duration", "parse_size", "scan_sources",
 ]
 

@@ -6,18 +6,15 @@ aliases and tags over them; resolve.py turns a request's model name into one of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.protocol import NAME_PATTERN
-
-if TYPE_CHECKING:
-    from hoshikage_sd.staging import Files
 
 NAME_RE = re.compile(NAME_PATTERN)
 DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
@@ -138,9 +135,43 @@ class Model:
         return COMMAND_POOL if threads is None else max(1, threads - 1)
 
 
+@dataclass(frozen=True)
+class Files:
+    """A model's files: its GGUF (or every shard, in order) and its projector."""
+
+    shards: tuple[Path, ...]
+    mmproj: Path | None = None
+
+    @classmethod
+    def of(cls, model: Model) -> Files:
+        return cls((model.path, *model.shards), model.mmproj)
+
+    @classmethod
+    def one(cls, source: Files | Path) -> Files:
+        """`source` as Files: a Path is a model of one file."""
+        return source if isinstance(source, Files) else cls((source,))
+
+    @property
+    def main(self) -> Path:
+        """What llama-server's -m names: the GGUF or the first shard."""
+        return self.shards[0]
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (*self.shards, *((self.mmproj,) if self.mmproj else ()))
+
+    def size(self) -> int:
+        """Bytes of all the files (0 for one that cannot be looked at)."""
+        total = 0
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
+
 def model_files(model: Model) -> tuple[Path, ...]:
     """Every file a model is made of: its GGUF (or first shard), other shards, projector."""
-    return (model.path, *model.shards, *((model.mmproj,) if model.mmproj else ()))
+    return Files.of(model).paths
 
 
 DAY = 86400.0

@@ -60,10 +60,11 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
     """The index of `config` (the manifest with names.json over it), with what the head
     start's admission (early_admission) needs."""
     from hoshikage_sd import proc
+    from hoshikage_sd.manifest import Files
     from hoshikage_sd.policy import residents
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
-    from hoshikage_sd.staging import Files, Store
+    from hoshikage_sd.staging import Store
 
     runtime, store = Runtime(config.runtime_dir), Store(config.ramdisk)
 

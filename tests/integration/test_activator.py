@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import manifest, protocol
-from hoshikage_sd.manifest import names
-from hoshikage_sd.staging import Files, Store, file_digest
+from hoshikage_sd.manifest import Files, names
+from hoshikage_sd.staging import Store, file_digest
 from tests.support import LAUNCHERS, eventually, make_launcher
 
 from .conftest import NotifyListener, Setup, popen_logged, stderr_of, stop, write_manifest

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import protocol
+from hoshikage_sd.manifest import Files
 from hoshikage_sd.router import early_admission, name_index
 from hoshikage_sd.router.config import load_config
 from hoshikage_sd.runtime import Runtime, estimate_key
 from hoshikage_sd.sd import bus, units
-from hoshikage_sd.staging import Files
 
 GIB = 1 << 30
 

@@ -328,21 +328,28 @@ def test_launch_c_passes_the_same_environment_as_protocol() -> None:
     assert c_list("PASSED_ENV_NAMES") == protocol.PASSED_ENV_NAMES
 
 
-def test_both_launchers_leave_a_record_of_what_they_started_once_it_serves(
-        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
-    """protocol.LAUNCHED_DIR: the activator that adopts llama-server removes it; a release
-    that finds it (stopped before the hand-over) does the load's bookkeeping."""
-    launcher, args = launcher_form
+def launch_healthy(launcher: Path, tmp_path: Path) -> Path:
+    """Run `launcher` on a ticket for a server that answers /health 200 at once; the runtime
+    directory. Not run_launcher: the server lives on with the output pipes, which it would
+    wait for."""
     runtime = tmp_path / "run"
     sock = tmp_path / "tiny.sock"
     protocol.write_ticket(str(runtime), "tiny", str(sock), "/health", {"PATH": "/usr/bin:/bin"},
                           [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0"])
-    # not run_launcher: the server lives on with the output pipes, which it would wait for
     with (tmp_path / "launcher.err").open("wb") as err:
         code = subprocess.run([str(launcher), "tiny"], stdout=subprocess.DEVNULL, stderr=err,
                               timeout=30, env={"PATH": "/usr/bin:/bin",
                                                "RUNTIME_DIRECTORY": str(runtime)}).returncode
     assert code == 0, (tmp_path / "launcher.err").read_text()
+    return runtime
+
+
+def test_both_launchers_leave_a_record_of_what_they_started_once_it_serves(
+        launcher_form: tuple[Path, Path], tmp_path: Path) -> None:
+    """protocol.LAUNCHED_DIR: the activator that adopts llama-server removes it; a release
+    that finds it (stopped before the hand-over) does the load's bookkeeping."""
+    launcher, args = launcher_form
+    runtime = launch_healthy(launcher, tmp_path)
     argv = args.read_text().splitlines()
     try:
         assert argv[2] == "--adopt" and argv[6] == "--healthy", argv
@@ -364,20 +371,12 @@ def test_both_launchers_hand_a_stop_over_to_the_activator_pending_not_lost(
     with SIGTERM and SIGINT blocked (it unblocks them, model_unit/activate.py run), and the
     server the launcher started has them unblocked."""
     launcher, args = launcher_form
-    runtime = tmp_path / "run"
-    sock = tmp_path / "tiny.sock"
     masks = tmp_path / "masks"
     (launcher.parent / "hoshikage").write_text(  # not sh: dash unblocks them as it starts
         f"#!{sys.executable}\nimport sys\n"
         f"open({str(masks)!r}, 'w').write(open('/proc/self/status').read())\n"
         f"open({str(args)!r}, 'w').write(''.join(a + '\\n' for a in sys.argv[1:]))\n")
-    protocol.write_ticket(str(runtime), "tiny", str(sock), "/health", {"PATH": "/usr/bin:/bin"},
-                          [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0"])
-    with (tmp_path / "launcher.err").open("wb") as err:
-        code = subprocess.run([str(launcher), "tiny"], stdout=subprocess.DEVNULL, stderr=err,
-                              timeout=30, env={"PATH": "/usr/bin:/bin",
-                                               "RUNTIME_DIRECTORY": str(runtime)}).returncode
-    assert code == 0, (tmp_path / "launcher.err").read_text()
+    launch_healthy(launcher, tmp_path)
     server = int(args.read_text().splitlines()[3])
     try:
         blocked = int(next(line.split()[1] for line in masks.read_text().splitlines()

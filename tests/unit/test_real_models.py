@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import manifest, proc
-from hoshikage_sd.manifest import ConfigError, compiled
+from hoshikage_sd.manifest import ConfigError, Files, compiled
 from hoshikage_sd.manifest.sources import hf_model_name, shards_of
-from hoshikage_sd.staging import Files, Store
+from hoshikage_sd.staging import Store
 
 
 def write(tmp_path: Path, text: str) -> Path:
