@@ -24,7 +24,7 @@ import pytest
 
 from hoshikage_sd import devices, gguf, memory
 from testbed.estimate import within
-from tests.support import unavailable
+from tests.support import eventually, unavailable
 
 from .test_memory_estimate import server
 
@@ -116,7 +116,9 @@ def test_device_estimate_matches_what_llama_server_allocates(
     for key, value in VULKAN_ENV.items():
         monkeypatch.setenv(key, value)
     with server(llama_server_bin, path, args, tmp_path) as (_, _, log_path):
-        log = log_path.read_text(errors="replace")
+        # logged from a worker thread: /health can say 200 before the lines are out
+        log = eventually(lambda: log_path.read_text(errors="replace"),
+                         lambda text: "n_ctx_slot" in text)
     measured, offloaded, n_layers = logged(log)
     rows = []
     for name in sorted(set(measured) | set(est.devices)):

@@ -28,7 +28,7 @@ import pytest
 from hoshikage_sd import gguf, memory
 from testbed.estimate import within
 from testbed.unixhttp import UnixHTTPConnection
-from tests.support import unavailable
+from tests.support import eventually, unavailable
 
 from .conftest import stop
 
@@ -120,7 +120,9 @@ def test_estimate_within_tolerance_of_measured(case: str, llama_server_bin: Path
     est = memory.estimate(info, params)
 
     with server(llama_server_bin, path, args, shm) as (proc, sock, log_path):
-        log = log_path.read_text(errors="replace")
+        # llama-server logs from a worker thread: /health can say 200 before the lines are out
+        log = eventually(lambda: log_path.read_text(errors="replace"),
+                         lambda text: "n_ctx_slot" in text)
         slots = re.search(r"n_ctx_slot = (\d+)", log)
         assert slots, "no 'n_ctx_slot' in llama-server's log"
         slot_ctx = int(slots.group(1))
