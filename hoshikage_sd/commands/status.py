@@ -71,8 +71,11 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
 
 
 def on_devices(runtime: Runtime, name: str) -> dict[str, int] | None:
+    """What the model holds on each GPU device (its unit's estimate); None: none."""
     record = runtime.devices(name)
-    return dict(record[1]) or None if record else None
+    if record is None or not record[1]:
+        return None
+    return dict(record[1])
 
 
 def devices_in_use(runtime: Runtime, names: list[str]) -> list[dict[str, Any]]:
