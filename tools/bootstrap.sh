@@ -27,6 +27,8 @@ APT_PACKAGES=(
   python3-systemd     # sd_notify, socket activation, the journal
   python3-psutil      # process and memory facts
   python3-prometheus-client  # tests: its parser reads back hoshikage's /metrics text
+  python3-h11         # tests: the reference HTTP/1.1 parser the router's is fuzzed against
+  python3-hypothesis  # tests: ... the fuzzer (tests/unit/test_http_parsing.py)
   curl
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests
