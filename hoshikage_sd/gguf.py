@@ -18,16 +18,18 @@ count and the elements.
 # gguf.MAX_* where tests patch them; a reader module apart would not see the patch.
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
 import struct
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
 
+from hoshikage_sd import encryption
 from hoshikage_sd.errors import HoshikageError
 
 MAGIC: Final = b"GGUF"
@@ -183,7 +185,7 @@ class GGUFInfo:
 class _Reader:
     """Sequential reads with bounds checks through one read-ahead buffer."""
 
-    def __init__(self, f: io.FileIO, path: str, size: int) -> None:
+    def __init__(self, f: io.FileIO | encryption.Plaintext, path: str, size: int) -> None:
         self.f = f
         self.path = path
         self.size = size
@@ -219,6 +221,13 @@ class _Reader:
         if len(self.buf) < n:
             raise self.fail(f"truncated: {what} needs {n} bytes at offset {start} "
                             f"but only {len(self.buf)} could be read")
+
+    def starts_with(self, magic: bytes) -> bool:
+        """Does the file start with `magic`? (Read into the buffer the parse starts from.)"""
+        if self.size < len(magic):
+            return False
+        self._fill(len(magic), "magic")
+        return self.buf.startswith(magic)
 
     def read(self, n: int, what: str) -> bytes:
         if self.pos + n > len(self.buf):
@@ -336,19 +345,31 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
-    """Read a GGUF file's header; raise GGUFError if it is not a complete, sane GGUF."""
-    spath = os.fspath(path)
+@contextlib.contextmanager
+def _reader(spath: str) -> Iterator[_Reader]:
+    """A reader of the file's GGUF bytes: the file's own, or, when it is age-encrypted, its
+    plaintext as it decrypts (only the header's chunks are decrypted)."""
     try:
         with open(spath, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            return _parse(_Reader(f, spath, size))
+            r = _Reader(f, spath, os.fstat(f.fileno()).st_size)
+            if not r.starts_with(encryption.MAGIC):
+                yield r
+                return
+        with encryption.open_plaintext(spath) as plain:
+            yield _Reader(plain, spath, encryption.plaintext_size(spath))
     except FileNotFoundError:
         raise GGUFError(spath, "no such file") from None
     except IsADirectoryError:
         raise GGUFError(spath, "is a directory, not a GGUF file") from None
     except OSError as exc:
         raise GGUFError(spath, f"cannot read: {exc.strerror or exc}") from None
+
+
+def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
+    """Read a GGUF file's header; raise GGUFError if it is not a complete, sane GGUF (and
+    encryption.DecryptError if it is encrypted and cannot be decrypted)."""
+    with _reader(os.fspath(path)) as r:
+        return _parse(r)
 
 
 def read_model_info(paths: Sequence[str | os.PathLike[str]]) -> GGUFInfo:
@@ -360,20 +381,15 @@ def read_model_info(paths: Sequence[str | os.PathLike[str]]) -> GGUFInfo:
         return info
     tensors, size, tensor_bytes = list(info.tensors), info.file_size, info.tensor_bytes
     for path in paths[1:]:
-        spath = os.fspath(path)
-        try:
-            with open(spath, "rb", buffering=0) as f:
-                r = _Reader(f, spath, os.fstat(f.fileno()).st_size)
-                _, n_tensors, n_kv = _counts(r)
-                _metadata(r, n_kv)  # read past: the first shard has what counts
-                raw = _raw_tensors(r, n_tensors)
-                data_offset = -(-r.offset // info.alignment) * info.alignment
-                if data_offset > r.size:
-                    raise r.fail("truncated before its tensor data")
-                tensors += _tensor_infos(r, raw, r.size - data_offset, info.alignment)
-                size, tensor_bytes = size + r.size, tensor_bytes + r.size - data_offset
-        except OSError as exc:
-            raise GGUFError(spath, f"cannot read: {exc.strerror or exc}") from None
+        with _reader(os.fspath(path)) as r:
+            _, n_tensors, n_kv = _counts(r)
+            _metadata(r, n_kv)  # read past: the first shard has what counts
+            raw = _raw_tensors(r, n_tensors)
+            data_offset = -(-r.offset // info.alignment) * info.alignment
+            if data_offset > r.size:
+                raise r.fail("truncated before its tensor data")
+            tensors += _tensor_infos(r, raw, r.size - data_offset, info.alignment)
+            size, tensor_bytes = size + r.size, tensor_bytes + r.size - data_offset
     return replace(info, file_size=size, tensor_bytes=tensor_bytes, tensors=tuple(tensors),
                    n_params=sum(t.n_elements for t in tensors))
 

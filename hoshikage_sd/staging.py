@@ -8,6 +8,9 @@ A model may be several files (Files): a split GGUF's shards are staged as
 NAME-0000k-of-0000N.gguf (llama.cpp finds the other shards by the first one's name), a
 projector as NAME.mmproj.gguf; one lock, one identity record for them all, and the record
 is written only once every file is in place.
+
+An age-encrypted source (encryption.py) is decrypted on its way in: the RAM disk is the only
+place its plaintext exists.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hoshikage_sd import fmt
-from hoshikage_sd.errors import die
+from hoshikage_sd import encryption, fmt
+from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.files import write_atomic
 from hoshikage_sd.manifest.model import Files
 
@@ -104,9 +107,9 @@ class Store:
             recorded = json.loads(self._meta(name).read_text())["files"]
             staged = self.staged_files(name, files).paths
             return bool(recorded == [asdict(i) for i in idents]
-                        and all(p.stat().st_size == i.size
+                        and all(p.stat().st_size == content_size(i)
                                 for p, i in zip(staged, idents, strict=True)))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, HoshikageError):
             return False
 
     def current(self, name: str, files: Files) -> Files | None:
@@ -151,7 +154,8 @@ class Store:
                     hint="fix 'path:' in the manifest or mount the disk that holds it")
             except PermissionError:
                 die(f"model '{name}': source file {path} is not readable")
-        total = sum(i.size for i in idents)
+        sizes = [content_size(i) for i in idents]
+        total = sum(sizes)
         staged = self.staged_files(name, source)
         if not self.ramdisk.is_dir():
             die(f"RAM disk {self.ramdisk} does not exist", hint="is mnt-hoshikage.mount active?")
@@ -169,12 +173,15 @@ class Store:
                            for k in range(len(idents))]
             try:
                 done = 0
-                for src, tmp, ident in zip(source.paths, temporaries, idents, strict=True):
+                for src, tmp, size in zip(source.paths, temporaries, sizes, strict=True):
                     def part(n: int, _size: int, before: int = done) -> None:
                         if progress:
                             progress(before + n, total)
-                    copy_file(src, tmp, ident.size, part if progress else None)
-                    done += ident.size
+                    if encryption.is_encrypted(src):
+                        encryption.decrypt(src, tmp, size, part if progress else None)
+                    else:
+                        copy_file(src, tmp, size, part if progress else None)
+                    done += size
                 for tmp, dest in zip(temporaries, staged.paths, strict=True):
                     os.rename(tmp, dest)
                 # last: a copy without its record is never taken for current
@@ -225,6 +232,12 @@ def log_staged(name: str, staged: Staged, source: Files, how: str = "") -> None:
               f"{staged.seconds:.2f} s ({fmt.size(rate)}/s){how}",
               bytes=staged.size, seconds=f"{staged.seconds:.3f}", source=source.main,
               staged_path=staged.path, files=len(source.paths))
+
+
+def content_size(ident: Identity) -> int:
+    """What the file `ident` stages to: its bytes, or its plaintext's when it is
+    age-encrypted (decrypted only into the RAM disk)."""
+    return encryption.content_size(ident.path, ident.size)
 
 
 def record(idents: Sequence[Identity], staged: Sequence[Path]) -> str:

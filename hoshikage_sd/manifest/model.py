@@ -256,6 +256,9 @@ class Config:
     stop_grace: float = 10.0
     #: where the API keys are (router/auth.py): an absolute path, or "credential:NAME"
     api_keys: str | None = None
+    #: stage encrypted models although swap that is not encrypted could take their
+    #: plaintext from the RAM disk to a disk (encryption.swap_risk; README "Encrypted models")
+    allow_plaintext_swap: bool = False
     #: what every model gets before its source's and its own (`args:`, `env:` at the top)
     args: tuple[str, ...] = ()
     env: tuple[str, ...] = ()

@@ -165,7 +165,7 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
     "max_body": _size, "large_body": _size, "body_memory": _size,
-    "stop_grace": _duration, "api_keys": _api_keys,
+    "stop_grace": _duration, "api_keys": _api_keys, "allow_plaintext_swap": _boolean,
 }
 #: top-level keys read by hand: they depend on each other
 TOP_SPECIAL = ("default_model", "models")

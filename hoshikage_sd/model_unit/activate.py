@@ -12,6 +12,7 @@ and `--adopt PID` makes it the one to wait for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 
-from hoshikage_sd import cache, fmt, host, log, metrics, proc, protocol
+from hoshikage_sd import cache, encryption, fmt, host, log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Files, Model
 from hoshikage_sd.model_unit import launch
@@ -168,14 +169,16 @@ class Activator:
     def stage(self, force: bool = False) -> Staged:
         name = self.model.name
 
+        verb = "decrypting" if self.encrypted else "staging"
+
         def progress(done: int, total: int) -> None:
             if total == 0:
                 self.heartbeat(f"waiting for another copy of {name}")
             else:
-                self.heartbeat(f"staging {name}: {fmt.size(done)} of {fmt.size(total)} "
+                self.heartbeat(f"{verb} {name}: {fmt.size(done)} of {fmt.size(total)} "
                                f"({100 * done // total}%)")
 
-        self.heartbeat(f"staging {name} from {self.source.main}", force=True)
+        self.heartbeat(f"{verb} {name} from {self.source.main}", force=True)
         with self.phase("staging"):
             staged = self.store.stage(name, self.source, progress, force=force)
         log_staged(name, staged, self.source)
@@ -188,7 +191,8 @@ class Activator:
         (or its SSD cache copy) at once and the copy is made alongside once it serves
         (copy_alongside): the first request waits for one read of the file, not a copy and
         then a load, and the copy reads what the load left in the page cache. A model that
-        is not staged (`stage:`, staged()) serves from its source, always."""
+        is not staged (`stage:`, staged()) serves from its source, always; an encrypted one
+        from its decrypted copy, always (the first request waits for the decryption)."""
         try:
             for path in self.source.paths:
                 Identity.of(path)
@@ -198,13 +202,18 @@ class Activator:
                     hint="fix 'path:' in the manifest or mount the disk that holds it")
             return self.staged_files(self.stage()), False  # says what is wrong with the source
         current = self.store.current(self.model.name, self.source)
-        return (current, False) if current else (self.source, self.staged())
+        if current:
+            return current, False
+        if self.encrypted:
+            return self.staged_files(self.stage()), False
+        return self.source, self.staged()
 
     def staged(self) -> bool:
         """Does this model get a RAM-disk copy (`stage:`)? auto: unless all its layers were
         on GPU devices when its unit last judged it (llama-server then reads the file once,
-        into the devices, and a copy in RAM would only make the next load faster)."""
-        return self.model.staged(self.runtime.fully_offloaded(self.model.name))
+        into the devices, and a copy in RAM would only make the next load faster). An
+        encrypted model always: llama-server reads its plaintext from the RAM disk only."""
+        return self.encrypted or self.model.staged(self.runtime.fully_offloaded(self.model.name))
 
     def staged_files(self, staged: Staged) -> Files:
         return staged.files or self.store.staged_files(self.model.name, self.source)
@@ -300,6 +309,29 @@ class Activator:
                     f"{self.config.llama_server} is the one configured)")
         return f"journalctl -u {systemd.shell_unit(self.model.name)}"
 
+    @functools.cached_property
+    def encrypted(self) -> bool:
+        return any(encryption.is_encrypted(p) for p in self.source.paths)
+
+    def check_encrypted(self) -> None:
+        """An encrypted model's load can succeed: its key opens it and swap cannot take its
+        plaintext to a disk. Checked before admission, so that nothing is evicted for a
+        load that would fail (a chunk damaged further in shows while it decrypts)."""
+        name = self.model.name
+        risk = encryption.swap_risk(
+            ramdisk_options=encryption.mount_options(self.config.ramdisk))
+        if risk and not self.config.allow_plaintext_swap:
+            die(f"model '{name}' is encrypted and swap on {risk} is not: its plaintext on "
+                "the RAM disk could be swapped out to a disk",
+                hint="encrypt the swap (or use zram), mount the RAM disk with noswap, or set "
+                     "'allow_plaintext_swap: true' in the manifest (README \"Encrypted models\")")
+        for path in self.source.paths:
+            if encryption.is_encrypted(path):
+                try:
+                    encryption.check_readable(path)
+                except HoshikageError as err:
+                    die(f"model '{name}': {err.message}", hint=err.hint)
+
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse. Kept
         copies of stopped models go before any model that runs."""
@@ -343,6 +375,8 @@ class Activator:
         llama-server on the staged copy already: wait for that one."""
         name = self.model.name
         if adopted is None:
+            if self.encrypted:
+                self.check_encrypted()
             self.admit()
             files, self.copy_later = self.serve_from()
             load_start = time.monotonic()

@@ -59,7 +59,7 @@ def manifest_path() -> str:
 def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, Any]:
     """The index of `config` (the manifest with names.json over it), with what the head
     start's admission (early_admission) needs."""
-    from hoshikage_sd import proc
+    from hoshikage_sd import encryption, proc
     from hoshikage_sd.manifest import Files
     from hoshikage_sd.policy import residents
     from hoshikage_sd.runtime import Runtime
@@ -70,7 +70,11 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
 
     def launch(m: Model) -> dict[str, Any] | None:
         """The model's ticket, when it starts from its source: not with an SSD cache (the
-        cache's copy may be the one to read), not before an estimate was remembered."""
+        cache's copy may be the one to read), not before an estimate was remembered, not
+        for an encrypted model (its unit decrypts it into the RAM disk first)."""
+        files = Files.of(m)
+        if any(encryption.is_encrypted(p) for p in files.paths):
+            return None
         known = runtime.remembered_estimate(m) if config.cache is None else None
         on_devices = residents.device_use(config, m, runtime, listing=False)
         if known is None or on_devices is None or any(
@@ -78,7 +82,6 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
                 for d, b in on_devices[0].items()):
             return None  # the router's, or its unit's, to judge
         st, estimate = known
-        files = Files.of(m)
         return {"argv": config.server_argv(m, files), "env": proc.minimal_env(m.environment),
                 "source": str(m.path),
                 "file": [st.st_size, st.st_mtime_ns], "estimate": estimate,

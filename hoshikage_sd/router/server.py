@@ -198,7 +198,7 @@ class Router:
         The start goes before the stops and the records: a stop queued first kept PID 1
         and polkit busy while the start waited (a swap step's request -> unit starting
         30-37 ms after the stop was queued, bench/peers.py's breakdown)."""
-        from hoshikage_sd import cache
+        from hoshikage_sd import cache, encryption
         from hoshikage_sd.policy import residents
         from hoshikage_sd.policy.admission import Verdict
         from hoshikage_sd.staging import Store
@@ -211,6 +211,8 @@ class Router:
             # once it serves (model_unit/activate.py copy_alongside).
             source = cache.source_for(config, model)
             files = store.current(name, source) or source
+            if files is source and any(encryption.is_encrypted(p) for p in source.paths):
+                return None  # its unit decrypts it into the RAM disk first
             with self.runtime.locked("admission"):
                 decision, estimate = residents.judge(config, model, self.runtime,
                                                      listing=False)
