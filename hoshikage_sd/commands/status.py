@@ -40,17 +40,55 @@ class ModelStatus:
     ttl_seconds: float
     ttl_left_seconds: float | None  # until the idle watch stops it; null: busy or not loaded
     device_bytes: dict[str, int] | None = None  # estimated, on each GPU device; null: none
+    # What the web panel shows besides (router/panel): one model of state for both.
+    phase: str = "not-loaded"       # phase_of(): what a person reads in the state column
+    error: str | None = None        # why its last start failed (the activator's record)
+    copying_bytes: int | None = None  # of a RAM-disk copy being made now (staging)
+    in_flight: int | None = None    # requests in flight (the router's count; null: unknown)
+    aliases: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = dataclasses.field(default_factory=list)
+    pinned: bool = False
+    rank: float = 0.0               # policy/rank over the usage file (eviction order)
+    estimate_bytes: int | None = None  # what admission counts it as (docs/memory.md)
+    source_bytes: int | None = None    # its files on disk
+    cached: bool = False            # a current copy in the SSD cache (cache: dir:)
+
+
+#: the phases phase_of() names, in the order a start goes through them
+PHASES = ("not-loaded", "kept", "staging", "loading", "serving", "stopping", "failed")
+
+
+def phase_of(state: str, serving: bool, copying: bool, staged: bool,
+             error: str | None) -> str:
+    """A model's phase from its unit's ActiveState and the runtime's facts: staging while
+    its unit starts and a RAM-disk copy is being written, loading while it starts without
+    one, kept when it is not loaded but its copy stays on the RAM disk."""
+    if state == "failed" or (state == "inactive" and error is not None):
+        return "failed"
+    if state == "deactivating":
+        return "stopping"
+    if state in ("activating", "reloading") or (state == "active" and not serving):
+        return "staging" if copying else "loading"
+    if state == "active":
+        return "serving"
+    return "kept" if staged else "not-loaded"
 
 
 def model_status(config: Config, model: Model, runtime: Runtime, active: set[str],
-                 now: float) -> ModelStatus:
+                 now: float, in_flight: Mapping[str, int] | None = None) -> ModelStatus:
     import psutil
 
     unit = systemd.model_unit(model.name)
     props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent") \
         if model.name in active else {}
     state = props.get("ActiveState", "inactive")
-    size = Store(config.ramdisk).copy_size(model.name)
+    if not props and runtime.error(model.name) is not None:
+        # not up: failed (a unit in "failed" is listed as loaded, so not here) or never
+        # started since its failure was recorded
+        state = systemd.unit_state(unit)[0] or "inactive"
+    store = Store(config.ramdisk)
+    size = store.copy_size(model.name)
+    copying = copying_bytes(config, model.name)
     mem = props.get("MemoryCurrent", "")
     pid = props.get("MainPID", "")
     running = runtime.running(model.name)
@@ -62,12 +100,27 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         left = None if idle is None else max(0.0, model.ttl - idle)
         with contextlib.suppress(psutil.Error):
             rss = psutil.Process(running.pid).memory_info().rss
+    error = runtime.error(model.name) if state in ("failed", "inactive") else None
     return ModelStatus(
         model.name, state, int(pid) if pid.isdigit() and pid != "0" else None,
         running.pid if serving and running else None,
         int(mem) if mem.isdigit() else None, rss, size,
         activity.last_end if activity else None, idle, serving and idle is None,
-        model.ttl, left, on_devices(runtime, model.name) if state != "inactive" else None)
+        model.ttl, left,
+        on_devices(runtime, model.name) if state not in ("inactive", "failed") else None,
+        phase=phase_of(state, serving, copying is not None, size is not None, error),
+        error=error, copying_bytes=copying,
+        in_flight=None if in_flight is None else in_flight.get(model.name, 0),
+        aliases=list(model.aliases), tags=list(model.tags), pinned=model.pinned)
+
+
+def copying_bytes(config: Config, name: str) -> int | None:
+    """Bytes written so far of the model's RAM-disk copy being made (staging.Store's
+    temporaries), None when none is."""
+    temporaries = list(config.ramdisk.glob(f".{name}.gguf.tmp-*"))
+    if not temporaries:
+        return None
+    return sum(Store.size_of(t) for t in temporaries)
 
 
 def on_devices(runtime: Runtime, name: str) -> dict[str, int] | None:
@@ -91,15 +144,23 @@ def devices_in_use(runtime: Runtime, names: list[str]) -> list[dict[str, Any]]:
     return [{"name": d, "total_bytes": totals[d], "used_bytes": used[d]} for d in sorted(used)]
 
 
-def gather(config: Config) -> dict[str, Any]:
-    """What `status --json` prints: every model, the RAM disk, memory, copies to the SSD
-    cache under way, and the metrics' counters (the same facts /metrics has)."""
+def gather(config: Config, active: set[str] | None = None,
+           in_flight: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """What `status --json` prints and the web panel shows (router/panel): every model, the
+    RAM disk, memory, copies to the SSD cache under way, and the metrics' counters (the same
+    facts /metrics has). `active`: the model units up (else asked of systemd, or the
+    command dies); `in_flight`: the router's requests in flight per model."""
     from hoshikage_sd import metrics
 
     runtime = Runtime(config.runtime_dir)
     now = time.time()
-    active = set(loaded_units())
-    models = [model_status(config, m, runtime, active, now) for m in config.models.values()]
+    active = set(loaded_units()) if active is None else active
+    ranks = usage_ranks(config, active)
+    models = [dataclasses.replace(
+        model_status(config, m, runtime, active, now, in_flight),
+        rank=round(ranks.get(m.name, 0.0), 1), estimate_bytes=estimate_of(m, runtime),
+        source_bytes=source_size(m), cached=cached(config, m))
+        for m in config.models.values()]
     available, total = memory()
     usage = metrics.ramdisk_usage(config.ramdisk)
     caching = []
@@ -124,6 +185,49 @@ def gather(config: Config) -> dict[str, Any]:
         "counters": metrics.as_json(totals),
         "counters_since": totals.since,
     }
+
+
+def usage_ranks(config: Config, active: set[str]) -> dict[str, float]:
+    """Each model's rank from the usage file ({} where it cannot be read: a status as
+    another user than hoshikage)."""
+    from hoshikage_sd.policy.stats import StatsFile
+
+    try:
+        return StatsFile(config.state_dir).ranks(w=config.weights, running=active)
+    except OSError:
+        return {}
+
+
+def estimate_of(model: Model, runtime: Runtime) -> int | None:
+    """Admission's estimate of the model: the one remembered in the runtime directory, else
+    read from its header (and remembered, where this user may write there)."""
+    from hoshikage_sd.policy import residents
+
+    remembered = runtime.remembered_estimate(model)
+    if remembered is not None:
+        return remembered[1]
+    if not model.path.exists():
+        return None
+    try:
+        return residents.estimate(model, runtime)
+    except OSError:
+        return residents.estimate(model)
+
+
+def source_size(model: Model) -> int | None:
+    try:
+        return sum(p.stat().st_size for p in (model.path, *model.shards))
+    except OSError:
+        return None
+
+
+def cached(config: Config, model: Model) -> bool:
+    from hoshikage_sd import cache
+
+    try:
+        return cache.cached_copy(config, model) is not None
+    except OSError:
+        return False
 
 
 def status(config: Config, as_json: bool = False) -> int:

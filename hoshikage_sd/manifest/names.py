@@ -25,6 +25,7 @@ class Names:
     aliases: dict[str, str] = field(default_factory=dict)  # alias → model
     removed: list[str] = field(default_factory=list)       # manifest aliases taken away
     tags: dict[str, str] = field(default_factory=dict)     # tag → model
+    pinned: dict[str, bool] = field(default_factory=dict)  # model → pinned (the panel's)
 
 
 def path(config: Config) -> Path:
@@ -53,6 +54,10 @@ def parse(data: object) -> tuple[Names, list[str]]:
     problems: list[str] = []
     aliases = _mapping(data, "aliases", problems)
     tags = _mapping(data, "tags", problems)
+    pinned = data.get("pinned", {})
+    if not isinstance(pinned, dict) or not all(isinstance(v, bool) for v in pinned.values()):
+        problems.append("'pinned' is not an object of true/false")
+        pinned = {}
     removed = data.get("removed", [])
     if not isinstance(removed, list):
         problems.append(f"'removed' is {statefile.kind_of(removed)}, not a list")
@@ -60,7 +65,7 @@ def parse(data: object) -> tuple[Names, list[str]]:
     elif not all(isinstance(r, str) for r in removed):
         problems.append("'removed' holds something other than names")
         removed = [r for r in removed if isinstance(r, str)]
-    return Names(aliases=aliases, removed=removed, tags=tags), problems
+    return Names(aliases=aliases, removed=removed, tags=tags, pinned=pinned), problems
 
 
 def read(config: Config) -> tuple[Names, list[str]]:
@@ -118,6 +123,9 @@ def apply(config: Config, names: Names) -> Config:
             if tag in model.tags:
                 update(model.name, tags=tuple(t for t in model.tags if t != tag))
         update(target, tags=(*models[target].tags, tag))
+    for name, pinned in names.pinned.items():
+        if name in models:  # a model gone from the manifest: its pin waits for it
+            models[name] = dataclasses.replace(models[name], pinned=pinned)
     return dataclasses.replace(config, models=models, warnings=tuple(warnings))
 
 
@@ -176,3 +184,12 @@ def set_tag(config: Config, tag: str, model_name: str) -> str:
     names.tags[tag] = model.name  # one write: the tag moves atomically
     save(config, names)
     return f"tag '{tag}' → {model.name}"
+
+
+def set_pinned(config: Config, model_name: str, pinned: bool) -> str:
+    """Pin or unpin a model over the manifest's `pinned:` (the panel's pin)."""
+    model = _model(config, model_name)
+    names = load(config)
+    names.pinned[model.name] = pinned
+    save(config, names)
+    return f"{model.name} {'pinned' if pinned else 'unpinned'}"

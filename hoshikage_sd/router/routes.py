@@ -29,6 +29,7 @@ class Route:
     OLLAMA_SHOW = "ollama-show"
     OLLAMA_INFER = "ollama-infer"  # /api/chat, /api/generate, /api/embed, /api/embeddings
     OLLAMA_UNMANAGED = "ollama-unmanaged"  # /api/pull and the like: 501
+    PANEL = "panel"              # the web panel, /panel/ and /panel/api/* (hoshikage_sd/panel)
     NOT_ALLOWED = "not-allowed"  # a known route, another method: 405
     NOT_FOUND = "not-found"
 
@@ -59,6 +60,7 @@ NAMED_ONLY = frozenset({"/health", "/v1/health", "/metrics"})
 HEALTH = frozenset({"/", "/health", "/v1/health", "/hoshikage/health"})
 MODELS = frozenset({"/v1/models", "/models"})
 MODEL_PREFIX = "/v1/models/"
+PANEL = "/panel"
 
 OLLAMA_GET = {"/api/version": Route.OLLAMA_VERSION, "/api/tags": Route.OLLAMA_TAGS,
               "/api/ps": Route.OLLAMA_PS}
@@ -89,6 +91,8 @@ def classify(method: str, path: str, query: dict[str, str]) -> str:
         return Route.MODELS if path in MODELS else Route.MODEL
     if path.startswith("/api/"):
         return ollama_route(method, path)
+    if path == PANEL or path.startswith(PANEL + "/"):
+        return Route.PANEL
     return Route.NOT_FOUND
 
 

@@ -419,6 +419,13 @@ class Router:
         request.id = api.request_id(request.header("x-request-id"))
         route = routes.classify(request.method, request.path, request.query)
         self.maybe_reload()
+        if route == Route.PANEL:
+            # the web panel starts nothing by looking and keeps nothing alive: neither the
+            # idle clock nor the request counters see it (it checks keys itself: its page
+            # needs none, its data and actions do)
+            from hoshikage_sd.panel import serve as panel
+
+            return await panel.handle(self, request)
         if route in KEYLESS:
             # a health check says the router cannot serve (keys file unusable)
             denied = self.fail(request, auth.unusable(self.gate.problem)) \

@@ -55,11 +55,14 @@ class ClientConnection(asyncio.Protocol):
         self.timing = ""
         #: bytes still to drop before closing (a last answer sent, see finish())
         self.lingering = 0
+        self.peer = ""
 
     # transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but are ones
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         if not self.proxy.admit(self):
             return
         self._arm("head", self.proxy.limits.header_timeout)
@@ -228,6 +231,7 @@ class ClientConnection(asyncio.Protocol):
     async def _answer(self, request: Request) -> bool:
         """Answer one request; False when the connection must close after it."""
         head_only = request.method == "HEAD"
+        request.peer = self.peer
         result = await self.proxy.handler(request)
         while isinstance(result, Forward):
             forward = result

@@ -80,6 +80,8 @@ class Request:
     large: int = 0
     #: what the handler's access check granted it (router/auth.py: the key; None: no keys)
     grant: object = None
+    #: the client's address ("" for a unix socket or unknown): the panel's loopback check
+    peer: str = ""
 
     @property
     def path(self) -> str:

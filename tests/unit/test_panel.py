@@ -1,0 +1,279 @@
+"""The web panel's logic without a browser: the state value (one model of state with
+`status --json`), its checks against cross-site use and bad input, the journal's records, and
+the router's /panel answers (which start nothing and keep nothing alive)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hoshikage_sd.commands import status
+from hoshikage_sd.manifest import names
+from hoshikage_sd.panel import guard, journal
+from hoshikage_sd.router import routes, server
+from hoshikage_sd.router.proxy import Request, Response
+from hoshikage_sd.sd import units as systemd
+
+MANIFEST = """\
+ramdisk: {tmp}/rd
+runtime_dir: {tmp}/run
+state_dir: {tmp}/state
+llama_server: /bin/true
+router_idle_exit: 1h
+min_reload_seconds: 0
+{extra}
+models:
+  tiny:
+    path: {tmp}/tiny.gguf
+    aliases: [small]
+    ttl: 1h
+  other:
+    path: {tmp}/other.gguf
+"""
+PANEL = {"Content-Type": "application/json", "X-Hoshikage-Panel": "1"}
+ANY_KEY = "sk-panel-test-any-0123456789"
+TINY_KEY = "sk-panel-test-tiny-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def units_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "units-runtime"))
+    # no systemd here: nothing is up, and a start would be a bug
+    monkeypatch.setattr(systemd, "active_model_units", lambda *a: [])
+
+    def no_start(*args: object) -> None:
+        raise AssertionError("the panel started a unit")
+
+    monkeypatch.setattr(systemd, "start_unit", no_start)
+
+
+def router_for(tmp: Path, extra: str = "") -> server.Router:
+    (tmp / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    path = tmp / "models.yaml"
+    path.write_text(MANIFEST.format(tmp=tmp, extra=extra))
+    return server.Router(server.load_config(path))
+
+
+def request(method: str, target: str, body: object = None, headers: dict[str, str] | None = None,
+            peer: str = "127.0.0.1") -> Request:
+    data = json.dumps(body).encode() if body is not None else b""
+    head = {"Host": "127.0.0.1:8080", **(headers or {})}
+    return Request(method, target, "1.1", [(k.encode(), v.encode()) for k, v in head.items()],
+                   data, peer=peer)
+
+
+def answer(router: server.Router, req: Request) -> tuple[int, dict[str, str], Any]:
+    result = asyncio.run(router.handle(req))
+    assert isinstance(result, Response), result
+    headers = {k.lower(): v for k, v in result.headers}
+    is_json = headers.get("content-type", "").startswith("application/json")
+    return result.status, headers, json.loads(result.body) if is_json else result.body
+
+
+# -- pure checks ---------------------------------------------------------------------------
+
+def header_of(headers: dict[str, str]) -> Any:
+    low = {k.lower(): v for k, v in headers.items()}
+    return lambda name: low.get(name.lower())
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({**PANEL, "Host": "h:1"}, None),
+    ({**PANEL, "Host": "h:1", "Origin": "http://h:1", "Sec-Fetch-Site": "same-origin"}, None),
+    ({**PANEL, "Host": "h:1", "Content-Type": "application/json; charset=utf-8"}, None),
+    ({"X-Hoshikage-Panel": "1", "Host": "h:1"}, 415),
+    ({"X-Hoshikage-Panel": "1", "Content-Type": "text/plain", "Host": "h:1"}, 415),
+    ({"Content-Type": "application/json", "Host": "h:1"}, 403),
+    ({**PANEL, "Host": "h:1", "Sec-Fetch-Site": "cross-site"}, 403),
+    ({**PANEL, "Host": "h:1", "Sec-Fetch-Site": "same-site"}, 403),
+    ({**PANEL, "Host": "h:1", "Origin": "http://evil.example"}, 403),
+    ({**PANEL, "Host": "h:1", "Origin": "null"}, 403),
+    ({**PANEL, "Origin": "http://h:1"}, 403),  # no Host to compare with
+])
+def test_actions_from_another_site_are_refused(headers: dict[str, str],
+                                               status: int | None) -> None:
+    refusal = guard.cross_site(header_of(headers))
+    assert (refusal.status if refusal else None) == status
+
+
+@pytest.mark.parametrize(("peer", "ok"), [
+    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.2", False), ("::ffff:10.0.0.2", False), ("fe80::1%eth0", False), ("", False),
+])
+def test_loopback(peer: str, ok: bool) -> None:
+    assert guard.loopback(peer) is ok
+
+
+@pytest.mark.parametrize(("kind", "body", "expected"), [
+    ("load", b'{"model": "tiny"}', guard.Action("load", "tiny")),
+    ("pin", b'{"model": "tiny", "pinned": false}', guard.Action("pin", "tiny", False)),
+    ("load", b"", 400), ("load", b"{", 400), ("load", b"[1]", 400), ("load", b"{}", 400),
+    ("load", b'{"model": 3}', 400), ("load", b'{"model": "../etc"}', 400),
+    ("load", b'{"model": "tiny", "x": 1}', 400), ("unload", b'{"model": "a", "pinned": true}', 400),
+    ("pin", b'{"model": "tiny"}', 400), ("pin", b'{"model": "tiny", "pinned": "yes"}', 400),
+    ("start", b'{"model": "tiny"}', 404),
+])
+def test_action_bodies(kind: str, body: bytes, expected: object) -> None:
+    got = guard.action(kind, body)
+    assert (got.status if isinstance(got, guard.Refusal) else got) == expected
+
+
+def test_journal_lines() -> None:
+    assert guard.lines(None) == 50 and guard.lines("7") == 7
+    for bad in ("0", "-1", "x", "501", "٣"):
+        assert isinstance(guard.lines(bad), guard.Refusal)
+
+
+@pytest.mark.parametrize(("state", "serving", "copying", "staged", "error", "phase"), [
+    ("inactive", False, False, False, None, "not-loaded"),
+    ("inactive", False, False, True, None, "kept"),
+    ("inactive", False, False, False, "no room", "failed"),
+    ("failed", False, False, False, None, "failed"),
+    ("activating", False, True, False, None, "staging"),
+    ("activating", False, False, False, None, "loading"),
+    ("active", False, False, False, None, "loading"),
+    ("active", True, True, False, None, "serving"),
+    ("deactivating", False, False, True, None, "stopping"),
+])
+def test_phase(state: str, serving: bool, copying: bool, staged: bool, error: str | None,
+               phase: str) -> None:
+    assert status.phase_of(state, serving, copying, staged, error) == phase
+    assert phase in status.PHASES
+
+
+def test_journal_records_are_parsed_bytes_and_all() -> None:
+    lines = [
+        json.dumps({"__REALTIME_TIMESTAMP": "1700000000500000", "MESSAGE": "tiny released",
+                    "HOSHIKAGE_EVENT": "released", "HOSHIKAGE_MODEL": "tiny", "PRIORITY": "6",
+                    "_SYSTEMD_UNIT": "hoshikage-model@tiny.service"}),
+        json.dumps({"__REALTIME_TIMESTAMP": "1700000000000000", "MESSAGE": [104, 105, 255],
+                    "PRIORITY": "4"}),
+        "not json", json.dumps([1, 2]),
+    ]
+    first, second = journal.parse("\n".join(lines))
+    assert first == journal.Record(1700000000.5, "tiny released", "released", "tiny", 6,
+                                   "hoshikage-model@tiny.service")
+    assert second.message == "hi\ufffd" and second.event is None and second.priority == 4
+    argv = journal.events_argv("tiny", 20)
+    assert "--lines=20" in argv and "HOSHIKAGE_MODEL=tiny" in argv
+    assert sum(a.startswith("MESSAGE_ID=") for a in argv) >= 10
+    assert "HOSHIKAGE_MODEL=tiny" in journal.unit_argv("tiny", 5)
+
+
+# -- the state value ---------------------------------------------------------------------------
+
+def test_the_state_is_status_json_with_the_panels_facts(tmp_path: Path) -> None:
+    router = router_for(tmp_path)
+    data = status.gather(router.config, set(), {"tiny": 2})
+    assert [m["name"] for m in data["models"]] == ["tiny", "other"]
+    tiny, other = data["models"]
+    assert tiny["phase"] == "not-loaded" and tiny["aliases"] == ["small"]
+    assert tiny["in_flight"] == 2 and other["in_flight"] == 0
+    assert tiny["source_bytes"] == 64 and other["source_bytes"] is None
+    assert other["estimate_bytes"] is None and not tiny["pinned"]
+    assert set(data) >= {"ramdisk", "memory", "devices", "loaded", "counters"}
+
+
+def test_a_pin_lies_over_the_manifest(tmp_path: Path) -> None:
+    router = router_for(tmp_path)
+    config = router.config
+    names.set_pinned(config, "small", True)  # by alias
+    assert names.effective(config).models["tiny"].pinned
+    names.set_pinned(config, "tiny", False)
+    assert not names.effective(config).models["tiny"].pinned
+    data, problems = names.parse({"pinned": {"tiny": "yes"}})
+    assert data.pinned == {} and problems
+
+
+# -- the router's answers ---------------------------------------------------------------------
+
+def test_routes() -> None:
+    for path in ("/panel", "/panel/", "/panel/api/state", "/panel/x"):
+        assert routes.classify("GET", path, {}) == routes.Route.PANEL
+    assert routes.classify("GET", "/panelx", {}) == routes.Route.NOT_FOUND
+
+
+def test_the_page_and_its_state_start_nothing_and_keep_nothing_alive(tmp_path: Path) -> None:
+    router = router_for(tmp_path)
+    router.last_activity = 0.0
+    code, headers, body = answer(router, request("GET", "/panel/"))
+    assert code == 200 and headers["content-type"].startswith("text/html")
+    assert "星影パネル" in body.decode() and "script-src 'self'" in headers[
+        "content-security-policy"]
+    for name in ("panel.css", "panel.js", "icon.svg"):
+        assert answer(router, request("GET", f"/panel/{name}"))[0] == 200
+    assert answer(router, request("GET", "/panel"))[:2][0] == 308
+    for bad in ("/panel/../README.md", "/panel/index.html", "/panel/static/panel.js"):
+        assert answer(router, request("GET", bad))[0] == 404
+    code, _, data = answer(router, request("GET", "/panel/api/state"))
+    assert code == 200 and data["panel"]["may_act"] and not data["panel"]["keys"]
+    assert [m["name"] for m in data["models"]] == ["tiny", "other"]
+    code, _, data = answer(router, request("GET", "/panel/api/state", peer="10.1.1.1"))
+    assert code == 200 and not data["panel"]["may_act"]
+    assert answer(router, request("GET", "/panel/api/nope"))[0] == 404
+    assert answer(router, request("DELETE", "/panel/api/state"))[0] == 405
+    assert answer(router, request("GET", "/panel/api/load"))[0] == 405
+    assert answer(router, request("GET", "/panel/api/logs"))[0] == 400
+    assert answer(router, request("GET", "/panel/api/journal?model=nope"))[0] == 404
+    assert answer(router, request("GET", "/panel/api/journal?model=a%2F..%2Fb"))[0] == 400
+    assert answer(router, request("GET", "/panel/api/journal?lines=9999"))[0] == 400
+    # no activity, no count: an open panel must not keep the router (or a model) up
+    assert router.last_activity == 0.0 and router.starting == {} and router.ready == set()
+    assert "hoshikage_requests_total{" not in router.metrics.render().decode()
+
+
+def test_actions_are_refused_cross_site_from_afar_and_for_bad_input(tmp_path: Path) -> None:
+    router = router_for(tmp_path)
+    load = {"model": "tiny"}
+    cases = [
+        (request("POST", "/panel/api/load", load, {"Content-Type": "application/json"}), 403),
+        (request("POST", "/panel/api/load", load, {**PANEL, "Origin": "http://evil.example"}),
+         403),
+        (request("POST", "/panel/api/load", load, {**PANEL, "Sec-Fetch-Site": "cross-site"}),
+         403),
+        (request("POST", "/panel/api/load", load, PANEL, peer="192.168.1.9"), 403),
+        (request("POST", "/panel/api/load", {"model": "nope"}, PANEL), 404),
+        (request("POST", "/panel/api/load", {"model": "a b"}, PANEL), 400),
+        (request("POST", "/panel/api/restart", load, PANEL), 404),
+        (request("POST", "/panel/api/pin", load, PANEL), 400),
+    ]
+    for req, code in cases:
+        got, _, body = answer(router, req)
+        assert got == code, (req.target, req.headers, body)
+        assert body["error"]["message"]
+    assert router.starting == {} and router.ready == set()
+    got, _, body = answer(router, request("POST", "/panel/api/unload", load, PANEL))
+    assert got == 200 and body == {"model": "tiny", "unloaded": False}
+    got, _, body = answer(router, request(
+        "POST", "/panel/api/pin", {"model": "tiny", "pinned": True},
+        {**PANEL, "Origin": "http://127.0.0.1:8080", "Sec-Fetch-Site": "same-origin"}))
+    assert got == 200 and router.config.models["tiny"].pinned
+
+
+def test_with_keys_a_key_sees_and_acts_on_its_models_only(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"{ANY_KEY}\n{TINY_KEY}: small\n")
+    router = router_for(tmp_path, f"api_keys: {keys}")
+    assert answer(router, request("GET", "/panel/"))[0] == 200  # the page asks for the key
+    assert answer(router, request("GET", "/panel/api/state"))[0] == 401
+    code, _, data = answer(router, request("GET", "/panel/api/state",
+                                           headers={"Authorization": f"Bearer {TINY_KEY}"}))
+    assert code == 200 and [m["name"] for m in data["models"]] == ["tiny"]
+    assert "counters" not in data and data["panel"]["keys"]
+    code, _, data = answer(router, request("GET", "/panel/api/state", peer="10.0.0.1",
+                                           headers={"x-api-key": ANY_KEY}))
+    assert code == 200 and len(data["models"]) == 2 and data["panel"]["may_act"]
+    assert answer(router, request("GET", "/panel/api/journal?model=other",
+                                  headers={"Authorization": f"Bearer {TINY_KEY}"}))[0] == 404
+    pin = {"model": "other", "pinned": True}
+    assert answer(router, request("POST", "/panel/api/pin", pin, PANEL))[0] == 401
+    assert answer(router, request("POST", "/panel/api/pin", pin,
+                                  {**PANEL, "Authorization": f"Bearer {TINY_KEY}"}))[0] == 403
+    assert answer(router, request("POST", "/panel/api/pin", pin,
+                                  {**PANEL, "Authorization": f"Bearer {ANY_KEY}"},
+                                  peer="10.0.0.1"))[0] == 200
+    assert router.config.models["other"].pinned
