@@ -3,7 +3,8 @@ whose rank earns a place from slow disks to the cache, and expires unused ones t
 
 Copies go through the same Store as staging (temp name + rename, identity record, lock), so a
 half-copied file is never used and the source is never written. Staging prefers a verified
-cache copy over the slow original.
+cache copy over the slow original. An encrypted model's copy here stays ciphertext
+(Store(plaintext=False)): its plaintext is only ever on the RAM disk.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def cached_copy(config: Config, model: Model) -> Files | None:
     """The cache's verified copy of the model, if there is one."""
     if config.cache is None:
         return None
-    return Store(config.cache.dir).current(model.name, Files.of(model))
+    return Store(config.cache.dir, plaintext=False).current(model.name, Files.of(model))
 
 
 def source_for(config: Config, model: Model) -> Files:
@@ -78,7 +79,7 @@ def sync(config: Config) -> int:
         log.log.error("cache directory %s does not exist; create it on the SSD", config.cache.dir)
         return 1
     runtime = Runtime(config.runtime_dir)
-    store = Store(config.cache.dir)
+    store = Store(config.cache.dir, plaintext=False)
     with runtime.locked("cache"):
         busy = set(systemd.active_model_units())
         now = time.time()

@@ -72,6 +72,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FORMAT",
                    help="journalctl's output format (short, cat, verbose: with hoshikage's "
                         "fields, json, ...)")
+    p = sub.add_parser("keys", help="the machine's age key for encrypted models")
+    p.add_argument("action", choices=("setup",))
+    p.add_argument("--plain", action="store_true",
+                   help="keep the identity in a root-only file (LoadCredential=) instead of "
+                        "sealing it with systemd-creds")
+    p.add_argument("--force", action="store_true", help="replace an existing identity")
+    p = sub.add_parser("encrypt", help="write an age-encrypted copy of a model "
+                                       "(decrypted only into the RAM disk)")
+    p.add_argument("source", metavar="SRC", help="the model's GGUF file")
+    p.add_argument("dest", nargs="?", metavar="DST", help="where (default SRC.age)")
+    p.add_argument("-R", "--recipients", metavar="FILE",
+                   help="age recipients file (default /etc/hoshikage/age-recipients)")
+    p.add_argument("--force", action="store_true", help="replace DST")
     p = sub.add_parser("router", help="(unit helper) the socket-activated request router")
     p.add_argument("--listen", help="HOST:PORT when not socket-activated "
                                     "(default 127.0.0.1:8080)")
@@ -109,6 +122,13 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
         from hoshikage_sd.commands import simulate
 
         return simulate.main(args.scenario, args.json, args.list)
+    if args.command in ("keys", "encrypt"):  # no manifest needed either
+        from hoshikage_sd.commands import keys
+
+        if args.command == "keys":
+            return keys.setup(args.plain, args.force)
+        return keys.encrypt(Path(args.source), args.dest and Path(args.dest),
+                            args.recipients and Path(args.recipients), args.force)
     from hoshikage_sd import manifest
     from hoshikage_sd.manifest import names
 

@@ -40,10 +40,12 @@ def run(
     capture: bool = True,
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     try:
         result = subprocess.run(
             list(argv),
+            input=input,
             check=False,
             text=True,
             capture_output=capture,

@@ -64,8 +64,17 @@ class Staged:
 
 
 class Store:
-    def __init__(self, ramdisk: Path) -> None:
+    """Copies of models in one directory: the RAM disk's (`plaintext`: an encrypted source is
+    decrypted on its way in), or the SSD cache's (encrypted sources stay ciphertext)."""
+
+    def __init__(self, ramdisk: Path, plaintext: bool = True) -> None:
         self.ramdisk = ramdisk
+        self.plaintext = plaintext
+
+    def content_size(self, ident: Identity) -> int:
+        """What the file `ident` is copied to here: its bytes, or its plaintext's."""
+        return encryption.content_size(ident.path, ident.size) if self.plaintext \
+            else ident.size
 
     def staged(self, name: str) -> Path:
         return self.ramdisk / f"{name}.gguf"
@@ -107,7 +116,7 @@ class Store:
             recorded = json.loads(self._meta(name).read_text())["files"]
             staged = self.staged_files(name, files).paths
             return bool(recorded == [asdict(i) for i in idents]
-                        and all(p.stat().st_size == content_size(i)
+                        and all(p.stat().st_size == self.content_size(i)
                                 for p, i in zip(staged, idents, strict=True)))
         except (OSError, ValueError, KeyError, TypeError, HoshikageError):
             return False
@@ -154,7 +163,7 @@ class Store:
                     hint="fix 'path:' in the manifest or mount the disk that holds it")
             except PermissionError:
                 die(f"model '{name}': source file {path} is not readable")
-        sizes = [content_size(i) for i in idents]
+        sizes = [self.content_size(i) for i in idents]
         total = sum(sizes)
         staged = self.staged_files(name, source)
         if not self.ramdisk.is_dir():
@@ -177,7 +186,7 @@ class Store:
                     def part(n: int, _size: int, before: int = done) -> None:
                         if progress:
                             progress(before + n, total)
-                    if encryption.is_encrypted(src):
+                    if self.plaintext and encryption.is_encrypted(src):
                         encryption.decrypt(src, tmp, size, part if progress else None)
                     else:
                         copy_file(src, tmp, size, part if progress else None)
@@ -232,12 +241,6 @@ def log_staged(name: str, staged: Staged, source: Files, how: str = "") -> None:
               f"{staged.seconds:.2f} s ({fmt.size(rate)}/s){how}",
               bytes=staged.size, seconds=f"{staged.seconds:.3f}", source=source.main,
               staged_path=staged.path, files=len(source.paths))
-
-
-def content_size(ident: Identity) -> int:
-    """What the file `ident` stages to: its bytes, or its plaintext's when it is
-    age-encrypted (decrypted only into the RAM disk)."""
-    return encryption.content_size(ident.path, ident.size)
 
 
 def record(idents: Sequence[Identity], staged: Sequence[Path]) -> str:

@@ -1,6 +1,7 @@
 """Models found in `sources:` directories, where people keep them.
 
-- `*.gguf` files in the directory (and its subdirectories when the entry says `recursive:`);
+- `*.gguf` files in the directory (and its subdirectories when the entry says `recursive:`),
+  and `*.gguf.age`, models encrypted at rest (encryption.py), named as their GGUF would be;
 - Hugging Face's cache layout, wherever it appears (`models--ORG--NAME/snapshots/REV/...`,
   files being symlinks into `blobs/`): the revision `refs/main` names, else the newest
   snapshot; such a model is named after its file, or after the repository and the
@@ -24,7 +25,10 @@ from pathlib import Path
 from hoshikage_sd.manifest.model import NAME_RE, Source
 
 #: a split GGUF's shard, as llama.cpp's llama_split_path writes it
-SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_RE = re.compile(
+    r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})(?P<suffix>\.gguf(?:\.age)?)$")
+#: what a model's file is named: a GGUF, or a GGUF encrypted with age
+SUFFIXES = (".gguf", ".gguf.age")
 #: the quantisation at the end of a file's stem: Q4_K_M, IQ3_XXS, Q8_0, F16, BF16, ...
 QUANT_RE = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)$")
 HF_REPO_PREFIX = "models--"
@@ -51,7 +55,8 @@ def model_name_for(path: Path) -> str | None:
     """The model name a file gets: its stem (a split model's: without the shard suffix),
     with characters we refuse made '-'."""
     split = SPLIT_RE.match(path.name)
-    stem = split["prefix"] if split else path.stem
+    stem = split["prefix"] if split else \
+        path.name.removesuffix(".gguf.age") if path.name.endswith(".gguf.age") else path.stem
     name = re.sub(r"[^A-Za-z0-9._:-]+", "-", stem).strip("-._:")[:100]
     return name if NAME_RE.match(name) else None
 
@@ -69,7 +74,8 @@ def shards_of(first: Path) -> tuple[tuple[Path, ...], str | None]:
     count = int(split["count"])
     if int(split["no"]) != 1 or count < 1:
         return (), f"{first} is not the first shard of a split model (-00001-of-…)"
-    others = tuple(first.with_name(f"{split['prefix']}-{no:05d}-of-{count:05d}.gguf")
+    others = tuple(first.with_name(f"{split['prefix']}-{no:05d}-of-{count:05d}"
+                                   f"{split['suffix']}")
                    for no in range(2, count + 1))
     missing = [p.name for p in others if not _is_file(p)]
     if missing:
@@ -131,7 +137,7 @@ class _Scanner:
         entries = self.listing(directory)
         if entries is None:
             return
-        files = [Path(e.path) for e in entries if e.name.endswith(".gguf")
+        files = [Path(e.path) for e in entries if e.name.endswith(SUFFIXES)
                  and not e.name.startswith(".") and _is_file(Path(e.path))]
         here = tuple(p for p in files if is_projector(p)) or projectors
         for path in files:
