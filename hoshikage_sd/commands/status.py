@@ -206,11 +206,12 @@ def estimate_of(model: Model, runtime: Runtime) -> int | None:
     remembered = runtime.remembered_estimate(model)
     if remembered is not None:
         return remembered[1]
-    if not model.path.exists():
-        return None
     try:
+        model.path.stat()
         return residents.estimate(model, runtime)
-    except OSError:
+    except FileNotFoundError:
+        return None
+    except OSError:  # unreadable (that is the figure) or the runtime record not writable
         return residents.estimate(model)
 
 

@@ -184,14 +184,12 @@ function renderMemory(data) {
       segment("seg-serving", d.used_bytes, d.total_bytes, d.name)))));
 }
 
-function stateCell(m, now) {
+function stateCell(m) {
   const cell = el("td", { "data-label": "State" },
     el("span", { class: "badge " + m.phase, text: PHASE_LABEL[m.phase] || m.phase }));
   let detail = "";
   if (m.phase === "serving") {
     detail = m.busy ? "answering" : "idle, stops in " + ago(m.ttl_left_seconds);
-  } else if (m.phase === "staging" || (m.copying_bytes && m.phase === "serving")) {
-    detail = "";
   } else if (m.phase === "kept") {
     detail = "not loaded; its RAM-disk copy stays";
   }
@@ -247,7 +245,7 @@ function renderModels(data) {
       "aria-label": label + " " + m.name, text });
     return el("tr", { "data-model": m.name, "data-phase": m.phase },
       el("td", { class: "model-cell", "data-label": "Model" }, el("div", { class: "name", text: m.name }), chips),
-      stateCell(m, now),
+      stateCell(m),
       el("td", { "data-label": "Copies", text: copies.join(" · ") || "–" }),
       el("td", { "data-label": "Memory" },
         el("div", { text: "estimate " + size(m.estimate_bytes) }),
@@ -329,7 +327,7 @@ async function readJournal() {
     $("journal").replaceChildren(...body.records.map((rec) => {
       const when = new Date(rec.time * 1000);
       return el("li", { class: "p" + rec.priority },
-        el("time", { datetime: when.toISOString(), title: when.toLocaleString(), text: when.toLocaleTimeString() }),
+        el("time", { datetime: when.toISOString(), title: when.toLocaleString(), text: when.toLocaleTimeString([], { hour12: false }) }),
         el("span", {}, rec.event ? el("span", { class: "ev", text: rec.event }) : null, rec.message));
     }));
   } catch (_) { /* the next poll tries again */ }
@@ -352,7 +350,7 @@ async function chat(event) {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ model, stream: true, max_tokens: 256,
+      body: JSON.stringify({ model, stream: true, max_tokens: 128,
                              messages: [{ role: "user", content: text }] }),
     });
     if (!r.ok) throw new Error(await errorText(r));
