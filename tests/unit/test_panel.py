@@ -277,3 +277,21 @@ def test_with_keys_a_key_sees_and_acts_on_its_models_only(tmp_path: Path) -> Non
                                   {**PANEL, "Authorization": f"Bearer {ANY_KEY}"},
                                   peer="10.0.0.1"))[0] == 200
     assert router.config.models["other"].pinned
+
+
+def test_the_page_ships_in_the_package() -> None:
+    """Every file the router serves is package data (pyproject), so the wheel and the
+    Debian package (pybuild) carry it."""
+    import tomllib
+
+    from hoshikage_sd.panel import serve
+
+    root = Path(serve.__file__).parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    assert data["tool"]["setuptools"]["package-data"]["hoshikage_sd.panel"] == ["static/*"]
+    shipped = {p.name for p in serve.STATIC_DIR.iterdir()}
+    assert {name for name, _ in serve.STATIC.values()} == shipped
+    for name in shipped:  # nothing fetched from elsewhere
+        text = (serve.STATIC_DIR / name).read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+        assert "https://" not in text and "@import" not in text and "@font-face" not in text
