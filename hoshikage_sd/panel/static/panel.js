@@ -78,8 +78,19 @@ function setLive(on, text) {
   live.textContent = text;
 }
 
-// --- the state, once a second ---------------------------------------------------------
+// --- the state, once a second (none while the page is hidden: a panel left in a background
+// tab asks nothing) ---------------------------------------------------------------------
+let timer = null;
+let polling = false;
+
+function schedule(ms) {
+  clearTimeout(timer);
+  timer = setTimeout(poll, ms);
+}
+
 async function poll() {
+  if (document.hidden || polling) return;  // visibilitychange starts it again
+  polling = true;
   let wait = 1000;
   try {
     const r = await fetch("api/state", { headers: headers(), cache: "no-store" });
@@ -98,7 +109,8 @@ async function poll() {
     setLive(false, "offline");
     wait = 2000;
   }
-  setTimeout(poll, wait);
+  polling = false;
+  schedule(wait);
 }
 
 function clearModels() {
@@ -409,6 +421,10 @@ function start() {
   $("journal-model").addEventListener("change", readJournal);
   $("journal-unit").addEventListener("change", readJournal);
   $("journal").tabIndex = -1;
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) setLive(false, "paused (tab hidden)");
+    else schedule(0);
+  });
   poll();
 }
 
