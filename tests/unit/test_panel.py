@@ -178,6 +178,19 @@ def test_the_state_is_status_json_with_the_panels_facts(tmp_path: Path) -> None:
     assert set(data) >= {"ramdisk", "memory", "devices", "loaded", "counters"}
 
 
+def test_a_copy_being_made_is_staging_with_its_bytes(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    router = router_for(tmp_path)
+    ramdisk = router.config.ramdisk
+    ramdisk.mkdir()
+    (ramdisk / ".tiny.gguf.tmp-123-0").write_bytes(bytes(40))
+    monkeypatch.setattr(systemd, "show", lambda unit, *props: {
+        "ActiveState": "activating", "MainPID": "77", "MemoryCurrent": "4096"})
+    tiny = status.gather(router.config, {"tiny"})["models"][0]
+    assert (tiny["phase"], tiny["copying_bytes"], tiny["pid"]) == ("staging", 40, 77)
+    assert tiny["memory_bytes"] == 4096 and tiny["llama_server_pid"] is None
+
+
 def test_a_pin_lies_over_the_manifest(tmp_path: Path) -> None:
     router = router_for(tmp_path)
     config = router.config
