@@ -200,8 +200,10 @@ async def load(router: Router, request: Request, model: Model) -> Response:
     its bookkeeping), without waiting for it: the page shows it staging and serving."""
     from hoshikage_sd.commands import manual
 
-    if model.name in router.ready or model.name in router.starting:
+    if model.name in router.starting or await asyncio.to_thread(router.runtime.serving,
+                                                                  model.name):
         return router.reply(request, 200, {"model": model.name, "loading": False})
+    router.gone(model.name)  # the router may still take it for ready (stopped meanwhile)
     wait = await asyncio.to_thread(manual.too_soon, router.config, model, time.time())
     if wait > 0:
         return refuse(router, request, guard.Refusal(
