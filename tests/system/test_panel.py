@@ -1,12 +1,14 @@
 """星影パネル in a real browser (Debian's chromium, driven by Playwright for Python; nothing is
 downloaded) against hoshikage under real systemd: one container for the module, its tests in
 order (empty, a request from outside, actions, keys, chat, a failure, the idle release).
-Screenshots of the main states go to docs/panel/ (README "Panel" shows one)."""
+Screenshots of the main states are its artifacts: in the run's temporary directory, or where
+$HOSHIKAGE_PANEL_SHOTS says (docs/panel to refresh README's pictures)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import threading
 import time
@@ -25,7 +27,6 @@ from tests.support import unavailable
 pytestmark = pytest.mark.system
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = REPO_ROOT / "docs/panel"
 ANY_KEY = "sk-panel-system-any-0123456789"
 TINY_KEY = "sk-panel-system-tiny-0123456789"
 KEY_ITEM = "hoshikage-panel-key"
@@ -69,6 +70,15 @@ def hk(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go (the tree's docs/panel only when asked for)."""
+    chosen = os.environ.get("HOSHIKAGE_PANEL_SHOTS")
+    path = REPO_ROOT / chosen if chosen else tmp_path_factory.mktemp("panel-shots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
@@ -81,8 +91,9 @@ def browser() -> Iterator[Any]:
 class Panel:
     """One open panel page, with what went wrong on it."""
 
-    def __init__(self, browser: Any, hk: Deployment, key: str | None,
+    def __init__(self, browser: Any, hk: Deployment, key: str | None, shots: Path,
                  origin: str = "127.0.0.1", phone: bool = False) -> None:
+        self.shots = shots
         # a laptop in light mode, or a phone in dark mode
         self.context = browser.new_context(
             viewport={"width": 390, "height": 844} if phone else {"width": 1280, "height": 900},
@@ -125,16 +136,15 @@ class Panel:
                              f"{self.phase(model)}")
 
     def shot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
 
     def close(self) -> None:
         self.context.close()
 
 
 @pytest.fixture(scope="module")
-def panel(browser: Any, hk: Deployment) -> Iterator[Panel]:
-    page = Panel(browser, hk, ANY_KEY)
+def panel(browser: Any, hk: Deployment, shots: Path) -> Iterator[Panel]:
+    page = Panel(browser, hk, ANY_KEY, shots)
     yield page
     page.close()
 
@@ -200,7 +210,8 @@ def test_a_request_from_outside_shows_within_a_second(panel: Panel, hk: Deployme
     assert panel.errors == []
 
 
-def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: Any) -> None:
+def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: Any,
+                                         shots: Path) -> None:
     page = panel.page
     # load from the page
     page.click('button[aria-label="load other"]')
@@ -228,7 +239,7 @@ def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: 
         "Sec-Fetch-Site": "cross-site"})
     assert status == 403 and body["error"]["code"] == "cross_site"
     # ... and a real cross-origin page: its preflight is not granted, the browser refuses
-    other = Panel(browser, hk, ANY_KEY, origin="localhost")
+    other = Panel(browser, hk, ANY_KEY, shots, origin="localhost")
     outcome = other.page.evaluate(
         """async ([url, key]) => { try { const r = await fetch(url, {method: "POST",
              headers: {"Content-Type": "application/json", "X-Hoshikage-Panel": "1",
@@ -241,8 +252,9 @@ def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: 
     assert hk.state("hoshikage-model@other.service") == "inactive"
 
 
-def test_a_key_limited_to_one_model_sees_only_it(browser: Any, hk: Deployment) -> None:
-    limited = Panel(browser, hk, TINY_KEY, phone=True)
+def test_a_key_limited_to_one_model_sees_only_it(browser: Any, hk: Deployment,
+                                                 shots: Path) -> None:
+    limited = Panel(browser, hk, TINY_KEY, shots, phone=True)
     try:
         assert limited.rows() == ["tiny"]
         limited.shot("phone-dark")
@@ -274,6 +286,14 @@ def test_failed_and_loading_states_show_with_the_reason(panel: Panel, hk: Deploy
     reason = panel.page.inner_text('tr[data-model="broken"] .detail.error')
     assert reason.strip()
     assert {m["name"]: m["phase"] for m in status_json(hk)["models"]}["broken"] == "failed"
+    # its unit's own lines on demand (what `hoshikage logs broken` shows)
+    page = panel.page
+    page.select_option("#journal-model", "broken")
+    page.check("#journal-unit")
+    page.wait_for_function("""() => [...document.querySelectorAll('#journal li')]
+        .some(li => !li.querySelector('.ev') && li.innerText.includes('broken'))""")
+    page.uncheck("#journal-unit")
+    page.select_option("#journal-model", "")
     threading.Thread(target=lambda: chat(hk, "slow"), daemon=True).start()
     panel.wait_phase("slow", {"loading", "staging"}, 10)
     panel.shot("failed-and-loading")
