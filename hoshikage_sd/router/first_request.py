@@ -27,7 +27,7 @@ import select
 import time
 
 from hoshikage_sd import protocol
-from hoshikage_sd.router import early_admission, name_index, routes
+from hoshikage_sd.router import early_admission, http1, name_index, routes
 from hoshikage_sd.router.jsonload import loads
 
 TYPE_CHECKING = False  # typing, dataclasses and logging would each cost the head start ms
@@ -104,33 +104,28 @@ def ollama_model(path: str, body: bytes) -> str | None:
 
 def parse(data: bytes) -> Request | None:
     """(method, path, query, body) of a complete HTTP/1.x request in `data`, or None while
-    it is incomplete or for anything this small parser does not take (chunked bodies)."""
+    it is incomplete or for anything this small parser does not take (chunked bodies), or
+    the router's parser would refuse (http1.split_head: a head start must not start a model
+    for a request that then gets a 400)."""
     head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep:
         return None
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        return None
-    headers = {}
-    for line in lines[1:]:
-        key, colon, value = line.partition(":")
-        if colon:
-            headers[key.strip().lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        return None
     try:
-        length = int(headers.get("content-length", "0"))
+        method, target, version, fields = http1.split_head(head)
+        framing = http1.Framing(fields, version)
     except ValueError:
+        return None
+    length = framing.length or 0
+    if framing.chunked:
         return None
     if len(rest) < length:
         return None
-    path, _, query_string = parts[1].partition("?")
+    path, _, query_string = target.decode("latin-1").partition("?")
     query: dict[str, str] = {}
     for pair in filter(None, query_string.split("&")):
         key, _, value = pair.partition("=")
         query.setdefault(key, value)
-    return parts[0], path, query, rest[:length]
+    return method.decode("ascii"), path, query, rest[:length]
 
 
 def peek(connection: _socket.socket, wait: float = PEEK_WAIT) -> Request | None:

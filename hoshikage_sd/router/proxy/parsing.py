@@ -4,12 +4,50 @@ llama-server (strict: a framing it cannot be sure of is refused)."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Protocol
 
+from hoshikage_sd.router.http1 import (
+    HEXDIG,
+    TCHAR,
+    VALUE_BYTES,
+    Framing,
+    Refused,
+    split_head,
+)
 from hoshikage_sd.router.proxy.messages import HOP_BY_HOP, MAX_BODY, MAX_HEAD, BadRequest, Request
 
 logger = logging.getLogger("hoshikage.proxy")
+
+
+# -- chunked framing (RFC 9112 §7.1) ---------------------------------------------------------
+#: chunk-ext, without the BWS that RFC 9112 allows around ';' and '=': no client sends it,
+#: h11 refuses it as well, and a refusal cannot make two readers frame a stream apart
+_TOKEN = b"[" + re.escape(TCHAR) + b"]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+CHUNK_EXT = re.compile(b"(?:;" + _TOKEN + b"(?:=(?:" + _TOKEN + b"|" + _QUOTED + b"))?)*")
+
+
+def chunk_size(line: bytes) -> int:
+    """A chunk-size line's size: 1*HEXDIG (int(size, 16) would take '0x1a', '+1a', '1_a'
+    and ' 1a'), up to 16 digits (past 2**64, past any body limit), then chunk extensions,
+    which are checked and dropped (they are not forwarded: the body is)."""
+    size, semicolon, _ = line.partition(b";")
+    if (not size or len(size) > 16 or size.translate(None, HEXDIG)
+            or (semicolon and CHUNK_EXT.fullmatch(line, len(size)) is None)):
+        raise BadRequest("malformed chunk size")
+    return int(size, 16)
+
+
+def trailer(line: bytes) -> None:
+    """A trailer field: a field line as in the head. Trailers are dropped, not forwarded,
+    but a framing field among them (Content-Length, Transfer-Encoding) is refused: a reader
+    that merged it would frame the message otherwise (RFC 9110 §6.5.1)."""
+    name, colon, _ = line.partition(b":")
+    if (not colon or not name or name.translate(None, TCHAR) or line.translate(None, VALUE_BYTES)
+            or name.lower() in (b"content-length", b"transfer-encoding")):
+        raise BadRequest("malformed trailer")
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -32,6 +70,8 @@ class RequestParser:
         self.chunked = False
         self.parts: list[bytes] = []
         self.size = 0
+        #: bytes of trailers read (chunked: after the last chunk)
+        self.trailers = 0
         self.into: bytearray | None = None
         #: set when a head asked for "100-continue" (the caller answers it)
         self.expects_continue = False
@@ -53,45 +93,27 @@ class RequestParser:
                 if not self.chunked and self.left == 0:
                     self._complete()
                 continue
-            buf = self._chunked(buf) if self.chunked else self._length(buf)
+            if not self.chunked:
+                buf = self._length(buf)
+            else:
+                buf = self._chunked(buf)
+                if self.request is not None:
+                    # an incomplete line (a size, the CRLF after a chunk, a trailer): it
+                    # waits for the next feed. (Looping on it instead spun the event loop
+                    # forever on a size line split between two reads: found by
+                    # tests/unit/test_http_parsing.py's split test, issue 23.)
+                    break
         self.buf = buf
 
     def _head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        first = lines[0].split(b" ")
-        if len(first) != 3 or first[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not first[0].isalpha():
-            raise BadRequest("malformed request line")
-        version = first[2][5:].decode("ascii")
-        request = Request(first[0].decode("ascii"), first[1].decode("latin-1"), version, [],
-                          keep_alive=version == "1.1")
-        length: int | None = None
-        chunked = False
-        expect = False
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
-                raise BadRequest("malformed header line")
-            value = value.strip()
-            key = name.lower()
-            if key == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
-                    raise BadRequest("bad Content-Length")
-                length = int(value)
-            elif key == b"transfer-encoding":
-                if value.lower() != b"chunked" or chunked:
-                    raise BadRequest("only one 'Transfer-Encoding: chunked' is taken", 501)
-                chunked = True
-            elif key == b"connection":
-                tokens = {t.strip() for t in value.lower().split(b",")}
-                if b"close" in tokens:
-                    request.keep_alive = False
-                elif b"keep-alive" in tokens:
-                    request.keep_alive = True
-            elif key == b"expect":
-                expect = value.lower() == b"100-continue"
-            request.headers.append((name, value))
-        if chunked and length is not None:
-            raise BadRequest("both Content-Length and Transfer-Encoding")
+        try:
+            method, target, version, fields = split_head(head)
+            framing = Framing(fields, version)
+        except Refused as exc:
+            raise BadRequest(str(exc), exc.status) from None
+        request = Request(method.decode("ascii"), target.decode("latin-1"),
+                          version[5:].decode("ascii"), fields, keep_alive=framing.keep_alive)
+        length, chunked, expect = framing.length, framing.chunked, framing.expect
         if length is not None and length > self.max_body:
             raise BadRequest(f"body larger than {self.max_body} bytes", 413, request)
         if length is not None and length > self.large_body:
@@ -145,13 +167,7 @@ class RequestParser:
                     if len(buf) > 1024:
                         raise BadRequest("malformed chunk size")
                     return buf
-                text = buf[:end].split(b";", 1)[0].strip()
-                try:
-                    size = int(text, 16)
-                except ValueError:
-                    raise BadRequest("malformed chunk size") from None
-                if size < 0:
-                    raise BadRequest("malformed chunk size")
+                size = chunk_size(buf[:end])
                 self.size += size
                 if self.size > self.max_body:
                     raise BadRequest(f"body larger than {self.max_body} bytes", 413,
@@ -160,6 +176,7 @@ class RequestParser:
                     self._large(self.request, self.size)
                 buf = buf[end + 2:]
                 self.left = size if size else -2
+                self.trailers = 0
             elif self.left > 0:
                 take = min(self.left, len(buf))
                 self.parts.append(buf[:take])
@@ -181,8 +198,13 @@ class RequestParser:
                         raise BadRequest("trailers too large", 431)
                     return buf
                 line, buf = buf[:end], buf[end + 2:]
+                self.trailers += end + 2
+                if self.trailers > MAX_HEAD:
+                    raise BadRequest("trailers too large", 431)
                 if not line:
                     self._complete()
+                else:
+                    trailer(line)
         return buf
 
     def _complete(self) -> None:

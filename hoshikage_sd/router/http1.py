@@ -1,0 +1,130 @@
+"""HTTP/1.1 request-head syntax (RFC 9110 §5, RFC 9112 §3, §5), in one place for the two
+readers of a request: the router's parser (proxy/parsing.py) and the head start that peeks
+at the request that woke the router (first_request.py). The head start starts a model, so it
+must not take a request that the router's parser would refuse: both split heads here.
+
+Built-in types only, no imports: first_request runs before the router's imports (`re` among
+them, tests/unit/test_launch.py). Bytes are checked with bytes.translate(None, allowed),
+which deletes the allowed ones in C: what is left is what is not allowed."""
+
+from __future__ import annotations
+
+#: tchar (RFC 9110 §5.6.2): a field name, a method, a chunk extension's name
+TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: what a head may hold besides its CRLFs: SP, HTAB, VCHAR and obs-text. NUL, the other
+#: controls and DEL are in no production of a head (RFC 9110 §5.5 names CR, LF and NUL, a
+#: recipient's to refuse or to replace: refused, so what is forwarded is what was read)
+HEAD_BYTES = b"\t\r\n" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+#: a field line's bytes (a trailer's, the CRLFs around it taken off)
+VALUE_BYTES = HEAD_BYTES[3:]
+#: a request target: VCHAR, and obs-text (not the RFC's, see split_head)
+TARGET_BYTES = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+HEXDIG = b"0123456789abcdefABCDEF"
+DIGITS = b"0123456789"
+VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+
+#: a size beyond any body limit, for numbers too long to be worth converting
+TOO_LARGE = 1 << 62
+
+Fields = list[tuple[bytes, bytes]]
+
+
+class Refused(ValueError):
+    """A request this reader does not take, with the status to answer it with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def split_head(head: bytes) -> tuple[bytes, bytes, bytes, Fields]:
+    """(method, target, version, [(name, value), ...]) of a request head (without its final
+    CRLF CRLF); Refused, saying what, where it is not RFC 9112's. Values lose their OWS
+    (SP and HTAB only: bytes.strip() would take \\x0b and \\x0c too, which a parser that
+    takes them as part of the value reads differently)."""
+    if head.translate(None, HEAD_BYTES):
+        raise Refused("control character in the request head")
+    lines = head.split(b"\r\n")
+    # CR and LF only as a pair, the line end: a bare one is a line end to some parsers
+    # (h11 and others take a bare LF) and part of a line to others
+    if head.count(b"\r") != len(lines) - 1 or head.count(b"\n") != len(lines) - 1:
+        raise Refused("bare CR or LF in the request head")
+    first = lines[0].split(b" ")
+    # method SP request-target SP HTTP-version, one SP each. The target may hold obs-text,
+    # which RFC 3986 does not (h11 refuses it): a client may send a model's name in ?model=
+    # as raw UTF-8, and a byte above 0x7F ends no token and no line: no reader frames a
+    # request otherwise for it.
+    if (len(first) != 3 or first[2] not in VERSIONS or not first[0]
+            or first[0].translate(None, TCHAR) or not first[1]
+            or first[1].translate(None, TARGET_BYTES)):
+        raise Refused("malformed request line")
+    fields: Fields = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        # a name is a token: no whitespace before the colon (RFC 9112 §5.1), no obs-fold
+        # (a line starting with whitespace), nothing that another reader would cut elsewhere
+        if not colon or not name or name.translate(None, TCHAR):
+            raise Refused("malformed header line")
+        fields.append((name, value.strip(b" \t")))
+    return first[0], first[1], first[2], fields
+
+
+class Framing:
+    """What a head's fields say of its message (RFC 9112 §6): the body's length (None: none
+    given) or chunked, whether the connection is kept, whether a 100 Continue is asked."""
+
+    __slots__ = ("chunked", "expect", "keep_alive", "length")
+
+    def __init__(self, fields: Fields, version: bytes) -> None:
+        length: int | None = None
+        given: bytes | None = None
+        chunked = False
+        host = False
+        keep_alive = version == b"HTTP/1.1"
+        expect = False
+        for name, value in fields:
+            key = name.lower()
+            if key == b"content-length":
+                length = content_length(value, given)
+                given = value
+            elif key == b"transfer-encoding":
+                if value.lower() != b"chunked" or chunked:
+                    raise Refused("only one 'Transfer-Encoding: chunked' is taken", 501)
+                if version == b"HTTP/1.0":
+                    # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has a
+                    # faulty framing (a 1.0 reader does not know chunked)
+                    raise Refused("Transfer-Encoding in an HTTP/1.0 request")
+                chunked = True
+            elif key == b"connection":
+                tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
+                if b"close" in tokens:
+                    keep_alive = False
+                elif b"keep-alive" in tokens:
+                    keep_alive = True
+            elif key == b"expect":
+                expect = value.lower() == b"100-continue"
+            elif key == b"host":
+                # RFC 9112 §3.2: two are a 400 (which one would a check of it read?). None
+                # is taken, against the RFC's 400 for HTTP/1.1: the router sends its own Host
+                # upstream, and simple tools (and this project's tests) send none.
+                if host:
+                    raise Refused("more than one Host")
+                host = True
+        if chunked and length is not None:
+            raise Refused("both Content-Length and Transfer-Encoding")
+        self.length = length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.expect = expect
+
+
+def content_length(value: bytes, previous: bytes | None) -> int:
+    """A Content-Length's value: 1*DIGIT, nothing else (int() would take '+5', ' 5', '5_0'
+    and '٥'). A second one must be the same bytes: Refused otherwise."""
+    if not value or value.translate(None, DIGITS) or (previous is not None
+                                                        and value != previous):
+        raise Refused("bad Content-Length")
+    digits = value.lstrip(b"0")
+    # past 18 digits it is past any body limit (the caller's 413): TOO_LARGE stands for it.
+    # int() itself would raise past 4300 digits (sys.int_max_str_digits).
+    return int(digits or b"0") if len(digits) <= 18 else TOO_LARGE
