@@ -115,6 +115,7 @@ def write_command_manifest(setup: Setup, command: str, extra: str = "") -> None:
     setup.config.write_text(f"""\
 ramdisk: {setup.ramdisk}
 runtime_dir: {setup.runtime}
+state_dir: {setup.root / 'state'}
 models:
   tiny:
     path: {setup.source}

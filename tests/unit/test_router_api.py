@@ -38,16 +38,6 @@ models:
 """
 
 
-@pytest.fixture(autouse=True)
-def units_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The router keeps its last good manifest in $RUNTIME_DIRECTORY: the test's, not /run."""
-    monkeypatch.setenv("RUNTIME_DIRECTORY", str(config_dir(tmp_path)))
-
-
-def config_dir(tmp: Path) -> Path:
-    return tmp / "units-runtime"
-
-
 def write(tmp: Path, extra: str = "") -> Path:
     path = tmp / "models.yaml"
     path.write_text(MANIFEST.format(tmp=tmp, extra=extra))
@@ -215,7 +205,7 @@ def test_a_broken_manifest_at_start_gets_503s_with_the_reason_until_fixed(
 
 
 def test_reload_datagram_rereads_now_and_a_broken_edit_keeps_the_last_good(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, units_runtime: Path) -> None:
     path = write(tmp_path)
 
     async def scenario() -> None:
@@ -244,7 +234,7 @@ def test_reload_datagram_rereads_now_and_a_broken_edit_keeps_the_last_good(
             assert router.broken is None
             assert any("models.yaml:11" in r.getMessage() and "soon" in r.getMessage()
                        for r in caplog.records if r.levelno == logging.ERROR)
-            snapshot = config_dir(tmp_path) / "manifest.yaml"
+            snapshot = units_runtime / "manifest.yaml"
             assert snapshot.exists() and "wee" in snapshot.read_text()  # for the units
         finally:
             router.announcements.close()
