@@ -63,6 +63,12 @@ def is_encrypted(path: Path | str) -> bool:
         return False
 
 
+def named_or_encrypted(path: Path | str) -> bool:
+    """Encrypted, or named as if it were (a *.age file that is not age is an error to say,
+    not a GGUF to try)."""
+    return str(path).endswith(".age") or is_encrypted(path)
+
+
 def header_length(path: Path | str) -> int:
     """Bytes of the age header (up to and with its `--- MAC` line), read without a key."""
     with open(path, "rb") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None
     try:
         fd = os.open(tmp, flags, created)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         fd = os.open(tmp, flags, created)
     try:
         with open(fd, "wb", closefd=False) as f:
@@ -27,3 +28,17 @@ def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None
     finally:
         os.close(fd)
     os.rename(tmp, path)
+
+
+def make_dirs(directory: Path) -> None:
+    """mkdir -p, each new directory owned as the one it is made in: root's CLI (`hoshikage
+    unload` writing a stop record) must not leave /run/hoshikage/stop to root, where the
+    service user's release could then not delete the record."""
+    if directory.is_dir():
+        return
+    make_dirs(directory.parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory)
+        if os.geteuid() == 0:
+            st = os.stat(directory.parent)
+            os.chown(directory, st.st_uid, st.st_gid)

@@ -114,6 +114,7 @@ class Activator:
         self._last_beat = 0.0
         #: llama-server serves from the source; its RAM-disk copy is made once it serves
         self.copy_later = False
+        self.last_staged: Staged | None = None  # this start's copy, when it made one
         #: seconds spent in admission and staging (metrics: the load's phases)
         self.phases: dict[str, float] = {}
         #: what this start counted; written once it served or failed, not on its way
@@ -182,6 +183,7 @@ class Activator:
         with self.phase("staging"):
             staged = self.store.stage(name, self.source, progress, force=force)
         log_staged(name, staged, self.source)
+        self.last_staged = staged
         return staged
 
     def serve_from(self) -> tuple[Files, bool]:
@@ -311,7 +313,8 @@ class Activator:
 
     @functools.cached_property
     def encrypted(self) -> bool:
-        return any(encryption.is_encrypted(p) for p in self.source.paths)
+        """Is a file of the model age-encrypted (or named so: *.age)?"""
+        return any(encryption.named_or_encrypted(p) for p in self.source.paths)
 
     def check_encrypted(self) -> None:
         """An encrypted model's load can succeed: its key opens it and swap cannot take its
@@ -326,7 +329,7 @@ class Activator:
                 hint="encrypt the swap (or use zram), mount the RAM disk with noswap, or set "
                      "'allow_plaintext_swap: true' in the manifest (README \"Encrypted models\")")
         for path in self.source.paths:
-            if encryption.is_encrypted(path):
+            if encryption.named_or_encrypted(path):
                 try:
                     encryption.check_readable(path)
                 except HoshikageError as err:
@@ -386,7 +389,7 @@ class Activator:
             files, self.copy_later = self.serve_from()
             load_start, healthy_at = adopted.spawned, adopted.healthy
             child = self.child = Child(adopted.pid)
-        staged = Staged(files.main, files.size(), False, 0.0, files)
+        staged = self.last_staged or Staged(files.main, files.size(), False, 0.0, files)
         if not self.wait_healthy(child):
             if self.stopping:
                 raise Stopped

@@ -73,7 +73,7 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         cache's copy may be the one to read), not before an estimate was remembered, not
         for an encrypted model (its unit decrypts it into the RAM disk first)."""
         files = Files.of(m)
-        if any(encryption.is_encrypted(p) for p in files.paths):
+        if any(map(encryption.named_or_encrypted, files.paths)):
             return None
         known = runtime.remembered_estimate(m) if config.cache is None else None
         on_devices = residents.device_use(config, m, runtime, listing=False)

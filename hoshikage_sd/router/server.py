@@ -211,7 +211,7 @@ class Router:
             # once it serves (model_unit/activate.py copy_alongside).
             source = cache.source_for(config, model)
             files = store.current(name, source) or source
-            if files is source and any(encryption.is_encrypted(p) for p in source.paths):
+            if files is source and any(map(encryption.named_or_encrypted, source.paths)):
                 return None  # its unit decrypts it into the RAM disk first
             with self.runtime.locked("admission"):
                 decision, estimate = residents.judge(config, model, self.runtime,
