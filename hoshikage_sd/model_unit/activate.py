@@ -35,6 +35,8 @@ from hoshikage_sd.staging import Identity, Staged, Store, log_staged
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0
+#: seconds between the journal's lines on a decryption's progress
+PROGRESS_EVERY = 5.0
 #: seconds after the stop's SIGTERM by which a copy alongside that is to be kept must be
 #: done: the unit's TimeoutStopSec= (30 s) less room for the release after it
 FINISH_COPY_BY = 24.0
@@ -169,20 +171,29 @@ class Activator:
     # -- steps ----------------------------------------------------------------------------
     def stage(self, force: bool = False) -> Staged:
         name = self.model.name
-
         verb = "decrypting" if self.encrypted else "staging"
+        # an encrypted model's first request waits for all of it: the journal says how far
+        logged = [time.monotonic()] if self.encrypted else None
 
         def progress(done: int, total: int) -> None:
             if total == 0:
                 self.heartbeat(f"waiting for another copy of {name}")
-            else:
-                self.heartbeat(f"{verb} {name}: {fmt.size(done)} of {fmt.size(total)} "
-                               f"({100 * done // total}%)")
+                return
+            line = f"{verb} {name}: {fmt.size(done)} of {fmt.size(total)} " \
+                   f"({100 * done // total}%)"
+            self.heartbeat(line)
+            if logged and time.monotonic() - logged[0] >= PROGRESS_EVERY and done < total:
+                logged[0] = time.monotonic()
+                logging.getLogger("hoshikage").info("%s", line)
 
         self.heartbeat(f"{verb} {name} from {self.source.main}", force=True)
+        if self.encrypted:
+            logging.getLogger("hoshikage").info(
+                "decrypting %s from %s into the RAM disk (%s)", name, self.source.main,
+                fmt.size(self.source.size()))
         with self.phase("staging"):
             staged = self.store.stage(name, self.source, progress, force=force)
-        log_staged(name, staged, self.source)
+        log_staged(name, staged, self.source, " (decrypted)" if self.encrypted else "")
         self.last_staged = staged
         return staged
 

@@ -226,3 +226,30 @@ def test_keys_setup_then_encrypt_then_read(tmp_path: Path, plain: bool,
 def test_files_of_an_encrypted_model(tmp_path: Path, key: str) -> None:
     sealed = seal(make_model(tmp_path / "m.gguf"), key)
     assert Files.one(sealed).main == sealed
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_the_unit_refuses_plaintext_swap_unless_allowed(tmp_path: Path, key: str,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        allowed: bool) -> None:
+    from hoshikage_sd import manifest
+    from hoshikage_sd.model_unit import activate
+
+    sealed = seal(make_model(tmp_path / "m.gguf"), key)
+    model = manifest.Model("m", sealed, stage="never")
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    config = manifest.Config(source=tmp_path / "x.yaml", runtime_dir=tmp_path / "run",
+                             ramdisk=ram, models={"m": model}, allow_plaintext_swap=allowed)
+    monkeypatch.setattr(encryption, "swap_risk", lambda **_: "/dev/sda2")
+    activator = activate.Activator(config, model)
+    assert activator.encrypted and activator.staged()  # stage: never does not apply
+    if not allowed:
+        with pytest.raises(HoshikageError, match="swap on /dev/sda2 is not") as err:
+            activator.check_encrypted()
+        assert err.value.hint and "allow_plaintext_swap" in err.value.hint
+        return
+    activator.check_encrypted()
+    files, copy_later = activator.serve_from()  # decrypted first, never served from source
+    assert files.main == ram / "m.gguf" and not copy_later
+    assert (ram / "m.gguf").read_bytes() == (tmp_path / "m.gguf").read_bytes()
