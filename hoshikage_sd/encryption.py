@@ -24,6 +24,10 @@ from pathlib import Path
 
 from hoshikage_sd.errors import HoshikageError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from hoshikage_sd.manifest import Config
+
 MAGIC = b"age-encryption.org/v1\n"
 #: the payload: a nonce, then chunks of CHUNK plaintext bytes each sealed with a TAG
 NONCE, CHUNK, TAG = 16, 64 << 10, 16
@@ -295,3 +299,39 @@ def mount_options(mountpoint: Path) -> str | None:
             if len(fields) > 3 and fields[1].replace("\\040", " ") == str(mountpoint):
                 found = fields[3]
     return found
+
+
+def check_problems(config: Config) -> list[str]:
+    """`hoshikage check`'s findings on the encrypted models: age missing, no key or one that
+    does not open a model (its first chunk decrypted), the units without the credential,
+    swap that would make the units refuse them."""
+    import shutil
+
+    from hoshikage_sd.manifest import Files
+
+    files = [(m.name, p) for m in config.models.values() for p in Files.of(m).paths
+             if named_or_encrypted(p)]
+    if not files:
+        return []
+    if shutil.which("age") is None:
+        return ["encrypted models need age to decrypt them: apt install age"]
+    problems = []
+    for name, path in files:
+        try:
+            check_readable(path)
+        except HoshikageError as err:
+            problems.append(f"model {name}: {err.message}"
+                            + (f" ({err.hint})" if err.hint else ""))
+    if SEALED_IDENTITY.exists() or PLAIN_IDENTITY.exists():
+        from hoshikage_sd.commands.keys import DROPIN, DROPIN_DIR, UNITS
+
+        for unit in UNITS:
+            if not (DROPIN_DIR / f"{unit}.d" / DROPIN).exists():
+                problems.append(f"{unit} does not get the age identity (no "
+                                f"{DROPIN_DIR}/{unit}.d/{DROPIN}): run `hoshikage keys setup "
+                                "--force` or write the drop-in (README \"Encrypted models\")")
+    risk = swap_risk(ramdisk_options=mount_options(config.ramdisk))
+    if risk and not config.allow_plaintext_swap:
+        problems.append(f"swap on {risk} is not encrypted: encrypted models are refused "
+                        "(README \"Encrypted models\": Swap)")
+    return problems

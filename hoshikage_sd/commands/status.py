@@ -389,6 +389,9 @@ def check(config: Config) -> int:
         problems.append(f"{config.source}: llama_server {config.llama_server} is not an "
                         "executable file")
     problems += service_user_problems(config)
+    from hoshikage_sd import encryption
+
+    problems += encryption.check_problems(config)
     for line in problems:
         print(f"warning: {line}")
     print(f"{config.source}: {len(config.models)} model(s): "

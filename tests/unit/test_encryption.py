@@ -253,3 +253,23 @@ def test_the_unit_refuses_plaintext_swap_unless_allowed(tmp_path: Path, key: str
     files, copy_later = activator.serve_from()  # decrypted first, never served from source
     assert files.main == ram / "m.gguf" and not copy_later
     assert (ram / "m.gguf").read_bytes() == (tmp_path / "m.gguf").read_bytes()
+
+
+def test_check_reports_what_keeps_encrypted_models_from_loading(
+        tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd import manifest
+
+    good = seal(make_model(tmp_path / "m.gguf"), key)
+    other = seal(tmp_path / "m.gguf", keygen(tmp_path / "k2"), tmp_path / "other.gguf.age")
+    models = {"good": manifest.Model("good", good), "other": manifest.Model("other", other)}
+    config = manifest.Config(source=tmp_path / "x.yaml", ramdisk=tmp_path, models=models)
+    monkeypatch.setattr(encryption, "swap_risk", lambda **_: None)
+    monkeypatch.setattr(encryption, "SEALED_IDENTITY", tmp_path / "none.cred")
+    monkeypatch.setattr(encryption, "PLAIN_IDENTITY", tmp_path / "none.key")
+    (problem,) = encryption.check_problems(config)
+    assert problem.startswith("model other: cannot decrypt") and "this machine's key" in problem
+    monkeypatch.setattr(encryption, "swap_risk", lambda **_: "/dev/sdb1")
+    assert "swap on /dev/sdb1" in encryption.check_problems(config)[-1]
+    plain = manifest.Config(source=tmp_path / "x.yaml", ramdisk=tmp_path,
+                            models={"p": manifest.Model("p", tmp_path / "m.gguf")})
+    assert encryption.check_problems(plain) == []
