@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed import REPO_ROOT
+from tests.containers import post_mortem
 from tests.support import unavailable
 
 # tools/ holds scripts, not a package: make tools/make_gguf.py importable as make_gguf
@@ -40,3 +43,13 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.gguf"
     make_gguf.write_model(path)
     return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """A failed test that booted containers (the system and package tiers) gets their
+    console and journal tail in its report (tests/containers.py)."""
+    outcome = yield
+    post_mortem(item, outcome.get_result())

@@ -14,6 +14,7 @@ import pytest
 from testbed.container import Container, ContainerError
 
 _CONTAINERS = pytest.StashKey[list[Container]]()
+_REPORT_LINES = pytest.StashKey[int]()
 _serial = itertools.count(1)
 
 Binds = Sequence[tuple[str, str, bool]]
@@ -26,11 +27,14 @@ def unique_name(hint: str = "t") -> str:
 
 
 @contextlib.contextmanager
-def made_for(request: pytest.FixtureRequest) -> Iterator[Callable[..., Container]]:
+def made_for(request: pytest.FixtureRequest,
+             report_lines: int = 200) -> Iterator[Callable[..., Container]]:
     """``boot(name, binds, timeout, rootfs=None)`` for one test; every container it booted is
-    stopped when the block ends (the first error of those stops raised)."""
+    stopped when the block ends (the first error of those stops raised). Should the test
+    fail, its report gets `report_lines` of each one's console and journal (post_mortem)."""
     made: list[Container] = []
     request.node.stash[_CONTAINERS] = made
+    request.node.stash[_REPORT_LINES] = report_lines
 
     def boot(name: str, binds: Binds, timeout: float, rootfs: str | None = None) -> Container:
         c = Container(name, binds, rootfs=rootfs)
@@ -49,10 +53,12 @@ def made_for(request: pytest.FixtureRequest) -> Iterator[Callable[..., Container
         raise errors[0]
 
 
-def post_mortem(item: pytest.Item, report: pytest.TestReport, lines: int = 200) -> None:
-    """A failed test's report gets each of its containers' console and journal tail."""
+def post_mortem(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A failed test's report gets each of its containers' console and journal tail (the
+    root conftest's pytest_runtest_makereport calls it for every test)."""
     if not report.failed or report.when not in ("setup", "call"):
         return
+    lines = item.stash.get(_REPORT_LINES, 200)
     for c in item.stash.get(_CONTAINERS, []):
         report.sections.append((f"container {c.name}: console", c.console_tail(lines)))
         if c.running:

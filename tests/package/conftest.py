@@ -7,15 +7,14 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from testbed import REPO_ROOT
 from testbed.container import Container, unavailable_reason
-from tests.containers import Binds, made_for, post_mortem, unique_name
+from tests.containers import Binds, made_for, unique_name
 from tests.package import rootfs
 from tests.support import unavailable
 
@@ -57,19 +56,11 @@ def bookworm() -> Path:
 def boot(request: pytest.FixtureRequest, bookworm: Path) -> Iterator[Callable[..., Container]]:
     """``boot(binds)``: the bookworm root booted under its own systemd (a tmpfs overlay keeps
     the cache pristine); stopped at teardown, its journal in the report of a failure."""
-    with made_for(request) as boot:
+    with made_for(request, report_lines=300) as boot:
         def make(binds: Binds = ()) -> Container:
             return boot(unique_name(request.node.name), binds, 120, rootfs=str(bookworm))
 
         yield make
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
-    outcome = yield
-    post_mortem(item, outcome.get_result(), lines=300)
 
 
 def pids_in(c: Container) -> list[int]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
-from typing import Any
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
 from testbed.container import Container, unavailable_reason
-from tests.containers import Binds, made_for, post_mortem, unique_name
+from testbed.deploy import Deployment, deploy, manifest
+from tests.containers import Binds, made_for, unique_name
 from tests.support import unavailable
 
 ContainerFactory = Callable[..., Container]
+TinyDeployer = Callable[..., Deployment]
 
 
 @pytest.fixture
@@ -37,9 +40,22 @@ def container_factory(request: pytest.FixtureRequest) -> Iterator[ContainerFacto
         yield make
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
-    outcome = yield
-    post_mortem(item, outcome.get_result())
+@pytest.fixture
+def deploy_tiny(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+                llama_server_bin: Path) -> TinyDeployer:
+    """``deploy_tiny(models, files=None, **settings) -> Deployment``: hoshikage deployed in a
+    container of its own (testbed.deploy), with the manifest of `models` (name: that model's
+    YAML lines) and the top-level `settings` (testbed.deploy.manifest).
+
+    Each model named in `files` (default: every one) has a copy of the tiny GGUF as its file,
+    in tmp_path/models (bound in at /srv/models); a model left out has none."""
+    def make(models: dict[str, str], files: Iterable[str] | None = None,
+             **settings: str) -> Deployment:
+        directory = tmp_path / "models"
+        directory.mkdir(exist_ok=True)
+        for name in models if files is None else files:
+            shutil.copyfile(tiny_gguf, directory / f"{name}.gguf")
+        return deploy(container_factory, directory,
+                      manifest(llama_server_bin, models, **settings))
+
+    return make

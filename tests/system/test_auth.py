@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-from pathlib import Path
 
 import anthropic
 import openai
 import pytest
 
-from testbed.deploy import Deployment, deploy, manifest
-from tests.system.conftest import ContainerFactory
+from testbed.deploy import Deployment
+from tests.system.conftest import TinyDeployer
 
 pytestmark = pytest.mark.system
 UNIT = "hoshikage-model@tiny.service"
@@ -24,16 +22,10 @@ OTHER_ONLY = "sk-hoshikage-test-other-9876543210"
 
 
 @pytest.fixture
-def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
-       llama_server_bin: Path) -> Deployment:
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
-    shutil.copyfile(tiny_gguf, models / "other.gguf")
-    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048"]',
-                                       "other": 'ttl: 1h\nargs: ["-c", "2048"]'},
-                    router_idle_exit="1h", api_keys="credential:api-keys")
-    deployment = deploy(container_factory, models, text)
+def hk(deploy_tiny: TinyDeployer) -> Deployment:
+    deployment = deploy_tiny({"tiny": 'ttl: 1h\nargs: ["-c", "2048"]',
+                              "other": 'ttl: 1h\nargs: ["-c", "2048"]'},
+                             router_idle_exit="1h", api_keys="credential:api-keys")
     root = deployment.container.root
     keys = root / "etc/hoshikage/api-keys"
     keys.write_text(f"# test keys\n{ANY_MODEL}\n{OTHER_ONLY}: other\n")

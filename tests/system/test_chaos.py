@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -60,16 +60,27 @@ def models_dir(tmp_path: Path, tiny_gguf: Path) -> Path:
     return directory
 
 
-def tiny_manifest(llama_server_bin: Path, **settings: str) -> str:
-    return manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
+def tiny_manifest(llama_server_bin: Path, ctx: int = 2048, **settings: str) -> str:
+    """tiny, one slot of `ctx` tokens, loaded for an hour; `settings` at the top."""
+    return manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{ctx}", "-np", "1"]'},
                     router_idle_exit="1h", **settings)
 
 
 @pytest.fixture
-def hk(container_factory: ContainerFactory, models_dir: Path,
-       llama_server_bin: Path) -> Deployment:
-    return deploy(container_factory, models_dir, tiny_manifest(llama_server_bin),
-                  timer_every="2s")
+def deploy_with(container_factory: ContainerFactory, models_dir: Path,
+                llama_server_bin: Path) -> Callable[..., Deployment]:
+    """``deploy_with(ctx=2048, **settings)``: tiny_manifest's hoshikage in a container,
+    the idle watch every 2 s."""
+    def make(ctx: int = 2048, **settings: str) -> Deployment:
+        return deploy(container_factory, models_dir,
+                      tiny_manifest(llama_server_bin, ctx, **settings), timer_every="2s")
+
+    return make
+
+
+@pytest.fixture
+def hk(deploy_with: Callable[..., Deployment]) -> Deployment:
+    return deploy_with()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -525,12 +536,9 @@ def cancel_entry(hk: Deployment, since: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_client_that_goes_away_stops_its_generation_upstream(
-        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path,
-        stream: bool) -> None:
+        deploy_with: Callable[..., Deployment], models_dir: Path, stream: bool) -> None:
     long_context(models_dir)
-    text = manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{LONG_CTX}", "-np", "1"]'},
-                    router_idle_exit="1h")
-    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    hk = deploy_with(LONG_CTX)
     chat_ok(hk)
     since = cursor(hk)
     latencies = []
@@ -583,13 +591,11 @@ def test_stopping_the_router_lets_a_stream_finish_within_its_grace_and_stops_soo
 
 
 def test_stopping_the_router_ends_a_stream_past_its_grace_cleanly_and_stops(
-        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+        deploy_with: Callable[..., Deployment], models_dir: Path) -> None:
     """stop_grace 2s, a stream that would go on far longer: the stop takes the grace, the
     stream gets an error event and its proper end (no cut chunking), llama-server stops."""
     long_context(models_dir)
-    text = manifest(llama_server_bin, {"tiny": f'ttl: 1h\nargs: ["-c", "{LONG_CTX}", "-np", "1"]'},
-                    router_idle_exit="1h", stop_grace="2s")
-    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+    hk = deploy_with(LONG_CTX, stop_grace="2s")
     chat_ok(hk)
     since = cursor(hk)
     sock = raw_request(hk, "POST", "/v1/chat/completions",
@@ -637,10 +643,8 @@ def quick_chat(hk: Deployment) -> None:
 
 
 def test_1100_idle_connections_never_stop_normal_requests_and_slow_clients_are_closed(
-        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
-    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
-                    router_idle_exit="1h", client_header_timeout="4s")
-    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+        deploy_with: Callable[..., Deployment]) -> None:
+    hk = deploy_with(client_header_timeout="4s")
     chat_ok(hk)
     since = cursor(hk)
     idle = []
@@ -683,10 +687,8 @@ def read_by_router(hk: Deployment) -> int:
 
 
 def test_connections_past_max_connections_with_none_idle_get_a_clear_503(
-        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
-    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
-                    router_idle_exit="1h", max_connections="20")
-    hk = deploy(container_factory, models_dir, text, timer_every="2s")
+        deploy_with: Callable[..., Deployment]) -> None:
+    hk = deploy_with(max_connections="20")
     chat_ok(hk)
     since = cursor(hk)
     busy = []
@@ -720,12 +722,9 @@ def test_connections_past_max_connections_with_none_idle_get_a_clear_503(
 
 
 def test_three_200_mb_bodies_at_once_keep_the_routers_memory_bounded(
-        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+        hk: Deployment) -> None:
     """body_memory (256 MiB by default): one 200 MiB body is read, the two others get a 503
     before theirs."""
-    text = manifest(llama_server_bin, {"tiny": 'ttl: 1h\nargs: ["-c", "2048", "-np", "1"]'},
-                    router_idle_exit="1h")
-    hk = deploy(container_factory, models_dir, text, timer_every="2s")
     assert hk.request("GET", "/v1/models")[0] == 200
     since = cursor(hk)
     proc = router_proc(hk)

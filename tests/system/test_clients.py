@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
-import shutil
-from pathlib import Path
 
 import anthropic
 import openai
@@ -15,8 +13,8 @@ from ollama import Client as OllamaClient
 from ollama import ResponseError
 from prometheus_client import parser
 
-from testbed.deploy import Deployment, deploy, manifest
-from tests.system.conftest import ContainerFactory
+from testbed.deploy import Deployment
+from tests.system.conftest import TinyDeployer
 
 pytestmark = pytest.mark.system
 UNIT = "hoshikage-model@tiny.service"
@@ -24,16 +22,11 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
-def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
-       llama_server_bin: Path) -> Deployment:
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
-    text = manifest(llama_server_bin, {
+def hk(deploy_tiny: TinyDeployer) -> Deployment:
+    return deploy_tiny({
         "tiny": 'aliases: [small]\nttl: 1h\nargs: ["-c", "2048", "--embeddings", '
                 '"--pooling", "mean"]',
-        "ghost": "ttl: 1h"}, router_idle_exit="1h")
-    return deploy(container_factory, models, text)
+        "ghost": "ttl: 1h"}, files=["tiny"], router_idle_exit="1h")  # ghost: no file
 
 
 def oai(hk: Deployment) -> openai.OpenAI:
@@ -220,13 +213,8 @@ def scrape(hk: Deployment) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 
 
 def test_metrics_count_requests_and_a_scrape_keeps_nothing_alive(
-        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
-        llama_server_bin: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
-    hk = deploy(container_factory, models, manifest(llama_server_bin, {"tiny": "ttl: 2s"},
-                                                    router_idle_exit="2s"))
+        deploy_tiny: TinyDeployer) -> None:
+    hk = deploy_tiny({"tiny": "ttl: 2s"}, router_idle_exit="2s")
     scrape(hk)
     assert hk.state(UNIT) == "inactive"  # a scrape starts no model
     oai(hk).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)

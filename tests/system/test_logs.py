@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hoshikage_sd.sd.units import model_unit
-from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest
-from tests.system.conftest import ContainerFactory
+from testbed.deploy import Deployment, hoshikage_bin
+from tests.system.conftest import TinyDeployer
 
 pytestmark = pytest.mark.system
 
@@ -21,14 +19,8 @@ OTHER = "tiny-1"
 
 
 @pytest.fixture
-def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
-       llama_server_bin: Path) -> Deployment:
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in (QWEN, OTHER):
-        shutil.copyfile(tiny_gguf, models / f"{name}.gguf")
-    text = manifest(llama_server_bin, {QWEN: "aliases: [qwen]\nttl: 2s", OTHER: "ttl: 1h"})
-    return deploy(container_factory, models, text)
+def hk(deploy_tiny: TinyDeployer) -> Deployment:
+    return deploy_tiny({QWEN: "aliases: [qwen]\nttl: 2s", OTHER: "ttl: 1h"})
 
 
 def cursors(entries: list[dict[str, Any]]) -> set[str]:

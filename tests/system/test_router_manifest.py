@@ -3,26 +3,18 @@ and answers anyway, and serves again once the file is fixed, without anyone rese
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from testbed.deploy import Deployment, deploy, manifest
-from tests.system.conftest import ContainerFactory
+from testbed.deploy import Deployment
+from tests.system.conftest import TinyDeployer
 
 pytestmark = pytest.mark.system
 CONFIG = "etc/hoshikage/models.yaml"
 
 
 @pytest.fixture
-def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
-       llama_server_bin: Path) -> Deployment:
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
-    text = manifest(llama_server_bin, {"tiny": "ttl: 1h"}, router_idle_exit="1h")
-    return deploy(container_factory, models, text)
+def hk(deploy_tiny: TinyDeployer) -> Deployment:
+    return deploy_tiny({"tiny": "ttl: 1h"}, router_idle_exit="1h")
 
 
 def hoshikage(hk: Deployment, *args: str) -> str:
