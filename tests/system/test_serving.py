@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import fmt
+from hoshikage_sd.log import MESSAGE_IDS
 from hoshikage_sd.memory import TMPFS_PAGE
 from hoshikage_sd.staging import Identity, record
 from testbed.deploy import Deployment, deploy, manifest
@@ -108,7 +109,7 @@ def test_idle_stop_releases_and_next_request_works(hk: Deployment, models_dir: P
     (idle,) = hk.events("idle-stop", "tiny")
     assert float(idle["HOSHIKAGE_IDLE_SECONDS"]) >= 3.0
     (released,) = hk.events("released", "tiny")
-    assert released["MESSAGE_ID"] == "5c1a3e0f8b9d4a62a1f0e7d3b6c48a04"
+    assert released["MESSAGE_ID"] == MESSAGE_IDS["released"]
     assert released["HOSHIKAGE_REASON"] == "idle"
     # Freed: the tmpfs pages the copy and its record held (2 MiB pages: huge=always).
     size = (models_dir / "tiny.gguf").stat().st_size
