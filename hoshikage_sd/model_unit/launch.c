@@ -2,11 +2,11 @@
  *
  * The same launcher as launch.py (read that file's docstring first: the ticket, the router's
  * datagram, READY=1, the hand-over to the activator), without a Python interpreter to start:
- * python3 -I -S costs about 15 ms of every cold start before llama-server can run; this
- * costs about 1 ms. The installers build it when a C compiler is there and fall back to the
- * Python stub otherwise. tests/integration/test_activator.py runs both against one contract.
+ * A Python start on every cold start before llama-server can run is what this saves
+ * (docs/performance.md). The installers build it when a C compiler is there and fall back to
+ * the Python stub otherwise. tests/unit/test_launch.py runs both against one contract.
  *
- * Build: cc -O2 -Wall -Wextra -o hoshikage-launch hoshikage_sd/launch.c
+ * Build: cc -O2 -Wall -Wextra -o hoshikage-launch hoshikage_sd/model_unit/launch.c
  */
 #define _GNU_SOURCE
 #include <dirent.h>
