@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete's marker: this CLI answers bash completion, complete())
 """The `hoshikage` command: unit helpers (activate, release, idle-watch, router) and the
 commands people type (status, check, logs). Imports are per command: helpers sit on the cold-start
 path, so `activate` never pays for the router's HTTP front, and `hoshikage router` starts
@@ -303,8 +304,25 @@ def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> in
         from hoshikage_sd.router import first_request
 
         early = first_request.take_early()
-    args = helper_args(sys.argv[1:] if argv is None else argv) or parser().parse_args(argv)
+    args = helper_args(sys.argv[1:] if argv is None else argv) \
+        or complete(parser()).parse_args(argv)
     return guarded(args.command, args.debug, lambda: run(args, early))
+
+
+def complete(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`ap`, after bash completion's turn: the completion script
+    (/usr/share/bash-completion/completions/hoshikage, register-python-argcomplete's) runs
+    `hoshikage` with _ARGCOMPLETE set, and argcomplete prints the candidates and exits. Only
+    then is argcomplete imported: the router and the unit helpers never pay for it."""
+    import os
+
+    if "_ARGCOMPLETE" in os.environ:
+        try:
+            import argcomplete
+        except ImportError:  # python3-argcomplete is only recommended: no candidates
+            return ap
+        argcomplete.autocomplete(ap)
+    return ap
 
 
 #: the unit helpers' command lines as their units give them (positional arguments only)
