@@ -4,8 +4,8 @@ Takes the listening socket from systemd (LISTEN_FDS), finds the model a request 
 hoshikage-model@NAME.service (a D-Bus call to PID 1, no systemctl fork), forwards the request
 to that model's unix socket as soon as the unit says llama-server serves (Announcements), and
 streams the reply chunk by chunk. When the model fits, the router admits it itself and leaves
-the unit's launcher a ticket (model_unit/launch.c), so llama-server is the unit's first act. Exits once nothing is loaded and nobody asked for anything for
-`router_idle_exit`.
+the unit's launcher a ticket (model_unit/launch.c), so llama-server is the unit's first act.
+Exits once nothing is loaded and nobody asked for anything for `router_idle_exit`.
 
 HTTP is router/proxy/ (an asyncio.Protocol front with a bounded upstream pool per model,
 sized to llama-server's HTTP threads); which requests start a model is router/routes.py;
