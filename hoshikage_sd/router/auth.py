@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from hoshikage_sd.router import errors as api
 
@@ -35,6 +35,9 @@ KEY_RE: Final = re.compile(r"^[!-~]+$")
 SYNTAX: Final = frozenset(":#,")
 #: keys shorter than this are refused: a guessable key is no key
 MIN_LENGTH: Final = 8
+
+
+M = TypeVar("M")
 
 
 class KeysUnusable(Exception):
@@ -52,6 +55,16 @@ class Key:
     def allows(self, name: str, aliases: tuple[str, ...] = ()) -> bool:
         return self.models is None or name in self.models or any(
             a in self.models for a in aliases)
+
+
+def visible(models: Mapping[str, M], grant: object) -> dict[str, M]:
+    """The models a request's key may see and use: a limited key's own, all of them
+    without keys or with a key for every model. The listings (/v1/models, /api/tags,
+    /api/ps) show only these: a model a key may not use is not the key's business."""
+    if not isinstance(grant, Key) or grant.models is None:
+        return dict(models)
+    return {n: m for n, m in models.items()
+            if grant.allows(n, tuple(getattr(m, "aliases", ())))}
 
 
 def digest(key: str) -> bytes:

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from hoshikage_sd.manifest import Model
+from hoshikage_sd.router import auth, ollama, proxy
 from hoshikage_sd.router import errors as api
-from hoshikage_sd.router import ollama, proxy
 from hoshikage_sd.router.call import JSON, Call, Router, Whole
 from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
 
@@ -32,12 +32,14 @@ def resolve_model(router: Router, request: Request, name: object) -> Model | api
         name, lambda n: bool(router.config.matches(n))))
 
 
-def tags(router: Router) -> dict[str, Any]:
-    return ollama.tags_body([model_facts(m) for m in router.config.models.values()])
+def tags(router: Router, grant: object = None) -> dict[str, Any]:
+    """The models the request's key may use (auth.visible)."""
+    return ollama.tags_body([model_facts(m) for m in
+                             auth.visible(router.config.models, grant).values()])
 
 
-async def ps(router: Router) -> dict[str, Any]:
-    up = await router.up()
+async def ps(router: Router, grant: object = None) -> dict[str, Any]:
+    up = await router.up() & set(auth.visible(router.config.models, grant))
     now = time.time()
     rows = []
     for name in sorted(up):

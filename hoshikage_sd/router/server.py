@@ -484,7 +484,7 @@ class Router:
         if self.broken is not None:
             return self.fail(request, self.broken_error())
         if route == Route.MODELS:
-            return self.reply(request, 200, await self.list_models())
+            return self.reply(request, 200, await self.list_models(request.grant))
         if route == Route.MODEL:
             return await self.show_model(request)
         return await self.ollama(request, route, rid)
@@ -501,9 +501,10 @@ class Router:
             assert err is not None
             return self.fail(request, api.ApiError(err.status, err.message, retry=False))
         if route == Route.OLLAMA_TAGS:
-            return self.reply(request, 200, await asyncio.to_thread(ollama_routes.tags, self))
+            return self.reply(request, 200, await asyncio.to_thread(
+                ollama_routes.tags, self, request.grant))
         if route == Route.OLLAMA_PS:
-            return self.reply(request, 200, await ollama_routes.ps(self))
+            return self.reply(request, 200, await ollama_routes.ps(self, request.grant))
         if route == Route.OLLAMA_SHOW:
             return ollama_routes.show(self, request)
         return await ollama_routes.infer(self, request, rid)
@@ -653,9 +654,11 @@ class Router:
                 "created_at": "1970-01-01T00:00:00Z",
                 "aliases": list(model.aliases), "loaded": model.name in loaded}
 
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, grant: object = None) -> dict[str, Any]:
+        """GET /v1/models: the models the request's key may use (auth.visible)."""
         loaded = await self.loaded()
-        data = [self.describe(model, loaded) for model in self.config.models.values()]
+        data = [self.describe(model, loaded)
+                for model in auth.visible(self.config.models, grant).values()]
         return {"object": "list", "data": data, "has_more": False,
                 "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}

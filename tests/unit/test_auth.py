@@ -212,3 +212,32 @@ def test_a_manifest_broken_at_start_lets_nothing_pass(tmp_path: Path) -> None:
             assert status == 503 and "m.yaml:3" in json.dumps(body), path
 
     asyncio.run(scenario())
+
+
+def test_the_listings_show_only_the_models_a_key_may_use(tmp_path: Path) -> None:
+    """/v1/models, /api/tags and /api/ps list a limited key's models only; a key for every
+    model (and no keys at all) sees them all."""
+    keys = tmp_path / "api-keys"
+    keys.write_text(KEYS)
+    (tmp_path / "other.gguf").write_bytes(b"")
+    manifest = write(tmp_path, f"api_keys: {keys}")
+    manifest.write_text(manifest.read_text() + f"  other:\n    path: {tmp_path}/other.gguf\n")
+
+    async def scenario() -> None:
+        router = server.Router(server.load_config(manifest))
+        router.runtime.serving = lambda name: True  # type: ignore[method-assign]
+        seen = {}
+        for key in ("alpha-secret-1", "beta-secret-22", "gamma-secret-333"):
+            _, _, listed = await call(router, request("GET", "/v1/models",
+                                                      headers=headers_of(key)))
+            _, _, tags = await call(router, request("GET", "/api/tags",
+                                                    headers=headers_of(key)))
+            _, _, ps = await call(router, request("GET", "/api/ps", headers=headers_of(key)))
+            seen[key] = ([m["id"] for m in listed["data"]], [m["name"] for m in tags["models"]],
+                         [m["name"] for m in ps["models"]])
+        assert seen["alpha-secret-1"] == (["tiny", "other"], ["tiny", "other"],
+                                          ["other", "tiny"])
+        assert seen["beta-secret-22"] == (["tiny"], ["tiny"], ["tiny"])
+        assert seen["gamma-secret-333"] == (["other"], ["other"], ["other"])
+
+    asyncio.run(scenario())
