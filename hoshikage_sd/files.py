@@ -6,28 +6,20 @@ import contextlib
 import os
 from pathlib import Path
 
+from hoshikage_sd import protocol
+
 
 def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None:
-    """Replace `path` with `data` (temp name + rename): readers see the old or the new file,
-    and a crashed writer leaves the old one intact. `mode` applies from the file's creation
-    (a secret is never readable by others, not even for a moment)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Replace `path` with `data` (protocol.write_file: temp name + rename): readers see the
+    old or the new file, and a crashed writer leaves the old one intact. `mode` applies from
+    the file's creation (a secret is never readable by others, not even for a moment);
+    without one, 0666 less the umask. Missing directories are made (make_dirs)."""
     raw = data.encode() if isinstance(data, str) else data
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-    created = 0o666 if mode is None else 0o600  # the umask applies; `mode` exactly, below
     try:
-        fd = os.open(tmp, flags, created)
+        protocol.write_file(str(path), raw, mode)
     except FileNotFoundError:
         make_dirs(path.parent)
-        fd = os.open(tmp, flags, created)
-    try:
-        with open(fd, "wb", closefd=False) as f:
-            f.write(raw)
-        if mode is not None:
-            os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        protocol.write_file(str(path), raw, mode)
 
 
 def make_dirs(directory: Path) -> None:

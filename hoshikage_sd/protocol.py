@@ -94,6 +94,37 @@ def valid_name(name: str) -> bool:
             and all(ch in _NAME_REST for ch in name))
 
 
+def write_file(path: str, data: bytes, mode: int | None = 0o644,
+               parents: tuple[str, ...] = ()) -> None:
+    """Replace the file `path` with `data`: a temporary name beside it (hidden), then a
+    rename, so a reader sees the old file or the new one, never half of it; `mode` from its
+    creation on (None: 0666 less the umask). `parents`: directories made first when missing
+    (each on its own: the runtime directory, then its subdirectory). The one writer of such
+    files: files.py's write_atomic for the rest of the code; the launcher's path (built-in
+    modules only) calls it directly."""
+    for directory in parents:
+        try:  # noqa: SIM105 (contextlib: one more import on the launcher's path)
+            posix.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+    slash = path.rfind("/") + 1
+    temporary = f"{path[:slash]}.{path[slash:]}.tmp-{posix.getpid()}"
+    fd = posix.open(temporary, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC
+                    | posix.O_NOFOLLOW, 0o666 if mode is None else mode)
+    try:
+        if mode is not None:
+            posix.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[posix.write(fd, view):]
+    except BaseException:
+        posix.close(fd)
+        posix.unlink(temporary)
+        raise
+    posix.close(fd)
+    posix.rename(temporary, path)
+
+
 def ticket_path(runtime_dir: str, name: str) -> str:
     return f"{runtime_dir}/{TICKET_DIR}/{name}"
 
@@ -107,20 +138,8 @@ def write_ticket(runtime_dir: str, name: str, socket: str, health: str,
               health.encode()]
     fields += [_encode(f"{k}={v}") for k, v in env.items()]
     fields += [b"", *map(_encode, argv)]
-    path = ticket_path(runtime_dir, name)
-    temporary = f"{path}.tmp-{posix.getpid()}"
-    for directory in (runtime_dir, f"{runtime_dir}/{TICKET_DIR}"):
-        try:  # noqa: SIM105 (contextlib: one more import on the launcher's path)
-            posix.mkdir(directory, 0o755)
-        except FileExistsError:
-            pass
-    fd = posix.open(temporary, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC,
-                    0o600)
-    try:
-        posix.write(fd, b"\0".join(fields))
-    finally:
-        posix.close(fd)
-    posix.rename(temporary, path)
+    write_file(ticket_path(runtime_dir, name), b"\0".join(fields), 0o600,
+               (runtime_dir, f"{runtime_dir}/{TICKET_DIR}"))
 
 
 def launched_path(runtime_dir: str, name: str) -> str:
@@ -130,21 +149,9 @@ def launched_path(runtime_dir: str, name: str) -> str:
 def write_launched(runtime_dir: str, name: str, pid: int, spawned: float,
                    healthy: float) -> None:
     """The launcher's record of llama-server serving (see LAUNCHED_DIR); never raises."""
-    path = launched_path(runtime_dir, name)
-    temporary = f"{path}.tmp-{posix.getpid()}"
-    try:
-        for directory in (runtime_dir, f"{runtime_dir}/{LAUNCHED_DIR}"):
-            try:  # noqa: SIM105 (contextlib: one more import on the launcher's path)
-                posix.mkdir(directory, 0o755)
-            except FileExistsError:
-                pass
-        fd = posix.open(temporary, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC |
-                        posix.O_CLOEXEC, 0o644)
-        try:
-            posix.write(fd, f"{pid} {spawned:.9f} {healthy:.9f}\n".encode())
-        finally:
-            posix.close(fd)
-        posix.rename(temporary, path)
+    try:  # noqa: SIM105 (contextlib: one more import on the launcher's path)
+        write_file(launched_path(runtime_dir, name), f"{pid} {spawned:.9f} {healthy:.9f}\n"
+                   .encode(), parents=(runtime_dir, f"{runtime_dir}/{LAUNCHED_DIR}"))
     except OSError:
         pass  # bookkeeping only: the model serves either way
 

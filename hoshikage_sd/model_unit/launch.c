@@ -274,8 +274,8 @@ static void on_stop(int signum) {
     _exit(0);
 }
 
-/* protocol.write_launched: "PID SPAWNED HEALTHY\n", written to a temporary name and renamed;
- * bookkeeping only, so errors are ignored. */
+/* protocol.write_launched: "PID SPAWNED HEALTHY\n", written as protocol.write_file writes (a
+ * hidden temporary name beside it, then a rename); bookkeeping only, so errors are ignored. */
 static void write_launched(const char *runtime_dir, const char *name, pid_t pid, double spawned,
                            double healthy) {
     char dir[4200], path[4400], temporary[4500], text[128];
@@ -283,7 +283,7 @@ static void write_launched(const char *runtime_dir, const char *name, pid_t pid,
     mkdir(runtime_dir, 0755);
     mkdir(dir, 0755);
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(temporary, sizeof temporary, "%s.tmp-%d", path, (int)getpid());
+    snprintf(temporary, sizeof temporary, "%s/.%s.tmp-%d", dir, name, (int)getpid());
     int n = snprintf(text, sizeof text, "%d %.9f %.9f\n", (int)pid, spawned, healthy);
     int fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)

@@ -94,13 +94,9 @@ def admit(index: dict[str, Any], model: dict[str, Any], conn: bus.Connection | N
 
 def write_admitted(runtime: str, name: str, estimate: int) -> None:
     """Runtime.set_admitted without pathlib: others count the model's memory from now on."""
-    directory = f"{runtime}/admitted"
-    path = f"{directory}/{name}.json"
-    temporary = f"{directory}/.{name}.json.tmp-{os.getpid()}"
-    os.makedirs(directory, exist_ok=True)
-    with open(temporary, "w") as f:
-        f.write(f'{{"estimate": {int(estimate)}}}')  # json.dumps's, without json's imports
-    os.rename(temporary, path)
+    protocol.write_file(f"{runtime}/admitted/{name}.json",  # json.dumps's, without json
+                        f'{{"estimate": {int(estimate)}}}'.encode(),
+                        parents=(runtime, f"{runtime}/admitted"))
 
 
 def withdraw(runtime: str, name: str) -> None:
