@@ -116,6 +116,15 @@ class Model:
         return args
 
     @property
+    def own_key(self) -> bool:
+        """Does llama-server ask this model's clients for a key of its own (`--api-key`,
+        `--api-key-file`, `LLAMA_API_KEY` in env:)? The router checks it before a start
+        (router/model_keys.py), so the head start never starts such a model."""
+        return self.backend == "llama-server" and (
+            any(a.split("=")[0] in ("--api-key", "--api-key-file") for a in self.args)
+            or any(e.startswith("LLAMA_API_KEY=") for e in self.env))
+
+    @property
     def http_threads(self) -> int | None:
         """llama-server's HTTP threads: the args' --threads-http, else HTTP_THREADS, or
         slots + 2 where -np asks for more slots than that serves. None: not llama-server."""

@@ -232,6 +232,9 @@ def take_early() -> FirstRequest:
                 break
         if model is None:  # no such model: take() answers it as always
             return first
+        if model.get("keyed"):  # its own llama-server key: the router checks it first
+            first.decided = True
+            return first
         peeked = time.monotonic()
         if protocol.probe(model["socket"], model["health"], timeout=0.5) == 200:
             first.decided = True
@@ -314,8 +317,8 @@ def take(config: Config | None, first: FirstRequest | None = None) -> FirstReque
             model = resolve(config, name)
             if model is not None:
                 break
-        if model is None:
-            return first
+        if model is None or model.own_key or os.environ.get("LLAMA_API_KEY"):
+            return first  # none, or its own key: the router checks it before a start
         if protocol.probe(str(config.socket_path(model.name)), model.health, timeout=0.5) == 200:
             return first
         units.start_unit(units.model_unit(model.name))

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from hoshikage_sd.manifest import Config, Model
 
 NAME = "names.index.json"
-VERSION = 3
+VERSION = 4
 #: manifest/model.py's DEFAULT_PATH (a unit test keeps them equal: model imports dataclasses)
 DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
 DEFAULT_RUNTIME = "/run/hoshikage"
@@ -101,7 +101,9 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
                       "max_loaded": config.max_loaded_models},
         "models": [{"name": m.name, "aliases": list(m.aliases), "tags": list(m.tags),
                     "socket": str(config.socket_path(m.name)), "health": m.health,
-                    "unit": model_unit(m.name), "launch": launch(m)}
+                    "unit": model_unit(m.name), "launch": launch(m),
+                    # its own llama-server key: checked by the router before a start
+                    "keyed": m.own_key or bool(os.environ.get("LLAMA_API_KEY"))}
                    for m in config.models.values()],
     }
 

@@ -88,6 +88,10 @@ async def infer(router: Router, request: Request, rid: str) -> Response | Forwar
     except ollama.OllamaError as exc:
         return router.fail(request, api.ApiError(exc.status, exc.message))
     keep = action.keep_alive
+    if not (isinstance(action, ollama.LoadOnly) and keep.mode == "unload"):
+        denied = router.may_start(request, found)  # the model's own key, before its start
+        if denied is not None:
+            return denied
     if isinstance(action, ollama.LoadOnly):
         if keep.mode == "unload":
             if found.name in await router.loaded():
@@ -132,8 +136,12 @@ class OllamaCall(Call):
         super().__init__(router, request, model)
         self.began_ns = started_ns
         self.action = action
+        # the client's key goes along: a model with its own --api-key asks llama-server
+        # for it too (router/model_keys.py)
+        keys = [(k, v) for k, v in request.headers
+                if k.lower() in (b"authorization", b"x-api-key")]
         self.upstream_request = Request(
-            "POST", action.path, "1.1", [(b"Content-Type", b"application/json")],
+            "POST", action.path, "1.1", [(b"Content-Type", b"application/json"), *keys],
             json.dumps(action.body, ensure_ascii=False).encode())
         self.transform = self._translate
 

@@ -38,7 +38,7 @@ from hoshikage_sd import log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.resolve import resolve
-from hoshikage_sd.router import auth, name_index, proxy, routes
+from hoshikage_sd.router import auth, model_keys, name_index, proxy, routes
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
@@ -587,7 +587,23 @@ class Router:
         found = self.model_for(request, name)
         if isinstance(found, api.ApiError):
             return self.fail(request, found)
+        denied = self.may_start(request, found)
+        if denied is not None:
+            return denied
         return await self.exchange(request, found, Call(self, request, found))
+
+    def may_start(self, request: Request, model: Model) -> Response | None:
+        """The model's own llama-server key (router/model_keys.py), checked before its
+        start: None lets the request on, else the 401 (nothing started, nothing evicted)."""
+        if not model.own_key and not os.environ.get(model_keys.ENV):
+            return None
+        err = model_keys.check(model, request.header)
+        if err is None:
+            return None
+        extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+        response = self.fail(request, err, **extra)
+        response.model = model.name
+        return response
 
     async def started(self, request: Request, model: Model) -> Response | None:
         """Make sure the model serves: None once it does, else the error reply."""

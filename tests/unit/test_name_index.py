@@ -88,7 +88,8 @@ def test_the_index_resolves_as_resolve_does(setup: Path) -> None:
     tiny = name_index.lookup(index, "big")
     assert tiny == {"name": "qwen3-32b", "aliases": [], "tags": ["big"],
                     "socket": str(config.socket_path("qwen3-32b")), "health": "/v1/health",
-                    "unit": "hoshikage-model@qwen3\\x2d32b.service", "launch": None}
+                    "unit": "hoshikage-model@qwen3\\x2d32b.service", "launch": None,
+                    "keyed": False}
 
 
 def test_the_cli_names_are_in_the_index(setup: Path) -> None:
