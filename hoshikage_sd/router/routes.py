@@ -30,6 +30,7 @@ class Route:
     OLLAMA_INFER = "ollama-infer"  # /api/chat, /api/generate, /api/embed, /api/embeddings
     OLLAMA_UNMANAGED = "ollama-unmanaged"  # /api/pull and the like: 501
     PANEL = "panel"              # the web panel, /panel/ and /panel/api/* (hoshikage_sd/panel)
+    CONTROL = "control"          # POST /models/load, /models/unload (router/control.py)
     NOT_ALLOWED = "not-allowed"  # a known route, another method: 405
     NOT_FOUND = "not-found"
 
@@ -60,6 +61,8 @@ NAMED_ONLY = frozenset({"/health", "/v1/health", "/metrics"})
 HEALTH = frozenset({"/", "/health", "/v1/health", "/hoshikage/health"})
 MODELS = frozenset({"/v1/models", "/models"})
 MODEL_PREFIX = "/v1/models/"
+#: llama.cpp's router's load and unload (router/control.py)
+CONTROL = frozenset({"/models/load", "/models/unload"})
 PANEL = "/panel"
 
 OLLAMA_GET = {"/api/version": Route.OLLAMA_VERSION, "/api/tags": Route.OLLAMA_TAGS,
@@ -85,6 +88,8 @@ def classify(method: str, path: str, query: dict[str, str]) -> str:
         return Route.HEALTH
     if path == "/metrics":
         return Route.METRICS if method in ("GET", "HEAD") else Route.NOT_ALLOWED
+    if path in CONTROL:
+        return Route.CONTROL if method == "POST" else Route.NOT_ALLOWED
     if path in MODELS or path.startswith(MODEL_PREFIX):
         if method not in ("GET", "HEAD"):
             return Route.NOT_ALLOWED
@@ -111,6 +116,6 @@ def allowed_methods(path: str) -> str:
     """The Allow header of a 405 on `path`."""
     if path in MODEL_ROUTES:
         return ", ".join(sorted(MODEL_ROUTES[path]))
-    if path.startswith(MODEL_PREFIXES) or path in OLLAMA_POST:
+    if path.startswith(MODEL_PREFIXES) or path in OLLAMA_POST or path in CONTROL:
         return "POST"
     return "GET, HEAD"

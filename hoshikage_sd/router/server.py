@@ -487,6 +487,10 @@ class Router:
             return self.reply(request, 200, await self.list_models(request.grant))
         if route == Route.MODEL:
             return await self.show_model(request)
+        if route == Route.CONTROL:
+            from hoshikage_sd.router import control
+
+            return await control.handle(self, request)
         return await self.ollama(request, route, rid)
 
     async def ollama(self, request: Request, route: str, rid: str) -> Response | Forward:
