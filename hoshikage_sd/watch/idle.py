@@ -3,7 +3,9 @@ within about a second of it (LOOKAHEAD), though the timer ticks once a minute.
 
 Idle time runs from the end of the last request with nothing in flight (the router's activity
 record), or from when the model became ready if it never served one. A model with a request in
-flight is never stopped, so a long streaming reply is never cut.
+flight is never stopped, so a long streaming reply is never cut. A pinned model (`pinned:
+true`, or the panel's pin in names.json) is never stopped here: a pin holds against the TTL
+as against eviction; `hoshikage unload` or the HTTP unload stops it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
     soonest: float | None = None
     for name in systemd.active_model_units(("active",)):  # not one already stopping
         model = config.models.get(name)
+        if model is not None and model.pinned:
+            continue  # pinned (manifest or names.json): no TTL, not even a keep_alive's
         ttl = runtime.ttl(name) or (model.ttl if model else config.idle_ttl)
         idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
         if not should_stop(idle, ttl):

@@ -92,3 +92,26 @@ def test_runtime_idle_seconds_from_its_records(tmp_path: Path) -> None:
     child.wait()
     runtime.set_activity("tiny", Activity(1, READY + 2, child.pid))
     assert runtime.idle_seconds("tiny", READY + 5) == 3.0  # its router died mid-request
+
+
+def test_the_idle_watch_never_stops_a_pinned_model(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pin holds against the TTL (and a keep_alive's) as it does against eviction."""
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.watch import idle
+
+    config = Config(source=tmp_path / "m.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "rd", models={
+                        "kept": Model("kept", tmp_path / "a.gguf", ttl=10.0, pinned=True),
+                        "free": Model("free", tmp_path / "b.gguf", ttl=10.0)})
+    runtime = Runtime(config.runtime_dir)
+    long_ago = 1000.0
+    for name in config.models:
+        runtime.set_running(name, Running(pid=1, staged="/x", started=long_ago))
+    runtime.set_ttl("kept", 5.0)
+    stopped: list[str] = []
+    monkeypatch.setattr(idle.systemd, "active_model_units", lambda *a: ["kept", "free"])
+    monkeypatch.setattr(idle.systemd, "systemctl",
+                        lambda *a, **k: stopped.append(a[-1]))
+    assert idle.sweep(config, runtime) is None  # nothing left to wait for
+    assert stopped == [idle.systemd.model_unit("free")]
