@@ -18,6 +18,9 @@ import posix
 import time
 
 MAGIC = b"hoshikage-launch-1"
+#: the runtime directory every unit shares (RuntimeDirectory=hoshikage, so systemd sets
+#: $RUNTIME_DIRECTORY) when the environment does not name one (runtime_dir)
+DEFAULT_RUNTIME = "/run/hoshikage"
 #: launch tickets: $RUNTIME_DIRECTORY/TICKET_DIR/NAME
 TICKET_DIR = "launch"
 #: the router's datagram socket in the runtime directory: a model's name sent there says
@@ -92,6 +95,14 @@ def valid_name(name: str) -> bool:
     """NAME_PATTERN without importing re."""
     return (0 < len(name) <= NAME_MAX and name[0] in _NAME_FIRST
             and all(ch in _NAME_REST for ch in name))
+
+
+def runtime_dir(variable: str | None) -> str:
+    """The runtime directory from $RUNTIME_DIRECTORY (`variable`, None when unset): its first
+    entry, else DEFAULT_RUNTIME. The one rule (launch.c mirrors it) for the programs that run
+    before a manifest is parsed (the launcher, the router's head start, the last good
+    manifest's readers)."""
+    return (variable or "").split(":")[0] or DEFAULT_RUNTIME
 
 
 def write_file(path: str, data: bytes, mode: int | None = 0o644,

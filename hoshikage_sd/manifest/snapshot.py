@@ -21,11 +21,11 @@ import os
 import time
 from pathlib import Path
 
+from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.files import write_atomic
 from hoshikage_sd.manifest.model import Config, config_path
 
-DEFAULT_DIR = Path("/run/hoshikage")
 NAME = "manifest.yaml"
 HEADER = "# hoshikage: the router's last good copy of "
 
@@ -36,8 +36,7 @@ _written: dict[Path, bytes] = {}
 
 
 def default_dir() -> Path:
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return Path(runtime) if runtime else DEFAULT_DIR
+    return Path(protocol.runtime_dir(os.environ.get("RUNTIME_DIRECTORY")))
 
 
 def snapshot_path(runtime_dir: Path | None = None) -> Path:

@@ -29,6 +29,7 @@
 /* Keep these in step with launch.py. */
 #define MAGIC "hoshikage-launch-1"
 #define TICKET_DIR "launch"
+#define DEFAULT_RUNTIME "/run/hoshikage"
 #define LAUNCHED_DIR "launched"
 #define ROUTER_SOCKET "router.notify"
 #define NICE 19
@@ -308,10 +309,12 @@ int main(int argc, char **argv) {
         fputs("hoshikage-launch: path too long\n", stderr);
         return 1;
     }
+    /* protocol.runtime_dir: $RUNTIME_DIRECTORY's first entry, else DEFAULT_RUNTIME */
     char runtime_dir[4096] = "";
     const char *rd = getenv("RUNTIME_DIRECTORY");
-    if (rd)
-        snprintf(runtime_dir, sizeof runtime_dir, "%.*s", (int)strcspn(rd, ":"), rd);
+    if (!rd || !*rd || *rd == ':')
+        rd = DEFAULT_RUNTIME;
+    snprintf(runtime_dir, sizeof runtime_dir, "%.*s", (int)strcspn(rd, ":"), rd);
 
     char pid_arg[32], spawned_arg[64], healthy_arg[64];
     char *command[10] = {hoshikage, "activate", (char *)name, NULL};

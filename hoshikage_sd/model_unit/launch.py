@@ -41,6 +41,7 @@ from hoshikage_sd.protocol import (
     WAIT_LIMIT,
     notify,
     probe,
+    runtime_dir,
     take_ticket,
     tell_router,
     valid_name,
@@ -156,9 +157,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     name = argv[1]
     hoshikage = (argv[0].rpartition("/")[0] or ".") + "/hoshikage"
-    runtime_dir = posix.environ.get(b"RUNTIME_DIRECTORY", b"").split(b":")[0].decode()
+    runtime = runtime_dir(posix.environ.get(b"RUNTIME_DIRECTORY", b"").decode())
     command = [hoshikage, "activate", name]
-    started = launch(name, runtime_dir, posix.environ.get(b"NOTIFY_SOCKET", b""))
+    started = launch(name, runtime, posix.environ.get(b"NOTIFY_SOCKET", b""))
     if started is not None:
         pid, spawned, healthy = started
         command += ["--adopt", str(pid), "--spawned", repr(spawned)]

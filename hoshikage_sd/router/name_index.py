@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+from hoshikage_sd import protocol
 from hoshikage_sd.fileid import identity
 from hoshikage_sd.router.jsonload import loads
 
@@ -34,7 +35,6 @@ NAME = "names.index.json"
 VERSION = 4
 #: manifest/model.py's DEFAULT_PATH (a unit test keeps them equal: model imports dataclasses)
 DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
-DEFAULT_RUNTIME = "/run/hoshikage"
 
 #: what this process last wrote, per index file: an unchanged manifest costs no I/O
 _written: dict[str, bytes] = {}
@@ -43,8 +43,7 @@ _written: dict[str, bytes] = {}
 def runtime_dir() -> str:
     """Where the index lives: the runtime directory every unit shares (like the manifest's
     last good copy, manifest/snapshot.py: a manifest must be parsed to say its own)."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return runtime or DEFAULT_RUNTIME
+    return protocol.runtime_dir(os.environ.get("RUNTIME_DIRECTORY"))
 
 
 def index_path(runtime: str | None = None) -> str:

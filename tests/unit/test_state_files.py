@@ -288,3 +288,19 @@ def test_a_model_path_the_reader_may_not_look_at_is_a_warning_not_a_crash(
     """), tmp_path / "models.yaml")
     assert sorted(config.models) == ["a", "b"]
     assert any("a.gguf cannot be looked at: Permission denied" in w for w in config.warnings)
+
+
+def test_the_runtime_directory_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule (protocol.runtime_dir; launch.c mirrors it and tests/unit/test_launch.py runs
+    both launchers with a RUNTIME_DIRECTORY of two entries): the first entry, else
+    /run/hoshikage."""
+    from hoshikage_sd import protocol
+    from hoshikage_sd.manifest import snapshot
+    from hoshikage_sd.router import name_index
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/a:/run/b")
+    assert protocol.runtime_dir("/run/a:/run/b") == name_index.runtime_dir() == "/run/a"
+    assert snapshot.default_dir() == Path("/run/a")
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    assert name_index.runtime_dir() == "/run/hoshikage" == protocol.DEFAULT_RUNTIME
+    assert protocol.runtime_dir(None) == protocol.runtime_dir("") == protocol.DEFAULT_RUNTIME
