@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.protocol import NAME_PATTERN
+from hoshikage_sd.protocol import DEFAULT_RUNTIME, NAME_PATTERN
 
 NAME_RE = re.compile(NAME_PATTERN)
 DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
@@ -232,7 +232,7 @@ class AmbiguousModel(HoshikageError):
 class Config:
     source: Path
     ramdisk: Path = Path("/mnt/hoshikage")
-    runtime_dir: Path = Path("/run/hoshikage")
+    runtime_dir: Path = Path(DEFAULT_RUNTIME)
     llama_server: Path = Path("/usr/bin/llama-server")
     idle_ttl: float = 3600.0
     router_idle_exit: float = 300.0
