@@ -26,16 +26,25 @@ def parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="hoshikage", description="local LLMs, the systemd way")
     ap.add_argument("--version", action="version", version=f"hoshikage {__version__}")
-    ap.add_argument("--debug", action="store_true", help="verbose logs, tracebacks on errors")
-    ap.add_argument("--config", help="manifest (default $HOSHIKAGE_CONFIG or "
-                                     "/etc/hoshikage/models.yaml)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("status", help="loaded models, RAM disk and memory")
+    global_options(ap, False)
+    # The global options anywhere on the line: each command takes them too, defaulting to
+    # nothing (SUPPRESS), so that one given before the command is not reset by the
+    # command's default.
+    common = argparse.ArgumentParser(add_help=False)
+    global_options(common, argparse.SUPPRESS)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                            parser_class=_parser_with(common))
+    p = sub.add_parser("status", help="every model, the router, RAM disk and memory")
     p.add_argument("--json", action="store_true",
                    help="machine-readable, with the metrics' counters")
+    p = sub.add_parser("ps", help="the loaded models: state, llama-server's PID, memory, "
+                                  "since, last request, in flight")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("metrics", help="the Prometheus metrics as text (what GET /metrics "
                                    "answers; e.g. for node_exporter's textfile collector)")
-    sub.add_parser("check", help="validate the manifest without starting anything")
+    p = sub.add_parser("check", help="validate the manifest and what it needs without "
+                                     "starting anything (exit 1 on any problem)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("list", help="the models: names, size, architecture, estimate, state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("alias", help="add or remove an alias (kept in /var/lib/hoshikage)")
@@ -58,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("idle-watch", help="(unit helper) stop models idle past their TTL")
     sub.add_parser("cache-sync", help="(unit helper) copy high-ranked models to the SSD "
                                       "cache, expire unused ones")
-    p = sub.add_parser("load", help="load a model now (through systemd)")
+    p = sub.add_parser("load", help="load a model now (through systemd), showing its "
+                                    "progress; exit 1 with the reason if it fails")
     p.add_argument("name")
     p = sub.add_parser("unload", help="unload a model now (through systemd)")
     p.add_argument("name")
@@ -73,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FORMAT",
                    help="journalctl's output format (short, cat, verbose: with hoshikage's "
                         "fields, json, ...)")
+    p.add_argument("--json", action="store_const", const="json", dest="output",
+                   help="one JSON object a line (-o json)")
     p = sub.add_parser("keys", help="the machine's age key for encrypted models")
     p.add_argument("action", choices=("setup",))
     p.add_argument("--plain", action="store_true",
@@ -98,6 +110,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="the built-in scenarios")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return ap
+
+
+def global_options(ap: argparse.ArgumentParser, default: Any) -> None:
+    """--debug and --config, on the top parser (`default`: their defaults) and on each
+    command (argparse.SUPPRESS: absent unless given there)."""
+    ap.add_argument("--debug", action="store_true",
+                    help="verbose logs, tracebacks on errors",
+                    **({} if default is False else {"default": default}))
+    ap.add_argument("--config", help="manifest (default $HOSHIKAGE_CONFIG or "
+                                     "/etc/hoshikage/models.yaml)",
+                    **({} if default is False else {"default": default}))
+
+
+def _parser_with(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """The commands' parser class: each gets `common`'s options (parents=)."""
+    import argparse
+
+    class Command(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["parents"] = [*kwargs.get("parents", ()), common]
+            super().__init__(*args, **kwargs)
+
+    return Command
 
 
 def logs_lines(text: str) -> str:
@@ -134,6 +169,10 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
     from hoshikage_sd.manifest import names
 
     path = Path(args.config) if args.config else None
+    if args.command == "check":  # a manifest that does not parse is check's finding
+        from hoshikage_sd.commands import status
+
+        return status.check_source(path, args.json)
     if args.command == "router":
         return router(path, args.listen, early)
     if args.command == "reload":
@@ -182,12 +221,15 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
 
         sys.stdout.buffer.write(metrics.render(config.runtime_dir, config.ramdisk))
         return 0
+    if args.command == "ps":
+        from hoshikage_sd.commands import ps
+
+        return ps.ps(config, args.json)
     from hoshikage_sd.commands import status
 
     if args.command == "list":
         return status.list_models(config, args.json)
-    return status.status(config, args.json) if args.command == "status" \
-        else status.check(config)
+    return status.status(config, args.json)
 
 
 def router(source: Path | None, listen: str | None, early: FirstRequest | None = None) -> int:

@@ -46,3 +46,16 @@ def use_colour(stream: TextIO) -> bool:
 def paint(text: str, code: str, colour: bool) -> str:
     """`text` in SGR colour `code` ("31" red, "32" green, ...) when `colour`."""
     return f"\033[{code}m{text}\033[0m" if colour else text
+
+
+#: a model's phase (commands/status.phase_of) as `status` and `ps` colour it: green serves,
+#: yellow is on its way, red failed; the rest plain
+PHASE_COLOURS = {"serving": "32", "staging": "33", "loading": "33", "stopping": "2",
+                 "kept": "2", "failed": "31", "active": "32", "running": "32",
+                 "activating": "33", "deactivating": "2"}
+
+
+def state(text: str, colour: bool, key: str | None = None) -> str:
+    """A state word (status, ps) in its colour from PHASE_COLOURS, when `colour`."""
+    code = PHASE_COLOURS.get(key or text)
+    return paint(text, code, colour) if code else text

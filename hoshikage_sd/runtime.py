@@ -242,6 +242,11 @@ class Runtime:
     def set_running(self, name: str, running: Running) -> None:
         self._write("running", name, asdict(running))
 
+    def error_path(self, name: str) -> Path:
+        """The error record's file (`hoshikage load` tells this start's record by its
+        mtime from an earlier one's)."""
+        return self._file("error", name)
+
     def error(self, name: str) -> str | None:
         record = self._read("error", name, _Reason)
         return record.reason if record else None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+from hoshikage_sd.commands import progress
 from hoshikage_sd.errors import die
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.staging import Store
 
 
 def find(config: Config, name: str) -> Model:
@@ -27,24 +29,112 @@ def too_soon(config: Config, model: Model, now: float) -> float:
     return max(0.0, stats.uses[-1].at + config.min_reload_seconds - now)
 
 
+#: how often `load` looks at the unit and its copy
+POLL = 0.2
+
+
 def load(config: Config, name: str) -> int:
+    """Start the model's unit without waiting in systemctl (--no-block) and watch it: the
+    copy into the RAM disk (bytes and rate: its temporary file), then llama-server's load;
+    a bar on a terminal, plain lines otherwise; exit 1 with the reason when it fails."""
+    import sys
+
+    from hoshikage_sd import fmt
+
     model = find(config, name)
     unit = systemd.model_unit(model.name)
-    if model.name in systemd.active_model_units():
+    state, _job = systemd.unit_state(unit)
+    if state == "active":
         print(f"{model.name} is already loaded")
         return 0
-    wait = too_soon(config, model, time.time())
-    if wait > 0:
-        die(f"too soon, wait {wait:.0f} s: {model.name} was loaded less than "
-            f"{config.min_reload_seconds:.0f} s ago", hint="min_reload_seconds in the manifest",
-            code=3)
-    systemd.systemctl("start", unit, check=False)  # returns once READY=1, or failed
-    if model.name not in systemd.active_model_units():
-        reason = Runtime(config.runtime_dir).error(model.name) or \
-            f"see hoshikage logs {model.name} (or journalctl -u {systemd.shell_unit(model.name)})"
-        die(f"{model.name} did not start: {reason}")
-    print(f"{model.name} loaded")
+    if state != "activating":  # joining a load under way is no new load
+        wait = too_soon(config, model, time.time())
+        if wait > 0:
+            die(f"too soon, wait {wait:.0f} s: {model.name} was loaded less than "
+                f"{config.min_reload_seconds:.0f} s ago",
+                hint="min_reload_seconds in the manifest", code=3)
+    runtime = Runtime(config.runtime_dir)
+    before = error_stamp(runtime, model.name)
+    began = time.monotonic()
+    systemd.start_unit(unit, state)  # queued: no systemctl blocking until READY=1
+    display = progress.Display(model.name, sys.stdout, sys.stdout.isatty(),
+                               fmt.use_colour(sys.stdout))
+    staged = False
+    while True:
+        state, job = systemd.unit_state(unit)
+        if state == "active":
+            break
+        if state in ("failed", "inactive") and not job:
+            display.finish(None)
+            die(f"{model.name} did not start: {failure(runtime, model.name, unit, before)}",
+                hint=f"hoshikage logs {model.name} shows its unit's lines "
+                     f"(journalctl -u {systemd.shell_unit(model.name)})")
+        step = step_of(config, model, unit)
+        staged = staged or step.phase == "staging"
+        display.show(step)
+        time.sleep(POLL)
+    if not staged and not display.tty:  # a copy quicker than a look: say it was made
+        size = Store(config.ramdisk).copy_size(model.name)
+        if size is not None:
+            print(f"staged {model.name}: {fmt.size(size)}", flush=True)
+    running = runtime.running(model.name)
+    pid = f", llama-server pid {running.pid}" if running else ""
+    display.finish(f"{model.name} loaded in {time.monotonic() - began:.1f} s{pid}")
     return 0
+
+
+def step_of(config: Config, model: Model, unit: str) -> progress.Step:
+    """Where the load is: staging (its RAM-disk temporary's bytes of the source's size),
+    waiting (for room, for another copy: the unit's STATUS=), or loading."""
+    from hoshikage_sd.commands import status
+
+    text = systemd.show(unit, "StatusText").get("StatusText", "")
+    copying = status.copying_bytes(config, model.name)
+    if copying is not None:
+        return progress.Step("staging", copying,
+                             status_total(text) or status.source_size(model))
+    if text.startswith(("waiting", "stopping")):
+        return progress.Step("waiting", detail=text)
+    if text.startswith("loading") or Store(config.ramdisk).has_copy(model.name):
+        return progress.Step("loading")
+    return progress.Step("waiting",
+                         detail=text if text.startswith(("staging", "decrypting")) else "")
+
+
+def status_total(text: str) -> int | None:
+    """The copy's size where the unit's STATUS= names it ("staging m: 1.0 GiB of 4.0 GiB
+    (25%)", rounded): a decrypted copy's size is not its source's."""
+    import re
+
+    match = re.search(r" of ([0-9.]+) (B|KiB|MiB|GiB|TiB) \(", text)
+    if match is None:
+        return None
+    scale = 1024 ** ("B", "KiB", "MiB", "GiB", "TiB").index(match[2])
+    return int(float(match[1]) * scale)
+
+
+def error_stamp(runtime: Runtime, name: str) -> float | None:
+    """When the model's error record was written (None: there is none)."""
+    try:
+        return runtime.error_path(name).stat().st_mtime
+    except OSError:
+        return None
+
+
+def failure(runtime: Runtime, name: str, unit: str, before: float | None) -> str:
+    """Why this start failed: the activator's record when it wrote one for this start,
+    else the unit's last STATUS= or its result (a failure before the activator ran)."""
+    reason = runtime.error(name)
+    stamp = error_stamp(runtime, name)
+    if reason and stamp is not None and stamp != before:
+        return reason
+    shown = systemd.show(unit, "StatusText", "Result")
+    text = shown.get("StatusText", "")
+    if text.startswith("failed: "):
+        return text.removeprefix("failed: ")
+    result = shown.get("Result") or "unknown"
+    return f"its unit failed ({result})" if result != "success" else \
+        "its unit stopped before it served"
 
 
 def unload(config: Config, name: str) -> int:

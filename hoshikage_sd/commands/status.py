@@ -6,9 +6,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,9 @@ class ModelStatus:
     estimate_bytes: int | None = None  # what admission counts it as (docs/memory.md)
     source_bytes: int | None = None    # its files on disk
     cached: bool = False            # a current copy in the SSD cache (cache: dir:)
+    # What `hoshikage status`, `ps` and `load` show besides (issue 23).
+    status_text: str | None = None  # the unit's STATUS= (staging progress, the failure)
+    since: float | None = None      # Unix time llama-server started serving it
 
 
 #: the phases phase_of() names, in the order a start goes through them
@@ -79,7 +81,7 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
     import psutil
 
     unit = systemd.model_unit(model.name)
-    props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent") \
+    props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent", "StatusText") \
         if model.name in active else {}
     state = props.get("ActiveState", "inactive")
     if not props and runtime.error(model.name) is not None:
@@ -111,7 +113,9 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         phase=phase_of(state, serving, copying is not None, size is not None, error),
         error=error, copying_bytes=copying,
         in_flight=None if in_flight is None else in_flight.get(model.name, 0),
-        aliases=list(model.aliases), tags=list(model.tags), pinned=model.pinned)
+        aliases=list(model.aliases), tags=list(model.tags), pinned=model.pinned,
+        status_text=props.get("StatusText") or None,
+        since=running.started if serving and running else None)
 
 
 def copying_bytes(config: Config, name: str) -> int | None:
@@ -172,6 +176,7 @@ def gather(config: Config, active: set[str] | None = None,
                             "cache_dir": str(config.cache.dir) if config.cache else None})
     totals = metrics.read(config.runtime_dir)
     return {
+        "router": router_state(),
         "time": now,
         "models": [dataclasses.asdict(m) for m in models],
         "loaded": [m.name for m in models if m.llama_server_pid is not None],
@@ -185,6 +190,67 @@ def gather(config: Config, active: set[str] | None = None,
         "counters": metrics.as_json(totals),
         "counters_since": totals.since,
     }
+
+
+#: the router's units: the socket systemd listens on, the service it starts
+SOCKET_UNIT, ROUTER_UNIT = "hoshikage.socket", "hoshikage.service"
+#: how long router_state() answers from its last look: the panel asks gather() every second
+#: and a look is a systemctl (~10 ms of CPU); the router's state changes rarely
+ROUTER_STATE_TTL = 5.0
+_router_seen: tuple[float, dict[str, Any]] | None = None
+
+
+def router_state() -> dict[str, Any]:
+    """The router as systemd has it: whether it runs (and its PID), and where the socket
+    listens (its ListenStream=, what clients connect to): null fields where systemd cannot
+    be asked (nothing is started to find out)."""
+    global _router_seen
+    now = time.monotonic()
+    if _router_seen is not None and now - _router_seen[0] < ROUTER_STATE_TTL:
+        return dict(_router_seen[1])
+    try:
+        out = systemd.systemctl("show", SOCKET_UNIT, ROUTER_UNIT, "--property=Id",
+                                "--property=ActiveState", "--property=MainPID",
+                                "--property=Listen", check=False, timeout=5)
+    except HoshikageError:  # no systemctl here
+        out = ""
+    units = parse_show(out)
+    socket, service = units.get(SOCKET_UNIT, {}), units.get(ROUTER_UNIT, {})
+    pid = service.get("MainPID", "")
+    state = {
+        "state": service.get("ActiveState") or None,
+        "running": service.get("ActiveState") in ("active", "reloading", "deactivating"),
+        "pid": int(pid) if pid.isdigit() and pid != "0" else None,
+        "socket_state": socket.get("ActiveState") or None,
+        "listen": listen_addresses(socket.get("Listen", "")),
+    }
+    _router_seen = (now, state)
+    return dict(state)
+
+
+def parse_show(text: str) -> dict[str, dict[str, str]]:
+    """`systemctl show A B --property=Id,...`: each unit's properties by its Id (units are
+    separated by a blank line; Listen= may come once per address)."""
+    units: dict[str, dict[str, str]] = {}
+    for block in text.split("\n\n"):
+        props: dict[str, str] = {}
+        for line in block.splitlines():
+            key, _, value = line.partition("=")
+            props[key] = f"{props[key]}\n{value}" if key in props else value
+        if props.get("Id"):
+            units[props["Id"]] = props
+    return units
+
+
+def listen_addresses(listen: str) -> list[str]:
+    """The socket's stream addresses from systemd's Listen= ("127.0.0.1:8080 (Stream)", one
+    a line): what a client connects to."""
+    out = []
+    for line in listen.splitlines():
+        address, _, kind = line.strip().rpartition(" ")
+        if address and kind == "(Stream)":
+            out.append(address)
+    return out
 
 
 def usage_ranks(config: Config, active: set[str]) -> dict[str, float]:
@@ -232,44 +298,89 @@ def cached(config: Config, model: Model) -> bool:
 
 
 def status(config: Config, as_json: bool = False) -> int:
+    """Every model, the router, the RAM disk and memory: gather()'s facts (what --json
+    prints and the panel shows) written for people."""
+    import sys
+
+    facts = gather(config)
     if as_json:
-        print(json.dumps(gather(config), indent=2))
+        print(json.dumps(facts, indent=2))
         return 0
-    runtime = Runtime(config.runtime_dir)
-    now = time.time()
-    active = set(loaded_units())
+    colour = fmt.use_colour(sys.stdout)
+    now = facts["time"]
     rows = []
-    for model in config.models.values():
-        m = model_status(config, model, runtime, active, now)
-        last = fmt.ago(now - m.last_request_end) + " ago" if m.last_request_end else "never"
+    for m in facts["models"]:
+        last = fmt.ago(now - m["last_request_end"]) + " ago" if m["last_request_end"] \
+            else "never"
         left = "-"
-        if m.llama_server_pid is not None:
-            left = "busy" if m.busy else fmt.ago(m.ttl_left_seconds or 0.0)
-        rows.append((m.name, m.state, str(m.pid) if m.pid is not None else "-",
-                     fmt.size(m.memory_bytes) if m.memory_bytes is not None else "-",
-                     fmt.size(m.staged_bytes) if m.staged_bytes else "-",
-                     ", ".join(f"{d} {fmt.size(n)}" for d, n in m.device_bytes.items())
-                     if m.device_bytes else "-", last, left))
-    table(("MODEL", "STATE", "PID", "MEMORY", "STAGED", "GPU", "LAST REQUEST", "IDLE STOP IN"),
-          rows)
-    for model in config.models.values():
-        copying = runtime.caching(model.name)
-        if copying:
-            done, total = copying
-            print(f"caching {model.name} to {config.cache.dir if config.cache else '?'}: "
-                  f"{fmt.size(done)} of {fmt.size(total)} ({100 * done // max(total, 1)}%)")
-    available, total = memory()
+        if m["llama_server_pid"] is not None:
+            left = "busy" if m["busy"] else fmt.ago(m["ttl_left_seconds"] or 0.0)
+        rows.append((m["name"], m["phase"], pid_text(m["llama_server_pid"]),
+                     fmt.size(m["memory_bytes"]) if m["memory_bytes"] is not None else "-",
+                     copy_text(m),
+                     ", ".join(f"{d} {fmt.size(n)}" for d, n in m["device_bytes"].items())
+                     if m["device_bytes"] else "-", last, left))
+    table(("MODEL", "STATE", "PID", "MEMORY", "RAM DISK", "GPU", "LAST REQUEST",
+           "IDLE STOP IN"), rows, {1: lambda text: fmt.state(text, colour)})
+    for m in facts["models"]:
+        if m["phase"] == "failed" and m["error"]:
+            print(fmt.paint(f"{m['name']} failed: {m['error']}", "31", colour))
+    for copying in facts["caching"]:
+        done, total = copying["done_bytes"], copying["total_bytes"]
+        print(f"caching {copying['model']} to {copying['cache_dir'] or '?'}: "
+              f"{fmt.size(done)} of {fmt.size(total)} ({100 * done // max(total, 1)}%)")
     print()
-    if config.ramdisk.is_dir():
-        disk = shutil.disk_usage(config.ramdisk)
-        print(f"RAM disk {config.ramdisk}: {fmt.size(disk.used)} used of {fmt.size(disk.total)}")
+    print(router_line(facts["router"], colour))
+    disk = facts["ramdisk"]
+    if disk["mounted"]:
+        print(f"RAM disk {disk['path']}: {fmt.size(disk['used_bytes'])} used of "
+              f"{fmt.size(disk['size_bytes'])}")
     else:
-        print(f"RAM disk {config.ramdisk}: not mounted")
-    print(f"MemAvailable: {fmt.size(available)} of {fmt.size(total)}")
-    for device in devices_in_use(runtime, [n for n in active if n in config.models]):
+        print(f"RAM disk {disk['path']}: not mounted (mnt-hoshikage.mount mounts it on "
+              "first use)")
+    mem = facts["memory"]
+    print(f"MemAvailable: {fmt.size(mem['available_bytes'])} of "
+          f"{fmt.size(mem['total_bytes'])}")
+    for device in facts["devices"]:
         print(f"{device['name']}: {fmt.size(device['used_bytes'])} of "
               f"{fmt.size(device['total_bytes'])} held by hoshikage's models (estimated)")
     return 0
+
+
+def pid_text(pid: int | None) -> str:
+    return str(pid) if pid is not None else "-"
+
+
+def copy_text(model: Mapping[str, Any]) -> str:
+    """The model's RAM-disk copy for the status table: its size, or how far a copy being
+    made is (of its source's size)."""
+    copying, total = model["copying_bytes"], model["source_bytes"]
+    if copying is not None:
+        return f"{progress_text(copying, total)} staging"
+    return fmt.size(model["staged_bytes"]) if model["staged_bytes"] else "-"
+
+
+def progress_text(done: int, total: int | None) -> str:
+    """1.2 GiB of 4.0 GiB (30%), or 1.2 GiB where the total is not known."""
+    if not total:
+        return fmt.size(done)
+    return f"{fmt.size(done)} of {fmt.size(total)} ({100 * min(done, total) // total}%)"
+
+
+def router_line(router: Mapping[str, Any], colour: bool) -> str:
+    """The router's state and address: 'router: running (pid 812), listening on
+    127.0.0.1:8080'."""
+    listen = ", ".join(router["listen"]) or "?"
+    if router["state"] is None:
+        return f"router: unknown (systemd cannot be asked), socket {SOCKET_UNIT}"
+    if router["running"]:
+        what = fmt.state("running", colour) + f" (pid {pid_text(router['pid'])})"
+    else:
+        what = "not running (the socket starts it on the first request)" \
+            if router["socket_state"] == "active" else fmt.state(router["state"], colour)
+    socket = "" if router["socket_state"] == "active" else \
+        f"; {SOCKET_UNIT} is {fmt.state(router['socket_state'] or '?', colour, 'failed')}"
+    return f"router: {what}, listening on {listen}{socket}"
 
 
 def loaded_units() -> list[str]:
@@ -282,10 +393,16 @@ def loaded_units() -> list[str]:
             hint="is systemd running, and may this user query it? (systemctl status)")
 
 
-def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]],
+          paint: Mapping[int, Callable[[str], str]] | None = None) -> None:
+    """Columns padded to their widths; `paint`: a column's cells coloured (after padding,
+    whose width counts only the text)."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for n, row in enumerate([header, *rows]):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        for column, colour in (paint or {}).items() if n else ():
+            cells[column] = colour(row[column]) + " " * (widths[column] - len(row[column]))
+        print("  ".join(cells).rstrip())
 
 
 @dataclass(frozen=True)
@@ -382,8 +499,53 @@ def service_user_problems(config: Config) -> list[str]:
     return problems
 
 
-def check(config: Config) -> int:
-    """The manifest parsed already (errors raised); report warnings and missing parts."""
+def check(config: Config, as_json: bool = False) -> int:
+    """The manifest parsed already (errors raised: check_source); report what is wrong or
+    missing. Exit 1 on any problem, a warning too (a missing llama-server or model file
+    fails every load that needs it); notes are facts, not problems."""
+    found = findings(config)
+    if as_json:
+        print(json.dumps({"config": str(config.source), "ok": not found["warnings"],
+                          "models": list(config.models), **found}, indent=2))
+        return 1 if found["warnings"] else 0
+    for line in found["warnings"]:
+        print(f"warning: {line}")
+    print(f"{config.source}: {len(config.models)} model(s): "
+          + ", ".join(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else "")
+                      for m in config.models.values()))
+    for line in found["notes"]:
+        print(f"note: {line}")
+    for line in found["devices"]:
+        print(line)
+    if found["warnings"]:
+        import sys
+
+        print(f"{len(found['warnings'])} problem(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_source(path: Path | None, as_json: bool) -> int:
+    """`hoshikage check [--json]`: a manifest that does not parse is its one problem (as
+    JSON too, with --json: a script reads the reason, not a traceback)."""
+    from hoshikage_sd import manifest
+    from hoshikage_sd.manifest import names
+
+    try:
+        config = names.effective(manifest.load(path))
+    except HoshikageError as err:
+        if not as_json:
+            raise
+        print(json.dumps({"config": str(path or manifest.config_path()), "ok": False,
+                          "models": [], "errors": [err.message], "warnings": [],
+                          "notes": [], "devices": []}, indent=2))
+        return err.code
+    return check(config, as_json)
+
+
+def findings(config: Config) -> dict[str, list[str]]:
+    """check's findings: "warnings" (problems: the exit status), "notes", and "devices"
+    (device_report's lines, its warnings also among the warnings)."""
     problems = list(config.warnings)
     if not os.access(config.llama_server, os.X_OK):
         problems.append(f"{config.source}: llama_server {config.llama_server} is not an "
@@ -392,21 +554,18 @@ def check(config: Config) -> int:
     from hoshikage_sd import encryption
 
     problems += encryption.check_problems(config)
-    for line in problems:
-        print(f"warning: {line}")
-    print(f"{config.source}: {len(config.models)} model(s): "
-          + ", ".join(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else "")
-                      for m in config.models.values()))
-    if not Path(config.ramdisk).is_dir():
-        print(f"note: RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "
-              "mounts it on first use)")
+    notes = []
+    if not os.path.ismount(config.ramdisk):
+        notes.append(f"RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "
+                     "mounts it on first use)")
     from hoshikage_sd.commands import environment
 
-    for line in environment.report(config, environment.unit_environment()):
-        print(f"note: {line}")
-    for line in device_report(config):
-        print(line)
-    return 0
+    notes += environment.report(config, environment.unit_environment())
+    devices = device_report(config)
+    problems += [line.removeprefix("warning: ") for line in devices
+                 if line.startswith("warning: ")]
+    return {"errors": [], "warnings": problems, "notes": notes,
+            "devices": [line for line in devices if not line.startswith("warning: ")]}
 
 
 def device_report(config: Config) -> list[str]:

@@ -86,7 +86,7 @@ def test_status_shows_the_loaded_model(hk: Deployment, models_dir: Path) -> None
     out = hk.hoshikage("status")
     row = next(line for line in out.splitlines() if line.startswith("tiny "))
     size = fmt.size((models_dir / "tiny.gguf").stat().st_size)
-    assert " active " in row and size in row, out
+    assert " serving " in row and size in row, out
     assert "RAM disk /mnt/hoshikage:" in out and "MemAvailable:" in out
 
 

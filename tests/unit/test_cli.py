@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from hoshikage_sd import cli
@@ -18,3 +23,245 @@ def test_a_helper_command_line_reads_as_argparse_reads_it(argv: list[str]) -> No
                                   ["idle-watch", "x"]])
 def test_anything_else_is_argparse_s(argv: list[str]) -> None:
     assert cli.helper_args(argv) is None
+
+
+# -- the commands people type (issue 23) -------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "/x.yaml", "--debug", "status"],
+    ["status", "--config", "/x.yaml", "--debug"],
+    ["--debug", "status", "--config=/x.yaml"],
+    ["--config", "/other.yaml", "status", "--debug", "--config", "/x.yaml"],  # the last wins
+])
+def test_global_options_anywhere_on_the_line(argv: list[str]) -> None:
+    args = cli.parser().parse_args(argv)
+    assert (args.command, args.config, args.debug) == ("status", "/x.yaml", True)
+
+
+def test_global_options_default_when_not_given() -> None:
+    args = cli.parser().parse_args(["load", "tiny"])
+    assert (args.config, args.debug, args.name) == (None, False, "tiny")
+    assert cli.parser().parse_args(["--config", "/a.yaml", "load", "tiny"]).config == "/a.yaml"
+
+
+@pytest.mark.parametrize("argv", [["status", "--json"], ["list", "--json"], ["ps", "--json"],
+                                  ["check", "--json"], ["simulate", "--json"]])
+def test_every_read_command_has_json(argv: list[str]) -> None:
+    assert cli.parser().parse_args(argv).json is True
+
+
+def test_logs_json_is_journalctl_s_json() -> None:
+    from hoshikage_sd.commands.logs import logs_argv
+
+    args = cli.parser().parse_args(["logs", "tiny", "--json", "-n", "5"])
+    assert args.output == "json"
+    assert "--output=json" in logs_argv("tiny", args.follow, args.lines, args.since,
+                                        args.output)
+
+
+def write_manifest(tmp_path: Path, llama_server: str, missing: bool = False) -> Path:
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    path = tmp_path / "models.yaml"
+    path.write_text(f"""\
+ramdisk: {tmp_path}/rd
+runtime_dir: {tmp_path}/run
+state_dir: {tmp_path}/state
+llama_server: {llama_server}
+models:
+  tiny:
+    path: {tmp_path}/tiny.gguf
+""" + (f"  gone:\n    path: {tmp_path}/gone.gguf\n" if missing else ""))
+    return path
+
+
+@pytest.fixture
+def no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check's looks at systemd and the service user, none here."""
+    from hoshikage_sd.commands import access, environment, status
+
+    monkeypatch.setattr(access, "service_user", lambda name="hoshikage": None)
+    monkeypatch.setattr(environment, "unit_environment", lambda: {})
+    monkeypatch.setattr(status, "device_report", lambda config: [])
+
+
+@pytest.mark.parametrize(("server", "missing", "code"), [
+    ("/bin/true", False, 0), ("/nonexistent/llama-server", False, 1), ("/bin/true", True, 1)])
+def test_check_exits_non_zero_on_any_problem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_systemd: None,
+        server: str, missing: bool, code: int) -> None:
+    path = write_manifest(tmp_path, server, missing)
+    assert cli.main(["check", "--config", str(path)]) == code
+    out = capsys.readouterr()
+    assert ("warning:" in out.out) == bool(code)
+    assert cli.main(["check", "--json", "--config", str(path)]) == code
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["ok"] is (code == 0) and facts["models"][0] == "tiny"
+    assert bool(facts["warnings"]) == bool(code)
+    if server.startswith("/nonexistent"):
+        assert "is not an executable file" in facts["warnings"][0]
+
+
+def test_check_json_of_a_manifest_that_does_not_parse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("models: [\n")
+    code = cli.main(["check", "--json", "--config", str(path)])
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["ok"] is False and facts["errors"] and facts["config"] == str(path)
+    assert code != 0 and cli.main(["check", "--config", str(path)]) == code
+    assert "hoshikage:" in capsys.readouterr().err
+
+
+# -- status and ps ---------------------------------------------------------------------------
+
+SHOW = """\
+Id=hoshikage.socket
+ActiveState=active
+MainPID=0
+Listen=127.0.0.1:8080 (Stream)
+Listen=[::1]:8080 (Stream)
+Listen=/run/x.sock (Datagram)
+
+Id=hoshikage.service
+ActiveState=active
+MainPID=812
+"""
+
+
+def test_router_state_from_systemctl_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.commands import status
+
+    units = status.parse_show(SHOW)
+    assert units["hoshikage.service"]["MainPID"] == "812"
+    assert status.listen_addresses(units["hoshikage.socket"]["Listen"]) == [
+        "127.0.0.1:8080", "[::1]:8080"]
+    monkeypatch.setattr(status, "_router_seen", None)
+    monkeypatch.setattr(status.systemd, "systemctl", lambda *a, **k: SHOW)
+    assert status.router_state() == {"state": "active", "running": True, "pid": 812,
+                                     "socket_state": "active",
+                                     "listen": ["127.0.0.1:8080", "[::1]:8080"]}
+    line = status.router_line(status.router_state(), False)
+    assert line == "router: running (pid 812), listening on 127.0.0.1:8080, [::1]:8080"
+    idle = {"state": "inactive", "running": False, "pid": None, "socket_state": "active",
+            "listen": ["127.0.0.1:8080"]}
+    assert "not running (the socket starts it" in status.router_line(idle, False)
+
+
+def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from hoshikage_sd import fmt, manifest
+    from hoshikage_sd.commands import ps, status
+    from hoshikage_sd.runtime import Activity, Running, Runtime
+
+    config = manifest.load(write_manifest(tmp_path, "/bin/true"))
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_running("tiny", Running(os.getpid(), "/rd/tiny.gguf", time.time() - 300))
+    runtime.set_activity("tiny", Activity(0, time.time() - 60, 0))
+    monkeypatch.setattr(status.systemd, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(status.systemd, "show", lambda unit, *props: {
+        "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": str(5 << 20),
+        "StatusText": "serving tiny"})
+    monkeypatch.setattr(status, "_router_seen", None)
+    monkeypatch.setattr(status.systemd, "systemctl", lambda *a, **k: SHOW)
+    assert status.status(config) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("tiny "))
+    assert f" serving  {os.getpid()} " in row and "4242" not in row
+    assert "router: running (pid 812), listening on 127.0.0.1:8080" in out
+    assert f"RAM disk {tmp_path}/rd: not mounted" in out
+    (tmp_path / "rd").mkdir()  # a directory is not a mount (after a reboot, say)
+    status.status(config)
+    assert "not mounted" in capsys.readouterr().out
+    assert "\033[" not in out
+
+    assert ps.ps(config, as_json=True) == 0
+    (row_json,) = json.loads(capsys.readouterr().out)
+    assert row_json["pid"] == os.getpid() and row_json["state"] == "serving"
+    assert row_json["since"] == pytest.approx(time.time() - 300, abs=5)
+    assert row_json["in_flight"] is None and row_json["busy"] is False
+    ps.ps(config)
+    (header, line) = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["MODEL", "STATE", "PID"]
+    assert line.split()[:4] == ["tiny", "serving", str(os.getpid()), "5.0"]
+    assert "5 min" in line and "60 s ago" in line and line.endswith(" 0")
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert fmt.use_colour(Tty()) and not fmt.use_colour(io.StringIO())
+    assert fmt.state("serving", True) == "\033[32mserving\033[0m"
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not fmt.use_colour(Tty())
+    assert fmt.state("serving", False) == "serving"
+
+
+def test_ps_reads_the_routers_in_flight_count() -> None:
+    from hoshikage_sd.commands import ps
+
+    text = ('# HELP x\nhoshikage_in_flight_requests{model="tiny"} 2\n'
+            'hoshikage_in_flight_requests{model="a\\"b"} 1\nhoshikage_other{model="c"} 5\n')
+    assert ps.in_flight_counts(text) == {"tiny": 2, 'a"b': 1}
+
+
+# -- load's progress -------------------------------------------------------------------------
+
+def test_load_progress_on_a_terminal_is_one_redrawn_line_with_a_bar() -> None:
+    import io
+
+    from hoshikage_sd.commands.progress import Display, Step
+
+    out = io.StringIO()
+    display = Display("tiny", out, tty=True)
+    display.show(Step("waiting", detail="waiting for room: 2 GiB needed"), now=0.0)
+    display.show(Step("staging", 0, 4 << 30), now=1.0)
+    display.show(Step("staging", 1 << 30, 4 << 30), now=2.0)
+    display.show(Step("loading"), now=3.0)
+    display.finish("tiny loaded in 3.0 s")
+    text = out.getvalue()
+    assert "\n" not in text.rstrip("\n")[:-len("tiny loaded in 3.0 s")]  # all \r redraws
+    assert "[######..................] staging tiny: 1.0 GiB of 4.0 GiB (25%), 1.0 GiB/s" \
+        in text
+    assert "\rloading tiny (llama-server)" in text and text.endswith("tiny loaded in 3.0 s\n")
+
+
+def test_load_progress_elsewhere_is_plain_lines() -> None:
+    import io
+
+    from hoshikage_sd.commands.progress import Display, Step
+
+    out = io.StringIO()
+    display = Display("tiny", out, tty=False)
+    for i in range(9):  # 0.25 s apart: a staging line a second, not each look
+        display.show(Step("staging", i << 28, 2 << 30), now=i / 4)
+    display.show(Step("loading"), now=3.0)
+    display.show(Step("loading"), now=3.2)
+    display.finish("tiny loaded in 3.2 s")
+    lines = out.getvalue().splitlines()
+    assert lines == ["staging tiny: 0 B of 2.0 GiB (0%)",
+                     "staging tiny: 1.0 GiB of 2.0 GiB (50%), 1.0 GiB/s",
+                     "staging tiny: 2.0 GiB of 2.0 GiB (100%), 1.0 GiB/s",
+                     "loading tiny (llama-server)", "tiny loaded in 3.2 s"]
+    assert "\r" not in out.getvalue() and "\033[" not in out.getvalue()
+
+
+def test_the_rate_looks_back_two_seconds() -> None:
+    from hoshikage_sd.commands.progress import Rate
+
+    rate = Rate()
+    assert rate.add(0.0, 0) is None
+    assert rate.add(1.0, 100) == 100
+    rate.add(2.0, 200)
+    assert rate.add(5.0, 500) == pytest.approx(100.0)
+    assert rate.add(6.0, 10) is None  # a new copy starts over
+
+
+def test_the_copy_s_size_from_the_unit_s_status() -> None:
+    from hoshikage_sd.commands import manual
+
+    assert manual.status_total("decrypting m: 1.0 GiB of 4.0 GiB (25%)") == 4 << 30
+    assert manual.status_total("staging m from /srv/m.gguf") is None
