@@ -14,11 +14,10 @@ with: CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, GGML_VK_VISIBLE_DEVICES (the Vu
 skips CPU-type devices such as Mesa's lavapipe unless they are named there), ... Run it with
 exactly the environment llama-server will get.
 
-Listing costs a backend's initialisation (30 ms for Vulkan on lavapipe, seconds for CUDA on
-some machines), so the listing is cached in the runtime directory (`devices.json`), keyed by
-the llama-server build (the identity of the binary and of the ggml backend libraries beside
-it) and the environment it ran with: a new build or a changed CUDA_VISIBLE_DEVICES lists
-again; a reboot clears /run.
+Listing costs a backend's initialisation (seconds for CUDA on some machines), so the listing is
+cached in the runtime directory (`devices.json`), keyed by the llama-server build (the identity
+of the binary and of the ggml backend libraries beside it) and the environment it ran with: a
+new build or a changed CUDA_VISIBLE_DEVICES lists again; a reboot clears /run.
 
 Free memory: the cache keeps what each device has in total. What is free changes with every
 model that loads, and `--list-devices` shows only what the driver reports at that moment,

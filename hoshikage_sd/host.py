@@ -1,7 +1,7 @@
 """What the host says about its memory and processes, through psutil.
 
-psutil is imported on first use: its import costs ~15 ms (`python3 -X importtime`) of every
-router, activator and release start, and most of them never ask (a release that keeps no
+psutil is imported on first use: its import would cost every router, activator and release
+start (`python3 -X importtime`), and most of them never ask (a release that keeps no
 copy, a router until its first start of a model).
 """
 

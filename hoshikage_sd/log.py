@@ -32,8 +32,8 @@ MESSAGE_IDS = {
 }
 
 class JournalHandler(logging.Handler):
-    """python-systemd's JournalHandler, made when the first record comes: systemd.journal
-    costs ~10 ms of imports, which the router must not spend before its head start for the
+    """python-systemd's JournalHandler, made when the first record comes: systemd.journal's
+    imports are what the router must not spend before its head start for the
     request that woke it (router/first_request.py), nor before READY=1 for the records it
     makes on the way: hold() keeps info records back until release()."""
 

@@ -6,11 +6,11 @@ constants and the model-name rule. model_unit/launch.c speaks the same protocol 
 contract test (tests/unit/test_launch.py) runs both forms against this module.
 
 Built-in modules only (_socket, posix, time): the launcher imports this module on every cold
-start before llama-server runs, without site-packages (`python3 -I -S`). Importing `os`
-would cost it ~4 ms, `socket` ~6 ms (enum), `re` ~5 ms, python-systemd's daemon ~7 ms plus
-~3 ms for site-packages, where it lives (`python3 -I -X importtime -c 'import M'`, medians
-of 3 here). So the launcher speaks sd_notify itself (notify); the activator and the router,
-off that path, use python-systemd. Installed, the launcher is launch.c, which imports nothing.
+start before llama-server runs, without site-packages (`python3 -I -S`): `os`, `socket` (enum),
+`re` and python-systemd's daemon (with site-packages, where it lives) would each add their
+imports to that path (`python3 -I -X importtime -c 'import M'`). So the launcher speaks
+sd_notify itself (notify); the activator and the router, off that path, use python-systemd.
+Installed, the launcher is launch.c, which imports nothing.
 """
 
 import _socket

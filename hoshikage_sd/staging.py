@@ -282,7 +282,7 @@ def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = N
 
 
 def file_digest(path: Path) -> str:
-    import hashlib  # only on the rare corruption check: it costs a cold start ~10 ms
+    import hashlib  # only on the rare corruption check: not on every cold start
 
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "blake2b").hexdigest()

@@ -1,19 +1,18 @@
 """The manifest as the router last parsed it, kept as JSON for the programs that start often.
 
-Every router start, activator, release and idle watch reads the manifest. Inside the test
-bed's container (`python3 -X importtime`, the router as hoshikage.service runs it) PyYAML's
-import and the node-by-node parser cost ~20 ms of each, on the cold path of the first request
-(the router's READY=1) and beside the next model's load in a swap (the evicted unit's
-release). The router parses the manifest anyway; it keeps the result here
-($RUNTIME_DIRECTORY/manifest.json) with the identity of every file that result depends on:
-the manifest, names.json, each sources: directory and each model's file (a warning says
-whether it exists). A reader that finds each of them as it was gets the same Config without
-YAML; any difference, or anything odd about the file, and it parses as before.
+Every router start, activator, release and idle watch reads the manifest: PyYAML's import and
+the node-by-node parser would sit on the cold path of the first request (the router's READY=1)
+and beside the next model's load in a swap (the evicted unit's release); what that costs is in
+docs/performance.md ("Kept optimisations"). The router parses the manifest anyway; it keeps the
+result here ($RUNTIME_DIRECTORY/manifest.json) with the identity of every file that result
+depends on: the manifest, names.json, each sources: directory and each model's file (a warning
+says whether it exists). A reader that finds each of them as it was gets the same Config
+without YAML; any difference, or anything odd about the file, and it parses as before.
 
 A file changed during the parse may show a time just before it began (the kernel stamps
 files from its coarse clock, up to a tick behind: 1-10 ms), so nothing is kept when any of
 them changed less than RACY seconds before the parse began (as git treats a racily clean
-index). An edit reaches the router's reload some 50 ms later (hoshikage-reload.path, then
+index). An edit reaches the router's reload later than that (hoshikage-reload.path, then
 `hoshikage reload`), so its parse is kept as a rule. The file is trusted
 only from this user or root: it decides which program a unit runs.
 """

@@ -20,22 +20,19 @@ outright loses at most FLUSH_INTERVAL of request counts.
 reset (rate() and increase() handle it), and hoshikage_counters_start_time_seconds says
 when they started.
 
-Measured with bench/metrics_store.py (docs/metrics.md; 2 shared cores, a file of 376 label
-sets, 18 KB, on a tmpfs as /run is): counting a request in memory 4 µs; the router's flush
-(a second's 50 requests added under the lock) 1.2 ms, once a second at most; the
-activator's one write per start (once it serves or has failed: nothing is written on a
-cold start's way) or an idle watch's count 1.0 ms; a whole scrape (file, runtime records, psutil,
-218 KB of text) 2.2 ms. The alternatives, measured the same way:
+The router counts in memory and flushes at most once a second; the activator writes once per
+start (once it serves or has failed: nothing is written on a cold start's way). What each
+costs, and the alternatives below, are measured by bench/metrics_store.py (docs/metrics.md).
+The alternatives:
 
 - the journal (HOSHIKAGE_EVENT records exist for loads and stops): a scrape must walk every
-  matching record since boot, 45 µs per record (450 ms at 10,000), growing with uptime;
-  journald's vacuuming would make totals go down; and journal.send costs 48 µs a record,
-  as much as proxying the request, so requests could not be counted there.
+  matching record since boot, growing with uptime; journald's vacuuming would make totals
+  go down; and journal.send costs as much as proxying the request, so requests could not
+  be counted there.
 - prometheus_client's multiprocess mode: one file per PID that must stay after the process
   exits (else its counts go with it); every load is a new activator PID, so the directory
-  and each scrape grow with every load since boot (3 ms after 10 loads, 16 ms after 100,
-  110 ms after 1,000), every process must set PROMETHEUS_MULTIPROC_DIR before the import,
-  and the import costs an activator 42 ms.
+  and each scrape grow with every load since boot, every process must set
+  PROMETHEUS_MULTIPROC_DIR before the import, and the import is heavy for an activator.
 - a node_exporter textfile: needs node_exporter, and somebody to merge the processes'
   counts into it: the same problem, moved. (``hoshikage metrics`` prints this module's text
   for such a collector.)

@@ -1,16 +1,16 @@
 """hoshikage-launch NAME: ExecStart of hoshikage-model@NAME.service.
 
-Every millisecond before llama-server starts is cold-start latency, and the full activator
-costs about 250 ms of imports from a cold page cache. So the unit's first process is this
-file and hoshikage_sd.protocol alone, run without site-packages (-I -S: only built-in and
-frozen modules, about 12 ms; protocol.py says what each avoided import would cost).
+Every millisecond before llama-server starts is cold-start latency, and the full activator's
+imports are long from a cold page cache. So the unit's first process is this file and
+hoshikage_sd.protocol alone, run without site-packages (-I -S: only built-in and frozen
+modules; protocol.py says which imports that avoids).
 
-When the router has already admitted the model and found its staged copy current, it leaves
+When the router has already admitted the model, it leaves
 a launch ticket (protocol.py): llama-server's argv and environment. The launcher takes the
 ticket, starts llama-server at once, waits for its /health to say 200, tells the router (it
 forwards the waiting request at once) and sends READY=1 itself. The activator's imports would
-take CPU and disk that llama-server's first answer wants (measured: about 60 ms of it, even at
-nice 19), so only once llama-server has gone quiet (the first answer is out) or
+take CPU and disk that llama-server's first answer wants (even at nice 19:
+docs/performance.md), so only once llama-server has gone quiet (the first answer is out) or
 HANDOVER_LIMIT has passed does the launcher become (same PID, so still the unit's main
 process and llama-server's parent) `hoshikage activate NAME --adopt PID`, at the lowest CPU
 priority; the activator keeps the records and supervises. (Stopped before that, the unit's
@@ -20,13 +20,13 @@ start, a copy to make, room to make) the launcher becomes `hoshikage activate NA
 which does all of it. The `hoshikage` it runs is the one next to this file.
 
 Installed, hoshikage-launch is launch.c compiled (model_unit/install.py): the same steps
-without an interpreter to start, about 14 ms sooner. Where there is no C compiler it is a
-stub that imports this module. Both forms keep one contract (tests/unit/test_launch.py,
-tests/integration/test_activator.py); change them together.
+without an interpreter to start (docs/performance.md, "Kept optimisations"). Where there is no
+C compiler it is a stub that imports this module. Both forms keep one contract
+(tests/unit/test_launch.py, tests/integration/test_activator.py); change them together.
 """
 
 import _signal  # type: ignore[import-not-found]  # signal.py would import enum
-import posix  # os.py would import _collections_abc: ~4 ms
+import posix  # os.py would import _collections_abc
 import sys
 import time
 

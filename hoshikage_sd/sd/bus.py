@@ -1,9 +1,10 @@
 """systemd's manager API over D-Bus, without forking systemctl.
 
-Forking `systemctl start` from the router cost about 50 ms of every cold start. As root,
+Forking `systemctl start` from the router cost every cold start a process (docs/performance.md).
+As root,
 systemctl itself does not go through dbus-daemon: it talks to PID 1 on its private socket,
 peer to peer. So do we: wire.py marshals the messages; a Connection is a connect and an
-EXTERNAL authentication, then one round trip per call (about a millisecond each). Any other
+EXTERNAL authentication, then one round trip per call. Any other
 user (the units run as the service user hoshikage) is refused there and goes through the
 system bus instead (dbus-daemon, where systemd asks polkit about each start and stop).
 Callers fall back to systemctl when neither answers (not systemd, no bus). Built-in modules
@@ -18,7 +19,7 @@ import time
 
 from hoshikage_sd.sd import wire
 
-TYPE_CHECKING = False  # typing would cost the head start ~5 ms (typing imports re)
+TYPE_CHECKING = False  # typing (which imports re) would be on the head start's path
 if TYPE_CHECKING:
     from typing import Any
 
@@ -44,7 +45,7 @@ class BusError(Exception):
 
 class UnitState:
     """A unit as ListUnitsByNames reports it. A plain class, not a dataclass: dataclasses
-    (with inspect) cost the router's head start ~5 ms (first_request.take_early)."""
+    (with inspect) would be on the router's head start (first_request.take_early)."""
 
     __slots__ = ("active", "job", "load", "name", "sub")
 

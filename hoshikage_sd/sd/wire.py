@@ -1,10 +1,10 @@
 """D-Bus messages on the wire, for the few calls hoshikage makes to systemd's manager.
 
-Marshalled by hand, with built-in modules only: the router's head start (first_request)
-starts the waking request's model unit over D-Bus before anything else, and jeepney, which
-marshalled these messages before, imports typing, re and enum: with json and socket they cost
-the head start ~15 ms of its ~26 ms of imports (`python3 -IS`, in the test bed's container,
-medians of 15; docs/performance.md). What is here is what systemd's replies need: the basic
+Marshalled by hand, with built-in modules only: the router's head start (first_request) starts
+the waking request's model unit over D-Bus before anything else, and jeepney, which marshalled
+these messages before, imports typing, re and enum: with json and socket, most of the head
+start's imports (docs/performance.md, "Kept optimisations", with the measurement that finds the
+change within the noise end to end). What is here is what systemd's replies need: the basic
 types (s, o, g, u, i, b, y, n, q, t, x, d, h), arrays, structs and dict entries (read as
 pairs), variants. tests/unit/test_wire.py checks it against jeepney.
 """
