@@ -1,8 +1,9 @@
 """Install hoshikage into a booted container the way the Debian package lays it out.
 
-The units are the repository's own, with /usr/bin/hoshikage pointed at the repository's
-virtual environment (bound into the container at the same path), and two test-only
-drop-ins: the socket's port, and an idle timer that fires every second.
+The units are the repository's own, with /usr/bin/hoshikage and the helpers in
+/usr/libexec/hoshikage pointed at the repository's virtual environment (bound into the
+container at the same path), and two test-only drop-ins: the socket's port, and an idle
+timer that fires every second.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True, exist_ok=True)
     for unit in sorted((REPO_ROOT / "units").iterdir()):
-        text = unit.read_text().replace("/usr/bin/hoshikage", str(hoshikage_bin()))
+        # the package's helpers (/usr/libexec/hoshikage) sit beside the venv's hoshikage here
+        text = unit.read_text().replace("/usr/libexec/hoshikage/", f"{hoshikage_bin().parent}/")
+        text = text.replace("/usr/bin/hoshikage", str(hoshikage_bin()))
         (unit_dir / unit.name).write_text(text)
     if REPO_ROOT.is_relative_to("/tmp") or REPO_ROOT.is_relative_to("/var/tmp"):
         # PrivateTmp= would hide a checkout (and its .venv) that lives under /tmp; an

@@ -29,6 +29,7 @@ APT_PACKAGES=(
   python3-prometheus-client  # tests: its parser reads back hoshikage's /metrics text
   python3-h11         # tests: the reference HTTP/1.1 parser the router's is fuzzed against
   python3-hypothesis  # tests: ... the fuzzer (tests/unit/test_http_parsing.py)
+  python3-argcomplete # bash completion (the CLI's hook; the package build writes its script)
   curl
   ca-certificates
   debootstrap         # clean bookworm roots for package-install tests

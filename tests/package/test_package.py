@@ -55,8 +55,10 @@ def install(boot: Boot, deb: Path, models: Path, llama: Path) -> Deployment:
     # The shipped example is a conffile, and check says what is missing in it.
     conffiles = (c.root / "var/lib/dpkg/info/hoshikage.conffiles").read_text()
     assert conffiles.split() == ["/etc/hoshikage/models.yaml"]
-    example = c.exec("hoshikage", "check").stdout
+    checked = c.exec("hoshikage", "check", check=False)  # exit 1: a problem found
+    example = checked.stdout
     assert "llama_server /usr/bin/llama-server is not an executable file" in example, example
+    assert checked.returncode == 1, checked
     # The admin's steps from the README: edit the manifest; here also a free port (the
     # container shares the host's network) and an idle watch every second.
     (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST)
@@ -117,14 +119,35 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert eventually(lambda: processes(c), lambda found: found == {}) == {}
     passwd = c.exec("getent", "passwd", "hoshikage").stdout.split(":")
     assert passwd[6].strip() == "/usr/sbin/nologin" and int(passwd[2]) < 1000
+    group = c.exec("getent", "group", "hoshikage").stdout
+    # The units' helpers in /usr/libexec/hoshikage (the launcher runs the hoshikage beside
+    # it, a link to /usr/bin's); only the command people type is on PATH.
+    helpers = {f"/usr/libexec/hoshikage/hoshikage-{name}" for name in ("launch", "router")}
+    assert helpers <= set(files) and [f for f in files if f.startswith("/usr/bin/")] == [
+        "/usr/bin/hoshikage"], files
+    assert c.exec("readlink", "-f", "/usr/libexec/hoshikage/hoshikage").stdout.strip() \
+        == "/usr/bin/hoshikage"
+    # hoshikage(1), written from the CLI's parser at build time, and bash completion (the
+    # Recommends brought python3-argcomplete): the script asks hoshikage for candidates.
+    assert "/usr/share/man/man1/hoshikage.1.gz" in files
+    page = c.exec("sh", "-c", "zcat /usr/share/man/man1/hoshikage.1.gz").stdout
+    assert ".SH COMMANDS" in page and '.SS "hoshikage status' in page, page[:2000]
+    completion = "/usr/share/bash-completion/completions/hoshikage"
+    assert completion in files
+    completed = c.exec("bash", "-c", f"source {completion}; COMP_LINE='hoshikage sta' "
+                       "COMP_POINT=13 COMP_TYPE=9; _python_argcomplete hoshikage; "
+                       'echo "${COMPREPLY[@]}"').stdout.split()
+    assert completed == ["status"], completed
     assert "1 model(s): tiny" in c.exec("hoshikage", "check").stdout
     # check runs as root but answers for the service user: a model it cannot read is named.
     c.exec("install", "-d", "-m", "0700", "/var/private-models")
     c.exec("cp", "/srv/models/tiny.gguf", "/var/private-models/hidden.gguf")
     manifest = c.root / "etc/hoshikage/models.yaml"
     manifest.write_text(MANIFEST + "  hidden:\n    path: /var/private-models/hidden.gguf\n")
-    warning = c.exec("hoshikage", "check").stdout
+    checked = c.exec("hoshikage", "check", check=False)
+    warning = checked.stdout
     assert "model hidden: hoshikage may not enter /var/private-models" in warning, warning
+    assert checked.returncode == 1, checked
     manifest.write_text(MANIFEST)
     # systemd-analyze security on the installed units, rated by the container's systemd.
     for name, bound in BOUNDS.items():
@@ -138,7 +161,10 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert status == 200, body
     running = processes(c)
     commands = " | ".join(cmd for _, cmd in running.values())
-    assert "hoshikage-router" in commands and "llama-server" in commands, running
+    assert "/usr/libexec/hoshikage/hoshikage-router" in commands, running
+    assert "llama-server" in commands, running
+    assert "path=/usr/libexec/hoshikage/hoshikage-launch " in c.systemctl(
+        "show", "-p", "ExecStart", UNIT)
     assert {user for user, _ in running.values()} == {"hoshikage"}, running
     for path in ("/mnt/hoshikage", "/run/hoshikage", "/var/lib/hoshikage"):
         owner = c.exec("stat", "-c", "%U:%G", path).stdout.strip()
@@ -193,13 +219,14 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert (c.root / "etc/hoshikage/models.yaml").exists()
     assert (c.root / "var/lib/hoshikage").is_dir()
 
-    # apt purge: nothing of it is left (the admin's own drop-ins removed first).
+    # apt purge: nothing of it is left (the admin's own drop-ins removed first) but the
+    # system user and group, which Debian keeps (debian/hoshikage.postrm says why).
     for path in ADMIN_FILES:
         admin = c.root / path.lstrip("/")
         shutil.rmtree(admin) if admin.is_dir() else admin.unlink()
     apt(c, "purge", "hoshikage")
-    assert c.exec("getent", "passwd", "hoshikage", check=False).returncode == 2
-    assert c.exec("getent", "group", "hoshikage", check=False).returncode == 2
+    assert c.exec("getent", "passwd", "hoshikage").stdout.split(":") == passwd
+    assert c.exec("getent", "group", "hoshikage").stdout == group
     left = [f for f in files if (c.root / f.lstrip("/")).is_file()]
     assert left == []
     leftovers = c.exec("find", "/", "-xdev", "(", "-path", "/debs", "-o", "-path", "/srv",

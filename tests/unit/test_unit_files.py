@@ -31,8 +31,8 @@ def sections(unit: Path) -> configparser.RawConfigParser:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root with the host's targets and slices, our units, and executable hoshikage,
-    hoshikage-launch and hoshikage-router."""
+    """A root with the host's targets and slices, our units, and executable hoshikage (in
+    /usr/bin), hoshikage-launch and hoshikage-router (in /usr/libexec/hoshikage)."""
     root = tmp_path_factory.mktemp("root")
     lib = root / "usr/lib/systemd/system"
     lib.mkdir(parents=True)
@@ -40,9 +40,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if path.suffix in (".target", ".slice") and path.is_file():
             shutil.copy(path, lib)
     (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/libexec/hoshikage").mkdir(parents=True)
     shutil.copy("/bin/true", root / "usr/bin/hoshikage")
-    shutil.copy("/bin/true", root / "usr/bin/hoshikage-launch")
-    shutil.copy("/bin/true", root / "usr/bin/hoshikage-router")
+    shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-launch")
+    shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-router")
     for unit in UNITS:
         shutil.copy(unit, lib)
     return root
