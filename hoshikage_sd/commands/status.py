@@ -554,6 +554,9 @@ def findings(config: Config) -> dict[str, list[str]]:
     from hoshikage_sd import encryption
 
     problems += encryption.check_problems(config)
+    from hoshikage_sd.commands import mounts
+
+    problems += mounts.problems(config)  # the model unit waits for the ramdisk's mount
     notes = []
     if not os.path.ismount(config.ramdisk):
         notes.append(f"RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "
