@@ -38,14 +38,14 @@ from hoshikage_sd import log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.resolve import resolve
-from hoshikage_sd.router import auth, model_keys, name_index, proxy, routes
+from hoshikage_sd.router import auth, model_keys, name_index, progress, proxy, routes
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
 from hoshikage_sd.router.call import Call
 from hoshikage_sd.router.config import load_config
 from hoshikage_sd.router.first_request import FirstRequest, model_name_of
-from hoshikage_sd.router.proxy import Forward, Request, Response
+from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import daemon
@@ -413,7 +413,7 @@ class Router:
         self.busy.release(name)  # after the record: never idle with an old last_end
 
     # -- HTTP -----------------------------------------------------------------------------
-    async def handle(self, request: Request) -> Response | Forward:
+    async def handle(self, request: Request) -> Response | Forward | Early:
         started = time.monotonic()
         request.id = api.request_id(request.header("x-request-id"))
         route = routes.classify(request.method, request.path, request.query)
@@ -461,7 +461,7 @@ class Router:
         request.grant = grant
         return None
 
-    async def dispatch(self, request: Request, route: str) -> Response | Forward:
+    async def dispatch(self, request: Request, route: str) -> Response | Forward | Early:
         rid = request.id
         if route == Route.FORWARD:
             return await self.forward(request, rid)
@@ -581,7 +581,7 @@ class Router:
         return api.model_not_found(name, known) if name else api.no_model(known)
 
     # forwarding
-    async def forward(self, request: Request, rid: str) -> Response | Forward:
+    async def forward(self, request: Request, rid: str) -> Response | Forward | Early:
         if self.broken is not None:
             return self.fail(request, self.broken_error())
         try:
@@ -594,7 +594,25 @@ class Router:
         denied = self.may_start(request, found)
         if denied is not None:
             return denied
-        return await self.exchange(request, found, Call(self, request, found))
+        call = Call(self, request, found)
+        if found.name not in self.ready and progress.wanted(request):
+            return self.early(request, found, call)
+        return await self.exchange(request, found, call)
+
+    def early(self, request: Request, model: Model, call: Call) -> Early:
+        """A streaming request that asked to hear about its model's start (progress.py):
+        the front sends the stream's head now, the comment lines while the model starts,
+        then what exchange() answers."""
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in call.headers()]
+
+        async def wait(emit: Callable[[bytes], None]) -> Response | Forward:
+            result = await self.exchange(request, model, call, emit=emit)
+            if isinstance(result, Response):  # sent by the proxy as an SSE error event
+                seconds = (time.monotonic_ns() - call.began_ns) / 1e9
+                self.metrics.request(model.name, metrics.route_label(request.path),
+                                     result.status, seconds, seconds)
+            return result
+        return Early(headers, wait)
 
     def may_start(self, request: Request, model: Model) -> Response | None:
         """The model's own llama-server key (router/model_keys.py), checked before its
@@ -609,8 +627,12 @@ class Router:
         response.model = model.name
         return response
 
-    async def started(self, request: Request, model: Model) -> Response | None:
-        """Make sure the model serves: None once it does, else the error reply."""
+    async def started(self, request: Request, model: Model,
+                      emit: Callable[[bytes], None] | None = None) -> Response | None:
+        """Make sure the model serves: None once it does, else the error reply. `emit`:
+        where the progress lines go meanwhile (a client that asked for them)."""
+        reporter = None if emit is None or model.name in self.ready else \
+            asyncio.create_task(progress.report(emit, self.config, model))
         try:
             await self.ensure(model)
         except StartFailed as exc:
@@ -618,12 +640,16 @@ class Router:
                                                            permanent=exc.permanent))
             response.model = model.name
             return response
+        finally:
+            if reporter is not None:
+                reporter.cancel()
         return None
 
     async def exchange(self, request: Request, model: Model, call: Call,
-                       retried: bool = False) -> Response | Forward:
+                       retried: bool = False, emit: Callable[[bytes], None] | None = None
+                       ) -> Response | Forward:
         """Make sure the model serves, then forward (a Forward whose `done` ends the call)."""
-        failed = await self.started(request, model)
+        failed = await self.started(request, model, emit)
         if failed is not None:
             return failed
         call.loaded()
@@ -636,7 +662,7 @@ class Router:
                 result: Response | Forward = self.fail(
                     request, api.not_answering(model.name, str(exc)))
             else:
-                result = await self.exchange(request, model, call, retried=True)
+                result = await self.exchange(request, model, call, retried=True, emit=emit)
             if isinstance(result, Response):  # sent by the proxy, uncounted so far
                 seconds = (time.monotonic_ns() - call.began_ns) / 1e9
                 self.metrics.request(model.name, metrics.route_label(request.path),

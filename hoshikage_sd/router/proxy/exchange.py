@@ -9,6 +9,7 @@ from typing import Protocol
 
 from hoshikage_sd.router.proxy.messages import (
     REASONS,
+    Early,
     Outcome,
     Response,
     Transform,
@@ -37,8 +38,14 @@ class Exchange:
     """The upstream side of one forwarded request, as seen from the client connection."""
 
     def __init__(self, client: Client, keep_alive: bool, http10: bool,
-                 forward: Forward | None = None, head_only: bool = False) -> None:
+                 forward: Forward | None = None, head_only: bool = False,
+                 continued: bool = False) -> None:
         self.client = client
+        #: the client has its head already (an SSE stream that said "loading" while the
+        #: model started: Early): the upstream's head is not sent, its body is chunked on,
+        #: an error's body becomes an SSE `error` event
+        self.continued = continued
+        self.error_body: bytearray | None = None
         self.keep_alive = keep_alive
         self.http10 = http10
         self.forward = forward
@@ -75,6 +82,11 @@ class Exchange:
               length: int, chunked: bool) -> None:
         self.outcome.status = status
         self.outcome.head_at = time.monotonic()
+        if self.continued:
+            self.head_sent = self.chunked = self.sse = True
+            if status >= 400:
+                self.error_body = bytearray()
+            return
         if self.client.proxy.draining:
             self.keep_alive = False
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -101,6 +113,12 @@ class Exchange:
             data = self.transform.feed(data)
             if not data:
                 return
+        self._out(data)
+
+    def _out(self, data: bytes) -> None:
+        if self.error_body is not None:
+            self.error_body += data
+            return
         # one chunk out per piece in: server-sent events pass through as they come
         self.client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
@@ -115,12 +133,15 @@ class Exchange:
                 headers = headers + self.forward.headers
             self._head(transform.status, REASONS.get(transform.status, "Unknown").encode(),
                        headers, len(data), False)
-            self.client.write(data)
+            self._out(data)
         elif data:
-            self.client.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            self._out(data)
 
     def on_end(self) -> None:
         self._finish_transform()
+        if self.error_body is not None:
+            self.client.write(sse_error(bytes(self.error_body)))
+            self.error_body = None
         if self.chunked:
             self.client.write(b"0\r\n\r\n")
         self.outcome.complete = True
@@ -148,8 +169,32 @@ class Exchange:
         if self.transform is not None and not self.transform.whole:
             self._finish_transform()
         elif self.sse:
-            event = b"event: error\ndata: " + error.body + b"\n\n"
-            self.client.write(b"%x\r\n%b\r\n" % (len(event), event))
+            self.client.write(sse_error(error.body))
         self.client.write(b"0\r\n\r\n")
         self.got_bytes = True  # not to be sent again
         self.finished.set_result(False)
+
+
+def sse_error(body: bytes) -> bytes:
+    """One chunk holding an SSE `error` event with `body` (a JSON error) as its data: what
+    OpenAI's and Anthropic's clients raise on in a stream."""
+    data = b"\ndata: ".join(body.replace(b"\r", b"").split(b"\n"))
+    event = b"event: error\ndata: " + data + b"\n\n"
+    return b"%x\r\n%b\r\n" % (len(event), event)
+
+
+def early_head(early: Early, keep_alive: bool) -> bytes:
+    """The head of an SSE stream sent before the model serves (Early): 200, chunked."""
+    out = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+           b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n"]
+    out += [k.encode("latin-1") + b": " + v.encode("latin-1") + b"\r\n"
+            for k, v in early.headers]
+    if not keep_alive:
+        out.append(b"Connection: close\r\n")
+    return b"".join(out) + b"\r\n"
+
+
+def early_end(result: Response) -> bytes:
+    """How a stream begun early ends when the answer is the router's own (a start that
+    failed, a model that went away): its error as an SSE event, then the chunked end."""
+    return sse_error(result.body) + b"0\r\n\r\n"

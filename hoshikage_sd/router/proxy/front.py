@@ -10,10 +10,11 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
-from hoshikage_sd.router.proxy.exchange import Exchange
+from hoshikage_sd.router.proxy.exchange import Exchange, early_end, early_head
 from hoshikage_sd.router.proxy.messages import (
     MAX_QUEUED,
     BadRequest,
+    Early,
     ErrorRenderer,
     Limits,
     Outcome,
@@ -232,12 +233,19 @@ class ClientConnection(asyncio.Protocol):
         """Answer one request; False when the connection must close after it."""
         head_only = request.method == "HEAD"
         request.peer = self.peer
-        result = await self.proxy.handler(request)
+        answer = await self.proxy.handler(request)
+        continued = isinstance(answer, Early)
+        if isinstance(answer, Early):
+            # an SSE stream begun before its model serves: its head now, "loading" comments
+            # while it starts (router/progress.py), then the upstream's body or the error
+            self.write(early_head(answer, request.keep_alive))
+            answer = cast(Response | Forward, await answer.wait(self.write_chunk))
+        result: Response | Forward = answer
         while isinstance(result, Forward):
             forward = result
             outcome = Outcome()
             try:
-                return await self._forward(request, forward, head_only, outcome)
+                return await self._forward(request, forward, head_only, outcome, continued)
             except OSError as exc:  # no connection could be made: nothing was sent
                 if forward.unreachable is None:
                     result = self.proxy.error(request, 502, f"upstream not answering: {exc}",
@@ -248,18 +256,26 @@ class ClientConnection(asyncio.Protocol):
                 if forward.done is not None:
                     forward.done(outcome)
         keep = request.keep_alive and not self.proxy.draining
+        if continued:
+            self.write(early_end(result))
+            return request.keep_alive
         self.write(response_bytes(result, keep, head_only))
         return keep
 
+    def write_chunk(self, data: bytes) -> None:
+        """One chunk of a chunked response (an Early stream's comment lines)."""
+        if data:
+            self.write(b"%x\r\n%b\r\n" % (len(data), data))
+
     async def _forward(self, request: Request, forward: Forward, head_only: bool,
-                       outcome: Outcome) -> bool:
+                       outcome: Outcome, continued: bool = False) -> bool:
         upstream_request = forward.request or request
         head = request_head(upstream_request)
         fresh = False
         while True:
             conn, reused = await forward.upstream.acquire(fresh)
             exchange = Exchange(self, request.keep_alive, request.version == "1.0", forward,
-                                head_only)
+                                head_only, continued)
             exchange.outcome = outcome
             self.upstream, self.exchange = conn, exchange
             ok = False
@@ -286,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
                 response = self.proxy.error(request, 502, f"upstream failed: {exchange.error}",
                                             "model_unavailable")
                 outcome.status = response.status
-                self.write(response_bytes(response, False))
+                self.write(early_end(response) if continued else response_bytes(response, False))
             return False
 
     def cut(self, message: str) -> None:

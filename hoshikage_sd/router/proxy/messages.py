@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -102,6 +102,18 @@ class Request:
             if k.lower() == key:
                 return v.decode("latin-1")
         return None
+
+
+@dataclass(frozen=True)
+class Early:
+    """The handler's answer to a streaming request whose model must start first and whose
+    client asked to hear about it (router/progress.py): the front sends the head of an SSE
+    stream now (200, text/event-stream, chunked, `headers` besides), then awaits `wait`,
+    which may `emit` SSE comment lines meanwhile and gives the real answer (a Forward, whose
+    body continues the stream, or a Response, sent as an SSE `error` event)."""
+
+    headers: list[tuple[str, str]]
+    wait: Callable[[Callable[[bytes], None]], Awaitable[object]]
 
 
 @dataclass

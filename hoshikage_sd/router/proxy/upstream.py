@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from hoshikage_sd.router.proxy.messages import Outcome, Request, Response, Transform
+from hoshikage_sd.router.proxy.messages import Early, Outcome, Request, Response, Transform
 from hoshikage_sd.router.proxy.parsing import ResponseParser, Sink
 
 logger = logging.getLogger("hoshikage.proxy")
@@ -182,4 +182,4 @@ class Forward:
     transform: Callable[[int, list[tuple[bytes, bytes]]], Transform | None] | None = None
 
 
-Handler = Callable[[Request], Awaitable[Response | Forward]]
+Handler = Callable[[Request], Awaitable[Response | Forward | Early]]
