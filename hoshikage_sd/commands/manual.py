@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from hoshikage_sd.commands import progress
 from hoshikage_sd.errors import die
@@ -70,15 +71,19 @@ def load(config: Config, name: str) -> int:
                 hint=f"hoshikage logs {model.name} shows its unit's lines "
                      f"(journalctl -u {systemd.shell_unit(model.name)})")
         step = step_of(config, model, unit)
-        staged = staged or step.phase == "staging"
+        if step.phase == "loading" and not staged and not display.tty:
+            # a copy quicker than a look at it: say that it was made
+            size = Store(config.ramdisk).copy_size(model.name)
+            if size is not None:
+                print(f"staged {model.name}: {fmt.size(size)}", flush=True)
+        staged = staged or step.phase in ("staging", "loading")
         display.show(step)
         time.sleep(POLL)
-    if not staged and not display.tty:  # a copy quicker than a look: say it was made
-        size = Store(config.ramdisk).copy_size(model.name)
-        if size is not None:
-            print(f"staged {model.name}: {fmt.size(size)}", flush=True)
     running = runtime.running(model.name)
     pid = f", llama-server pid {running.pid}" if running else ""
+    if running and not Path(running.staged).is_relative_to(config.ramdisk):
+        # a first load serves from the source at once and copies it meanwhile
+        pid += " (from its source; its RAM-disk copy is made alongside)"
     display.finish(f"{model.name} loaded in {time.monotonic() - began:.1f} s{pid}")
     return 0
 
@@ -88,7 +93,8 @@ def step_of(config: Config, model: Model, unit: str) -> progress.Step:
     waiting (for room, for another copy: the unit's STATUS=), or loading."""
     from hoshikage_sd.commands import status
 
-    text = systemd.show(unit, "StatusText").get("StatusText", "")
+    shown = systemd.show(unit, "StatusText", "MemoryCurrent")
+    text, memory = shown.get("StatusText", ""), shown.get("MemoryCurrent", "")
     copying = status.copying_bytes(config, model.name)
     if copying is not None:
         return progress.Step("staging", copying,
@@ -96,7 +102,7 @@ def step_of(config: Config, model: Model, unit: str) -> progress.Step:
     if text.startswith(("waiting", "stopping")):
         return progress.Step("waiting", detail=text)
     if text.startswith("loading") or Store(config.ramdisk).has_copy(model.name):
-        return progress.Step("loading")
+        return progress.Step("loading", int(memory) if memory.isdigit() else 0)
     return progress.Step("waiting",
                          detail=text if text.startswith(("staging", "decrypting")) else "")
 

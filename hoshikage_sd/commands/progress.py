@@ -20,7 +20,8 @@ BAR_WIDTH = 24
 @dataclass(frozen=True)
 class Step:
     """One look at the load: its phase ("waiting", "staging", "loading") and, staging,
-    the bytes copied so far of `total` (None: unknown)."""
+    the bytes copied so far of `total` (None: unknown); loading, the unit's memory (what
+    llama-server has read of the model shows there: its pages are charged to the unit)."""
 
     phase: str
     done: int = 0
@@ -57,8 +58,9 @@ def describe(name: str, step: Step, rate: float | None) -> str:
         speed = f", {fmt.size(rate)}/s" if rate else ""
         return f"staging {name}: {fmt.size(step.done)}{of}{speed}"
     if step.phase == "loading":
-        return f"loading {name} (llama-server)"
-    return f"waiting for {name}" + (f": {step.detail}" if step.detail else "")
+        return f"loading {name} (llama-server)" + \
+            (f": {fmt.size(step.done)} in memory" if step.done else "")
+    return f"waiting for {name}: {step.detail}" if step.detail else f"starting {name}"
 
 
 class Display:
@@ -75,15 +77,17 @@ class Display:
     def show(self, step: Step, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         rate = self.rate.add(now, step.done) if step.phase == "staging" else None
-        changed = self.last is None or step.phase != self.last.phase or \
-            step.detail != self.last.detail
-        self.last = step
+        previous, self.last = self.last, step
         text = describe(self.name, step, rate)
         if self.tty:
             if step.phase == "staging" and step.total:
                 text = f"{bar(step.done, step.total)} {text}"
             self._redraw(text)
-        elif changed or (step.phase == "staging" and now - self.last_plain >= PLAIN_EVERY):
+            return
+        changed = previous is None or step.phase != previous.phase or \
+            step.detail != previous.detail
+        moved = previous is not None and step.done != previous.done
+        if changed or (moved and now - self.last_plain >= PLAIN_EVERY):
             self.last_plain = now
             print(text, file=self.out, flush=True)
 

@@ -1,0 +1,112 @@
+"""The commands an admin types, under real systemd (issue 23): `check`'s exit status, `load`'s
+progress and its failure with the reason, `ps`, and the facts `status` adds (llama-server's
+PID, the socket's address, the router's state, the RAM disk's mount)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest
+from tests.system.conftest import ContainerFactory
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+       llama_server_bin: Path) -> Deployment:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "tiny.gguf")  # gone.gguf is missing
+    text = manifest(llama_server_bin, {"tiny": "ttl: 1h", "gone": "ttl: 1h"},
+                    min_reload_seconds="0")
+    return deploy(container_factory, models, text)
+
+
+def run(hk: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return hk.container.exec(str(hoshikage_bin()), *args, check=False)
+
+
+def test_check_load_ps_and_status(hk: Deployment) -> None:
+    # check: a missing model file is a problem, exit 1, in JSON too
+    checked = run(hk, "check")
+    assert checked.returncode == 1, checked
+    assert "warning:" in checked.stdout and "gone" in checked.stdout, checked.stdout
+    facts = json.loads(run(hk, "check", "--json").stdout)
+    assert facts["ok"] is False and any("gone" in w for w in facts["warnings"]), facts
+
+    # status before anything ran: the socket's address, no router, no RAM disk (its mount
+    # point is a plain directory: not mounted, whatever its filesystem's usage)
+    hk.container.exec("mkdir", "-p", "/mnt/hoshikage")
+    out = run(hk, "status").stdout
+    assert f"router: not running (the socket starts it on the first request), listening " \
+           f"on 127.0.0.1:{hk.port}" in out, out
+    assert "RAM disk /mnt/hoshikage: not mounted" in out, out
+
+    # load: plain progress lines off a terminal, then llama-server's PID; global options
+    # after the command
+    loaded = run(hk, "load", "tiny", "--config", "/etc/hoshikage/models.yaml")
+    assert loaded.returncode == 0, loaded
+    lines = loaded.stdout.splitlines()
+    # a first load: llama-server reads the source (the unit's memory grows), and the
+    # RAM-disk copy is made once it serves
+    assert lines[0] == "starting tiny", lines
+    assert any(line.startswith("loading tiny (llama-server)") for line in lines), lines
+    done = re.fullmatch(r"tiny loaded in [0-9.]+ s, llama-server pid (\d+) \(from its "
+                        r"source; its RAM-disk copy is made alongside\)", lines[-1])
+    assert done, lines
+    pid = int(done[1])
+    main_pid = hk.container.systemctl("show", "-P", "MainPID",
+                                      "hoshikage-model@tiny.service").strip()
+    assert str(pid) in hk.container.exec("pgrep", "-x", "llama-server").stdout.split()
+    assert str(pid) != main_pid  # the activator's is the unit's main PID
+
+    # ps: the loaded model only, with llama-server's PID
+    (row,) = json.loads(run(hk, "ps", "--json").stdout)
+    assert (row["name"], row["state"], row["pid"]) == ("tiny", "serving", pid), row
+    assert row["memory_bytes"] > 0 and row["since"] is not None
+    table = run(hk, "ps").stdout.splitlines()
+    assert len(table) == 2 and table[1].split()[:3] == ["tiny", "serving", str(pid)], table
+
+    # a request through the socket starts the router: status says it runs, and where
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    router_pid = hk.container.systemctl("show", "-P", "MainPID", "hoshikage.service").strip()
+    state = json.loads(run(hk, "--debug", "status", "--json").stdout)
+    assert state["router"] == {"state": "active", "running": True, "pid": int(router_pid),
+                               "socket_state": "active", "listen": [f"127.0.0.1:{hk.port}"]}
+    assert state["ramdisk"]["mounted"] is True
+    (tiny,) = [m for m in state["models"] if m["name"] == "tiny"]
+    assert tiny["llama_server_pid"] == pid and tiny["status_text"]  # the unit's STATUS=
+    out = run(hk, "status").stdout
+    tiny_row = next(line for line in out.splitlines() if line.startswith("tiny "))
+    assert tiny_row.split()[1:3] == ["serving", str(pid)], out
+    assert f"router: running (pid {router_pid}), listening on 127.0.0.1:{hk.port}" in out
+    assert re.search(r"RAM disk /mnt/hoshikage: [0-9.]+ \w+ used of", out), out
+    (row,) = json.loads(run(hk, "ps", "--json").stdout)
+    assert row["in_flight"] == 0  # the running router's count
+
+    # a load that fails: exit 1 and the activator's reason
+    failed = run(hk, "load", "gone")
+    assert failed.returncode == 1, failed
+    assert "gone did not start: " in failed.stderr and "/srv/models/gone.gguf" in \
+        failed.stderr, failed.stderr
+    assert "hoshikage logs gone" in failed.stderr
+
+    # on a terminal: one line redrawn, and the result in colour
+    run(hk, "unload", "tiny")
+    hk.wait_for("the unload", lambda: hk.state("hoshikage-model@tiny.service") == "inactive")
+    # (cat -v: the carriage returns as ^M, which text mode would read as line ends)
+    tty = hk.container.exec("sh", "-c", f"script -qec '{hoshikage_bin()} load tiny' "
+                            "/dev/null | cat -v").stdout
+    assert "^Mloading tiny (llama-server)" in tty, tty
+    assert "^[[32mtiny loaded in" in tty, tty
+    plain = hk.container.exec("script", "-qec", f"NO_COLOR=1 {hoshikage_bin()} ps",
+                              "/dev/null").stdout
+    assert "\033[" not in plain and "serving" in plain, repr(plain)
