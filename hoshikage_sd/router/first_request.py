@@ -72,8 +72,17 @@ class FirstRequest:
         self.admitted: tuple[int, int] | None = None
 
 
+#: bodies above this are walked, not parsed, for their model (jsonscan: no copy of them)
+LARGE_JSON = 1 << 20
+
+
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
     """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON."""
+    if len(body) > LARGE_JSON:
+        from hoshikage_sd.router import jsonscan  # large bodies only: not a start's cost
+
+        name = jsonscan.model_of(body)
+        return name if name is not None else query.get("model")
     if body.strip():
         data = loads(body)
         if isinstance(data, dict) and isinstance(data.get("model"), str):

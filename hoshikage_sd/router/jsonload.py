@@ -42,8 +42,9 @@ def loads(data: str | bytes | bytearray) -> Any:
             import json  # UTF-16 or UTF-32: json.loads tells which
 
             return json.loads(data)
-        data = bytes(data).decode("utf-8-sig" if data[:3] == b"\xef\xbb\xbf" else "utf-8",
-                                  "surrogatepass")
+        # decoded where it lies: bytes(data) first would copy a bytearray body once more
+        data = data.decode("utf-8-sig" if data[:3] == b"\xef\xbb\xbf" else "utf-8",
+                           "surrogatepass")
     start = 0
     while start < len(data) and data[start] in _SPACE:
         start += 1

@@ -52,8 +52,9 @@ class Limits:
     whole (the router needs the JSON's model), so at most `large_bodies` requests with more
     than `large_body` bytes count against `body_memory`, the bytes of such bodies being
     read or answered at once: one that does not fit gets a 503 before its body is read (the
-    first one always fits, up to `max_body`). The router holds about three times a body
-    while it reads its JSON (bytes, text, the strings in it)."""
+    first one always fits, up to `max_body`). A body over 1 MiB is walked for its model
+    without being decoded (router/jsonscan.py): it costs about its own size; Ollama's
+    routes, which translate the whole body, still hold about three times it."""
 
     max_connections: int = 1000
     header_timeout: float = 30.0
