@@ -40,6 +40,12 @@ def test_check_load_ps_and_status(hk: Deployment) -> None:
     assert "warning:" in checked.stdout and "gone" in checked.stdout, checked.stdout
     facts = json.loads(run(hk, "check", "--json").stdout)
     assert facts["ok"] is False and any("gone" in w for w in facts["warnings"]), facts
+    # and 0 where nothing is wrong (notes are no problems): the same without that model
+    good = hk.container.root / "etc/hoshikage/good.yaml"
+    good.write_text((hk.container.root / "etc/hoshikage/models.yaml").read_text()
+                    .replace("  gone:\n    path: /srv/models/gone.gguf\n    ttl: 1h\n", ""))
+    checked = run(hk, "check", "--config", "/etc/hoshikage/good.yaml")
+    assert checked.returncode == 0 and "1 model(s): tiny" in checked.stdout, checked
 
     # status before anything ran: the socket's address, no router, no RAM disk (its mount
     # point is a plain directory: not mounted, whatever its filesystem's usage)
