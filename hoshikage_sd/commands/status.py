@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -300,8 +301,6 @@ def cached(config: Config, model: Model) -> bool:
 def status(config: Config, as_json: bool = False) -> int:
     """Every model, the router, the RAM disk and memory: gather()'s facts (what --json
     prints and the panel shows) written for people."""
-    import sys
-
     facts = gather(config)
     if as_json:
         print(json.dumps(facts, indent=2))
@@ -463,6 +462,7 @@ def list_models(config: Config, as_json: bool) -> int:
         print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
         return 0
     now = time.time()
+    colour = fmt.use_colour(sys.stdout)
     table(("MODEL", "ALIASES", "TAGS", "SIZE", "ARCH", "PARAMS", "QUANT", "CTX", "ESTIMATE",
            "STATE", "RANK", "LAST USED"),
           [(e.name, ",".join(e.aliases) or "-", ",".join(e.tags) or "-",
@@ -471,10 +471,12 @@ def list_models(config: Config, as_json: bool) -> int:
             fmt.size(e.estimate) if e.estimate is not None else "-",
             e.state + (" cached" if e.cached else "") + (" pinned" if e.pinned else ""),
             f"{e.rank:.1f}", fmt.ago(now - e.last_used) + " ago" if e.last_used else "never")
-           for e in entries])
+           for e in entries],
+          {9: lambda text: fmt.state(text, colour, "running" if text.startswith("loaded")
+                                     else "kept" if text.startswith("staged") else None)})
     for e in entries:
         if e.error:
-            print(f"warning: {e.name}: {e.error}")
+            print(fmt.paint("warning:", "33", colour), f"{e.name}: {e.error}")
     return 0
 
 
@@ -508,8 +510,9 @@ def check(config: Config, as_json: bool = False) -> int:
         print(json.dumps({"config": str(config.source), "ok": not found["warnings"],
                           "models": list(config.models), **found}, indent=2))
         return 1 if found["warnings"] else 0
+    colour = fmt.use_colour(sys.stdout)
     for line in found["warnings"]:
-        print(f"warning: {line}")
+        print(fmt.paint("warning:", "33", colour), line)
     print(f"{config.source}: {len(config.models)} model(s): "
           + ", ".join(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else "")
                       for m in config.models.values()))
@@ -518,8 +521,6 @@ def check(config: Config, as_json: bool = False) -> int:
     for line in found["devices"]:
         print(line)
     if found["warnings"]:
-        import sys
-
         print(f"{len(found['warnings'])} problem(s)", file=sys.stderr)
         return 1
     return 0
