@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from hoshikage_sd.commands.environment import PROBE_UNIT
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.sd import units as systemd
 
-#: any instance shows the template's settings and drop-ins (environment.PROBE_UNIT's)
-PROBE_UNIT = "hoshikage-model@check.service"
 TEMPLATE = "hoshikage-model@.service"
 
 
