@@ -22,6 +22,7 @@ from hoshikage_sd.manifest.model import (
     Model,
     Source,
     Weights,
+    Worker,
     config_path,
     model_files,
 )
@@ -41,7 +42,8 @@ _LAZY = {"parse_duration": "nodes", "parse_size": "nodes", "ConfigError": "parse
 
 __all__ = [
     "DEFAULT_PATH", "NAME_RE", "AmbiguousModel", "Cache", "CachePolicy", "Config",
-    "ConfigError", "Files", "Model", "Source", "Weights", "config_path", "load", "model_files",
+    "ConfigError", "Files", "Model", "Source", "Weights", "Worker", "config_path", "load",
+    "model_files",
     "model_name_for", "parse_duration", "parse_size", "scan_sources",
 ]
 

@@ -29,7 +29,15 @@ from typing import Any
 
 from hoshikage_sd.fileid import identity
 from hoshikage_sd.files import write_atomic
-from hoshikage_sd.manifest.model import Cache, Config, Model, Source, Weights, model_files
+from hoshikage_sd.manifest.model import (
+    Cache,
+    Config,
+    Model,
+    Source,
+    Weights,
+    Worker,
+    model_files,
+)
 
 VERSION = 1
 NAME = "manifest.json"
@@ -67,6 +75,7 @@ DECODE: dict[str, Callable[[Any], Any]] = {
     "Weights": lambda v: decode(Weights, v), "Cache | None": _optional(lambda v: decode(Cache, v)),
     "tuple[Source, ...]": _tuple_of(lambda v: decode(Source, v)),
     "Mapping[str, Model]": lambda v: {k: decode(Model, m) for k, m in v.items()},
+    "Mapping[str, Worker]": lambda v: {k: decode(Worker, w) for k, w in v.items()},
 }
 
 

@@ -90,6 +90,8 @@ class Model:
     #: a multimodal model's projector (llama-server's --mmproj)
     mmproj: Path | None = None
     stage: str = "auto"  # STAGE_MODES
+    #: the `workers:` this model is split over (llama-server's --rpc), in order
+    rpc: tuple[str, ...] = ()
 
     @property
     def environment(self) -> dict[str, str]:
@@ -221,6 +223,27 @@ class Cache(CachePolicy):
     dir: Path
 
 
+#: ggml-rpc-server's default port (its -p), the worker socket's (units/hoshikage-rpc.socket)
+RPC_PORT = 50052
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A `workers:` entry: a machine whose hoshikage-rpc.socket starts llama.cpp's
+    ggml-rpc-server on demand (README "Several machines")."""
+
+    name: str
+    host: str  # a name or an IPv4 address: llama.cpp's --rpc parses HOST:PORT at the first ':'
+    port: int = RPC_PORT
+    #: the most of the worker's memory a model may count on (None: what the worker says
+    #: is free), for a worker that does other work too
+    memory: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class AmbiguousModel(HoshikageError):
     def __init__(self, name: str, candidates: list[str]) -> None:
         super().__init__(f"model '{name}' is ambiguous: it matches {', '.join(candidates)}",
@@ -274,6 +297,8 @@ class Config:
     stage: str = "auto"
     weights: Weights = field(default_factory=Weights)
     models: Mapping[str, Model] = field(default_factory=dict)
+    #: llama.cpp RPC workers by name (`workers:`), which models name in `rpc:`
+    workers: Mapping[str, Worker] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
     def default(self) -> Model | None:
@@ -308,7 +333,13 @@ class Config:
             return [arg.format_map(fields) for arg in model.command] + list(model.args)
         mmproj = ["--mmproj", str(files.mmproj)] if files.mmproj else []
         return [str(self.llama_server), "-m", str(files.main), "--host", socket,
-                "--alias", model.name, *mmproj, *model.server_args]
+                "--alias", model.name, *mmproj, *self.rpc_args(model), *model.server_args]
+
+    def rpc_args(self, model: Model) -> list[str]:
+        """llama-server's --rpc for the workers `model` is split over (none: [])."""
+        if not model.rpc:
+            return []
+        return ["--rpc", ",".join(self.workers[w].address for w in model.rpc)]
 
 
 def config_path() -> Path:

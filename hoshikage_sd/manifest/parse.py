@@ -24,6 +24,7 @@ from hoshikage_sd.manifest.model import (
     Model,
     Source,
     Weights,
+    Worker,
     config_path,
     environment,
 )
@@ -148,6 +149,37 @@ def _api_keys(r: NodeReader, n: yaml.Node, what: str) -> str:
     return str(r.abspath(n, what))
 
 
+def _worker(r: NodeReader, name: str, n: yaml.Node) -> Worker:
+    """A `workers:` entry: "HOST:PORT" (or HOST, port 50052), or {address:, memory:}."""
+    what = f"worker '{name}'"
+    memory = None
+    if isinstance(n, yaml.MappingNode):
+        items = r.mapping(n, what, ("address", "memory"))
+        if "address" not in items:
+            raise r.fail(n, f"{what} needs 'address:', HOST:PORT of its hoshikage-rpc.socket")
+        if "memory" in items:
+            memory = r.size(items["memory"][1], f"{what}: memory")
+        n = items["address"][1]
+    address = r.string(n, f"{what}: address")
+    host, colon, port = address.rpartition(":") if ":" in address else (address, "", "")
+    if not colon:
+        return Worker(name, host, memory=memory)
+    if not host or ":" in host or "[" in host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise r.fail(n, f"{what}: '{address}' is not HOST:PORT with an IPv4 address or a "
+                        "name (llama.cpp's --rpc takes no IPv6 literal)")
+    return Worker(name, host, int(port), memory)
+
+
+def _workers(r: NodeReader, n: yaml.Node, what: str) -> dict[str, Worker]:
+    workers = {}
+    for name, (knode, vnode) in r.mapping(n, what).items():
+        if not NAME_RE.match(name):
+            raise r.fail(knode, f"{what}: '{name}' is not a valid name")
+        workers[name] = _worker(r, name, vnode)
+    return workers
+
+
 #: key -> reader, for the keys that are read the same way wherever they are
 CACHE_FIELDS: dict[str, FieldReader] = {
     "dir": _path, "max_size": _size, "min_free": _size, "expire_after": _duration,
@@ -166,6 +198,7 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
     "max_body": _size, "large_body": _size, "body_memory": _size,
     "stop_grace": _duration, "api_keys": _api_keys, "allow_plaintext_swap": _boolean,
+    "workers": _workers,
 }
 #: top-level keys read by hand: they depend on each other
 TOP_SPECIAL = ("default_model", "models")
@@ -174,7 +207,7 @@ TOP_RENAMED = {"rank": "weights"}
 MODEL_FIELDS: dict[str, FieldReader] = {
     "ttl": _duration, "args": _strings, "pinned": _boolean, "health": _health,
     "backend": _backend, "command": _command, "env": _env, "mmproj": _path,
-    "stage": _stage,
+    "stage": _stage, "rpc": _strings,
 }
 SOURCE_FIELDS: dict[str, FieldReader] = {
     "dir": _path, "recursive": _boolean, "args": _strings, "env": _env, "stage": _stage,
@@ -229,6 +262,8 @@ class _Parser(NodeReader):
         self.warnings: list[str] = []
         #: the top level's args and env, as a source every model has
         self.defaults = Source(Path("/"))
+        #: the `workers:` that models' `rpc:` may name
+        self.workers: Mapping[str, Worker] = {}
 
     def name(self, node: yaml.Node, what: str) -> str:
         value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
@@ -248,6 +283,7 @@ class _Parser(NodeReader):
         found = scan(kw.get("sources", ()))
         self.warnings += found.warnings
         kw["scanned"] = tuple(found.scanned)
+        self.workers = kw.get("workers", {})
         self.defaults = Source(Path("/"), args=kw.get("args", ()), env=kw.get("env", ()),
                                stage=kw.get("stage", "auto"))
         models = self.models(top, kw.get("idle_ttl", Config.idle_ttl), found.found)
@@ -345,7 +381,22 @@ class _Parser(NodeReader):
             raise self.fail(items["mmproj"][0], f"{what}: 'mmproj:' is for llama-server "
                                                 "(its --mmproj); a command backend names "
                                                 "its files in 'command:'")
+        if "rpc" in items:
+            self.check_rpc(what, items["rpc"], kw)
         return Model(name=name, path=path, **kw), alias_nodes, tag_nodes
+
+    def check_rpc(self, what: str, nodes: tuple[yaml.Node, yaml.Node],
+                  kw: Mapping[str, Any]) -> None:
+        """`rpc:` names workers of `workers:`, each once, for a llama-server model."""
+        if kw.get("backend", "llama-server") != "llama-server":
+            raise self.fail(nodes[0], f"{what}: 'rpc:' is for llama-server (its --rpc)")
+        for worker, wnode in zip(kw["rpc"], nodes[1].value, strict=True):
+            if worker not in self.workers:
+                known = ", ".join(self.workers) or "none"
+                raise self.fail(wnode, f"{what}: rpc: '{worker}' is not one of the "
+                                       f"workers: ({known})")
+        if len(set(kw["rpc"])) != len(kw["rpc"]):
+            raise self.fail(nodes[1], f"{what}: rpc: names a worker twice")
 
     @staticmethod
     def missing(path: Path) -> str | None:

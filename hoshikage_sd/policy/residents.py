@@ -66,6 +66,8 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
     model unit has to judge. A model on no device: ({}, {})."""
     if model.backend != "llama-server":
         return {}, {}
+    if model.rpc and not listing:
+        return None  # its workers are asked in its unit, before llama-server (rpc/workers.py)
     try:
         key = estimate_key(model, model.path.stat())
     except OSError:
@@ -193,6 +195,10 @@ def judge(config: Config, model: Model, runtime: Runtime, listing: bool = True
     others = residents(config, runtime, exclude=model.name)
     held = {d: sum(r.devices.get(d, 0) for r in others) for d in total}
     estimate_bytes = estimate(model, runtime)
+    if model.rpc:  # every worker answers and takes its share, or a refusal naming it
+        from hoshikage_sd.rpc import workers
+
+        workers.admit(config, model, estimate_bytes, [r.name for r in others])
     decision = admission.decide(
         model.name, estimate_bytes, available(config, others), others,
         margin=config.safety_margin, max_loaded=config.max_loaded_models,

@@ -1,0 +1,204 @@
+"""llama.cpp RPC workers: the manifest's workers:/rpc:, llama-server's --rpc, the wire
+requests hoshikage asks a ggml-rpc-server, and admission's per-worker split."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd.manifest import Files, Worker
+from hoshikage_sd.manifest.compiled import decode, encode
+from hoshikage_sd.manifest.model import Config
+from hoshikage_sd.manifest.parse import ConfigError, parse
+from hoshikage_sd.rpc import wire, workers
+
+MANIFEST = """\
+workers:
+  box2: 192.0.2.2:50052
+  box3: {address: box3.lan, memory: 4G}
+models:
+  tiny:
+    path: /srv/models/tiny.gguf
+    rpc: [box2, box3]
+  alone:
+    path: /srv/models/alone.gguf
+"""
+
+
+def config(text: str = MANIFEST) -> Config:
+    return parse(text, Path("/etc/hoshikage/models.yaml"))
+
+
+def test_workers_and_rpc_parse() -> None:
+    c = config()
+    assert c.workers == {"box2": Worker("box2", "192.0.2.2", 50052),
+                         "box3": Worker("box3", "box3.lan", 50052, 4 << 30)}
+    assert c.models["tiny"].rpc == ("box2", "box3")
+    assert c.models["alone"].rpc == ()
+
+
+def test_server_argv_names_the_workers_in_order() -> None:
+    c = config()
+    tiny = c.models["tiny"]
+    argv = c.server_argv(tiny, Files.of(tiny))
+    i = argv.index("--rpc")
+    assert argv[i + 1] == "192.0.2.2:50052,box3.lan:50052"
+    alone = c.models["alone"]
+    assert "--rpc" not in c.server_argv(alone, Files.of(alone))
+
+
+def test_the_compiled_manifest_keeps_workers() -> None:
+    c = config()
+    assert decode(Config, encode(c)) == c
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (MANIFEST.replace("rpc: [box2, box3]", "rpc: [box9]"), "'box9' is not one of the workers"),
+    (MANIFEST.replace("rpc: [box2, box3]", "rpc: [box2, box2]"), "names a worker twice"),
+    (MANIFEST.replace("192.0.2.2:50052", "192.0.2.2:0"), "is not HOST:PORT"),
+    (MANIFEST.replace("192.0.2.2:50052", "'[::1]:50052'"), "no IPv6 literal"),
+    (MANIFEST.replace("{address: box3.lan, memory: 4G}", "{memory: 4G}"), "needs 'address:'"),
+    (MANIFEST + "    rpc: [box2]\n    backend: command\n    command: [/bin/x]\n",
+     "'rpc:' is for llama-server"),
+])
+def test_bad_workers_are_named_with_their_line(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(text)
+    assert problem in err.value.message and err.value.line
+
+
+def test_tensor_split() -> None:
+    assert workers.tensor_split(["-ngl", "99", "-ts", "3,1"]) == [3.0, 1.0]
+    assert workers.tensor_split(["--tensor-split=1/1"]) == [1.0, 1.0]
+    assert workers.tensor_split(["-c", "512"]) is None
+
+
+def test_shares_follow_free_memory_and_the_memory_cap() -> None:
+    box2, box3 = Worker("box2", "a", 1), Worker("box3", "b", 1, memory=1 << 30)
+    split = workers.shares(6 << 30, 1.0, [box2, box3], [16 << 30, 8 << 30])
+    assert [s.need for s in split] == [4 << 30, 2 << 30]  # 2:1, as llama.cpp splits
+    assert [s.free for s in split] == [16 << 30, 1 << 30]  # box3 may use 1 GiB only
+    problem = workers.short("tiny", 6 << 30, 1.0, split)
+    assert problem is not None and problem.startswith("worker 'box3' (b:1) has 1.0")
+    even = workers.shares(6 << 30, 1.2, [box2, box3], [16 << 30, 8 << 30], [1, 1])
+    assert [s.need for s in even] == [math_ceil(3.6 * (1 << 30))] * 2
+
+
+def math_ceil(x: float) -> int:
+    import math
+
+    return math.ceil(x)
+
+
+def test_a_worker_busy_with_another_model_of_this_head() -> None:
+    c = config(MANIFEST + "  other:\n    path: /srv/o.gguf\n    rpc: [box3]\n")
+    message = workers.busy_with(c, c.models["tiny"], ["alone", "other"])
+    assert message is not None and message.startswith("worker 'box3' (box3.lan:50052) serves "
+                                                      "'other'")
+    assert workers.busy_with(c, c.models["tiny"], ["alone"]) is None
+
+
+# ---- the wire: a fake ggml-rpc-server of protocol 4 -------------------------------------
+
+def recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def fake_server(listener: socket.socket, version: bytes, silent: bool) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        try:
+            while True:
+                command, size = struct.unpack("<BQ", recv_exactly(conn, 9))
+                payload = recv_exactly(conn, size)
+                if silent:
+                    continue
+                if command == wire.HELLO:
+                    assert payload == bytes(wire.CAPS_SIZE)
+                    answer = version + b"\0" + bytes(wire.CAPS_SIZE)
+                elif command == wire.DEVICE_COUNT:
+                    answer = struct.pack("<I", 2)
+                else:
+                    assert command == wire.GET_DEVICE_MEMORY
+                    (device,) = struct.unpack("<I", payload)
+                    answer = struct.pack("<QQ", (device + 1) << 30, 8 << 30)
+                conn.sendall(struct.pack("<Q", len(answer)) + answer)
+        except EOFError:
+            pass
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[int]:
+    version, silent = getattr(request, "param", (bytes([4, 0, 3]), False))
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=fake_server, args=(listener, version, silent),
+                              daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_requests_as_ggml_rpc_cpp_frames_them() -> None:
+    assert wire.hello() == bytes([14]) + struct.pack("<Q", 24) + bytes(24)
+    assert wire.memory_request(1) == bytes([11]) + struct.pack("<Q", 4) + b"\1\0\0\0"
+    assert wire.parse_memory(struct.pack("<QQ", 1, 2)) == wire.Device(1, 2)
+    with pytest.raises(wire.WireError):
+        wire.parse_hello(bytes(4))  # protocol 3's answer: no capabilities
+
+
+def test_ask_a_worker(server: int) -> None:
+    answer = wire.ask("127.0.0.1", server, 2.0)
+    assert answer.version == (4, 0, 3)
+    assert answer.devices == (wire.Device(1 << 30, 8 << 30), wire.Device(2 << 30, 8 << 30))
+    assert answer.free == 3 << 30
+
+
+@pytest.mark.parametrize("server", [(bytes([3, 6, 0]), False)], indirect=True)
+def test_another_protocol_is_named(server: int) -> None:
+    with pytest.raises(workers.WorkerUnavailable, match=r"speaks protocol 3\.6\.0, not 4\.x"):
+        workers.ask(Worker("box2", "127.0.0.1", server))
+
+
+@pytest.mark.parametrize("server", [(bytes([4, 0, 3]), True)], indirect=True)
+def test_a_busy_worker_is_a_refusal_not_a_hang(server: int) -> None:
+    with pytest.raises(workers.WorkerUnavailable, match="serves another client"):
+        workers.ask(Worker("box2", "127.0.0.1", server), timeout=0.3)
+
+
+def test_a_worker_that_is_down() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    with pytest.raises(workers.WorkerUnavailable) as err:
+        workers.ask(Worker("box2", "127.0.0.1", port))
+    assert err.value.message == (f"worker 'box2' (127.0.0.1:{port}) is unavailable: refused "
+                                 "the connection (is hoshikage-rpc.socket enabled and "
+                                 "listening there?)")
+
+
+def test_admit_asks_each_worker_and_remembers_the_split(server: int, tmp_path: Path) -> None:
+    text = (f"runtime_dir: {tmp_path}\nworkers:\n  box2: 127.0.0.1:{server}\n"
+            "models:\n  tiny:\n    path: /srv/tiny.gguf\n    rpc: [box2]\n")
+    c = config(text)
+    split = workers.admit(c, c.models["tiny"], 1 << 30)
+    assert [(s.worker, s.free, s.version) for s in split] == [("box2", 3 << 30, "4.0.3")]
+    assert workers.status(c, ["tiny"])[0]["held_bytes"] == {"tiny": 1 << 30}
+
+
+def test_admit_refuses_when_the_share_is_too_big(server: int, tmp_path: Path) -> None:
+    text = (f"runtime_dir: {tmp_path}\nworkers:\n  box2: 127.0.0.1:{server}\n"
+            "models:\n  tiny:\n    path: /srv/tiny.gguf\n    rpc: [box2]\n")
+    c = config(text)
+    with pytest.raises(workers.WorkerUnavailable, match=r"worker .box2. .* has 3\.0 GiB free "
+                                                        r"for .tiny., which needs 3\.6 GiB"):
+        workers.admit(c, c.models["tiny"], 3 << 30)
