@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from hoshikage_sd import fmt
 from hoshikage_sd.commands import progress
 from hoshikage_sd.errors import die
 from hoshikage_sd.manifest import Config, Model
@@ -38,10 +41,6 @@ def load(config: Config, name: str) -> int:
     """Start the model's unit without waiting in systemctl (--no-block) and watch it: the
     copy into the RAM disk (bytes and rate: its temporary file), then llama-server's load;
     a bar on a terminal, plain lines otherwise; exit 1 with the reason when it fails."""
-    import sys
-
-    from hoshikage_sd import fmt
-
     model = find(config, name)
     unit = systemd.model_unit(model.name)
     state, _job = systemd.unit_state(unit)
@@ -57,28 +56,16 @@ def load(config: Config, name: str) -> int:
     runtime = Runtime(config.runtime_dir)
     before = error_stamp(runtime, model.name)
     began = time.monotonic()
-    systemd.start_unit(unit, state)  # queued: no systemctl blocking until READY=1
+    systemd.start_unit(unit)  # queued: no systemctl blocking until READY=1
     display = progress.Display(model.name, sys.stdout, sys.stdout.isatty(),
                                fmt.use_colour(sys.stdout))
-    staged = False
-    while True:
-        state, job = systemd.unit_state(unit)
-        if state == "active":
-            break
-        if state in ("failed", "inactive") and not job:
-            display.finish(None)
-            die(f"{model.name} did not start: {failure(runtime, model.name, unit, before)}",
-                hint=f"hoshikage logs {model.name} shows its unit's lines "
-                     f"(journalctl -u {systemd.shell_unit(model.name)})")
-        step = step_of(config, model, unit)
-        if step.phase == "loading" and not staged and not display.tty:
-            # a copy quicker than a look at it: say that it was made
-            size = Store(config.ramdisk).copy_size(model.name)
-            if size is not None:
-                print(f"staged {model.name}: {fmt.size(size)}", flush=True)
-        staged = staged or step.phase in ("staging", "loading")
-        display.show(step)
-        time.sleep(POLL)
+    try:
+        watch(config, model, unit, display, lambda: failure(runtime, model.name, unit, before))
+    except KeyboardInterrupt:
+        display.finish(None)
+        print(f"no longer watching: {model.name} goes on loading (hoshikage unload "
+              f"{model.name} stops it)", file=sys.stderr)
+        return 130
     running = runtime.running(model.name)
     pid = f", llama-server pid {running.pid}" if running else ""
     if running and not Path(running.staged).is_relative_to(config.ramdisk):
@@ -88,9 +75,34 @@ def load(config: Config, name: str) -> int:
     return 0
 
 
-def step_of(config: Config, model: Model, unit: str) -> progress.Step:
+def watch(config: Config, model: Model, unit: str, display: progress.Display,
+          why: Callable[[], str]) -> None:
+    """Show the load's steps until the unit is up; die with `why()` when it went down."""
+    staged = False
+    while True:
+        state, job = systemd.unit_state(unit)
+        if state == "active":
+            return
+        if state in ("failed", "inactive") and not job:
+            display.finish(None)
+            die(f"{model.name} did not start: {why()}",
+                hint=f"hoshikage logs {model.name} shows its unit's lines "
+                     f"(journalctl -u {systemd.shell_unit(model.name)})")
+        step = step_of(config, model, unit, staged)
+        if step.phase == "loading" and not staged and not display.tty:
+            # a copy quicker than a look at it: say that it was made
+            size = Store(config.ramdisk).copy_size(model.name)
+            if size is not None:
+                print(f"staged {model.name}: {fmt.size(size)}", flush=True)
+        staged = staged or step.phase in ("staging", "loading")
+        display.show(step)
+        time.sleep(POLL)
+
+
+def step_of(config: Config, model: Model, unit: str, copied: bool = False) -> progress.Step:
     """Where the load is: staging (its RAM-disk temporary's bytes of the source's size),
-    waiting (for room, for another copy: the unit's STATUS=), or loading."""
+    waiting (for room, for another copy: the unit's STATUS=), or loading (`copied`: a copy
+    was seen being made, so none in the making now means it is done)."""
     from hoshikage_sd.commands import status
 
     shown = systemd.show(unit, "StatusText", "MemoryCurrent")
@@ -101,7 +113,7 @@ def step_of(config: Config, model: Model, unit: str) -> progress.Step:
                              status_total(text) or status.source_size(model))
     if text.startswith(("waiting", "stopping")):
         return progress.Step("waiting", detail=text)
-    if text.startswith("loading") or Store(config.ramdisk).has_copy(model.name):
+    if copied or text.startswith("loading") or Store(config.ramdisk).has_copy(model.name):
         return progress.Step("loading", int(memory) if memory.isdigit() else 0)
     return progress.Step("waiting",
                          detail=text if text.startswith(("staging", "decrypting")) else "")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,82 @@ def test_the_copy_s_size_from_the_unit_s_status() -> None:
 
     assert manual.status_total("decrypting m: 1.0 GiB of 4.0 GiB (25%)") == 4 << 30
     assert manual.status_total("staging m from /srv/m.gguf") is None
+
+
+def fake_unit(monkeypatch: pytest.MonkeyPatch, states: list[tuple[str, bool]],
+              on_look: Callable[[int], None] = lambda n: None,
+              shown: dict[str, str] | None = None) -> None:
+    """systemd as `load` sees it: the unit's states in turn (the first before the start),
+    `on_look(n)` before the n-th look."""
+    from hoshikage_sd.commands import manual
+
+    looks = iter(range(len(states)))
+
+    def unit_state(unit: str) -> tuple[str, bool]:
+        n = next(looks)
+        on_look(n)
+        return states[n]
+
+    monkeypatch.setattr(manual.systemd, "unit_state", unit_state)
+    monkeypatch.setattr(manual.systemd, "start_unit", lambda unit, state=None: None)
+    monkeypatch.setattr(manual.systemd, "show", lambda unit, *props: shown or {})
+    monkeypatch.setattr(manual, "POLL", 0.0)
+
+
+def test_load_shows_the_copy_then_loading_then_llama_server_s_pid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hoshikage_sd import manifest
+    from hoshikage_sd.commands import manual
+    from hoshikage_sd.runtime import Running, Runtime
+
+    config = manifest.load(write_manifest(tmp_path, "/bin/true"))
+    ramdisk = tmp_path / "rd"
+    ramdisk.mkdir()
+
+    def on_look(n: int) -> None:
+        temporary = ramdisk / ".tiny.gguf.tmp-1-0"
+        if n == 1:
+            temporary.write_bytes(bytes(40))
+        elif n == 2:
+            temporary.rename(ramdisk / "tiny.gguf")
+        elif n == 3:
+            Runtime(config.runtime_dir).set_running(
+                "tiny", Running(4321, str(ramdisk / "tiny.gguf"), time.time()))
+
+    fake_unit(monkeypatch, [("inactive", False), ("activating", True), ("activating", True),
+                            ("active", False)], on_look)
+    assert manual.load(config, "tiny") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "staging tiny: 40 B of 64 B (62%)"
+    assert lines[1] == "loading tiny (llama-server)"
+    assert re.fullmatch(r"tiny loaded in [0-9.]+ s, llama-server pid 4321", lines[2]), lines
+
+
+def test_a_failed_load_exits_1_with_this_start_s_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hoshikage_sd import manifest
+    from hoshikage_sd.runtime import Runtime
+
+    path = write_manifest(tmp_path, "/bin/true")
+    runtime = Runtime(manifest.load(path).runtime_dir)
+    runtime.set_error("tiny", "an older start's reason")
+    os.utime(runtime.error_path("tiny"), (1.0, 1.0))
+
+    def on_look(n: int) -> None:
+        if n == 2:
+            runtime.set_error("tiny", "cannot read /srv/tiny.gguf")
+
+    fake_unit(monkeypatch, [("failed", False), ("activating", True), ("failed", False)],
+              on_look)
+    assert cli.main(["load", "tiny", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "tiny did not start: cannot read /srv/tiny.gguf" in err
+    assert "hint: hoshikage logs tiny" in err
+    # a failure before the activator ran: the older record is not this start's reason
+    fake_unit(monkeypatch, [("inactive", False), ("failed", False)],
+              shown={"StatusText": "", "Result": "exit-code"})
+    os.utime(runtime.error_path("tiny"), (1.0, 1.0))
+    assert cli.main(["load", "tiny", "--config", str(path)]) == 1
+    assert "tiny did not start: its unit failed (exit-code)" in capsys.readouterr().err
