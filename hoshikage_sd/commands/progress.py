@@ -3,6 +3,7 @@ otherwise (a log, a pipe). Pure: manual.load samples the unit and hands the samp
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -60,7 +61,8 @@ def describe(name: str, step: Step, rate: float | None) -> str:
     if step.phase == "loading":
         return f"loading {name} (llama-server)" + \
             (f": {fmt.size(step.done)} in memory" if step.done else "")
-    return f"waiting for {name}: {step.detail}" if step.detail else f"starting {name}"
+    # the unit's own words: "waiting for room: ...", "stopping a, b" (evicting for it)
+    return f"{name}: {step.detail}" if step.detail else f"starting {name}"
 
 
 class Display:
@@ -73,6 +75,8 @@ class Display:
         self.last: Step | None = None
         self.last_plain = 0.0
         self.width = 0
+        # a line wider than the terminal wraps, and \r then redraws only its last part
+        self.columns = shutil.get_terminal_size().columns - 1 if tty else 0
 
     def show(self, step: Step, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -102,6 +106,7 @@ class Display:
             print(fmt.paint(text, "32", self.colour), file=self.out, flush=True)
 
     def _redraw(self, text: str) -> None:
+        text = text[: self.columns] if self.columns > 0 else text
         pad = max(0, self.width - len(text))
         self.out.write("\r" + text + " " * pad)
         self.out.flush()
