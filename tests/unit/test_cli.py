@@ -346,3 +346,13 @@ def test_a_failed_load_exits_1_with_this_start_s_reason(
     os.utime(runtime.error_path("tiny"), (1.0, 1.0))
     assert cli.main(["load", "tiny", "--config", str(path)]) == 1
     assert "tiny did not start: its unit failed (exit-code)" in capsys.readouterr().err
+
+
+def test_status_shows_a_copy_being_made_with_its_progress() -> None:
+    from hoshikage_sd.commands import status
+
+    making = {"copying_bytes": 1 << 30, "source_bytes": 4 << 30, "staged_bytes": None}
+    assert status.copy_text(making) == "1.0 GiB of 4.0 GiB (25%) staging"
+    assert status.copy_text({**making, "source_bytes": None}) == "1.0 GiB staging"
+    assert status.copy_text({"copying_bytes": None, "source_bytes": 4 << 30,
+                             "staged_bytes": 4 << 30}) == "4.0 GiB"
