@@ -48,6 +48,7 @@ class ModelStatus:
     aliases: list[str] = dataclasses.field(default_factory=list)
     tags: list[str] = dataclasses.field(default_factory=list)
     pinned: bool = False
+    preload: bool = False           # started at boot (manifest; router/preload.py)
     rank: float = 0.0               # policy/rank over the usage file (eviction order)
     estimate_bytes: int | None = None  # what admission counts it as (docs/memory.md)
     source_bytes: int | None = None    # its files on disk
@@ -100,7 +101,8 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
     serving = running is not None and state == "active"
     if serving and running is not None:
         idle = runtime.idle_seconds(model.name, now)
-        left = None if idle is None else max(0.0, model.ttl - idle)
+        # a pinned model has no TTL: the idle watch never stops it
+        left = None if idle is None or model.pinned else max(0.0, model.ttl - idle)
         with contextlib.suppress(psutil.Error):
             rss = psutil.Process(running.pid).memory_info().rss
     error = runtime.error(model.name) if state in ("failed", "inactive") else None
@@ -115,6 +117,7 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         error=error, copying_bytes=copying,
         in_flight=None if in_flight is None else in_flight.get(model.name, 0),
         aliases=list(model.aliases), tags=list(model.tags), pinned=model.pinned,
+        preload=model.preload,
         status_text=props.get("StatusText") or None,
         since=running.started if serving and running else None)
 
@@ -558,6 +561,9 @@ def findings(config: Config) -> dict[str, list[str]]:
     from hoshikage_sd.commands import mounts
 
     problems += mounts.problems(config)  # the model unit waits for the ramdisk's mount
+    from hoshikage_sd.router import checks
+
+    problems += checks.problems(config)  # API keys, models' own keys, limits, preload
     notes = []
     if not os.path.ismount(config.ramdisk):
         notes.append(f"RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "

@@ -79,6 +79,8 @@ class Model:
     ttl: float = 3600.0
     args: tuple[str, ...] = ()
     pinned: bool = False
+    #: started when the router first runs after a boot (router/preload.py)
+    preload: bool = False
     backend: str = "llama-server"
     command: tuple[str, ...] = ()  # argv template of the `command` backend
     health: str = "/health"

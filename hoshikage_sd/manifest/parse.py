@@ -205,7 +205,8 @@ TOP_SPECIAL = ("default_model", "models")
 #: the field of Config each key fills, where the names differ
 TOP_RENAMED = {"rank": "weights"}
 MODEL_FIELDS: dict[str, FieldReader] = {
-    "ttl": _duration, "args": _strings, "pinned": _boolean, "health": _health,
+    "ttl": _duration, "args": _strings, "pinned": _boolean, "preload": _boolean,
+    "health": _health,
     "backend": _backend, "command": _command, "env": _env, "mmproj": _path,
     "stage": _stage, "rpc": _strings,
 }

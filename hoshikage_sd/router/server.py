@@ -103,6 +103,8 @@ class Router:
         #: each loaded model's TTL override (keep_alive), as last read or written
         self._ttl: dict[str, float | None] = {}
         self.gate = auth.Gate()
+        #: the HTTP front (serve()): a reload gives it the manifest's client limits
+        self.front: proxy.Proxy | None = None
         self._load_keys()
         self._manifest_id = self._stat_manifest()
         self._checked = time.monotonic()
@@ -150,6 +152,10 @@ class Router:
         for warning in config.warnings:
             logger.warning("%s", warning)
         self.config = config
+        if self.front is not None:
+            # new connections and requests get them (an open connection keeps its body
+            # limits); max_connections, the timeouts and body_memory apply at once
+            self.front.limits = limits(config)
         self._load_keys()
 
     def _load_keys(self) -> None:
@@ -778,7 +784,8 @@ async def serve(config: Config, listen: str | None = None,
     if broken is not None:
         logger.error("cannot serve until the manifest is fixed: %s", broken)
     router.announcements.open()
-    front = proxy.Proxy(router.handle, limits(config), error=router.render_error)
+    front = router.front = proxy.Proxy(router.handle, limits(config),
+                                       error=router.render_error)
     servers = [await front.listen(sock) for sock in listening_sockets(first, listen)]
     if first.connection is not None:
         # The connection first_request took: its request is still unread.
@@ -790,10 +797,14 @@ async def serve(config: Config, listen: str | None = None,
     after = asyncio.create_task(asyncio.to_thread(after_ready, router, first))
     idle = asyncio.create_task(router.watch_idle())
     manifest = asyncio.create_task(router.watch_manifest())
+    from hoshikage_sd.router import preload  # after READY=1: never on a request's path
+
+    preloading = asyncio.create_task(preload.at_boot(router))
     await router.done.wait()
     await after
     idle.cancel()
     manifest.cancel()
+    preloading.cancel()
     daemon.notify(STOPPING=1)
     began = time.monotonic()
     for server in servers:  # systemd's socket holds what comes now, for the next router

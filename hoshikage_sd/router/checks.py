@@ -1,0 +1,123 @@
+"""`hoshikage check`'s word on the router's side of the manifest: the API keys file, each
+model's own llama-server key, the client limits against hoshikage.service's own
+(LimitNOFILE=, MemoryMax=), and preload against hoshikage-preload.service.
+
+Each problem is a sentence saying what to change; none is said where systemd cannot be
+asked (no systemctl, not booted with systemd, the unit not installed): the file checks still
+run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from hoshikage_sd import fmt
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config
+from hoshikage_sd.router import auth, model_keys
+from hoshikage_sd.sd import units as systemd
+
+ROUTER_UNIT: Final = "hoshikage.service"
+PRELOAD_UNIT: Final = "hoshikage-preload.service"
+#: file descriptors the router holds besides its clients and upstream connections: the
+#: listening socket, the journal, the announcements socket, busy locks, the files it reads
+FD_BASE: Final = 64
+#: what the router holds besides request bodies (measured: ~30 MiB idle; room for a burst)
+MEMORY_BASE: Final = 256 << 20
+#: the most a body costs while the router holds it: Ollama's routes parse and translate the
+#: whole body (about three times it); the others walk it (router/jsonscan.py: its size)
+BODY_FACTOR: Final = 3
+
+
+def problems(config: Config) -> list[str]:
+    found = keys_problems(config)
+    for model in config.models.values():
+        found += model_keys.problems(model)
+    try:
+        router = systemd.show(ROUTER_UNIT, "LoadState", "LimitNOFILE", "MemoryMax",
+                              "LoadCredential")
+        preload = systemd.show(PRELOAD_UNIT, "LoadState", "UnitFileState")
+    except HoshikageError:
+        return found
+    if router.get("LoadState") == "loaded":
+        found += limit_problems(config, router.get("LimitNOFILE", ""),
+                                router.get("MemoryMax", ""))
+    if preload.get("LoadState") == "loaded" or any(m.preload for m in config.models.values()):
+        found += preload_problems(config, preload.get("UnitFileState", ""))
+    return found
+
+
+def keys_problems(config: Config, credentials: str | None = None) -> list[str]:
+    """The API keys file, read as the router reads it. A credential (`credential:NAME`) is
+    read from the file hoshikage.service's LoadCredential= names, which check (as root)
+    may read; `credentials`: that property, else asked of systemd."""
+    spec = config.api_keys
+    if spec is None:
+        return []
+    if spec.startswith(auth.CREDENTIAL) and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        name = spec[len(auth.CREDENTIAL):]
+        if credentials is None:
+            try:
+                credentials = systemd.show(ROUTER_UNIT, "LoadCredential").get(
+                    "LoadCredential", "")
+            except HoshikageError:
+                return []
+        source = credential_source(credentials, name)
+        if source is None:
+            return [f"api_keys: {spec}: {ROUTER_UNIT} has no LoadCredential={name}:FILE "
+                    "(`systemctl edit hoshikage.service`): the router answers every request "
+                    "with a 503 until it has"]
+        spec = source
+    try:
+        auth.load(spec)
+    except auth.KeysUnusable as exc:
+        return [f"{exc} (the router answers every request with a 503 until it is fixed)"]
+    return []
+
+
+def credential_source(shown: str, name: str) -> str | None:
+    """The file of credential `name` in `systemctl show -p LoadCredential`'s value
+    (`LoadCredential=NAME:PATH`, one a line or space-separated as systemd prints them)."""
+    for entry in shown.replace("\n", " ").split():
+        key, _, path = entry.partition(":")
+        if key == name and path:
+            return path
+    return None
+
+
+def limit_problems(config: Config, nofile: str, memory_max: str) -> list[str]:
+    """max_connections against LimitNOFILE=, body_memory against MemoryMax=."""
+    found = []
+    pools = sum(m.upstream_pool for m in config.models.values())
+    needed = config.max_connections + pools + FD_BASE
+    if nofile.isdigit() and needed > int(nofile):
+        found.append(
+            f"{config.source}: max_connections {config.max_connections} and the upstream "
+            f"pools ({pools} connections to the models) need about {needed} file "
+            f"descriptors, above {ROUTER_UNIT}'s LimitNOFILE={nofile}: past it the router "
+            "cannot accept or reach a model (EMFILE); lower max_connections, or raise "
+            "LimitNOFILE= (`systemctl edit hoshikage.service`)")
+    held = config.body_memory * BODY_FACTOR + MEMORY_BASE
+    if memory_max.isdigit() and held > int(memory_max):
+        found.append(
+            f"{config.source}: body_memory {fmt.size(config.body_memory)} lets the router "
+            f"hold about {fmt.size(held)} (Ollama's routes parse a body at about "
+            f"{BODY_FACTOR} times its size, plus the router itself), above {ROUTER_UNIT}'s "
+            f"MemoryMax={fmt.size(int(memory_max))}: the kernel would kill it mid-request; "
+            "lower body_memory, or raise MemoryMax= (and MemoryHigh=) with `systemctl edit "
+            "hoshikage.service`")
+    return found
+
+
+def preload_problems(config: Config, unit_file_state: str) -> list[str]:
+    """Models marked preload: true while hoshikage-preload.service is not enabled (nothing
+    loads them at boot)."""
+    wanted = [m.name for m in config.models.values() if m.preload]
+    if wanted and unit_file_state not in ("enabled", "enabled-runtime", "static", "alias"):
+        return [f"{', '.join(wanted)}: preload: true, but {PRELOAD_UNIT} is "
+                f"{unit_file_state or 'not installed'}: nothing loads "
+                f"{'them' if len(wanted) > 1 else 'it'} at boot (`systemctl enable "
+                f"{PRELOAD_UNIT}`)"]
+    return []
+
