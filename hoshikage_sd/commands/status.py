@@ -316,7 +316,8 @@ def status(config: Config, as_json: bool = False) -> int:
             else "never"
         left = "-"
         if m["llama_server_pid"] is not None:
-            left = "busy" if m["busy"] else fmt.ago(m["ttl_left_seconds"] or 0.0)
+            left = "busy" if m["busy"] else "pinned" if m["ttl_left_seconds"] is None \
+                and m["pinned"] else fmt.ago(m["ttl_left_seconds"] or 0.0)
         rows.append((m["name"], m["phase"], pid_text(m["llama_server_pid"]),
                      fmt.size(m["memory_bytes"]) if m["memory_bytes"] is not None else "-",
                      copy_text(m),

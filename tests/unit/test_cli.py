@@ -356,3 +356,24 @@ def test_status_shows_a_copy_being_made_with_its_progress() -> None:
     assert status.copy_text({**making, "source_bytes": None}) == "1.0 GiB staging"
     assert status.copy_text({"copying_bytes": None, "source_bytes": 4 << 30,
                              "staged_bytes": 4 << 30}) == "4.0 GiB"
+
+
+def test_status_says_a_pinned_model_has_no_idle_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hoshikage_sd import manifest
+    from hoshikage_sd.commands import status
+    from hoshikage_sd.runtime import Running, Runtime
+
+    path = write_manifest(tmp_path, "/bin/true")
+    path.write_text(path.read_text() + "    pinned: true\n")
+    config = manifest.load(path)
+    Runtime(config.runtime_dir).set_running("tiny", Running(os.getpid(), "/x", time.time()))
+    monkeypatch.setattr(status.systemd, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(status.systemd, "show", lambda unit, *props: {"ActiveState": "active"})
+    monkeypatch.setattr(status, "router_state", lambda: {
+        "state": None, "running": False, "pid": None, "socket_state": None, "listen": []})
+    status.status(config)
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("tiny "))
+    assert row.endswith(" pinned"), row
