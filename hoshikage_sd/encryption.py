@@ -5,20 +5,20 @@ An encrypted model is a GGUF file encrypted with Debian's `age` to the machine's
 (the private key) reaches the units as a systemd credential named `age-identity`
 (`hoshikage keys setup` writes the drop-ins): sealed with `systemd-creds` (the host key and,
 where present, the TPM2) or, on request, a root-only file. It is never in the manifest, an
-environment variable, a command line or the journal: age reads it from the credential's
-file (or, for root's CLI, from a memfd that `systemd-creds decrypt` filled).
+environment variable, a command line or the journal: it is read from the credential's file
+(or, for root's CLI, from `systemd-creds decrypt`'s output) into this process's memory.
 
-Decryption is age's own (the `age` binary, its reference implementation): staging pipes its
-output into the RAM disk with splice(2) (`decrypt`), while the GGUF header reader takes the
-first chunks only and stops it (`open_plaintext`). Sizes come from the ciphertext alone:
-age's payload is a 16-byte nonce and 64 KiB chunks each with a 16-byte tag.
+Decryption is agefile.py's (python3-cryptography): staging decrypts into the RAM disk on
+every core (`decrypt`), the GGUF header reader decrypts only the chunks it reads
+(`open_plaintext`), and the check before admission opens the first and the last chunk
+(`check_readable`). Sizes come from the ciphertext alone: age's payload is a 16-byte nonce
+and 64 KiB chunks each with a 16-byte tag.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from hoshikage_sd.errors import HoshikageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from hoshikage_sd.agefile import Payload
     from hoshikage_sd.manifest import Config
 
 MAGIC = b"age-encryption.org/v1\n"
@@ -42,10 +43,21 @@ SEALED_IDENTITY = KEY_DIR / "age-identity.cred"
 PLAIN_IDENTITY = KEY_DIR / "age-identity.key"
 #: the public keys `hoshikage encrypt` encrypts to, one per line (a backup key: a line more)
 RECIPIENTS = KEY_DIR / "age-recipients"
-#: what the pipe from age holds: fewer wake-ups of the writer per chunk
-PIPE_SIZE = 1 << 20
+#: chunks decrypted per task when staging: 1 MiB of plaintext per pread and pwrite
+BATCH = 16
+#: decrypting threads when staging (python3-cryptography lets go of the GIL in OpenSSL)
+THREADS = 2
 
 Progress = Callable[[int, int], None]
+
+#: what age's failures mean to an operator: AgeError.kind -> hint
+HINTS = {
+    "key": "encrypt it again with `hoshikage encrypt`, or add this machine's recipient "
+           f"({RECIPIENTS}) where it was encrypted",
+    "damaged": "copy or encrypt it again",
+    "format": "encrypt it with `hoshikage encrypt`",
+    "identity": "run `hoshikage keys setup` (as root)",
+}
 
 
 class DecryptError(HoshikageError):
@@ -73,27 +85,30 @@ def named_or_encrypted(path: Path | str) -> bool:
     return str(path).endswith(".age") or is_encrypted(path)
 
 
-def header_length(path: Path | str) -> int:
-    """Bytes of the age header (up to and with its `--- MAC` line), read without a key."""
-    with open(path, "rb") as f:
-        if f.read(len(MAGIC)) != MAGIC:
-            raise DecryptError(path, "it is not an age-encrypted file",
-                               hint="encrypt it with `hoshikage encrypt`")
-        while f.tell() < MAX_HEADER:
-            line = f.readline(MAX_HEADER)
-            if not line.endswith(b"\n"):
-                break
-            if line.startswith(b"--- "):
-                return f.tell()
-    raise DecryptError(path, "its age header is damaged or the file is truncated")
+@contextlib.contextmanager
+def _failure(path: Path | str) -> Iterator[None]:
+    """agefile's errors as DecryptError naming `path`."""
+    from hoshikage_sd.agefile import AgeError
+
+    try:
+        yield
+    except AgeError as err:
+        raise DecryptError(path, str(err), HINTS.get(err.kind)) from None
 
 
 def plaintext_size(path: Path | str) -> int:
-    """The size of what `path` decrypts to, from its size alone."""
-    payload = os.stat(path).st_size - header_length(path) - NONCE
-    chunks = -(-payload // (CHUNK + TAG))
-    if payload < TAG or payload - (chunks - 1) * (CHUNK + TAG) < TAG:
-        raise DecryptError(path, "the file is truncated (no complete last chunk)")
+    """The size of what `path` decrypts to, from its size and header alone (no key)."""
+    from hoshikage_sd.agefile import read_header
+
+    with open(path, "rb", buffering=0) as f, _failure(path):
+        size = os.fstat(f.fileno()).st_size
+        header = read_header(os.pread(f.fileno(), min(size, MAX_HEADER), 0))
+    payload = size - header.length - NONCE
+    chunks = max(1, -(-payload // (CHUNK + TAG)))
+    last = payload - (chunks - 1) * (CHUNK + TAG)
+    if last < TAG or (last == TAG and chunks > 1):
+        raise DecryptError(path, "the file is damaged or truncated (no complete last chunk)",
+                           HINTS["damaged"])
     return payload - chunks * TAG
 
 
@@ -102,18 +117,13 @@ def content_size(path: Path | str, size: int) -> int:
     return plaintext_size(path) if is_encrypted(path) else size
 
 
-@contextlib.contextmanager
-def identity() -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Where age reads the identity: (path, fds the child must inherit). The unit's
-    credential; else, for root's CLI, the root-only file or the sealed credential decrypted
-    into a memfd (never a file on a disk)."""
+def identity_text() -> str:
+    """The age identity file's text: the unit's credential; else, for root's CLI, the
+    root-only file or the sealed credential as `systemd-creds decrypt` gives it."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory and os.path.isfile(os.path.join(directory, CREDENTIAL)):
-        yield os.path.join(directory, CREDENTIAL), ()
-        return
-    if os.access(PLAIN_IDENTITY, os.R_OK):
-        yield str(PLAIN_IDENTITY), ()
-        return
+    for path in ([Path(directory) / CREDENTIAL] if directory else []) + [PLAIN_IDENTITY]:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
+            return path.read_text()
     if not os.access(SEALED_IDENTITY, os.R_OK):
         raise HoshikageError(
             "no age identity: this process has no credential 'age-identity'",
@@ -127,137 +137,108 @@ def identity() -> Iterator[tuple[str, tuple[int, ...]]]:
                              f"{(result.stderr or '').strip() or 'systemd-creds failed'}",
                              hint="was it sealed on this machine? `hoshikage keys setup` "
                                   "makes a new one")
-    fd = os.memfd_create(CREDENTIAL, os.MFD_CLOEXEC)
+    return result.stdout
+
+
+@contextlib.contextmanager
+def opened(path: Path | str) -> Iterator[Payload]:
+    """The encrypted file `path`, its header read and its file key unwrapped."""
+    from hoshikage_sd.agefile import AgeError, Payload, identities
+
     try:
-        os.write(fd, result.stdout.encode())
-        yield f"/dev/fd/{fd}", (fd,)
+        keys = identities(identity_text())
+    except AgeError as err:
+        raise HoshikageError(f"the age identity cannot be used: {err}",
+                             hint=HINTS["identity"]) from None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _failure(path):
+            yield Payload(fd, os.fstat(fd).st_size, keys)
     finally:
         os.close(fd)
 
 
-def cause(stderr: str) -> tuple[str, str | None]:
-    """age's complaint as a cause a reader acts on (and a hint)."""
-    text = stderr.lower()
-    if "no identity matched" in text:
-        return ("it is not encrypted to this machine's key (no identity matches)",
-                "encrypt it again with `hoshikage encrypt`, or add this machine's recipient "
-                f"({RECIPIENTS}) where it was encrypted")
-    if "payload chunk" in text or "unexpected eof" in text or "last chunk" in text:
-        return ("the file is damaged or truncated (a chunk fails authentication)",
-                "copy or encrypt it again")
-    if "header" in text or "intro" in text:
-        return "it is not a valid age file (its header cannot be read)", \
-            "encrypt it with `hoshikage encrypt`"
-    if "identity" in text or "identities" in text:
-        return "the age identity cannot be read", "run `hoshikage keys setup`"
-    last = stderr.strip().splitlines()[0] if stderr.strip() else "age failed"
-    return last.removeprefix("age: error: "), None
-
-
-def _age(path: Path | str, ident: str, fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
-    from hoshikage_sd import proc
-
-    try:
-        return subprocess.Popen(["age", "--decrypt", "-i", ident, "--", str(path)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=fds, env=proc.minimal_env())
-    except FileNotFoundError:
-        raise HoshikageError("age is not installed", hint="apt install age") from None
-
-
-def _failed(path: Path | str, child: subprocess.Popen[bytes]) -> DecryptError:
-    assert child.stderr is not None
-    stderr = child.stderr.read().decode(errors="replace")
-    child.wait()
-    why, hint = cause(stderr)
-    return DecryptError(path, why, hint)
-
-
 def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = None,
             every: int = 64 << 20) -> None:
-    """Decrypt `source` into the new file `dest` (on the RAM disk): age's output spliced
-    straight into it, `size` (plaintext_size) bytes or an error. On error `dest` is left for
-    the caller to delete (it stages to a temporary name)."""
-    with identity() as (ident, fds):
-        child = _age(source, ident, fds)
-        assert child.stdout is not None
-        pipe = child.stdout.fileno()
-        with contextlib.suppress(OSError):
-            import fcntl
+    """Decrypt `source` into the new file `dest` (on the RAM disk): this thread reads the
+    file in order (the disk's readahead stays useful) while THREADS threads decrypt and
+    write BATCH chunks each; `size` (plaintext_size) bytes or an error. On error `dest` is
+    left for the caller to delete (it stages to a temporary name)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-            fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        done, reported = 0, 0
+    sealed_size = CHUNK + TAG
+    with opened(source) as payload:
+        if payload.size != size:
+            raise DecryptError(source, f"it decrypts to {payload.size} bytes, not {size}")
+        os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            with open(dest, "xb") as out:
-                while True:
-                    n = os.splice(pipe, out.fileno(), PIPE_SIZE)
-                    if n == 0:
-                        break
-                    done += n
-                    if progress and done - reported >= every:
-                        reported = done
-                        progress(done, size)
-        except BaseException:
-            child.kill()
-            child.wait()
-            raise
-        if child.wait() != 0:
-            raise _failed(source, child)
+            def part(first: int, sealed: bytes) -> int:
+                plain = b"".join(payload.chunk(first + k, sealed[k * sealed_size:
+                                                                 (k + 1) * sealed_size])
+                                 for k in range(-(-len(sealed) // sealed_size)))
+                view, offset = memoryview(plain), first * CHUNK
+                while view:
+                    written = os.pwrite(out, view, offset)
+                    view, offset = view[written:], offset + written
+                return len(plain)
+
+            done, reported, position = 0, 0, payload.start
+            with ThreadPoolExecutor(THREADS, thread_name_prefix="decrypt") as pool, \
+                    _failure(source):
+                pending: list[Future[int]] = []
+                for first in range(0, payload.chunks, BATCH):
+                    sealed = os.pread(payload.fd, BATCH * sealed_size, position)
+                    position += len(sealed)
+                    pending.append(pool.submit(part, first, sealed))
+                    if len(pending) >= 2 * THREADS:  # bounded memory: a few MiB in flight
+                        done += pending.pop(0).result()
+                        if progress and done - reported >= every:
+                            reported = done
+                            progress(done, size)
+                for future in pending:
+                    done += future.result()
+        finally:
+            os.close(out)
+        with contextlib.suppress(OSError):  # the ciphertext's pages are not worth keeping
+            os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     if done != size:
         raise DecryptError(source, f"it decrypted to {done} bytes, not {size}")
-    with contextlib.suppress(OSError):  # the ciphertext's pages are not worth keeping
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
     if progress:
         progress(done, size)
 
 
 class Plaintext:
-    """The start of an encrypted file as a forward-only file (read, and seek ahead) for the
-    GGUF header reader: age decrypts while it reads, and is stopped when it is done."""
+    """An encrypted file's plaintext as a file to read (and seek in) for the GGUF header
+    reader: only the chunks it reads are decrypted."""
 
-    def __init__(self, path: Path | str, child: subprocess.Popen[bytes]) -> None:
-        assert child.stdout is not None
-        self.path, self.child, self.pipe, self.pos = path, child, child.stdout, 0
+    def __init__(self, payload: Payload) -> None:
+        self.payload, self.pos = payload, 0
 
     def read(self, n: int) -> bytes:
-        data = self.pipe.read(n)
+        data = self.payload.read_at(self.pos, n)
         self.pos += len(data)
-        if len(data) < n and self.child.wait() != 0:
-            raise _failed(self.path, self.child)
         return data
 
     def seek(self, offset: int) -> int:
-        if offset < self.pos:
-            raise OSError(f"{self.path}: cannot seek back in a decrypting stream")
-        while self.pos < offset:
-            if not self.read(min(offset - self.pos, 1 << 20)):
-                break
-        return self.pos
+        self.pos = offset
+        return offset
 
 
 @contextlib.contextmanager
 def open_plaintext(path: Path | str) -> Iterator[Plaintext]:
-    """The plaintext of `path` as it decrypts; only what is read is decrypted."""
-    with identity() as (ident, fds):
-        child = _age(path, ident, fds)
-        try:
-            yield Plaintext(path, child)
-        finally:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
-            for stream in (child.stdout, child.stderr):
-                if stream is not None:
-                    stream.close()
+    """The plaintext of `path`; only what is read is decrypted."""
+    with opened(path) as payload, _failure(path):
+        yield Plaintext(payload)
 
 
 def check_readable(path: Path | str) -> None:
-    """Decrypt the first chunk: a wrong key, a file that is not age or a damaged start
-    fail here, before anything is evicted or staged for it."""
-    with open_plaintext(path) as f:
-        f.read(1)
+    """Open the file and decrypt its first and last chunks: a wrong key, a file that is not
+    age, an altered header or a truncated file fail here, before anything is evicted or
+    staged for it (a chunk damaged in between shows while it decrypts)."""
+    with opened(path) as payload:
+        payload.chunk(0)
+        payload.chunk(payload.chunks - 1)
 
 
 def swap_risk(swaps: str | None = None, ramdisk_options: str | None = None,
@@ -305,16 +286,12 @@ def check_problems(config: Config) -> list[str]:
     """`hoshikage check`'s findings on the encrypted models: age missing, no key or one that
     does not open a model (its first chunk decrypted), the units without the credential,
     swap that would make the units refuse them."""
-    import shutil
-
     from hoshikage_sd.manifest import Files
 
     files = [(m.name, p) for m in config.models.values() for p in Files.of(m).paths
              if named_or_encrypted(p)]
     if not files:
         return []
-    if shutil.which("age") is None:
-        return ["encrypted models need age to decrypt them: apt install age"]
     problems = []
     for name, path in files:
         try:

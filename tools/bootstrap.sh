@@ -43,7 +43,8 @@ APT_PACKAGES=(
   # libvulkan1 and libllvm15 as its Depends. llama.cpp lists it only with
   # GGML_VK_VISIBLE_DEVICES=0 (it skips CPU-type Vulkan devices otherwise).
   mesa-vulkan-drivers
-  age                 # encrypted models (hoshikage_sd/encryption.py): age decrypts them into the RAM disk
+  age                 # encrypted models: `hoshikage encrypt`, keys setup; tests read what age writes
+  python3-cryptography  # encrypted models: hoshikage_sd/agefile.py decrypts age's format
   # tools/build-deb: the Debian package and its lint
   debhelper
   dh-python

@@ -86,7 +86,7 @@ def test_encrypted_models_decrypt_into_ram_only(hk: Deployment, tmp_path: Path) 
     for name, cause in (("wrongkey", "not encrypted to this machine's key"),
                         ("tampered", "damaged or truncated"),
                         ("truncated", "damaged or truncated"),
-                        ("notage", "not a valid age file")):
+                        ("notage", "it is not an age file")):
         status, reply = hk.chat(name)
         message = str(reply)
         assert status >= 500 and cause in message and name in message, (name, reply)
