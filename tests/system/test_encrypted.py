@@ -30,7 +30,7 @@ def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
     models = tmp_path / "models"
     models.mkdir()
     (models / "plain.gguf").write_bytes(tiny_gguf.read_bytes())
-    text = (f"llama_server: {llama_server_bin}\nmax_loaded_models: 2\nidle_ttl: 1h\n"
+    text = (f"llama_server: {llama_server_bin}\nmax_loaded_models: 1\nidle_ttl: 1h\n"
             f"args: [-c, '512', -np, '1']\nsources: [{MODELS_IN_CONTAINER}]\n"
             f"models:\n  secret:\n    path: {MODELS_IN_CONTAINER}/secret.gguf.age\n"
             "    ttl: 3s\n")
@@ -82,17 +82,21 @@ def test_encrypted_models_decrypt_into_ram_only(hk: Deployment, tmp_path: Path) 
     status, reply = hk.chat("plain")
     assert status == 200, reply
 
-    # every bad file: a clear error naming the model and the cause, nothing left, plain stays
+    # every bad file: a clear error naming the model and the cause, nothing of it left; the
+    # key, the format, the header and the last chunk are checked before admission, so plain
+    # (max_loaded_models: 1) is not stopped for them; a chunk damaged in between shows while
+    # it decrypts, after admission
     for name, cause in (("wrongkey", "not encrypted to this machine's key"),
-                        ("tampered", "damaged or truncated"),
                         ("truncated", "damaged or truncated"),
-                        ("notage", "it is not an age file")):
+                        ("notage", "it is not an age file"),
+                        ("tampered", "damaged or truncated")):
         status, reply = hk.chat(name)
         message = str(reply)
         assert status >= 500 and cause in message and name in message, (name, reply)
         assert "AGE-SECRET-KEY" not in message
-        assert ramdisk(hk) == [".plain.source.json", "plain.gguf"], name
-        assert hk.state("hoshikage-model@plain.service") == "active", name
+        assert not [n for n in ramdisk(hk) if name in n], (name, ramdisk(hk))
+        if name != "tampered":
+            assert hk.state("hoshikage-model@plain.service") == "active", name
 
     # the encrypted model serves; the router reads its header through its own credential
     status, reply = hk.chat("secret")
