@@ -162,8 +162,12 @@ class Container:
         binds: Sequence[tuple[str, str, bool]] = (),
         *,
         rootfs: str | os.PathLike[str] | None = None,
+        network: str | None = None,
     ) -> None:
         self.name = name
+        #: a network namespace (/proc/PID/ns/net) to boot in, instead of the host's network
+        #: (tests/system/netns.py makes them: several "machines" on one host)
+        self.network = network
         self.binds = [(str(h), str(c), bool(ro)) for h, c, ro in binds]
         self.rootfs = None if rootfs is None else Path(rootfs)
         self.nspawn_pid: int | None = None
@@ -234,6 +238,10 @@ class Container:
                        if os.path.isfile(f)]
         else:
             nspawn += [f"--directory={self.rootfs}", "--volatile=overlay"]
+        if self.network is not None:
+            # its own network is the test's to give: systemd's PrivateNetwork= (the RPC
+            # worker's units) sets up a namespace's loopback with this capability
+            nspawn += [f"--network-namespace-path={self.network}", "--capability=CAP_NET_ADMIN"]
         for host, cont, ro in self.binds:
             opt = "--bind-ro" if ro else "--bind"
             nspawn.append(f"{opt}={_escape_bind(host)}:{_escape_bind(cont)}")

@@ -45,6 +45,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-launch")
     shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-router")
     shutil.copy("/bin/true", root / "usr/bin/systemctl")  # hoshikage-preload.service's
+    # the RPC worker's units run systemd's proxy and /bin/sh
+    (root / "bin").mkdir()
+    shutil.copy("/bin/true", root / "bin/sh")
+    (root / "usr/lib/systemd").mkdir(exist_ok=True)
+    shutil.copy("/bin/true", root / "usr/lib/systemd/systemd-socket-proxyd")
     for unit in UNITS:
         shutil.copy(unit, lib)
     return root
@@ -79,7 +84,7 @@ def test_only_the_socket_is_installable() -> None:
     installable = {u.name for u in UNITS if sections(u).has_section("Install")}
     # preload at boot is the admin's to enable (README "Preload and pin"); not by the package
     installable.discard("hoshikage-preload.service")
-    assert installable == {"hoshikage.socket"}
+    assert installable == {"hoshikage.socket", "hoshikage-rpc.socket"}  # the worker's: rpc
     assert sections(REPO_ROOT / "units/hoshikage-idle.timer").get(
         "Unit", "StopWhenUnneeded") == "yes"
     assert "hoshikage-idle.timer" in sections(REPO_ROOT / "units/hoshikage-model@.service").get(
