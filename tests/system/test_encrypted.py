@@ -103,6 +103,9 @@ def test_encrypted_models_decrypt_into_ram_only(hk: Deployment, tmp_path: Path) 
     assert status == 200, reply
     status, shown = hk.request("POST", "/api/show", {"model": "secret"})
     assert status == 200 and shown["model_info"]["general.name"] == SECRET, shown
+    status, tags = hk.request("GET", "/api/tags")
+    (tag,) = [m for m in tags["models"] if m["name"].startswith("secret")]
+    assert tag["details"]["family"] == "llama" and tag["details"]["parameter_size"], tag
     (line,) = [p for p in hk.processes("llama-server") if "--alias secret" in p]
     assert "-m /mnt/hoshikage/secret.gguf" in line
     ready = hk.events("ready", "secret")[-1]

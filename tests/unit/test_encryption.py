@@ -273,3 +273,15 @@ def test_check_reports_what_keeps_encrypted_models_from_loading(
     plain = manifest.Config(source=tmp_path / "x.yaml", ramdisk=tmp_path,
                             models={"p": manifest.Model("p", tmp_path / "m.gguf")})
     assert encryption.check_problems(plain) == []
+
+
+def test_a_listing_without_the_key_names_the_model_without_details(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.router.ollama import listings
+
+    sealed = seal(make_model(tmp_path / "m.gguf"), keygen(tmp_path / "k"))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "none"))
+    monkeypatch.setattr(encryption, "PLAIN_IDENTITY", tmp_path / "none.key")
+    monkeypatch.setattr(encryption, "SEALED_IDENTITY", tmp_path / "none.cred")
+    facts = listings.model_facts("m", sealed)
+    assert facts.info is None and facts.size == sealed.stat().st_size

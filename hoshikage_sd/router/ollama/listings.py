@@ -64,7 +64,7 @@ def _header(path: str, size: int, mtime_ns: int) -> gguf.GGUFInfo | None:
     # keyed by identity: a replaced file is read again, an unchanged one never
     try:
         return gguf.read_info(path)
-    except gguf.GGUFError as err:
+    except HoshikageError as err:  # not a GGUF, or an encrypted one this router cannot open
         logger.warning("listing %s without details: %s", path, err.message)
         return None
 
