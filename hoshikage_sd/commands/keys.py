@@ -72,8 +72,13 @@ def setup(plain: bool = False, force: bool = False, root: Path = Path("/")) -> i
     else:
         tmp = sealed.with_name(f".{sealed.name}.tmp-{os.getpid()}")
         try:
-            proc.run(["systemd-creds", "encrypt", f"--name={encryption.CREDENTIAL}", "-",
-                      str(tmp)], input=identity)
+            sealing = proc.run(["systemd-creds", "encrypt", f"--name={encryption.CREDENTIAL}",
+                                "-", str(tmp)], input=identity, check=False)
+            if sealing.returncode != 0:
+                why = (sealing.stderr or "").strip().splitlines()
+                die(f"systemd-creds cannot seal the identity: {why[-1] if why else 'failed'}",
+                    hint="`hoshikage keys setup --plain` keeps it in a root-only file instead "
+                         "(LoadCredential=)")
             os.chmod(tmp, 0o600)
             os.rename(tmp, sealed)
         finally:
