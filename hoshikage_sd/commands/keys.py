@@ -143,8 +143,9 @@ def encrypt(source: Path, dest: Path | None, recipients: Path | None,
         tmp.unlink(missing_ok=True)
         raise
     seconds = time.monotonic() - start
-    print(f"\rencrypted {source} -> {dest}: {fmt.size(size)} in {seconds:.1f} s "
-          f"({fmt.size(size / max(seconds, 1e-6))}/s)" + " " * 10, file=sys.stderr)
+    redraw = "\r\033[K" if sys.stderr.isatty() else ""  # over the progress line
+    print(f"{redraw}encrypted {source} -> {dest}: {fmt.size(size)} in {seconds:.1f} s "
+          f"({fmt.size(size / max(seconds, 1e-6))}/s)", file=sys.stderr)
     print(f"{source} is still there in plaintext: delete it once {dest} serves")
     return 0
 
