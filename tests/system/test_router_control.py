@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from testbed.deploy import Deployment
+from testbed.deploy import Deployment, hoshikage_bin
 from tests.system.conftest import TinyDeployer
 
 pytestmark = pytest.mark.system
@@ -87,11 +87,18 @@ def test_preload_at_boot_and_a_pin_that_holds_against_the_ttl(
         deploy_tiny: TinyDeployer) -> None:
     hk = deploy_tiny({"kept": "ttl: 2s\npreload: true\npinned: true",
                       "plain": "ttl: 2s\npreload: true",
-                      "idle": "ttl: 2s"}, router_idle_exit="1h")
+                      "idle": "ttl: 2s"}, router_idle_exit="1h", max_connections="5000")
     c = hk.container
     assert hk.state("hoshikage.service") == "inactive"  # the socket pulls nothing in
+    # check: preload without its unit enabled, and limits past the router unit's
+    checked = c.exec(str(hoshikage_bin()), "check", check=False)
+    assert checked.returncode == 1
+    assert "kept, plain: preload: true, but hoshikage-preload.service is disabled" \
+        in checked.stdout, checked.stdout
+    assert "above hoshikage.service's LimitNOFILE=4096" in checked.stdout
     # what a boot does once the admin enabled it: multi-user.target starts the unit
     c.systemctl("enable", "hoshikage-preload.service")
+    assert "preload" not in c.exec(str(hoshikage_bin()), "check", check=False).stdout
     began = time.monotonic()
     c.systemctl("start", "hoshikage-preload.service")
     hk.wait_for("the preload models to serve", lambda: loaded(hk, "kept") and loaded(
