@@ -11,17 +11,16 @@ from __future__ import annotations
 
 #: tchar (RFC 9110 §5.6.2): a field name, a method, a chunk extension's name
 TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-#: what a head may hold besides its CRLFs: SP, HTAB, VCHAR and obs-text. NUL, the other
-#: controls and DEL are in no production of a head (RFC 9110 §5.5 names CR, LF and NUL, a
-#: recipient's to refuse or to replace: refused, so what is forwarded is what was read)
-HEAD_BYTES = b"\t\r\n" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
-#: a field line's bytes (a trailer's, the CRLFs around it taken off)
-VALUE_BYTES = HEAD_BYTES[3:]
-#: a request target: VCHAR, and obs-text (not the RFC's, see split_head)
-TARGET_BYTES = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
-HEXDIG = b"0123456789abcdefABCDEF"
+#: a field line's bytes: SP, HTAB, VCHAR and obs-text. NUL, the other controls and DEL are
+#: in no production of a head (RFC 9110 §5.5 names CR, LF and NUL, a recipient's to refuse
+#: or to replace: refused, so what is forwarded is what was read)
+VALUE_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+#: a head's: those and its CRLFs (split_head checks that CR and LF come in pairs)
+HEAD_BYTES = b"\r\n" + VALUE_BYTES
 DIGITS = b"0123456789"
 VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+#: methods known to be tokens (the others are checked)
+METHODS = frozenset((b"GET", b"POST", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"PATCH"))
 
 #: a size beyond any body limit, for numbers too long to be worth converting
 TOO_LARGE = 1 << 62
@@ -53,19 +52,21 @@ def split_head(head: bytes) -> tuple[bytes, bytes, bytes, Fields]:
     # method SP request-target SP HTTP-version, one SP each. The target may hold obs-text,
     # which RFC 3986 does not (h11 refuses it): a client may send a model's name in ?model=
     # as raw UTF-8, and a byte above 0x7F ends no token and no line: no reader frames a
-    # request otherwise for it.
-    if (len(first) != 3 or first[2] not in VERSIONS or not first[0]
-            or first[0].translate(None, TCHAR) or not first[1]
-            or first[1].translate(None, TARGET_BYTES)):
+    # request otherwise for it. (The head's check above leaves HTAB the only byte to refuse.)
+    if (len(first) != 3 or first[2] not in VERSIONS or not first[1] or b"\t" in first[1]
+            or (first[0] not in METHODS and (not first[0] or first[0].translate(None, TCHAR)))):
         raise Refused("malformed request line")
     fields: Fields = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        # a name is a token: no whitespace before the colon (RFC 9112 §5.1), no obs-fold
-        # (a line starting with whitespace), nothing that another reader would cut elsewhere
-        if not colon or not name or name.translate(None, TCHAR):
+        if not colon or not name:
             raise Refused("malformed header line")
         fields.append((name, value.strip(b" \t")))
+    # a name is a token: no whitespace before the colon (RFC 9112 §5.1), no obs-fold (a line
+    # starting with whitespace), nothing that another reader would cut elsewhere. All names
+    # at once: one translate() (its table is built per call) in place of one a field.
+    if fields and b"".join([name for name, _ in fields]).translate(None, TCHAR):
+        raise Refused("malformed header line")
     return first[0], first[1], first[2], fields
 
 
