@@ -109,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a built-in scenario's name or a scenario file")
     p.add_argument("--list", action="store_true", help="the built-in scenarios")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from hoshikage_sd.rpc import cli as rpc_cli  # several machines (README)
+
+    rpc_cli.add_parser(sub)
     return ap
 
 
@@ -165,6 +168,10 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
             return keys.setup(args.plain, args.force)
         return keys.encrypt(Path(args.source), args.dest and Path(args.dest),
                             args.recipients and Path(args.recipients), args.force)
+    if args.command == "rpc-worker":  # a worker machine has no manifest
+        from hoshikage_sd.rpc import cli as rpc_cli
+
+        return rpc_cli.run(args)
     from hoshikage_sd import manifest
     from hoshikage_sd.manifest import names
 

@@ -159,6 +159,7 @@ def gather(config: Config, active: set[str] | None = None,
     facts /metrics has). `active`: the model units up (else asked of systemd, or the
     command dies); `in_flight`: the router's requests in flight per model."""
     from hoshikage_sd import metrics
+    from hoshikage_sd.rpc import workers as rpc_workers
 
     runtime = Runtime(config.runtime_dir)
     now = time.time()
@@ -191,6 +192,9 @@ def gather(config: Config, active: set[str] | None = None,
         "devices": devices_in_use(runtime, [m.name for m in models
                                             if m.llama_server_pid is not None]),
         "caching": caching,
+        # RPC workers (README "Several machines"): which models each serves, what it holds
+        "workers": rpc_workers.status(config, [m.name for m in models
+                                               if m.llama_server_pid is not None]),
         "counters": metrics.as_json(totals),
         "counters_since": totals.since,
     }
@@ -347,6 +351,10 @@ def status(config: Config, as_json: bool = False) -> int:
     for device in facts["devices"]:
         print(f"{device['name']}: {fmt.size(device['used_bytes'])} of "
               f"{fmt.size(device['total_bytes'])} held by hoshikage's models (estimated)")
+    for worker in facts["workers"]:  # RPC workers: rpc/workers.status
+        held = ", ".join(f"{m} {fmt.size(n)}" for m, n in worker["held_bytes"].items())
+        print(f"worker {worker['name']} ({worker['address']}): "
+              + (f"serving {held}" if held else "idle") + f"; for {', '.join(worker['models'])}")
     return 0
 
 
@@ -562,6 +570,9 @@ def findings(config: Config) -> dict[str, list[str]]:
     from hoshikage_sd.commands import mounts
 
     problems += mounts.problems(config)  # the model unit waits for the ramdisk's mount
+    from hoshikage_sd.rpc import check as rpc_check
+
+    problems += rpc_check.problems(config)  # RPC workers down or out of the units' reach
     from hoshikage_sd.router import checks
 
     problems += checks.problems(config)  # API keys, models' own keys, limits, preload

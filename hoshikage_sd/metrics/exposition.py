@@ -144,6 +144,11 @@ def gauges(runtime_dir: Path, ramdisk: Path | None, totals: Tally,
             for device, total in on_devices[2].items():
                 if device in on_devices[1]:
                     out["hoshikage_device_total_bytes"][(device,)] = total
+        from hoshikage_sd.rpc.workers import remembered
+
+        for share in remembered(runtime_dir, m.name):  # split over RPC workers
+            out["hoshikage_model_worker_bytes"][(m.name, share.worker, share.address)] = \
+                share.holds
         if m.resident_bytes is not None:
             out["hoshikage_model_resident_bytes"][(m.name,)] = m.resident_bytes
         if m.idle_seconds is not None:

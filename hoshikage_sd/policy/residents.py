@@ -199,6 +199,10 @@ def judge(config: Config, model: Model, runtime: Runtime, listing: bool = True
         from hoshikage_sd.rpc import workers
 
         workers.admit(config, model, estimate_bytes, [r.name for r in others])
+    elif config.workers:  # no split to show from an earlier load with rpc:
+        from hoshikage_sd.rpc import workers
+
+        workers.forget(config.runtime_dir, model.name)
     decision = admission.decide(
         model.name, estimate_bytes, available(config, others), others,
         margin=config.safety_margin, max_loaded=config.max_loaded_models,

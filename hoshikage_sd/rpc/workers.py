@@ -51,6 +51,7 @@ class Share:
     free: int   # bytes free on the worker's devices (capped by its `memory:`)
     need: int   # the model's share × safety_margin
     version: str = ""
+    holds: int = 0  # the model's share (what the worker holds once it serves)
 
 
 def tensor_split(args: Sequence[str]) -> list[float] | None:
@@ -78,7 +79,7 @@ def shares(estimate: int, margin: float, workers: Sequence[Worker], free: Sequen
         else [float(f) for f in free]
     total = sum(weights) or 1.0
     return [Share(w.name, w.address, c, math.ceil(estimate * margin * p / total),
-                  versions[i] if i < len(versions) else "")
+                  versions[i] if i < len(versions) else "", math.ceil(estimate * p / total))
             for i, (w, c, p) in enumerate(zip(workers, capped, weights, strict=True))]
 
 
@@ -198,7 +199,7 @@ def status(config: Config, loaded: Iterable[str]) -> list[dict[str, Any]]:
             if name in loaded:
                 for share in remembered(config.runtime_dir, name):
                     if share.worker == worker.name:
-                        holds[name] = int(share.need / config.safety_margin)
+                        holds[name] = share.holds
         out.append({"name": worker.name, "address": worker.address,
                     "memory_bytes": worker.memory, "models": users,
                     "loaded": sorted(holds), "held_bytes": holds})

@@ -202,3 +202,42 @@ def test_admit_refuses_when_the_share_is_too_big(server: int, tmp_path: Path) ->
     with pytest.raises(workers.WorkerUnavailable, match=r"worker .box2. .* has 3\.0 GiB free "
                                                         r"for .tiny., which needs 3\.6 GiB"):
         workers.admit(c, c.models["tiny"], 3 << 30)
+
+
+# ---- the drop-ins of rpc-worker setup / head-setup ---------------------------------------
+
+def test_worker_socket_dropin() -> None:
+    from hoshikage_sd.rpc import setup
+
+    listen = setup.listen_address("10.0.0.2:50052")
+    text = setup.socket_dropin(listen, setup.allowed(["10.0.0.1", "10.0.1.0/24"]))
+    assert "[Socket]\nListenStream=\nListenStream=10.0.0.2:50052\n" in text
+    assert text.endswith("IPAddressAllow=10.0.0.1/32\nIPAddressAllow=10.0.1.0/24\n")
+    assert setup.listen_address("[fd00::2]:50052") == "[fd00::2]:50052"
+
+
+@pytest.mark.parametrize("bad", ["box2:50052", "10.0.0.2", "10.0.0.2:0"])
+def test_worker_listen_must_be_an_address_and_port(bad: str) -> None:
+    from hoshikage_sd.errors import HoshikageError
+    from hoshikage_sd.rpc import setup
+
+    with pytest.raises(HoshikageError):
+        setup.listen_address(bad)
+
+
+def test_nobody_allowed_is_an_error() -> None:
+    from hoshikage_sd.errors import HoshikageError
+    from hoshikage_sd.rpc import setup
+
+    with pytest.raises(HoshikageError, match="--allow"):
+        setup.allowed([])
+
+
+def test_head_dropin_allows_the_workers_only() -> None:
+    from hoshikage_sd.rpc import setup
+
+    text = setup.head_dropin({"box3": ["10.0.0.3"], "box2": ["10.0.0.2", "fd00::2"]})
+    assert text.splitlines()[2:] == [
+        "[Service]", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "# box2", "IPAddressAllow=10.0.0.2", "IPAddressAllow=fd00::2",
+        "# box3", "IPAddressAllow=10.0.0.3"]
