@@ -123,9 +123,10 @@ def command(name: str, help_text: str, parser: argparse.ArgumentParser,
 def argument_list(parser: argparse.ArgumentParser,
                   common: frozenset[str] = frozenset()) -> Iterator[str]:
     for written, help_text in arguments(parser, common):
-        yield ".TP"
-        yield f"\\fB{option(written)}\\fR"
-        yield escape(help_text) if help_text else "\\&"
+        if help_text:  # one without help is in the usage above, with nothing to add
+            yield ".TP"
+            yield f"\\fB{option(written)}\\fR"
+            yield escape(help_text)
 
 
 def page(parser: argparse.ArgumentParser, version: str, date: str) -> str:

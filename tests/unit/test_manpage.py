@@ -52,6 +52,7 @@ def test_a_page_of_every_command_and_argument() -> None:
     # each command under its usage, less -h and the tool's own options (listed once)
     assert '.SS "tool show [\\-n N] [name]"' in lines
     assert '.SS "tool keys setup [\\-\\-force]"' in lines  # nested subcommands too
+    assert "\\fB\\-\\-force\\fR" not in lines  # no help: the usage says all there is
     assert lines.count("\\fB\\-\\-debug\\fR") == 1
     assert "Show a thing, 100% of it." in lines
     assert "\\fB\\-n N, \\-\\-lines N\\fR" in lines
