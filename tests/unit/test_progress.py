@@ -44,7 +44,8 @@ def ask(body: dict[str, object], progress_header: bool) -> bytes:
 
 
 def run_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[bytes],
-              fail: bool = False, upstream_error: bool = False) -> list[tuple[bytes, bytes]]:
+              fail: bool = False, upstream_error: bool = False,
+              stop_after: float | None = None) -> list[tuple[bytes, bytes]]:
     monkeypatch.setattr(progress, "INTERVAL", 0.2)
     (tmp_path / "tiny.gguf").write_bytes(b"\0" * 1000)
     (tmp_path / "rd").mkdir()
@@ -56,7 +57,7 @@ def run_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[by
             return
         partial = tmp_path / "rd" / ".tiny.gguf.tmp-1-0"
         partial.write_bytes(b"\0" * 450)
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.7 if stop_after is None else 5)
         partial.unlink()
         if fail:
             raise server.StartFailed("no room for tiny: needed 9 GiB", permanent=True)
@@ -90,6 +91,9 @@ def run_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[by
             reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
             writer.write(data)
             await writer.drain()
+            if stop_after is not None:  # the router stops while the model starts
+                await asyncio.sleep(stop_after)
+                await front.drain(0.1)
             answers.append(dechunk(await asyncio.wait_for(reader.read(), 10)))
             writer.close()
         front.close()
@@ -139,3 +143,13 @@ def test_an_upstream_error_after_the_load_is_an_error_event_in_the_apis_shape(
     _, _, event = body.partition(b"event: error\ndata: ")
     error = json.loads(event)
     assert error["error"]["message"] == "bad prompt", error
+
+
+def test_a_router_stopping_while_the_model_starts_ends_the_stream_with_its_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    [(head, body)] = run_front(tmp_path, monkeypatch,
+                               [ask({"model": "tiny", "stream": True}, True)], stop_after=0.5)
+    assert head.startswith(b"HTTP/1.1 200")
+    comments, _, event = body.partition(b"event: error\ndata: ")
+    assert comments.startswith(b": loading tiny")
+    assert json.loads(event)["error"]["code"] == "shutting_down", event

@@ -47,6 +47,8 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.upstream: UpstreamConnection | None = None
         self.exchange: Exchange | None = None
+        #: an Early stream's head is out and its model is still starting (no exchange yet)
+        self.early = False
         self.current: Request | None = None
         self.lost = False
         self.reading = True
@@ -239,7 +241,11 @@ class ClientConnection(asyncio.Protocol):
             # an SSE stream begun before its model serves: its head now, "loading" comments
             # while it starts (router/progress.py), then the upstream's body or the error
             self.write(early_head(answer, request.keep_alive))
-            answer = cast(Response | Forward, await answer.wait(self.write_chunk))
+            self.early = True
+            try:
+                answer = cast(Response | Forward, await answer.wait(self.write_chunk))
+            finally:
+                self.early = False
         result: Response | Forward = answer
         while isinstance(result, Forward):
             forward = result
@@ -311,6 +317,10 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and self.current is not None:
             exchange.cut(self.proxy.error(self.current, 503, message, "shutting_down"))
+        elif self.early and self.current is not None:  # its model still starting
+            self.write(early_end(self.proxy.error(self.current, 503, message,
+                                                  "shutting_down")))
+            self.early = False
         self.close()
         if self.upstream is not None:
             self.upstream.abort()
