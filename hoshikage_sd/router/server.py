@@ -697,14 +697,18 @@ class Router:
             return loaded
         return loaded & active
 
-    @staticmethod
-    def describe(model: Model, loaded: set[str]) -> dict[str, Any]:
+    def describe(self, model: Model, loaded: set[str]) -> dict[str, Any]:
         """A model as OpenAI's models.retrieve returns it (and Anthropic's models API, whose
-        clients read type/id/display_name/created_at), plus hoshikage's own facts."""
-        return {"id": model.name, "object": "model", "owned_by": "hoshikage", "created": 0,
-                "type": "model", "display_name": model.name,
+        clients read type/id/display_name/created_at), plus hoshikage's own facts, and
+        llama.cpp's router's `status` (what its clients poll after /models/load)."""
+        name = model.name
+        value = "loaded" if name in loaded else "loading" if name in self.starting \
+            else "unloaded"
+        return {"id": name, "object": "model", "owned_by": "hoshikage", "created": 0,
+                "type": "model", "display_name": name,
                 "created_at": "1970-01-01T00:00:00Z",
-                "aliases": list(model.aliases), "loaded": model.name in loaded}
+                "aliases": list(model.aliases), "loaded": name in loaded,
+                "status": {"value": value}}
 
     async def list_models(self, grant: object = None) -> dict[str, Any]:
         """GET /v1/models: the models the request's key may use (auth.visible)."""

@@ -123,3 +123,23 @@ def test_with_keys_a_key_may_act_on_its_models_from_anywhere(tmp_path: Path) -> 
         assert started == ["tiny"]
 
     asyncio.run(scenario())
+
+
+def test_the_listing_says_each_models_status_as_llama_cpps_router_does(
+        tmp_path: Path) -> None:
+    """What a client polls after /models/load: status.value unloaded, loading, loaded."""
+    async def scenario() -> list[str]:
+        router = server.Router(server.load_config(write(tmp_path)))
+        seen = []
+        for step in ("unloaded", "loading", "loaded"):
+            if step == "loading":
+                router.starting["tiny"] = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+            if step == "loaded":
+                router.runtime.serving = lambda name: True  # type: ignore[method-assign]
+            _, _, listed = await call(router, Request("GET", "/v1/models", "1.1", []))
+            [model] = listed["data"]
+            assert model["loaded"] is (step == "loaded")
+            seen.append(model["status"]["value"])
+        return seen
+
+    assert asyncio.run(scenario()) == ["unloaded", "loading", "loaded"]
