@@ -601,8 +601,9 @@ class Router:
         if denied is not None:
             return denied
         call = Call(self, request, found)
-        if found.name not in self.ready and progress.wanted(request):
-            return self.early(request, found, call)
+        if found.name not in self.ready and progress.wanted(request) and not \
+                await asyncio.to_thread(self.runtime.serving, found.name):
+            return self.early(request, found, call)  # (a router started afresh: not ready)
         return await self.exchange(request, found, call)
 
     def early(self, request: Request, model: Model, call: Call) -> Early:

@@ -45,12 +45,15 @@ def ask(body: dict[str, object], progress_header: bool) -> bytes:
 
 def run_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[bytes],
               fail: bool = False, upstream_error: bool = False,
-              stop_after: float | None = None) -> list[tuple[bytes, bytes]]:
+              stop_after: float | None = None,
+              serving: bool = False) -> list[tuple[bytes, bytes]]:
     monkeypatch.setattr(progress, "INTERVAL", 0.2)
     (tmp_path / "tiny.gguf").write_bytes(b"\0" * 1000)
     (tmp_path / "rd").mkdir()
     (tmp_path / "run").mkdir()
     router = server.Router(server.load_config(write(tmp_path)))
+    if serving:  # its runtime record says it serves (a router started afresh)
+        router.runtime.serving = lambda name: True  # type: ignore[method-assign]
 
     async def ensure(model: Model) -> None:
         if model.name in router.ready:
@@ -153,3 +156,10 @@ def test_a_router_stopping_while_the_model_starts_ends_the_stream_with_its_reaso
     comments, _, event = body.partition(b"event: error\ndata: ")
     assert comments.startswith(b": loading tiny")
     assert json.loads(event)["error"]["code"] == "shutting_down", event
+
+
+def test_no_word_for_a_model_that_serves_already(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    [(head, body)] = run_front(tmp_path, monkeypatch,
+                               [ask({"model": "tiny", "stream": True}, True)], serving=True)
+    assert head.startswith(b"HTTP/1.1 200") and body == SSE
