@@ -188,7 +188,8 @@ async def act(router: Router, request: Request, what: str) -> Response:
     if isinstance(grant, auth.Key) and not grant.allows(model.name, model.aliases):
         return router.fail(request, auth.forbidden(model.name))
     if action.kind == "load":
-        return await load(router, request, model)
+        denied = router.may_start(request, model)  # its own --api-key (router/model_keys)
+        return denied or await load(router, request, model)
     if action.kind == "unload":
         return await unload(router, request, model)
     assert action.pinned is not None

@@ -86,3 +86,19 @@ def test_a_model_with_its_own_key_starts_only_for_requests_that_carry_it(
 
     asyncio.run(scenario())
     assert "model-secret" not in caplog.text
+
+
+def test_the_panels_load_asks_for_the_models_own_key_too(tmp_path: Path) -> None:
+    manifest = write(tmp_path)
+    manifest.write_text(manifest.read_text() + '    args: ["--api-key", "model-secret-1"]\n')
+
+    async def scenario() -> None:
+        router = server.Router(server.load_config(manifest))
+        req = request("POST", "/panel/api/load", {"model": "tiny"},
+                      {"Content-Type": "application/json", "X-Hoshikage-Panel": "1"})
+        req.peer = "127.0.0.1"
+        status, _, body = await call(router, req)
+        assert status == 401 and "model 'tiny'" in body["error"]["message"], body
+        assert router.starting == {}
+
+    asyncio.run(scenario())
