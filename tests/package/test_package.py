@@ -211,6 +211,14 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert status == 200, body
     apt(c, "remove", "hoshikage")
     assert processes(c) == {}
+
+    def stopped(unit: str) -> int:  # when PID 1 finished the unit's last stop job
+        return int(c.journal("_PID=1", f"UNIT={unit}", "JOB_TYPE=stop")[-1]
+                   ["__MONOTONIC_TIMESTAMP"])
+
+    # prerm closed the socket (the router with it) before it stopped the model: no
+    # connection could start a router, and so a model, meanwhile.
+    assert stopped("hoshikage.socket") < stopped(UNIT)
     assert not listening(hk)
     assert c.exec("findmnt", "/mnt/hoshikage", check=False).returncode != 0
     loaded = c.systemctl("list-units", "--all", "--plain", "--no-legend", "hoshikage*",
