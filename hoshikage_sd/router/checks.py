@@ -35,8 +35,7 @@ def problems(config: Config) -> list[str]:
     for model in config.models.values():
         found += model_keys.problems(model)
     try:
-        router = systemd.show(ROUTER_UNIT, "LoadState", "LimitNOFILE", "MemoryMax",
-                              "LoadCredential")
+        router = systemd.show(ROUTER_UNIT, "LoadState", "LimitNOFILE", "MemoryMax")
         preload = systemd.show(PRELOAD_UNIT, "LoadState", "UnitFileState")
     except HoshikageError:
         return found
@@ -58,9 +57,11 @@ def keys_problems(config: Config, credentials: str | None = None) -> list[str]:
     if spec.startswith(auth.CREDENTIAL) and not os.environ.get("CREDENTIALS_DIRECTORY"):
         name = spec[len(auth.CREDENTIAL):]
         if credentials is None:
-            try:
-                credentials = systemd.show(ROUTER_UNIT, "LoadCredential").get(
-                    "LoadCredential", "")
+            try:  # systemd 252's show prints this property "[unprintable]": its files
+                if systemd.show(ROUTER_UNIT, "LoadState").get("LoadState") != "loaded":
+                    return []  # no systemd to ask here, or the unit not installed
+                credentials = load_credentials(systemd.systemctl("cat", ROUTER_UNIT,
+                                                                 check=False))
             except HoshikageError:
                 return []
         source = credential_source(credentials, name)
@@ -74,6 +75,17 @@ def keys_problems(config: Config, credentials: str | None = None) -> list[str]:
     except auth.KeysUnusable as exc:
         return [f"{exc} (the router answers every request with a 503 until it is fixed)"]
     return []
+
+
+def load_credentials(unit_files: str) -> str:
+    """The LoadCredential= entries of `systemctl cat`'s text (the unit file, then its
+    drop-ins), space-separated: an empty assignment drops the ones before it."""
+    entries: list[str] = []
+    for line in unit_files.splitlines():
+        key, eq, value = line.strip().partition("=")
+        if eq and key.strip() == "LoadCredential":
+            entries = entries + value.split() if value.strip() else []
+    return " ".join(entries)
 
 
 def credential_source(shown: str, name: str) -> str | None:

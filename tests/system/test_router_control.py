@@ -119,3 +119,29 @@ def test_preload_at_boot_and_a_pin_that_holds_against_the_ttl(
     hk.chat("kept")
     time.sleep(2)
     assert hk.state("hoshikage-model@plain.service") == "inactive"
+
+
+def check_lines(hk: Deployment, config: str) -> str:
+    return hk.container.exec(str(hoshikage_bin()), "--config", config, "check",
+                             check=False).stdout
+
+
+def test_check_reads_the_keys_credential_through_the_router_units_load_credential(
+        deploy_tiny: TinyDeployer) -> None:
+    hk = deploy_tiny({"tiny": "ttl: 1h"})
+    root = hk.container.root
+    keyed = root / "etc/hoshikage/keyed.yaml"
+    keyed.write_text((root / "etc/hoshikage/models.yaml").read_text()
+                     + "api_keys: credential:api-keys\n")
+    said = check_lines(hk, "/etc/hoshikage/keyed.yaml")
+    assert "hoshikage.service has no LoadCredential=api-keys:FILE" in said, said
+    (root / "etc/hoshikage/api-keys").write_text("short\n")
+    dropin = root / "etc/systemd/system/hoshikage.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "keys.conf").write_text("[Service]\nLoadCredential=other:/etc/hostname\n"
+                                      "LoadCredential=api-keys:/etc/hoshikage/api-keys\n")
+    hk.container.systemctl("daemon-reload")
+    said = check_lines(hk, "/etc/hoshikage/keyed.yaml")
+    assert "/etc/hoshikage/api-keys:1: a key must have at least 8 characters" in said, said
+    (root / "etc/hoshikage/api-keys").write_text("a-long-enough-key\n")
+    assert "api_keys" not in check_lines(hk, "/etc/hoshikage/keyed.yaml")

@@ -27,6 +27,11 @@ def test_the_keys_file_is_read_as_the_router_reads_it(tmp_path: Path) -> None:
     cred = config(tmp_path, api_keys="credential:api-keys")
     assert checks.keys_problems(cred, f"other:/x api-keys:{keys}") == []
     assert "LoadCredential=api-keys" in checks.keys_problems(cred, "")[0]
+    # what `systemctl cat` shows: the unit, then drop-ins; an empty assignment resets
+    shown = ("# /lib/systemd/system/hoshikage.service\n[Service]\nLoadCredential=x:/a\n"
+             "# /etc/systemd/system/hoshikage.service.d/k.conf\n[Service]\nLoadCredential=\n"
+             f"LoadCredential=api-keys:{keys}\nLoadCredentialEncrypted=age-identity:/c\n")
+    assert checks.load_credentials(shown) == f"api-keys:{keys}"
 
 
 def test_a_models_own_key_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
