@@ -81,7 +81,7 @@ class Framing:
         given: bytes | None = None
         chunked = False
         host = False
-        keep_alive = version == b"HTTP/1.1"
+        close = keep = False
         expect = False
         for name, value in fields:
             key = name.lower()
@@ -97,11 +97,11 @@ class Framing:
                     raise Refused("Transfer-Encoding in an HTTP/1.0 request")
                 chunked = True
             elif key == b"connection":
+                # "close" in any of them wins (RFC 9112 §9.6), whatever comes after it
+                # (the last one won: a fuzzing find, tests/unit/test_http_fuzz.py)
                 tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
-                if b"close" in tokens:
-                    keep_alive = False
-                elif b"keep-alive" in tokens:
-                    keep_alive = True
+                close = close or b"close" in tokens
+                keep = keep or b"keep-alive" in tokens
             elif key == b"expect":
                 expect = value.lower() == b"100-continue"
             elif key == b"host":
@@ -115,7 +115,7 @@ class Framing:
             raise Refused("both Content-Length and Transfer-Encoding")
         self.length = length
         self.chunked = chunked
-        self.keep_alive = keep_alive
+        self.keep_alive = not close and (keep or version == b"HTTP/1.1")
         self.expect = expect
 
 

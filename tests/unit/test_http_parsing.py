@@ -304,3 +304,18 @@ def test_no_head_start_for_a_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                  "name NUL", "name bare CR", "name space before colon", "CL +17", "CL 1_7",
                  "CL VT 17", "CL 17 and 017", "request line bare LF in target", "Host twice"):
         assert early(VECTORS[name][0]) == [], name
+
+
+@pytest.mark.parametrize(("fields", "version", "keep"), [
+    (b"", b"1.1", True),
+    (b"", b"1.0", False),
+    (b"Connection: keep-alive\r\n", b"1.0", True),
+    (b"Connection: close\r\n", b"1.1", False),
+    (b"Connection: close\r\nConnection: keep-alive\r\n", b"1.1", False),  # a fuzzing find
+    (b"Connection: keep-alive\r\nConnection: close\r\n", b"1.0", False),
+    (b"Connection: Keep-Alive, Close\r\n", b"1.1", False),
+    (b"Connection: x, keep-alive\r\n", b"1.0", True),
+])
+def test_close_in_any_connection_field_wins(fields: bytes, version: bytes, keep: bool) -> None:
+    (request,) = feed(b"GET / HTTP/" + version + b"\r\nHost: x\r\n" + fields + b"\r\n")
+    assert request.keep_alive is keep
