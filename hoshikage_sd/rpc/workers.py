@@ -31,8 +31,8 @@ from hoshikage_sd.manifest.model import Config, Model, Worker
 from hoshikage_sd.rpc import wire
 
 #: seconds for connecting to a worker and its answers: a worker socket-activates its
-#: ggml-rpc-server on that connection (docs/performance.md "RPC workers": tens of ms), so
-#: this is about a machine that is down or drops packets, not a slow start
+#: ggml-rpc-server on that connection (its cost: docs/performance.md "RPC workers"), well
+#: within this, so it is about a machine that is down or drops packets, not a slow start
 TIMEOUT = 3.0
 #: where the head remembers each loaded model's split ($RUNTIME_DIRECTORY/workers/NAME.json)
 RECORDS = "workers"
