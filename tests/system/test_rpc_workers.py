@@ -125,6 +125,8 @@ def machines(tmp_path: Path, tiny_gguf: Path, llama_server_bin: Path) -> Any:
 def test_a_model_split_over_two_workers(machines: Any) -> None:
     head, w2, w3, _ = machines
     assert worker_processes(w2) == [] and worker_processes(w3) == []  # nothing runs idle
+    checked = head.exec(str(hoshikage_bin()), "check", "--json", check=False).stdout
+    assert "worker '" not in checked, checked  # both answer, both reachable
 
     # admission asks the worker and refuses a split that does not fit it (memory: 64K)
     code, reply = chat(head, "nofit")
@@ -154,6 +156,9 @@ def test_a_model_split_over_two_workers(machines: Any) -> None:
     assert code == 503, reply
     assert "worker 'w3' (10.77.0.3:50052) is unavailable: refused the connection" in str(reply)
     assert time.monotonic() - started < 15
+    checked = head.exec(str(hoshikage_bin()), "check", "--json", check=False).stdout
+    assert "worker 'w3' (10.77.0.3:50052) is unavailable" in checked
+    assert "worker 'w2'" not in checked  # it answers; head-setup's drop-in allows both
     w3.systemctl("start", "hoshikage-rpc.socket")
     code, again = chat(head, "split")
     assert code == 200, again
