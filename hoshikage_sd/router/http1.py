@@ -15,8 +15,6 @@ TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 #: in no production of a head (RFC 9110 §5.5 names CR, LF and NUL, a recipient's to refuse
 #: or to replace: refused, so what is forwarded is what was read)
 VALUE_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
-#: a head's: those and its CRLFs (split_head checks that CR and LF come in pairs)
-HEAD_BYTES = b"\r\n" + VALUE_BYTES
 DIGITS = b"0123456789"
 VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 #: methods known to be tokens (the others are checked)
@@ -41,13 +39,13 @@ def split_head(head: bytes) -> tuple[bytes, bytes, bytes, Fields]:
     CRLF CRLF); Refused, saying what, where it is not RFC 9112's. Values lose their OWS
     (SP and HTAB only: bytes.strip() would take \\x0b and \\x0c too, which a parser that
     takes them as part of the value reads differently)."""
-    if head.translate(None, HEAD_BYTES):
-        raise Refused("control character in the request head")
     lines = head.split(b"\r\n")
-    # CR and LF only as a pair, the line end: a bare one is a line end to some parsers
-    # (h11 and others take a bare LF) and part of a line to others
-    if head.count(b"\r") != len(lines) - 1 or head.count(b"\n") != len(lines) - 1:
-        raise Refused("bare CR or LF in the request head")
+    # What is not a field line's byte must be the CRLFs between lines, nothing else: no
+    # control character, and CR and LF only as a pair, the line end (a bare one is a line
+    # end to some parsers, h11 and others take a bare LF, and part of a line to others).
+    # One pass: translate() deletes the allowed bytes and leaves the rest.
+    if head.translate(None, VALUE_BYTES) != b"\r\n" * (len(lines) - 1):
+        raise Refused("control character, or bare CR or LF, in the request head")
     first = lines[0].split(b" ")
     # method SP request-target SP HTTP-version, one SP each. The target may hold obs-text,
     # which RFC 3986 does not (h11 refuses it): a client may send a model's name in ?model=
