@@ -198,6 +198,7 @@ def judge(config: Config, model: Model, runtime: Runtime, listing: bool = True
     if model.rpc:  # every worker answers and takes its share, or a refusal naming it
         from hoshikage_sd.rpc import workers
 
+        others = free_workers(config, model, runtime, others) if listing else others
         workers.admit(config, model, estimate_bytes, [r.name for r in others])
     elif config.workers:  # no split to show from an earlier load with rpc:
         from hoshikage_sd.rpc import workers
@@ -209,6 +210,28 @@ def judge(config: Config, model: Model, runtime: Runtime, listing: bool = True
         floor=config.evict_floor, device_need=need,
         device_free={d: total[d] - held[d] for d in total}, device_total=total)
     return decision, estimate_bytes
+
+
+def free_workers(config: Config, model: Model, runtime: Runtime,
+                 others: list[Resident]) -> list[Resident]:
+    """Stop the idle models (not pinned) that hold an RPC worker `model` needs: a worker
+    serves one llama-server at a time. Waits for them to stop (their worker's connection
+    closes with them); a busy or pinned one stays, and admission names it. The residents
+    left."""
+    from hoshikage_sd.rpc import workers
+
+    holding = workers.holders(config, model, [r.name for r in others])
+    stopped = []
+    for r in others:
+        if r.name in holding and r.idle is not None and not r.pinned and not r.starting:
+            log.event("admission", model.name, f"stopping {r.name} (idle {r.idle:.0f} s): it "
+                      f"holds worker '{holding[r.name]}', which {model.name} needs",
+                      verdict="evict", victims=r.name)
+            runtime.set_stop_reason(r.name, f"evicted for {model.name} (RPC worker "
+                                            f"{holding[r.name]})")
+            systemd.systemctl("stop", systemd.model_unit(r.name), check=False)
+            stopped.append(r.name)
+    return [r for r in others if r.name not in stopped]
 
 
 class DevicesUnknown(HoshikageError):

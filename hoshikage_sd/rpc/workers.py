@@ -129,17 +129,24 @@ def ask(worker: Worker, timeout: float = TIMEOUT) -> wire.Answer:
                  "the model loads again once every worker answers") from None
 
 
-def busy_with(config: Config, model: Model, up: Iterable[str]) -> str | None:
-    """A model of this head that is up and shares a worker with `model`: the worker serves
-    one llama-server at a time."""
+def holders(config: Config, model: Model, up: Iterable[str]) -> dict[str, str]:
+    """The models of this head that are up and share a worker with `model` (the worker
+    serves one llama-server at a time): model -> the first worker they share."""
+    out = {}
     for name in up:
         other = config.models.get(name)
         if other is not None and name != model.name:
             common = [w for w in model.rpc if w in other.rpc]
             if common:
-                return (f"worker '{common[0]}' ({config.workers[common[0]].address}) serves "
-                        f"'{name}' now, and a ggml-rpc-server serves one llama-server at a "
-                        "time")
+                out[name] = common[0]
+    return out
+
+
+def busy_with(config: Config, model: Model, up: Iterable[str]) -> str | None:
+    """Why `model` cannot have its workers now: another model of ours holds one."""
+    for name, worker in holders(config, model, up).items():
+        return (f"worker '{worker}' ({config.workers[worker].address}) serves '{name}' now, "
+                "and a ggml-rpc-server serves one llama-server at a time")
     return None
 
 
@@ -147,9 +154,9 @@ def admit(config: Config, model: Model, estimate: int, up: Iterable[str] = ()) -
     """Ask each of the model's workers, and check its share fits: the split, or
     WorkerUnavailable naming the worker and why. Records the split for status."""
     if (busy := busy_with(config, model, up)) is not None:
-        raise WorkerUnavailable(f"cannot load '{model.name}': {busy}",
-                                hint="unload that model first (hoshikage unload), or give "
-                                     "each model workers of its own")
+        raise WorkerUnavailable(f"cannot load '{model.name}': {busy}, busy or pinned",
+                                hint="try again once it is idle, or give each model workers "
+                                     "of its own")
     workers = [config.workers[w] for w in model.rpc]
     answers = [ask(w) for w in workers]
     split = shares(estimate, config.safety_margin, workers, [a.free for a in answers],

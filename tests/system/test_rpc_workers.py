@@ -83,7 +83,7 @@ def machines(tmp_path: Path, tiny_gguf: Path, llama_server_bin: Path) -> Any:
         unavailable(reason)
     models = tmp_path / "models"
     models.mkdir()
-    for name in ("solo", "split", "nofit"):
+    for name in ("solo", "split", "nofit", "other"):
         shutil.copyfile(tiny_gguf, models / f"{name}.gguf")
     server = llama_server_bin.with_name("ggml-rpc-server")
     binds = [(str(REPO_ROOT), str(REPO_ROOT), True), (str(models), MODELS_IN_CONTAINER, True)]
@@ -105,7 +105,8 @@ def machines(tmp_path: Path, tiny_gguf: Path, llama_server_bin: Path) -> Any:
             text = manifest(llama_server_bin, {
                 "solo": "ttl: 1h" + args,
                 "split": "ttl: 4s\nrpc: [w2, w3]" + args,
-                "nofit": "rpc: [tight]" + args}, router_idle_exit="5s")
+                "nofit": "rpc: [tight]" + args,
+                "other": "ttl: 4s\nrpc: [w2]" + args}, router_idle_exit="5s")
             text = text.replace("models:\n", f"workers:\n  w2: {SUBNET}.2:50052\n"
                                 f"  w3: {SUBNET}.3:50052\n"
                                 f"  tight: {{address: '{SUBNET}.3:50052', memory: 64K}}\n"
@@ -163,6 +164,12 @@ def test_a_model_split_over_two_workers(machines: Any) -> None:
     code, again = chat(head, "split")
     assert code == 200, again
     assert text_of(again) == text_of(alone)
+
+    # a worker serves one model at a time: another model over w2 stops the idle one
+    code, reply = chat(head, "other")
+    assert code == 200, reply
+    assert head.systemctl("is-active", "hoshikage-model@split.service", check=False).strip() \
+        in ("inactive", "failed")
 
     # the head unloads it after its TTL (4 s); the workers stop IDLE later: no process
     wait_for("the workers to idle to zero processes",
