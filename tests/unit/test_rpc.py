@@ -116,7 +116,16 @@ def recv_exactly(conn: socket.socket, n: int) -> bytes:
 
 
 def fake_server(listener: socket.socket, version: bytes, silent: bool) -> None:
-    conn, _ = listener.accept()
+    """Clients one after another, as ggml-rpc-server serves them, until the listener closes."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        serve(conn, version, silent)
+
+
+def serve(conn: socket.socket, version: bytes, silent: bool) -> None:
     with conn:
         try:
             while True:
@@ -241,3 +250,38 @@ def test_head_dropin_allows_the_workers_only() -> None:
         "[Service]", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         "# box2", "IPAddressAllow=10.0.0.2", "IPAddressAllow=fd00::2",
         "# box3", "IPAddressAllow=10.0.0.3"]
+
+
+# ---- hoshikage check on a head ----------------------------------------------------------
+
+def check_config(tmp_path: Path, port: int) -> Config:
+    return config(f"runtime_dir: {tmp_path}\nworkers:\n  box2: 127.0.0.1:{port}\n"
+                  "models:\n  tiny:\n    path: /srv/tiny.gguf\n    rpc: [box2]\n")
+
+
+def test_check_names_a_worker_the_units_may_not_reach(server: int, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.rpc import check, setup
+
+    monkeypatch.setattr(setup, "UNIT_DIR", tmp_path)
+    monkeypatch.setattr(check, "in_use", set)
+    c = check_config(tmp_path, server)
+    (problem,) = check.problems(c)
+    assert "llama-server cannot reach the workers box2" in problem
+    (tmp_path / setup.HEAD_DROPIN).parent.mkdir(parents=True)
+    (tmp_path / setup.HEAD_DROPIN).write_text(setup.head_dropin({"box2": ["127.0.0.1"]}))
+    assert check.problems(c) == []
+
+
+def test_check_names_a_worker_that_does_not_answer(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.rpc import check, setup
+
+    monkeypatch.setattr(setup, "UNIT_DIR", tmp_path)
+    monkeypatch.setattr(check, "in_use", set)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    (tmp_path / setup.HEAD_DROPIN).parent.mkdir(parents=True)
+    (tmp_path / setup.HEAD_DROPIN).write_text(setup.head_dropin({"box2": ["127.0.0.1"]}))
+    (problem,) = check.problems(check_config(tmp_path, port))
+    assert problem.startswith(f"worker 'box2' (127.0.0.1:{port}) is unavailable: refused")
