@@ -193,7 +193,13 @@ function renderMemory(data) {
       el("span", { text: size(d.used_bytes) + " of " + size(d.total_bytes) + " held by hoshikage's models (estimated)" })),
     el("div", { class: "bar", role: "meter", "aria-label": d.name, "aria-valuemin": 0, "aria-valuemax": 100,
                 "aria-valuenow": (100 * d.used_bytes / Math.max(1, d.total_bytes)).toFixed(1) },
-      segment("seg-serving", d.used_bytes, d.total_bytes, d.name)))));
+      segment("seg-serving", d.used_bytes, d.total_bytes, d.name)))),
+    // RPC workers (README "Several machines"): the models split over each, what each holds
+    ...(data.workers || []).map((w) => el("div", { class: "meter-block" },
+      el("div", { class: "meter-label" }, el("span", { text: "worker " + w.name + " (" + w.address + ")" }),
+        el("span", { text: Object.keys(w.held_bytes).length
+          ? "serving " + Object.entries(w.held_bytes).map(([m, n]) => m + " " + size(n)).join(", ")
+          : "idle; for " + w.models.join(", ") })))));
 }
 
 function stateCell(m) {
