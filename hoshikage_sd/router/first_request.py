@@ -121,12 +121,12 @@ def parse(data: bytes) -> Request | None:
         return None
     try:
         method, target, version, fields = http1.split_head(head)
-        framing = http1.Framing(fields, version)
+        length, chunked, _, _ = http1.framing(fields, version)
     except ValueError:
         return None
-    length = framing.length or 0
-    if framing.chunked:
+    if chunked:
         return None
+    length = length or 0
     if len(rest) < length:
         return None
     path, _, query_string = target.decode("latin-1").partition("?")

@@ -15,7 +15,6 @@ TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 #: in no production of a head (RFC 9110 §5.5 names CR, LF and NUL, a recipient's to refuse
 #: or to replace: refused, so what is forwarded is what was read)
 VALUE_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
-DIGITS = b"0123456789"
 VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 #: methods known to be tokens (the others are checked)
 METHODS = frozenset((b"GET", b"POST", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"PATCH"))
@@ -68,60 +67,54 @@ def split_head(head: bytes) -> tuple[bytes, bytes, bytes, Fields]:
     return first[0], first[1], first[2], fields
 
 
-class Framing:
-    """What a head's fields say of its message (RFC 9112 §6): the body's length (None: none
-    given) or chunked, whether the connection is kept, whether a 100 Continue is asked."""
-
-    __slots__ = ("chunked", "expect", "keep_alive", "length")
-
-    def __init__(self, fields: Fields, version: bytes) -> None:
-        length: int | None = None
-        given: bytes | None = None
-        chunked = False
-        host = False
-        close = keep = False
-        expect = False
-        for name, value in fields:
-            key = name.lower()
-            if key == b"content-length":
-                length = content_length(value, given)
-                given = value
-            elif key == b"transfer-encoding":
-                if value.lower() != b"chunked" or chunked:
-                    raise Refused("only one 'Transfer-Encoding: chunked' is taken", 501)
-                if version == b"HTTP/1.0":
-                    # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has a
-                    # faulty framing (a 1.0 reader does not know chunked)
-                    raise Refused("Transfer-Encoding in an HTTP/1.0 request")
-                chunked = True
-            elif key == b"connection":
-                # "close" in any of them wins (RFC 9112 §9.6), whatever comes after it
-                # (the last one won: a fuzzing find, tests/unit/test_http_fuzz.py)
-                tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
-                close = close or b"close" in tokens
-                keep = keep or b"keep-alive" in tokens
-            elif key == b"expect":
-                expect = value.lower() == b"100-continue"
-            elif key == b"host":
-                # RFC 9112 §3.2: two are a 400 (which one would a check of it read?). None
-                # is taken, against the RFC's 400 for HTTP/1.1: the router sends its own Host
-                # upstream, and simple tools (and this project's tests) send none.
-                if host:
-                    raise Refused("more than one Host")
-                host = True
-        if chunked and length is not None:
-            raise Refused("both Content-Length and Transfer-Encoding")
-        self.length = length
-        self.chunked = chunked
-        self.keep_alive = not close and (keep or version == b"HTTP/1.1")
-        self.expect = expect
+def framing(fields: Fields, version: bytes) -> tuple[int | None, bool, bool, bool]:
+    """What a head's fields say of its message (RFC 9112 §6): (the body's length, None when
+    none is given; chunked; whether the connection is kept; whether a 100 Continue is
+    asked). Refused where they do not say it once and plainly."""
+    length: int | None = None
+    given: bytes | None = None
+    chunked = False
+    host = False
+    close = keep = False
+    expect = False
+    for name, value in fields:
+        key = name.lower()
+        if key == b"content-length":
+            length = content_length(value, given)
+            given = value
+        elif key == b"transfer-encoding":
+            if value.lower() != b"chunked" or chunked:
+                raise Refused("only one 'Transfer-Encoding: chunked' is taken", 501)
+            if version == b"HTTP/1.0":
+                # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has a
+                # faulty framing (a 1.0 reader does not know chunked)
+                raise Refused("Transfer-Encoding in an HTTP/1.0 request")
+            chunked = True
+        elif key == b"connection":
+            # "close" in any of them wins (RFC 9112 §9.6), whatever comes after it
+            # (the last one won: a fuzzing find, tests/unit/test_http_fuzz.py)
+            tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
+            close = close or b"close" in tokens
+            keep = keep or b"keep-alive" in tokens
+        elif key == b"expect":
+            expect = value.lower() == b"100-continue"
+        elif key == b"host":
+            # RFC 9112 §3.2: two are a 400 (which one would a check of it read?). None
+            # is taken, against the RFC's 400 for HTTP/1.1: the router sends its own Host
+            # upstream, and simple tools (and this project's tests) send none.
+            if host:
+                raise Refused("more than one Host")
+            host = True
+    if chunked and length is not None:
+        raise Refused("both Content-Length and Transfer-Encoding")
+    return length, chunked, not close and (keep or version == b"HTTP/1.1"), expect
 
 
 def content_length(value: bytes, previous: bytes | None) -> int:
     """A Content-Length's value: 1*DIGIT, nothing else (int() would take '+5', ' 5', '5_0'
     and '٥'). A second one must be the same bytes: Refused otherwise."""
-    if not value or value.translate(None, DIGITS) or (previous is not None
-                                                        and value != previous):
+    # bytes.isdigit() is ASCII's 0-9 only (str.isdigit() would take '٥')
+    if not value.isdigit() or (previous is not None and value != previous):
         raise Refused("bad Content-Length")
     digits = value.lstrip(b"0")
     # past 18 digits it is past any body limit (the caller's 413): TOO_LARGE stands for it.

@@ -11,8 +11,8 @@ from typing import Protocol
 from hoshikage_sd.router.http1 import (
     TCHAR,
     VALUE_BYTES,
-    Framing,
     Refused,
+    framing,
     split_head,
 )
 from hoshikage_sd.router.proxy.messages import HOP_BY_HOP, MAX_BODY, MAX_HEAD, BadRequest, Request
@@ -112,12 +112,11 @@ class RequestParser:
     def _head(self, head: bytes) -> None:
         try:
             method, target, version, fields = split_head(head)
-            framing = Framing(fields, version)
+            length, chunked, keep_alive, expect = framing(fields, version)
         except Refused as exc:
             raise BadRequest(str(exc), exc.status) from None
         request = Request(method.decode("ascii"), target.decode("latin-1"),
-                          version[5:].decode("ascii"), fields, keep_alive=framing.keep_alive)
-        length, chunked, expect = framing.length, framing.chunked, framing.expect
+                          version[5:].decode("ascii"), fields, keep_alive=keep_alive)
         if length is not None and length > self.max_body:
             raise BadRequest(f"body larger than {self.max_body} bytes", 413, request)
         if length is not None and length > self.large_body:
