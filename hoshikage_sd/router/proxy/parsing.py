@@ -21,8 +21,8 @@ logger = logging.getLogger("hoshikage.proxy")
 
 
 # -- chunked framing (RFC 9112 §7.1) ---------------------------------------------------------
-#: chunk-ext, without the BWS that RFC 9112 allows around ';' and '=': no client sends it,
-#: h11 refuses it as well, and a refusal cannot make two readers frame a stream apart
+#: chunk-ext, without the BWS that RFC 9112 allows around ';' and '=': h11 refuses it as
+#: well, and a refusal cannot make two readers frame a stream apart
 _TOKEN = b"[" + re.escape(TCHAR) + b"]+"
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 CHUNK_EXT = re.compile(b"(?:;" + _TOKEN + b"(?:=(?:" + _TOKEN + b"|" + _QUOTED + b"))?)*")
@@ -58,7 +58,9 @@ def trailer(line: bytes) -> None:
 class RequestParser:
     """HTTP/1.x requests from a byte stream, bodies by Content-Length or chunked. Strict where
     a lenient parser would let two parties read one stream differently (both framings, two
-    lengths, folded or malformed header lines): such a request is a BadRequest."""
+    lengths, folded or malformed header lines, control characters, bare CR or LF, names that
+    are not tokens, sizes that only int() reads as numbers: router/http1.py, chunk_size):
+    such a request is a BadRequest. tests/unit/test_http_fuzz.py holds it to h11."""
 
     def __init__(self, on_request: Callable[[Request], None], max_body: int = MAX_BODY,
                  large_body: int = 0,
