@@ -89,7 +89,11 @@ def _value_end(buf: Buffer, i: int) -> int:
 def model_of(buf: Buffer) -> str | None:
     """json.loads(buf).get("model") when that is a string, else None (a body that is not an
     object names none); ValueError where the walk finds the JSON malformed."""
-    i = _space(buf, 0)
+    if len(buf) >= 2 and (not buf[0] or not buf[1] or buf[:2] in (b"\xff\xfe", b"\xfe\xff")):
+        data = loads(buf)  # UTF-16 or UTF-32 (json.loads takes them): parsed, rare
+        model = data.get("model") if isinstance(data, dict) else None
+        return model if isinstance(model, str) else None
+    i = _space(buf, 3 if buf[:3] == b"\xef\xbb\xbf" else 0)  # UTF-8's BOM, as json.loads
     if i >= len(buf):
         return None
     if buf[i] != ord("{"):

@@ -7,6 +7,8 @@ import json
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hoshikage_sd.router import first_request, jsonscan
 
@@ -37,6 +39,12 @@ def test_it_finds_what_json_loads_finds(body: object, indent: int | None) -> Non
 def test_the_last_of_duplicate_keys_wins_as_in_json_loads() -> None:
     raw = b'{"model": "first", "x": [{}, "]"], "model": "last"}'
     assert jsonscan.model_of(raw) == json.loads(raw)["model"] == "last"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32-le"])
+def test_a_body_in_another_encoding_json_loads_takes_names_the_same(encoding: str) -> None:
+    raw = json.dumps({"messages": [], "model": "\u661f\u5f71"}).encode(encoding)
+    assert jsonscan.model_of(raw) == json.loads(raw)["model"]
 
 
 @pytest.mark.parametrize("raw", [b"[1, 2]", b'"model"', b"3", b"", b"  "])
@@ -75,3 +83,43 @@ def test_the_router_walks_a_large_body_without_holding_a_copy_of_it() -> None:
         tracemalloc.stop()
     assert walked < len(body) / 10, (walked, len(body))
     assert parsed > len(body)  # what it used to cost, for scale
+
+
+# -- fuzzed against json.loads --------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["model", "messages", "m", 'a"b', "mod\\el", "]", "{"]) | st.text(
+            max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.sampled_from(["model", "stream", "messages", "x"]), JSON_VALUES,
+                       max_size=4), st.sampled_from([None, 0, 1]), st.booleans())
+def test_fuzzed_objects_name_what_json_loads_names(body: dict[str, object],
+                                                    indent: int | None, ascii_only: bool
+                                                    ) -> None:
+    raw = json.dumps(body, indent=indent, ensure_ascii=ascii_only).encode()
+    model = json.loads(raw).get("model")
+    assert jsonscan.model_of(raw) == (model if isinstance(model, str) else None)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.binary(max_size=40) | st.text(alphabet='{}[]",: \\\\abmodel0123', max_size=40).map(
+    str.encode))
+def test_fuzzed_bytes_never_crash_and_a_parse_agrees_where_both_take_them(raw: bytes) -> None:
+    """Bytes of any shape: a ValueError or an answer; where json.loads takes the body, the
+    walk gives its model (the walk checks less: what it takes, a parse may refuse)."""
+    try:
+        found = jsonscan.model_of(raw)
+    except ValueError:
+        found = "refused"
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return
+    model = data.get("model") if isinstance(data, dict) else None
+    assert found == (model if isinstance(model, str) else None), raw
