@@ -19,7 +19,8 @@ TEMPLATE = "hoshikage-model@.service"
 
 def covered(ramdisk: Path, required: Sequence[str]) -> bool:
     """Whether one of the unit's RequiresMountsFor= paths is `ramdisk` or above it (systemd
-    then requires every mount on the way down to it)."""
+    then requires every mount on the way down to it). systemd shows its own paths among
+    them too (the units' StateDirectory= and the like)."""
     return any(ramdisk.is_relative_to(path) for path in required if path.startswith("/"))
 
 
@@ -27,9 +28,8 @@ def problem(ramdisk: Path, required: Sequence[str]) -> str | None:
     """check's warning when the model unit does not wait for `ramdisk`'s mount."""
     if covered(ramdisk, required):
         return None
-    waits = " ".join(required) or "no path"
-    return (f"ramdisk {ramdisk}: {TEMPLATE} waits for the mount of {waits} only "
-            f"(RequiresMountsFor=), so a model could be staged before {ramdisk} is mounted; "
+    return (f"ramdisk {ramdisk}: {TEMPLATE} does not wait for its mount (no "
+            f"RequiresMountsFor= covers it), so a model could be staged before it is mounted; "
             f"`systemctl edit {TEMPLATE}` and add [Unit] RequiresMountsFor={ramdisk}")
 
 

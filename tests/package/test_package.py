@@ -148,6 +148,20 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     warning = checked.stdout
     assert "model hidden: hoshikage may not enter /var/private-models" in warning, warning
     assert checked.returncode == 1, checked
+    # A ramdisk: of its own: the model unit does not wait for its mount until a drop-in says
+    # so (README "Configure"), and check says that.
+    manifest.write_text(MANIFEST + "ramdisk: /dev/shm/hoshikage\n")
+    checked = c.exec("hoshikage", "check", check=False)
+    assert "ramdisk /dev/shm/hoshikage: hoshikage-model@.service does not wait for its " \
+           "mount" in checked.stdout and checked.returncode == 1, checked
+    dropin = c.root / "etc/systemd/system/hoshikage-model@.service.d"
+    dropin.mkdir()
+    (dropin / "ramdisk.conf").write_text("[Unit]\nRequiresMountsFor=/dev/shm/hoshikage\n")
+    c.systemctl("daemon-reload")
+    checked = c.exec("hoshikage", "check", check=False)
+    assert "ramdisk /dev/shm" not in checked.stdout, checked
+    shutil.rmtree(dropin)
+    c.systemctl("daemon-reload")
     manifest.write_text(MANIFEST)
     # systemd-analyze security on the installed units, rated by the container's systemd.
     for name, bound in BOUNDS.items():
