@@ -370,6 +370,9 @@ def complete(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
             import argcomplete
         except ImportError:  # python3-argcomplete is only recommended: no candidates
             return ap
+        from hoshikage_sd.commands import completion
+
+        completion.attach(ap)  # model names, aliases and tags where a model is asked for
         argcomplete.autocomplete(ap)
     return ap
 

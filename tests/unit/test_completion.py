@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,29 @@ def test_completion_lists_the_commands() -> None:
     result = run(code, {"_ARGCOMPLETE": "1", "COMP_LINE": "hoshikage lo", "COMP_POINT": "12",
                         "_ARGCOMPLETE_IFS": " "})
     assert sorted(result.stdout.split()) == ["load", "logs"], result.stdout + result.stderr
+
+
+def test_model_arguments_complete_the_manifests_names(tmp_path: Path) -> None:
+    pytest.importorskip("argcomplete")
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(f"""\
+state_dir: {tmp_path}/state
+models:
+  tiny:
+    path: {tmp_path}/tiny.gguf
+    aliases: [tea]
+  small:
+    path: {tmp_path}/small.gguf
+""")
+    code = "import os\nos.dup2(1, 8)\nfrom hoshikage_sd import cli\ncli.main()"
+
+    def candidates(line: str, env: dict[str, str]) -> list[str]:
+        result = run(code, {"_ARGCOMPLETE": "1", "COMP_LINE": line,
+                            "COMP_POINT": str(len(line)), "_ARGCOMPLETE_IFS": " ", **env})
+        return sorted(w for w in result.stdout.split() if not w.startswith("-"))  # options too
+
+    assert candidates("hoshikage load t", {"HOSHIKAGE_CONFIG": str(manifest)}) \
+        == ["tea", "tiny"]
+    assert candidates(f"hoshikage logs --config {manifest} ", {}) == ["small", "tea", "tiny"]
+    # no manifest to read: no candidates, and no error on the line being typed
+    assert candidates("hoshikage unload ", {"HOSHIKAGE_CONFIG": str(tmp_path / "no")}) == []
