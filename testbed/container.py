@@ -163,11 +163,16 @@ class Container:
         *,
         rootfs: str | os.PathLike[str] | None = None,
         network: str | None = None,
+        ip_firewall: bool = False,
     ) -> None:
         self.name = name
         #: a network namespace (/proc/PID/ns/net) to boot in, instead of the host's network
         #: (tests/system/netns.py makes them: several "machines" on one host)
         self.network = network
+        #: systemd's IPAddressAllow=/IPAddressDeny= inside: a cgroup BPF filter, which takes
+        #: the unified cgroup hierarchy (nspawn makes one for the container on a hybrid host)
+        #: and the bpf() system call (nspawn's filter leaves it out)
+        self.ip_firewall = ip_firewall
         self.binds = [(str(h), str(c), bool(ro)) for h, c, ro in binds]
         self.rootfs = None if rootfs is None else Path(rootfs)
         self.nspawn_pid: int | None = None
@@ -242,6 +247,8 @@ class Container:
             # its own network is the test's to give: systemd's PrivateNetwork= (the RPC
             # worker's units) sets up a namespace's loopback with this capability
             nspawn += [f"--network-namespace-path={self.network}", "--capability=CAP_NET_ADMIN"]
+        if self.ip_firewall:
+            nspawn += ["--system-call-filter=bpf", "--capability=CAP_BPF"]
         for host, cont, ro in self.binds:
             opt = "--bind-ro" if ro else "--bind"
             nspawn.append(f"{opt}={_escape_bind(host)}:{_escape_bind(cont)}")
@@ -264,7 +271,8 @@ class Container:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=dict(HOST_ENV),
+                env={**HOST_ENV, **({"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+                                    if self.ip_firewall else {})},
                 start_new_session=True,  # a ^C at the terminal is for pytest, not for nspawn
             )
         self.nspawn_pid = self._proc.pid

@@ -1,6 +1,8 @@
 """Several machines (issue 24): a head and two RPC workers, each systemd as PID 1 in a
 container of its own, each in a network namespace the test makes (tests/system/netns.py:
 10.77.0.1 the head, .2 and .3 the workers, .4 a stranger, on one bridge; nothing else).
+The workers' containers run the unified cgroup hierarchy with bpf() allowed, so that
+systemd enforces their sockets' allow list as on a Debian host (Container's ip_firewall).
 
 The workers run the repository's units as shipped (hoshikage-rpc.socket -> the proxy ->
 ggml-rpc-server in their private namespace), set up by `hoshikage rpc-worker setup`; the head
@@ -30,6 +32,9 @@ from tests.system.netns import SUBNET, Lan
 pytestmark = pytest.mark.system
 PORT = 8080  # the head's router: its own network namespace, no clash with the host's
 IDLE = "2s"  # the workers' idle time (HOSHIKAGE_RPC_IDLE)
+#: the workers' containers have the unified cgroup hierarchy, which the kernel must have
+CGROUP2 = any(Path(p, "cgroup.controllers").exists()
+              for p in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"))
 ASK = {"max_tokens": 8, "temperature": 0, "seed": 42,
        "messages": [{"role": "user", "content": "hello"}]}
 
@@ -76,13 +81,15 @@ def setup_worker(worker: Container, server: Path) -> None:
                 "--idle", IDLE)
 
 
-@pytest.fixture
-def machines(tmp_path: Path, tiny_gguf: Path, llama_server_bin: Path) -> Any:
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path,
+             llama_server_bin: Path) -> Any:
+    """The three machines, booted once for the module's tests (a boot is ~5 s)."""
     reason = unavailable_reason()
     if reason:
         unavailable(reason)
-    models = tmp_path / "models"
-    models.mkdir()
+    models = tmp_path_factory.mktemp("models")
+    models.chmod(0o755)  # mktemp's 0700: the head's units run as user hoshikage
     for name in ("solo", "split", "nofit", "other"):
         shutil.copyfile(tiny_gguf, models / f"{name}.gguf")
     server = llama_server_bin.with_name("ggml-rpc-server")
@@ -91,7 +98,9 @@ def machines(tmp_path: Path, tiny_gguf: Path, llama_server_bin: Path) -> Any:
         nets = {n: lan.machine(n) for n in (1, 2, 3, 4)}  # 4: a stranger, no container
 
         def boot(n: int) -> Container:
-            c = Container(f"hk-rpc-{n}", binds, network=nets[n])
+            # the workers enforce their allow list (IPAddressAllow=: cgroup v2 and bpf())
+            c = Container(f"hk-rpc-{n}", binds, network=nets[n],
+                          ip_firewall=CGROUP2 and n != 1)
             c.start()
             return c
 
@@ -177,13 +186,8 @@ def test_a_model_split_over_two_workers(machines: Any) -> None:
     assert w2.exec("pgrep", "-f", "ggml-rpc-server", check=False).stdout == ""
 
 
-#: systemd enforces IPAddressAllow= with a cgroup BPF filter, on the unified hierarchy only
-UNIFIED = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-
-
-@pytest.mark.skipif(not UNIFIED, reason="this host's systemd has no unified cgroup hierarchy: "
-                    "IPAddressAllow= (the worker socket's allow list) is not enforced here "
-                    "(rpc-worker setup warns so)")
+@pytest.mark.skipif(not CGROUP2, reason="no cgroup2 on this host: systemd cannot enforce "
+                    "IPAddressAllow= (the worker socket's allow list)")
 def test_a_stranger_is_not_let_in(machines: Any) -> None:
     head, w2, _, stranger = machines
     knock = ("import socket\ntry:\n    socket.create_connection(('10.77.0.2', 50052), "
