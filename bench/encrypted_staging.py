@@ -151,6 +151,7 @@ def main() -> int:
         "stage age binary, page cache": (lambda: read_into_cache([sealed]), age_binary),
         "stage plain, cold": (drop_caches, lambda: stage(plain)),
         "stage encrypted, cold": (drop_caches, lambda: stage(sealed)),
+        "stage age binary, cold": (drop_caches, age_binary),
         "stage plain, SSD": (drop_caches, ssd(plain)),
         "stage encrypted, SSD": (drop_caches, ssd(sealed)),
         "stage age binary, SSD": (drop_caches, lambda: disk_limited_run(age_binary)),

@@ -160,38 +160,35 @@ def opened(path: Path | str) -> Iterator[Payload]:
 
 def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = None,
             every: int = 64 << 20) -> None:
-    """Decrypt `source` into the new file `dest` (on the RAM disk): this thread reads the
-    file in order (the disk's readahead stays useful) while THREADS threads decrypt and
-    write BATCH chunks each; `size` (plaintext_size) bytes or an error. On error `dest` is
-    left for the caller to delete (it stages to a temporary name)."""
+    """Decrypt `source` into the new file `dest` (on the RAM disk): THREADS threads take
+    BATCH chunks at a time, in the file's order (its readahead stays useful), each chunk read,
+    decrypted and written where it goes; `size` (plaintext_size) bytes or an error. On error
+    `dest` is left for the caller to delete (it stages to a temporary name). A chunk at a time
+    keeps every buffer small: megabyte buffers cost more in page faults than the copy."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    sealed_size = CHUNK + TAG
     with opened(source) as payload:
         if payload.size != size:
             raise DecryptError(source, f"it decrypts to {payload.size} bytes, not {size}")
         os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            def part(first: int, sealed: bytes) -> int:
-                plain = b"".join(payload.chunk(first + k, sealed[k * sealed_size:
-                                                                 (k + 1) * sealed_size])
-                                 for k in range(-(-len(sealed) // sealed_size)))
-                view, offset = memoryview(plain), first * CHUNK
-                while view:
-                    written = os.pwrite(out, view, offset)
-                    view, offset = view[written:], offset + written
-                return len(plain)
+            def part(first: int) -> int:
+                written = 0
+                for number in range(first, min(first + BATCH, payload.chunks)):
+                    view, offset = memoryview(payload.chunk(number)), number * CHUNK
+                    while view:
+                        n = os.pwrite(out, view, offset)
+                        view, offset, written = view[n:], offset + n, written + n
+                return written
 
-            done, reported, position = 0, 0, payload.start
+            done, reported = 0, 0
             with ThreadPoolExecutor(THREADS, thread_name_prefix="decrypt") as pool, \
                     _failure(source):
                 pending: list[Future[int]] = []
                 for first in range(0, payload.chunks, BATCH):
-                    sealed = os.pread(payload.fd, BATCH * sealed_size, position)
-                    position += len(sealed)
-                    pending.append(pool.submit(part, first, sealed))
-                    if len(pending) >= 2 * THREADS:  # bounded memory: a few MiB in flight
+                    pending.append(pool.submit(part, first))
+                    if len(pending) >= 2 * THREADS:  # the order of the file, give or take
                         done += pending.pop(0).result()
                         if progress and done - reported >= every:
                             reported = done
