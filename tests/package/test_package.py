@@ -134,10 +134,14 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert ".SH COMMANDS" in page and '.SS "hoshikage status' in page, page[:2000]
     completion = "/usr/share/bash-completion/completions/hoshikage"
     assert completion in files
-    completed = c.exec("bash", "-c", f"source {completion}; COMP_LINE='hoshikage sta' "
-                       "COMP_POINT=13 COMP_TYPE=9; _python_argcomplete hoshikage; "
-                       'echo "${COMPREPLY[@]}"').stdout.split()
-    assert completed == ["status"], completed
+
+    def complete(line: str) -> list[str]:
+        return c.exec("bash", "-c", f"source {completion}; COMP_LINE='{line}' "
+                      f"COMP_POINT={len(line)} COMP_TYPE=9; _python_argcomplete hoshikage; "
+                      'echo "${COMPREPLY[@]}"').stdout.split()
+
+    assert complete("hoshikage sta") == ["status"]
+    assert complete("hoshikage load ti") == ["tiny"]  # the manifest's names
     assert "1 model(s): tiny" in c.exec("hoshikage", "check").stdout
     # check runs as root but answers for the service user: a model it cannot read is named.
     c.exec("install", "-d", "-m", "0700", "/var/private-models")
