@@ -227,6 +227,7 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     # apt remove: everything stops (a model loaded again first), config and state stay.
     status, body = hk.chat("tiny")
     assert status == 200, body
+    c.systemctl("enable", "hoshikage-preload.service")  # the admin's choice: purge forgets it
     apt(c, "remove", "hoshikage")
     assert processes(c) == {}
 
