@@ -36,6 +36,20 @@ def test_it_finds_what_json_loads_finds(body: object, indent: int | None) -> Non
     assert jsonscan.model_of(bytearray(b" \n" + raw + b"\r\n")) == expected
 
 
+@pytest.mark.parametrize("depth", range(1, 12))
+def test_containers_deeper_than_the_regex_skips_are_walked(depth: int) -> None:
+    """Nesting past jsonscan.NESTING goes bracket by bracket (and an unbalanced '[[['
+    is never taken for a container: Python 3.11.2's possessive quantifiers did that)."""
+    value: object = 1
+    for _ in range(depth):
+        value = [value, "x", {"k": "]"}]
+    raw = json.dumps({"a": [value, value], "s": "y" * (jsonscan.SHORT + 9), "model": "d",
+                      "t": "\\n" * (jsonscan.PIECES + 9)}).encode()
+    assert jsonscan.model_of(raw) == "d"
+    with pytest.raises(ValueError):
+        jsonscan.model_of(raw.replace(b"]]", b"]", 1))
+
+
 def test_the_last_of_duplicate_keys_wins_as_in_json_loads() -> None:
     raw = b'{"model": "first", "x": [{}, "]"], "model": "last"}'
     assert jsonscan.model_of(raw) == json.loads(raw)["model"] == "last"
