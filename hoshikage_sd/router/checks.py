@@ -35,12 +35,13 @@ def problems(config: Config) -> list[str]:
     for model in config.models.values():
         found += model_keys.problems(model)
     try:
-        router = systemd.show(ROUTER_UNIT, "LoadState", "LimitNOFILE", "MemoryMax")
+        router = systemd.show(ROUTER_UNIT, "LoadState", "LimitNOFILESoft", "MemoryMax")
         preload = systemd.show(PRELOAD_UNIT, "LoadState", "UnitFileState")
     except HoshikageError:
         return found
     if router.get("LoadState") == "loaded":
-        found += limit_problems(config, router.get("LimitNOFILE", ""),
+        # the soft limit is the one the router meets (LimitNOFILE=N sets both)
+        found += limit_problems(config, router.get("LimitNOFILESoft", ""),
                                 router.get("MemoryMax", ""))
     if preload.get("LoadState") == "loaded" or any(m.preload for m in config.models.values()):
         found += preload_problems(config, preload.get("UnitFileState", ""))
