@@ -36,9 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hoshikage.router")
 
-LOAD = "/models/load"
-UNLOAD = "/models/unload"
-PATHS = frozenset({LOAD, UNLOAD})
+LOAD = "/models/load"  # and /models/unload (routes.CONTROL)
 #: load tasks started here, kept referenced until done
 _loading: set[asyncio.Task[None]] = set()
 

@@ -11,9 +11,12 @@ HTTP is router/proxy/ (an asyncio.Protocol front with a bounded upstream pool pe
 sized to llama-server's HTTP threads); which requests start a model is router/routes.py;
 error bodies are in each API's shape (router/errors.py); Ollama's API is translated
 (router/ollama) and served by router/ollama_routes.py; one forwarded request is a
-router/call.py Call; API keys are router/auth.py's; the busy locks and activity records are
-router/activity.py's. A manifest that cannot be read never stops the router: it answers
-every model request with a 503 that says what is wrong until the file is fixed.
+router/call.py Call; API keys are router/auth.py's (a model's own --api-key:
+router/model_keys.py); loading and unloading over HTTP is router/control.py, the loading word
+to streaming clients router/progress.py, preload at boot router/preload.py; the busy locks
+and activity records are router/activity.py's. A manifest that cannot be read never stops
+the router: it answers every model request with a 503 that says what is wrong until the
+file is fixed.
 
 Over the house's ~400 lines on purpose: what is left is the Router's one state (ready,
 starting, in flight, pools, TTLs, the manifest and keys in use) and the methods that read and
