@@ -25,6 +25,9 @@ from hoshikage_sd.router import errors as api
 KEY_FLAG: Final = "--api-key"
 FILE_FLAG: Final = "--api-key-file"
 ENV: Final = "LLAMA_API_KEY"
+#: llama-server's routes that need no key (its health check): forwarded without one to a
+#: model that serves already (`/health?model=`), where they start nothing
+PUBLIC: Final = frozenset({"/health", "/v1/health"})
 
 
 class KeyFileUnusable(Exception):

@@ -629,6 +629,8 @@ class Router:
         start: None lets the request on, else the 401 (nothing started, nothing evicted)."""
         if not model.own_key and not os.environ.get(model_keys.ENV):
             return None
+        if model.name in self.ready and request.path in model_keys.PUBLIC:
+            return None  # llama-server's own health check needs no key, and starts nothing
         err = model_keys.check(model, request.header)
         if err is None:
             return None

@@ -79,6 +79,14 @@ def test_a_model_with_its_own_key_starts_only_for_requests_that_carry_it(
             assert result.done is not None
             result.done(Outcome())
         assert started == ["tiny", "tiny"]
+        # llama-server's health check needs no key once the model serves (it starts nothing)
+        router.ready.add("tiny")
+        forwarded = await router.handle(request("GET", "/health?model=tiny"))
+        assert isinstance(forwarded, Forward) and forwarded.done is not None
+        forwarded.done(Outcome())
+        router.ready.discard("tiny")
+        status, _, _ = await call(router, request("GET", "/health?model=tiny"))
+        assert status == 401  # it would start the model
         # an unload (keep_alive 0) starts nothing: no key needed for it
         status, _, _ = await call(router, request(
             "POST", "/api/generate", {"model": "tiny", "prompt": "", "keep_alive": 0}))
