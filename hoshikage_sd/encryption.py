@@ -45,8 +45,9 @@ PLAIN_IDENTITY = KEY_DIR / "age-identity.key"
 RECIPIENTS = KEY_DIR / "age-recipients"
 #: chunks decrypted per task when staging: 1 MiB of plaintext per pread and pwrite
 BATCH = 16
-#: decrypting threads when staging (python3-cryptography lets go of the GIL in OpenSSL)
-THREADS = 2
+#: decrypting threads when staging (python3-cryptography lets go of the GIL in OpenSSL):
+#: one per core, up to four (docs/performance.md, "Encrypted models")
+THREADS = min(4, os.cpu_count() or 1)
 
 Progress = Callable[[int, int], None]
 
