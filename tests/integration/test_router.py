@@ -101,8 +101,8 @@ def test_models_unknown_and_malformed(served: tuple[Setup, int]) -> None:
     assert status == 200
     tiny = {"id": "tiny", "object": "model", "owned_by": "hoshikage", "created": 0,
             "type": "model", "display_name": "tiny", "created_at": "1970-01-01T00:00:00Z",
-            "aliases": ["small"], "loaded": True}
-    assert body["data"] == [tiny]
+            "aliases": ["small"], "loaded": True, "status": {"value": "loaded"}}
+    assert body["data"] == [tiny]  # with llama.cpp's router's status (router/control.py)
     assert request(port, "GET", "/v1/models/small") == (200, tiny)
     status, body = request(port, "GET", "/v1/models/nope")
     assert status == 404 and "nope" in str(body["error"]), body
