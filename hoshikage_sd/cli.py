@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("set",))
     p.add_argument("tag")
     p.add_argument("model")
+    for verb, what in (("pin", "never stopped: not at its TTL, not to make room (kept in "
+                                "/var/lib/hoshikage, over the manifest's pinned:)"),
+                       ("unpin", "stopped at its TTL and evicted as any other again")):
+        p = sub.add_parser(verb, help=f"a model {what}")
+        p.add_argument("model", help="a model's name or alias")
     p = sub.add_parser("activate", help="(unit helper) stage and serve one model")
     p.add_argument("name")
     p.add_argument("--adopt", type=int, metavar="PID",
@@ -207,7 +212,7 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
         from hoshikage_sd.watch import idle
 
         return idle.main(config)
-    if args.command in ("alias", "tag"):
+    if args.command in ("alias", "tag", "pin", "unpin"):
         return edit_names(config, args)
     if args.command == "cache-sync":
         from hoshikage_sd import cache
@@ -319,7 +324,9 @@ def edit_names(config: Config, args: argparse.Namespace) -> int:
     from hoshikage_sd.errors import die
     from hoshikage_sd.manifest import names
 
-    if args.command == "tag":
+    if args.command in ("pin", "unpin"):
+        print(names.set_pinned(config, args.model, args.command == "pin"))
+    elif args.command == "tag":
         print(names.set_tag(config, args.tag, args.model))
     elif args.action == "add":
         if len(args.names) != 2:

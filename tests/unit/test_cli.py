@@ -377,3 +377,20 @@ def test_status_says_a_pinned_model_has_no_idle_stop(
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("tiny "))
     assert row.endswith(" pinned"), row
+
+
+def test_pin_and_unpin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hoshikage pin NAME` / `unpin NAME`: kept in names.json over the manifest's pinned:, as
+    the panel's pin is; the effective manifest (what the idle watch and admission read) says
+    so; an unknown model is an error."""
+    from hoshikage_sd import manifest
+    from hoshikage_sd.manifest import names
+
+    path = write_manifest(tmp_path, "/bin/true")
+    assert cli.main(["pin", "tiny", "--config", str(path)]) == 0
+    assert "tiny pinned" in capsys.readouterr().out
+    assert names.effective(manifest.load(path)).models["tiny"].pinned
+    assert cli.main(["unpin", "tiny", "--config", str(path)]) == 0
+    assert not names.effective(manifest.load(path)).models["tiny"].pinned
+    assert cli.main(["pin", "nope", "--config", str(path)]) == 1
+    assert "no model named 'nope'" in capsys.readouterr().err
