@@ -10,7 +10,7 @@ import sys
 
 from hoshikage_sd import __version__
 
-TYPE_CHECKING = False  # typing costs the router's head start ~10 ms when nothing loaded it
+TYPE_CHECKING = False  # typing would be on the router's head start when nothing loaded it
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
@@ -341,7 +341,7 @@ def edit_names(config: Config, args: argparse.Namespace) -> int:
 
 def router_main(inserted: int = 0) -> int:
     """hoshikage-router (model_unit/install.py): `hoshikage router` started without site
-    (python -IS, ~30 ms sooner): the head start first, then site-packages, then the rest.
+    (python -IS; docs/performance.md): the head start first, then site-packages, then the rest.
     `inserted`: how many directories the stub put first on the path, taken away again once
     site has set the path up (they would shadow the venv's own packages)."""
     from hoshikage_sd.router import first_request
@@ -351,7 +351,7 @@ def router_main(inserted: int = 0) -> int:
 
     del sys.path[:inserted]
     site.main()
-    # `hoshikage router` without argparse (~3 ms before READY=1): the unit passes nothing
+    # `hoshikage router` without argparse (before READY=1): the unit passes nothing
     return guarded("router", False, lambda: router(None, None, early))
 
 
@@ -389,7 +389,7 @@ HELPER_ARGV = {"release": ("name",), "idle-watch": (), "cache-sync": ()}
 
 
 def helper_args(argv: list[str]) -> Any:
-    """A unit helper's command line read without argparse, whose import alone is ~3 ms of
+    """A unit helper's command line read without argparse, whose import alone is part of
     each release (beside the next model's load in a swap) and each idle watch
     (`-X importtime`, in the container): the attributes argparse would give; None for
     anything else (argparse reads it, with its errors and --help)."""

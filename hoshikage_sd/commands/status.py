@@ -203,7 +203,7 @@ def gather(config: Config, active: set[str] | None = None,
 #: the router's units: the socket systemd listens on, the service it starts
 SOCKET_UNIT, ROUTER_UNIT = "hoshikage.socket", "hoshikage.service"
 #: how long router_state() answers from its last look: the panel asks gather() every second
-#: and a look is a systemctl (~10 ms of CPU); the router's state changes rarely
+#: and a look is a systemctl (a process); the router's state changes rarely
 ROUTER_STATE_TTL = 5.0
 _router_seen: tuple[float, dict[str, Any]] | None = None
 

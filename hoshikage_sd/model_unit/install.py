@@ -1,8 +1,9 @@
 """Installing hoshikage-launch, the model unit's first process: compiled from launch.c when
-there is a C compiler (~14 ms sooner per cold start than Python's interpreter start), else a
-Python stub that imports model_unit/launch.py (whose bytecode Python caches; it would compile
-a script on every run, ~7 ms). And hoshikage-router, the router's entry, which starts Python
-without site. The package build, tools/bootstrap.sh, tools/install and tests call this.
+there is a C compiler (sooner per cold start than Python's interpreter start:
+docs/performance.md), else a Python stub that imports model_unit/launch.py (whose bytecode
+Python caches; it would compile a script on every run). And hoshikage-router, the router's
+entry, which starts Python without site. The package build, tools/bootstrap.sh, tools/install
+and tests call this.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ main(sys.argv)
 
 ROUTER_STUB = """#!{python} -IS
 # hoshikage-router, written by hoshikage's installer: `hoshikage router` as hoshikage.service
-# runs it. Without site (-S) the interpreter starts ~30 ms sooner: the head start (the waking
+# runs it. Without site (-S) the interpreter starts sooner: the head start (the waking
 # request's model unit started) comes first, site-packages after it (cli.router_main).
 import sys
 sys.path[:0] = {paths!r}
@@ -61,7 +62,7 @@ def write_stub(path: str, site: str) -> None:
 
 
 def build_native(path: str) -> str | None:
-    """Compile launch.c (the same launcher without an interpreter to start: ~14 ms less per
+    """Compile launch.c (the same launcher without an interpreter to start: less per
     cold start) to `path`, atomically; None when done, else why it could not be."""
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.c")
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -87,6 +88,6 @@ def install_launcher(path: str, site: str) -> str:
     if why is None:
         return f"{path}: compiled from launch.c"
     write_stub(path, site)
-    return f"{path}: Python stub ({why}; the compiled launcher starts ~14 ms sooner)"
+    return f"{path}: Python stub ({why}; the compiled launcher starts sooner)"
 
 

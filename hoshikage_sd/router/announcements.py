@@ -18,8 +18,8 @@ logger = logging.getLogger("hoshikage.router")
 class Announcements:
     """Model units saying "it serves now" (protocol.tell_router: the model's name in a datagram
     on a socket in the runtime directory). While a model loads the router waits for that
-    instead of probing its /health every START_POLL: the probes cost ~30 ms of CPU per cold
-    start (measured), CPU that llama-server's load and first answer want.
+    instead of probing its /health every START_POLL: the probes cost CPU per cold start
+    (docs/performance.md), CPU that llama-server's load and first answer want.
 
     The same socket takes protocol.RELOAD (`hoshikage reload`): `on_reload` is called."""
 

@@ -68,7 +68,7 @@ def visible(models: Mapping[str, M], grant: object) -> dict[str, M]:
 
 
 def digest(key: str) -> bytes:
-    import hashlib  # with hmac, ~2.5 ms of every router start, needed only with API keys
+    import hashlib  # with hmac: not on every router start, needed only with API keys
 
     return hashlib.sha256(key.encode("latin-1", errors="replace")).digest()
 

@@ -2,7 +2,7 @@
 other model is up.
 
 From zero processes, a unit started without a launch ticket goes the activator's way: its
-Python imports (~110 ms) come before llama-server can start. The router's own fast path
+Python imports come before llama-server can start. The router's own fast path
 (Router.prepare) admits with the whole policy and leaves a ticket, but the head start runs
 before the router's imports. With no model unit up (nothing to evict, nothing starting) the
 policy's answer is a matter of three numbers: the model's estimate × safety_margin against

@@ -55,7 +55,7 @@ class FirstRequest:
         self.sockets = sockets if sockets is not None else []
         self.connection = connection
         #: take_early's: the same as _socket's objects, which take() turns into the socket
-        #: module's for the router (socket's import, with enum, is ~10 ms of the head start)
+        #: module's for the router (socket's import, with enum, would be on the head start)
         self.raw_sockets: list[_socket.socket] = []
         self.raw_connection: _socket.socket | None = None
         self.started = started

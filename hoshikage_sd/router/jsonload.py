@@ -1,7 +1,7 @@
 """json.loads for the router's head start, without json's imports.
 
 json.decoder compiles its regular expressions at import, and re with enum costs the head
-start ~10 ms (`python3 -IS -X importtime`, in the test bed's container) before the waking
+start imports (`python3 -IS -X importtime`; docs/performance.md) before the waking
 request's model unit can start. The parsing itself is the same: json.loads's C scanner
 (_json), driven as json.JSONDecoder drives it. A malformed document raises the same
 json.JSONDecodeError (a ValueError; _json imports json.decoder for it then), and bytes in

@@ -25,7 +25,7 @@ from hoshikage_sd import protocol
 from hoshikage_sd.fileid import identity
 from hoshikage_sd.router.jsonload import loads
 
-TYPE_CHECKING = False  # typing itself costs the head start ~10 ms when nothing loaded it
+TYPE_CHECKING = False  # typing would be on the head start when nothing loaded it
 if TYPE_CHECKING:
     from typing import Any
 

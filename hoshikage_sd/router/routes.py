@@ -8,7 +8,7 @@ typo'd path or an API the model does not speak loads nothing. Ollama's API (`/ap
 translated by the router (router/ollama).
 
 Pure and cheap: first_request imports it before the router's own imports, so a route is a
-plain string: enum's import is ~7 ms of the head start (`python3 -IS`, in the container).
+plain string: enum's import would be on the head start (`python3 -IS -X importtime`).
 """
 
 from __future__ import annotations

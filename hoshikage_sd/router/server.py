@@ -205,7 +205,7 @@ class Router:
 
         The start goes before the stops and the records: a stop queued first kept PID 1
         and polkit busy while the start waited (a swap step's request -> unit starting
-        30-37 ms after the stop was queued, bench/peers.py's breakdown)."""
+        later when the stop was queued first: bench/peers.py's breakdown, docs/performance.md)."""
         from hoshikage_sd import cache, encryption
         from hoshikage_sd.policy import residents
         from hoshikage_sd.policy.admission import Verdict
@@ -503,7 +503,7 @@ class Router:
         return await self.ollama(request, route, rid)
 
     async def ollama(self, request: Request, route: str, rid: str) -> Response | Forward:
-        """Ollama's API, imported on its first request: ~17 ms (with gguf) that no router
+        """Ollama's API, imported on its first request: imports (with gguf) that no router
         start pays, which from zero processes is on the waking request's path."""
         from hoshikage_sd.router import ollama, ollama_routes
 
@@ -832,7 +832,7 @@ async def serve(config: Config, listen: str | None = None,
 
 def after_ready(router: Router, first: FirstRequest) -> None:
     """What the router writes once READY=1 is out, in a worker thread: the journal's module
-    and the policy's (~20 ms of imports) must not hold up the waking request's answer. The
+    and the policy's imports must not hold up the waking request's answer. The
     records held back until now (log.hold), and the admission the head start made."""
     log.release()
     if first.started and first.admitted:

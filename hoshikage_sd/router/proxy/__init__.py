@@ -1,12 +1,11 @@
 """A lean HTTP/1.1 front that forwards to llama-server over its unix socket.
 
-Measured against the router's aiohttp server + ClientSession (bench/proxy_layers.py, on this
-2-core machine, tiny /tokenize requests): ~0.07 ms of CPU per request on asyncio's loop and
-~0.055 ms on uvloop, against ~0.37 ms, and a fifth of the added latency. It costs so little
-because nothing is done per request that need not be: one task, a hand-written parser over
-whole buffers (httptools measured no faster), response bytes written from the upstream
-protocol's callback straight to the client's transport, and no aiohttp import (~100 ms of a
-cold start).
+It replaced the router's aiohttp server + ClientSession, at a fraction of the CPU per
+request and of the added latency (bench/proxy_layers.py; docs/performance.md, "Kept
+optimisations"): nothing is done per request that need not be: one task, a hand-written
+parser over whole buffers (httptools measured no faster), response bytes written from the
+upstream protocol's callback straight to the client's transport, and no aiohttp import on a
+cold start.
 
 The caller plugs in one coroutine, `Handler`: given a parsed `Request` (body read whole; the
 router needs its JSON to know the model) it returns either a `Response` to send itself
