@@ -357,6 +357,35 @@ def ensure_gguf(path: Path, min_bytes: int, **shape: Any) -> int:
     return path.stat().st_size
 
 
+# -- llama-server by hand ----------------------------------------------------------------------
+
+SERVE_LIMIT = 300.0
+
+
+def serve_seconds(server: Path, model: Path, sock: Path, log: Path, args: Sequence[str] = (),
+                  env: dict[str, str] | None = None) -> float:
+    """spawn -> /health 200 of llama-server on `model` (and `args`), then it is stopped."""
+    from hoshikage_sd import protocol
+
+    argv = [str(server), "-m", str(model), "--host", str(sock), "-c", "512", "-np", "1",
+            "--cache-ram", "0", *args]
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    with open(log, "a") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, env=env or {"PATH": "/usr/bin:/bin"}, stdout=out,
+                                stderr=out)
+        try:
+            while protocol.probe(str(sock)) != 200:
+                if proc.poll() is not None or time.monotonic() - start > SERVE_LIMIT:
+                    raise RuntimeError(f"llama-server did not serve: {log.read_text()[-2000:]}")
+                time.sleep(protocol.POLL)
+            return time.monotonic() - start
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 # -- statistics -----------------------------------------------------------------------------
 
 def med(xs: Sequence[float]) -> float:

@@ -39,12 +39,19 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
                 if p not in sys.path]
 
 import common  # noqa: E402
-from common import CACHE, drop_caches, ensure_gguf, med, read_into_cache, say  # noqa: E402
+from common import (  # noqa: E402
+    CACHE,
+    drop_caches,
+    ensure_gguf,
+    med,
+    read_into_cache,
+    say,
+    serve_seconds,
+)
 
-from hoshikage_sd import encryption, protocol  # noqa: E402
+from hoshikage_sd import encryption  # noqa: E402
 from hoshikage_sd.staging import Store  # noqa: E402
 
-LIMIT = 300.0
 BLKIO = Path("/sys/fs/cgroup/blkio")
 
 
@@ -62,26 +69,6 @@ def disk_limited(path: Path, mbps: int) -> Iterator[None]:
     finally:
         (BLKIO / "cgroup.procs").write_text(f"{os.getpid()}\n")
         group.rmdir()
-
-
-def serve_seconds(server: Path, model: Path, sock: Path, log: Path) -> float:
-    """spawn -> /health 200 of llama-server on `model` (CPU)."""
-    argv = [str(server), "-m", str(model), "--host", str(sock), "-c", "512", "-np", "1",
-            "--cache-ram", "0"]
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
-    with open(log, "a") as out:
-        start = time.monotonic()
-        proc = subprocess.Popen(argv, env={"PATH": "/usr/bin:/bin"}, stdout=out, stderr=out)
-        try:
-            while protocol.probe(str(sock)) != 200:
-                if proc.poll() is not None or time.monotonic() - start > LIMIT:
-                    raise RuntimeError(f"llama-server did not serve: {log.read_text()[-2000:]}")
-                time.sleep(protocol.POLL)
-            return time.monotonic() - start
-        finally:
-            proc.terminate()
-            proc.wait(30)
 
 
 def main() -> int:

@@ -16,12 +16,10 @@ mesa-vulkan-drivers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,32 +29,14 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench"), str(REPO / "tools"))
 import common  # noqa: E402
 from common import CACHE, churn_page_cache, ensure_gguf, med, read_into_cache, say  # noqa: E402
 
-from hoshikage_sd import protocol  # noqa: E402
-
 SHADERS = Path("/var/tmp/hoshikage-test-mesa-cache")
-LIMIT = 300.0
 
 
 def load_seconds(server: Path, model: Path, sock: Path, log: Path) -> float:
     """spawn -> /health 200 of llama-server -ngl 99 on the Vulkan device."""
-    env = {"PATH": "/usr/bin:/bin", "GGML_VK_VISIBLE_DEVICES": "0",
-           "MESA_SHADER_CACHE_DIR": str(SHADERS)}
-    argv = [str(server), "-m", str(model), "--host", str(sock), "-ngl", "99", "-c", "512",
-            "-np", "1", "--cache-ram", "0"]
-    with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
-    with open(log, "a") as out:
-        start = time.monotonic()
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out)
-        try:
-            while protocol.probe(str(sock)) != 200:
-                if proc.poll() is not None or time.monotonic() - start > LIMIT:
-                    raise RuntimeError(f"llama-server did not serve: {log.read_text()[-2000:]}")
-                time.sleep(protocol.POLL)
-            return time.monotonic() - start
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    return common.serve_seconds(server, model, sock, log, ("-ngl", "99"), {
+        "PATH": "/usr/bin:/bin", "GGML_VK_VISIBLE_DEVICES": "0",
+        "MESA_SHADER_CACHE_DIR": str(SHADERS)})
 
 
 def main() -> int:

@@ -43,6 +43,11 @@ SEALED_IDENTITY = KEY_DIR / "age-identity.cred"
 PLAIN_IDENTITY = KEY_DIR / "age-identity.key"
 #: the public keys `hoshikage encrypt` encrypts to, one per line (a backup key: a line more)
 RECIPIENTS = KEY_DIR / "age-recipients"
+#: the units that read encrypted models (the model units stage, the router reads headers),
+#: and the drop-in `hoshikage keys setup` gives each of them the credential with
+UNITS = ("hoshikage-model@.service", "hoshikage.service")
+DROPIN_DIR = Path("/etc/systemd/system")
+DROPIN = "50-age-identity.conf"
 #: chunks decrypted per task when staging: 1 MiB of plaintext per pread and pwrite
 BATCH = 16
 #: decrypting threads when staging (python3-cryptography lets go of the GIL in OpenSSL):
@@ -298,8 +303,6 @@ def check_problems(config: Config) -> list[str]:
             problems.append(f"model {name}: {err.message}"
                             + (f" ({err.hint})" if err.hint else ""))
     if SEALED_IDENTITY.exists() or PLAIN_IDENTITY.exists():
-        from hoshikage_sd.commands.keys import DROPIN, DROPIN_DIR, UNITS
-
         for unit in UNITS:
             if not (DROPIN_DIR / f"{unit}.d" / DROPIN).exists():
                 problems.append(f"{unit} does not get the age identity (no "

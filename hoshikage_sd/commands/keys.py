@@ -20,10 +20,6 @@ from hoshikage_sd import encryption, fmt, proc
 from hoshikage_sd.errors import die
 from hoshikage_sd.files import write_atomic
 
-#: the units that read encrypted models: the model units (staging) and the router (headers)
-UNITS = ("hoshikage-model@.service", "hoshikage.service")
-DROPIN_DIR = Path("/etc/systemd/system")
-DROPIN = "50-age-identity.conf"
 #: marks this machine's own line in the recipients file (other lines: backup keys)
 MARK = "# this machine (hoshikage keys setup)"
 READ_BLOCK = 4 << 20
@@ -87,15 +83,15 @@ def setup(plain: bool = False, force: bool = False, root: Path = Path("/")) -> i
     recipients = root / str(encryption.RECIPIENTS).lstrip("/")
     existing = recipients.read_text() if recipients.exists() else ""
     write_atomic(recipients, recipients_text(existing, public), mode=0o644)
-    for unit in UNITS:
-        write_atomic(root / str(DROPIN_DIR).lstrip("/") / f"{unit}.d" / DROPIN, dropin(plain),
-                     mode=0o644)
+    units = root / str(encryption.DROPIN_DIR).lstrip("/")
+    for unit in encryption.UNITS:
+        write_atomic(units / f"{unit}.d" / encryption.DROPIN, dropin(plain), mode=0o644)
     if root == Path("/") and Path("/run/systemd/system").is_dir():
         proc.run(["systemctl", "daemon-reload"])
     where = key if plain else f"{sealed} (sealed by systemd-creds to this machine)"
     print(f"age identity: {where}\n"
           f"recipient:    {public} (in {recipients}; add a backup key as a line there)\n"
-          f"units:        {', '.join(UNITS)} get it as the credential "
+          f"units:        {', '.join(encryption.UNITS)} get it as the credential "
           f"'{encryption.CREDENTIAL}'\n"
           "next:         hoshikage encrypt MODEL.gguf   (then point the manifest at "
           "MODEL.gguf.age)")

@@ -218,7 +218,7 @@ async def load(router: Router, request: Request, model: Model) -> Response:
 
 
 async def _load(router: Router, model: Model) -> None:
-    from hoshikage_sd.router.server import StartFailed
+    from hoshikage_sd.router.errors import StartFailed
 
     try:
         await router.ensure(model)

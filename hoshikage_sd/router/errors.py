@@ -108,6 +108,15 @@ _ANTHROPIC_TYPE: Final[Mapping[int, str]] = {
 _NEVER_RETRY: Final = frozenset({409, 501})
 
 
+class StartFailed(Exception):
+    """A model's unit did not start (the reason from its activator's record); `permanent`
+    when trying again at once would fail the same way."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
 @dataclass(frozen=True)
 class ApiError:
     """One error, independent of the API it is told in.

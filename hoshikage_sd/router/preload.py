@@ -47,7 +47,7 @@ def claim(runtime_dir: os.PathLike[str] | str) -> bool:
 
 async def at_boot(router: Router) -> list[str]:
     """Start the preload models if this is the boot's first router; the ones now serving."""
-    from hoshikage_sd.router.server import StartFailed
+    from hoshikage_sd.router.errors import StartFailed
 
     if router.broken is not None:
         return []  # nothing can be started; the next router tries (the marker is not made)

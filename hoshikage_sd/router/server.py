@@ -47,6 +47,7 @@ from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
 from hoshikage_sd.router.call import Call
 from hoshikage_sd.router.config import load_config
+from hoshikage_sd.router.errors import StartFailed
 from hoshikage_sd.router.first_request import FirstRequest, model_name_of
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route
@@ -70,12 +71,6 @@ CORS_HEADERS = frozenset({b"access-control-allow-origin", b"access-control-allow
                           b"access-control-expose-headers", b"access-control-max-age"})
 #: routes that need no API key: a load balancer's health check, a browser's preflight
 KEYLESS = frozenset({Route.HEALTH, Route.OPTIONS})
-
-
-class StartFailed(Exception):
-    def __init__(self, message: str, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 class Router:

@@ -203,8 +203,8 @@ def test_keys_setup_then_encrypt_then_read(tmp_path: Path, plain: bool,
     secret = etc / ("age-identity.key" if plain else "age-identity.cred")
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert not (etc / ("age-identity.cred" if plain else "age-identity.key")).exists()
-    for unit in keys.UNITS:
-        dropin = (root / "etc/systemd/system" / f"{unit}.d" / keys.DROPIN).read_text()
+    for unit in encryption.UNITS:
+        dropin = (root / "etc/systemd/system" / f"{unit}.d" / encryption.DROPIN).read_text()
         assert f"{encryption.CREDENTIAL}:/etc/hoshikage/{secret.name}" in dropin
     with pytest.raises(HoshikageError, match="there is an age identity already"):
         keys.setup(plain=plain, root=root)
