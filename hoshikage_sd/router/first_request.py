@@ -231,6 +231,9 @@ def take_early() -> FirstRequest:
         if index.get("api_keys"):  # a request must show its key before it starts anything
             first.decided = True
             return first
+        if len(first.request[3]) > index.get("max_body", len(first.request[3])):
+            first.decided = True  # the router answers it 413, starting nothing
+            return first
         model = None
         for name in names:
             try:

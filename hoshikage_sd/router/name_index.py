@@ -95,6 +95,8 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         "strict_names": config.strict_names,
         # with API keys, the key is checked before a start: no head start (router/auth.py)
         "api_keys": config.api_keys is not None,
+        # a body over it gets a 413 from the router: the head start must not start for it
+        "max_body": config.max_body,
         "runtime": str(config.runtime_dir),
         "admission": {"margin": config.safety_margin, "budget": config.memory_budget,
                       "max_loaded": config.max_loaded_models},

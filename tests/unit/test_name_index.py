@@ -229,3 +229,16 @@ def test_listen_fds_takes_only_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "1")
     assert first_request.listen_fds() == []
     assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
+
+
+def test_no_head_start_for_a_body_the_router_refuses_as_too_large(
+        setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body over max_body gets the router's 413: the head start starts nothing for it."""
+    setup.write_text(setup.read_text() + "max_body: 10\n")
+    load_config(setup)
+    first, started = early(setup, monkeypatch, CHAT)  # a 16-byte body
+    assert started == [] and first.decided
+    setup.write_text(setup.read_text().replace("max_body: 10\n", "max_body: 16\n"))
+    load_config(setup)
+    first, started = early(setup, monkeypatch, CHAT)
+    assert started == ["hoshikage-model@qwen3\\x2d32b.service"]
