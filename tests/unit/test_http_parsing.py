@@ -319,3 +319,52 @@ def test_no_head_start_for_a_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_close_in_any_connection_field_wins(fields: bytes, version: bytes, keep: bool) -> None:
     (request,) = feed(b"GET / HTTP/" + version + b"\r\nHost: x\r\n" + fields + b"\r\n")
     assert request.keep_alive is keep
+
+
+class _Collect:
+    """A response parser's sink that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.body, self.ended, self.length = b"", False, -2
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                length: int, chunked: bool) -> None:
+        self.length = length
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    def on_error(self, exc: BaseException, got_bytes: bool) -> None:
+        raise exc
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [b"0x5", b"+5", b"5_", b" 5", b"-0", b"", b"1" * 17])
+def test_an_upstream_chunk_size_is_read_as_strictly_as_a_clients(size: bytes) -> None:
+    """llama-server is not trusted to frame for the router: a response's chunk sizes and
+    Content-Length take 1*HEXDIG and 1*DIGIT only (the upstream pool drops the connection
+    on the ValueError)."""
+    from hoshikage_sd.router.proxy.parsing import ResponseParser
+
+    good = ResponseParser(_Collect())
+    good.feed(CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n\r\n")
+    assert good.done and good.sink.body == b"hello"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        ResponseParser(_Collect()).feed(CHUNKED_HEAD + size + b"\r\nhello\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("value", [b"+5", b" 5x", b"5_0", b"\xd9\xa5", b"0x5"])
+def test_an_upstream_content_length_is_digits_only(value: bytes) -> None:
+    from hoshikage_sd.router.proxy.parsing import ResponseParser
+
+    with pytest.raises(ValueError):
+        ResponseParser(_Collect()).feed(b"HTTP/1.1 200 OK\r\nContent-Length: " + value +
+                                        b"\r\n\r\nhello")
+    two = ResponseParser(_Collect())
+    with pytest.raises(ValueError, match="two different"):
+        two.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")

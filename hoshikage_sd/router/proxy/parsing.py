@@ -12,6 +12,7 @@ from hoshikage_sd.router.http1 import (
     TCHAR,
     VALUE_BYTES,
     Refused,
+    content_length,
     framing,
     split_head,
 )
@@ -297,7 +298,10 @@ class ResponseParser:
                     if not line:
                         self.state = self.DONE
                 else:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    try:  # as strict as with clients: the upstream is not trusted to frame
+                        size = chunk_size(line)
+                    except BadRequest:
+                        raise ValueError("malformed chunk size from upstream") from None
                     self.left = size
                     self.state = self.DATA if size else self.TRAILERS
         if self.state == self.DONE:
@@ -317,7 +321,10 @@ class ResponseParser:
             value = value.strip()
             key = name.lower()
             if key == b"content-length":
-                length = int(value)
+                given = content_length(value, None)  # 1*DIGIT, as with clients
+                if 0 <= length != given:
+                    raise ValueError("two different Content-Lengths from upstream")
+                length = given
             elif key == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif key == b"connection" and b"close" in value.lower():
