@@ -18,6 +18,7 @@ and 64 KiB chunks each with a 16-byte tag.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from hoshikage_sd.errors import HoshikageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     from hoshikage_sd.agefile import Payload
     from hoshikage_sd.manifest import Config
 
@@ -146,16 +149,26 @@ def identity_text() -> str:
     return result.stdout
 
 
-@contextlib.contextmanager
-def opened(path: Path | str) -> Iterator[Payload]:
-    """The encrypted file `path`, its header read and its file key unwrapped."""
-    from hoshikage_sd.agefile import AgeError, Payload, identities
+@functools.lru_cache(maxsize=1)
+def _keys() -> list[X25519PrivateKey]:
+    """This process's identities, read once: root's CLI unseals the credential with a
+    systemd-creds run, not one per encrypted file it looks at. (A unit's credential does not
+    change while it runs.)"""
+    from hoshikage_sd.agefile import AgeError, identities
 
     try:
-        keys = identities(identity_text())
+        return identities(identity_text())
     except AgeError as err:
         raise HoshikageError(f"the age identity cannot be used: {err}",
                              hint=HINTS["identity"]) from None
+
+
+@contextlib.contextmanager
+def opened(path: Path | str) -> Iterator[Payload]:
+    """The encrypted file `path`, its header read and its file key unwrapped."""
+    from hoshikage_sd.agefile import Payload
+
+    keys = _keys()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with _failure(path):

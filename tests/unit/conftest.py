@@ -15,3 +15,12 @@ def units_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "units-runtime"
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_age_identity() -> None:
+    """encryption.py reads a process's age identity once (a unit's credential does not change
+    while it runs): each test brings its own."""
+    from hoshikage_sd import encryption
+
+    encryption._keys.cache_clear()
