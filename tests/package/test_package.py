@@ -114,6 +114,13 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     # Installed: the socket enabled and listening, nothing behind it, the user made.
     assert c.systemctl("is-enabled", "hoshikage.socket").strip() == "enabled"
     assert hk.state("hoshikage.socket") == "active" and listening(hk)
+    # an RPC worker's units are shipped, but nothing of a worker runs until the admin's
+    # `hoshikage rpc-worker setup` (README "Several machines")
+    for unit in ("hoshikage-rpc.socket", "hoshikage-rpc.service",
+                 "hoshikage-rpc-server.service"):
+        assert f"/lib/systemd/system/{unit}" in files, unit
+    assert c.systemctl("is-enabled", "hoshikage-rpc.socket", check=False).strip() == "disabled"
+    assert hk.state("hoshikage-rpc.socket") == "inactive"
     # the manifest edit set off hoshikage-reload.path: its oneshot `hoshikage reload` (no
     # router to tell) may still be on its way out; nothing else may run
     assert eventually(lambda: processes(c), lambda found: found == {}) == {}
