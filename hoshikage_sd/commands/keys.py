@@ -23,6 +23,8 @@ from hoshikage_sd.files import write_atomic
 #: marks this machine's own line in the recipients file (other lines: backup keys)
 MARK = "# this machine (hoshikage keys setup)"
 READ_BLOCK = 4 << 20
+#: seconds between two draws of the progress line (a GiB is 256 blocks)
+REDRAW_EVERY = 0.1
 
 
 def dropin(plain: bool) -> str:
@@ -120,13 +122,15 @@ def encrypt(source: Path, dest: Path | None, recipients: Path | None,
                              stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=proc.minimal_env())
     assert child.stdin is not None and child.stderr is not None
-    done = 0
+    done, shown = 0, 0.0
     try:
         with open(source, "rb") as f:
             while block := f.read(READ_BLOCK):
                 child.stdin.write(block)
                 done += len(block)
-                show(done, size, start)
+                if time.monotonic() - shown >= REDRAW_EVERY or done == size:
+                    shown = time.monotonic()
+                    show(done, size, start)
         child.stdin.close()
         if child.wait() != 0:
             why = child.stderr.read().decode(errors="replace").strip().splitlines()
