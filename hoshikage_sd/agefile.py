@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from hoshikage_sd import evp
+
 INTRO = b"age-encryption.org/v1\n"
 CHUNK, TAG, NONCE = 64 << 10, 16, 16
 SEALED = CHUNK + TAG
@@ -200,7 +202,8 @@ class Payload:
         if len(nonce) < NONCE:
             raise AgeError("the file is damaged or truncated (no payload)", "damaged")
         self.fd, self.start = fd, header.length + NONCE
-        self.aead = ChaCha20Poly1305(_hkdf(key, nonce, b"payload"))
+        self._key = _hkdf(key, nonce, b"payload")
+        self.aead = ChaCha20Poly1305(self._key)
         payload = size - self.start
         self.chunks = max(1, -(-payload // SEALED))
         last = payload - (self.chunks - 1) * SEALED
@@ -213,13 +216,23 @@ class Payload:
         """The plaintext of chunk `number` (read from the file unless `sealed` is given)."""
         if sealed is None:
             sealed = os.pread(self.fd, SEALED, self.start + number * SEALED)
-        last = number == self.chunks - 1
         try:
-            return self.aead.decrypt(number.to_bytes(11, "big") + (b"\1" if last else b"\0"),
-                                     sealed, None)
+            return self.aead.decrypt(self.nonce(number), sealed, None)
         except InvalidTag:
-            raise AgeError(f"the file is damaged or truncated (chunk {number} fails "
-                           "authentication)", "damaged") from None
+            raise _damaged(number) from None
+
+    def nonce(self, number: int) -> bytes:
+        return number.to_bytes(11, "big") + (b"\1" if number == self.chunks - 1 else b"\0")
+
+    def sealed_length(self, number: int) -> int:
+        """The bytes chunk `number` takes in the file (the last one may be shorter)."""
+        if number < self.chunks - 1:
+            return SEALED
+        return self.size - (self.chunks - 1) * CHUNK + TAG
+
+    def reader(self) -> ChunkReader:
+        """A reader of chunks for one thread (staging decrypts on several)."""
+        return ChunkReader(self)
 
     def read_at(self, offset: int, n: int) -> bytes:
         """Up to `n` plaintext bytes from `offset` (fewer only at the end)."""
@@ -230,3 +243,47 @@ class Payload:
             out.append(data)
             offset, n = offset + len(data), n - len(data)
         return b"".join(out)
+
+
+class ChunkReader:
+    """One thread's way through a payload's chunks: each read into a buffer that is reused
+    and opened through OpenSSL's EVP (evp.py) where libcrypto.so.3 is loadable, through
+    python3-cryptography elsewhere. A view it returns is valid until its next call."""
+
+    def __init__(self, payload: Payload) -> None:
+        self.payload = payload
+        self.opener: evp.Opener | None = None
+        if evp.available():
+            self.opener = evp.Opener(payload._key, CHUNK)
+            self.buffer = self.opener.sealed
+        else:
+            self.buffer = bytearray(SEALED)
+
+    def chunk(self, number: int) -> memoryview:
+        p = self.payload
+        length = p.sealed_length(number)
+        got = os.preadv(p.fd, [memoryview(self.buffer)[:length]], p.start + number * SEALED)
+        if got != length:
+            raise AgeError(f"the file is damaged or truncated (chunk {number} is cut short)",
+                           "damaged")
+        if self.opener is None:
+            return memoryview(p.chunk(number, bytes(self.buffer[:length])))
+        plain = self.opener.open(p.nonce(number), length)
+        if plain is None:
+            raise _damaged(number)
+        return plain
+
+    def close(self) -> None:
+        if self.opener is not None:
+            self.opener.close()
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _damaged(number: int) -> AgeError:
+    return AgeError(f"the file is damaged or truncated (chunk {number} fails authentication)",
+                    "damaged")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,7 +54,7 @@ DROPIN_DIR = Path("/etc/systemd/system")
 DROPIN = "50-age-identity.conf"
 #: chunks decrypted per task when staging: 1 MiB of plaintext per pread and pwrite
 BATCH = 16
-#: decrypting threads when staging (python3-cryptography lets go of the GIL in OpenSSL):
+#: decrypting threads when staging (ctypes lets go of the GIL in each OpenSSL call):
 #: one per core, up to four (docs/performance.md, "Encrypted models")
 THREADS = min(4, os.cpu_count() or 1)
 
@@ -191,11 +192,16 @@ def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = Non
             raise DecryptError(source, f"it decrypts to {payload.size} bytes, not {size}")
         os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        local, readers = threading.local(), []
         try:
+
             def part(first: int) -> int:
+                if (reader := getattr(local, "reader", None)) is None:
+                    reader = local.reader = payload.reader()
+                    readers.append(reader)
                 written = 0
                 for number in range(first, min(first + BATCH, payload.chunks)):
-                    view, offset = memoryview(payload.chunk(number)), number * CHUNK
+                    view, offset = reader.chunk(number), number * CHUNK
                     while view:
                         n = os.pwrite(out, view, offset)
                         view, offset, written = view[n:], offset + n, written + n
@@ -215,6 +221,8 @@ def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = Non
                 for future in pending:
                     done += future.result()
         finally:
+            for reader in readers:
+                reader.close()
             os.close(out)
         with contextlib.suppress(OSError):  # the ciphertext's pages are not worth keeping
             os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_DONTNEED)

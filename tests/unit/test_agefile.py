@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import agefile
+from hoshikage_sd import agefile, evp
 from hoshikage_sd.agefile import CHUNK, SEALED, AgeError, Payload, identities
 
 pytestmark = pytest.mark.skipif(shutil.which("age") is None, reason="age is not installed")
@@ -60,6 +60,60 @@ def test_reads_every_size_age_writes(tmp_path: Path, key: tuple[Path, str], size
             offset = rng.randrange(0, size + 1)
             n = rng.randrange(0, 3 * CHUNK)
             assert p.read_at(offset, n) == data[offset:offset + n]
+
+
+@pytest.fixture(params=["evp", "cryptography"])
+def opener(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The chunk readers staging uses: OpenSSL's EVP through ctypes, and the fallback
+    through python3-cryptography where libcrypto.so.3 is not loadable."""
+    if request.param == "evp":
+        assert evp.available(), "libcrypto.so.3 is part of Debian's python3-cryptography"
+    else:
+        monkeypatch.setattr(evp, "available", lambda: False)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17])
+def test_chunk_readers_read_what_age_writes(tmp_path: Path, key: tuple[Path, str],
+                                            opener: str, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    sealed = encrypt(data, tmp_path / "f.age", key[1])
+    with payload(sealed, key[0]) as p, p.reader() as reader:
+        assert (reader.opener is not None) == (opener == "evp")
+        # out of order and twice: a reader's buffers carry nothing from one chunk to the next
+        order = [*reversed(range(p.chunks)), *range(p.chunks)]
+        got = {n: bytes(reader.chunk(n)) for n in order}
+        assert b"".join(got[n] for n in range(p.chunks)) == data
+
+
+@pytest.mark.parametrize("how", ["middle chunk", "cut inside a chunk", "appended bytes"])
+def test_chunk_readers_refuse_damage(tmp_path: Path, key: tuple[Path, str], opener: str,
+                                     how: str) -> None:
+    data = os.urandom(5 * CHUNK + 1234)
+    bad = damage(encrypt(data, tmp_path / "f.age", key[1]), how)
+    with pytest.raises(AgeError, match="damaged or truncated") as err, \
+            payload(bad, key[0]) as p, p.reader() as reader:
+        for n in range(p.chunks):
+            reader.chunk(n)
+    assert err.value.kind == "damaged"
+
+
+def test_evp_opener_refuses_a_wrong_tag_nonce_or_key() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    key, nonce, data = os.urandom(32), os.urandom(12), os.urandom(1000)
+    sealed = ChaCha20Poly1305(key).encrypt(nonce, data, None)
+    with evp.Opener(key, CHUNK) as o:
+        o.sealed[:len(sealed)] = sealed
+        assert bytes(o.open(nonce, len(sealed)) or b"") == data
+        assert o.open(os.urandom(12), len(sealed)) is None
+        o.sealed[len(sealed) - 1] ^= 1
+        assert o.open(nonce, len(sealed)) is None
+        with pytest.raises(ValueError):
+            o.open(nonce, CHUNK + 17)  # longer than its buffers
+    with evp.Opener(os.urandom(32), CHUNK) as o:
+        o.sealed[:len(sealed)] = sealed
+        assert o.open(nonce, len(sealed)) is None
 
 
 def test_several_recipients_and_identities(tmp_path: Path) -> None:
