@@ -54,11 +54,15 @@ def bookworm() -> Path:
 
 @pytest.fixture
 def boot(request: pytest.FixtureRequest, bookworm: Path) -> Iterator[Callable[..., Container]]:
-    """``boot(binds)``: the bookworm root booted under its own systemd (a tmpfs overlay keeps
-    the cache pristine); stopped at teardown, its journal in the report of a failure."""
+    """``boot(binds, network=None, ip_firewall=False)``: the bookworm root booted under its
+    own systemd (a tmpfs overlay keeps the cache pristine), on the host's network or in a
+    network namespace (tests/system/netns.py); stopped at teardown, its journal in the
+    report of a failure."""
     with made_for(request, report_lines=300) as boot:
-        def make(binds: Binds = ()) -> Container:
-            return boot(unique_name(request.node.name), binds, 120, rootfs=str(bookworm))
+        def make(binds: Binds = (), network: str | None = None,
+                 ip_firewall: bool = False) -> Container:
+            return boot(unique_name(request.node.name), binds, 120, rootfs=str(bookworm),
+                        network=network, ip_firewall=ip_firewall)
 
         yield make
 
