@@ -230,9 +230,9 @@ class Payload:
             return SEALED
         return self.size - (self.chunks - 1) * CHUNK + TAG
 
-    def reader(self) -> ChunkReader:
-        """A reader of chunks for one thread (staging decrypts on several)."""
-        return ChunkReader(self)
+    def reader(self, run: int = 1) -> ChunkReader:
+        """A reader of runs of chunks for one thread (staging decrypts on several)."""
+        return ChunkReader(self, run)
 
     def read_at(self, offset: int, n: int) -> bytes:
         """Up to `n` plaintext bytes from `offset` (fewer only at the end)."""
@@ -246,32 +246,39 @@ class Payload:
 
 
 class ChunkReader:
-    """One thread's way through a payload's chunks: each read into a buffer that is reused
-    and opened through OpenSSL's EVP (evp.py) where libcrypto.so.3 is loadable, through
-    python3-cryptography elsewhere. A view it returns is valid until its next call."""
+    """One thread's way through a payload: runs of up to `run` chunks, each run read with
+    one pread into a buffer that is reused and opened through OpenSSL's EVP (evp.py) where
+    libcrypto.so.3 is loadable, through python3-cryptography elsewhere."""
 
-    def __init__(self, payload: Payload) -> None:
-        self.payload = payload
+    def __init__(self, payload: Payload, run: int) -> None:
+        self.payload, self.run = payload, run
         self.opener: evp.Opener | None = None
         if evp.available():
-            self.opener = evp.Opener(payload._key, CHUNK)
-            self.buffer = self.opener.sealed
+            self.opener = evp.Opener(payload._key, run * SEALED, run * CHUNK)
+            self.sealed, self.plain = self.opener.sealed, self.opener.plain
         else:
-            self.buffer = bytearray(SEALED)
+            self.sealed, self.plain = bytearray(run * SEALED), bytearray(run * CHUNK)
 
-    def chunk(self, number: int) -> memoryview:
+    def chunks(self, first: int) -> memoryview:
+        """The plaintext of chunks `first` to `first + run` (fewer at the end): a view of
+        the reader's buffer, valid until its next call."""
         p = self.payload
-        length = p.sealed_length(number)
-        got = os.preadv(p.fd, [memoryview(self.buffer)[:length]], p.start + number * SEALED)
-        if got != length:
-            raise AgeError(f"the file is damaged or truncated (chunk {number} is cut short)",
-                           "damaged")
-        if self.opener is None:
-            return memoryview(p.chunk(number, bytes(self.buffer[:length])))
-        plain = self.opener.open(p.nonce(number), length)
-        if plain is None:
-            raise _damaged(number)
-        return plain
+        numbers = range(first, min(first + self.run, p.chunks))
+        lengths = [p.sealed_length(n) for n in numbers]
+        got = os.preadv(p.fd, [memoryview(self.sealed)[:sum(lengths)]],
+                        p.start + first * SEALED)
+        if got != sum(lengths):
+            raise AgeError(f"the file is damaged or truncated (chunk {first} onwards is cut "
+                           "short)", "damaged")
+        at = to = 0
+        for number, length in zip(numbers, lengths, strict=True):
+            if self.opener is None:
+                body = p.chunk(number, bytes(self.sealed[at:at + length]))
+                self.plain[to:to + len(body)] = body
+            elif not self.opener.open(p.nonce(number), at, length, to):
+                raise _damaged(number)
+            at, to = at + length, to + length - TAG
+        return memoryview(self.plain)[:to]
 
     def close(self) -> None:
         if self.opener is not None:

@@ -181,10 +181,10 @@ def opened(path: Path | str) -> Iterator[Payload]:
 def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = None,
             every: int = 64 << 20) -> None:
     """Decrypt `source` into the new file `dest` (on the RAM disk): THREADS threads take
-    BATCH chunks at a time, in the file's order (its readahead stays useful), each chunk read,
-    decrypted and written where it goes; `size` (plaintext_size) bytes or an error. On error
-    `dest` is left for the caller to delete (it stages to a temporary name). A chunk at a time
-    keeps every buffer small: megabyte buffers cost more in page faults than the copy."""
+    BATCH chunks at a time, in the file's order (its readahead stays useful), each run read,
+    decrypted and written where it goes through two buffers per thread that are reused;
+    `size` (plaintext_size) bytes or an error. On error `dest` is left for the caller to
+    delete (it stages to a temporary name)."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     with opened(source) as payload:
@@ -197,14 +197,12 @@ def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = Non
 
             def part(first: int) -> int:
                 if (reader := getattr(local, "reader", None)) is None:
-                    reader = local.reader = payload.reader()
+                    reader = local.reader = payload.reader(BATCH)
                     readers.append(reader)
-                written = 0
-                for number in range(first, min(first + BATCH, payload.chunks)):
-                    view, offset = reader.chunk(number), number * CHUNK
-                    while view:
-                        n = os.pwrite(out, view, offset)
-                        view, offset, written = view[n:], offset + n, written + n
+                view, offset, written = reader.chunks(first), first * CHUNK, 0
+                while view:
+                    n = os.pwrite(out, view, offset)
+                    view, offset, written = view[n:], offset + n, written + n
                 return written
 
             done, reported = 0, 0

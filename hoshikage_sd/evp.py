@@ -1,4 +1,4 @@
-"""ChaCha20-Poly1305 opening into the caller's buffers, through OpenSSL's EVP interface
+"""ChaCha20-Poly1305 opening in place of buffers that are reused, through OpenSSL's EVP interface
 (libcrypto.so.3, the library python3-cryptography itself uses on Debian), for staging an
 encrypted model.
 
@@ -6,7 +6,9 @@ Why not only python3-cryptography's ChaCha20Poly1305 (which agefile.py uses for 
 else): for each 64 KiB chunk it sets up a new cipher context, allocates and zeroes an output
 buffer and copies the result into a new bytes object, which halves OpenSSL's speed on this
 cipher and holds the GIL for much of it. Here one context per thread is kept, the nonce alone
-changes per chunk, and the plaintext lands in a buffer that is reused for every chunk. The
+changes per chunk, and a run of chunks is read, opened and written through two buffers
+that are reused (one pread and one pwrite per run: two threads then fill the RAM disk side by
+side). The
 paired measurement that keeps it is in docs/performance.md ("Encrypted models");
 tests/unit/test_agefile.py checks it against python3-cryptography on every chunk shape.
 
@@ -55,21 +57,18 @@ def available() -> bool:
 
 class Opener:
     """One thread's ChaCha20-Poly1305 context for one key, with its two buffers: the caller
-    reads a sealed chunk (ciphertext, then the 16-byte tag) into `sealed`, and `open`
-    authenticates it and decrypts it into `plain`. Not for sharing between threads."""
+    reads sealed chunks (each its ciphertext, then a 16-byte tag) into `sealed`, and `open`
+    authenticates one and decrypts it into `plain`. Not for sharing between threads."""
 
     TAG = 16
 
-    def __init__(self, key: bytes, size: int) -> None:
+    def __init__(self, key: bytes, sealed: int, plain: int) -> None:
         if len(key) != 32:
             raise ValueError("a ChaCha20-Poly1305 key is 32 bytes")
         self._lib = lib = _lib()
-        #: where the caller puts a sealed chunk of at most `size` plaintext bytes
-        self.sealed = bytearray(size + self.TAG)
-        self.plain = bytearray(size)
-        self._view = memoryview(self.plain)
-        self._src = (ctypes.c_char * len(self.sealed)).from_buffer(self.sealed)
-        self._dst = (ctypes.c_char * size).from_buffer(self.plain)
+        self.sealed, self.plain = bytearray(sealed), bytearray(plain)
+        self._src = ctypes.addressof((ctypes.c_char * sealed).from_buffer(self.sealed))
+        self._dst = ctypes.addressof((ctypes.c_char * plain).from_buffer(self.plain))
         self._n = ctypes.c_int()
         self._ctx = lib.EVP_CIPHER_CTX_new()
         if not self._ctx or lib.EVP_DecryptInit_ex(
@@ -77,21 +76,19 @@ class Opener:
             self.close()
             raise MemoryError("EVP_DecryptInit_ex failed")
 
-    def open(self, nonce: bytes, length: int) -> memoryview | None:
-        """The plaintext of `sealed[:length]` (a view of `plain`, valid until the next call),
-        or None when it does not authenticate."""
+    def open(self, nonce: bytes, at: int, length: int, to: int) -> bool:
+        """Decrypt the chunk of `length` bytes (tag included) at `sealed[at:]` into
+        `plain[to:]`; False when it does not authenticate."""
         body = length - self.TAG
-        if len(nonce) != 12 or not 0 <= body <= len(self.plain):
-            raise ValueError("a nonce is 12 bytes and a sealed chunk fits the buffers")
+        if (len(nonce) != 12 or body < 0 or at < 0 or to < 0
+                or at + length > len(self.sealed) or to + body > len(self.plain)):
+            raise ValueError("a nonce is 12 bytes and a chunk lies within the buffers")
         lib, ctx, n = self._lib, self._ctx, ctypes.byref(self._n)
-        tag = ctypes.addressof(self._src) + body
-        end = ctypes.addressof(self._dst) + body
-        if (lib.EVP_DecryptInit_ex(ctx, None, None, None, nonce) == 1
-                and lib.EVP_DecryptUpdate(ctx, self._dst, n, self._src, body) == 1
-                and lib.EVP_CIPHER_CTX_ctrl(ctx, _SET_TAG, self.TAG, tag) == 1
-                and lib.EVP_DecryptFinal_ex(ctx, end, n) == 1):
-            return self._view[:body]
-        return None
+        src, dst = self._src + at, self._dst + to
+        return bool(lib.EVP_DecryptInit_ex(ctx, None, None, None, nonce) == 1
+                and lib.EVP_DecryptUpdate(ctx, dst, n, src, body) == 1
+                and lib.EVP_CIPHER_CTX_ctrl(ctx, _SET_TAG, self.TAG, src + body) == 1
+                and lib.EVP_DecryptFinal_ex(ctx, dst + body, n) == 1)
 
     def close(self) -> None:
         if self._ctx:
