@@ -71,7 +71,7 @@ DECODE: dict[str, Callable[[Any], Any]] = {
     "str": str, "bool": bool, "int": int, "float": float,
     "str | None": _optional(str), "int | None": _optional(int),
     "Path": Path, "Path | None": _optional(Path), "tuple[str, ...]": _tuple_of(str),
-    "tuple[Path, ...]": _tuple_of(Path),
+    "tuple[Path, ...]": _tuple_of(Path), "tuple[int, ...] | None": _optional(_tuple_of(int)),
     "Weights": lambda v: decode(Weights, v), "Cache | None": _optional(lambda v: decode(Cache, v)),
     "tuple[Source, ...]": _tuple_of(lambda v: decode(Source, v)),
     "Mapping[str, Model]": lambda v: {k: decode(Model, m) for k, m in v.items()},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +240,9 @@ class Worker:
     #: the most of the worker's memory a model may count on (None: what the worker says
     #: is free), for a worker that does other work too
     memory: int | None = None
+    #: which of the worker's devices the head's llama-server uses, by their index in the
+    #: worker's own list (its ggml-rpc-server's `Devices:`, 0 first); None: every one
+    devices: tuple[int, ...] | None = None
 
     @property
     def address(self) -> str:
@@ -326,16 +329,19 @@ class Config:
     def socket_path(self, name: str) -> Path:
         return self.runtime_dir / f"{name}.sock"
 
-    def server_argv(self, model: Model, files: Files) -> list[str]:
+    def server_argv(self, model: Model, files: Files,
+                    devices: Sequence[str] = ()) -> list[str]:
         """The command line that serves `model` from `files` (its staged copy or its
-        source) on its unix socket."""
+        source) on its unix socket; with `devices`, llama-server's --device list last (it
+        takes an option's last value): rpc/placement.py's, when a worker selects devices."""
         socket = str(self.socket_path(model.name))
         if model.backend == "command":
             fields = {"name": model.name, "path": str(files.main), "socket": socket}
             return [arg.format_map(fields) for arg in model.command] + list(model.args)
         mmproj = ["--mmproj", str(files.mmproj)] if files.mmproj else []
         return [str(self.llama_server), "-m", str(files.main), "--host", socket,
-                "--alias", model.name, *mmproj, *self.rpc_args(model), *model.server_args]
+                "--alias", model.name, *mmproj, *self.rpc_args(model), *model.server_args,
+                *(["--device", ",".join(devices)] if devices else [])]
 
     def rpc_args(self, model: Model) -> list[str]:
         """llama-server's --rpc for the workers `model` is split over (none: [])."""

@@ -150,25 +150,48 @@ def _api_keys(r: NodeReader, n: yaml.Node, what: str) -> str:
 
 
 def _worker(r: NodeReader, name: str, n: yaml.Node) -> Worker:
-    """A `workers:` entry: "HOST:PORT" (or HOST, port 50052), or {address:, memory:}."""
+    """A `workers:` entry: "HOST:PORT" (or HOST, port 50052), or {address:, memory:,
+    devices:}."""
     what = f"worker '{name}'"
-    memory = None
+    memory = devices = None
     if isinstance(n, yaml.MappingNode):
-        items = r.mapping(n, what, ("address", "memory"))
+        items = r.mapping(n, what, ("address", "memory", "devices"))
         if "address" not in items:
             raise r.fail(n, f"{what} needs 'address:', HOST:PORT of its hoshikage-rpc.socket")
         if "memory" in items:
             memory = r.size(items["memory"][1], f"{what}: memory")
+        if "devices" in items:
+            devices = _worker_devices(r, items["devices"][1], f"{what}: devices")
         n = items["address"][1]
     address = r.string(n, f"{what}: address")
     host, colon, port = address.rpartition(":") if ":" in address else (address, "", "")
     if not colon:
-        return Worker(name, host, memory=memory)
+        return Worker(name, host, memory=memory, devices=devices)
     if not host or ":" in host or "[" in host or not port.isdigit() \
             or not 0 < int(port) < 65536:
         raise r.fail(n, f"{what}: '{address}' is not HOST:PORT with an IPv4 address or a "
                         "name (llama.cpp's --rpc takes no IPv6 literal)")
-    return Worker(name, host, int(port), memory)
+    return Worker(name, host, int(port), memory, devices)
+
+
+def _worker_devices(r: NodeReader, n: yaml.Node, what: str) -> tuple[int, ...]:
+    """A worker's `devices:`: indices in its ggml-rpc-server's device list, each once. Not
+    names: llama.cpp's RPC protocol tells the head how many devices a worker has and their
+    memory, never their names (the head's llama-server calls them RPC0, RPC1, ...)."""
+    items = r.seq(n, what)
+    if not items:
+        raise r.fail(n, f"{what} names no device (leave it out for every one)")
+    out = []
+    for item in items:
+        value = r.value(item)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise r.fail(item, f"{what}: each entry is a device's index in the worker's list "
+                               "(0 for the first its ggml-rpc-server lists under 'Devices:'), "
+                               f"not {item.value!r}")
+        out.append(value)
+    if len(set(out)) != len(out):
+        raise r.fail(n, f"{what} names a device twice")
+    return tuple(out)
 
 
 def _workers(r: NodeReader, n: yaml.Node, what: str) -> dict[str, Worker]:

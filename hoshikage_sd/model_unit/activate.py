@@ -291,7 +291,7 @@ class Activator:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # llama-server does not remove a stale socket itself
         self.socket.parent.mkdir(parents=True, exist_ok=True)
-        argv = self.config.server_argv(self.model, staged)
+        argv = self.config.server_argv(self.model, staged, self.rpc_devices())
         logging.getLogger("hoshikage").debug("starting %s", argv)
         try:
             self.child = Child(launch.spawn(argv, proc.server_env(self.model.environment)))
@@ -299,6 +299,20 @@ class Activator:
             die(f"cannot run {argv[0]}: {exc.strerror}",
                 hint="set 'llama_server:' (or the model's 'command:') in the manifest")
         return self.child
+
+    def rpc_devices(self) -> list[str]:
+        """llama-server's --device list when a worker of the model selects devices (its
+        `devices:`), from the device counts the workers gave admission; else []."""
+        if not self.model.rpc:
+            return []
+        from hoshikage_sd.rpc import placement, workers
+
+        counts = {s.worker: s.devices
+                  for s in workers.remembered(self.config.runtime_dir, self.model.name)}
+        try:
+            return placement.for_model(self.config, self.model, counts)
+        except placement.UnknownDevice as err:
+            die(f"cannot load '{self.model.name}': {err}")
 
     def wait_healthy(self, child: Child) -> bool:
         """True once /health is 200; False if llama-server exits first."""

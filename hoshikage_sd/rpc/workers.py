@@ -52,6 +52,7 @@ class Share:
     need: int   # the model's share × safety_margin
     version: str = ""
     holds: int = 0  # the model's share (what the worker holds once it serves)
+    devices: int = 0  # how many devices the worker has (rpc/placement.py numbers them)
 
 
 def tensor_split(args: Sequence[str]) -> list[float] | None:
@@ -69,7 +70,8 @@ def tensor_split(args: Sequence[str]) -> list[float] | None:
 
 
 def shares(estimate: int, margin: float, workers: Sequence[Worker], free: Sequence[int],
-           split: Sequence[float] | None = None, versions: Sequence[str] = ()) -> list[Share]:
+           split: Sequence[float] | None = None, versions: Sequence[str] = (),
+           counts: Sequence[int] = ()) -> list[Share]:
     """Each worker's share of a model of `estimate` bytes: by `split` when it has one
     proportion per worker, else in proportion to `free` (each capped by the worker's
     `memory:`). Pure: the unit tests' and the simulator's."""
@@ -79,8 +81,23 @@ def shares(estimate: int, margin: float, workers: Sequence[Worker], free: Sequen
         else [float(f) for f in free]
     total = sum(weights) or 1.0
     return [Share(w.name, w.address, c, math.ceil(estimate * margin * p / total),
-                  versions[i] if i < len(versions) else "", math.ceil(estimate * p / total))
+                  versions[i] if i < len(versions) else "", math.ceil(estimate * p / total),
+                  counts[i] if i < len(counts) else 0)
             for i, (w, c, p) in enumerate(zip(workers, capped, weights, strict=True))]
+
+
+def free_of(worker: Worker, answer: wire.Answer) -> int:
+    """What the worker has free on the devices the head uses there (its `devices:`), or
+    WorkerUnavailable when those name a device it does not list."""
+    from hoshikage_sd.rpc import placement
+
+    try:
+        chosen = placement.selected(worker, len(answer.devices))
+    except placement.UnknownDevice as err:
+        raise WorkerUnavailable(str(err), hint=f"on {worker.host}: journalctl -u "
+                                "hoshikage-rpc-server lists its devices (Devices:), 0 "
+                                "first; or give its ggml-rpc-server -d") from None
+    return sum(answer.devices[i].free for i in chosen)
 
 
 def short(model: str, estimate: int, margin: float, split: Iterable[Share]) -> str | None:
@@ -159,9 +176,11 @@ def admit(config: Config, model: Model, estimate: int, up: Iterable[str] = ()) -
                                      "of its own")
     workers = [config.workers[w] for w in model.rpc]
     answers = [ask(w) for w in workers]
-    split = shares(estimate, config.safety_margin, workers, [a.free for a in answers],
+    free = [free_of(w, a) for w, a in zip(workers, answers, strict=True)]
+    split = shares(estimate, config.safety_margin, workers, free,
                    tensor_split(model.server_args),
-                   [".".join(map(str, a.version)) for a in answers])
+                   [".".join(map(str, a.version)) for a in answers],
+                   [len(a.devices) for a in answers])
     problem = short(model.name, estimate, config.safety_margin, split)
     if problem is not None:
         raise WorkerUnavailable(f"cannot load '{model.name}': {problem}",

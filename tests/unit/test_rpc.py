@@ -65,6 +65,11 @@ def test_the_compiled_manifest_keeps_workers() -> None:
     (MANIFEST.replace("{address: box3.lan, memory: 4G}", "{memory: 4G}"), "needs 'address:'"),
     (MANIFEST + "    rpc: [box2]\n    backend: command\n    command: [/bin/x]\n",
      "'rpc:' is for llama-server"),
+    (MANIFEST.replace("memory: 4G}", "devices: []}"), "names no device"),
+    (MANIFEST.replace("memory: 4G}", "devices: [0, 0]}"), "names a device twice"),
+    (MANIFEST.replace("memory: 4G}", "devices: [-1]}"), "not '-1'"),
+    (MANIFEST.replace("memory: 4G}", "devices: [Vulkan0]}"), "not 'Vulkan0'"),
+    (MANIFEST.replace("memory: 4G}", "devices: 0}"), "must be a list"),
 ])
 def test_bad_workers_are_named_with_their_line(text: str, problem: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -202,6 +207,28 @@ def test_admit_asks_each_worker_and_remembers_the_split(server: int, tmp_path: P
     split = workers.admit(c, c.models["tiny"], 1 << 30)
     assert [(s.worker, s.free, s.version) for s in split] == [("box2", 3 << 30, "4.0.3")]
     assert workers.status(c, ["tiny"])[0]["held_bytes"] == {"tiny": 1 << 30}
+
+
+def test_admit_counts_the_selected_devices_and_their_number(server: int,
+                                                            tmp_path: Path) -> None:
+    """devices: [1] is the worker's second device (2 GiB free of the fake's 1 + 2); the
+    record keeps how many devices it has, which the --device names are numbered by."""
+    text = (f"runtime_dir: {tmp_path}\nworkers:\n  box2: {{address: '127.0.0.1:{server}', "
+            "devices: [1]}\nmodels:\n  tiny:\n    path: /srv/tiny.gguf\n    rpc: [box2]\n")
+    c = config(text)
+    (share,) = workers.admit(c, c.models["tiny"], 1 << 30)
+    assert (share.free, share.devices) == (2 << 30, 2)
+    assert workers.remembered(c.runtime_dir, "tiny") == [share]
+
+
+def test_admit_names_a_device_the_worker_does_not_have(server: int, tmp_path: Path) -> None:
+    text = (f"runtime_dir: {tmp_path}\nworkers:\n  box2: {{address: '127.0.0.1:{server}', "
+            "devices: [0, 2]}\nmodels:\n  tiny:\n    path: /srv/tiny.gguf\n    rpc: [box2]\n")
+    c = config(text)
+    with pytest.raises(workers.WorkerUnavailable,
+                       match=r"worker 'box2' \(127\.0\.0\.1:\d+\) has 2 devices \(0, 1\): "
+                             r"its devices: names 2"):
+        workers.admit(c, c.models["tiny"], 1 << 30)
 
 
 def test_admit_refuses_when_the_share_is_too_big(server: int, tmp_path: Path) -> None:
