@@ -18,8 +18,16 @@ with the split), so the list is made in the model unit, after admission, before 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from hoshikage_sd.manifest.model import Config, Model, Worker
+
+if TYPE_CHECKING:
+    from hoshikage_sd.devices import Device
+    from hoshikage_sd.gguf import GGUFInfo
+    from hoshikage_sd.memory import DeviceEstimate, LoadParams, Offload
+    from hoshikage_sd.rpc.wire import Answer
 
 
 class UnknownDevice(ValueError):
@@ -88,3 +96,37 @@ def for_model(config: Config, model: Model, counts: Mapping[str, int]) -> list[s
     return device_list(workers, [counts[w.name] for w in workers],
                        local_devices(config, model))
 
+
+def rpc_devices(workers: Sequence[Worker], answers: Sequence[Answer]) -> list[Device]:
+    """The workers' devices the model uses, as llama-server lists them with --rpc (`RPC<n>`,
+    the worker's address, its memory as the worker said)."""
+    from hoshikage_sd.devices import Device
+
+    out = []
+    first = 0
+    for worker, answer in zip(workers, answers, strict=True):
+        for i in selected(worker, len(answer.devices)):
+            device = answer.devices[i]
+            out.append(Device(f"RPC{first + i}", worker.address, device.total, device.free))
+        first += len(answer.devices)
+    return out
+
+
+def head_estimate(info: GGUFInfo, params: LoadParams, offload: Offload,
+                  local: Sequence[Device], workers: Sequence[Worker],
+                  answers: Sequence[Answer]) -> DeviceEstimate:
+    """What a model split over `workers` puts on each of the head's own devices (`local`,
+    as llama-server lists them here): the layers are placed over the workers' devices and
+    the head's alike (llama.cpp: the workers' first, split by free memory or -ts), and
+    only the head's share is kept. Without this the head's devices would be counted as
+    holding every offloaded layer. Pure: `answers` are the workers' (wire.ask)."""
+    from hoshikage_sd.memory import device_estimate
+
+    remote = rpc_devices(workers, answers)
+    mine = [d.name for d in local] if offload.devices is None else list(offload.devices)
+    placed = device_estimate(info, params,
+                             replace(offload, devices=(*(d.name for d in remote), *mine)),
+                             [*remote, *local])
+    names = {d.name for d in remote}
+    return replace(placed, devices={n: u for n, u in placed.devices.items()
+                                    if n not in names})

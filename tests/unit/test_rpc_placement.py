@@ -1,5 +1,6 @@
 """rpc/placement.py: a worker's `devices:` as llama-server's --device names (RPC<n>,
-numbered across the workers as llama.cpp numbers them)."""
+numbered across the workers as llama.cpp numbers them), and the head's own share of a model
+split over workers (what its GPU devices are counted to hold)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.devices import parse_list_devices
+from hoshikage_sd.devices import Device, parse_list_devices
 from hoshikage_sd.manifest import Files, Worker
 from hoshikage_sd.manifest.compiled import decode, encode
 from hoshikage_sd.manifest.model import Config
 from hoshikage_sd.manifest.parse import parse
+from hoshikage_sd.memory import device_estimate, load_params, offload_params
 from hoshikage_sd.rpc import placement
 from hoshikage_sd.rpc.placement import UnknownDevice
-from tests.unit.test_devices import LAVAPIPE
+from hoshikage_sd.rpc.wire import Answer
+from hoshikage_sd.rpc.wire import Device as WorkerDevice
+from tests.unit.test_devices import E1024, LAVAPIPE, WITH_RPC
 
+GiB = 1 << 30
 MANIFEST = """\
 workers:
   box2: 192.0.2.2:50052
@@ -84,3 +89,44 @@ def test_the_model_units_device_list(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert argv.index("--rpc") < argv.index("--device")
     assert "--device" not in c.server_argv(c.models["plain"], Files.of(c.models["plain"]))
 
+
+def answer(*free_gib: float) -> Answer:
+    return Answer((4, 0, 3), tuple(WorkerDevice(int(f * GiB), 8 * GiB) for f in free_gib))
+
+
+def test_the_heads_share_leaves_out_what_goes_to_the_workers() -> None:
+    """E1024 (260 MiB, every layer offloaded) on the head's Vulkan0 alone, then split with
+    one worker: llama.cpp places the layers over the worker's device and the head's by
+    their free memory (2 GiB each here), so the head holds about half, not all."""
+    args = ["-ngl", "99", "-c", "4096"]
+    params, offload = load_params(E1024, args), offload_params(args)
+    local = parse_list_devices(LAVAPIPE)
+    alone = device_estimate(E1024, params, offload, local).used["Vulkan0"]
+    worker = Worker("box2", "192.0.2.2")
+    head = placement.head_estimate(E1024, params, offload, local, [worker], [answer(2)])
+    assert set(head.used) == {"Vulkan0"}
+    assert 0.35 * alone < head.used["Vulkan0"] < 0.65 * alone
+    # as llama-server places it with that worker listed (WITH_RPC: RPC0 with 24105 MiB)
+    listed = device_estimate(E1024, params, offload, parse_list_devices(WITH_RPC),
+                             {"Vulkan0": 2 * GiB, "RPC0": 2 * GiB})
+    assert head.used["Vulkan0"] == listed.used["Vulkan0"]
+    # a worker with more free memory takes more of the layers, the head fewer
+    fuller = placement.head_estimate(E1024, params, offload, local, [worker], [answer(6)])
+    assert fuller.used["Vulkan0"] < head.used["Vulkan0"]
+    # the model's own --device none: nothing on the head's devices at all
+    none = offload_params([*args, "--device", "none"])
+    assert placement.head_estimate(E1024, params, none, local, [worker],
+                                   [answer(2)]).used == {}
+
+
+def test_the_heads_share_follows_the_workers_devices_selection() -> None:
+    """box3's devices: [1] puts its layers on its second device only (RPC1), by that
+    device's free memory."""
+    args = ["-ngl", "99", "-c", "4096"]
+    params, offload = load_params(E1024, args), offload_params(args)
+    local = [Device("Vulkan0", "x", 8 * GiB, 2 * GiB)]
+    chosen = placement.head_estimate(E1024, params, offload, local,
+                                     [Worker("box3", "b", devices=(1,))], [answer(6, 2)])
+    both = placement.head_estimate(E1024, params, offload, local, [Worker("box3", "b")],
+                                   [answer(6, 2)])
+    assert chosen.used["Vulkan0"] > both.used["Vulkan0"]  # 2 of 4 GiB, not 2 of 10
