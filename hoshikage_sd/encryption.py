@@ -180,32 +180,55 @@ def opened(path: Path | str) -> Iterator[Payload]:
 
 def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = None,
             every: int = 64 << 20) -> None:
-    """Decrypt `source` into the new file `dest` (on the RAM disk): THREADS threads take
-    BATCH chunks at a time, in the file's order (its readahead stays useful), each run read,
-    decrypted and written where it goes through two buffers per thread that are reused;
-    `size` (plaintext_size) bytes or an error. On error `dest` is left for the caller to
-    delete (it stages to a temporary name)."""
+    """Decrypt `source` into the new file `dest` (on the RAM disk): `size` (plaintext_size)
+    bytes or an error. On error `dest` is left for the caller to delete (it stages to a
+    temporary name)."""
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write(first: int, view: memoryview) -> int:
+        offset, written = first * CHUNK, 0
+        while view:
+            n = os.pwrite(out, view, offset)
+            view, offset, written = view[n:], offset + n, written + n
+        return written
+
+    try:
+        _each_run(source, size, write, progress, every, forget=True)
+    finally:
+        os.close(out)
+
+
+def verify(source: Path, size: int) -> None:
+    """Authenticate every chunk of `source` without keeping a byte of its plaintext: what a
+    load that evicts other models checks first (a chunk damaged in the middle would
+    otherwise show only while it decrypts, after the evictions)."""
+    _each_run(source, size, lambda first, view: len(view))
+
+
+def _each_run(source: Path, size: int, consume: Callable[[int, memoryview], int],
+              progress: Progress | None = None, every: int = 64 << 20,
+              forget: bool = False) -> None:
+    """Decrypt `source` run by run: THREADS threads take BATCH chunks at a time, in the
+    file's order (its readahead stays useful), each run read and decrypted through two
+    buffers per thread that are reused, then handed to `consume(first chunk, plaintext)`,
+    which says how many bytes it took; with `forget`, the ciphertext's pages leave the page
+    cache after (once decrypted into RAM they are not worth keeping)."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     with opened(source) as payload:
         if payload.size != size:
             raise DecryptError(source, f"it decrypts to {payload.size} bytes, not {size}")
         os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         local, readers = threading.local(), []
+
+        def part(first: int) -> int:
+            if (reader := getattr(local, "reader", None)) is None:
+                reader = local.reader = payload.reader(BATCH)
+                readers.append(reader)
+            return consume(first, reader.chunks(first))
+
+        done, reported = 0, 0
         try:
-
-            def part(first: int) -> int:
-                if (reader := getattr(local, "reader", None)) is None:
-                    reader = local.reader = payload.reader(BATCH)
-                    readers.append(reader)
-                view, offset, written = reader.chunks(first), first * CHUNK, 0
-                while view:
-                    n = os.pwrite(out, view, offset)
-                    view, offset, written = view[n:], offset + n, written + n
-                return written
-
-            done, reported = 0, 0
             with ThreadPoolExecutor(THREADS, thread_name_prefix="decrypt") as pool, \
                     _failure(source):
                 pending: list[Future[int]] = []
@@ -221,9 +244,9 @@ def decrypt(source: Path, dest: Path, size: int, progress: Progress | None = Non
         finally:
             for reader in readers:
                 reader.close()
-            os.close(out)
-        with contextlib.suppress(OSError):  # the ciphertext's pages are not worth keeping
-            os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if forget:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(payload.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     if done != size:
         raise DecryptError(source, f"it decrypted to {done} bytes, not {size}")
     if progress:

@@ -130,6 +130,19 @@ def test_each_failure_names_its_cause_and_leaves_nothing(tmp_path: Path, key: st
     assert list(ram.iterdir()) == [ram / ".m.lock"]
 
 
+def test_verify_finds_a_chunk_damaged_in_the_middle(tmp_path: Path, key: str) -> None:
+    model = make_model(tmp_path / "m.gguf", n_embd=256)  # several chunks
+    sealed = seal(model, key)
+    size = encryption.plaintext_size(sealed)
+    encryption.verify(sealed, size)
+    bad = damaged(sealed, "tampered")
+    encryption.check_readable(bad)  # its first and last chunks are whole
+    with pytest.raises(encryption.DecryptError, match="damaged or truncated"):
+        encryption.verify(bad, size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["credentials", "m.gguf", sealed.name, bad.name])  # nothing written
+
+
 def test_no_identity_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sealed = seal(make_model(tmp_path / "m.gguf"), keygen(tmp_path / "k"))
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "none"))
