@@ -76,7 +76,8 @@ def show(router: Router, request: Request) -> Response:
 async def infer(router: Router, request: Request, rid: str) -> Response | Forward:
     started = time.monotonic_ns()
     try:
-        data = ollama.read_json(request.body)
+        body = ollama.decode(request.body)  # a large one keeps its long strings as bytes
+        data = body.data
         found = resolve_model(router, request, data.get("model")
                               if isinstance(data, dict) else None)
         if isinstance(found, api.ApiError):
@@ -108,7 +109,7 @@ async def infer(router: Router, request: Request, rid: str) -> Response | Forwar
                 response = router.reply(request, 200, ollama.load_only_response(action))
         response.model = found.name
         return response
-    call = OllamaCall(router, request, found, action, started)
+    call = OllamaCall(router, request, found, action, body, started)
     return await router.exchange(request, found, call)
 
 
@@ -132,7 +133,7 @@ class OllamaCall(Call):
     to llama-server translated and answered in Ollama's shape."""
 
     def __init__(self, router: Router, request: Request, model: Model,
-                 action: ollama.Upstream, started_ns: int) -> None:
+                 action: ollama.Upstream, body: ollama.Body, started_ns: int) -> None:
         super().__init__(router, request, model)
         self.began_ns = started_ns
         self.action = action
@@ -142,7 +143,10 @@ class OllamaCall(Call):
                 if k.lower() in (b"authorization", b"x-api-key")]
         self.upstream_request = Request(
             "POST", action.path, "1.1", [(b"Content-Type", b"application/json"), *keys],
-            json.dumps(action.body, ensure_ascii=False).encode())
+            # a large body's buffer becomes this one (ollama/body.py): the client's request
+            # is not read again, and a retry sends this; a bytearray, as the proxy's own
+            # large bodies are (proxy/parsing.py)
+            body.encode(action.body))  # type: ignore[arg-type]
         self.transform = self._translate
 
     def loaded(self) -> None:

@@ -41,7 +41,9 @@ Choices (README says the same):
 The package, one concern a module (each imports only those above it):
 - base.py: the API's constants, `OllamaError`, Go's time format, NDJSON lines
 - options.py: `keep_alive`, `options`, `format`, `think`
-- requests.py: `translate()` -> `Upstream` | `LoadOnly`, `read_json()`
+- body.py: a request body decoded (`decode()`, `read_json()`) and its translation encoded
+  (`Body.encode()`), a large one without decoding its long strings (`Long`)
+- requests.py: `translate()` -> `Upstream` | `LoadOnly`
 - replies.py: whole replies (`chat_response()`, ...), `error_from_upstream()`
 - stream.py: `StreamTranslator`
 - listings.py: `ModelFacts`, `served_context()`, /api/tags, /api/ps, /api/show, /api/version
@@ -59,6 +61,12 @@ from hoshikage_sd.router.ollama.base import (
     logger,
     ndjson,
     rfc3339,
+)
+from hoshikage_sd.router.ollama.body import (
+    Body,
+    Long,
+    decode,
+    read_json,
 )
 from hoshikage_sd.router.ollama.listings import (
     Loaded,
@@ -91,7 +99,6 @@ from hoshikage_sd.router.ollama.replies import (
 from hoshikage_sd.router.ollama.requests import (
     LoadOnly,
     Upstream,
-    read_json,
     translate,
 )
 from hoshikage_sd.router.ollama.stream import (
@@ -104,15 +111,18 @@ __all__ = [
     "NDJSON",
     "OLLAMA_VERSION",
     "UNMANAGED",
+    "Body",
     "Endpoint",
     "KeepAlive",
     "LoadOnly",
     "Loaded",
+    "Long",
     "ModelFacts",
     "OllamaError",
     "StreamTranslator",
     "Upstream",
     "chat_response",
+    "decode",
     "details",
     "embed_response",
     "embeddings_response",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from hoshikage_sd.router.ollama.base import ENDPOINTS, Endpoint, OllamaError, _bad
+from hoshikage_sd.router.ollama.body import Long, resolved
 from hoshikage_sd.router.ollama.options import (
     KeepAlive,
     _format,
@@ -73,8 +74,9 @@ _IMAGE_MAGIC: Final = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"
 def _image_part(image: object) -> dict[str, Any]:
     if not isinstance(image, str):
         raise _bad("images must be base64 strings")
+    start = (image.head if isinstance(image, Long) else image)[:64]  # a long one undecoded
     try:
-        head = base64.b64decode(image[:64] + "=" * (-len(image[:64]) % 4), validate=False)
+        head = base64.b64decode(start + "=" * (-len(start) % 4), validate=False)
     except (binascii.Error, ValueError):
         raise _bad("images must be base64 strings") from None
     mime = next((m for magic, m in _IMAGE_MAGIC if head.startswith(magic)), None)
@@ -113,7 +115,7 @@ def _tool_calls_out(calls: object) -> list[dict[str, Any]]:
         out.append({"id": str(call.get("id") or f"call_{i}"), "type": "function",
                     "function": {"name": fn["name"],
                                  "arguments": args if isinstance(args, str)
-                                 else json.dumps(args, ensure_ascii=False)}})
+                                 else json.dumps(resolved(args), ensure_ascii=False)}})
     return out
 
 
@@ -266,14 +268,3 @@ def _embeddings(data: Mapping[str, Any], model: str, keep: KeepAlive) -> Upstrea
     # the legacy route returns the raw vector; /api/embed normalises (llama-server's default)
     return Upstream("embeddings", model, "/v1/embeddings",
                     {"model": model, "input": prompt, "embd_normalize": -1}, False, keep)
-
-
-
-def read_json(raw: bytes) -> Any:
-    """A request body as JSON; OllamaError (400) if it is not."""
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise _bad(f"invalid JSON: {exc}") from None
