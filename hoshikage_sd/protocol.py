@@ -21,6 +21,9 @@ MAGIC = b"hoshikage-launch-1"
 #: the runtime directory every unit shares (RuntimeDirectory=hoshikage, so systemd sets
 #: $RUNTIME_DIRECTORY) when the environment does not name one (runtime_dir)
 DEFAULT_RUNTIME = "/run/hoshikage"
+#: the manifest when $HOSHIKAGE_CONFIG names none (manifest.config_path; the head start's
+#: name index, which reads it before the manifest code is imported)
+DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
 #: launch tickets: $RUNTIME_DIRECTORY/TICKET_DIR/NAME
 TICKET_DIR = "launch"
 #: the router's datagram socket in the runtime directory: a model's name sent there says

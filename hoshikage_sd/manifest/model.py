@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hoshikage_sd import naming
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.protocol import DEFAULT_RUNTIME, NAME_PATTERN
+from hoshikage_sd.protocol import DEFAULT_MANIFEST, DEFAULT_RUNTIME, NAME_PATTERN
 
 NAME_RE = re.compile(NAME_PATTERN)
-DEFAULT_PATH = Path("/etc/hoshikage/models.yaml")
+DEFAULT_PATH = Path(DEFAULT_MANIFEST)
 
 
 BACKENDS = ("llama-server", "command")
@@ -312,19 +313,16 @@ class Config:
             return self.models[self.default_model]
         return next(iter(self.models.values())) if len(self.models) == 1 else None
 
+    def name_table(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        """Each model's (name, aliases, tags): the table naming.matches reads, which the
+        head start's name index keeps as it is."""
+        return [(m.name, m.aliases, m.tags) for m in self.models.values()]
+
     def matches(self, name: str) -> list[Model]:
-        """The models `name` can mean, by the first rule that matches any: exact name, alias,
-        tag, then partial matches (several only in that last case). resolve.py decides
-        between several."""
-        if name in self.models:
-            return [self.models[name]]
-        for field_name in ("aliases", "tags"):
-            for model in self.models.values():
-                if name in getattr(model, field_name):
-                    return [model]
-        needle = name.lower()
-        return [m for m in self.models.values()
-                if any(needle in n.lower() for n in (m.name, *m.aliases))]
+        """The models `name` can mean (naming.matches: exact name, alias, tag, then partial
+        matches, several only in that last case). resolve.py decides between several."""
+        models = list(self.models.values())
+        return [models[i] for i in naming.matches(name, self.name_table())]
 
     def socket_path(self, name: str) -> Path:
         return self.runtime_dir / f"{name}.sock"
