@@ -1,19 +1,20 @@
 """hoshikage's units as PID 1 knows them: names (escaped), states, start and stop.
 
 D-Bus (bus.py) first: no systemctl fork on a cold start; systemctl where the bus is not there.
+The router's head start (router/headstart) starts the waking request's unit through here
+before the router's imports: built-in modules at the top, the rest where used (logging,
+subprocess and typing each cost that start an import).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-
-from hoshikage_sd import proc
-from hoshikage_sd.errors import die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from hoshikage_sd.sd import bus
 
 MODEL_UNIT_PREFIX = "hoshikage-model@"
 #: how long a unit that is up while its model does not serve may take to go down before a
@@ -21,8 +22,6 @@ MODEL_UNIT_PREFIX = "hoshikage-model@"
 #: up costs a start this much, the router's head start included), and how often to look
 SETTLE_LIMIT = 3.0
 SETTLE_POLL = 0.02
-
-logger = logging.getLogger("hoshikage")
 
 
 def escape(text: str) -> str:
@@ -66,6 +65,8 @@ def unescape(text: str) -> str:
 
 
 def systemctl(*args: str, check: bool = True, timeout: float | None = None) -> str:
+    from hoshikage_sd import proc
+
     return proc.run(["systemctl", *args], check=check, timeout=timeout).stdout
 
 
@@ -87,7 +88,8 @@ def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
             for unit, active in units if active in states]
 
 
-def start_unit(unit: str, state: str | None = None) -> None:
+def start_unit(unit: str, state: str | None = None, conn: bus.Connection | None = None
+               ) -> None:
     """Queue a start job for a model that does not serve now, and return without waiting for
     the job (`systemctl start --no-block`).
 
@@ -96,19 +98,25 @@ def start_unit(unit: str, state: str | None = None) -> None:
     would be a no-op on the dying unit, whose failure the caller would then read as the new
     start's. So a unit that is up gets SETTLE_LIMIT to go down first; a failed one is reset
     (its failed state and its start limit: a start on demand is always a fresh try).
-    `state`: what wait_down(unit) said just now, if the caller asked already."""
+    `state`: what wait_down(unit) said just now, if the caller asked already (or a list
+    of the units did); `conn`: the bus connection to use (the caller's, for several calls)."""
     from hoshikage_sd.sd import bus
 
     try:
         if (state or wait_down(unit)) == "failed":
             try:
-                bus.reset_failed_unit(unit)
+                bus.reset_failed_unit(unit, conn)
             except bus.BusError as exc:  # a failed unit still starts, below its start limit
-                logger.warning("cannot reset the failed state of %s: %s", unit, exc.message)
-        bus.start_unit(unit)
+                import logging
+
+                logging.getLogger("hoshikage").warning(
+                    "cannot reset the failed state of %s: %s", unit, exc.message)
+        bus.start_unit(unit, conn=conn)
     except bus.BusUnavailable:
         systemctl("start", "--no-block", "--no-ask-password", unit)
     except bus.BusError as exc:
+        from hoshikage_sd.errors import die
+
         die(f"cannot start {unit}: {exc.message}")
 
 
@@ -121,6 +129,8 @@ def stop_unit(unit: str) -> None:
     except bus.BusUnavailable:
         systemctl("stop", "--no-block", "--no-ask-password", unit)
     except bus.BusError as exc:
+        from hoshikage_sd.errors import die
+
         die(f"cannot stop {unit}: {exc.message}")
 
 

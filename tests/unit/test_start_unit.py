@@ -30,12 +30,12 @@ class FakeManager:
         self.calls.append(f"state={state}")
         return [bus.UnitState(names[0], "loaded", state, "", 0)]
 
-    def reset_failed_unit(self, unit: str) -> None:
+    def reset_failed_unit(self, unit: str, conn: object = None) -> None:
         self.calls.append("reset")
         if self.reset_error:
             raise bus.BusError("org.freedesktop.DBus.Error.AccessDenied", "no")
 
-    def start_unit(self, unit: str, mode: str = "replace") -> str:
+    def start_unit(self, unit: str, mode: str = "replace", conn: object = None) -> str:
         self.calls.append("start")
         return "/job/1"
 
@@ -84,7 +84,7 @@ def test_a_refused_reset_is_a_warning_and_the_start_goes_on(
 
 def test_a_refused_start_is_an_error_with_the_reason(
         fake: FakeManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(unit: str, mode: str = "replace") -> str:
+    def refuse(unit: str, mode: str = "replace", conn: object = None) -> str:
         raise bus.BusError("org.freedesktop.systemd1.NoSuchUnit", "no such unit")
     monkeypatch.setattr(bus, "start_unit", refuse)
     with pytest.raises(HoshikageError, match=r"cannot start .*no such unit"):
