@@ -1,5 +1,5 @@
 """One forwarded request (Call): the headers the client gets besides the upstream's reply,
-errors retold in the API's shape (Whole), and its end's bookkeeping. router/ollama_routes.py
+errors retold in the API's shape (Whole), and its end's bookkeeping. router/ollama/routes.py
 builds its OllamaCall on it."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Exits once nothing is loaded and nobody asked for anything for `router_idle_exit
 HTTP is router/proxy/ (an asyncio.Protocol front with a bounded upstream pool per model,
 sized to llama-server's HTTP threads); which requests start a model is router/routes.py;
 error bodies are in each API's shape (router/errors.py); Ollama's API is translated
-(router/ollama) and served by router/ollama_routes.py; one forwarded request is a
+and served by router/ollama/ (routes.py); one forwarded request is a
 router/call.py Call; API keys are router/auth.py's (a model's own --api-key:
 router/model_keys.py); loading and unloading over HTTP is router/control.py, the loading word
 to streaming clients router/progress.py, preload at boot router/preload.py; the busy locks
@@ -21,7 +21,7 @@ file is fixed.
 Over the house's ~400 lines on purpose: what is left is the Router's one state (ready,
 starting, in flight, pools, TTLs, the manifest and keys in use) and the methods that read and
 change it together (reload, start, forward, the idle exit); split further, each part would
-reach into the others' state, as ollama_routes.py already has to.
+reach into the others' state, as router/ollama/routes.py already has to.
 """
 
 from __future__ import annotations
@@ -500,7 +500,8 @@ class Router:
     async def ollama(self, request: Request, route: str, rid: str) -> Response | Forward:
         """Ollama's API, imported on its first request: imports (with gguf) that no router
         start pays, which from zero processes is on the waking request's path."""
-        from hoshikage_sd.router import ollama, ollama_routes
+        from hoshikage_sd.router import ollama
+        from hoshikage_sd.router.ollama import routes as ollama_routes
 
         if route == Route.OLLAMA_VERSION:
             return self.reply(request, 200, ollama.version_body())

@@ -47,6 +47,8 @@ The package, one concern a module (each imports only those above it):
 - replies.py: whole replies (`chat_response()`, ...), `error_from_upstream()`
 - stream.py: `StreamTranslator`
 - listings.py: `ModelFacts`, `served_context()`, /api/tags, /api/ps, /api/show, /api/version
+- routes.py: the router's side, the routes served with all of the above (router/server.py
+  imports it; this package does not, so the translation stays free of the router's HTTP)
 Names with a leading underscore are shared between these modules, not the package's API.
 """
 

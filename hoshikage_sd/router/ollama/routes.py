@@ -1,7 +1,8 @@
 """Ollama's API on the router: /api/tags, /api/ps, /api/show and the inference routes
 (/api/chat, /api/generate, /api/embed, /api/embeddings) sent to llama-server translated
-(router/ollama does the translating) and answered in Ollama's shape, with keep_alive as the
-TTL of a load. Functions of the Router, which router/server.py dispatches to."""
+(the rest of this package does the translating) and answered in Ollama's shape, with
+keep_alive as the TTL of a load. Functions of the Router, which router/server.py dispatches
+to. The package does not import this module: the translation knows nothing of the router."""
 
 from __future__ import annotations
 
