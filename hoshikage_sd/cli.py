@@ -2,7 +2,7 @@
 """The `hoshikage` command: unit helpers (activate, release, idle-watch, router) and the
 commands people type (status, check, logs). Imports are per command: helpers sit on the cold-start
 path, so `activate` never pays for the router's HTTP front, and `hoshikage router` starts
-the waking request's model before it imports even argparse (first_request.take_early)."""
+the waking request's model before it imports even argparse (router/headstart)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from hoshikage_sd.manifest import Config
-    from hoshikage_sd.router.first_request import FirstRequest
+    from hoshikage_sd.router.headstart.take import FirstRequest
 
 
 def parser() -> argparse.ArgumentParser:
@@ -251,8 +251,8 @@ def router(source: Path | None, listen: str | None, early: FirstRequest | None =
     from hoshikage_sd import log, manifest
     from hoshikage_sd.errors import HoshikageError
     from hoshikage_sd.manifest import Config
-    from hoshikage_sd.router import first_request
     from hoshikage_sd.router.config import load_config
+    from hoshikage_sd.router.headstart import take
 
     log.hold()  # until READY=1 (router.server.after_ready): the journal's imports can wait
     path = source or manifest.config_path()
@@ -262,7 +262,7 @@ def router(source: Path | None, listen: str | None, early: FirstRequest | None =
         config = load_config(path)
     except HoshikageError as err:
         broken = err.message
-    first = first_request.take(config, early)  # before the router's own imports
+    first = take.take(config, early)  # before the router's own imports
     from hoshikage_sd.router import server
 
     return server.main(config or Config(source=path), listen, first, broken)
@@ -344,9 +344,9 @@ def router_main(inserted: int = 0) -> int:
     (python -IS; docs/performance.md): the head start first, then site-packages, then the rest.
     `inserted`: how many directories the stub put first on the path, taken away again once
     site has set the path up (they would shadow the venv's own packages)."""
-    from hoshikage_sd.router import first_request
+    from hoshikage_sd.router.headstart import take
 
-    early = first_request.take_early()
+    early = take.take_early()
     import site
 
     del sys.path[:inserted]
@@ -357,9 +357,9 @@ def router_main(inserted: int = 0) -> int:
 
 def main(argv: list[str] | None = None, early: FirstRequest | None = None) -> int:
     if early is None and (sys.argv[1:] if argv is None else argv) == ["router"]:
-        from hoshikage_sd.router import first_request
+        from hoshikage_sd.router.headstart import take
 
-        early = first_request.take_early()
+        early = take.take_early()
     args = helper_args(sys.argv[1:] if argv is None else argv) \
         or complete(parser()).parse_args(argv)
     return guarded(args.command, args.debug, lambda: run(args, early))

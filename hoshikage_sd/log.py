@@ -34,7 +34,7 @@ MESSAGE_IDS = {
 class JournalHandler(logging.Handler):
     """python-systemd's JournalHandler, made when the first record comes: systemd.journal's
     imports are what the router must not spend before its head start for the
-    request that woke it (router/first_request.py), nor before READY=1 for the records it
+    request that woke it (router/headstart/), nor before READY=1 for the records it
     makes on the way: hold() keeps info records back until release()."""
 
     def __init__(self, identifier: str) -> None:

@@ -3,9 +3,9 @@
 Exact name, alias, tag, then a partial match; several partial matches: the highest-ranked
 model wins (ranks from the usage statistics, the same the eviction order uses; ties by
 name), or AmbiguousModel with strict_names. The router and the CLI call resolve(); the
-router's head start for the waking request reads the name index (router/name_index.py),
-which applies the same rules to the same names (tests/unit/test_name_index.py keeps them
-equal), so one name never means two models.
+router's head start for the waking request looks the name up in its index
+(router/headstart/index.py) with the same rule (naming.matches) over the manifest's own name
+table, so one name never means two models.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hoshikage_sd.fileid import identity
 from hoshikage_sd.manifest import Config, compiled, names, snapshot
-from hoshikage_sd.router import name_index
+from hoshikage_sd.router.headstart import index as name_index
 
 
 def load_config(source: Path) -> Config:
@@ -16,7 +16,7 @@ def load_config(source: Path) -> Config:
     when the manifest cannot be used. A good one becomes the last good copy that the units
     the router starts fall back to (manifest/snapshot.py), the kept parse that they and the
     next router read instead of parsing (manifest/compiled.py), and the index of its names
-    that the next router's head start resolves the waking request with (name_index). A
+    that the next router's head start resolves the waking request with (headstart/index.py). A
     names.json of the wrong shape is reported and what is usable of it applies
     (names.effective): it never stops the router."""
     kept = compiled.load(source, snapshot.default_dir())

@@ -1,9 +1,9 @@
 """HTTP/1.1 request-head syntax (RFC 9110 §5, RFC 9112 §3, §5), in one place for the two
 readers of a request: the router's parser (proxy/parsing.py) and the head start that peeks
-at the request that woke the router (first_request.py). The head start starts a model, so it
+at the request that woke the router (headstart/request.py). The head start starts a model, so it
 must not take a request that the router's parser would refuse: both split heads here.
 
-Built-in types only, no imports: first_request runs before the router's imports (`re` among
+Built-in types only, no imports: the head start runs before the router's imports (`re` among
 them, tests/unit/test_launch.py). Bytes are checked with bytes.translate(None, allowed),
 which deletes the allowed ones in C: what is left is what is not allowed."""
 

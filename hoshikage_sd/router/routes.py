@@ -7,8 +7,9 @@ tokenize, infill, templates, slots, props, LoRA adapters), and llama-server's /h
 typo'd path or an API the model does not speak loads nothing. Ollama's API (`/api/*`) is
 translated by the router (router/ollama).
 
-Pure and cheap: first_request imports it before the router's own imports, so a route is a
-plain string: enum's import would be on the head start (`python3 -IS -X importtime`).
+Pure and cheap: the head start (headstart/request.py) imports it before the router's own
+imports, so a route is a plain string: enum's import would be on the head start
+(`python3 -IS -X importtime`).
 """
 
 from __future__ import annotations

@@ -41,14 +41,16 @@ from hoshikage_sd import log, metrics, proc, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.resolve import resolve
-from hoshikage_sd.router import auth, model_keys, name_index, progress, proxy, routes
+from hoshikage_sd.router import auth, model_keys, progress, proxy, routes
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
 from hoshikage_sd.router.call import Call
 from hoshikage_sd.router.config import load_config
 from hoshikage_sd.router.errors import StartFailed
-from hoshikage_sd.router.first_request import FirstRequest, model_name_of
+from hoshikage_sd.router.headstart import index as name_index
+from hoshikage_sd.router.headstart.request import model_name_of
+from hoshikage_sd.router.headstart.take import FirstRequest
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Runtime
@@ -60,7 +62,7 @@ logger = logging.getLogger("hoshikage.router")
 START_POLL = 0.005  # while a model starts and nobody will say when it serves: probe this often
 UNIT_POLL = 0.25  # ... and how often to ask systemd whether its unit failed
 PROBE_TIMEOUT = 2.0
-#: seconds after start-up during which a start of the model first_request started is that
+#: seconds after start-up during which a start of the model the head start started is that
 #: start (its request comes at once; one whose client went away must not block a later one)
 EARLY_START_VALID = 30.0
 #: seconds an unload (Ollama's keep_alive 0) waits for the unit to leave "active"
@@ -80,7 +82,7 @@ class Router:
         #: why the manifest cannot be used (it never could since this router started): every
         #: model request gets a 503 saying so, until it can
         self.broken = broken
-        #: the model whose unit first_request started before this router could read requests
+        #: the model whose unit the head start started before this router could read requests
         self.started_early = started
         self._created = time.monotonic()
         self.runtime = Runtime(config.runtime_dir)
@@ -794,7 +796,7 @@ async def serve(config: Config, listen: str | None = None,
                                        error=router.render_error)
     servers = [await front.listen(sock) for sock in listening_sockets(first, listen)]
     if first.connection is not None:
-        # The connection first_request took: its request is still unread.
+        # The connection the head start took: its request is still unread.
         await front.adopt(first.connection)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,7 +45,7 @@ class BusError(Exception):
 
 class UnitState:
     """A unit as ListUnitsByNames reports it. A plain class, not a dataclass: dataclasses
-    (with inspect) would be on the router's head start (first_request.take_early)."""
+    (with inspect) would be on the router's head start (router/headstart)."""
 
     __slots__ = ("active", "job", "load", "name", "sub")
 

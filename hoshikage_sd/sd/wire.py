@@ -1,6 +1,6 @@
 """D-Bus messages on the wire, for the few calls hoshikage makes to systemd's manager.
 
-Marshalled by hand, with built-in modules only: the router's head start (first_request) starts
+Marshalled by hand, with built-in modules only: the router's head start (router/headstart) starts
 the waking request's model unit over D-Bus before anything else, and jeepney, which marshalled
 these messages before, imports typing, re and enum: with json and socket, most of the head
 start's imports (docs/performance.md, "Kept optimisations", with the measurement that finds the

@@ -17,8 +17,8 @@ import pytest
 
 from hoshikage_sd.manifest import Cache, Config, Model, Weights, compiled, names
 from hoshikage_sd.manifest.parse import load
-from hoshikage_sd.router import name_index
 from hoshikage_sd.router.config import load_config
+from hoshikage_sd.router.headstart import index as name_index
 from tests.support import unavailable
 
 REPO = Path(__file__).resolve().parents[2]

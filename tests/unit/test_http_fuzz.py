@@ -12,7 +12,7 @@ Two properties, with Hypothesis:
   connection, so nothing after it is read by anyone).
 
 Both also hold whether the parser gets the stream whole or cut in pieces, and the head start
-(first_request.parse) takes nothing that the parser reads otherwise.
+(headstart/request.parse) takes nothing that the parser reads otherwise.
 
 h11 is given the router's deliberate differences first (h11_as_the_router): it takes obs-text
 in a target and HTTP/1.1 without Host (router/http1.py says why), and reads on after an
@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from hoshikage_sd.router import first_request
+from hoshikage_sd.router.headstart import request as waking
 from hoshikage_sd.router.http1 import TCHAR
 from hoshikage_sd.router.proxy import BadRequest, Request, RequestParser
 from tests.support import in_ci
@@ -161,7 +161,7 @@ def check(data: bytes, cuts: list[int], well_formed: bool) -> None:
         # keep-alive in HTTP/1.0: the router's, not h11's
         n = 5 if request[2] == b"HTTP/1.0" else 6
         assert request[:n] == ref[i][:n], f"request {i} read otherwise"
-    early = first_request.parse(data)
+    early = waking.parse(data)
     if early is not None:
         assert mine, "the head start took a request the parser refuses"
         method, path, _, body = early

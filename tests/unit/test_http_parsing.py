@@ -1,7 +1,7 @@
 """The router's HTTP/1.1 request parser (router/proxy/parsing.py, router/http1.py) is strict
 where a lenient one lets two readers of one stream frame it apart (issue 23): each vector
 below is a 400 (or the status named) from the parser, from the router's front before its
-handler (which is what starts models) sees anything, and no head start (first_request)
+handler (which is what starts models) sees anything, and no head start (router/headstart)
 for it. tests/unit/test_http_fuzz.py fuzzes the parser against h11."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd import protocol
-from hoshikage_sd.router import first_request, server
+from hoshikage_sd.router import server
 from hoshikage_sd.router.config import load_config
+from hoshikage_sd.router.headstart import request as waking
+from hoshikage_sd.router.headstart import take
 from hoshikage_sd.router.proxy import BadRequest, Proxy, Request, RequestParser, Response
 from hoshikage_sd.sd import units
 
@@ -146,7 +148,7 @@ def test_the_parser_refuses(name: str) -> None:
         pytest.fail(f"taken: {got}")
     assert caught.value.status == status, caught.value
     # the head start takes none of them (it takes no chunked body in any case)
-    assert first_request.parse(data) is None
+    assert waking.parse(data) is None
 
 
 @pytest.mark.parametrize(("data", "body"), [
@@ -266,9 +268,10 @@ def test_the_router_answers_each_vector_400_and_its_handler_sees_none(
 
 
 def test_no_head_start_for_a_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """first_request.take_early, with a current name index naming tiny: the well-formed
+    """headstart.take.take_early, with a current name index naming tiny: the well-formed
     request starts it; with a CR, LF or NUL in a field, or a malformed length, nothing."""
-    from hoshikage_sd.router import name_index
+    from hoshikage_sd.router.headstart import index as name_index
+    from hoshikage_sd.sd import daemon
 
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "shared"))
     (tmp_path / "shared").mkdir()
@@ -284,15 +287,15 @@ def test_no_head_start_for_a_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         client = socket.create_connection(listener.getsockname()[:2])
         client.sendall(data)
         fd = listener.detach()
-        monkeypatch.setattr(first_request, "listen_fds", lambda: [fd])
+        monkeypatch.setattr(daemon, "listen_fds", lambda: [fd])
         started: list[str] = []
 
         def start(unit: str, *_: object) -> bool:
             started.append(unit)
             return True
 
-        monkeypatch.setattr(first_request, "start_early", start)
-        first = first_request.take_early()
+        monkeypatch.setattr(take, "start", start)
+        first = take.take_early()
         client.close()
         for s in (first.raw_connection, *first.raw_sockets):
             if s is not None:

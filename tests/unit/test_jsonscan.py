@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hoshikage_sd.router import first_request, jsonscan
+from hoshikage_sd.router import jsonscan
+from hoshikage_sd.router.headstart import request as waking
 
 BODIES = [
     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
@@ -85,10 +86,10 @@ def test_the_router_walks_a_large_body_without_holding_a_copy_of_it() -> None:
             {"type": "image_url",
              "image_url": {"url": "data:image/png;base64," + "A" * (30 << 20)}}]}],
         "stream": True, "model": "vision"}).encode())
-    assert len(body) > first_request.LARGE_JSON
+    assert len(body) > waking.LARGE_JSON
     tracemalloc.start()
     try:
-        assert first_request.model_name_of(body, {}) == "vision"  # type: ignore[arg-type]
+        assert waking.model_name_of(body, {}) == "vision"  # type: ignore[arg-type]
         _, walked = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         json.loads(body)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd.manifest import Model
-from hoshikage_sd.router import model_keys, name_index, server
+from hoshikage_sd.router import model_keys, server
+from hoshikage_sd.router.headstart import index as name_index
 from hoshikage_sd.router.proxy import Forward, Outcome
 from tests.unit.test_auth import call, headers_of
 from tests.unit.test_router_api import request, write
@@ -52,7 +53,7 @@ def test_a_model_with_its_own_key_starts_only_for_requests_that_carry_it(
 
     async def scenario() -> None:
         config = server.load_config(manifest)
-        # the head start (first_request) does not start it: the index says it is keyed
+        # the head start does not start it: the index says it is keyed
         assert [m["keyed"] for m in name_index.build(config, {})["models"]] == [True]
         router = server.Router(config)
         for path, body in (("/v1/chat/completions", {"model": "tiny"}),

@@ -18,7 +18,8 @@ import pytest
 from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, Model
-from hoshikage_sd.router import first_request, routes, server
+from hoshikage_sd.router import routes, server
+from hoshikage_sd.router.headstart import request as waking
 from hoshikage_sd.router.proxy import Forward, Request, Response
 from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Activity, Running
@@ -111,8 +112,8 @@ def test_only_model_routes_are_forwarded(method: str, path: str, query: dict[str
 ])
 def test_first_request_starts_ollama_models_unless_they_unload(body: object,
                                                                model: str | None) -> None:
-    assert first_request.ollama_model("/api/generate", json.dumps(body).encode()) == model
-    assert first_request.ollama_model("/api/tags", json.dumps(body).encode()) is None
+    assert waking.ollama_model("/api/generate", json.dumps(body).encode()) == model
+    assert waking.ollama_model("/api/tags", json.dumps(body).encode()) is None
 
 
 # -- the router, without a network ---------------------------------------------------------

@@ -15,8 +15,8 @@ import pytest
 from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.model_unit.release import reason_for
-from hoshikage_sd.router import first_request
-from hoshikage_sd.router.first_request import model_name_of
+from hoshikage_sd.router.headstart import request as waking
+from hoshikage_sd.router.headstart.request import model_name_of
 from hoshikage_sd.router.server import Announcements
 from hoshikage_sd.runtime import Activity, Running, Runtime, estimate_key, write_atomic
 
@@ -224,16 +224,16 @@ CHAT = (b"POST /v1/chat/completions?x=1&model=q HTTP/1.1\r\nHost: h\r\n"
 
 
 def test_first_request_parse_takes_only_whole_requests() -> None:
-    assert first_request.parse(CHAT) == ("POST", "/v1/chat/completions", {"x": "1", "model": "q"},
+    assert waking.parse(CHAT) == ("POST", "/v1/chat/completions", {"x": "1", "model": "q"},
                                          b'{"model": "tiny"}')
-    assert first_request.parse(CHAT[:40]) is None  # head not complete
-    assert first_request.parse(CHAT[:-1]) is None  # body not complete
+    assert waking.parse(CHAT[:40]) is None  # head not complete
+    assert waking.parse(CHAT[:-1]) is None  # body not complete
     chunked = b"POST /completion HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
-    assert first_request.parse(chunked) is None
-    assert first_request.parse(b"GET /v1/models HTTP/1.1\r\n\r\n") == ("GET", "/v1/models",
+    assert waking.parse(chunked) is None
+    assert waking.parse(b"GET /v1/models HTTP/1.1\r\n\r\n") == ("GET", "/v1/models",
                                                                          {}, b"")
-    assert first_request.parse(b"nonsense\r\n\r\n") is None
-    assert first_request.parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n") is None
+    assert waking.parse(b"nonsense\r\n\r\n") is None
+    assert waking.parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n") is None
 
 
 @pytest.mark.parametrize(("method", "path", "query", "expected"), [
@@ -243,7 +243,7 @@ def test_first_request_parse_takes_only_whole_requests() -> None:
 def test_first_request_forwards_what_the_router_forwards(method: str, path: str,
                                                          query: dict[str, str],
                                                          expected: bool) -> None:
-    assert first_request.forwarded(method, path, query) is expected
+    assert waking.forwarded(method, path, query) is expected
 
 
 def test_first_request_peek_waits_for_the_body_and_leaves_it_unread() -> None:
@@ -254,12 +254,12 @@ def test_first_request_peek_waits_for_the_body_and_leaves_it_unread() -> None:
     with ours, client:
         client.sendall(CHAT[:60])
         threading.Timer(0.01, lambda: client.sendall(CHAT[60:])).start()
-        request = first_request.peek(ours, wait=1.0)
+        request = waking.peek(ours, wait=1.0)
         assert request is not None and request[3] == b'{"model": "tiny"}'
         assert ours.recv(4096) == CHAT  # still there for the real HTTP server
         client.sendall(CHAT[:60])
         started = time.monotonic()
-        assert first_request.peek(ours, wait=0.05) is None  # the rest never comes
+        assert waking.peek(ours, wait=0.05) is None  # the rest never comes
         assert time.monotonic() - started < 0.5
 
 

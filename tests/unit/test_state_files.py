@@ -296,7 +296,7 @@ def test_the_runtime_directory_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     /run/hoshikage."""
     from hoshikage_sd import protocol
     from hoshikage_sd.manifest import snapshot
-    from hoshikage_sd.router import name_index
+    from hoshikage_sd.router.headstart import index as name_index
 
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/a:/run/b")
     assert protocol.runtime_dir("/run/a:/run/b") == name_index.runtime_dir() == "/run/a"

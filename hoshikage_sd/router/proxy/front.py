@@ -401,7 +401,7 @@ class Proxy:
                                                               backlog=1024)
 
     async def adopt(self, conn: Any) -> None:
-        """Serve a connection accepted already (first_request's), its request unread."""
+        """Serve a connection accepted already (the head start's), its request unread."""
         await asyncio.get_running_loop().connect_accepted_socket(self.protocol, conn)
 
     async def drain(self, grace: float) -> int:

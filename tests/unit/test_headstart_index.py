@@ -1,10 +1,9 @@
-"""The router's name index (router/name_index.py) and the head start that reads it
-(first_request.take_early): it names the model resolve() names, or nothing."""
+"""The head start's name index (router/headstart/index.py) and the head start that reads it
+(headstart/take.take_early): it names the model resolve() names, or nothing."""
 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import textwrap
 from pathlib import Path
@@ -15,8 +14,10 @@ from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, names
 from hoshikage_sd.resolve import resolve
-from hoshikage_sd.router import first_request, name_index
 from hoshikage_sd.router.config import load_config
+from hoshikage_sd.router.headstart import index as name_index
+from hoshikage_sd.router.headstart import take
+from hoshikage_sd.sd import bus, daemon, units
 
 MANIFEST = """
     runtime_dir: {run}
@@ -69,12 +70,6 @@ def found(index: dict[str, object], name: str | None) -> str | None:
     return model["name"] if model else None
 
 
-def test_the_default_manifest_path_is_the_manifests() -> None:
-    from hoshikage_sd.manifest.model import DEFAULT_PATH
-
-    assert str(DEFAULT_PATH) == name_index.DEFAULT_MANIFEST
-
-
 def test_the_index_resolves_as_resolve_does(setup: Path) -> None:
     config = load_config(setup)
     index = name_index.read()
@@ -86,7 +81,7 @@ def test_the_index_resolves_as_resolve_does(setup: Path) -> None:
         got = found(index, name)
         assert got == want or (got == "ambiguous" and len(config.matches(name or "")) > 1), name
     tiny = name_index.lookup(index, "big")
-    assert tiny == {"name": "qwen3-32b", "aliases": [], "tags": ["big"],
+    assert tiny == {"name": "qwen3-32b",
                     "socket": str(config.socket_path("qwen3-32b")), "health": "/v1/health",
                     "unit": "hoshikage-model@qwen3\\x2d32b.service", "launch": None,
                     "keyed": False}
@@ -171,7 +166,7 @@ CHAT = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\
 
 
 def early(setup: Path, monkeypatch: pytest.MonkeyPatch, request: bytes,
-          serving: bool = False) -> tuple[first_request.FirstRequest, list[str]]:
+          serving: bool = False) -> tuple[take.FirstRequest, list[str]]:
     """take_early on a real listening socket with `request` pending; the units it starts."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -179,17 +174,18 @@ def early(setup: Path, monkeypatch: pytest.MonkeyPatch, request: bytes,
     client = socket.create_connection(listener.getsockname())
     client.sendall(request)
     fd = listener.detach()
-    monkeypatch.setattr(first_request, "listen_fds", lambda: [fd])
+    monkeypatch.setattr(daemon, "listen_fds", lambda: [fd])
     started: list[str] = []
 
-    def start(unit: str, state: str | None = None, conn: object = None) -> bool:
+    def start(unit: str, state: str | None = None, conn: object = None) -> None:
         started.append(unit)
-        return True
 
-    monkeypatch.setattr(first_request, "start_early", start)
+    monkeypatch.setattr(units, "start_unit", start)
+    monkeypatch.setattr(bus, "units", lambda names, conn=None: [
+        bus.UnitState(names[0], "loaded", "inactive", "dead", 0)])
     monkeypatch.setattr(protocol, "probe",
                         lambda *_a, **_k: 200 if serving else None)
-    first = first_request.take_early()
+    first = take.take_early()
     assert first.raw_connection is not None
     assert first.raw_connection.recv(4096) == request  # left for the HTTP server
     client.close()
@@ -205,8 +201,7 @@ def test_the_head_start_starts_the_indexed_model_before_the_manifest_is_read(
     assert started == ["hoshikage-model@qwen3\\x2d32b.service"]
     assert first.started == "qwen3-32b" and first.decided
     # take() does not start it again
-    monkeypatch.setattr("hoshikage_sd.sd.units.start_unit", started.append)
-    assert first_request.take(load_config(setup), first) is first
+    assert take.take(load_config(setup), first) is first
     assert started == ["hoshikage-model@qwen3\\x2d32b.service"]
 
 
@@ -222,13 +217,6 @@ def test_no_early_head_start_without_a_current_index_or_for_an_ambiguous_name(
     assert started == [] and first.decided  # it serves already
     first, started = early(setup, monkeypatch, b"GET /v1/models HTTP/1.1\r\n\r\n")
     assert started == [] and first.decided  # starts nothing
-
-
-def test_listen_fds_takes_only_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
-    monkeypatch.setenv("LISTEN_FDS", "1")
-    assert first_request.listen_fds() == []
-    assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
 
 
 def test_no_head_start_for_a_body_the_router_refuses_as_too_large(

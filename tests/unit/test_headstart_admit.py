@@ -1,8 +1,9 @@
-"""The head start's admission (router/early_admission.py): the policy's answer for a model
+"""The head start's admission (router/headstart/admit.py): the policy's answer for a model
 when nothing else is up, from the name index's numbers, and the ticket it leaves."""
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 from pathlib import Path
@@ -11,10 +12,12 @@ import pytest
 
 from hoshikage_sd import protocol
 from hoshikage_sd.manifest import Files
-from hoshikage_sd.router import early_admission, name_index
+from hoshikage_sd.policy import admission
 from hoshikage_sd.router.config import load_config
+from hoshikage_sd.router.headstart import admit
+from hoshikage_sd.router.headstart import index as name_index
 from hoshikage_sd.runtime import Runtime, estimate_key
-from hoshikage_sd.sd import bus, units
+from hoshikage_sd.sd import bus
 
 GIB = 1 << 30
 
@@ -64,9 +67,9 @@ def test_no_head_start_for_a_model_whose_gpu_use_is_unknown_or_too_big(
         setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The router's environment is not the model unit's: on a machine with GPUs only what a
     unit listed and estimated for the model's devices lets the head start admit it."""
-    from hoshikage_sd.policy import residents
+    from hoshikage_sd.admit import needs
 
-    monkeypatch.setattr(residents, "deviceless", lambda model: False)
+    monkeypatch.setattr(needs, "deviceless", lambda model: False)
     config = load_config(setup)
     model = config.models["a"]
     key = estimate_key(model, model.path.stat())
@@ -87,40 +90,55 @@ def test_the_index_carries_a_ticket_only_for_a_model_with_a_remembered_estimate(
         setup: Path) -> None:
     remember(setup, "a", 100 << 20)
     config = load_config(setup)  # the next router's index
-    index, a = entry("a")
+    _, a = entry("a")
     _, b = entry("b")
     assert b["launch"] is None
     model = config.models["a"]
     assert a["launch"]["argv"] == config.server_argv(model, Files.of(model))
     assert a["launch"]["estimate"] == 100 << 20
-    assert index["admission"] == {"margin": config.safety_margin, "budget": None,
-                                  "max_loaded": None}
+    assert a["launch"]["needed"] == math.ceil((100 << 20) * config.safety_margin)
 
 
-def test_fits_by_the_numbers_alone(setup: Path) -> None:
+@pytest.mark.parametrize("rules", ["", "memory_budget: 1G", "memory_budget: 100M",
+                                   "max_loaded_models: 1", "memory_budget: 126M",
+                                   "safety_margin: 2.5"])
+def test_the_head_start_admits_where_the_policy_loads_with_nothing_up(
+        setup: Path, monkeypatch: pytest.MonkeyPatch, rules: str) -> None:
+    """Whatever MemAvailable reads, the head start admits exactly when admission.decide,
+    asked about the machine with no other model up, says LOAD."""
+    setup.write_text(setup.read_text() + rules + "\n")
+    remember(setup, "a", 100 << 20)
+    config = load_config(setup)
+    _, a = entry("a")
+    for mem in (0, 100 << 20, 120 << 20, (120 << 20) + 1, 250 << 20, 1 << 40):
+        monkeypatch.setattr(admit, "mem_available", lambda mem=mem: mem)
+        decision = admission.decide(
+            admission.Snapshot(mem_available=mem, limits=admission.Limits(
+                config.safety_margin, config.max_loaded_models, config.evict_floor,
+                config.memory_budget)),
+            admission.Request("a", 100 << 20))
+        admitted = a["launch"] is not None and admit.fits(a["launch"]) is not None
+        assert admitted == (decision.verdict is admission.Verdict.LOAD), (rules, mem)
+
+
+def test_fits_only_the_file_the_estimate_was_for(setup: Path) -> None:
     remember(setup, "a", 100 << 20)
     load_config(setup)
-    index, a = entry("a")
+    _, a = entry("a")
     launch = a["launch"]
-    estimate, available = early_admission.fits(index, launch) or (0, 0)
+    estimate, available = admit.fits(launch) or (0, 0)
     assert estimate == 100 << 20 and available > 0
-    too_big = {**launch, "estimate": early_admission.mem_available()}  # × margin 1.2
-    assert early_admission.fits(index, too_big) is None
-    assert early_admission.fits({**index, "admission": {**index["admission"],
-                                "budget": 100 << 20}}, launch) is None  # × 1.2 > budget
-    assert early_admission.fits({**index, "admission": {**index["admission"],
-                                "max_loaded": 0}}, launch) is None
     Path(launch["source"]).write_bytes(b"GGUF" + bytes(2000))  # another file now
-    assert early_admission.fits(index, launch) is None
+    assert admit.fits(launch) is None
 
 
 def test_a_staged_copy_is_the_routers_call(setup: Path) -> None:
     remember(setup, "a", 100 << 20)
     load_config(setup)
-    index, a = entry("a")
+    _, a = entry("a")
     Path(a["launch"]["staged"]).parent.mkdir(parents=True)
     Path(a["launch"]["staged"]).write_bytes(b"GGUF")
-    assert early_admission.fits(index, a["launch"]) is None
+    assert admit.fits(a["launch"]) is None
 
 
 def test_admit_leaves_the_ticket_and_the_promise_only_with_nothing_else_up(
@@ -139,23 +157,18 @@ def test_admit_leaves_the_ticket_and_the_promise_only_with_nothing_else_up(
         return list(up)
 
     monkeypatch.setattr(bus, "list_units", list_units)
-    assert early_admission.admit(index, a) == (None, "inactive")  # b is up; a not loaded
+    assert admit.admit(index, a) == (None, "inactive")  # b is up; a not loaded
     assert runtime.admitted("a") is None
     assert not os.path.exists(protocol.ticket_path(str(config.runtime_dir), "a"))
     assert asked == [(["hoshikage-model@*.service"], None)]  # every state: a's too
     up[:] = [bus.UnitState("hoshikage-model@a.service", "loaded", "failed", "failed", 0)]
-    numbers, state = early_admission.admit(index, a)
+    numbers, state = admit.admit(index, a)
     assert numbers is not None and state == "failed"  # the start resets it first
     estimate, _ = numbers
     assert estimate == 100 << 20 and runtime.admitted("a") == 100 << 20
     ticket = protocol.take_ticket(str(config.runtime_dir), "a")
     model = config.models["a"]
     assert [arg.decode() for arg in ticket.argv] == config.server_argv(model, Files.of(model))
-    early_admission.write_admitted(str(config.runtime_dir), "b", 5)
-    early_admission.withdraw(str(config.runtime_dir), "b")
+    admit.write_admitted(str(config.runtime_dir), "b", 5)
+    admit.withdraw(str(config.runtime_dir), "b")
     assert runtime.admitted("b") is None
-
-
-def test_up_states_are_the_units_modules() -> None:
-    assert tuple(early_admission.UP_STATES) == units.UP_STATES
-    assert f"{units.MODEL_UNIT_PREFIX}*.service" == early_admission.MODEL_UNITS

@@ -1,27 +1,30 @@
-"""The router's compact index of the manifest's names, for the head start of the next router.
+"""The name index: what the next router's head start needs of the manifest, kept by this one.
 
 From zero processes, what the request waits for before its model's unit starts is the
 router's start: the interpreter, then the CLI, then the manifest (PyYAML and the model
 checks) and only then the name resolution. So each router that loads a good manifest also
-writes what resolving a name takes (names, aliases, tags, the default model, strict_names,
-each model's socket, health route and unit) into the runtime directory, with the identity
-(stat) of the manifest and names.json it was made from. The next router's head start
-(first_request.take_early) reads it with built-in modules only, checks those identities,
-and starts the unit before it imports argparse, PyYAML or the manifest code.
+writes what resolving a name takes into the runtime directory, with the identity (stat) of
+the manifest and names.json it was made from: the manifest's own name table
+(Config.name_table, which naming.matches reads for the manifest and here alike), the
+default model, each model's socket, health route and unit, and for a model that can start
+from its source the ticket and the least MemAvailable at which the policy admits it with
+nothing else up (admit.py). The next router's head start reads it with built-in modules
+only, checks those identities, and starts the unit before it imports argparse, PyYAML or
+the manifest code.
 
 Any doubt (no index, another manifest path, a file changed since, another version, a name
 with several partial matches, whose winner is the usage ranks' to pick) means no answer:
 the router then resolves the request the usual way, after its imports.
 
-Reading: os and jsonload only (the head start's budget). Writing: the router, lazily importing
-what it needs.
+Reading: os, naming and jsonload only (the head start's budget). Writing: the router, lazily
+importing what it needs.
 """
 
 from __future__ import annotations
 
 import os
 
-from hoshikage_sd import protocol
+from hoshikage_sd import naming, protocol
 from hoshikage_sd.fileid import identity
 from hoshikage_sd.router.jsonload import loads
 
@@ -32,9 +35,9 @@ if TYPE_CHECKING:
     from hoshikage_sd.manifest import Config, Model
 
 NAME = "names.index.json"
-VERSION = 4
-#: manifest/model.py's DEFAULT_PATH (a unit test keeps them equal: model imports dataclasses)
-DEFAULT_MANIFEST = "/etc/hoshikage/models.yaml"
+VERSION = 5
+#: MemAvailable beyond any model, for the policy's answer on everything but MemAvailable
+UNBOUNDED = 1 << 62
 
 #: what this process last wrote, per index file: an unchanged manifest costs no I/O
 _written: dict[str, bytes] = {}
@@ -52,15 +55,16 @@ def index_path(runtime: str | None = None) -> str:
 
 def manifest_path() -> str:
     """manifest.config_path() as a string, without importing the manifest code."""
-    return os.environ.get("HOSHIKAGE_CONFIG") or DEFAULT_MANIFEST
+    return os.environ.get("HOSHIKAGE_CONFIG") or protocol.DEFAULT_MANIFEST
 
 
 def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, Any]:
     """The index of `config` (the manifest with names.json over it), with what the head
-    start's admission (early_admission) needs."""
+    start's admission (admit.py) needs."""
     from hoshikage_sd import encryption, proc
+    from hoshikage_sd.admit import gather, needs
     from hoshikage_sd.manifest import Files
-    from hoshikage_sd.policy import residents
+    from hoshikage_sd.policy import admission
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
     from hoshikage_sd.staging import Store
@@ -70,21 +74,28 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
     def launch(m: Model) -> dict[str, Any] | None:
         """The model's ticket, when it starts from its source: not with an SSD cache (the
         cache's copy may be the one to read), not before an estimate was remembered, not
-        for an encrypted model (its unit decrypts it into the RAM disk first)."""
+        for an encrypted model (its unit decrypts it into the RAM disk first), not when
+        the policy would not load it with nothing else up (its GPU devices, the count,
+        the budget). With it the least MemAvailable at which the policy loads it then."""
         files = Files.of(m)
         if any(map(encryption.named_or_encrypted, files.paths)):
             return None
         known = runtime.remembered_estimate(m) if config.cache is None else None
-        on_devices = residents.device_use(config, m, runtime, listing=False)
-        if known is None or on_devices is None or any(
-                b * config.safety_margin > on_devices[1].get(d, 0)
-                for d, b in on_devices[0].items()):
+        on_devices = needs.device_use(config, m, runtime, listing=False)
+        if known is None or on_devices is None:
             return None  # the router's, or its unit's, to judge
         st, estimate = known
+        # nothing up, MemAvailable unbounded: what is left to decide is MemAvailable itself
+        decision = admission.decide(
+            admission.Snapshot(mem_available=UNBOUNDED, devices=on_devices[1],
+                               limits=gather.limits(config)),
+            admission.Request(m.name, estimate, on_devices[0], frozenset(m.rpc)))
+        if decision.verdict is not admission.Verdict.LOAD:
+            return None
         return {"argv": config.server_argv(m, files), "env": proc.minimal_env(m.environment),
                 "source": str(m.path),
                 "file": [st.st_size, st.st_mtime_ns], "estimate": estimate,
-                "staged": str(store.staged_files(m.name, files).main)}
+                "needed": decision.needed, "staged": str(store.staged_files(m.name, files).main)}
 
     default = config.default()
     return {
@@ -98,10 +109,8 @@ def build(config: Config, identities: dict[str, list[int] | None]) -> dict[str, 
         # a body over it gets a 413 from the router: the head start must not start for it
         "max_body": config.max_body,
         "runtime": str(config.runtime_dir),
-        "admission": {"margin": config.safety_margin, "budget": config.memory_budget,
-                      "max_loaded": config.max_loaded_models},
-        "models": [{"name": m.name, "aliases": list(m.aliases), "tags": list(m.tags),
-                    "socket": str(config.socket_path(m.name)), "health": m.health,
+        "names": config.name_table(),  # models[i]'s names, as naming.matches reads them
+        "models": [{"name": m.name, "socket": str(config.socket_path(m.name)), "health": m.health,
                     "unit": model_unit(m.name), "launch": launch(m),
                     # its own llama-server key: checked by the router before a start
                     "keyed": m.own_key or bool(os.environ.get("LLAMA_API_KEY"))}
@@ -134,7 +143,7 @@ def write(config: Config, identities: dict[str, list[int] | None],
 def refresh(config: Config, runtime: str | None = None) -> None:
     """Write the index of `config` again, made from the same files (when they are still as
     they were): a model's estimate, remembered once it started, lets the next head start
-    admit it (early_admission). Never raises, as write()."""
+    admit it (admit.py). Never raises, as write()."""
     path = index_path(runtime)
     last = _written.get(path)
     if last is None:
@@ -204,21 +213,14 @@ class Ambiguous(Exception):
 
 
 def lookup(index: dict[str, Any], name: str | None) -> dict[str, Any] | None:
-    """The model `name` means, by resolve.resolve's rules (manifest.Config.matches), or
-    None when none matches; Ambiguous when several partial matches do."""
+    """The model `name` means, by resolve.resolve's rules (naming.matches over the
+    manifest's name table), or None when none matches; Ambiguous when several partial
+    matches do."""
     models: list[dict[str, Any]] = index["models"]
     if not name:
         default = index.get("default")
         return next((m for m in models if m["name"] == default), None) if default else None
-    for model in models:
-        if model["name"] == name:
-            return model
-    for key in ("aliases", "tags"):
-        for model in models:
-            if name in model[key]:
-                return model
-    needle = name.lower()
-    found = [m for m in models if any(needle in n.lower() for n in (m["name"], *m["aliases"]))]
+    found = naming.matches(name, index["names"])
     if len(found) > 1:
         raise Ambiguous(name)
-    return found[0] if found else None
+    return models[found[0]] if found else None
