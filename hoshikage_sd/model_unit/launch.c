@@ -4,7 +4,8 @@
  * datagram, READY=1, the hand-over to the activator), without a Python interpreter to start:
  * A Python start on every cold start before llama-server can run is what this saves
  * (docs/performance.md). The installers build it when a C compiler is there and fall back to
- * the Python stub otherwise. tests/unit/test_launch.py runs both against one contract.
+ * the Python stub otherwise (launch.py's docstring says why both are kept).
+ * tests/unit/test_launch.py runs both against one contract.
  *
  * Build: cc -O2 -Wall -Wextra -o hoshikage-launch hoshikage_sd/model_unit/launch.c
  */
@@ -26,7 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Keep these in step with launch.py. */
+/* Keep these in step with protocol.py (tests/unit/test_launch.py runs both forms). */
 #define MAGIC "hoshikage-launch-1"
 #define TICKET_DIR "launch"
 #define DEFAULT_RUNTIME "/run/hoshikage"

@@ -19,10 +19,15 @@ serves: protocol.LAUNCHED_DIR.) Without a usable ticket (a manual
 start, a copy to make, room to make) the launcher becomes `hoshikage activate NAME` at once,
 which does all of it. The `hoshikage` it runs is the one next to this file.
 
-Installed, hoshikage-launch is launch.c compiled (model_unit/install.py): the same steps
-without an interpreter to start (docs/performance.md, "Kept optimisations"). Where there is no
-C compiler it is a stub that imports this module. Both forms keep one contract
-(tests/unit/test_launch.py, tests/integration/test_activator.py); change them together.
+Two forms, one contract. Installed, hoshikage-launch is launch.c compiled
+(model_unit/install.py): the same steps without an interpreter to start (docs/performance.md,
+"Kept optimisations"); the Debian package always compiles it and ships no stub. This module
+is kept, and this is the one place that says why: tools/install and tools/bootstrap.sh run
+where there may be no C compiler (they then install a stub that imports this module, and a
+cold start pays an interpreter's start), and the launcher's steps (the ticket, the quiet
+wait, the stop handed over) are unit-tested here one by one, while the contract tests run
+both forms against protocol.py (tests/unit/test_launch.py, tests/integration/
+test_activator.py). Change them together.
 """
 
 import _signal  # type: ignore[import-not-found]  # signal.py would import enum
