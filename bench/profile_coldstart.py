@@ -56,8 +56,8 @@ ROUTER_IMPORTS = ("import hoshikage_sd.cli as c; c.parser(); "
                   "from hoshikage_sd import manifest; from hoshikage_sd.router import server")
 #: the activator's calls worth naming, by (file suffix, function name)
 CALLS = (("cli.py", "main"), ("parse.py", "load"), ("activate.py", "main"),
-         ("activate.py", "start"), ("activate.py", "admit"), ("residents.py", "residents"),
-         ("residents.py", "estimate"), ("units.py", "active_model_units"),
+         ("activate.py", "start"), ("activate.py", "admit"), ("gather.py", "residents"),
+         ("needs.py", "estimate"), ("units.py", "active_model_units"),
          ("gguf.py", "read_info"), ("stats.py", "ranks"), ("activate.py", "stage"),
          ("staging.py", "stage"), ("activate.py", "spawn"), ("activate.py", "wait_healthy"),
          ("protocol.py", "probe"), ("activate.py", "after_ready"))

@@ -271,7 +271,7 @@ class Runtime:
         self._write("estimate", name, {"key": key, "bytes": value})
 
     def devices(self, name: str) -> tuple[list[Any], dict[str, int], dict[str, int]] | None:
-        """The model's remembered use of GPU devices (policy/residents.device_use): (what it
+        """The model's remembered use of GPU devices (admit/needs.device_use): (what it
         was computed from, bytes by device, each device's total)."""
         record = self._read("devices", name, _Devices)
         return (record.key, record.use, record.total) if record else None
@@ -287,7 +287,7 @@ class Runtime:
 
     def remembered_estimate(self, model: Model) -> tuple[os.stat_result, int] | None:
         """The estimate remembered for the model's file as it is now (and that file's stat),
-        if one was computed for it (policy/residents.estimate); never reads the header."""
+        if one was computed for it (admit/needs.estimate); never reads the header."""
         try:
             st = model.path.stat()
             key = estimate_key(model, st)

@@ -275,18 +275,18 @@ def usage_ranks(config: Config, active: set[str]) -> dict[str, float]:
 def estimate_of(model: Model, runtime: Runtime) -> int | None:
     """Admission's estimate of the model: the one remembered in the runtime directory, else
     read from its header (and remembered, where this user may write there)."""
-    from hoshikage_sd.policy import residents
+    from hoshikage_sd.admit import needs
 
     remembered = runtime.remembered_estimate(model)
     if remembered is not None:
         return remembered[1]
     try:
         model.path.stat()
-        return residents.estimate(model, runtime)
+        return needs.estimate(model, runtime)
     except FileNotFoundError:
         return None
     except OSError:  # unreadable (that is the figure) or the runtime record not writable
-        return residents.estimate(model)
+        return needs.estimate(model)
 
 
 def source_size(model: Model) -> int | None:
@@ -439,7 +439,7 @@ class Listing:
 def describe(config: Config, model: Model, active: set[str],
              ranks: dict[str, float], stats: Mapping[str, ModelStats]) -> Listing:
     from hoshikage_sd import cache, gguf, memory
-    from hoshikage_sd.policy.residents import estimate
+    from hoshikage_sd.admit.needs import estimate
 
     activity = Runtime(config.runtime_dir).activity(model.name)
     usage = stats.get(model.name)

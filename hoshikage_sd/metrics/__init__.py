@@ -6,7 +6,7 @@ Where the counters live
 Several short-lived processes count things: the router (requests; it exits when idle), each
 model unit's activator (loads, their phases, the evictions it makes, refusals; it lives as
 long as its model), the router and the activator both through admission records
-(policy/residents.record), and the idle watch (idle and pressure stops; it runs for a
+(admit/act.record), and the idle watch (idle and pressure stops; it runs for a
 moment per timer tick). No process outlives the others, so the totals live in one file,
 ``runtime_dir/metrics/counters.json`` (/run/hoshikage/metrics/ under the units;
 RuntimeDirectoryPreserve=yes keeps it across every unit's stop). A writer takes flock on
@@ -125,7 +125,7 @@ class Metrics:
             self.flush()
 
     def count(self, name: str, by: float = 1.0, **labels: object) -> Metrics:
-        """Any other count the router makes (admission records: residents.record(...,
+        """Any other count the router makes (admission records: act.record(...,
         counts=metrics)); written with the next batch."""
         with self._lock:
             self._pending.count(name, by, **labels)

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from types import FrameType
 
 from hoshikage_sd import cache, encryption, fmt, host, log, metrics, proc, protocol
+from hoshikage_sd.admit import act, gather, needs
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Files, Model
 from hoshikage_sd.model_unit import launch
-from hoshikage_sd.policy import admission, residents
+from hoshikage_sd.policy import admission
 from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
@@ -369,25 +370,27 @@ class Activator:
     def _admit(self) -> None:
         name = self.model.name
         if self.runtime.names("kept"):
-            self.make_room(residents.estimate(self.model, self.runtime))
+            self.make_room(needs.estimate(self.model, self.runtime))
         wait_until = time.monotonic() + self.config.admission_wait
         announced = False
         while True:
             with self.runtime.locked("admission"):
-                decision, estimate = residents.judge(self.config, self.model, self.runtime)
+                snapshot, request = gather.inputs(self.config, self.model, self.runtime)
+                decision = admission.decide(snapshot, request)
                 verdict = decision.verdict
                 if verdict is not admission.Verdict.WAIT or not announced:
-                    residents.record(name, decision, self.counts)
+                    act.record(name, decision, self.counts)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
                 if verdict is not admission.Verdict.WAIT:
-                    self.runtime.set_admitted(name, estimate)  # others count it from now on
+                    self.runtime.set_admitted(name, request.estimate)  # others count it now
                     if decision.victims:
                         self.heartbeat("stopping " + ", ".join(v.name for v in
                                        decision.victims) + " to make room", force=True)
                     # by count, the memory is free already: load while they stop
-                    residents.evict(name, decision, self.runtime, self.counts,
-                                    wait=not residents.by_count(decision))
+                    act.evict(name, decision, self.runtime, self.counts,
+                              wait=not decision.by_count)
+                    act.workers(self.config, self.model, request.estimate, decision, snapshot)
                     return
             announced = True
             if time.monotonic() > wait_until:

@@ -204,8 +204,8 @@ class Router:
         and polkit busy while the start waited (a swap step's request -> unit starting
         later when the stop was queued first: bench/peers.py's breakdown, docs/performance.md)."""
         from hoshikage_sd import cache, encryption
-        from hoshikage_sd.policy import residents
-        from hoshikage_sd.policy.admission import Verdict
+        from hoshikage_sd.admit import act, gather, needs
+        from hoshikage_sd.policy.admission import Verdict, decide
         from hoshikage_sd.staging import Store
 
         config, name = self.config, model.name
@@ -219,20 +219,21 @@ class Router:
             if files is source and any(map(encryption.named_or_encrypted, source.paths)):
                 return None  # its unit decrypts it into the RAM disk first
             with self.runtime.locked("admission"):
-                decision, estimate = residents.judge(config, model, self.runtime,
-                                                     listing=False)
-                if decision.verdict is not Verdict.LOAD and not residents.by_count(decision):
+                snapshot, request = gather.inputs(config, model, self.runtime, listing=False)
+                decision = decide(snapshot, request)
+                if decision.verdict is not Verdict.LOAD and not decision.by_count:
                     return None
-                self.runtime.set_admitted(name, estimate)
+                self.runtime.set_admitted(name, request.estimate)
                 protocol.write_ticket(str(config.runtime_dir), name,
                                       str(config.socket_path(name)), model.health,
                                       proc.minimal_env(model.environment),
                                       config.server_argv(model, files))
                 start()
                 started = True
-                residents.record(name, decision, counts=self.metrics)
-                residents.evict(name, decision, self.runtime, self.metrics, wait=False)
-        except residents.DevicesUnknown:
+                act.record(name, decision, counts=self.metrics)
+                act.evict(name, decision, self.runtime, self.metrics, wait=False)
+                act.workers(config, model, request.estimate, decision, snapshot)
+        except needs.DevicesUnknown:
             return None  # its first start: the unit lists the devices and judges
         except (OSError, HoshikageError) as exc:
             if started:
@@ -246,15 +247,17 @@ class Router:
     def record_early_admission(self, name: str, estimate: int, available: int) -> None:
         """The journal's admission record (and its count) for the model the head start
         admitted with nothing else up (early_admission): the decision the policy makes."""
-        from hoshikage_sd.policy import admission, residents
+        from hoshikage_sd.admit import act
+        from hoshikage_sd.policy import admission
 
         model = self.config.models.get(name)
         if model is None:
             return
-        decision = admission.decide(name, estimate, available, [],
-                                    margin=self.config.safety_margin,
-                                    max_loaded=self.config.max_loaded_models)
-        residents.record(name, decision, counts=self.metrics)
+        # nothing else up: the machine is its MemAvailable within memory_budget (available)
+        limits = admission.Limits(self.config.safety_margin, self.config.max_loaded_models)
+        decision = admission.decide(admission.Snapshot(mem_available=available, limits=limits),
+                                    admission.Request(name, estimate))
+        act.record(name, decision, counts=self.metrics)
 
     async def _start(self, model: Model) -> None:
         early = self.early_start(model.name)

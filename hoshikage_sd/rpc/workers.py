@@ -3,10 +3,10 @@
 A model with `rpc: [box2, box3]` is served by llama-server with `--rpc box2:port,box3:port`
 (Config.server_argv). llama-server aborts when a worker is down, and waits for ever on one
 that accepted the connection but serves another client (a ggml-rpc-server serves one at a
-time). So before it is started (admission, in the model unit: policy/residents.judge), every
+time). So before it is started (admission, in the model unit: admit/act.workers), every
 worker is asked, with a deadline, for its version and memory (wire.ask): one that does not
 answer is a refusal naming it, which the router answers with a 503, and the next request
-tries again. The router never starts such a model from a ticket (residents.device_use).
+tries again. The router never starts such a model from a ticket (admit/needs.device_use).
 
 Each worker's share of the model is what llama.cpp gives it: a `-ts`/`--tensor-split` in the
 model's args when it names one proportion per worker, else in proportion to each worker's

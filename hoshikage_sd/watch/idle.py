@@ -82,9 +82,9 @@ def expire_kept(config: Config, runtime: Runtime, now: float) -> None:
 def watch_pressure(config: Config, runtime: Runtime) -> None:
     """Above pressure_warn of RAM in use, say so; above pressure_critical, stop idle models,
     lowest rank first, before the kernel has to swap or kill."""
+    from hoshikage_sd.admit.gather import residents
     from hoshikage_sd.host import memory
     from hoshikage_sd.policy.admission import pressure_victims
-    from hoshikage_sd.policy.residents import residents
 
     available, total = memory()
     used = total - available

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from hoshikage_sd.admit.needs import estimate
 from hoshikage_sd.manifest import Model
-from hoshikage_sd.policy.residents import estimate
 from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest
 from tests.support import eventually
 from tests.system.conftest import ContainerFactory

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client import parser
 
+from hoshikage_sd.admit.needs import estimate
 from hoshikage_sd.manifest import Model
-from hoshikage_sd.policy.residents import estimate
 from testbed.deploy import Deployment, deploy, manifest
 from tests.support import eventually
 from tests.system.conftest import ContainerFactory

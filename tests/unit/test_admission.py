@@ -1,14 +1,39 @@
-"""The admission decision: a pure function of numbers."""
+"""The admission decision: a pure function of a snapshot of the machine and a request."""
 
 from __future__ import annotations
 
-from hoshikage_sd.policy.admission import Resident, Verdict, decide, pressure_victims
+import ast
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from hoshikage_sd.policy import admission
+from hoshikage_sd.policy.admission import (
+    Decision,
+    Limits,
+    Request,
+    Resident,
+    Snapshot,
+    Verdict,
+    pressure_victims,
+)
 
 GiB = 1 << 30
+POLICY = Path(admission.__file__).parent
 
 
 def gib(x: float) -> int:
     return int(x * GiB)
+
+
+def decide(name: str, estimate: int, available: int, residents: Sequence[Resident] = (), *,
+           margin: float = 1.2, max_loaded: int | None = None, floor: int = 0,
+           budget: int | None = None, device_need: Mapping[str, int] | None = None,
+           device_total: Mapping[str, int] | None = None,
+           workers: frozenset[str] = frozenset()) -> Decision:
+    """The decision for `name` on a machine with `available` bytes of MemAvailable."""
+    snapshot = Snapshot(tuple(residents), available, device_total or {},
+                        Limits(margin, max_loaded, floor, budget))
+    return admission.decide(snapshot, Request(name, estimate, device_need or {}, workers))
 
 
 def test_case_1_nothing_loaded_small_model_loads() -> None:
@@ -103,11 +128,9 @@ def on_gpu(name: str, gpu: float, idle: float | None = 60.0, ram: float = 0.1,
 
 
 def device_decide(residents: list[Resident], need: float, total: float = 2.0,
-                  **kw: object) -> object:
-    used = sum(r.devices.get("Vulkan0", 0) for r in residents)
+                  **kw: object) -> Decision:
     return decide("new", gib(0.1), gib(20), residents, margin=1.0,
                   device_need={"Vulkan0": gib(need)},
-                  device_free={"Vulkan0": gib(total) - used},
                   device_total={"Vulkan0": gib(total)}, **kw)  # type: ignore[arg-type]
 
 
@@ -147,8 +170,101 @@ def test_the_margin_applies_to_devices_too() -> None:
     def verdict(margin: float) -> Verdict:
         return decide("new", gib(0.1), gib(20), residents, margin=margin,
                       device_need={"Vulkan0": gib(1.0)},
-                      device_free={"Vulkan0": gib(2) - gib(0.9)},
                       device_total={"Vulkan0": gib(2)}).verdict
 
     assert verdict(1.0) is Verdict.LOAD   # 1.0 GiB of 1.1 free
     assert verdict(1.2) is Verdict.EVICT  # 1.2 GiB of 1.1 free
+
+
+def test_a_device_refusal_counts_as_memory() -> None:
+    assert device_decide([], need=2.5).refusal == "memory"
+    assert device_decide([on_gpu("a", 1.5, pinned=True)], need=0.9).refusal == "memory"
+
+
+# -- what is free: MemAvailable less what starting models will take, within memory_budget ----
+
+def test_a_starting_model_promised_memory_is_not_free() -> None:
+    starting = Resident("coming", gib(4.0), idle=None, starting=True)
+    d = decide("x", gib(5.0), gib(10.0), [starting], margin=1.0)
+    assert d.available == gib(6.0) and d.verdict is Verdict.LOAD
+    d = decide("x", gib(7.0), gib(10.0), [starting], margin=1.0)
+    assert d.verdict is Verdict.WAIT and "waiting for busy coming" in d.message
+
+
+def test_memory_budget_caps_what_all_models_hold() -> None:
+    loaded = Resident("a", gib(6.0), idle=60)
+    d = decide("x", gib(3.0), gib(100.0), [loaded], margin=1.0, budget=gib(8.0))
+    assert d.available == gib(2.0)
+    assert d.verdict is Verdict.EVICT and d.victims == (loaded,)
+    assert not d.by_count  # its memory is what x needs: x waits for it to stop
+
+
+def test_only_a_place_lacking_evicts_by_count() -> None:
+    a = Resident("a", gib(1.0), idle=60)
+    d = decide("b", gib(1.0), gib(100.0), [a], max_loaded=1)
+    assert d.verdict is Verdict.EVICT and d.by_count and d.refusal is None
+    d = decide("b", gib(1.0), gib(1.0), [a], max_loaded=1)
+    assert d.verdict is Verdict.EVICT and not d.by_count
+
+
+def test_a_refusal_says_why_in_one_word() -> None:
+    assert decide("huge", gib(40.0), gib(18.0)).refusal == "memory"
+    pinned = Resident("p", gib(1.0), idle=60, pinned=True)
+    assert decide("c", gib(1.0), gib(100.0), [pinned], max_loaded=1).refusal == \
+        "max_loaded_models"
+    assert decide("c", gib(1.0), gib(100.0)).refusal is None
+
+
+# -- RPC workers: a worker serves one llama-server at a time ----------------------------------
+
+W2 = frozenset({"w2"})
+
+
+def test_an_idle_model_on_a_worker_it_needs_is_stopped_though_ram_is_plentiful() -> None:
+    holder = Resident("split", gib(1.0), idle=60, workers=W2)
+    other = Resident("other", gib(1.0), idle=600, last_used=0.0)
+    d = decide("new", gib(1.0), gib(100.0), [other, holder], workers=frozenset({"w2", "w3"}))
+    assert d.verdict is Verdict.EVICT and d.victims == (holder,)  # not `other`
+    assert not d.by_count  # the worker is free only once it has stopped: wait for it
+    assert "worker 'w2' serves 'split' now: stopping split" in d.message
+
+
+def test_a_busy_model_on_the_worker_makes_it_wait() -> None:
+    d = decide("new", gib(1.0), gib(100.0), [Resident("split", gib(1.0), None, workers=W2)],
+               workers=W2)
+    assert d.verdict is Verdict.WAIT and "waiting for busy split" in d.message
+
+
+def test_a_pinned_model_on_the_worker_is_a_refusal_naming_both() -> None:
+    pinned = Resident("split", gib(1.0), idle=60, pinned=True, workers=W2)
+    d = decide("new", gib(1.0), gib(100.0), [pinned], workers=W2)
+    assert d.verdict is Verdict.REJECT and d.refusal == "rpc_worker"
+    assert d.message == "new cannot load: worker 'w2' serves 'split' now (split pinned or " \
+                        "below evict_floor)"
+
+
+def test_models_on_other_workers_stay() -> None:
+    d = decide("new", gib(1.0), gib(100.0), [Resident("a", gib(1.0), 60, workers=W2)],
+               workers=frozenset({"w3"}))
+    assert d.verdict is Verdict.LOAD
+
+
+# -- pure: nothing in the decision reads or writes the machine --------------------------------
+
+PURE = ("admission.py", "rank.py", "cacheplan.py")
+#: what the pure modules may import: the standard library's plain data modules, numbers'
+#: formatting, the manifest's dataclasses, and each other
+MAY_IMPORT = {"__future__", "math", "collections.abc", "dataclasses", "enum",
+              "hoshikage_sd.fmt", "hoshikage_sd.manifest.model", "hoshikage_sd.policy.rank"}
+
+
+def test_the_decisions_import_nothing_that_reads_the_machine() -> None:
+    for name in PURE:
+        found = set()
+        for node in ast.walk(ast.parse((POLICY / name).read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module if node.module != "hoshikage_sd"
+                          else f"hoshikage_sd.{node.names[0].name}")
+        assert found <= MAY_IMPORT, (name, found - MAY_IMPORT)

@@ -286,16 +286,20 @@ def test_route_label(path: str, label: str) -> None:
 
 # -- the writers outside the router, and status --json ---------------------------------------
 def test_admission_records_count_verdicts_and_refusals(tmp_path: Path) -> None:
-    from hoshikage_sd.policy.admission import decide
-    from hoshikage_sd.policy.residents import record
+    from hoshikage_sd.admit.act import record
+    from hoshikage_sd.policy.admission import Decision, Limits, Request, Snapshot, decide
+
+    def decision(name: str, estimate: int, max_loaded: int | None = None) -> Decision:
+        return decide(Snapshot(mem_available=1000, limits=Limits(max_loaded=max_loaded)),
+                      Request(name, estimate))
 
     counts = Tally()
-    record("a", decide("a", 100, 1000, []), counts)
-    record("huge", decide("huge", 10_000, 1000, []), counts)
-    record("c", decide("c", 100, 1000, [], max_loaded=0), counts)
-    record("not-counted", decide("not-counted", 100, 1000, []))
+    record("a", decision("a", 100), counts)
+    record("huge", decision("huge", 10_000), counts)
+    record("c", decision("c", 100, max_loaded=0), counts)
+    record("not-counted", decision("not-counted", 100))
     router = Metrics(tmp_path)  # the router counts into its batch
-    record("d", decide("d", 100, 1000, []), router)
+    record("d", decision("d", 100), router)
     assert not metrics.counter_file(tmp_path).exists()  # nothing written on the way
     router.flush()
     metrics.commit(tmp_path, counts)

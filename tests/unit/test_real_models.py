@@ -316,7 +316,7 @@ def test_the_estimate_reads_every_shard_and_counts_the_projector(tmp_path: Path)
     import make_gguf
 
     from hoshikage_sd import gguf, memory
-    from hoshikage_sd.policy import residents
+    from hoshikage_sd.admit import needs
 
     count = make_gguf.split_count(2, 8)
     first = tmp_path / f"x-00001-of-{count:05d}.gguf"
@@ -331,10 +331,10 @@ def test_the_estimate_reads_every_shard_and_counts_the_projector(tmp_path: Path)
     assert gguf.read_info(first).tensor_bytes < split.tensor_bytes  # the first alone is less
     proj = tmp_path / "mmproj.gguf"
     make_gguf.write_projector(proj)
-    with_proj = residents.estimate(manifest.Model("x", first, shards=shards, mmproj=proj))
-    without = residents.estimate(manifest.Model("x", first, shards=shards))
+    with_proj = needs.estimate(manifest.Model("x", first, shards=shards, mmproj=proj))
+    without = needs.estimate(manifest.Model("x", first, shards=shards))
     assert with_proj - without == memory.projector_bytes(proj.stat().st_size)
-    assert abs(without - residents.estimate(manifest.Model("s", tmp_path / "single.gguf"))) \
+    assert abs(without - needs.estimate(manifest.Model("s", tmp_path / "single.gguf"))) \
         <= memory.TMPFS_PAGE * count  # the same model, in pages of several files
 
 
@@ -442,8 +442,8 @@ def test_which_models_get_a_ram_disk_copy(tmp_path: Path, stage: str, full: bool
 def test_the_router_knows_a_machine_without_gpus_needs_no_unit_to_judge_devices(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from hoshikage_sd import devices
+    from hoshikage_sd.admit import needs
     from hoshikage_sd.commands import environment
-    from hoshikage_sd.policy import residents
 
     unit_env: dict[str, str] | None = {"CUDA_VISIBLE_DEVICES": "0"}
     nodes = False
@@ -452,8 +452,8 @@ def test_the_router_knows_a_machine_without_gpus_needs_no_unit_to_judge_devices(
     model = manifest.Model("m", tmp_path / "m.gguf")
 
     def fresh(m: manifest.Model) -> bool:
-        monkeypatch.setattr(residents, "_unit_env", (-1e9, None))
-        return residents.deviceless(m)
+        monkeypatch.setattr(needs, "_unit_env", (-1e9, None))
+        return needs.deviceless(m)
 
     assert fresh(model)
     assert not fresh(manifest.Model("m", model.path, args=("--rpc", "10.0.0.2:50052")))

@@ -337,8 +337,8 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
 def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stop queued first kept PID 1 and polkit busy while the start waited."""
+    from hoshikage_sd.admit import gather, needs
     from hoshikage_sd.manifest import Config, Model
-    from hoshikage_sd.policy import residents
     from hoshikage_sd.router import server as router_module
 
     models = {n: Model(n, tmp_path / f"{n}.gguf") for n in "ab"}
@@ -351,11 +351,11 @@ def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
     runtime.set_running("b", Running(os.getpid(), "", time.time() - 60))
     runtime.set_activity("b", Activity(0, time.time() - 30, os.getpid()))
     calls: list[str] = []
-    monkeypatch.setattr(residents.systemd, "active_model_units", lambda: ["b"])
-    monkeypatch.setattr(residents.systemd, "stop_unit",
+    monkeypatch.setattr(gather.systemd, "active_model_units", lambda: ["b"])
+    monkeypatch.setattr(gather.systemd, "stop_unit",
                         lambda unit: calls.append(f"stop {unit}"))
     router = router_module.Router(config)
-    monkeypatch.setattr(residents, "deviceless", lambda model: False)  # a GPU machine
+    monkeypatch.setattr(needs, "deviceless", lambda model: False)  # a GPU machine
     # its first start: the unit lists the devices and judges (the slow way)
     assert router.prepare(models["a"], lambda: calls.append("start a")) is None
     assert calls == []
@@ -370,19 +370,19 @@ def test_a_model_that_answered_before_its_activator_adopted_it_is_idle_not_start
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher's model serves before the activator writes its running record: its
     activity record (a request ended) makes it a resident that may be evicted."""
+    from hoshikage_sd.admit import gather
     from hoshikage_sd.manifest import Config, Model
-    from hoshikage_sd.policy import residents
     from hoshikage_sd.runtime import Activity, Runtime
 
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
                     models={"b": Model("b", tmp_path / "b.gguf")})
     runtime = Runtime(config.runtime_dir)
     runtime.set_admitted("b", 1000)
-    monkeypatch.setattr(residents.systemd, "active_model_units", lambda: ["b"])
-    (starting,) = residents.residents(config, runtime)
+    monkeypatch.setattr(gather.systemd, "active_model_units", lambda: ["b"])
+    (starting,) = gather.residents(config, runtime)
     assert starting.starting and starting.idle is None  # admitted, nothing answered yet
     runtime.set_activity("b", Activity(0, time.time() - 5, os.getpid()))
-    (served,) = residents.residents(config, runtime)
+    (served,) = gather.residents(config, runtime)
     assert not served.starting and served.idle is not None and served.idle >= 5
     assert runtime.idle_seconds("b", time.time()) is not None
 

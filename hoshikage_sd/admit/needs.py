@@ -1,0 +1,144 @@
+"""What a model will hold once it serves: RAM (its estimate) and each GPU device's memory.
+
+Both are computed from the model's GGUF header and arguments and remembered in the runtime
+directory for the model's files and arguments as they are (a large vocabulary makes the
+header slow to read, and this sits on every cold start)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.runtime import Runtime, estimate_key
+
+logger = logging.getLogger("hoshikage")
+
+
+def estimate(model: Model, runtime: Runtime | None = None) -> int:
+    """Bytes the model will hold once serving: from its GGUF header, else its file size.
+
+    With a runtime, the figure is remembered until the file or its arguments change. A model
+    on GPU devices is counted as if it ran on the CPU (memory.DeviceEstimate): too high for
+    one offloaded, never too low, also where a device's memory is the host's (lavapipe, an
+    integrated GPU).
+    """
+    try:
+        st = model.path.stat()
+        key = estimate_key(model, st)
+    except OSError:
+        return 0
+    if runtime is not None:
+        cached = runtime.estimate(model.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    from hoshikage_sd import gguf, memory
+
+    try:
+        info = gguf.read_model_info((model.path, *model.shards))
+        value = memory.estimate(info, memory.load_params(info, model.server_args)).worst_case
+        if model.mmproj is not None:
+            value += memory.projector_bytes(model.mmproj.stat().st_size)
+    except Exception as exc:  # a header we cannot read must not block admission
+        logger.warning("cannot estimate %s from its header (%s); using its size", model.name,
+                       exc)
+        return st.st_size
+    if runtime is not None:
+        runtime.set_estimate(model.name, key, value)
+    return value
+
+
+#: a model's use of GPU devices: (bytes on each device, each listed device's total)
+DeviceUse = tuple[dict[str, int], dict[str, int]]
+
+
+def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = True
+               ) -> DeviceUse | None:
+    """What `model` takes on each GPU device, and the devices' totals.
+
+    With `listing` (the model unit: its environment is llama-server's, and so are the
+    devices it sees), computed from `llama-server --list-devices` (devices.py, cached) and
+    the model's header and arguments (memory.device_estimate), and remembered. Without (the
+    router, whose environment is not the model unit's), the remembered figures when they
+    are for the model's files and arguments as they are; None when there are none: the
+    model unit has to judge. A model on no device: ({}, {})."""
+    if model.backend != "llama-server":
+        return {}, {}
+    if model.rpc and not listing:
+        return None  # its workers are asked in its unit, before llama-server (rpc/workers.py)
+    try:
+        key = estimate_key(model, model.path.stat())
+    except OSError:
+        return {}, {}
+    known = runtime.devices(model.name)
+    if not listing:
+        if known and known[0][:1] == [key]:
+            return known[1], known[2]
+        return ({}, {}) if deviceless(model) else None
+    from hoshikage_sd import devices, proc
+
+    env = proc.server_env(model.environment)
+    full_key = [key, devices.cache_key(config.llama_server, env)]
+    if known and known[0] == full_key:
+        return known[1], known[2]
+    try:
+        listed = devices.list_devices(config.llama_server, env, cache_dir=config.runtime_dir)
+    except HoshikageError as err:
+        logger.warning("cannot list the devices llama-server sees (%s): GPU memory is not "
+                       "counted for %s", err.message, model.name)
+        return {}, {}
+    use: dict[str, int] = {}
+    full = False
+    if listed:
+        from hoshikage_sd import gguf, memory
+
+        try:
+            info = gguf.read_model_info((model.path, *model.shards))
+            params = memory.load_params(info, model.server_args)
+            offload = memory.offload_params(model.server_args)
+            placed = memory.device_estimate(info, params, offload, listed)
+            use = {d: b for d, b in placed.used.items() if b}
+            full = bool(use) and placed.gpu_layers >= placed.n_layers
+        except Exception as exc:  # a header we cannot read must not block admission
+            logger.warning("cannot estimate %s's GPU memory (%s): not counted", model.name,
+                           exc)
+    total = {d.name: d.total for d in listed}
+    runtime.set_devices(model.name, full_key, use, total, full)
+    return use, total
+
+
+#: the model unit's environment as systemd has it, and when it was asked (monotonic)
+_unit_env: tuple[float, dict[str, str] | None] = (-1e9, None)
+UNIT_ENV_FOR = 60.0
+
+
+def deviceless(model: Model) -> bool:
+    """Can the router tell, without the model unit, that llama-server would see no device
+    for `model`? Where there is no GPU device node (CUDA, ROCm, hardware Vulkan and SYCL
+    all need one), nothing names a software Vulkan device (GGML_VK_VISIBLE_DEVICES: lavapipe
+    is listed only then) and nothing names RPC workers. The unit's environment is asked of
+    systemd at most once a minute."""
+    global _unit_env
+    from hoshikage_sd import devices
+
+    if devices.has_nodes() or any(a.startswith("--rpc") for a in model.args):
+        return False
+    if time.monotonic() - _unit_env[0] > UNIT_ENV_FOR:
+        from hoshikage_sd.commands.environment import unit_environment
+
+        try:
+            _unit_env = (time.monotonic(), unit_environment())
+        except HoshikageError:
+            _unit_env = (time.monotonic(), None)
+    if _unit_env[1] is None:
+        return False
+    env = {**_unit_env[1], **model.environment}
+    return not any(k in env for k in ("GGML_VK_VISIBLE_DEVICES", "LLAMA_ARG_RPC"))
+
+
+class DevicesUnknown(HoshikageError):
+    """The router cannot say what a model takes on GPU devices: its unit must judge."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}'s use of GPU devices is not known yet")
