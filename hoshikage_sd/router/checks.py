@@ -25,8 +25,9 @@ PRELOAD_UNIT: Final = "hoshikage-preload.service"
 FD_BASE: Final = 64
 #: what the router holds besides request bodies (measured: ~30 MiB idle; room for a burst)
 MEMORY_BASE: Final = 256 << 20
-#: the most a body costs while the router holds it: Ollama's routes parse and translate the
-#: whole body (about three times it); the others walk it (router/jsonscan.py: its size)
+#: the most a body costs while the router holds it: about its size as a rule (jsonscan.py,
+#: ollama/body.py), but an Ollama body of many short strings is decoded whole (several times
+#: its size)
 BODY_FACTOR: Final = 3
 
 

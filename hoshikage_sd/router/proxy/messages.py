@@ -54,7 +54,8 @@ class Limits:
     read or answered at once: one that does not fit gets a 503 before its body is read (the
     first one always fits, up to `max_body`). A body over 1 MiB is walked for its model
     without being decoded (router/jsonscan.py): it costs about its own size; Ollama's
-    routes, which translate the whole body, still hold about three times it."""
+    routes translate it around its long strings (router/ollama/body.py): about its size too,
+    more for a chunked body or one of many short strings."""
 
     max_connections: int = 1000
     header_timeout: float = 30.0
