@@ -72,6 +72,18 @@ def worker_processes(worker: Container) -> list[str]:
     return [pid for pid in out if pid != "0"]
 
 
+def server_args(head: Container, model: str) -> list[str]:
+    """The command line of the head's llama-server for `model`."""
+    pid = head.systemctl("show", "-p", "MainPID", "--value",
+                         f"hoshikage-model@{model}.service").strip()
+    children = head.exec("pgrep", "-P", pid).stdout.split()
+    for child in [pid, *children]:
+        argv = head.exec("cat", f"/proc/{child}/cmdline").stdout.split("\0")
+        if any("llama-server" in a for a in argv[:1]):
+            return [a for a in argv if a]
+    raise AssertionError(f"no llama-server among {pid} {children}")
+
+
 def setup_worker(worker: Container, server: Path) -> None:
     units = worker.root / "etc/systemd/system"
     units.mkdir(parents=True, exist_ok=True)
@@ -125,7 +137,8 @@ def machines(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path,
                 "nofit": "rpc: [tight]" + args,
                 "other": "ttl: 4s\nrpc: [w2]" + args}, router_idle_exit="5s")
             text = text.replace("models:\n", f"workers:\n  w2: {SUBNET}.2:50052\n"
-                                f"  w3: {SUBNET}.3:50052\n"
+                                # its one device named: llama-server gets --device
+                                f"  w3: {{address: '{SUBNET}.3:50052', devices: [0]}}\n"
                                 f"  tight: {{address: '{SUBNET}.3:50052', memory: 64K}}\n"
                                 "models:\n", 1)
             install_files(head.root, text, PORT, "1s")
@@ -158,6 +171,9 @@ def test_a_model_split_over_two_workers(machines: Any) -> None:
     assert code == 200, split
     assert text_of(split) == text_of(alone)
     assert len(worker_processes(w2)) == 2 and len(worker_processes(w3)) == 2
+    # w3's devices: [0] is llama.cpp's RPC1 (w2 has one device, RPC0): the head has no
+    # device of its own here, so the list names both workers' and nothing else
+    assert server_args(head, "split")[-2:] == ["--device", "RPC0,RPC1"]
     facts = json.loads(head.exec(str(hoshikage_bin()), "status", "--json").stdout)
     held = {w["name"]: w["held_bytes"] for w in facts["workers"]}
     assert held["w2"]["split"] > 0 and held["w3"]["split"] > 0
@@ -207,3 +223,87 @@ def test_a_stranger_is_not_let_in(machines: Any) -> None:
     assert worker_processes(w2) == []  # nor woken
     code, reply = chat(head, "split")  # the head is let in
     assert code == 200, reply
+
+
+
+#: a request on the head, read as it comes: "STARTED" once `after` chunks of a stream came
+#: (or at once, not streamed), then how it ended: its status, chunks, the last bytes
+READ_AS_IT_COMES = """
+import http.client, json, sys, time
+stream, after = sys.argv[1] == "stream", int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[4]), timeout=60)
+c.request("POST", "/v1/chat/completions", body=sys.argv[3],
+          headers={"Content-Type": "application/json"})
+if not stream:
+    print("STARTED", flush=True)
+r = c.getresponse()
+n, tail, how = 0, b"", "eof"
+try:
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        tail = (tail + line)[-600:]
+        if line.startswith(b"data:"):
+            n += 1
+            if stream and n == after:
+                print("STARTED", flush=True)
+except Exception as e:
+    how = type(e).__name__ + ": " + str(e)
+print(json.dumps({"status": r.status, "chunks": n, "how": how, "done": b"[DONE]" in tail,
+                  "tail": tail.decode(errors="replace")}), flush=True)
+"""
+
+
+
+def tasks(head: Container) -> int:
+    """The requests the head's llama-server for 'split' has taken up so far."""
+    out: str = head.exec("journalctl", "-u", "hoshikage-model@split.service", "--no-pager",
+                         check=False).stdout
+    return out.count("launch_slot_")
+
+
+def wait_for_task(head: Container, before: int) -> None:
+    wait_for("llama-server to take the request", lambda: tasks(head) > before)
+
+
+def test_a_worker_lost_mid_request(machines: Any) -> None:
+    """A worker that goes away while a request generates (issue 24; README "Several
+    machines", limits): llama-server aborts (llama.cpp's RPC client does on a lost
+    connection). A request not streamed has had no byte of its answer yet: the router
+    starts the model again for it, whose admission finds the worker gone, and the client
+    gets the 503 naming the worker. A stream already has its 200 and its first chunks: it
+    just ends, without a finish_reason or [DONE] (llama-server's own failure; nothing can
+    be said on the wire by then), and the next request gets the 503."""
+    head, _, w3, _ = machines
+    code, reply = chat(head, "split")
+    assert code == 200, reply
+    seen = {}
+    for stream in (True, False):
+        body = json.dumps({"model": "split", **ASK, "max_tokens": 400, "stream": stream})
+        before = tasks(head)
+        reading = subprocess.Popen(
+            ["nsenter", f"--net=/proc/{head.pid1}/ns/net", sys.executable, "-c",
+             READ_AS_IT_COMES, "stream" if stream else "plain", "20", body, str(PORT)],
+            stdout=subprocess.PIPE, text=True)
+        assert reading.stdout is not None
+        assert reading.stdout.readline().strip() == "STARTED"
+        if not stream:  # into its 400 tokens (about 80 a second here), none sent yet
+            wait_for_task(head, before)
+        stopped = time.monotonic()
+        w3.systemctl("stop", "hoshikage-rpc.socket")
+        result = json.loads(reading.stdout.readline())
+        seen["stream" if stream else "plain"] = (time.monotonic() - stopped, result)
+        reading.wait(timeout=30)
+        w3.systemctl("start", "hoshikage-rpc.socket")
+        code, reply = chat(head, "split")  # back with its worker
+        assert code == 200, reply
+    took, streamed = seen["stream"]
+    assert streamed["status"] == 200 and streamed["chunks"] >= 20, streamed
+    assert streamed["how"] == "eof" and not streamed["done"], streamed
+    assert '"finish_reason":"' not in streamed["tail"], streamed  # cut, not finished
+    assert took < 10, seen
+    took, plain = seen["plain"]
+    assert plain["status"] == 503, plain
+    assert "worker 'w3' (10.77.0.3:50052) is unavailable" in plain["tail"], plain
+    assert took < 15, seen
