@@ -1,7 +1,7 @@
 """The "model" of a large JSON body, found without decoding the body.
 
 The router reads a request's body whole to learn its model, and for a small body it parses
-it (jsonload). For a large one (a long prompt, images in base64) a parse costs about twice
+it (json.loads). For a large one (a long prompt, images in base64) a parse costs about twice
 the body on top of it while it runs: the decoded text, then the strings in it (a 200 MB
 body took the router from 27 to 641 MB). This scanner walks the bytes instead: values
 are skipped by the regex engine (a container nested up to NESTING deep in one match), a long
@@ -20,9 +20,8 @@ body itself.
 from __future__ import annotations
 
 import re
+from json import loads
 from typing import Final
-
-from hoshikage_sd.router.jsonload import loads
 
 Buffer = bytes | bytearray
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from json import loads
 from typing import Final
 
 from hoshikage_sd.manifest import Config, Files, Model
-from hoshikage_sd.router.jsonload import loads
 from hoshikage_sd.router.proxy import Request
 
 HEADER: Final = "x-hoshikage-progress"

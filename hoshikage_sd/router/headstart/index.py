@@ -16,17 +16,17 @@ Any doubt (no index, another manifest path, a file changed since, another versio
 with several partial matches, whose winner is the usage ranks' to pick) means no answer:
 the router then resolves the request the usual way, after its imports.
 
-Reading: os, naming and jsonload only (the head start's budget). Writing: the router, lazily
+Reading: os, json and naming only (the head start's budget). Writing: the router, lazily
 importing what it needs.
 """
 
 from __future__ import annotations
 
 import os
+from json import loads
 
 from hoshikage_sd import naming, protocol
 from hoshikage_sd.fileid import identity
-from hoshikage_sd.router.jsonload import loads
 
 TYPE_CHECKING = False  # typing would be on the head start when nothing loaded it
 if TYPE_CHECKING:

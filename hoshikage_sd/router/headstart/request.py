@@ -11,9 +11,9 @@ from __future__ import annotations
 import _socket
 import select
 import time
+from json import loads
 
 from hoshikage_sd.router import http1, routes
-from hoshikage_sd.router.jsonload import loads
 
 #: how long to wait for the whole request (head and body) to arrive
 PEEK_WAIT = 0.05
