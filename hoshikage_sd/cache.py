@@ -17,11 +17,11 @@ import time
 from hoshikage_sd import fmt, log
 from hoshikage_sd.manifest import Config, Files, Model
 from hoshikage_sd.policy.cacheplan import Action, CacheState, Holding, cache_state, plan_cache
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store
+from hoshikage_sd.stats import StatsFile
 
 CACHE_UNIT = "hoshikage-cache.service"
 

@@ -22,7 +22,7 @@ def resolve(config: Config, name: str | None) -> Model | None:
         return candidates[0] if candidates else None
     if config.strict_names:
         raise AmbiguousModel(name, sorted(m.name for m in candidates))
-    from hoshikage_sd.policy.stats import StatsFile  # only here: not on the router's start
+    from hoshikage_sd.stats import StatsFile  # only here: not on the router's start
 
     ranks = StatsFile(config.state_dir).ranks(w=config.weights)
     return max(candidates, key=lambda m: (ranks.get(m.name, 0.0), m.name))

@@ -14,9 +14,9 @@ from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.admission import Limits, Request, Resident, Snapshot
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.stats import StatsFile
 
 logger = logging.getLogger("hoshikage")
 

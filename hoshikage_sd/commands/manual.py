@@ -11,11 +11,11 @@ from hoshikage_sd import fmt
 from hoshikage_sd.commands import progress
 from hoshikage_sd.errors import die
 from hoshikage_sd.manifest import Config, Model
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store
+from hoshikage_sd.stats import StatsFile
 
 
 def find(config: Config, name: str) -> Model:

@@ -264,7 +264,7 @@ def listen_addresses(listen: str) -> list[str]:
 def usage_ranks(config: Config, active: set[str]) -> dict[str, float]:
     """Each model's rank from the usage file ({} where it cannot be read: a status as
     another user than hoshikage)."""
-    from hoshikage_sd.policy.stats import StatsFile
+    from hoshikage_sd.stats import StatsFile
 
     try:
         return StatsFile(config.state_dir).ranks(w=config.weights, running=active)
@@ -462,7 +462,7 @@ def describe(config: Config, model: Model, active: set[str],
 
 
 def list_models(config: Config, as_json: bool) -> int:
-    from hoshikage_sd.policy.stats import StatsFile
+    from hoshikage_sd.stats import StatsFile
 
     active = set(loaded_units())
     usage = StatsFile(config.state_dir)

@@ -28,11 +28,11 @@ from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Files, Model
 from hoshikage_sd.model_unit import launch
 from hoshikage_sd.policy import admission
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Identity, Staged, Store, log_staged
+from hoshikage_sd.stats import StatsFile
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
 HEARTBEAT = 5.0

@@ -20,10 +20,10 @@ from hoshikage_sd import fmt, log, metrics, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store, log_staged
+from hoshikage_sd.stats import StatsFile
 
 
 def reason_for(stop_reason: str | None, result: str | None, code: str | None,

@@ -1,10 +1,10 @@
 """Usage and rank: pure functions over plain numbers.
 
-A model's usage (stats.py keeps it in /var/lib/hoshikage/stats.json) is its last 100 loads
-with how long each ran; rank turns that into one number, which orders RAM eviction, the SSD
-cache (cacheplan.py) and the choice between models one name matches (resolve.py). The
-simulator replays scenarios through these same functions, so what it prints is what the
-machine does.
+A model's usage (hoshikage_sd/stats.py keeps it in /var/lib/hoshikage/stats.json) is its
+last 100 loads with how long each ran; rank turns that into one number, which orders RAM
+eviction, the SSD cache (cacheplan.py) and the choice between models one name matches
+(resolve.py). The simulator replays scenarios through these same functions, so what it
+prints is what the machine does.
 """
 
 from __future__ import annotations

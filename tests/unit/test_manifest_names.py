@@ -10,8 +10,8 @@ import pytest
 
 from hoshikage_sd.manifest import AmbiguousModel, ConfigError, parse_size
 from hoshikage_sd.manifest.parse import parse
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.resolve import resolve
+from hoshikage_sd.stats import StatsFile
 
 
 def cfg(text: str, path: Path = Path("/etc/hoshikage/models.yaml")):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from hoshikage_sd.manifest import CachePolicy, Weights
 from hoshikage_sd.manifest.model import DAY
 from hoshikage_sd.policy.cacheplan import Action, CacheState, Candidate, plan_cache
 from hoshikage_sd.policy.rank import KEEP_USES, ModelStats, Use, rank
-from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.stats import StatsFile
 
 NOW = 1_800_000_000.0
 GB = 1 << 30

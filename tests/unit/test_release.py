@@ -10,7 +10,7 @@ import pytest
 from hoshikage_sd import metrics, protocol
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import release
-from hoshikage_sd.policy.stats import StatsFile
+from hoshikage_sd.stats import StatsFile
 
 
 def test_a_load_stopped_before_the_hand_over_is_counted_by_the_release(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, names
 from hoshikage_sd.manifest.parse import parse
 from hoshikage_sd.policy.rank import ModelStats, Use
-from hoshikage_sd.policy.stats import StatsFile
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.runtime import Activity, Running, Runtime
+from hoshikage_sd.stats import StatsFile
 
 GOOD_ENTRY = {"uses": [{"at": 1000.0, "runtime": 60.0}], "total_uses": 1,
               "total_runtime": 60.0, "last_load_seconds": 0.5}
