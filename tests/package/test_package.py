@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hoshikage_sd.log import MESSAGE_IDS
 from testbed import REPO_ROOT
 from testbed.container import Container
 from testbed.deploy import Deployment, free_port
@@ -146,6 +147,11 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     assert ".SH COMMANDS" in page and '.SS "hoshikage status' in page, page[:2000]
     completion = "/usr/share/bash-completion/completions/hoshikage"
     assert completion in files
+    # the journal catalog: systemd's trigger indexed it, so `journalctl -x` explains a record
+    assert "/usr/lib/systemd/catalog/hoshikage.catalog" in files
+    ready = MESSAGE_IDS["ready"]
+    listed = c.exec("journalctl", "--list-catalog", ready).stdout
+    assert "is ready" in listed and "hoshikage" in listed, listed
 
     def complete(line: str) -> list[str]:
         return c.exec("bash", "-c", f"source {completion}; COMP_LINE='{line}' "
