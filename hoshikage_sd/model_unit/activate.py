@@ -361,6 +361,19 @@ class Activator:
                 except HoshikageError as err:
                     die(f"model '{name}': {err.message}", hint=err.hint)
 
+    def verify_encrypted(self) -> None:
+        """Authenticate every chunk of the model's encrypted files before models are
+        stopped for it: the check before admission reads only the first and last chunks,
+        and a load that fails on a chunk further in must not have evicted anyone."""
+        name = self.model.name
+        for path in self.source.paths:
+            if encryption.named_or_encrypted(path):
+                self.heartbeat(f"verifying {name} before stopping others for it", force=True)
+                try:
+                    encryption.verify(path, encryption.plaintext_size(path))
+                except HoshikageError as err:
+                    die(f"model '{name}': {err.message}", hint=err.hint)
+
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse. Kept
         copies of stopped models go before any model that runs."""
@@ -372,17 +385,20 @@ class Activator:
         if self.runtime.names("kept"):
             self.make_room(needs.estimate(self.model, self.runtime))
         wait_until = time.monotonic() + self.config.admission_wait
-        announced = False
+        announced, verified = False, not self.encrypted
         while True:
             with self.runtime.locked("admission"):
                 snapshot, request = gather.inputs(self.config, self.model, self.runtime)
                 decision = admission.decide(snapshot, request)
                 verdict = decision.verdict
-                if verdict is not admission.Verdict.WAIT or not announced:
+                # an encrypted model is verified before anyone is stopped for it, then
+                # decided again (the machine may have changed while it read)
+                unverified = bool(decision.victims) and not verified
+                if (verdict is not admission.Verdict.WAIT or not announced) and not unverified:
                     act.record(name, decision, self.counts)
                 if verdict is admission.Verdict.REJECT:
                     die(decision.message)
-                if verdict is not admission.Verdict.WAIT:
+                if verdict is not admission.Verdict.WAIT and not unverified:
                     self.runtime.set_admitted(name, request.estimate)  # others count it now
                     if decision.victims:
                         self.heartbeat("stopping " + ", ".join(v.name for v in
@@ -392,6 +408,10 @@ class Activator:
                               wait=not decision.by_count)
                     act.workers(self.config, self.model, request.estimate, decision, snapshot)
                     return
+            if unverified:
+                self.verify_encrypted()  # outside the lock: it reads the whole file
+                verified = True
+                continue
             announced = True
             if time.monotonic() > wait_until:
                 self.counts.count("hoshikage_refusals_total", model=name,
