@@ -62,7 +62,7 @@ def _space(buf: Buffer, i: int) -> int:
     return match.end() if match else i
 
 
-def _string_end(buf: Buffer, i: int) -> int:
+def string_end(buf: Buffer, i: int) -> int:
     """The index after the string that starts at buf[i] ('"')."""
     j = i + 1
     while True:
@@ -91,7 +91,7 @@ def _container_end(buf: Buffer, i: int) -> int:
             raise ValueError(f"unterminated array or object at byte {i}")
         c = buf[i]
         if c == QUOTE:  # a long string (or one without its end: ValueError)
-            i = _string_end(buf, i)
+            i = string_end(buf, i)
             continue
         depth += 1 if c in OPEN else -1
         i += 1
@@ -104,7 +104,7 @@ def _value_end(buf: Buffer, i: int) -> int:
         raise ValueError("a value is missing at the end")
     c = buf[i]
     if c == QUOTE:
-        return _string_end(buf, i)
+        return string_end(buf, i)
     if c in OPEN:
         return _container_end(buf, i)
     match = _SCALAR.match(buf, i)
@@ -134,7 +134,7 @@ def model_of(buf: Buffer) -> str | None:
         while True:
             if i >= len(buf) or buf[i] != QUOTE:
                 raise ValueError(f"expecting a key in double quotes at byte {i}")
-            key_end = _string_end(buf, i)
+            key_end = string_end(buf, i)
             key = loads(bytes(buf[i:key_end]))
             i = _space(buf, key_end)
             if i >= len(buf) or buf[i] != ord(":"):

@@ -26,11 +26,10 @@ import secrets
 from collections.abc import Iterator
 from typing import Any, Final
 
+from hoshikage_sd.router.jsonscan import Buffer, string_end
 from hoshikage_sd.router.ollama.base import _bad
 
-Buffer = bytes | bytearray
-
-#: bodies over this take the long-string path (first_request.LARGE_JSON's bound too)
+#: bodies over this take the long-string path (headstart/request.LARGE_JSON's bound too)
 LARGE: Final = 1 << 20
 #: strings from this many bytes (quotes included) are kept as bytes
 LONG: Final = 1 << 16
@@ -39,7 +38,6 @@ CHUNK: Final = 1 << 20
 #: structure and short strings without escapes, skipped in one match (each string otherwise
 #: costs a turn of the Python loop); it stops before a long string or one with an escape
 _SHORT: Final = re.compile(rb'(?:[^"]*"[^"\\]{0,256}")*')
-BACKSLASH: Final = ord("\\")
 _BOM: Final = b"\xef\xbb\xbf"
 
 
@@ -165,24 +163,12 @@ def _long_strings(buf: Buffer) -> Iterator[tuple[int, int]]:
         start = buf.find(b'"', i)
         if start < 0:
             return
-        i = _string_end(buf, start)
+        try:
+            i = string_end(buf, start)
+        except ValueError as err:
+            raise _bad(f"invalid JSON: {err}") from None
         if i - start >= LONG:
             yield start, i
-
-
-def _string_end(buf: Buffer, i: int) -> int:
-    """The index after the string that starts at buf[i] ('"')."""
-    j = i + 1
-    while True:
-        q = buf.find(b'"', j)
-        if q < 0:
-            raise _bad(f"invalid JSON: unterminated string starting at byte {i}")
-        k = q - 1
-        while k > i and buf[k] == BACKSLASH:
-            k -= 1
-        if (q - 1 - k) % 2 == 0:  # an even run of backslashes: the quote is not escaped
-            return q + 1
-        j = q + 1
 
 
 def _marked(data: Any, longs: dict[str, Long]) -> Any:
