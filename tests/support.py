@@ -7,11 +7,14 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import pytest
 
 from testbed import REPO_ROOT
+
+if TYPE_CHECKING:
+    from testbed.container import Container
 
 T = TypeVar("T")
 
@@ -71,3 +74,11 @@ def listening(port: int, timeout: float = 10.0) -> bool:
         return True
 
     return eventually(accepts, timeout=timeout)
+
+
+def completions(container: Container, script: str, line: str) -> list[str]:
+    """What bash completion offers for `line` in `container`, through argcomplete's `script`
+    (which asks hoshikage for the candidates)."""
+    return container.exec("bash", "-c", f"source {script}; COMP_LINE='{line}' "
+                          f"COMP_POINT={len(line)} COMP_TYPE=9; _python_argcomplete hoshikage; "
+                          'echo "${COMPREPLY[@]}"').stdout.split()

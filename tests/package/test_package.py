@@ -18,7 +18,7 @@ from testbed import REPO_ROOT
 from testbed.container import Container
 from testbed.deploy import Deployment, free_port
 from tests.package.conftest import build_deb, pids_in
-from tests.support import eventually
+from tests.support import completions, eventually
 from tests.system.netns import SUBNET, Lan
 from tests.unit.test_security import BOUNDS
 
@@ -150,16 +150,11 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
     # the journal catalog: systemd's trigger indexed it, so `journalctl -x` explains a record
     assert "/usr/lib/systemd/catalog/hoshikage.catalog" in files
     ready = MESSAGE_IDS["ready"]
-    listed = c.exec("journalctl", "--list-catalog", ready).stdout
-    assert "is ready" in listed and "hoshikage" in listed, listed
+    entry = c.exec("journalctl", "--list-catalog", ready).stdout
+    assert "is ready" in entry and "hoshikage" in entry, entry
 
-    def complete(line: str) -> list[str]:
-        return c.exec("bash", "-c", f"source {completion}; COMP_LINE='{line}' "
-                      f"COMP_POINT={len(line)} COMP_TYPE=9; _python_argcomplete hoshikage; "
-                      'echo "${COMPREPLY[@]}"').stdout.split()
-
-    assert complete("hoshikage sta") == ["status"]
-    assert complete("hoshikage load ti") == ["tiny"]  # the manifest's names
+    assert completions(c, completion, "hoshikage sta") == ["status"]
+    assert completions(c, completion, "hoshikage load ti") == ["tiny"]  # the manifest's names
     assert "1 model(s): tiny" in c.exec("hoshikage", "check").stdout
     # check runs as root but answers for the service user: a model it cannot read is named.
     c.exec("install", "-d", "-m", "0700", "/var/private-models")

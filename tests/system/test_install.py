@@ -13,6 +13,7 @@ import pytest
 from hoshikage_sd.log import MESSAGE_IDS
 from testbed import REPO_ROOT
 from testbed.deploy import Deployment, free_port
+from tests.support import completions
 from tests.system.conftest import ContainerFactory
 
 pytestmark = pytest.mark.system
@@ -64,10 +65,5 @@ def test_tools_install_then_enable_socket(container_factory: ContainerFactory, t
     # bash completion: argcomplete's script asks hoshikage for the candidates
     completion = "/usr/local/share/bash-completion/completions/hoshikage"
 
-    def complete(line: str) -> list[str]:
-        return c.exec("bash", "-c", f"source {completion}; COMP_LINE='{line}' "
-                      f"COMP_POINT={len(line)} COMP_TYPE=9; _python_argcomplete hoshikage; "
-                      'echo "${COMPREPLY[@]}"').stdout.split()
-
-    assert complete("hoshikage sta") == ["status"]
-    assert complete("hoshikage load ti") == ["tiny"]  # the manifest's names
+    assert completions(c, completion, "hoshikage sta") == ["status"]
+    assert completions(c, completion, "hoshikage load ti") == ["tiny"]  # the manifest's names
