@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from hoshikage_sd.admit import needs
 from hoshikage_sd.errors import HoshikageError
@@ -62,12 +62,13 @@ def limits(config: Config) -> Limits:
                   config.memory_budget)
 
 
-def snapshot(config: Config, runtime: Runtime, devices: Mapping[str, int] | None = None
-             ) -> Snapshot:
+def snapshot(config: Config, runtime: Runtime, devices: Mapping[str, int] | None = None,
+             present: Sequence[Resident] | None = None) -> Snapshot:
     """The machine now; `devices`: the GPU devices' totals as the newcomer's llama-server
-    sees them."""
-    return Snapshot(tuple(residents(config, runtime)), memory()[0], dict(devices or {}),
-                    limits(config))
+    sees them; `present`: the residents when read already."""
+    if present is None:
+        present = residents(config, runtime)
+    return Snapshot(tuple(present), memory()[0], dict(devices or {}), limits(config))
 
 
 def inputs(config: Config, model: Model, runtime: Runtime, listing: bool = True
@@ -75,9 +76,12 @@ def inputs(config: Config, model: Model, runtime: Runtime, listing: bool = True
     """Everything admission decides `model` on: the machine, and what `model` will hold in
     RAM, on each GPU device (needs.device_use: `listing` in the model unit only) and on
     which RPC workers. DevicesUnknown when the router cannot judge the model's devices."""
-    on_devices = needs.device_use(config, model, runtime, listing)
+    # a split model's workers are asked for its head's share, but not one a model up holds
+    present = residents(config, runtime) if listing and model.rpc else None
+    on_devices = needs.device_use(config, model, runtime, listing,
+                                  up=[r.name for r in present or ()])
     if on_devices is None:
         raise needs.DevicesUnknown(model.name)
     use, total = on_devices
     request = Request(model.name, needs.estimate(model, runtime), use, frozenset(model.rpc))
-    return snapshot(config, runtime, total), request
+    return snapshot(config, runtime, total, present), request

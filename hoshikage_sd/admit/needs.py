@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.runtime import Runtime, estimate_key
+
+if TYPE_CHECKING:
+    from hoshikage_sd.devices import Device
+    from hoshikage_sd.gguf import GGUFInfo
+    from hoshikage_sd.memory import DeviceEstimate, LoadParams, Offload
 
 logger = logging.getLogger("hoshikage")
 
@@ -53,8 +60,8 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
 DeviceUse = tuple[dict[str, int], dict[str, int]]
 
 
-def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = True
-               ) -> DeviceUse | None:
+def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = True,
+               up: Collection[str] = ()) -> DeviceUse | None:
     """What `model` takes on each GPU device, and the devices' totals.
 
     With `listing` (the model unit: its environment is llama-server's, and so are the
@@ -62,7 +69,11 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
     the model's header and arguments (memory.device_estimate), and remembered. Without (the
     router, whose environment is not the model unit's), the remembered figures when they
     are for the model's files and arguments as they are; None when there are none: the
-    model unit has to judge. A model on no device: ({}, {})."""
+    model unit has to judge. A model on no device: ({}, {}).
+
+    A model split over RPC workers (`up`: the models up, whose workers are not asked) is
+    computed anew at each admission: its head's share follows the workers' free memory
+    (head_share). Its record stays what status and the next admission count it to hold."""
     if model.backend != "llama-server":
         return {}, {}
     if model.rpc and not listing:
@@ -80,7 +91,7 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
 
     env = proc.server_env(model.environment)
     full_key = [key, devices.cache_key(config.llama_server, env)]
-    if known and known[0] == full_key:
+    if known and known[0] == full_key and not model.rpc:
         return known[1], known[2]
     try:
         listed = devices.list_devices(config.llama_server, env, cache_dir=config.runtime_dir)
@@ -97,7 +108,7 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
             info = gguf.read_model_info((model.path, *model.shards))
             params = memory.load_params(info, model.server_args)
             offload = memory.offload_params(model.server_args)
-            placed = memory.device_estimate(info, params, offload, listed)
+            placed = head_share(config, model, info, params, offload, listed, up)
             use = {d: b for d, b in placed.used.items() if b}
             full = bool(use) and placed.gpu_layers >= placed.n_layers
         except Exception as exc:  # a header we cannot read must not block admission
@@ -106,6 +117,41 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
     total = {d.name: d.total for d in listed}
     runtime.set_devices(model.name, full_key, use, total, full)
     return use, total
+
+
+def head_share(config: Config, model: Model, info: GGUFInfo, params: LoadParams,
+               offload: Offload, listed: Sequence[Device], up: Collection[str]
+               ) -> DeviceEstimate:
+    """What `model` puts on the head's own devices (`listed`): split over RPC workers, the
+    layers llama.cpp leaves the head (split_share); else, or where that is not known, every
+    offloaded layer (too high for a split model, never too low)."""
+    from hoshikage_sd import memory
+
+    split = split_share(config, model, info, params, offload, listed, up) if model.rpc \
+        else None
+    return split if split is not None else memory.device_estimate(info, params, offload,
+                                                                  listed)
+
+
+def split_share(config: Config, model: Model, info: GGUFInfo, params: LoadParams,
+                offload: Offload, listed: Sequence[Device], up: Collection[str]
+                ) -> DeviceEstimate | None:
+    """The head's share of a model split over its workers, from each worker's answer
+    (rpc/placement.head_estimate); None when a worker does not answer, lacks a device its
+    `devices:` names, or is held by another model of `up`."""
+    from hoshikage_sd.rpc import placement, workers
+
+    if workers.holders(config, model, up):
+        return None  # it serves one client at a time: the ask would wait out its timeout
+    chosen = [config.workers[w] for w in model.rpc]
+    try:
+        answers = [workers.ask(w) for w in chosen]
+        return placement.head_estimate(info, params, offload, listed, chosen, answers)
+    except (workers.WorkerUnavailable, placement.UnknownDevice) as err:
+        # admission's own ask (admit/act.workers) refuses the load, naming the worker
+        logger.debug("%s's share of its split is not known (%s): its head is counted with "
+                     "every offloaded layer", model.name, err)
+        return None
 
 
 #: the model unit's environment as systemd has it, and when it was asked (monotonic)
