@@ -25,7 +25,7 @@ from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.proxy import Request, Response
 
 if TYPE_CHECKING:
-    from hoshikage_sd.router.server import Router
+    from hoshikage_sd.router.face import RouterFace
 
 logger = logging.getLogger("hoshikage.panel")
 
@@ -53,7 +53,7 @@ POLL_MS = 1000
 _loading: set[asyncio.Task[None]] = set()
 
 
-async def handle(router: Router, request: Request) -> Response:
+async def handle(router: RouterFace, request: Request) -> Response:
     path = request.path
     if not path.startswith(API):
         return static(router, request)
@@ -78,12 +78,12 @@ async def handle(router: Router, request: Request) -> Response:
         "not_found"))
 
 
-def refuse(router: Router, request: Request, why: guard.Refusal) -> Response:
+def refuse(router: RouterFace, request: Request, why: guard.Refusal) -> Response:
     return router.fail(request, api.ApiError(why.status, why.message, code=why.code,
                                              retry=False))
 
 
-def static(router: Router, request: Request) -> Response:
+def static(router: RouterFace, request: Request) -> Response:
     if request.path == "/panel":
         return Response(308, headers=[("Location", "/panel/")])
     entry = STATIC.get(request.path)
@@ -109,12 +109,12 @@ def visible(config: Config, grant: object) -> dict[str, Model]:
     return {n: m for n, m in config.models.items() if grant.allows(n, m.aliases)}
 
 
-def may_act(router: Router, request: Request) -> bool:
+def may_act(router: RouterFace, request: Request) -> bool:
     """With keys, any key may ask (the model's allow-list decides); without, loopback only."""
     return router.gate.spec is not None or guard.loopback(request.peer)
 
 
-async def state(router: Router, request: Request) -> Response:
+async def state(router: RouterFace, request: Request) -> Response:
     from hoshikage_sd.commands import status
     from hoshikage_sd.sd import units as systemd
 
@@ -151,7 +151,7 @@ def query_model(request: Request, models: dict[str, Model], required: bool
     return name
 
 
-async def records(router: Router, request: Request, what: str) -> Response:
+async def records(router: RouterFace, request: Request, what: str) -> Response:
     models = visible(router.config, request.grant)
     name = query_model(request, models, required=what == "logs")
     lines = guard.lines(request.query.get("lines"))
@@ -171,7 +171,7 @@ async def records(router: Router, request: Request, what: str) -> Response:
                                        "problem": problem})
 
 
-async def act(router: Router, request: Request, what: str) -> Response:
+async def act(router: RouterFace, request: Request, what: str) -> Response:
     """POST /panel/api/{load,unload,pin}: checked for cross-site use, then the model."""
     refusal = guard.cross_site(request.header)
     if refusal is None and not may_act(router, request):
@@ -196,7 +196,7 @@ async def act(router: Router, request: Request, what: str) -> Response:
     return await pin(router, request, model, action.pinned)
 
 
-async def load(router: Router, request: Request, model: Model) -> Response:
+async def load(router: RouterFace, request: Request, model: Model) -> Response:
     """Start the model's unit as a request would (the router's own start: its fast path and
     its bookkeeping), without waiting for it: the page shows it staging and serving."""
     from hoshikage_sd.commands import manual
@@ -217,7 +217,7 @@ async def load(router: Router, request: Request, model: Model) -> Response:
     return router.reply(request, 202, {"model": model.name, "loading": True})
 
 
-async def _load(router: Router, model: Model) -> None:
+async def _load(router: RouterFace, model: Model) -> None:
     from hoshikage_sd.router.errors import StartFailed
 
     try:
@@ -226,7 +226,7 @@ async def _load(router: Router, model: Model) -> None:
         logger.warning("%s: the panel's load failed: %s", model.name, exc)
 
 
-async def unload(router: Router, request: Request, model: Model) -> Response:
+async def unload(router: RouterFace, request: Request, model: Model) -> Response:
     from hoshikage_sd.sd import units as systemd
 
     try:
@@ -240,7 +240,7 @@ async def unload(router: Router, request: Request, model: Model) -> Response:
     return router.reply(request, 200, {"model": model.name, "unloaded": up})
 
 
-async def pin(router: Router, request: Request, model: Model, pinned: bool) -> Response:
+async def pin(router: RouterFace, request: Request, model: Model, pinned: bool) -> Response:
     from hoshikage_sd.manifest import names
 
     try:

@@ -32,7 +32,7 @@ from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.proxy import Request, Response
 
 if TYPE_CHECKING:
-    from hoshikage_sd.router.server import Router
+    from hoshikage_sd.router.face import RouterFace
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -74,7 +74,7 @@ def parse(request: Request) -> Asked | api.ApiError:
     return Asked(name)
 
 
-async def handle(router: Router, request: Request) -> Response:
+async def handle(router: RouterFace, request: Request) -> Response:
     """POST /models/load or /models/unload (routes.Route.CONTROL)."""
     if router.gate.spec is None and not loopback(request.peer):
         return router.fail(request, api.ApiError(
@@ -94,7 +94,7 @@ async def handle(router: Router, request: Request) -> Response:
     return response
 
 
-async def load(router: Router, request: Request, model: Model) -> Response:
+async def load(router: RouterFace, request: Request, model: Model) -> Response:
     from hoshikage_sd.commands import manual
 
     denied = router.may_start(request, model)
@@ -119,7 +119,7 @@ async def load(router: Router, request: Request, model: Model) -> Response:
     return answer(router, request, model, "loading")
 
 
-async def _load(router: Router, model: Model) -> None:
+async def _load(router: RouterFace, model: Model) -> None:
     from hoshikage_sd.router.errors import StartFailed
 
     try:
@@ -128,7 +128,7 @@ async def _load(router: Router, model: Model) -> None:
         logger.warning("%s: the load asked over HTTP failed: %s", model.name, exc)
 
 
-async def unload(router: Router, request: Request, model: Model) -> Response:
+async def unload(router: RouterFace, request: Request, model: Model) -> Response:
     from hoshikage_sd.sd import units as systemd
 
     try:
@@ -143,6 +143,6 @@ async def unload(router: Router, request: Request, model: Model) -> Response:
     return answer(router, request, model, "unloaded")
 
 
-def answer(router: Router, request: Request, model: Model, status: str) -> Response:
+def answer(router: RouterFace, request: Request, model: Model, status: str) -> Response:
     return router.reply(request, 200, {"success": True, "model": model.name,
                                        "status": status})

@@ -23,7 +23,7 @@ import os
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from hoshikage_sd.router.server import Router
+    from hoshikage_sd.router.face import RouterFace
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -45,7 +45,7 @@ def claim(runtime_dir: os.PathLike[str] | str) -> bool:
     return True
 
 
-async def at_boot(router: Router) -> list[str]:
+async def at_boot(router: RouterFace) -> list[str]:
     """Start the preload models if this is the boot's first router; the ones now serving."""
     from hoshikage_sd.router.errors import StartFailed
 
