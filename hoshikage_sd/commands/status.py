@@ -83,8 +83,7 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
     import psutil
 
     unit = systemd.model_unit(model.name)
-    props = systemd.show(unit, "ActiveState", "MainPID", "MemoryCurrent", "StatusText") \
-        if model.name in active else {}
+    props = unit_props(unit) if model.name in active else {}
     state = props.get("ActiveState", "inactive")
     if not props and runtime.error(model.name) is not None:
         # not up: failed (a unit in "failed" is listed as loaded, so not here) or never
@@ -122,6 +121,24 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         since=running.started if serving and running else None)
 
 
+#: what status shows of a model unit that is up, and the interface of each
+UNIT_PROPS = {"ActiveState": "org.freedesktop.systemd1.Unit",
+              "MainPID": "org.freedesktop.systemd1.Service",
+              "MemoryCurrent": "org.freedesktop.systemd1.Service",
+              "StatusText": "org.freedesktop.systemd1.Service"}
+
+
+def unit_props(unit: str) -> dict[str, str]:
+    """A model unit's UNIT_PROPS as `systemctl show` prints them: over D-Bus (no process
+    per loaded model on each of the panel's polls), else from systemctl."""
+    from hoshikage_sd.sd import bus
+
+    try:
+        return bus.unit_properties(unit, UNIT_PROPS)
+    except (bus.BusUnavailable, bus.BusError):
+        return systemd.show(unit, *UNIT_PROPS)
+
+
 def copying_bytes(config: Config, name: str) -> int | None:
     """Bytes written so far of the model's RAM-disk copy being made (staging.Store's
     temporaries), None when none is."""
@@ -153,11 +170,13 @@ def devices_in_use(runtime: Runtime, names: list[str]) -> list[dict[str, Any]]:
 
 
 def gather(config: Config, active: set[str] | None = None,
-           in_flight: Mapping[str, int] | None = None) -> dict[str, Any]:
+           in_flight: Mapping[str, int] | None = None,
+           router: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What `status --json` prints and the web panel shows (router/panel): every model, the
     RAM disk, memory, copies to the SSD cache under way, and the metrics' counters (the same
     facts /metrics has). `active`: the model units up (else asked of systemd, or the
-    command dies); `in_flight`: the router's requests in flight per model."""
+    command dies); `in_flight`: the router's requests in flight per model; `router`: the
+    router's own account of itself (router_state()'s fields), else systemd is asked."""
     from hoshikage_sd import metrics
     from hoshikage_sd.rpc import workers as rpc_workers
 
@@ -181,7 +200,7 @@ def gather(config: Config, active: set[str] | None = None,
                             "cache_dir": str(config.cache.dir) if config.cache else None})
     totals = metrics.read(config.runtime_dir)
     return {
-        "router": router_state(),
+        "router": dict(router) if router is not None else router_state(),
         "time": now,
         "models": [dataclasses.asdict(m) for m in models],
         "loaded": [m.name for m in models if m.llama_server_pid is not None],
@@ -202,20 +221,13 @@ def gather(config: Config, active: set[str] | None = None,
 
 #: the router's units: the socket systemd listens on, the service it starts
 SOCKET_UNIT, ROUTER_UNIT = "hoshikage.socket", "hoshikage.service"
-#: how long router_state() answers from its last look: the panel asks gather() every second
-#: and a look is a systemctl (a process); the router's state changes rarely
-ROUTER_STATE_TTL = 5.0
-_router_seen: tuple[float, dict[str, Any]] | None = None
 
 
 def router_state() -> dict[str, Any]:
     """The router as systemd has it: whether it runs (and its PID), and where the socket
     listens (its ListenStream=, what clients connect to): null fields where systemd cannot
-    be asked (nothing is started to find out)."""
-    global _router_seen
-    now = time.monotonic()
-    if _router_seen is not None and now - _router_seen[0] < ROUTER_STATE_TTL:
-        return dict(_router_seen[1])
+    be asked (nothing is started to find out). One systemctl: the router itself asks once
+    in its life (panel/serve.py), not on each of the panel's polls."""
     try:
         out = systemd.systemctl("show", SOCKET_UNIT, ROUTER_UNIT, "--property=Id",
                                 "--property=ActiveState", "--property=MainPID",
@@ -225,15 +237,13 @@ def router_state() -> dict[str, Any]:
     units = parse_show(out)
     socket, service = units.get(SOCKET_UNIT, {}), units.get(ROUTER_UNIT, {})
     pid = service.get("MainPID", "")
-    state = {
+    return {
         "state": service.get("ActiveState") or None,
         "running": service.get("ActiveState") in ("active", "reloading", "deactivating"),
         "pid": int(pid) if pid.isdigit() and pid != "0" else None,
         "socket_state": socket.get("ActiveState") or None,
         "listen": listen_addresses(socket.get("Listen", "")),
     }
-    _router_seen = (now, state)
-    return dict(state)
 
 
 def parse_show(text: str) -> dict[str, dict[str, str]]:

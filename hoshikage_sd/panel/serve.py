@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from hoshikage_sd import __version__
@@ -51,6 +52,8 @@ API = "/panel/api/"
 POLL_MS = 1000
 #: load tasks started from the panel (kept referenced until done)
 _loading: set[asyncio.Task[None]] = set()
+#: the router's socket as systemd had it at this router's first state request (own_state)
+_socket_seen: dict[str, Any] | None = None
 
 
 async def handle(router: RouterFace, request: Request) -> Response:
@@ -127,7 +130,7 @@ async def state(router: RouterFace, request: Request) -> Response:
             503, f"cannot ask systemd which models are up: {err.message}", "systemd"))
     shown = dataclasses.replace(config, models=models)
     data = await asyncio.to_thread(status.gather, shown, active & set(models),
-                                   dict(router.in_flight))
+                                   dict(router.in_flight), await own_state())
     if len(models) != len(config.models):
         data.pop("counters", None)  # they name the other models
         data.pop("counters_since", None)
@@ -135,6 +138,19 @@ async def state(router: RouterFace, request: Request) -> Response:
                      "may_act": may_act(router, request), "poll_ms": POLL_MS,
                      "min_reload_seconds": config.min_reload_seconds}
     return router.reply(request, 200, data)
+
+
+async def own_state() -> dict[str, Any]:
+    """The router's facts for the state (status.router_state's fields): it answers, so it
+    runs, with this PID; where its socket listens systemd says, asked once in this router's
+    life (a systemctl: not a process on each poll)."""
+    global _socket_seen
+    if _socket_seen is None:
+        from hoshikage_sd.commands import status
+
+        seen = await asyncio.to_thread(status.router_state)
+        _socket_seen = {"socket_state": seen["socket_state"], "listen": seen["listen"]}
+    return {"state": "active", "running": True, "pid": os.getpid(), **_socket_seen}
 
 
 def query_model(request: Request, models: dict[str, Model], required: bool

@@ -28,6 +28,8 @@ SYSTEM_BUS = "/run/dbus/system_bus_socket"
 MANAGER = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1",
            "org.freedesktop.systemd1.Manager")
 DAEMON = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
+PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
 class BusUnavailable(OSError):
@@ -117,8 +119,10 @@ class Connection:
         self.buffer = bytearray(rest)
 
     def call(self, method: str, signature: str | None = None,
-             body: tuple[Any, ...] = ()) -> tuple[Any, ...]:
-        """A method call on org.freedesktop.systemd1.Manager; its reply's body."""
+             body: tuple[Any, ...] = (), target: tuple[str, str, str] = MANAGER
+             ) -> tuple[Any, ...]:
+        """A method call on org.freedesktop.systemd1.Manager (or `target`: destination,
+        object path, interface); its reply's body."""
         sock = self.sock or self._connect()
         deadline = time.monotonic() + self.timeout
         request = b""
@@ -126,7 +130,7 @@ class Connection:
             self.serial = 1
             request = wire.method_call(1, *DAEMON, "Hello")
         self.serial += 1
-        request += wire.method_call(self.serial, *MANAGER, method, signature or "", body)
+        request += wire.method_call(self.serial, *target, method, signature or "", body)
         sock.sendall(request)
         message = self._reply(sock, self.serial, deadline)
         if message.kind == wire.ERROR:
@@ -177,6 +181,31 @@ def call(method: str, signature: str | None = None, body: tuple[Any, ...] = (),
         return conn.call(method, signature, body)
     with Connection(path, hello, timeout) as own:
         return own.call(method, signature, body)
+
+
+def unit_path(unit: str) -> str:
+    """The unit's object path (sd_bus_path_encode: every byte but [A-Za-z0-9] as _xx)."""
+    encoded = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}"
+                      for b in unit.encode())
+    return UNIT_PREFIX + (encoded or "_")
+
+
+def unit_properties(unit: str, wanted: dict[str, str], conn: Connection | None = None
+                    ) -> dict[str, str]:
+    """The unit's properties (`wanted`: each name's interface, as org.freedesktop.systemd1.
+    Service for MainPID) as `systemctl show` prints them, over one connection: no process
+    (the web panel asks for the loaded models' every second). An unset number (the maximum
+    of its type, e.g. MemoryCurrent without accounting) is ""."""
+    if conn is None:
+        with Connection() as own:
+            return unit_properties(unit, wanted, own)
+    target = (MANAGER[0], unit_path(unit), PROPERTIES)
+    out = {}
+    for name, interface in wanted.items():
+        (value,) = conn.call("Get", "ss", (interface, name), target)
+        out[name] = "" if isinstance(value, int) and value in (2**64 - 1, 2**32 - 1) \
+            else str(value)
+    return out
 
 
 def _recv(sock: _socket.socket, deadline: float, when: str) -> bytes:

@@ -192,3 +192,32 @@ def test_one_connection_carries_several_calls(peer: Callable[[Script], str]) -> 
         (state,) = bus.list_units(["hoshikage-model@*.service"], conn=conn)
         assert (state.name, state.active) == ("hoshikage-model@a.service", "failed")
         assert bus.start_unit("hoshikage-model@a.service", conn=conn) == "/job/5"
+
+
+def test_unit_properties_as_systemctl_show_prints_them(peer: Callable[[Script], str]) -> None:
+    """The panel's per-poll look at a loaded model: Properties.Get on the unit's object path
+    (escaped as sd-bus does), one connection; an unset number reads as systemctl's "" does."""
+    unit = "hoshikage-model@tiny.service"
+    answers = {"ActiveState": ("s", "active"), "MainPID": ("u", 4242),
+               "MemoryCurrent": ("t", 2**64 - 1)}
+
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"OK 0123456789abcdef\r\n")
+        for _ in answers:
+            call = read_call(conn)
+            fields = call.header.fields
+            assert fields[1] == "/org/freedesktop/systemd1/unit/hoshikage_2dmodel_40tiny_2eservice"
+            assert (fields[2], fields[3]) == ("org.freedesktop.DBus.Properties", "Get")
+            interface, name = call.body
+            assert interface == ("org.freedesktop.systemd1.Unit" if name == "ActiveState"
+                                 else "org.freedesktop.systemd1.Service")
+            conn.sendall(signal_bytes(9) + new_method_return(call, "v", (answers[name],))
+                         .serialise(serial=10))
+
+    path = peer(script)
+    with bus.Connection(path, hello=False) as conn:
+        assert bus.unit_properties(unit, {
+            "ActiveState": "org.freedesktop.systemd1.Unit",
+            "MainPID": "org.freedesktop.systemd1.Service",
+            "MemoryCurrent": "org.freedesktop.systemd1.Service"}, conn) == {
+            "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": ""}

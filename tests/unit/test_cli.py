@@ -137,7 +137,6 @@ def test_router_state_from_systemctl_show(monkeypatch: pytest.MonkeyPatch) -> No
     assert units["hoshikage.service"]["MainPID"] == "812"
     assert status.listen_addresses(units["hoshikage.socket"]["Listen"]) == [
         "127.0.0.1:8080", "[::1]:8080"]
-    monkeypatch.setattr(status, "_router_seen", None)
     monkeypatch.setattr(status.systemd, "systemctl", lambda *a, **k: SHOW)
     assert status.router_state() == {"state": "active", "running": True, "pid": 812,
                                      "socket_state": "active",
@@ -163,10 +162,9 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     runtime.set_running("tiny", Running(os.getpid(), "/rd/tiny.gguf", time.time() - 300))
     runtime.set_activity("tiny", Activity(0, time.time() - 60, 0))
     monkeypatch.setattr(status.systemd, "active_model_units", lambda *a: ["tiny"])
-    monkeypatch.setattr(status.systemd, "show", lambda unit, *props: {
+    monkeypatch.setattr(status, "unit_props", lambda unit: {
         "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": str(5 << 20),
         "StatusText": "serving tiny"})
-    monkeypatch.setattr(status, "_router_seen", None)
     monkeypatch.setattr(status.systemd, "systemctl", lambda *a, **k: SHOW)
     assert status.status(config) == 0
     out = capsys.readouterr().out
@@ -370,7 +368,7 @@ def test_status_says_a_pinned_model_has_no_idle_stop(
     config = manifest.load(path)
     Runtime(config.runtime_dir).set_running("tiny", Running(os.getpid(), "/x", time.time()))
     monkeypatch.setattr(status.systemd, "active_model_units", lambda *a: ["tiny"])
-    monkeypatch.setattr(status.systemd, "show", lambda unit, *props: {"ActiveState": "active"})
+    monkeypatch.setattr(status, "unit_props", lambda unit: {"ActiveState": "active"})
     monkeypatch.setattr(status, "router_state", lambda: {
         "state": None, "running": False, "pid": None, "socket_state": None, "listen": []})
     status.status(config)

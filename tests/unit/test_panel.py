@@ -184,7 +184,7 @@ def test_a_copy_being_made_is_staging_with_its_bytes(tmp_path: Path,
     ramdisk = router.config.ramdisk
     ramdisk.mkdir()
     (ramdisk / ".tiny.gguf.tmp-123-0").write_bytes(bytes(40))
-    monkeypatch.setattr(systemd, "show", lambda unit, *props: {
+    monkeypatch.setattr(status, "unit_props", lambda unit: {
         "ActiveState": "activating", "MainPID": "77", "MemoryCurrent": "4096"})
     tiny = status.gather(router.config, {"tiny"})["models"][0]
     assert (tiny["phase"], tiny["copying_bytes"], tiny["pid"]) == ("staging", 40, 77)

@@ -91,6 +91,7 @@ function schedule(ms) {
 async function poll() {
   if (document.hidden || polling) return;  // visibilitychange starts it again
   polling = true;
+  const began = performance.now();
   let wait = 1000;
   try {
     const r = await fetch("api/state", { headers: headers(), cache: "no-store" });
@@ -110,7 +111,9 @@ async function poll() {
     wait = 2000;
   }
   polling = false;
-  schedule(wait);
+  // a poll every `wait` from start to start: a change shows within one period and one
+  // answer, however long the answer took
+  schedule(Math.max(0, wait - (performance.now() - began)));
 }
 
 function clearModels() {
