@@ -26,7 +26,7 @@ import pytest
 from testbed import REPO_ROOT
 from testbed.container import Container, unavailable_reason
 from testbed.deploy import MODELS_IN_CONTAINER, hoshikage_bin, install_files, manifest
-from tests.support import unavailable
+from tests.support import in_ci, unavailable
 from tests.system.netns import SUBNET, Lan
 
 pytestmark = pytest.mark.system
@@ -84,6 +84,21 @@ def server_args(head: Container, model: str) -> list[str]:
     raise AssertionError(f"no llama-server among {pid} {children}")
 
 
+#: what admission counts on the head's own GPU device for a model (admit/needs.device_use,
+#: as the model unit asks it), by model: lavapipe's Vulkan0 as llama-server lists it here
+HEAD_SHARE = """
+import json, sys, tempfile
+from dataclasses import replace
+from pathlib import Path
+from hoshikage_sd.admit import needs
+from hoshikage_sd.manifest.parse import load
+from hoshikage_sd.runtime import Runtime
+c = replace(load(Path("/etc/hoshikage/models.yaml")), runtime_dir=Path(tempfile.mkdtemp()))
+uses = {n: needs.device_use(c, c.models[n], Runtime(c.runtime_dir)) for n in sys.argv[1:]}
+print(json.dumps({n: u[0].get("Vulkan0", 0) if u else None for n, u in uses.items()}))
+"""
+
+
 def setup_worker(worker: Container, server: Path) -> None:
     units = worker.root / "etc/systemd/system"
     units.mkdir(parents=True, exist_ok=True)
@@ -106,7 +121,7 @@ def machines(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path,
         unavailable(reason)
     models = tmp_path_factory.mktemp("models")
     models.chmod(0o755)  # mktemp's 0700: the head's units run as user hoshikage
-    for name in ("solo", "split", "nofit", "other"):
+    for name in ("solo", "split", "nofit", "other", "gpusolo", "gpusplit"):
         shutil.copyfile(tiny_gguf, models / f"{name}.gguf")
     # the wheel's directory (the server and its libraries) at a path outside /tmp: the
     # worker's DynamicUser= implies a PrivateTmp= that cannot be turned off, and would hide
@@ -135,7 +150,11 @@ def machines(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path,
                 "solo": "ttl: 1h" + args,
                 "split": "ttl: 4s\nrpc: [w2, w3]" + args,
                 "nofit": "rpc: [tight]" + args,
-                "other": "ttl: 4s\nrpc: [w2]" + args}, router_idle_exit="5s")
+                "other": "ttl: 4s\nrpc: [w2]" + args,
+                # never loaded: what admission counts on the head's lavapipe (HEAD_SHARE)
+                "gpusolo": "env: {GGML_VK_VISIBLE_DEVICES: '0'}" + args,
+                "gpusplit": "env: {GGML_VK_VISIBLE_DEVICES: '0'}\nrpc: [w2, w3]" + args},
+                router_idle_exit="5s")
             text = text.replace("models:\n", f"workers:\n  w2: {SUBNET}.2:50052\n"
                                 # its one device named: llama-server gets --device
                                 f"  w3: {{address: '{SUBNET}.3:50052', devices: [0]}}\n"
@@ -158,6 +177,13 @@ def test_a_model_split_over_two_workers(machines: Any) -> None:
     assert worker_processes(w2) == [] and worker_processes(w3) == []  # nothing runs idle
     checked = head.exec(str(hoshikage_bin()), "check", "--json", check=False).stdout
     assert "worker '" not in checked, checked  # both answer, both reachable
+
+    # the head's GPU holds its share of a split model: the workers' answers (w3's device
+    # 0 only) take their part of the layers off it
+    share = json.loads(head.exec(sys.executable, "-c", HEAD_SHARE, "gpusolo",
+                                 "gpusplit").stdout)
+    assert share["gpusolo"] or not in_ci(), "no lavapipe: apt install mesa-vulkan-drivers"
+    assert share["gpusplit"] < share["gpusolo"] or not share["gpusolo"], share
 
     # admission asks the worker and refuses a split that does not fit it (memory: 64K)
     code, reply = chat(head, "nofit")
