@@ -32,6 +32,10 @@ ROUTER_SOCKET = "router.notify"
 #: the datagram on that socket that says "read the manifest and names.json again now"
 #: (`hoshikage reload`; a model's name never starts with "!")
 RELOAD = b"!reload"
+#: admitted records: $RUNTIME_DIRECTORY/ADMITTED_DIR/NAME.json, {"estimate": BYTES}, left with
+#: the ticket by whoever admitted the model (the router, its head start, the activator):
+#: the memory others count for it until its unit runs or goes (runtime.Runtime reads it)
+ADMITTED_DIR = "admitted"
 #: seconds a ticket stays good: one the unit did not take by then is from a start that failed
 TICKET_TTL = 30.0
 #: what a launcher started: $RUNTIME_DIRECTORY/LAUNCHED_DIR/NAME, "PID SPAWNED HEALTHY\n"
@@ -154,6 +158,17 @@ def write_ticket(runtime_dir: str, name: str, socket: str, health: str,
     fields += [b"", *map(_encode, argv)]
     write_file(ticket_path(runtime_dir, name), b"\0".join(fields), 0o600,
                (runtime_dir, f"{runtime_dir}/{TICKET_DIR}"))
+
+
+def admitted_path(runtime_dir: str, name: str) -> str:
+    return f"{runtime_dir}/{ADMITTED_DIR}/{name}.json"
+
+
+def write_admitted(runtime_dir: str, name: str, estimate: int) -> None:
+    """The admitted record (see ADMITTED_DIR): others count the model's memory from now on.
+    JSON as json.dumps writes it, without json's import on the head start's path."""
+    write_file(admitted_path(runtime_dir, name), f'{{"estimate": {int(estimate)}}}'.encode(),
+               parents=(runtime_dir, f"{runtime_dir}/{ADMITTED_DIR}"))
 
 
 def launched_path(runtime_dir: str, name: str) -> str:

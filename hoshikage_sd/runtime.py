@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hoshikage_sd import statefile
+from hoshikage_sd import protocol, statefile
 from hoshikage_sd.files import write_atomic
 from hoshikage_sd.host import pid_exists
 
@@ -256,11 +256,11 @@ class Runtime:
 
     def admitted(self, name: str) -> int | None:
         """The estimate a starting model was admitted with (it holds or will hold that)."""
-        record = self._read("admitted", name, _Admitted)
+        record = self._read(protocol.ADMITTED_DIR, name, _Admitted)
         return record.estimate if record else None
 
     def set_admitted(self, name: str, estimate: int) -> None:
-        self._write("admitted", name, {"estimate": estimate})
+        protocol.write_admitted(str(self.dir), name, estimate)
 
     def estimate(self, name: str) -> tuple[list[Any], int] | None:
         """A remembered memory estimate: (what it was computed from, bytes)."""

@@ -169,6 +169,7 @@ def test_admit_leaves_the_ticket_and_the_promise_only_with_nothing_else_up(
     ticket = protocol.take_ticket(str(config.runtime_dir), "a")
     model = config.models["a"]
     assert [arg.decode() for arg in ticket.argv] == config.server_argv(model, Files.of(model))
-    admit.write_admitted(str(config.runtime_dir), "b", 5)
+    protocol.write_admitted(str(config.runtime_dir), "b", 5)
+    assert runtime.admitted("b") == 5  # one record, one writer: Runtime reads it
     admit.withdraw(str(config.runtime_dir), "b")
     assert runtime.admitted("b") is None

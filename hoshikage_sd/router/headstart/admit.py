@@ -74,7 +74,7 @@ def admit(index: dict[str, Any], model: dict[str, Any], conn: bus.Connection | N
         state = next((u.active for u in loaded if u.name == model["unit"]), "inactive")
         if any(u.active in units.UP_STATES for u in loaded):
             return None, state
-        write_admitted(runtime, model["name"], numbers[0])
+        protocol.write_admitted(runtime, model["name"], numbers[0])
         protocol.write_ticket(runtime, model["name"], model["socket"], model["health"],
                               launch["env"], launch["argv"])
     finally:
@@ -82,16 +82,9 @@ def admit(index: dict[str, Any], model: dict[str, Any], conn: bus.Connection | N
     return numbers, state
 
 
-def write_admitted(runtime: str, name: str, estimate: int) -> None:
-    """Runtime.set_admitted without pathlib: others count the model's memory from now on."""
-    protocol.write_file(f"{runtime}/admitted/{name}.json",  # json.dumps's, without json
-                        f'{{"estimate": {int(estimate)}}}'.encode(),
-                        parents=(runtime, f"{runtime}/admitted"))
-
-
 def withdraw(runtime: str, name: str) -> None:
     """The unit could not be started: no ticket and no promise left behind."""
-    for path in (protocol.ticket_path(runtime, name), f"{runtime}/admitted/{name}.json"):
+    for path in (protocol.ticket_path(runtime, name), protocol.admitted_path(runtime, name)):
         try:  # noqa: SIM105 (contextlib: an import more on the head start's path)
             os.unlink(path)
         except OSError:
