@@ -296,13 +296,11 @@ def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | 
     there is neither and the helper should exit without doing anything."""
     from hoshikage_sd import log
     from hoshikage_sd.errors import HoshikageError
-    from hoshikage_sd.manifest import Config, compiled, config_path, names, snapshot
+    from hoshikage_sd.lastgood import load_or_last_good
+    from hoshikage_sd.manifest import Config, config_path
 
-    kept = compiled.load(path or config_path(), snapshot.default_dir())
-    if kept is not None:
-        return kept
     try:
-        return names.effective(snapshot.load_or_last_good(path))
+        return load_or_last_good(path)
     except HoshikageError as err:
         if args.command in ("idle-watch", "cache-sync"):
             # Exit cleanly: a failing oneshot would only add noise; the reason is the error.
@@ -312,11 +310,16 @@ def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | 
             # Clean up at the default places rather than leave a copy on the RAM disk.
             log.log.error("release %s at the default places: %s", args.name, err.message)
             return Config(source=path or config_path())
+        import os
+        from pathlib import Path
+
+        from hoshikage_sd import protocol
         from hoshikage_sd.manifest import NAME_RE
         from hoshikage_sd.runtime import Runtime
 
         if NAME_RE.match(args.name):  # the router reads this as the reason of the failure
-            Runtime(snapshot.default_dir()).set_error(args.name, err.message)
+            shared = protocol.runtime_dir(os.environ.get("RUNTIME_DIRECTORY"))
+            Runtime(Path(shared)).set_error(args.name, err.message)
         raise
 
 

@@ -1,5 +1,5 @@
-"""A file's identity, to tell whether it is still the file something was made from (the name
-index, the kept manifest). `os` only: the head start reads the name index with it."""
+"""A file's identity, to tell whether it is still the file something was made from (the kept
+manifest, lastgood.py). `os` only: the head start checks the kept manifest with it."""
 
 from __future__ import annotations
 

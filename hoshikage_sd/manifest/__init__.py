@@ -2,11 +2,12 @@
 
 model.py holds the dataclasses, parse.py reads models.yaml into them (nodes.py: node-by-node
 YAML with line numbers), names.py lays the CLI's aliases and tags (names.json) over them,
-compiled.py keeps the router's last parse for the programs that start often.
+codec.py turns a Config into JSON and back (for hoshikage_sd/lastgood.py: the router's last
+good manifest, kept for the programs that start often).
 
 The parser (and PyYAML with it) is imported on first use of one of its names: a program that
-finds the router's kept parse (compiled.py) never needs it. (The parse function is
-manifest.parse.parse: `manifest.parse` is that module.)
+finds the router's last good manifest current (lastgood.py) never needs it. (The parse
+function is manifest.parse.parse: `manifest.parse` is that module.)
 """
 
 from typing import TYPE_CHECKING, Any

@@ -268,7 +268,7 @@ class Config:
     start_timeout: float = 600.0
     default_model: str | None = None
     sources: tuple[Source, ...] = ()
-    #: every directory the scan of `sources:` looked into (manifest/compiled.py's inputs)
+    #: every directory the scan of `sources:` looked into (kept.inputs: the kept manifest's)
     scanned: tuple[Path, ...] = ()
     state_dir: Path = Path("/var/lib/hoshikage")
     strict_names: bool = False

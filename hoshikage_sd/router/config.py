@@ -6,34 +6,29 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hoshikage_sd.fileid import identity
-from hoshikage_sd.manifest import Config, compiled, names, snapshot
-from hoshikage_sd.router.headstart import index as name_index
+from hoshikage_sd import lastgood
+from hoshikage_sd.manifest import Config, load, names
+from hoshikage_sd.router.headstart import index
 
 
 def load_config(source: Path) -> Config:
     """The manifest with the CLI's names over it; HoshikageError (file:line, what is wrong)
-    when the manifest cannot be used. A good one becomes the last good copy that the units
-    the router starts fall back to (manifest/snapshot.py), the kept parse that they and the
-    next router read instead of parsing (manifest/compiled.py), and the index of its names
-    that the next router's head start resolves the waking request with (headstart/index.py). A
-    names.json of the wrong shape is reported and what is usable of it applies
-    (names.effective): it never stops the router."""
-    kept = compiled.load(source, snapshot.default_dir())
-    if kept is not None and name_index.adopt():
-        return kept  # all three are as a parse of these same files would leave them
+    when the manifest cannot be used. A good one is kept (hoshikage_sd/lastgood.py): the last
+    good manifest that the units the router starts fall back to, the parse that they and
+    the next router read instead of parsing while its files are as they were, and the name
+    index that the next router's head start resolves the waking request with
+    (headstart/index.py). A names.json of the wrong shape is reported and what is usable of
+    it applies (names.effective): it never stops the router."""
+    config = lastgood.load(source)
+    if config is not None:
+        return config  # what a parse of these same files would give, kept whole
     began = time.time()
-    before = identity(str(source))
-    parsed = snapshot.load_and_save(source)
-    names_file = str(names.path(parsed))
-    names_before = identity(names_file)
-    config = names.effective(parsed)
-    # Identities taken before the reads and found the same after: the index describes
-    # exactly these files (an edit in between leaves no index rather than a wrong one).
-    files = {str(source): before, names_file: names_before}
-    if before is not None and all(identity(p) == i for p, i in files.items()):
-        name_index.write(config, files)
-    else:
-        name_index.remove()
-    compiled.save(config, snapshot.default_dir(), began)
+    config = names.effective(load(source))
+    lastgood.save(config, began, index.build)
     return config
+
+
+def refresh_index(config: Config) -> None:
+    """The name index of `config` written again (lastgood.refresh): a model's estimate,
+    remembered once it started, lets the next head start admit it."""
+    lastgood.refresh(config, index.build)

@@ -46,9 +46,8 @@ from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
 from hoshikage_sd.router.call import Call
-from hoshikage_sd.router.config import load_config
+from hoshikage_sd.router.config import load_config, refresh_index
 from hoshikage_sd.router.errors import StartFailed
-from hoshikage_sd.router.headstart import index as name_index
 from hoshikage_sd.router.headstart.request import model_name_of
 from hoshikage_sd.router.headstart.take import FirstRequest
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
@@ -297,7 +296,7 @@ class Router:
                     "announced by its unit" if announced.is_set() else "probed")
         self.ready.add(model.name)
         # its estimate is remembered now: the next router's head start may admit it
-        await asyncio.to_thread(name_index.refresh, self.config)
+        await asyncio.to_thread(refresh_index, self.config)
 
     def early_start(self, name: str) -> bool:
         """Is the model's unit the head start's, on its way? For this router's first start

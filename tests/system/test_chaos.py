@@ -339,16 +339,13 @@ def break_the_manifest(hk: Deployment, since: str) -> None:
         "keeping the last good manifest" in e for e in errors_since(hk, since)), timeout=10)
 
 
-def test_a_start_uses_the_last_good_manifest_copy_when_the_file_breaks(
-        hk: Deployment, llama_server_bin: Path) -> None:
-    """The unit's side: with the router's copy in place (written here as the router's
-    snapshot.save would), a broken edit does not fail a start the router admits."""
-    from hoshikage_sd.manifest import snapshot
-
+def test_a_start_uses_the_routers_last_good_manifest_when_the_file_breaks(
+        hk: Deployment) -> None:
+    """The router keeps its manifest when it starts (/run/hoshikage/manifest.json); a broken
+    edit then does not fail a start the router admits: the unit takes the kept one."""
     start_router_without_a_model(hk)
-    copy = hk.container.root / "run/hoshikage/manifest.yaml"
-    copy.write_text(f"{snapshot.HEADER}/etc/hoshikage/models.yaml\n"
-                    + tiny_manifest(llama_server_bin))
+    kept = json.loads((hk.container.root / "run/hoshikage/manifest.json").read_bytes())
+    assert kept["source"] == "/etc/hoshikage/models.yaml" and "tiny" in kept["config"]["models"]
     since = cursor(hk)
     break_the_manifest(hk, since)
     chat_ok(hk)
@@ -359,21 +356,12 @@ def test_a_start_uses_the_last_good_manifest_copy_when_the_file_breaks(
     assert_no_errors_but(hk, since, r"^hoshikage-router: .*/etc/hoshikage/models\.yaml")
 
 
-def test_a_start_uses_the_routers_last_good_manifest_when_the_file_breaks(
-        hk: Deployment) -> None:
-    start_router_without_a_model(hk)
-    since = cursor(hk)
-    break_the_manifest(hk, since)
-    chat_ok(hk)
-    assert_no_errors_but(hk, since, r"^hoshikage-router: .*/etc/hoshikage/models\.yaml")
-
-
 def test_idle_watch_and_cache_exit_cleanly_when_manifest_and_copy_are_broken(
         hk: Deployment) -> None:
     chat_ok(hk)
     since = cursor(hk)
     (hk.container.root / "etc/hoshikage/models.yaml").write_text(BROKEN_MANIFEST)
-    (hk.container.root / "run/hoshikage/manifest.yaml").unlink(missing_ok=True)
+    (hk.container.root / "run/hoshikage/manifest.json").unlink(missing_ok=True)
     hk.container.systemctl("start", "hoshikage-cache.service", check=False)
     hk.wait_for("two runs of the idle watch", lambda: len([
         e for e in errors_since(hk, since) if "idle-watch: nothing done" in e]) >= 2,

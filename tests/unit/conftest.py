@@ -10,8 +10,8 @@ import pytest
 @pytest.fixture(autouse=True)
 def units_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """$RUNTIME_DIRECTORY (systemd sets it for the units) is the test's own: what the router
-    and the CLI keep there (the last good manifest, the name index, the kept parse) never
-    lands in the host's /run/hoshikage."""
+    and the CLI keep there (the last good manifest, manifest.json) never lands in the host's
+    /run/hoshikage."""
     path = tmp_path / "units-runtime"
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(path))
     return path

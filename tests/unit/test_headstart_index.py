@@ -1,5 +1,6 @@
-"""The head start's name index (router/headstart/index.py) and the head start that reads it
-(headstart/take.take_early): it names the model resolve() names, or nothing."""
+"""The head start's name index (router/headstart/index.py, in the router's kept manifest) and
+the head start that reads it (headstart/take.take_early): it names the model resolve()
+names, or nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import protocol
+from hoshikage_sd import lastgood, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, names
 from hoshikage_sd.resolve import resolve
@@ -36,6 +37,8 @@ MANIFEST = """
         path: /m/g.gguf
         aliases: [Gem]
 """
+#: the rule itself, which the fixture sets aside (test_lastgood.py checks it)
+RACY = lastgood.RACY
 NAMES = ["qwen3-8b", "qwen", "tool", "big", "Gem", "gem", "GEMMA", "32b", "qwen3-32", "nope",
          "", None, "qwen3", "q", "3", ":latest"]
 
@@ -43,14 +46,15 @@ NAMES = ["qwen3-8b", "qwen", "tool", "big", "Gem", "gem", "GEMMA", "32b", "qwen3
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A manifest at $HOSHIKAGE_CONFIG, the router's runtime directory at
-    $RUNTIME_DIRECTORY; returns the manifest's path."""
+    $RUNTIME_DIRECTORY; returns the manifest's path. The test's own writes count as settled
+    however soon a parse follows them (lastgood.RACY: none is made during one)."""
     run, state = tmp_path / "run", tmp_path / "state"
     (tmp_path / "shared").mkdir()
     path = tmp_path / "models.yaml"
     path.write_text(textwrap.dedent(MANIFEST.format(run=run, state=state)))
     monkeypatch.setenv("HOSHIKAGE_CONFIG", str(path))
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "shared"))
-    name_index._written.clear()
+    monkeypatch.setattr(lastgood, "RACY", 0.0)
     return path
 
 
@@ -74,7 +78,7 @@ def test_the_index_resolves_as_resolve_does(setup: Path) -> None:
     config = load_config(setup)
     index = name_index.read()
     assert index is not None
-    assert Path(name_index.index_path()).stat().st_mode & 0o777 == 0o640
+    assert Path(lastgood.path()).stat().st_mode & 0o777 == 0o640
     for name in NAMES:
         want = expected(config, name)
         # several partial matches: resolve() picks by rank, the index leaves it to it
@@ -131,17 +135,19 @@ def test_a_changed_manifest_or_names_file_makes_the_index_stale(
     monkeypatch.setenv("HOSHIKAGE_CONFIG", str(setup.with_name("other.yaml")))
     assert name_index.read() is None  # another manifest
     monkeypatch.setenv("HOSHIKAGE_CONFIG", str(setup))
-    data = json.loads(Path(name_index.index_path()).read_text())
-    Path(name_index.index_path()).write_text(json.dumps({**data, "version": 0}))
+    data = json.loads(Path(lastgood.path()).read_text())
+    Path(lastgood.path()).write_text(json.dumps({**data, "version": 0}))
     assert name_index.read() is None  # another version
-    Path(name_index.index_path()).write_text("{not json")
+    Path(lastgood.path()).write_text("{not json")
     assert name_index.read() is None
 
 
 def test_an_edit_while_the_manifest_is_read_leaves_no_index(
         setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     load_config(setup)
-    assert Path(name_index.index_path()).exists()
+    assert name_index.read() is not None
+    setup.write_text(setup.read_text() + "\n")  # to be read again
+    monkeypatch.setattr(lastgood, "RACY", RACY)
     real = names.effective
 
     def edited_meanwhile(config):  # type: ignore[no-untyped-def]
@@ -149,8 +155,10 @@ def test_an_edit_while_the_manifest_is_read_leaves_no_index(
         return real(config)
 
     monkeypatch.setattr(names, "effective", edited_meanwhile)
-    load_config(setup)
-    assert not Path(name_index.index_path()).exists()
+    config = load_config(setup)
+    assert name_index.read() is None
+    assert json.loads(Path(lastgood.path()).read_text())["headstart"] is None
+    assert lastgood.load_or_last_good() == config  # the last good manifest all the same
 
 
 def test_a_broken_manifest_leaves_a_stale_index(setup: Path) -> None:

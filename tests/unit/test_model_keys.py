@@ -54,7 +54,7 @@ def test_a_model_with_its_own_key_starts_only_for_requests_that_carry_it(
     async def scenario() -> None:
         config = server.load_config(manifest)
         # the head start does not start it: the index says it is keyed
-        assert [m["keyed"] for m in name_index.build(config, {})["models"]] == [True]
+        assert [m["keyed"] for m in name_index.build(config)["models"]] == [True]
         router = server.Router(config)
         for path, body in (("/v1/chat/completions", {"model": "tiny"}),
                            ("/api/generate", {"model": "tiny", "prompt": "x"}),

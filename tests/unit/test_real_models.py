@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import manifest, proc
-from hoshikage_sd.manifest import ConfigError, Files, compiled
+from hoshikage_sd import lastgood, manifest, proc
+from hoshikage_sd.manifest import ConfigError, Files
 from hoshikage_sd.manifest.sources import hf_model_name, shards_of
 from hoshikage_sd.staging import Store
 
@@ -179,7 +179,7 @@ def test_recursive_sources_and_split_models_and_projectors(tmp_path: Path) -> No
         "mmproj-llava-7b-f16.gguf"
     assert deep.models["top"].mmproj is None  # projectors stay in their directory
     assert [p.name for p in deep.models["huge"].shards] == ["huge-00002-of-00002.gguf"]
-    assert models / "deep" / "a" / "b" in deep.scanned  # compiled.py watches each
+    assert models / "deep" / "a" / "b" in deep.scanned  # lastgood.py watches each
 
 
 def test_unreadable_source_directory_is_a_warning_not_silence(tmp_path: Path) -> None:
@@ -214,7 +214,7 @@ def test_the_kept_parse_watches_shards_projectors_and_scanned_directories(
     touch(*(models / "sub" / f"s-{i:05d}-of-00002.gguf" for i in (1, 2)),
           models / "sub" / "mmproj-s.gguf")
     config = manifest.load(write(tmp_path, f"sources: [{{dir: {models}, recursive: true}}]\n"))
-    watched = compiled.inputs(config)
+    watched = lastgood.inputs(config)
     for path in (models, models / "sub", models / "sub" / "s-00002-of-00002.gguf",
                  models / "sub" / "mmproj-s.gguf"):
         assert str(path) in watched

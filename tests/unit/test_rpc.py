@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hoshikage_sd.manifest import Files, Worker
-from hoshikage_sd.manifest.compiled import decode, encode
+from hoshikage_sd.manifest.codec import decode, encode
 from hoshikage_sd.manifest.model import Config
 from hoshikage_sd.manifest.parse import ConfigError, parse
 from hoshikage_sd.rpc import wire, workers
@@ -52,7 +52,7 @@ def test_server_argv_names_the_workers_in_order() -> None:
     assert "--rpc" not in c.server_argv(alone, Files.of(alone))
 
 
-def test_the_compiled_manifest_keeps_workers() -> None:
+def test_the_kept_manifest_keeps_workers() -> None:
     c = config()
     assert decode(Config, encode(c)) == c
 

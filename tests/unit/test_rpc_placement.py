@@ -10,7 +10,7 @@ import pytest
 
 from hoshikage_sd.devices import Device, parse_list_devices
 from hoshikage_sd.manifest import Files, Worker
-from hoshikage_sd.manifest.compiled import decode, encode
+from hoshikage_sd.manifest.codec import decode, encode
 from hoshikage_sd.manifest.model import Config
 from hoshikage_sd.manifest.parse import parse
 from hoshikage_sd.memory import device_estimate, load_params, offload_params
@@ -45,7 +45,7 @@ def config(tmp_path: Path) -> Config:
                  Path("/etc/hoshikage/models.yaml"))
 
 
-def test_devices_parse_and_survive_the_compiled_manifest(tmp_path: Path) -> None:
+def test_devices_parse_and_survive_the_kept_manifest(tmp_path: Path) -> None:
     c = config(tmp_path)
     assert c.workers["box3"] == Worker("box3", "192.0.2.3", 50052, None, (1,))
     assert c.workers["box2"].devices is None

@@ -294,13 +294,12 @@ def test_the_runtime_directory_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """One rule (protocol.runtime_dir; launch.c mirrors it and tests/unit/test_launch.py runs
     both launchers with a RUNTIME_DIRECTORY of two entries): the first entry, else
     /run/hoshikage."""
-    from hoshikage_sd import protocol
-    from hoshikage_sd.manifest import snapshot
-    from hoshikage_sd.router.headstart import index as name_index
+    from hoshikage_sd import lastgood, protocol
 
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/a:/run/b")
-    assert protocol.runtime_dir("/run/a:/run/b") == name_index.runtime_dir() == "/run/a"
-    assert snapshot.default_dir() == Path("/run/a")
+    assert protocol.runtime_dir("/run/a:/run/b") == "/run/a"
+    assert lastgood.path() == "/run/a/manifest.json"
     monkeypatch.delenv("RUNTIME_DIRECTORY")
-    assert name_index.runtime_dir() == "/run/hoshikage" == protocol.DEFAULT_RUNTIME
+    assert lastgood.path() == "/run/hoshikage/manifest.json"
+    assert protocol.DEFAULT_RUNTIME == "/run/hoshikage"
     assert protocol.runtime_dir(None) == protocol.runtime_dir("") == protocol.DEFAULT_RUNTIME
