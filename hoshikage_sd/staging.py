@@ -202,14 +202,26 @@ class Store:
                 raise
         return Staged(staged.main, total, True, time.monotonic() - start, staged)
 
+    def _files(self, name: str) -> list[Path]:
+        """Every file of the model's copy: its record, its files, partial copies."""
+        return [self._meta(name), self.staged(name), self.ramdisk / f"{name}.mmproj.gguf",
+                *(p for p in self.ramdisk.glob(f"{name}-*-of-*.gguf")
+                  if SHARD_RE.fullmatch(p.name[len(name):])),
+                *self.ramdisk.glob(f".{name}.gguf.tmp-*")]
+
+    def held_bytes(self, name: str) -> int:
+        """Bytes the model's copy holds here (what remove() frees)."""
+        held = 0
+        for path in self._files(name):
+            with contextlib.suppress(FileNotFoundError):
+                held += path.stat().st_blocks * 512
+        return held
+
     def remove(self, name: str) -> int:
         """Delete the staged copy (every file of it), its record and any partial copies;
         return bytes freed."""
         freed = 0
-        for path in [self._meta(name), self.staged(name), self.ramdisk / f"{name}.mmproj.gguf",
-                     *(p for p in self.ramdisk.glob(f"{name}-*-of-*.gguf")
-                       if SHARD_RE.fullmatch(p.name[len(name):])),
-                     *self.ramdisk.glob(f".{name}.gguf.tmp-*")]:
+        for path in self._files(name):
             try:
                 freed += path.stat().st_blocks * 512
                 path.unlink()

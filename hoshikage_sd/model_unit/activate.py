@@ -28,6 +28,7 @@ from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Files, Model
 from hoshikage_sd.model_unit import launch
 from hoshikage_sd.policy import admission
+from hoshikage_sd.policy.kept import Kept, to_release
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
@@ -272,18 +273,15 @@ class Activator:
 
     def make_room(self, size: int) -> None:
         """Kept copies of stopped models (model_unit/release.py) go first, lowest rank
-        first, when the RAM disk or the memory lacks `size` bytes."""
-        kept = self.runtime.names("kept")
-        if not kept:
+        first, when the RAM disk or the memory lacks `size` bytes (policy/kept.py)."""
+        names = self.runtime.names("kept")
+        if not names:
             return  # the usual case: no stats to read, nothing to free
         ranks = StatsFile(self.config.state_dir).ranks(w=self.config.weights)
-        available, _ = host.memory()
-        for name in sorted(kept, key=lambda n: ranks.get(n, 0.0)):
-            if self.store.free_bytes() >= size and available >= size:
-                return
+        copies = [Kept(n, self.store.held_bytes(n), ranks.get(n, 0.0)) for n in names]
+        for name in to_release(copies, self.store.free_bytes(), host.memory()[0], size):
             freed = self.store.remove(name)
             self.runtime.clear("kept", name)
-            available += freed
             log.event("released", name, f"released {name}'s kept copy: room for "
                       f"{self.model.name}; freed {fmt.size(freed)} of RAM disk",
                       reason=f"room for {self.model.name}", bytes_freed=freed)
