@@ -267,16 +267,3 @@ def refusal(short: Sequence[str]) -> str:
     if RAM in short or any(d not in (COUNT, WORKER) for d in short):
         return "memory"
     return "rpc_worker" if WORKER in short else "max_loaded_models"
-
-
-def pressure_victims(used: int, total: int, critical: float,
-                     residents: Sequence[Resident], floor: int = 0) -> list[Resident]:
-    """Idle models to stop, lowest rank first, until use drops below critical × total."""
-    victims: list[Resident] = []
-    limit = critical * total
-    for resident in eviction_order(residents, floor):
-        if used < limit:
-            break
-        victims.append(resident)
-        used -= resident.memory
-    return victims

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from hoshikage_sd import fmt, log, metrics
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store
+
+if TYPE_CHECKING:
+    from hoshikage_sd.policy.pressure import Decision, Reading
 
 
 def should_stop(idle: float | None, ttl: float) -> bool:
@@ -81,30 +85,39 @@ def expire_kept(config: Config, runtime: Runtime, now: float) -> None:
 
 def watch_pressure(config: Config, runtime: Runtime) -> None:
     """Above pressure_warn of RAM in use, say so; above pressure_critical, stop idle models,
-    lowest rank first, before the kernel has to swap or kill."""
+    lowest rank first, before the kernel has to swap or kill: the memory and the models up
+    read once, policy/pressure.decide, its decision carried out."""
+    from hoshikage_sd.policy import pressure
+
+    limits = pressure.Thresholds(config.pressure_warn, config.pressure_critical,
+                                 config.evict_floor)
+    reading = read_pressure(config, runtime)
+    relieve(config, runtime, reading, pressure.decide(reading, limits))
+
+
+def read_pressure(config: Config, runtime: Runtime) -> Reading:
+    """The memory in use and the models up, not those already stopping."""
     from hoshikage_sd.admit.gather import residents
     from hoshikage_sd.host import memory
-    from hoshikage_sd.policy.admission import pressure_victims
+    from hoshikage_sd.policy.pressure import Reading
 
     available, total = memory()
-    used = total - available
-    if used < config.pressure_warn * total:
+    up = set(systemd.active_model_units(("active",)))
+    return Reading(total - available, total,
+                   tuple(r for r in residents(config, runtime) if r.name in up))
+
+
+def relieve(config: Config, runtime: Runtime, reading: Reading, decision: Decision) -> None:
+    """The pressure decision carried out: its journal record, the victims stopped."""
+    from hoshikage_sd.policy.pressure import Level
+
+    if decision.level is Level.CALM:
         return
-    share = f"{used / total:.0%} of RAM in use"
-    if used < config.pressure_critical * total:
-        log.event("pressure", "", f"memory pressure: {share} (warn at "
-                  f"{config.pressure_warn:.0%})", level=logging.WARNING, used=used, total=total)
-        return
-    up = set(systemd.active_model_units(("active",)))  # not those already stopping
-    victims = pressure_victims(used, total, config.pressure_critical,
-                               [r for r in residents(config, runtime) if r.name in up],
-                               config.evict_floor)
-    log.event("pressure", "", f"memory pressure: {share} (critical at "
-              f"{config.pressure_critical:.0%}): stopping "
-              + (", ".join(v.name for v in victims) or "nothing idle"),
-              level=logging.ERROR, used=used, total=total,
-              victims=",".join(v.name for v in victims) or None)
-    for victim in victims:
+    victims = ",".join(v.name for v in decision.victims) or None
+    log.event("pressure", "", decision.message,
+              level=logging.WARNING if decision.level is Level.WARN else logging.ERROR,
+              used=reading.used, total=reading.total, victims=victims)
+    for victim in decision.victims:
         runtime.set_stop_reason(victim.name, "memory pressure")
         metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=victim.name,
                       reason="pressure")

@@ -14,7 +14,6 @@ from hoshikage_sd.policy.admission import (
     Resident,
     Snapshot,
     Verdict,
-    pressure_victims,
 )
 
 GiB = 1 << 30
@@ -109,15 +108,6 @@ def test_floor_protects_small_models() -> None:
 def test_restarting_model_does_not_count_itself() -> None:
     d = decide("a", gib(1.0), gib(2.0), [Resident("a", gib(1.0), idle=None)], max_loaded=1)
     assert d.verdict is Verdict.LOAD
-
-
-def test_pressure_stops_idle_models_until_below_critical() -> None:
-    total = gib(24.0)
-    residents = [Resident("busy", gib(6.0), idle=None), Resident("old", gib(3.0), idle=60,
-                 last_used=1.0), Resident("new", gib(3.0), idle=60, last_used=2.0)]
-    assert pressure_victims(gib(21.0), total, 0.9, residents) == []
-    assert [r.name for r in pressure_victims(gib(22.0), total, 0.9, residents)] == ["old"]
-    assert [r.name for r in pressure_victims(gib(24.0), total, 0.8, residents)] == ["old", "new"]
 
 
 # -- GPU devices: a model that does not fit a device makes room there as in RAM --------------
@@ -254,7 +244,8 @@ def test_models_on_other_workers_stay() -> None:
 #: what policy/'s modules may import: the standard library's plain data modules, numbers'
 #: formatting, the manifest's dataclasses, and each other
 MAY_IMPORT = {"__future__", "math", "collections.abc", "dataclasses", "enum",
-              "hoshikage_sd.fmt", "hoshikage_sd.manifest.model", "hoshikage_sd.policy.rank"}
+              "hoshikage_sd.fmt", "hoshikage_sd.manifest.model", "hoshikage_sd.policy.rank",
+              "hoshikage_sd.policy.admission"}
 
 
 def test_the_decisions_import_nothing_that_reads_the_machine() -> None:
