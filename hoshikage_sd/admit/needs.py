@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, Model
@@ -62,35 +62,59 @@ DeviceUse = tuple[dict[str, int], dict[str, int]]
 
 def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = True,
                up: Collection[str] = ()) -> DeviceUse | None:
-    """What `model` takes on each GPU device, and the devices' totals.
+    """What `model` takes on each GPU device, and the devices' totals. A model on no
+    device: ({}, {}).
 
-    With `listing` (the model unit: its environment is llama-server's, and so are the
-    devices it sees), computed from `llama-server --list-devices` (devices.py, cached) and
-    the model's header and arguments (memory.device_estimate), and remembered. Without (the
-    router, whose environment is not the model unit's), the remembered figures when they
-    are for the model's files and arguments as they are; None when there are none: the
-    model unit has to judge. A model on no device: ({}, {}).
-
-    A model split over RPC workers (`up`: the models up, whose workers are not asked) is
-    computed anew at each admission: its head's share follows the workers' free memory
-    (head_share). Its record stays what status and the next admission count it to hold."""
+    With `listing`, the model unit's (its environment is llama-server's, and so are the
+    devices it sees): listed_use. Without, the router's (whose environment is not the model
+    unit's): remembered_use, or None when the model unit has to judge. `up`: the models up,
+    whose RPC workers are not asked (head_share)."""
     if model.backend != "llama-server":
         return {}, {}
-    if model.rpc and not listing:
-        return None  # its workers are asked in its unit, before llama-server (rpc/workers.py)
+    if not listing:
+        return remembered_use(model, runtime)
+    return listed_use(config, model, runtime, up)
+
+
+def files_key(model: Model) -> list[Any] | None:
+    """What a remembered figure of `model` was computed from (its files and arguments as
+    they are); None when its file is not there."""
     try:
-        key = estimate_key(model, model.path.stat())
+        return estimate_key(model, model.path.stat())
     except OSError:
+        return None
+
+
+def remembered_use(model: Model, runtime: Runtime) -> DeviceUse | None:
+    """The router's: the figures the model unit remembered for the model's files and
+    arguments as they are; ({}, {}) where llama-server would see no device (deviceless);
+    else None."""
+    if model.rpc:
+        return None  # its workers are asked in its unit, before llama-server (rpc/workers.py)
+    key = files_key(model)
+    if key is None:
         return {}, {}
     known = runtime.devices(model.name)
-    if not listing:
-        if known and known[0][:1] == [key]:
-            return known[1], known[2]
-        return ({}, {}) if deviceless(model) else None
+    if known and known[0][:1] == [key]:
+        return known[1], known[2]
+    return ({}, {}) if deviceless(model) else None
+
+
+def listed_use(config: Config, model: Model, runtime: Runtime, up: Collection[str]
+               ) -> DeviceUse:
+    """The model unit's: the devices `llama-server --list-devices` shows (devices.py,
+    cached) and what the model's header and arguments put on each (placed_use), remembered
+    for its files, arguments and llama-server's environment. A model split over RPC workers
+    is computed anew each time: its head's share follows the workers' free memory. Its
+    record stays what status and the next admission count it to hold."""
     from hoshikage_sd import devices, proc
 
+    key = files_key(model)
+    if key is None:
+        return {}, {}
     env = proc.server_env(model.environment)
     full_key = [key, devices.cache_key(config.llama_server, env)]
+    known = runtime.devices(model.name)
     if known and known[0] == full_key and not model.rpc:
         return known[1], known[2]
     try:
@@ -99,24 +123,29 @@ def device_use(config: Config, model: Model, runtime: Runtime, listing: bool = T
         logger.warning("cannot list the devices llama-server sees (%s): GPU memory is not "
                        "counted for %s", err.message, model.name)
         return {}, {}
-    use: dict[str, int] = {}
-    full = False
-    if listed:
-        from hoshikage_sd import gguf, memory
-
-        try:
-            info = gguf.read_model_info((model.path, *model.shards))
-            params = memory.load_params(info, model.server_args)
-            offload = memory.offload_params(model.server_args)
-            placed = head_share(config, model, info, params, offload, listed, up)
-            use = {d: b for d, b in placed.used.items() if b}
-            full = bool(use) and placed.gpu_layers >= placed.n_layers
-        except Exception as exc:  # a header we cannot read must not block admission
-            logger.warning("cannot estimate %s's GPU memory (%s): not counted", model.name,
-                           exc)
+    use, full = placed_use(config, model, listed, up) if listed else ({}, False)
     total = {d.name: d.total for d in listed}
     runtime.set_devices(model.name, full_key, use, total, full)
     return use, total
+
+
+def placed_use(config: Config, model: Model, listed: Sequence[Device], up: Collection[str]
+               ) -> tuple[dict[str, int], bool]:
+    """Bytes the model puts on each of the `listed` devices it uses (memory.device_estimate,
+    head_share), and whether every layer is on one; nothing where its header cannot be
+    read (that must not block admission)."""
+    from hoshikage_sd import gguf, memory
+
+    try:
+        info = gguf.read_model_info((model.path, *model.shards))
+        params = memory.load_params(info, model.server_args)
+        offload = memory.offload_params(model.server_args)
+        placed = head_share(config, model, info, params, offload, listed, up)
+    except Exception as exc:
+        logger.warning("cannot estimate %s's GPU memory (%s): not counted", model.name, exc)
+        return {}, False
+    use = {d: b for d, b in placed.used.items() if b}
+    return use, bool(use) and placed.gpu_layers >= placed.n_layers
 
 
 def head_share(config: Config, model: Model, info: GGUFInfo, params: LoadParams,
