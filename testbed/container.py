@@ -16,6 +16,10 @@ CAP_SYS_ADMIN), with a cgroup-v1 hybrid or a unified layout:
 
 Code under test must be bind-mounted in (``binds``); bind the repository at its own path so
 a virtual environment in it (whose scripts name absolute paths) works unchanged.
+
+A container given a ``root_dir`` (a host directory, the host's /usr bound read-only into it)
+keeps its root across ``reboot()``: a real ``systemctl reboot`` inside, then the same root
+and binds booted again, with /run and /tmp fresh as on a machine.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ DEFAULT_RO_BINDS = ("/etc/alternatives", "/etc/ssl", "/etc/ca-certificates")
 #: host tools the harness runs
 REQUIRED_TOOLS = ("systemd-nspawn", "nsenter", "unshare")
 SYSTEMD = "/usr/lib/systemd/systemd"
+#: systemd-nspawn's exit status when the container rebooted (no --restart policy)
+REBOOTED = 133
 #: .pth files of the build machine that a user's machine does not have, hidden (an empty file
 #: bound over each) in containers on the host's /usr: this sandbox's CA injector imports
 #: certifi in every Python start, ~35 ms of each router, activator and release start here
@@ -154,6 +160,9 @@ class Container:
     ``binds`` are ``(host_path, container_path, read_only)`` triples. ``rootfs``, instead of
     the host's /usr on an empty tmpfs root, boots a full tree (e.g. a debootstrap'ed bookworm
     with systemd) under a tmpfs overlay (``--volatile=overlay``): the tree stays pristine.
+    ``root_dir``, instead of the tmpfs, is a host directory (made if missing) holding the
+    root, the host's /usr bound read-only as before: what is written there (/etc, /var) is
+    kept across ``reboot()`` and stays after ``stop()``, the caller's to remove.
     """
 
     def __init__(
@@ -162,9 +171,12 @@ class Container:
         binds: Sequence[tuple[str, str, bool]] = (),
         *,
         rootfs: str | os.PathLike[str] | None = None,
+        root_dir: str | os.PathLike[str] | None = None,
         network: str | None = None,
         ip_firewall: bool = False,
     ) -> None:
+        if rootfs is not None and root_dir is not None:
+            raise ValueError("rootfs or root_dir, not both")
         self.name = name
         #: a network namespace (/proc/PID/ns/net) to boot in, instead of the host's network
         #: (tests/system/netns.py makes them: several "machines" on one host)
@@ -175,11 +187,14 @@ class Container:
         self.ip_firewall = ip_firewall
         self.binds = [(str(h), str(c), bool(ro)) for h, c, ro in binds]
         self.rootfs = None if rootfs is None else Path(rootfs)
+        self.root_dir = None if root_dir is None else Path(root_dir)
         self.nspawn_pid: int | None = None
         self.pid1: int | None = None
         self.cgroup_dirs: list[Path] = []
         self.boot_seconds: float | None = None
         self.stop_seconds: float | None = None
+        #: the last reboot(): from `systemctl reboot` to the new boot's "running"
+        self.reboot_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._state_dir: Path | None = None
         self._console_text = ""
@@ -204,13 +219,19 @@ class Container:
             if not os.path.isabs(host) or not os.path.isabs(cont):
                 raise ValueError(f"bind paths must be absolute: {host!r} -> {cont!r}")
         t0 = time.monotonic()
-        deadline = t0 + timeout
         self._state_dir = Path(tempfile.mkdtemp(prefix=f"hoshikage-nspawn-{self.name}-"))
-        tag = self.name if self.name.startswith("hk-") else f"hk-{self.name}"
-        self.cgroup_dirs = _private_cgroups(tag)
-        (self._state_dir / "cgroups").write_text("".join(f"{d}\n" for d in self.cgroup_dirs))
         _live.add(self)
+        self._boot(t0 + timeout, timeout)
+        self.boot_seconds = time.monotonic() - t0
+
+    def _boot(self, deadline: float, timeout: float) -> None:
+        """Spawn nspawn in fresh private cgroups and wait for the boot (stopped if it fails)."""
+        assert self._state_dir is not None
+        tag = self.name if self.name.startswith("hk-") else f"hk-{self.name}"
         try:
+            self.cgroup_dirs = _private_cgroups(tag)
+            (self._state_dir / "cgroups").write_text(
+                "".join(f"{d}\n" for d in self.cgroup_dirs))
             self._spawn()
             self.pid1 = self._wait_pid1(deadline)
             state = self._wait_running(deadline)
@@ -224,7 +245,54 @@ class Container:
             if isinstance(e, ContainerError):
                 raise ContainerError(f"{e}\n--- console ---\n{self.console_tail()}") from None
             raise
-        self.boot_seconds = time.monotonic() - t0
+
+    def reboot(self, timeout: float = 60) -> None:
+        """``systemctl reboot`` inside; once nspawn has exited for it (status 133), the same
+        root and binds booted again, waited for as start() waits. Takes a ``root_dir``: a
+        tmpfs root would come back empty."""
+        if self.root_dir is None:
+            raise ContainerError(f"{self.name}: a reboot keeps only a root_dir's root")
+        self._leader()
+        proc = self._proc
+        assert proc is not None
+        t0 = time.monotonic()
+        # --no-block: systemctl returns once the job is queued, before the shutdown kills it
+        self.exec("systemctl", "--no-block", "reboot")
+        try:
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(timeout=10)
+            raise ContainerError(f"{self.name}: still up {timeout:g}s after systemctl reboot\n"
+                                 f"--- console ---\n{self.console_tail()}") from None
+        if returncode != REBOOTED:  # powered off or crashed: not the reboot asked for
+            self.stop(timeout=10)
+            raise ContainerError(f"{self.name}: systemd-nspawn exited {returncode} on reboot, "
+                                 f"not {REBOOTED}\n--- console ---\n{self.console_tail()}")
+        self.pid1 = None
+        self._kill_leftovers()  # the old boot's cgroups go; _boot makes them again
+        self._boot(t0 + timeout, timeout)
+        self.reboot_seconds = time.monotonic() - t0
+
+    def _root_args(self) -> list[str]:
+        """systemd-nspawn's arguments for the root: tmpfs, a tree under an overlay, or a
+        directory kept across boots."""
+        host_binds = [f"--bind-ro={_escape_bind(d)}" for d in DEFAULT_RO_BINDS if os.path.isdir(d)]
+        host_binds += [f"--bind-ro=/dev/null:{_escape_bind(f)}" for f in HIDDEN_HOST_PTH
+                       if os.path.isfile(f)]
+        if self.rootfs is not None:
+            return [f"--directory={self.rootfs}", "--volatile=overlay"]
+        if self.root_dir is None:  # tmpfs root, host /usr read-only, /etc nearly empty
+            return ["--directory=/", "--volatile=yes", *host_binds]
+        # What --volatile=yes does, on a directory that outlives the boot: an empty /usr for
+        # the host's (nspawn wants one to call the tree an OS) and the host's top-level links
+        # into it (/bin, /lib, ...), which nspawn makes only where the tree has /usr already.
+        (self.root_dir / "usr").mkdir(parents=True, exist_ok=True)
+        for top in Path("/").iterdir():
+            if top.is_symlink() and os.readlink(top).startswith("usr/"):
+                link = self.root_dir / top.name
+                if not link.is_symlink():
+                    link.symlink_to(os.readlink(top))
+        return [f"--directory={self.root_dir}", "--bind-ro=/usr", *host_binds]
 
     def _spawn(self) -> None:
         assert self._state_dir is not None
@@ -236,13 +304,7 @@ class Container:
             "systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
             f"--machine={self.name}", "--console=read-only", "--kill-signal=SIGRTMIN+3",
         ]  # fmt: skip
-        if self.rootfs is None:  # tmpfs root, host /usr read-only, /etc nearly empty
-            nspawn += ["--directory=/", "--volatile=yes"]
-            nspawn += [f"--bind-ro={_escape_bind(d)}" for d in DEFAULT_RO_BINDS if os.path.isdir(d)]
-            nspawn += [f"--bind-ro=/dev/null:{_escape_bind(f)}" for f in HIDDEN_HOST_PTH
-                       if os.path.isfile(f)]
-        else:
-            nspawn += [f"--directory={self.rootfs}", "--volatile=overlay"]
+        nspawn += self._root_args()
         if self.network is not None:
             # its own network is the test's to give: systemd's PrivateNetwork= (the RPC
             # worker's units) sets up a namespace's loopback with this capability
@@ -265,7 +327,8 @@ class Container:
         procs = [str(d / "cgroup.procs") for d in self.cgroup_dirs]
         argv = ["/bin/sh", "-c", wrapper, "sh", str(len(procs)), *procs, *nspawn]
         (self._state_dir / "argv.json").write_text(json.dumps(argv))
-        with open(self._state_dir / "console.log", "wb") as log:
+        # appended to: a reboot's console follows the first boot's
+        with open(self._state_dir / "console.log", "ab") as log:
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,

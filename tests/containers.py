@@ -8,6 +8,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -29,17 +30,19 @@ def unique_name(hint: str = "t") -> str:
 @contextlib.contextmanager
 def made_for(request: pytest.FixtureRequest,
              report_lines: int = 200) -> Iterator[Callable[..., Container]]:
-    """``boot(name, binds, timeout, rootfs=None, network=None, ip_firewall=False)`` (as
-    Container takes them) for one test; every container it booted is stopped when the block
-    ends (the first error of those stops raised). Should the test fail, its report gets
-    `report_lines` of each one's console and journal (post_mortem)."""
+    """``boot(name, binds, timeout, rootfs=None, network=None, ip_firewall=False,
+    root_dir=None)`` (as Container takes them) for one test; every container it booted is
+    stopped when the block ends (the first error of those stops raised). Should the test
+    fail, its report gets `report_lines` of each one's console and journal (post_mortem)."""
     made: list[Container] = []
     request.node.stash[_CONTAINERS] = made
     request.node.stash[_REPORT_LINES] = report_lines
 
     def boot(name: str, binds: Binds, timeout: float, rootfs: str | None = None,
-             network: str | None = None, ip_firewall: bool = False) -> Container:
-        c = Container(name, binds, rootfs=rootfs, network=network, ip_firewall=ip_firewall)
+             network: str | None = None, ip_firewall: bool = False,
+             root_dir: Path | None = None) -> Container:
+        c = Container(name, binds, rootfs=rootfs, root_dir=root_dir, network=network,
+                      ip_firewall=ip_firewall)
         made.append(c)
         c.start(timeout)
         return c

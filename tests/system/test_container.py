@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from testbed import REPO_ROOT
-from testbed.container import Container, ExecError, unavailable_reason
+from testbed.container import Container, ContainerError, ExecError, unavailable_reason
 from tests.support import unavailable
 from tests.system.conftest import ContainerFactory, unique_name
 
@@ -134,3 +134,22 @@ def test_stop_is_clean_and_idempotent() -> None:
     assert c.boot_seconds is not None and c.stop_seconds is not None
     c.stop()  # idempotent
     assert "Welcome to" in c.console_log()
+
+
+def test_reboot_keeps_a_root_dir_and_starts_a_fresh_run(tmp_path: Path) -> None:
+    """reboot(): a real `systemctl reboot` (nspawn exits 133) and the same root booted again:
+    /etc and /var as they were, /run fresh, a second boot in the journal."""
+    if reason := unavailable_reason():
+        unavailable(reason)
+    with pytest.raises(ContainerError, match="root_dir"):  # a tmpfs root would come back empty
+        Container(unique_name("no-reboot")).reboot()
+    with Container(unique_name("reboot"), root_dir=tmp_path / "root") as c:
+        c.exec("sh", "-c", "echo kept > /var/lib/kept && echo gone > /run/gone")
+        c.reboot()
+        assert c.running and c.reboot_seconds is not None
+        assert (c.root / "var/lib/kept").read_text() == "kept\n"
+        assert not (c.root / "run/gone").exists()
+        boots = c.exec("journalctl", "--list-boots", "--no-pager").stdout.splitlines()[1:]
+        assert len(boots) == 2, boots
+        assert "Rebooting." in c.console_log()
+    assert (tmp_path / "root/var/lib/kept").exists()  # the caller's to remove
