@@ -522,6 +522,13 @@ class Activator:
             self.full_priority()
         copying = self.copy_alongside() if self.copy_later else None
         code = child.wait()
+        if not self.stopping:
+            # it died serving (a crash, the OOM killer, an RPC worker gone): the record says
+            # why, to the router for a reply it cut short (router/cut.py) and to status
+            reason = f"{exit_reason(code)} while serving"
+            logging.getLogger("hoshikage").error("%s: %s", self.model.name, reason)
+            with contextlib.suppress(OSError):  # the unit's exit status says it too
+                self.runtime.set_error(self.model.name, reason)
         self.finish_copy(copying)
         if self.stopping and (code in (0, -signal.SIGTERM, -signal.SIGINT) or self._escalated):
             return 0  # a stop asked for; forced or not, nothing failed

@@ -5,6 +5,7 @@ builds its OllamaCall on it."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -17,6 +18,7 @@ from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
 from hoshikage_sd.runtime import Runtime
 
 JSON = [(b"Content-Type", b"application/json; charset=utf-8")]
+logger = logging.getLogger("hoshikage.router")
 
 
 class Router(Protocol):
@@ -88,6 +90,27 @@ class Call:
             return Whole(status, JSON, lambda raw: (status, json.dumps(api.body(
                 which, api.from_upstream(status, _json_or_text(raw)), rid)).encode()))
         return transform
+
+    async def broken(self, error: BaseException) -> bytes | None:
+        """The last words of a streamed reply cut short (proxy.Forward's `broken`): why,
+        as far as the router can tell (router/cut.py), in the API's shape."""
+        from hoshikage_sd.router import cut
+
+        request = self.request
+        since = time.time() - (time.monotonic_ns() - self.began_ns) / 1e9
+        message = await cut.why(self.router.config, self.router.runtime, self.model, error,
+                                since)
+        logger.warning("%s %s (%s): %s", request.method, request.path, request.id, message)
+        return self.last_words(message)
+
+    def last_words(self, message: str) -> bytes | None:
+        """`message` as the SSE event that ends the stream."""
+        from hoshikage_sd.router import cut
+
+        request = self.request
+        which = api.api_for(request.path, {k.decode("latin-1").lower(): v.decode("latin-1")
+                                           for k, v in request.headers})
+        return cut.sse_event(which, cut.error(message), request.id)
 
     def done(self, outcome: Outcome) -> None:
         self.router._end(self.model.name)

@@ -684,7 +684,8 @@ class Router:
         self._begin(model)
         return Forward(pool, unreachable=unreachable, done=call.done,
                        request=call.upstream_request,
-                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform)
+                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform,
+                       broken=call.broken)
 
     # listings
     async def loaded(self) -> set[str]:

@@ -146,6 +146,21 @@ def ask(worker: Worker, timeout: float = TIMEOUT) -> wire.Answer:
                  "the model loads again once every worker answers") from None
 
 
+def down(worker: Worker, timeout: float = TIMEOUT) -> str | None:
+    """Why the worker cannot be reached (refused, unreachable, silent past `timeout`), in
+    ask's words; None when it takes a connection. For a reply cut short: only the connection
+    is tried, since a worker still finishing with the dead llama-server's would not answer
+    HELLO at once and read as busy, not down."""
+    import socket
+
+    try:
+        socket.create_connection((worker.host, worker.port), timeout=timeout).close()
+    except OSError as exc:
+        return (f"worker '{worker.name}' ({worker.address}) is unavailable: "
+                f"{why_unreachable(exc, False)}")
+    return None
+
+
 def holders(config: Config, model: Model, up: Iterable[str]) -> dict[str, str]:
     """The models of this head that are up and share a worker with `model` (the worker
     serves one llama-server at a time): model -> the first worker they share."""

@@ -299,8 +299,9 @@ def test_a_worker_lost_mid_request(machines: Any) -> None:
     connection). A request not streamed has had no byte of its answer yet: the router
     starts the model again for it, whose admission finds the worker gone, and the client
     gets the 503 naming the worker. A stream already has its 200 and its first chunks: it
-    just ends, without a finish_reason or [DONE] (llama-server's own failure; nothing can
-    be said on the wire by then), and the next request gets the 503."""
+    ends without a finish_reason or [DONE], with an error event naming the worker (the
+    router asks the model's workers when the stream breaks: router/cut.py), and the next
+    request gets the 503."""
     head, _, w3, _ = machines
     code, reply = chat(head, "split")
     assert code == 200, reply
@@ -328,6 +329,13 @@ def test_a_worker_lost_mid_request(machines: Any) -> None:
     assert streamed["status"] == 200 and streamed["chunks"] >= 20, streamed
     assert streamed["how"] == "eof" and not streamed["done"], streamed
     assert '"finish_reason":"' not in streamed["tail"], streamed  # cut, not finished
+    last = streamed["tail"].rstrip("\n").rpartition("\n")[2]
+    assert last.startswith("data: "), streamed
+    error = json.loads(last[6:])["error"]  # what llama-server's own stream errors are
+    assert error["type"] == "server_error", error
+    assert error["message"].startswith("model 'split' stopped mid-reply: worker 'w3' "
+                                       "(10.77.0.3:50052) is unavailable"), error
+    assert "llama-server was killed by SIGABRT" in error["message"], error
     assert took < 10, seen
     took, plain = seen["plain"]
     assert plain["status"] == 503, plain

@@ -149,6 +149,8 @@ class OllamaCall(Call):
             # large bodies are (proxy/parsing.py)
             body.encode(action.body))  # type: ignore[arg-type]
         self.transform = self._translate
+        #: the NDJSON translation of a streamed reply, once its head came
+        self.stream: Stream | None = None
 
     def loaded(self) -> None:
         super().loaded()
@@ -162,8 +164,9 @@ class OllamaCall(Call):
                 return told, json.dumps(body).encode()
             return Whole(status, JSON, error)
         if action.stream:
-            return Stream(ollama.StreamTranslator(action, started_ns=self.began_ns,
-                                                  load_ns=self.load_ns))
+            self.stream = Stream(ollama.StreamTranslator(action, started_ns=self.began_ns,
+                                                         load_ns=self.load_ns))
+            return self.stream
 
         def whole(raw: bytes) -> tuple[int, bytes]:
             total = time.monotonic_ns() - self.began_ns
@@ -185,6 +188,13 @@ class OllamaCall(Call):
                 out = ollama.embeddings_response(data)
             return 200, json.dumps(out, ensure_ascii=False).encode()
         return Whole(200, JSON, whole)
+
+    def last_words(self, message: str) -> bytes | None:
+        """A stream cut short ends with Ollama's `{"error": message}` line (what
+        ollama-python raises as ResponseError), or as it was when it was whole already."""
+        if self.stream is None:
+            return None
+        return b"".join(self.stream.translator.finish(message))
 
     def done(self, outcome: Outcome) -> None:
         super().done(outcome)

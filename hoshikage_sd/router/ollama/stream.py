@@ -62,8 +62,9 @@ class StreamTranslator:
         self._buf = buf[pos:]  # one copy per chunk, however many lines it holds
         return out
 
-    def finish(self) -> list[bytes]:
-        """At the end of llama-server's body: the last lines, if the stream has not ended."""
+    def finish(self, cut: str | None = None) -> list[bytes]:
+        """At the end of llama-server's body: the last lines, if the stream has not ended;
+        `cut`: the error line's message for a reply that is not complete (why it broke)."""
         if self.done:
             return []
         out = []
@@ -76,8 +77,8 @@ class StreamTranslator:
             if self._metrics.finish is not None:
                 out += self._final()  # no [DONE] but a finished generation
             else:
-                out.append(self._fail("llama-server ended the stream before the reply was "
-                                      "complete"))
+                out.append(self._fail(cut or "llama-server ended the stream before the "
+                                      "reply was complete"))
         return out
 
     def _line(self, line: str) -> list[bytes]:

@@ -151,14 +151,27 @@ class Exchange:
     def on_error(self, exc: BaseException, got_bytes: bool) -> None:
         self.error = exc
         self.got_bytes = got_bytes
-        if self.head_sent and self.transform is not None and not self.transform.whole:
-            # a translated stream ends with its own word on what went wrong
+        if self.head_sent and self.transform is not None and not self.transform.whole and \
+                (self.forward is None or self.forward.broken is None):
+            # a translated stream ends with its own word on what went wrong (with `broken`,
+            # the front asks for the last words once it knows why: front._cut_short)
             self._finish_transform()
             if self.chunked:
                 self.client.write(b"0\r\n\r\n")
         if not self.finished.done():
             self.finished.set_result(False)
 
+    @property
+    def framed(self) -> bool:
+        """Can the body still say why it ends: chunked, and made of events or lines that a
+        client reads one by one (SSE, or a translation such as Ollama's NDJSON)."""
+        return self.head_sent and self.chunked and (self.sse or self.transform is not None)
+
+    def end_with(self, last: bytes) -> None:
+        """The body's last words (a reply cut short: why, in its own framing; b"": none
+        needed) and the chunked end."""
+        self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last
+                          else b"0\r\n\r\n")
 
     def cut(self, error: Response) -> None:
         """End the response here (the router stops): a chunked one gets its end, after a

@@ -7,7 +7,7 @@ import collections
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from hoshikage_sd.router.proxy.exchange import Exchange, early_end, early_head
@@ -309,7 +309,31 @@ class ClientConnection(asyncio.Protocol):
                                             "model_unavailable")
                 outcome.status = response.status
                 self.write(early_end(response) if continued else response_bytes(response, False))
+            elif exchange.error is not None and forward.broken is not None and not self.lost:
+                await self._cut_short(forward.broken, exchange, exchange.error)
             return False
+
+    async def _cut_short(self, broken: Callable[[BaseException], Awaitable[bytes | None]],
+                         exchange: Exchange, error: BaseException) -> None:
+        """The upstream broke after the client had the head (llama-server died mid-reply):
+        a stream that can say so ends with the handler's last words on why and its chunked
+        end, so that a client tells it from a short reply; any other body is cut by a
+        reset, without its end, so that it never reads as complete. Only this path pays."""
+        last = None
+        if exchange.framed:
+            try:
+                last = await broken(error)
+            except Exception:  # the words are a courtesy: the stream still ends
+                logger.exception("proxy: no last words for %s", self._what())
+        transport = self.transport
+        if transport is None or self.lost or transport.is_closing():
+            return  # the client went, or the router's stop has cut it meanwhile
+        if last is not None:
+            exchange.end_with(last)
+        elif transport.get_write_buffer_size():
+            transport.close()  # what is queued goes first; its framing shows the cut
+        else:
+            transport.abort()
 
     def cut(self, message: str) -> None:
         """End what is being answered now, as cleanly as its framing allows (the router

@@ -171,7 +171,15 @@ class Forward:
     `request`: send this instead of the client's request (a translated one). `headers` are
     added to the response; upstream headers named in `drop` (lower case) are not passed on.
     `transform`, given the upstream status and headers, may return a Transform for the body
-    (None: pass it through as it is)."""
+    (None: pass it through as it is).
+
+    `broken` is asked for a streamed reply's last words when the upstream's connection
+    breaks after the head went out (llama-server died mid-reply): given the error, the bytes
+    that end the body in its own framing (an SSE error event, an NDJSON error line; b"" when
+    the reply was whole after all), which the chunked end follows. None, or no `broken`, or
+    a body that is neither SSE nor transformed: the client's connection is cut without the
+    body's end, so that the reply never reads as complete (without `broken`, a transformed
+    stream ends with the transform's own words, as at its end)."""
 
     upstream: Upstream
     unreachable: Callable[[OSError], Awaitable[Forward | Response]] | None = None
@@ -180,6 +188,7 @@ class Forward:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     drop: frozenset[bytes] = frozenset()
     transform: Callable[[int, list[tuple[bytes, bytes]]], Transform | None] | None = None
+    broken: Callable[[BaseException], Awaitable[bytes | None]] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | Forward | Early]]
