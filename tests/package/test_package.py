@@ -1,114 +1,31 @@
 """The Debian package as an admin meets it: apt install in a clean bookworm booted with its own
-systemd, first request, least privilege, idle stop, apt remove, apt purge, and an upgrade."""
+systemd, first request, least privilege, idle stop, apt remove and apt purge (the upgrade and an
+RPC worker: test_upgrade.py, test_rpc_worker.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hoshikage_sd.log import MESSAGE_IDS
-from testbed import REPO_ROOT
-from testbed.container import Container
-from testbed.deploy import Deployment, free_port
-from tests.package.conftest import build_deb, pids_in
+from tests.package.conftest import (
+    ADMIN_FILES,
+    LLAMA_DIR,
+    MANIFEST,
+    UNIT,
+    Boot,
+    apt,
+    install,
+    listening,
+    processes,
+)
 from tests.support import completions, eventually
-from tests.system.netns import SUBNET, Lan
 from tests.unit.test_security import BOUNDS
 
 pytestmark = pytest.mark.package
-Boot = Callable[..., Container]
-UNIT = "hoshikage-model@tiny.service"
-LLAMA_DIR = "/opt/llama"  # the wheel's llama-server and its libraries, bound in read-only
-#: files the test adds as the admin would (a port drop-in, a faster idle timer); they are
-#: the admin's, so a purge keeps them, and the test removes them before it
-ADMIN_FILES = ("/etc/systemd/system/hoshikage.socket.d",
-               "/etc/systemd/system/hoshikage-idle.timer.d",
-               # `hoshikage keys setup`'s: a purge keeps the key (models encrypted to it
-               # would be lost with it) and the drop-ins that give it to the units
-               "/etc/systemd/system/hoshikage.service.d",
-               "/etc/systemd/system/hoshikage-model@.service.d",
-               "/etc/hoshikage/age-identity.cred", "/etc/hoshikage/age-recipients")
-MANIFEST = f"""# written by the package test
-llama_server: {LLAMA_DIR}/llama-server
-router_idle_exit: 2s
-models:
-  tiny:
-    path: /srv/models/tiny.gguf
-    ttl: 3s
-"""
-
-
-def apt(c: Container, *args: str) -> str:
-    result = c.exec("apt-get", "-y", "-q", "-o", "Dpkg::Use-Pty=0", *args, timeout=600,
-                    env={"DEBIAN_FRONTEND": "noninteractive"})
-    return result.stdout + result.stderr
-
-
-def install(boot: Boot, deb: Path, models: Path, llama: Path) -> Deployment:
-    """Boot the clean root, apt install the .deb in it, point the manifest at the tiny model."""
-    c = boot(binds=[(str(deb.parent), "/debs", True), (str(models), "/srv/models", True),
-                    (str(llama.parent), LLAMA_DIR, True)])
-    assert c.exec("dpkg-query", "-W", "hoshikage", check=False).returncode != 0
-    output = apt(c, "install", f"/debs/{deb.name}")
-    assert "Setting up hoshikage" in output, output
-    # The shipped example is a conffile, and check says what is missing in it.
-    conffiles = (c.root / "var/lib/dpkg/info/hoshikage.conffiles").read_text()
-    assert conffiles.split() == ["/etc/hoshikage/models.yaml"]
-    checked = c.exec("hoshikage", "check", check=False)  # exit 1: a problem found
-    example = checked.stdout
-    assert "llama_server /usr/bin/llama-server is not an executable file" in example, example
-    assert checked.returncode == 1, checked
-    # The admin's steps from the README: edit the manifest; here also a free port (the
-    # container shares the host's network) and an idle watch every second.
-    (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST)
-    port = free_port()
-    dropin = c.root / ADMIN_FILES[0].lstrip("/")
-    dropin.mkdir(parents=True)
-    (dropin / "port.conf").write_text(f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
-    dropin = c.root / ADMIN_FILES[1].lstrip("/")
-    dropin.mkdir(parents=True)
-    (dropin / "fast.conf").write_text("[Timer]\nOnActiveSec=\nOnActiveSec=1s\n"
-                                      "OnUnitActiveSec=1s\nAccuracySec=100ms\n")
-    c.systemctl("daemon-reload")
-    c.systemctl("restart", "hoshikage.socket")
-    return Deployment(c, port, models)
-
-
-def processes(c: Container) -> dict[int, tuple[str, str]]:
-    """hoshikage's and llama-server's processes: pid -> (user, command line), from /proc."""
-    users = {line.split(":")[2]: line.split(":")[0]
-             for line in (c.root / "etc/passwd").read_text().splitlines()}
-    found = {}
-    for pid in pids_in(c):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        if "hoshikage" in cmdline or "llama-server" in cmdline:
-            uid = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.MULTILINE)
-            assert uid and len(set(uid.groups())) == 1, status  # real = effective = saved
-            found[pid] = (users.get(uid.group(1), uid.group(1)), cmdline.strip())
-    return found
-
-
-def listening(hk: Deployment) -> bool:
-    return f":{hk.port}" in hk.container.exec("ss", "-Hltn").stdout
-
-
-@pytest.fixture
-def models(tmp_path: Path, tiny_gguf: Path) -> Path:
-    directory = tmp_path / "models"
-    directory.mkdir()
-    shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
-    return directory
 
 
 def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
@@ -274,121 +191,3 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
                        ")", "-prune", "-o", "-name", "*hoshikage*", "-print").stdout.split()
     assert leftovers == []
     assert "hoshikage" not in c.systemctl("list-unit-files", "--no-legend")
-
-
-def test_upgrade_keeps_a_loaded_model_and_serves_again(
-        boot: Boot, deb: Path, models: Path, llama_server_bin: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    next_deb = build_deb(tmp_path_factory.mktemp("deb-next"), revision="2")
-    hk = install(boot, deb, models, llama_server_bin)
-    c = hk.container
-    (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST.replace("ttl: 3s", "ttl: 10m"))
-    status, body = hk.chat("tiny")
-    assert status == 200, body
-    model_pid = c.systemctl("show", "-p", "MainPID", "--value", UNIT).strip()
-    router_pid = c.systemctl("show", "-p", "MainPID", "--value", "hoshikage.service").strip()
-    assert model_pid != "0" and router_pid != "0"
-
-    c.exec("mkdir", "-p", "/tmp/next")
-    (c.root / "tmp/next" / next_deb.name).write_bytes(next_deb.read_bytes())
-    output = apt(c, "install", f"/tmp/next/{next_deb.name}")
-    assert "Unpacking hoshikage (0.2.0-2) over (0.2.0-1)" in output, output
-    assert c.exec("dpkg-query", "-W", "-f", "${Version}", "hoshikage").stdout == "0.2.0-2"
-
-    # The loaded model is kept (same process); the router was restarted on the new code.
-    assert hk.state(UNIT) == "active"
-    assert c.systemctl("show", "-p", "MainPID", "--value", UNIT).strip() == model_pid
-    assert c.systemctl("show", "-p", "MainPID", "--value",
-                       "hoshikage.service").strip() != router_pid
-    assert hk.state("hoshikage.socket") == "active" and listening(hk)
-    status, body = hk.chat("tiny")  # no manual step
-    assert status == 200, body
-    assert len(hk.events("staged", "tiny")) == 1  # served by the kept model, not a reload
-    assert {user for user, _ in processes(c).values()} == {"hoshikage"}
-
-
-#: asks a worker what llama-server asks first (hoshikage_sd/rpc/wire.py: HELLO, the devices'
-#: memory), prints the answer, and keeps the connection open until its stdin closes
-ASK_WORKER = """
-import json, socket, sys, time
-from hoshikage_sd.rpc import wire
-timeout = float(sys.argv[3])
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=timeout) as sock:
-    answer = wire.ask_on(sock, time.monotonic() + timeout)
-    print(json.dumps({"version": answer.version, "total": answer.total,
-                      "devices": len(answer.devices)}), flush=True)
-    sys.stdin.read()
-"""
-#: the unified cgroup hierarchy, which systemd's IPAddressAllow= (the allow list) needs
-CGROUP2 = any(Path(p, "cgroup.controllers").exists()
-              for p in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"))
-
-
-def worker_processes(c: Container) -> dict[str, str]:
-    """The worker's running units' main processes: unit -> the process's user."""
-    out = {}
-    for unit in ("hoshikage-rpc.service", "hoshikage-rpc-server.service"):
-        pid = c.systemctl("show", "-p", "MainPID", "--value", unit).strip()
-        if pid != "0":
-            out[unit] = c.exec("ps", "-o", "user=", "-p", pid, check=False).stdout.strip()
-    return out
-
-
-def test_a_worker_set_up_as_the_readme_says(boot: Boot, deb: Path,
-                                           llama_server_bin: Path) -> None:
-    """README "Several machines", on a worker installed from the package: `rpc-worker setup`
-    enables the socket; a head's first connection starts the server, which answers
-    llama.cpp's HELLO and device-memory requests; an address not allowed is dropped; the
-    worker idles back to no process. The worker boots in a network namespace with
-    SUBNET.2; the head (SUBNET.1) and a stranger (.3) are namespaces of their own, without a
-    container: what a head says to a worker is llama.cpp's protocol (wire.py speaks it as
-    llama-server does; the system tier has a real head split a model over two workers)."""
-    with Lan() as lan:
-        head, network, stranger = lan.machine(1), lan.machine(2), lan.machine(3)
-        c = boot(binds=[(str(deb.parent), "/debs", True),
-                        (str(llama_server_bin.parent), LLAMA_DIR, True)],
-                 network=network, ip_firewall=CGROUP2)
-        # a worker's machine has no route to a mirror here: what the bookworm root holds
-        # (the Recommends, completion, age and uvloop, a worker does without)
-        output = apt(c, "install", "--no-install-recommends", f"/debs/{deb.name}")
-        assert "Setting up hoshikage" in output, output
-        listen = f"{SUBNET}.2:50052"
-        setup = c.exec("hoshikage", "rpc-worker", "setup", "--listen", listen, "--allow",
-                       f"{SUBNET}.1", "--server", f"{LLAMA_DIR}/ggml-rpc-server",
-                       "--idle", "2s")
-        assert f"hoshikage-rpc.socket listens on {listen} for {SUBNET}.1/32" in setup.stdout
-        assert c.systemctl("is-enabled", "hoshikage-rpc.socket").strip() == "enabled"
-        assert c.systemctl("is-active", "hoshikage-rpc.socket").strip() == "active"
-        assert worker_processes(c) == {}  # listening; nothing behind it
-
-        def ask_from(net: str, timeout: float) -> subprocess.Popen[str]:
-            return subprocess.Popen(["nsenter", f"--net={net}", sys.executable, "-c",
-                                     ASK_WORKER, f"{SUBNET}.2", "50052", str(timeout)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True,
-                                    env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
-
-        if CGROUP2:  # the allow list: a stranger's packets are dropped, nothing starts
-            knock = ask_from(stranger, 2)
-            _, err = knock.communicate(timeout=30)
-            assert "TimeoutError" in err, err
-            assert worker_processes(c) == {}
-        asking = ask_from(head, 20)
-        try:
-            line = asking.stdout.readline()  # type: ignore[union-attr]
-            assert line, asking.stderr.read()  # type: ignore[union-attr]
-            answer = json.loads(line)
-            assert answer["version"][0] == 4 and answer["devices"] >= 1, answer
-            assert answer["total"] > 0, answer
-            # the proxy and the server, each as a user made for the run (DynamicUser=)
-            users = worker_processes(c)
-            assert set(users) == {"hoshikage-rpc.service", "hoshikage-rpc-server.service"}
-            assert not {"root", "hoshikage"} & set(users.values()), users
-        finally:
-            asking.stdin.close()  # type: ignore[union-attr]
-            asking.wait(timeout=30)
-        # the proxy exits 2 s after its last connection, and the server with it
-        assert eventually(lambda: worker_processes(c), lambda found: found == {},
-                          timeout=30) == {}
-        assert c.exec("pgrep", "-f", "ggml-rpc-server", check=False).stdout == ""
-        assert c.systemctl("is-active", "hoshikage-rpc.socket").strip() == "active"
