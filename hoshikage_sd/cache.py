@@ -18,8 +18,7 @@ from hoshikage_sd import fmt, log
 from hoshikage_sd.manifest import Config, Files, Model
 from hoshikage_sd.policy.cacheplan import Action, CacheState, Holding, cache_state, plan_cache
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import daemon
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import daemon, units
 from hoshikage_sd.staging import Store
 from hoshikage_sd.stats import StatsFile
 
@@ -54,7 +53,7 @@ def wants_sync(config: Config, model: Model) -> bool:
 
 def trigger() -> None:
     """Start the cache sync in the background: never blocks the request that asked."""
-    systemd.systemctl("start", "--no-block", CACHE_UNIT, check=False)
+    units.systemctl("start", "--no-block", CACHE_UNIT, check=False)
 
 
 def state(config: Config, busy: set[str], now: float) -> CacheState:
@@ -81,7 +80,7 @@ def sync(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
     store = Store(config.cache.dir, plaintext=False)
     with runtime.locked("cache"):
-        busy = set(systemd.active_model_units())
+        busy = set(units.active_model_units())
         now = time.time()
         decisions = plan_cache(state(config, busy, now), config.cache, now)
         for d in decisions:

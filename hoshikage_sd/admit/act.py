@@ -9,7 +9,7 @@ from hoshikage_sd import log, metrics
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.admission import Decision, Snapshot, Verdict
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 
 
 def record(name: str, decision: Decision, counts: metrics.Counts | None = None) -> None:
@@ -37,11 +37,11 @@ def evict(name: str, decision: Decision, runtime: Runtime, counts: metrics.Count
         runtime.set_stop_reason(victim.name, f"evicted for {name}")
         if decision.by_count:
             runtime.set_keep_copy(victim.name)
-        unit = systemd.model_unit(victim.name)
+        unit = units.model_unit(victim.name)
         if wait:
-            systemd.systemctl("stop", unit, check=False)
+            units.systemctl("stop", unit, check=False)
         else:
-            systemd.stop_unit(unit)
+            units.stop_unit(unit)
 
 
 def workers(config: Config, model: Model, estimate: int, decision: Decision,

@@ -15,7 +15,7 @@ from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.admission import Limits, Request, Resident, Snapshot
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from hoshikage_sd.stats import StatsFile
 
 logger = logging.getLogger("hoshikage")
@@ -29,7 +29,7 @@ def residents(config: Config, runtime: Runtime) -> list[Resident]:
     """
     now = time.time()
     try:
-        active = systemd.active_model_units()
+        active = units.active_model_units()
     except HoshikageError as err:
         logger.warning("cannot ask systemd which models are up (%s): trusting the runtime "
                        "records", err.message)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.protocol import PASSED_ENV_NAMES, PASSED_ENV_PREFIXES, passed_env
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 
 #: any instance shows the template's settings and drop-ins
 PROBE_UNIT = "hoshikage-model@check.service"
@@ -40,7 +40,7 @@ def environment_file(path: Path) -> dict[str, str]:
 
 def unit_environment() -> dict[str, str] | None:
     """The model unit's environment as systemd sets it; None when systemd cannot say."""
-    shown = systemd.show(PROBE_UNIT, "Environment", "EnvironmentFiles")
+    shown = units.show(PROBE_UNIT, "Environment", "EnvironmentFiles")
     if not shown:
         return None
     env: dict[str, str] = {}

@@ -18,7 +18,7 @@ import sys
 
 from hoshikage_sd.errors import die
 from hoshikage_sd.manifest import Config
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 
 JOURNALCTL = "journalctl"
 #: systemd-coredump's records (journalctl -u shows the unit's core dumps too)
@@ -28,7 +28,7 @@ COREDUMP_MESSAGE_ID = "fc2e22bc6ee647b6b90729ab34a250b1"
 def matches(name: str) -> list[str]:
     """journalctl's matches for one model (its canonical name): its unit, as `-u` matches a
     unit, or any record of hoshikage's about it."""
-    unit = systemd.model_unit(name)
+    unit = units.model_unit(name)
     return [f"_SYSTEMD_UNIT={unit}",
             "+", f"UNIT={unit}", "_PID=1",
             "+", f"COREDUMP_UNIT={unit}", f"MESSAGE_ID={COREDUMP_MESSAGE_ID}", "_UID=0",

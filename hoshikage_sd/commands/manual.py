@@ -13,7 +13,7 @@ from hoshikage_sd.errors import die
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from hoshikage_sd.staging import Store
 from hoshikage_sd.stats import StatsFile
 
@@ -42,8 +42,8 @@ def load(config: Config, name: str) -> int:
     copy into the RAM disk (bytes and rate: its temporary file), then llama-server's load;
     a bar on a terminal, plain lines otherwise; exit 1 with the reason when it fails."""
     model = find(config, name)
-    unit = systemd.model_unit(model.name)
-    state, _job = systemd.unit_state(unit)
+    unit = units.model_unit(model.name)
+    state, _job = units.unit_state(unit)
     if state == "active":
         print(f"{model.name} is already loaded")
         return 0
@@ -56,7 +56,7 @@ def load(config: Config, name: str) -> int:
     runtime = Runtime(config.runtime_dir)
     before = error_stamp(runtime, model.name)
     began = time.monotonic()
-    systemd.start_unit(unit)  # queued: no systemctl blocking until READY=1
+    units.start_unit(unit)  # queued: no systemctl blocking until READY=1
     display = progress.Display(model.name, sys.stdout, sys.stdout.isatty(),
                                fmt.use_colour(sys.stdout))
     try:
@@ -80,14 +80,14 @@ def watch(config: Config, model: Model, unit: str, display: progress.Display,
     """Show the load's steps until the unit is up; die with `why()` when it went down."""
     staged = False
     while True:
-        state, job = systemd.unit_state(unit)
+        state, job = units.unit_state(unit)
         if state == "active":
             return
         if state in ("failed", "inactive") and not job:
             display.finish(None)
             die(f"{model.name} did not start: {why()}",
                 hint=f"hoshikage logs {model.name} shows its unit's lines "
-                     f"(journalctl -u {systemd.shell_unit(model.name)})")
+                     f"(journalctl -u {units.shell_unit(model.name)})")
         step = step_of(config, model, unit, staged)
         if step.phase == "loading" and not staged and not display.tty:
             # a copy quicker than a look at it: say that it was made
@@ -105,7 +105,7 @@ def step_of(config: Config, model: Model, unit: str, copied: bool = False) -> pr
     was seen being made, so none in the making now means it is done)."""
     from hoshikage_sd.commands import status
 
-    shown = systemd.show(unit, "StatusText", "MemoryCurrent")
+    shown = units.show(unit, "StatusText", "MemoryCurrent")
     text, memory = shown.get("StatusText", ""), shown.get("MemoryCurrent", "")
     copying = status.copying_bytes(config, model.name)
     if copying is not None:
@@ -146,7 +146,7 @@ def failure(runtime: Runtime, name: str, unit: str, before: float | None) -> str
     stamp = error_stamp(runtime, name)
     if reason and stamp is not None and stamp != before:
         return reason
-    shown = systemd.show(unit, "StatusText", "Result")
+    shown = units.show(unit, "StatusText", "Result")
     text = shown.get("StatusText", "")
     if text.startswith("failed: "):
         return text.removeprefix("failed: ")
@@ -157,10 +157,10 @@ def failure(runtime: Runtime, name: str, unit: str, before: float | None) -> str
 
 def unload(config: Config, name: str) -> int:
     model = find(config, name)
-    if model.name not in systemd.active_model_units():
+    if model.name not in units.active_model_units():
         print(f"{model.name} is not loaded")
         return 0
     Runtime(config.runtime_dir).set_stop_reason(model.name, "manual unload")
-    systemd.systemctl("stop", systemd.model_unit(model.name))
+    units.systemctl("stop", units.model_unit(model.name))
     print(f"{model.name} unloaded")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from hoshikage_sd.commands.environment import PROBE_UNIT
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 
 TEMPLATE = "hoshikage-model@.service"
 
@@ -37,7 +37,7 @@ def problems(config: Config) -> list[str]:
     """The warning for `config`'s ramdisk, as the installed unit and its drop-ins stand; none
     where systemd cannot say (no systemctl, not booted with systemd, the unit not installed)."""
     try:
-        shown = systemd.show(PROBE_UNIT, "LoadState", "RequiresMountsFor")
+        shown = units.show(PROBE_UNIT, "LoadState", "RequiresMountsFor")
     except HoshikageError:
         return []
     if shown.get("LoadState") != "loaded":

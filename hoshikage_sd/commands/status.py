@@ -19,7 +19,7 @@ from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.policy.rank import ModelStats
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from hoshikage_sd.staging import Store
 
 
@@ -82,13 +82,13 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
                  now: float, in_flight: Mapping[str, int] | None = None) -> ModelStatus:
     import psutil
 
-    unit = systemd.model_unit(model.name)
+    unit = units.model_unit(model.name)
     props = unit_props(unit) if model.name in active else {}
     state = props.get("ActiveState", "inactive")
     if not props and runtime.error(model.name) is not None:
         # not up: failed (a unit in "failed" is listed as loaded, so not here) or never
         # started since its failure was recorded
-        state = systemd.unit_state(unit)[0] or "inactive"
+        state = units.unit_state(unit)[0] or "inactive"
     store = Store(config.ramdisk)
     size = store.copy_size(model.name)
     copying = copying_bytes(config, model.name)
@@ -136,7 +136,7 @@ def unit_props(unit: str) -> dict[str, str]:
     try:
         return bus.unit_properties(unit, UNIT_PROPS)
     except (bus.BusUnavailable, bus.BusError):
-        return systemd.show(unit, *UNIT_PROPS)
+        return units.show(unit, *UNIT_PROPS)
 
 
 def copying_bytes(config: Config, name: str) -> int | None:
@@ -229,13 +229,13 @@ def router_state() -> dict[str, Any]:
     be asked (nothing is started to find out). One systemctl: the router itself asks once
     in its life (panel/serve.py), not on each of the panel's polls."""
     try:
-        out = systemd.systemctl("show", SOCKET_UNIT, ROUTER_UNIT, "--property=Id",
-                                "--property=ActiveState", "--property=MainPID",
-                                "--property=Listen", check=False, timeout=5)
+        out = units.systemctl("show", SOCKET_UNIT, ROUTER_UNIT, "--property=Id",
+                              "--property=ActiveState", "--property=MainPID",
+                              "--property=Listen", check=False, timeout=5)
     except HoshikageError:  # no systemctl here
         out = ""
-    units = parse_show(out)
-    socket, service = units.get(SOCKET_UNIT, {}), units.get(ROUTER_UNIT, {})
+    shown = parse_show(out)
+    socket, service = shown.get(SOCKET_UNIT, {}), shown.get(ROUTER_UNIT, {})
     pid = service.get("MainPID", "")
     return {
         "state": service.get("ActiveState") or None,
@@ -249,15 +249,15 @@ def router_state() -> dict[str, Any]:
 def parse_show(text: str) -> dict[str, dict[str, str]]:
     """`systemctl show A B --property=Id,...`: each unit's properties by its Id (units are
     separated by a blank line; Listen= may come once per address)."""
-    units: dict[str, dict[str, str]] = {}
+    by_id: dict[str, dict[str, str]] = {}
     for block in text.split("\n\n"):
         props: dict[str, str] = {}
         for line in block.splitlines():
             key, _, value = line.partition("=")
             props[key] = f"{props[key]}\n{value}" if key in props else value
         if props.get("Id"):
-            units[props["Id"]] = props
-    return units
+            by_id[props["Id"]] = props
+    return by_id
 
 
 def listen_addresses(listen: str) -> list[str]:
@@ -408,7 +408,7 @@ def loaded_units() -> list[str]:
     """The model units that are up, or a clear error: never "all inactive" for a failing
     bus."""
     try:
-        return systemd.active_model_units()
+        return units.active_model_units()
     except HoshikageError as err:
         die(f"cannot ask systemd which models are loaded: {err.message}",
             hint="is systemd running, and may this user query it? (systemctl status)")
@@ -615,7 +615,7 @@ def device_report(config: Config) -> list[str]:
     if not os.access(config.llama_server, os.X_OK):
         return []
     try:
-        shown = systemd.show(environment.PROBE_UNIT, "SupplementaryGroups")
+        shown = units.show(environment.PROBE_UNIT, "SupplementaryGroups")
         unit_env = environment.unit_environment() or {}
     except HoshikageError:  # no systemctl here
         shown, unit_env = {}, {}

@@ -119,12 +119,12 @@ def may_act(router: RouterFace, request: Request) -> bool:
 
 async def state(router: RouterFace, request: Request) -> Response:
     from hoshikage_sd.commands import status
-    from hoshikage_sd.sd import units as systemd
+    from hoshikage_sd.sd import units
 
     config = router.config
     models = visible(config, request.grant)
     try:
-        active = set(await asyncio.to_thread(systemd.active_model_units))
+        active = set(await asyncio.to_thread(units.active_model_units))
     except HoshikageError as err:
         return refuse(router, request, guard.Refusal(
             503, f"cannot ask systemd which models are up: {err.message}", "systemd"))
@@ -243,10 +243,10 @@ async def _load(router: RouterFace, model: Model) -> None:
 
 
 async def unload(router: RouterFace, request: Request, model: Model) -> Response:
-    from hoshikage_sd.sd import units as systemd
+    from hoshikage_sd.sd import units
 
     try:
-        up = model.name in await asyncio.to_thread(systemd.active_model_units)
+        up = model.name in await asyncio.to_thread(units.active_model_units)
     except HoshikageError as err:
         return refuse(router, request, guard.Refusal(
             503, f"cannot ask systemd which models are up: {err.message}", "systemd"))

@@ -16,7 +16,7 @@ from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.router import auth, model_keys
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 
 ROUTER_UNIT: Final = "hoshikage.service"
 PRELOAD_UNIT: Final = "hoshikage-preload.service"
@@ -36,8 +36,8 @@ def problems(config: Config) -> list[str]:
     for model in config.models.values():
         found += model_keys.problems(model)
     try:
-        router = systemd.show(ROUTER_UNIT, "LoadState", "LimitNOFILESoft", "MemoryMax")
-        preload = systemd.show(PRELOAD_UNIT, "LoadState", "UnitFileState")
+        router = units.show(ROUTER_UNIT, "LoadState", "LimitNOFILESoft", "MemoryMax")
+        preload = units.show(PRELOAD_UNIT, "LoadState", "UnitFileState")
     except HoshikageError:
         return found
     if router.get("LoadState") == "loaded":
@@ -60,10 +60,10 @@ def keys_problems(config: Config, credentials: str | None = None) -> list[str]:
         name = spec[len(auth.CREDENTIAL):]
         if credentials is None:
             try:  # systemd 252's show prints this property "[unprintable]": its files
-                if systemd.show(ROUTER_UNIT, "LoadState").get("LoadState") != "loaded":
+                if units.show(ROUTER_UNIT, "LoadState").get("LoadState") != "loaded":
                     return []  # no systemd to ask here, or the unit not installed
-                credentials = load_credentials(systemd.systemctl("cat", ROUTER_UNIT,
-                                                                 check=False))
+                credentials = load_credentials(units.systemctl("cat", ROUTER_UNIT,
+                                                               check=False))
             except HoshikageError:
                 return []
         source = credential_source(credentials, name)

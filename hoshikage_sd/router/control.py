@@ -129,10 +129,10 @@ async def _load(router: RouterFace, model: Model) -> None:
 
 
 async def unload(router: RouterFace, request: Request, model: Model) -> Response:
-    from hoshikage_sd.sd import units as systemd
+    from hoshikage_sd.sd import units
 
     try:
-        up = model.name in await asyncio.to_thread(systemd.active_model_units)
+        up = model.name in await asyncio.to_thread(units.active_model_units)
     except HoshikageError as err:
         return router.fail(request, api.ApiError(
             503, f"cannot ask systemd which models are up: {err.message}", code="systemd"))

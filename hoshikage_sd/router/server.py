@@ -53,8 +53,7 @@ from hoshikage_sd.router.headstart.take import FirstRequest
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import daemon
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import daemon, units
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -265,7 +264,7 @@ class Router:
         if self.runtime.stop_reason(model.name) is None and await self.serving(model):
             self.ready.add(model.name)
             return
-        unit = systemd.model_unit(model.name)
+        unit = units.model_unit(model.name)
         began = time.monotonic()
         self._ttl.pop(model.name, None)
         announced = self.announcements.expect(model.name)
@@ -285,7 +284,7 @@ class Router:
                 break
             if time.monotonic() - checked >= UNIT_POLL:
                 checked = time.monotonic()
-                state, pending = await asyncio.to_thread(systemd.unit_state, unit)
+                state, pending = await asyncio.to_thread(units.unit_state, unit)
                 if state == "failed" or (state == "inactive" and not pending):
                     reason = self.runtime.error(model.name)
                     # the activator recorded why; only "no room yet" can change by itself
@@ -321,14 +320,14 @@ class Router:
             self.runtime.set_wanted(model.name)
             waited.append(True)
 
-        state = systemd.wait_down(unit, wanted)
+        state = units.wait_down(unit, wanted)
         if waited:
             self.runtime.set_wanted(model.name, False)
         started: list[bool] = []
 
         def start() -> None:
             try:
-                systemd.start_unit(unit, state)
+                units.start_unit(unit, state)
             except HoshikageError as err:  # the start's failure, not the fast path's
                 raise StartFailed(err.message) from None
             started.append(True)
@@ -375,17 +374,17 @@ class Router:
     async def unload(self, model: Model, reason: str) -> None:
         """Stop the model's unit now (Ollama's keep_alive 0) and return once it is no
         longer "active" (so /api/ps no longer lists it)."""
-        unit = systemd.model_unit(model.name)
+        unit = units.model_unit(model.name)
         self.gone(model.name)
         self.runtime.set_stop_reason(model.name, reason)
         try:
-            await asyncio.to_thread(systemd.stop_unit, unit)
+            await asyncio.to_thread(units.stop_unit, unit)
         except HoshikageError as err:
             logger.warning("cannot unload %s: %s", model.name, err.message)
             return
         deadline = time.monotonic() + UNLOAD_WAIT
         while time.monotonic() < deadline:
-            state, _ = await asyncio.to_thread(systemd.unit_state, unit)
+            state, _ = await asyncio.to_thread(units.unit_state, unit)
             if state != "active":
                 return
             await asyncio.sleep(0.02)
@@ -684,8 +683,7 @@ class Router:
         self._begin(model)
         return Forward(pool, unreachable=unreachable, done=call.done,
                        request=call.upstream_request,
-                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform,
-                       broken=call.broken)
+                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform)
 
     # listings
     async def loaded(self) -> set[str]:
@@ -698,7 +696,7 @@ class Router:
         """Loaded models whose unit is not being stopped: what Ollama's /api/ps lists."""
         loaded = await self.loaded()
         try:
-            active = set(await asyncio.to_thread(systemd.active_model_units, ("active",)))
+            active = set(await asyncio.to_thread(units.active_model_units, ("active",)))
         except HoshikageError as err:  # no systemd to ask (a test bed): the records
             logger.debug("listing from the runtime records: %s", err.message)
             return loaded
@@ -754,7 +752,7 @@ class Router:
             if time.monotonic() - self.last_activity < self.config.router_idle_exit:
                 continue
             try:
-                loaded = set(await asyncio.to_thread(systemd.active_model_units))
+                loaded = set(await asyncio.to_thread(units.active_model_units))
             except HoshikageError as err:  # no systemd to ask (a test bed): the records
                 logger.debug("asking the runtime records what is loaded: %s", err.message)
                 loaded = await self.loaded()

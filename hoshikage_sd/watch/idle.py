@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from hoshikage_sd import fmt, log, metrics
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from hoshikage_sd.staging import Store
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
     one: its TTL from now at the soonest), or None when no model is up."""
     now = time.time()
     soonest: float | None = None
-    for name in systemd.active_model_units(("active",)):  # not one already stopping
+    for name in units.active_model_units(("active",)):  # not one already stopping
         model = config.models.get(name)
         if model is not None and model.pinned:
             continue  # pinned (manifest or names.json): no TTL, not even a keep_alive's
@@ -65,7 +65,7 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
                       reason="idle")
         log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
-        systemd.systemctl("stop", "--no-block", systemd.model_unit(name), check=False)
+        units.systemctl("stop", "--no-block", units.model_unit(name), check=False)
     expire_kept(config, runtime, now)
     return soonest
 
@@ -102,7 +102,7 @@ def read_pressure(config: Config, runtime: Runtime) -> Reading:
     from hoshikage_sd.policy.pressure import Reading
 
     available, total = memory()
-    up = set(systemd.active_model_units(("active",)))
+    up = set(units.active_model_units(("active",)))
     return Reading(total - available, total,
                    tuple(r for r in residents(config, runtime) if r.name in up))
 
@@ -121,4 +121,4 @@ def relieve(config: Config, runtime: Runtime, reading: Reading, decision: Decisi
         runtime.set_stop_reason(victim.name, "memory pressure")
         metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=victim.name,
                       reason="pressure")
-        systemd.systemctl("stop", "--no-block", systemd.model_unit(victim.name), check=False)
+        units.systemctl("stop", "--no-block", units.model_unit(victim.name), check=False)

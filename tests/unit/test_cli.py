@@ -137,7 +137,7 @@ def test_router_state_from_systemctl_show(monkeypatch: pytest.MonkeyPatch) -> No
     assert units["hoshikage.service"]["MainPID"] == "812"
     assert status.listen_addresses(units["hoshikage.socket"]["Listen"]) == [
         "127.0.0.1:8080", "[::1]:8080"]
-    monkeypatch.setattr(status.systemd, "systemctl", lambda *a, **k: SHOW)
+    monkeypatch.setattr(status.units, "systemctl", lambda *a, **k: SHOW)
     assert status.router_state() == {"state": "active", "running": True, "pid": 812,
                                      "socket_state": "active",
                                      "listen": ["127.0.0.1:8080", "[::1]:8080"]}
@@ -161,11 +161,11 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     runtime = Runtime(config.runtime_dir)
     runtime.set_running("tiny", Running(os.getpid(), "/rd/tiny.gguf", time.time() - 300))
     runtime.set_activity("tiny", Activity(0, time.time() - 60, 0))
-    monkeypatch.setattr(status.systemd, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(status.units, "active_model_units", lambda *a: ["tiny"])
     monkeypatch.setattr(status, "unit_props", lambda unit: {
         "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": str(5 << 20),
         "StatusText": "serving tiny"})
-    monkeypatch.setattr(status.systemd, "systemctl", lambda *a, **k: SHOW)
+    monkeypatch.setattr(status.units, "systemctl", lambda *a, **k: SHOW)
     assert status.status(config) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("tiny "))
@@ -281,9 +281,9 @@ def fake_unit(monkeypatch: pytest.MonkeyPatch, states: list[tuple[str, bool]],
         on_look(n)
         return states[n]
 
-    monkeypatch.setattr(manual.systemd, "unit_state", unit_state)
-    monkeypatch.setattr(manual.systemd, "start_unit", lambda unit, state=None: None)
-    monkeypatch.setattr(manual.systemd, "show", lambda unit, *props: shown or {})
+    monkeypatch.setattr(manual.units, "unit_state", unit_state)
+    monkeypatch.setattr(manual.units, "start_unit", lambda unit, state=None: None)
+    monkeypatch.setattr(manual.units, "show", lambda unit, *props: shown or {})
     monkeypatch.setattr(manual, "POLL", 0.0)
 
 
@@ -367,7 +367,7 @@ def test_status_says_a_pinned_model_has_no_idle_stop(
     path.write_text(path.read_text() + "    pinned: true\n")
     config = manifest.load(path)
     Runtime(config.runtime_dir).set_running("tiny", Running(os.getpid(), "/x", time.time()))
-    monkeypatch.setattr(status.systemd, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(status.units, "active_model_units", lambda *a: ["tiny"])
     monkeypatch.setattr(status, "unit_props", lambda unit: {"ActiveState": "active"})
     monkeypatch.setattr(status, "router_state", lambda: {
         "state": None, "running": False, "pid": None, "socket_state": None, "listen": []})

@@ -15,7 +15,7 @@ from hoshikage_sd.manifest import Model
 from hoshikage_sd.router import control, routes, server
 from hoshikage_sd.router.proxy import Request
 from hoshikage_sd.router.routes import Route
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from tests.unit.test_auth import KEYS, call, headers_of
 from tests.unit.test_router_api import write
 
@@ -84,7 +84,7 @@ def test_load_starts_the_model_and_unload_stops_it(tmp_path: Path,
         await asyncio.gather(*control._loading)
         assert started == ["tiny"]
         up: list[str] = []
-        monkeypatch.setattr(systemd, "active_model_units", lambda *a: list(up))
+        monkeypatch.setattr(units, "active_model_units", lambda *a: list(up))
         status, _, body = await call(router, asking("/models/unload", {"model": "tiny"}))
         assert (status, body["status"]) == (200, "not loaded")
         up.append("tiny")

@@ -451,7 +451,7 @@ models:
                                                              frozenset({990})))
     monkeypatch.setattr(environment, "unit_environment",
                         lambda: {"CUDA_VISIBLE_DEVICES": "1", "FOO": "bar"})
-    monkeypatch.setattr(status.systemd, "show", lambda unit, *props: {
+    monkeypatch.setattr(status.units, "show", lambda unit, *props: {
         "SupplementaryGroups": f"{video.gr_name} no-such-group"})
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     lines = status.device_report(manifest.load(config))

@@ -110,8 +110,8 @@ def test_the_idle_watch_never_stops_a_pinned_model(tmp_path: Path,
         runtime.set_running(name, Running(pid=1, staged="/x", started=long_ago))
     runtime.set_ttl("kept", 5.0)
     stopped: list[str] = []
-    monkeypatch.setattr(idle.systemd, "active_model_units", lambda *a: ["kept", "free"])
-    monkeypatch.setattr(idle.systemd, "systemctl",
+    monkeypatch.setattr(idle.units, "active_model_units", lambda *a: ["kept", "free"])
+    monkeypatch.setattr(idle.units, "systemctl",
                         lambda *a, **k: stopped.append(a[-1]))
     assert idle.sweep(config, runtime) is None  # nothing left to wait for
-    assert stopped == [idle.systemd.model_unit("free")]
+    assert stopped == [idle.units.model_unit("free")]

@@ -10,7 +10,7 @@ import pytest
 from hoshikage_sd.commands import mounts
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from testbed import REPO_ROOT
 from tests.unit.test_unit_files import sections
 
@@ -50,7 +50,7 @@ def test_problems_as_systemd_shows_the_unit(monkeypatch: pytest.MonkeyPatch) -> 
         assert set(props) == {"LoadState", "RequiresMountsFor"}
         return shown
 
-    monkeypatch.setattr(systemd, "show", show)
+    monkeypatch.setattr(units, "show", show)
     (warning,) = mounts.problems(config)
     assert warning.startswith("ramdisk /dev/shm/hk: ")
     shown["RequiresMountsFor"] = "/mnt/hoshikage /dev/shm/hk"  # with the drop-in
@@ -63,5 +63,5 @@ def test_problems_as_systemd_shows_the_unit(monkeypatch: pytest.MonkeyPatch) -> 
     def fails(unit: str, *props: str) -> dict[str, str]:
         raise HoshikageError("systemctl is missing")
 
-    monkeypatch.setattr(systemd, "show", fails)
+    monkeypatch.setattr(units, "show", fails)
     assert mounts.problems(config) == []

@@ -16,7 +16,7 @@ from hoshikage_sd.manifest import names
 from hoshikage_sd.panel import guard, journal
 from hoshikage_sd.router import routes, server
 from hoshikage_sd.router.proxy import Request, Response
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 
 MANIFEST = """\
 ramdisk: {tmp}/rd
@@ -43,12 +43,12 @@ TINY_KEY = "sk-panel-test-tiny-0123456789"
 def units_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "units-runtime"))
     # no systemd here: nothing is up, and a start would be a bug
-    monkeypatch.setattr(systemd, "active_model_units", lambda *a: [])
+    monkeypatch.setattr(units, "active_model_units", lambda *a: [])
 
     def no_start(*args: object) -> None:
         raise AssertionError("the panel started a unit")
 
-    monkeypatch.setattr(systemd, "start_unit", no_start)
+    monkeypatch.setattr(units, "start_unit", no_start)
 
 
 def router_for(tmp: Path, extra: str = "") -> server.Router:

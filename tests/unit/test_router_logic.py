@@ -300,9 +300,9 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
     from hoshikage_sd.router import server as router_module
 
     calls: list[str] = []
-    monkeypatch.setattr(router_module.systemd, "wait_down",
+    monkeypatch.setattr(router_module.units, "wait_down",
                         lambda unit, waiting=None: calls.append(f"down {unit}") or "inactive")
-    monkeypatch.setattr(router_module.systemd, "start_unit",
+    monkeypatch.setattr(router_module.units, "start_unit",
                         lambda unit, state=None: calls.append(f"start {unit} {state}"))
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
     router = router_module.Router(config)
@@ -327,7 +327,7 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
         raise HoshikageError("cannot start u@a: access denied")
 
     calls.clear()
-    monkeypatch.setattr(router_module.systemd, "start_unit", refuse)
+    monkeypatch.setattr(router_module.units, "start_unit", refuse)
     monkeypatch.setattr(router, "prepare", prepare)
     with pytest.raises(router_module.StartFailed, match="access denied"):
         router.begin(Model("a", tmp_path / "a.gguf"), "u@a")
@@ -351,8 +351,8 @@ def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
     runtime.set_running("b", Running(os.getpid(), "", time.time() - 60))
     runtime.set_activity("b", Activity(0, time.time() - 30, os.getpid()))
     calls: list[str] = []
-    monkeypatch.setattr(gather.systemd, "active_model_units", lambda: ["b"])
-    monkeypatch.setattr(gather.systemd, "stop_unit",
+    monkeypatch.setattr(gather.units, "active_model_units", lambda: ["b"])
+    monkeypatch.setattr(gather.units, "stop_unit",
                         lambda unit: calls.append(f"stop {unit}"))
     router = router_module.Router(config)
     monkeypatch.setattr(needs, "deviceless", lambda model: False)  # a GPU machine
@@ -378,7 +378,7 @@ def test_a_model_that_answered_before_its_activator_adopted_it_is_idle_not_start
                     models={"b": Model("b", tmp_path / "b.gguf")})
     runtime = Runtime(config.runtime_dir)
     runtime.set_admitted("b", 1000)
-    monkeypatch.setattr(gather.systemd, "active_model_units", lambda: ["b"])
+    monkeypatch.setattr(gather.units, "active_model_units", lambda: ["b"])
     (starting,) = gather.residents(config, runtime)
     assert starting.starting and starting.idle is None  # admitted, nothing answered yet
     runtime.set_activity("b", Activity(0, time.time() - 5, os.getpid()))
@@ -404,8 +404,8 @@ def test_a_request_for_a_model_whose_unit_still_stops_says_it_is_wanted(
         seen.append(router.runtime.wanted("a"))
         return "inactive"
 
-    monkeypatch.setattr(router_module.systemd, "wait_down", wait_down)
-    monkeypatch.setattr(router_module.systemd, "start_unit", lambda unit, state=None: None)
+    monkeypatch.setattr(router_module.units, "wait_down", wait_down)
+    monkeypatch.setattr(router_module.units, "start_unit", lambda unit, state=None: None)
     monkeypatch.setattr(router, "prepare", lambda model, start: start())
     router.begin(Model("a", tmp_path / "a.gguf"), "u@a")
     assert seen == [True] and not router.runtime.wanted("a")

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from hoshikage_sd.errors import HoshikageError
-from hoshikage_sd.sd import bus
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import bus, units
 
 UNIT = "hoshikage-model@tiny.service"
 
@@ -45,7 +44,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeManager]:
     manager = FakeManager(["inactive"])
     for name in ("units", "reset_failed_unit", "start_unit"):
         monkeypatch.setattr(bus, name, lambda *a, _n=name, **k: getattr(manager, _n)(*a, **k))
-    monkeypatch.setattr(systemd, "SETTLE_POLL", 0.001)
+    monkeypatch.setattr(units, "SETTLE_POLL", 0.001)
     yield manager
 
 
@@ -61,22 +60,22 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeManager]:
 def test_start_waits_for_a_dying_unit_and_resets_a_failed_one(
         fake: FakeManager, states: list[str], calls: list[str]) -> None:
     fake.states, fake.last = iter(states), states[-1]
-    systemd.start_unit(UNIT)
+    units.start_unit(UNIT)
     assert fake.calls == calls
 
 
 def test_a_unit_that_stays_up_is_started_anyway_after_the_limit(
         fake: FakeManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(systemd, "SETTLE_LIMIT", 0.05)
+    monkeypatch.setattr(units, "SETTLE_LIMIT", 0.05)
     fake.states, fake.last = iter(["active"]), "active"
-    systemd.start_unit(UNIT)
+    units.start_unit(UNIT)
     assert fake.calls[-1] == "start" and "reset" not in fake.calls
 
 
 def test_a_refused_reset_is_a_warning_and_the_start_goes_on(
         fake: FakeManager, caplog: pytest.LogCaptureFixture) -> None:
     fake.states, fake.last, fake.reset_error = iter(["failed"]), "failed", True
-    systemd.start_unit(UNIT)
+    units.start_unit(UNIT)
     assert fake.calls == ["state=failed", "reset", "start"]
     assert any("cannot reset the failed state" in r.getMessage() and
                r.levelno == logging.WARNING for r in caplog.records)
@@ -88,4 +87,4 @@ def test_a_refused_start_is_an_error_with_the_reason(
         raise bus.BusError("org.freedesktop.systemd1.NoSuchUnit", "no such unit")
     monkeypatch.setattr(bus, "start_unit", refuse)
     with pytest.raises(HoshikageError, match=r"cannot start .*no such unit"):
-        systemd.start_unit(UNIT)
+        units.start_unit(UNIT)

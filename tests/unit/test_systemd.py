@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.sd import daemon
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import daemon, units
 from tests.support import unavailable
 
 NAMES = ["tiny", "qwen3:8b", "a-b", "a/b", ".hidden", "ünï", "a b", "../x", "a.b.", "x_y",
@@ -32,7 +31,7 @@ def systemd_escape(text: str) -> str:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_escape_matches_systemd_escape(name: str) -> None:
-    assert systemd.escape(name) == systemd_escape(name)
+    assert units.escape(name) == systemd_escape(name)
 
 
 @pytest.mark.parametrize(("name", "escaped"), [
@@ -47,27 +46,27 @@ def test_escape_matches_systemd_escape(name: str) -> None:
     ("../x", "\\x2e.-x"),
 ])
 def test_escape_known_values(name: str, escaped: str) -> None:
-    assert systemd.escape(name) == escaped
+    assert units.escape(name) == escaped
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "/" not in n])
 def test_unescape_inverts_escape(name: str) -> None:
-    assert systemd.unescape(systemd.escape(name)) == name
+    assert units.unescape(units.escape(name)) == name
 
 
 def test_escaped_names_are_safe_unit_instance_strings() -> None:
     for name in NAMES:
-        escaped = systemd.escape(name)
+        escaped = units.escape(name)
         assert "/" not in escaped and " " not in escaped
         assert not escaped.startswith(".")
         assert all(c.isascii() and (c.isalnum() or c in ":_.\\-") for c in escaped), escaped
 
 
 def test_model_unit() -> None:
-    assert systemd.model_unit("tiny") == "hoshikage-model@tiny.service"
-    assert systemd.model_unit("qwen3:8b") == "hoshikage-model@qwen3:8b.service"
-    assert systemd.model_unit("gemma-3") == "hoshikage-model@gemma\\x2d3.service"
-    assert systemd.model_unit("../etc") == "hoshikage-model@\\x2e.-etc.service"
+    assert units.model_unit("tiny") == "hoshikage-model@tiny.service"
+    assert units.model_unit("qwen3:8b") == "hoshikage-model@qwen3:8b.service"
+    assert units.model_unit("gemma-3") == "hoshikage-model@gemma\\x2d3.service"
+    assert units.model_unit("../etc") == "hoshikage-model@\\x2e.-etc.service"
 
 
 # -- sd_notify -----------------------------------------------------------------------------
