@@ -30,10 +30,13 @@ from hoshikage_sd.fmt import size
 from hoshikage_sd.manifest.model import Config, Model, Worker
 from hoshikage_sd.rpc import wire
 
-#: seconds for connecting to a worker and its answers: a worker socket-activates its
-#: ggml-rpc-server on that connection (its cost: docs/performance.md "RPC workers"), well
-#: within this, so it is about a machine that is down or drops packets, not a slow start
+#: seconds for connecting to a worker: about a machine that is down or drops packets
 TIMEOUT = 3.0
+#: seconds for its answers once connected: a worker socket-activates its ggml-rpc-server on
+#: that connection (docs/performance.md "RPC workers"), which a loaded worker machine can
+#: make slow; a worker busy with another head is rare (one this head's models hold is not
+#: asked: holders)
+ANSWER_TIMEOUT = 10.0
 #: where the head remembers each loaded model's split ($RUNTIME_DIRECTORY/workers/NAME.json)
 RECORDS = "workers"
 
@@ -113,7 +116,7 @@ def short(model: str, estimate: int, margin: float, split: Iterable[Share]) -> s
 def why_unreachable(exc: BaseException, connected: bool) -> str:
     if isinstance(exc, TimeoutError):
         if connected:
-            return (f"accepted the connection but did not answer within {TIMEOUT:g} s: it "
+            return (f"accepted the connection but did not answer within {ANSWER_TIMEOUT:g} s: it "
                     "serves another client (a ggml-rpc-server serves one llama-server at a "
                     "time)")
         return (f"did not answer within {TIMEOUT:g} s (down, or a firewall or its "
@@ -127,17 +130,17 @@ def why_unreachable(exc: BaseException, connected: bool) -> str:
     return str(exc)
 
 
-def ask(worker: Worker, timeout: float = TIMEOUT) -> wire.Answer:
+def ask(worker: Worker, timeout: float = TIMEOUT,
+        answer_timeout: float = ANSWER_TIMEOUT) -> wire.Answer:
     """The worker's answer, or WorkerUnavailable saying why (by name and address)."""
     import socket
     import time
 
-    deadline = time.monotonic() + timeout
     connected = False
     try:
         with socket.create_connection((worker.host, worker.port), timeout=timeout) as sock:
             connected = True  # refused or unreachable fails above; busy waits below
-            return wire.ask_on(sock, deadline)
+            return wire.ask_on(sock, time.monotonic() + answer_timeout)
     except (OSError, wire.WireError) as exc:
         raise WorkerUnavailable(
             f"worker '{worker.name}' ({worker.address}) is unavailable: "

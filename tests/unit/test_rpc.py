@@ -187,7 +187,7 @@ def test_another_protocol_is_named(server: int) -> None:
 @pytest.mark.parametrize("server", [(bytes([4, 0, 3]), True)], indirect=True)
 def test_a_busy_worker_is_a_refusal_not_a_hang(server: int) -> None:
     with pytest.raises(workers.WorkerUnavailable, match="serves another client"):
-        workers.ask(Worker("box2", "127.0.0.1", server), timeout=0.3)
+        workers.ask(Worker("box2", "127.0.0.1", server), answer_timeout=0.3)
 
 
 def test_a_worker_that_is_down() -> None:
