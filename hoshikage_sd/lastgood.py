@@ -18,11 +18,10 @@ instead of the manifest:
   takes the file as what a parse would give; any difference and it parses.
 
 A file changed during the parse may show a time just before it began (the kernel stamps
-files from its coarse clock, up to a tick behind: 1-10 ms), so "files" is null when any of
-them changed less than RACY seconds before the parse began (as git treats a racily clean
-index): then only the last good manifest is kept. An edit reaches the router's reload later
-than that (hoshikage-reload.path, then `hoshikage reload`), so its parse is kept whole as a
-rule.
+files from its coarse clock, up to a tick behind), so "files" is null when any of them
+changed less than RACY seconds before the parse began (as git treats a racily clean index):
+then only the last good manifest is kept. An edit reaches the router's reload later than
+that (hoshikage-reload.path, then `hoshikage reload`), so its parse is kept whole as a rule.
 
 The file lives in the runtime directory every unit shares (protocol.runtime_dir): a broken
 manifest cannot say where its own runtime_dir is. It is trusted only from this user or root:
