@@ -126,24 +126,51 @@ def timed_wait_quiet(pid: int, limit: float) -> float:
     return time.monotonic() - begin
 
 
+class Clock:
+    """A virtual clock and CPU counter for wait_quiet: the process uses one CPU until
+    `busy_until` and none after, whatever else the machine runs (a real spinning child
+    gets less than its CPU on a loaded machine and reads as quiet)."""
+
+    def __init__(self, busy_until: float) -> None:
+        self.now, self.busy_until = 0.0, busy_until
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def cpu_ns(self, pid: int) -> int:
+        return int(min(self.now, self.busy_until) * 1e9)
+
+
 @pytest.mark.parametrize(("busy", "limit", "least", "most"), [
-    (0.0, 5.0, 0.0, 0.5),    # quiet already: one window
-    (0.6, 5.0, 0.4, 2.5),    # busy, then quiet: waits the busy part out
-    (99, 0.4, 0.35, 1.5),    # busy throughout: the limit
+    (0.0, 5.0, 0.0, protocol.QUIET_WINDOW),        # quiet already: one window
+    (0.6, 5.0, 0.6, 0.6 + 2 * protocol.QUIET_WINDOW),  # busy, then quiet: the busy part out
+    (99, 0.4, 0.4, 0.4 + protocol.QUIET_WINDOW),   # busy throughout: the limit
 ], ids=["quiet", "busy-then-quiet", "limit"])
-def test_wait_quiet(tmp_path: Path, busy: float, limit: float, least: float,
+def test_wait_quiet(monkeypatch: pytest.MonkeyPatch, busy: float, limit: float, least: float,
                     most: float) -> None:
-    proc = child(tmp_path, busy)
-    try:
-        if busy:  # it is spinning by now: its CPU time grows
-            before = launch.cpu_ns(proc.pid)
-            time.sleep(0.15)
-            after = launch.cpu_ns(proc.pid)
-            assert before is not None and after is not None and after > before
-        assert least <= timed_wait_quiet(proc.pid, limit) <= most
+    clock = Clock(busy)
+    monkeypatch.setattr(time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(time, "sleep", clock.sleep)
+    monkeypatch.setattr(launch, "cpu_ns", clock.cpu_ns)
+    monkeypatch.setattr(launch, "exited", lambda pid: False)
+    launch.wait_quiet(1, limit)
+    assert least <= clock.now <= most
+
+
+def test_cpu_ns_reads_a_real_process(tmp_path: Path) -> None:
+    proc = child(tmp_path, 0.6)
+    try:  # it is spinning by now: its CPU time grows
+        before = launch.cpu_ns(proc.pid)
+        time.sleep(0.15)
+        after = launch.cpu_ns(proc.pid)
+        assert before is not None and after is not None and after > before
     finally:
         proc.kill()
         proc.wait()
+    assert launch.cpu_ns(proc.pid) is None
 
 
 def test_wait_quiet_returns_when_the_child_exits(tmp_path: Path) -> None:
