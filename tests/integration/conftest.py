@@ -12,8 +12,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from tests.support import listening
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +140,48 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
         process.kill()
         process.wait()
         raise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def socket_activated_router(setup: Setup, port: int) -> subprocess.Popen[bytes]:
+    """The router as hoshikage.service runs it: hoshikage-router (python -IS, site after the
+    head start), next to the venv's hoshikage (tools/bootstrap.sh writes it)."""
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.fail("systemd-socket-activate is missing (Debian package systemd)")
+    entry = Path(sys.executable).with_name("hoshikage-router")
+    assert entry.exists(), f"{entry} is missing: run tools/bootstrap.sh"
+    return subprocess.Popen([tool, "-l", f"127.0.0.1:{port}",
+                             "-E", f"HOSHIKAGE_CONFIG={setup.config}",
+                             # its last good manifest goes here, as under systemd
+                             "-E", f"RUNTIME_DIRECTORY={setup.runtime}",
+                             str(entry)], stderr=subprocess.PIPE)
+
+
+class Served(NamedTuple):
+    """A model served (its activator) behind the router under systemd-socket-activate."""
+
+    setup: Setup
+    port: int
+    #: the router's (systemd-socket-activate execs it: the same process)
+    pid: int
+
+
+@pytest.fixture
+def served(setup: Setup, notify_socket: NotifyListener) -> Iterator[Served]:
+    activator = subprocess.Popen(setup.hoshikage("activate", "tiny"),
+                                 env=setup.env(NOTIFY_SOCKET=str(notify_socket.path)))
+    notify_socket.wait_for("READY")
+    port = free_port()
+    router = socket_activated_router(setup, port)
+    assert listening(port)  # systemd-socket-activate binds before the first connection
+    try:
+        yield Served(setup, port, router.pid)
+    finally:
+        stop(router)
+        stop(activator)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,10 +15,9 @@ import httpx
 import pytest
 
 from hoshikage_sd.runtime import Runtime
-from tests.support import eventually, listening
+from tests.support import eventually
 
-from .conftest import NotifyListener, Setup, stop
-from .test_router import free_port, socket_activated_router
+from .conftest import Served, Setup
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +35,6 @@ ANTHROPIC = ("/v1/messages", {"model": "tiny", "stream": True, "max_tokens": LON
 OLLAMA = ("/api/chat", {"model": "tiny", "stream": True,
                         "options": {"num_predict": LONG, "ignore_eos": True},
                         "messages": [{"role": "user", "content": "hi"}]})
-
-
-@pytest.fixture
-def served(setup: Setup, notify_socket: NotifyListener) -> Iterator[tuple[Setup, int]]:
-    activator = subprocess.Popen(setup.hoshikage("activate", "tiny"),
-                                 env=setup.env(NOTIFY_SOCKET=str(notify_socket.path)))
-    notify_socket.wait_for("READY")
-    port = free_port()
-    router = socket_activated_router(setup, port)
-    assert listening(port)
-    try:
-        yield setup, port
-    finally:
-        stop(router)
-        stop(activator)
 
 
 def kill_llama_server(setup: Setup) -> None:
@@ -95,8 +78,8 @@ def events(lines: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def test_openai_stream_ends_with_an_error_event(served: tuple[Setup, int]) -> None:
-    setup, port = served
+def test_openai_stream_ends_with_an_error_event(served: Served) -> None:
+    setup, port, _ = served
     got = events(cut(setup, port, *OPENAI))
     assert len(got) > 5 and "[DONE]" not in [d for _, d in got], got[-3:]
     assert all('"finish_reason":"' not in d for _, d in got), got[-3:]  # cut, not finished
@@ -106,8 +89,8 @@ def test_openai_stream_ends_with_an_error_event(served: tuple[Setup, int]) -> No
     assert CAUSE in error["message"], error
 
 
-def test_anthropic_stream_ends_with_an_error_event(served: tuple[Setup, int]) -> None:
-    setup, port = served
+def test_anthropic_stream_ends_with_an_error_event(served: Served) -> None:
+    setup, port, _ = served
     got = events(cut(setup, port, *ANTHROPIC))
     assert "message_stop" not in [e for e, _ in got], got[-3:]
     event, data = got[-1]
@@ -117,8 +100,8 @@ def test_anthropic_stream_ends_with_an_error_event(served: tuple[Setup, int]) ->
     assert CAUSE in error["error"]["message"], error
 
 
-def test_ollama_stream_ends_with_an_error_line(served: tuple[Setup, int]) -> None:
-    setup, port = served
+def test_ollama_stream_ends_with_an_error_line(served: Served) -> None:
+    setup, port, _ = served
     lines = [json.loads(line) for line in cut(setup, port, *OLLAMA) if line]
     assert len(lines) > 5 and not any(line.get("done") for line in lines), lines[-3:]
     assert CAUSE in lines[-1]["error"], lines[-1]
@@ -136,10 +119,10 @@ def raised(setup: Setup, port: int, read: Callable[[str], Iterator[object]]) -> 
 
 
 @pytest.mark.parametrize("client", ["openai", "anthropic", "ollama"])
-def test_the_official_clients_raise_it(served: tuple[Setup, int], client: str) -> None:
+def test_the_official_clients_raise_it(served: Served, client: str) -> None:
     """Each API's official Python client raises its own API error with the message (not
     httpx's protocol error, and not a clean end)."""
-    setup, port = served
+    setup, port, _ = served
     messages: Any = [{"role": "user", "content": "hi"}]
     if client == "openai":
         import openai

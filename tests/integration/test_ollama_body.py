@@ -9,36 +9,15 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_router import free_port, socket_activated_router
-from tests.support import listening
-
-from .conftest import NotifyListener, Setup, stop
+from .conftest import Served
 
 pytestmark = pytest.mark.integration
 
 SIZE = int(os.environ.get("HOSHIKAGE_BODY_MB", "48")) << 20
-
-
-@pytest.fixture
-def router(setup: Setup, notify_socket: NotifyListener) -> Iterator[tuple[int, int]]:
-    """The router's port and PID, its model serving."""
-    activator = subprocess.Popen(setup.hoshikage("activate", "tiny"),
-                                 env=setup.env(NOTIFY_SOCKET=str(notify_socket.path)))
-    notify_socket.wait_for("READY")
-    port = free_port()
-    process = socket_activated_router(setup, port)
-    assert listening(port)
-    try:
-        yield port, process.pid  # systemd-socket-activate execs the router: the same PID
-    finally:
-        stop(process)
-        stop(activator)
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -81,9 +60,9 @@ ROUTES = {
 
 
 @pytest.mark.parametrize("path", ROUTES)
-def test_a_large_body_costs_the_router_about_its_size(router: tuple[int, int],
+def test_a_large_body_costs_the_router_about_its_size(served: Served,
                                                       path: str) -> None:
-    port, pid = router
+    _, port, pid = served
     head, tail = ROUTES[path]
     # a small one first: the route's modules imported, the pool made
     status, body = post(port, path, head, 100, tail)

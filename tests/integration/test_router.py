@@ -4,43 +4,23 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from testbed.unixhttp import UnixHTTPConnection
 from tests.support import eventually, listening
 
-from .conftest import NotifyListener, Setup, stop, write_manifest
+from .conftest import (
+    Served,
+    Setup,
+    free_port,
+    socket_activated_router,
+    stop,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def socket_activated_router(setup: Setup, port: int) -> subprocess.Popen[bytes]:
-    """The router as hoshikage.service runs it: hoshikage-router (python -IS, site after the
-    head start), next to the venv's hoshikage (tools/bootstrap.sh writes it)."""
-    tool = shutil.which("systemd-socket-activate")
-    if tool is None:
-        pytest.fail("systemd-socket-activate is missing (Debian package systemd)")
-    entry = Path(sys.executable).with_name("hoshikage-router")
-    assert entry.exists(), f"{entry} is missing: run tools/bootstrap.sh"
-    return subprocess.Popen([tool, "-l", f"127.0.0.1:{port}",
-                             "-E", f"HOSHIKAGE_CONFIG={setup.config}",
-                             # its last good manifest goes here, as under systemd
-                             "-E", f"RUNTIME_DIRECTORY={setup.runtime}",
-                             str(entry)], stderr=subprocess.PIPE)
 
 
 def request(port: int, method: str, path: str,
@@ -54,23 +34,8 @@ def request(port: int, method: str, path: str,
     return response.status, payload
 
 
-@pytest.fixture
-def served(setup: Setup, notify_socket: NotifyListener) -> Iterator[tuple[Setup, int]]:
-    activator = subprocess.Popen(setup.hoshikage("activate", "tiny"),
-                                 env=setup.env(NOTIFY_SOCKET=str(notify_socket.path)))
-    notify_socket.wait_for("READY")
-    port = free_port()
-    router = socket_activated_router(setup, port)
-    assert listening(port)  # systemd-socket-activate binds before the first connection
-    try:
-        yield setup, port
-    finally:
-        stop(router)
-        stop(activator)
-
-
-def test_chat_completion_by_alias(served: tuple[Setup, int]) -> None:
-    setup, port = served
+def test_chat_completion_by_alias(served: Served) -> None:
+    setup, port, _ = served
     status, body = request(port, "POST", "/v1/chat/completions",
                            {"model": "small", "max_tokens": 4,
                             "messages": [{"role": "user", "content": "hello"}]})
@@ -85,18 +50,18 @@ def test_chat_completion_by_alias(served: tuple[Setup, int]) -> None:
     assert activity["in_flight"] == 0 and activity["last_end"] > time.time() - 60
 
 
-def test_llama_server_endpoints_pass_through(served: tuple[Setup, int]) -> None:
-    _, port = served
+def test_llama_server_endpoints_pass_through(served: Served) -> None:
+    port = served.port
     status, body = request(port, "POST", "/tokenize", {"model": "tiny", "content": "hello"})
     assert status == 200 and body["tokens"], body
     status, body = request(port, "POST", "/completion", {"prompt": "hi", "n_predict": 3})
     assert status == 200 and body["tokens_predicted"] == 3, body  # default model: the only one
 
 
-def test_models_unknown_and_malformed(served: tuple[Setup, int]) -> None:
+def test_models_unknown_and_malformed(served: Served) -> None:
     """/v1/models says what serves (the model was started before this router saw a request
     for it: its own records know nothing), and GET /v1/models/{id} resolves aliases."""
-    setup, port = served
+    setup, port, _ = served
     status, body = request(port, "GET", "/v1/models")
     assert status == 200
     tiny = {"id": "tiny", "object": "model", "owned_by": "hoshikage", "created": 0,
@@ -113,8 +78,8 @@ def test_models_unknown_and_malformed(served: tuple[Setup, int]) -> None:
     assert not (setup.runtime / "activity" / "tiny.json").exists()  # no request reached tiny
 
 
-def test_streaming_is_not_buffered(served: tuple[Setup, int]) -> None:
-    setup, port = served
+def test_streaming_is_not_buffered(served: Served) -> None:
+    setup, port, _ = served
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("POST", "/completion", body=json.dumps(
         {"prompt": "once upon a time", "n_predict": 3000, "stream": True}),
