@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("release", help="(unit helper) clean up after a model unit stopped")
     p.add_argument("name")
     sub.add_parser("idle-watch", help="(unit helper) stop models idle past their TTL")
+    sub.add_parser("journal-read", help="(unit helper) answer one of the web panel's requests "
+                                        "for hoshikage's journal records (on stdin, stdout)")
     sub.add_parser("cache-sync", help="(unit helper) copy high-ranked models to the SSD "
                                       "cache, expire unused ones")
     p = sub.add_parser("load", help="load a model now (through systemd), showing its "
@@ -173,6 +175,10 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
             return keys.setup(args.plain, args.force)
         return keys.encrypt(Path(args.source), args.dest and Path(args.dest),
                             args.recipients and Path(args.recipients), args.force)
+    if args.command == "journal-read":  # hoshikage-journal@.service: no manifest needed
+        from hoshikage_sd.panel import journal
+
+        return journal.serve()
     if args.command == "rpc-worker":  # a worker machine has no manifest
         from hoshikage_sd.rpc import cli as rpc_cli
 
@@ -388,7 +394,7 @@ def complete(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 #: the unit helpers' command lines as their units give them (positional arguments only)
-HELPER_ARGV = {"release": ("name",), "idle-watch": (), "cache-sync": ()}
+HELPER_ARGV = {"release": ("name",), "idle-watch": (), "cache-sync": (), "journal-read": ()}
 
 
 def helper_args(argv: list[str]) -> Any:

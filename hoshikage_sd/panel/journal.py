@@ -2,22 +2,34 @@
 admissions with their numbers, evictions, releases, refusals), newest first, and one model's
 unit lines (llama-server's own) as `hoshikage logs NAME` shows them.
 
-journalctl as a child, in JSON: the router reads the journal as user hoshikage, which the
-group systemd-journal lets it (hoshikage.service's SupplementaryGroups=).
+The router does not read the journal itself (it would need the group systemd-journal, and
+with it every record on the machine). It asks hoshikage-journal.socket, one line a
+connection ("events LINES [MODEL]" or "unit LINES MODEL"); each connection starts
+hoshikage-journal@.service (Accept=yes), the one unit in that group, which runs `hoshikage
+journal-read` (serve): the line checked, then journalctl in JSON with this module's matches
+and nothing else, its output the connection. So a router taken over could read only
+hoshikage's own records.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from hoshikage_sd import log, proc
-from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd import log
 
 TIMEOUT = 5.0
-#: what journalctl says on stderr when this user may not read the system journal
-NO_PERMISSION = "insufficient permissions"
+#: in the runtime directory: hoshikage-journal.socket's (units/hoshikage-journal.socket);
+#: a model's socket there is NAME.sock, and a name begins with a letter or a digit
+SOCKET = ".journal.sock"
+#: the longest request line the reader takes
+MAX_REQUEST = 256
+#: the most lines a request may ask (the panel's guard.lines allows fewer)
+MAX_LINES = 1000
 
 
 @dataclass(frozen=True)
@@ -78,17 +90,63 @@ def unit_argv(model: str, lines: int) -> list[str]:
             "--no-pager", *logs.matches(model)]
 
 
-def read(argv: Sequence[str]) -> tuple[list[Record], str | None]:
-    """The records, and what kept journalctl from reading them (None: nothing)."""
+def request_line(kind: str, model: str | None, lines: int) -> bytes:
+    """What the router sends the reader: events (every model's, or one's) or a model's unit
+    lines, the newest `lines` of them."""
+    return f"{kind} {lines}{'' if model is None else ' ' + model}\n".encode()
+
+
+def argv_for(line: str) -> list[str] | None:
+    """The reader's journalctl command line for a request line, or None for anything that
+    is not a request: a kind, a number of lines and a model name as the manifest's rule
+    allows (so no match of the caller's making reaches journalctl)."""
+    from hoshikage_sd import protocol  # the name rule without the manifest's imports
+
+    words = line.split()
+    if len(words) not in (2, 3) or words[0] not in ("events", "unit"):
+        return None
+    count, model = words[1], words[2] if len(words) == 3 else None
+    if not count.isascii() or not count.isdigit() or not 1 <= int(count) <= MAX_LINES:
+        return None
+    if model is not None and not protocol.valid_name(model):
+        return None
+    if words[0] == "unit":
+        return None if model is None else unit_argv(model, int(count))
+    return events_argv(model, int(count))
+
+
+def serve() -> int:
+    """`hoshikage journal-read`, hoshikage-journal@.service's program: its connection is
+    stdin and stdout. One request line, checked; then journalctl in its place (its output
+    goes to the router; what it says on stderr, to the journal). Exit 2 for a bad line."""
+    data = b""
+    while b"\n" not in data and len(data) <= MAX_REQUEST:
+        chunk = os.read(0, MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+    argv = argv_for(data.partition(b"\n")[0].decode("ascii", errors="replace"))
+    if argv is None or len(data) > MAX_REQUEST:
+        log.log.error("journal-read: not a request: %r", data[:80])
+        return 2
+    os.execvp(argv[0], argv)
+
+
+def read(runtime_dir: Path, kind: str, model: str | None, lines: int
+         ) -> tuple[list[Record], str | None]:
+    """The records the reader sends, and what kept them from coming (None: nothing)."""
+    deadline = time.monotonic() + TIMEOUT
+    chunks = []
     try:
-        result = proc.run(argv, check=False, timeout=TIMEOUT)
-    except HoshikageError as err:
-        return [], err.message
-    problem = None
-    if NO_PERMISSION in (result.stderr or ""):
-        problem = ("the router may not read the system journal (the group systemd-journal: "
-                   "SupplementaryGroups= in hoshikage.service)")
-    elif result.returncode != 0:
-        lines = (result.stderr or "").strip().splitlines()
-        problem = f"journalctl failed: {lines[-1] if lines else result.returncode}"
-    return parse(result.stdout or ""), problem
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(TIMEOUT)
+            conn.connect(str(runtime_dir / SOCKET))
+            conn.sendall(request_line(kind, model, lines))
+            conn.shutdown(socket.SHUT_WR)
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+                conn.settimeout(max(0.01, deadline - time.monotonic()))
+    except OSError as exc:
+        return [], (f"cannot read the journal through {runtime_dir / SOCKET} "
+                    f"(hoshikage-journal.socket): {exc.strerror or exc}")
+    return parse(b"".join(chunks).decode("utf-8", errors="replace")), None

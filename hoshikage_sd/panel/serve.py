@@ -175,12 +175,9 @@ async def records(router: RouterFace, request: Request, what: str) -> Response:
         if isinstance(problem, guard.Refusal):
             return refuse(router, request, problem)
     assert not isinstance(name, guard.Refusal) and isinstance(lines, int)
-    if what == "logs":
-        assert name is not None
-        argv = journal.unit_argv(name, lines)
-    else:
-        argv = journal.events_argv(name, lines)
-    found, problem = await asyncio.to_thread(journal.read, argv)
+    found, problem = await asyncio.to_thread(
+        journal.read, router.config.runtime_dir, "unit" if what == "logs" else "events",
+        name, lines)
     if len(models) != len(router.config.models):  # a limited key: its models' records only
         found = [r for r in found if r.model in models]
     return router.reply(request, 200, {"records": [dataclasses.asdict(r) for r in found],

@@ -389,6 +389,29 @@ def test_failed_and_loading_states_show_with_the_reason(panel: Panel, hk: Deploy
     hk.container.systemctl("stop", "hoshikage-model@slow.service")
 
 
+def test_the_router_reads_only_hoshikage_s_records(hk: Deployment) -> None:
+    """The router is not in the group systemd-journal: hoshikage-journal.socket's reader
+    is, and it answers only a request line it checks (panel/journal.py)."""
+    pid = hk.container.systemctl("show", "--property=MainPID", "--value",
+                                 "hoshikage.service").strip()
+    groups = next(line.split()[1:] for line in hk.container.exec(
+        "cat", f"/proc/{pid}/status").stdout.splitlines() if line.startswith("Groups:"))
+    journal_gid = hk.container.exec("getent", "group", "systemd-journal").stdout.split(":")[2]
+    assert journal_gid not in groups, groups
+
+    def ask(line: str) -> str:
+        return hk.container.exec(
+            "python3", "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+            "s.connect('/run/hoshikage/.journal.sock'); s.sendall(sys.argv[1].encode()); "
+            "s.shutdown(socket.SHUT_WR); print(s.makefile('rb').read().decode())",
+            line).stdout
+
+    assert '"HOSHIKAGE_MODEL":"broken"' in ask("events 5 broken\n").replace(" ", "")
+    for bad in ("events 5 _SYSTEMD_UNIT=sshd.service\n", "everything 5\n", "unit 5\n",
+                "events 99999\n"):
+        assert ask(bad).strip() == "", bad
+
+
 def test_the_idle_release_comes_on_time_with_the_panel_open(panel: Panel,
                                                            hk: Deployment) -> None:
     assert chat(hk, "tiny")[0] == 200

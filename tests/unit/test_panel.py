@@ -164,6 +164,47 @@ def test_journal_records_are_parsed_bytes_and_all() -> None:
     assert "HOSHIKAGE_MODEL=tiny" in journal.unit_argv("tiny", 5)
 
 
+def test_the_journal_reader_takes_only_a_request_line() -> None:
+    """hoshikage-journal@.service's check (it is in the group systemd-journal, the router
+    is not): what the router sends becomes one of this module's command lines, anything
+    else none."""
+    line = journal.request_line("events", "tiny", 20).decode()
+    assert line == "events 20 tiny\n" and journal.argv_for(line) == journal.events_argv("tiny", 20)
+    assert journal.argv_for("events 40") == journal.events_argv(None, 40)
+    assert journal.argv_for("unit 100 tiny") == journal.unit_argv("tiny", 100)
+    for bad in ("", "events", "unit 5", "events 0", "events 1001", "events -1", "events 5 a b",
+                "events 5 _SYSTEMD_UNIT=sshd.service", "events 5 ../x", "all 5 tiny",
+                "events ５ tiny", "events 5 -tiny"):
+        assert journal.argv_for(bad) is None, bad
+
+
+def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    record = {"__REALTIME_TIMESTAMP": "1700000000000000", "MESSAGE": "tiny released",
+              "HOSHIKAGE_EVENT": "released", "HOSHIKAGE_MODEL": "tiny"}
+    asked = []
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / journal.SOCKET))
+        listener.listen(1)
+
+        def reader() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                asked.append(conn.makefile("rb").readline())
+                conn.sendall(json.dumps(record).encode() + b"\n")
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        found, problem = journal.read(tmp_path, "unit", "tiny", 7)
+        thread.join(5)
+    assert asked == [b"unit 7 tiny\n"] and problem is None
+    assert [(r.event, r.model) for r in found] == [("released", "tiny")]
+    found, problem = journal.read(tmp_path, "events", None, 7)  # nobody listens now
+    assert found == [] and problem is not None and "hoshikage-journal.socket" in problem
+
+
 # -- the state value ---------------------------------------------------------------------------
 
 def test_the_state_is_status_json_with_the_panels_facts(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ BOUNDS = {
     "hoshikage-model@.service": 4.5,
     "hoshikage-reload.service": 3.0,
     "hoshikage-preload.service": 3.0,
+    "hoshikage-journal@.service": 2.0,    # the one in the group systemd-journal
     "hoshikage-rpc.service": 2.0,         # a worker's (rpc): the proxy and the server
     "hoshikage-rpc-server.service": 2.0,
 }

@@ -7,7 +7,9 @@ const PHASE_LABEL = {
   "not-loaded": "not loaded", kept: "copy kept", staging: "staging", loading: "loading",
   serving: "serving", stopping: "stopping", failed: "failed",
 };
-const EVENTS_EVERY_MS = 3000;
+// the records are read when a model's phase changes, else this often: each read is a
+// process of hoshikage-journal@.service (README "Panel")
+const EVENTS_EVERY_MS = 10000;
 
 const view = {
   key: sessionStorage.getItem(KEY_ITEM) || "",
