@@ -48,8 +48,9 @@ SECURITY_HEADERS = (
     ("Cache-Control", "no-cache"),
 )
 API = "/panel/api/"
-#: how often the page asks for the state (its live view: within about a second)
-POLL_MS = 1000
+#: how often the page asks for the state, start to start: a change shows within this and
+#: one answer, under a second (a poll a second left a loaded machine's slow answer at 1.8 s)
+POLL_MS = 750
 #: load tasks started from the panel (kept referenced until done)
 _loading: set[asyncio.Task[None]] = set()
 #: the router's socket as systemd had it at this router's first state request (own_state)

@@ -80,7 +80,7 @@ function setLive(on, text) {
   live.textContent = text;
 }
 
-// --- the state, once a second (none while the page is hidden: a panel left in a background
+// --- the state, every poll_ms (none while the page is hidden: a panel left in a background
 // tab asks nothing) ---------------------------------------------------------------------
 let timer = null;
 let polling = false;
