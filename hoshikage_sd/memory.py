@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from hoshikage_sd.errors import die
-from hoshikage_sd.gguf import GGUFInfo, row_size
+from hoshikage_sd.gguf import GGUFInfo
+from hoshikage_sd.ggufheader import row_size
 
 if TYPE_CHECKING:  # devices (subprocess, json, hashlib) and re only where devices are used
     from hoshikage_sd.devices import Device

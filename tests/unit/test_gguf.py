@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from hoshikage_sd import gguf as hg
+from hoshikage_sd import ggufheader as header
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.gguf import GGUFError, GGUFInfo, read_info
 from tests.support import unavailable
@@ -50,7 +51,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Reads:
         assert mode == "rb" and buffering == 0, (mode, buffering)
         return Counting(path, "rb")
 
-    monkeypatch.setattr(hg, "open", counting_open, raising=False)  # shadows the builtin
+    monkeypatch.setattr(header, "open", counting_open, raising=False)  # shadows the builtin
     return counted
 
 
@@ -102,7 +103,7 @@ def reference(gguf: Any, path: Path) -> dict[str, Any]:
             continue
         if f.types[0] == v.ARRAY:
             arrays[key] = (f.types[1], int(f.parts[4][0]))  # parts: klen, key, type, etype, n
-            if f.types[1] not in (v.STRING, v.ARRAY) and len(f.data) <= hg.KEEP_ARRAY:
+            if f.types[1] not in (v.STRING, v.ARRAY) and len(f.data) <= header.KEEP_ARRAY:
                 scalars[key] = tuple(f.contents())
         elif f.types[0] == v.STRING:
             strings[key] = f.contents()
@@ -160,7 +161,7 @@ def assert_matches(info: GGUFInfo, ref: dict[str, Any], path: Path) -> None:
     for key, value in ref["scalars"].items():
         assert info.metadata[key] == value, key
     for key, value in ref["strings"].items():
-        if len(value.encode()) <= hg.KEEP_STRING:
+        if len(value.encode()) <= header.KEEP_STRING:
             assert info.metadata[key] == value, key
         else:
             assert key not in info.metadata, key
@@ -228,12 +229,12 @@ def test_quantised_tensors_and_every_value_type(gguf: Any, tmp_path: Path) -> No
     w.add_float64("x.f64", 1e300)
     w.add_bool("x.bool", True)
     w.add_string("x.utf8", "星影 ✨")
-    w.add_string("x.long", "y" * (hg.KEEP_STRING + 1))
+    w.add_string("x.long", "y" * (header.KEEP_STRING + 1))
     w.add_array("x.strings", ["a", "bb", ""])
     w.add_array("x.nested", [[1, 2], [3, 4, 5]])
     w.add_array("x.floats", [0.25, -1.5])
     w.add_array("x.bools", [True, False, True])
-    w.add_array("x.big", list(range(hg.KEEP_ARRAY + 1)))
+    w.add_array("x.big", list(range(header.KEEP_ARRAY + 1)))
     rng = np.random.default_rng(0)
     for name, qtype, shape in [("a.weight", q.Q4_0, (64, 256)), ("b.weight", q.Q8_0, (32, 256)),
                                ("c.weight", q.F16, (16, 256)), ("d.bias", q.F32, (256,)),
@@ -262,7 +263,7 @@ def test_quantised_tensors_and_every_value_type(gguf: Any, tmp_path: Path) -> No
     assert info.metadata["x.bool"] is True and info.metadata["x.utf8"] == "星影 ✨"
     assert info.metadata["x.bools"] == (True, False, True)
     assert "x.long" not in info.metadata and "x.big" not in info.metadata
-    assert info.array_lengths["x.big"] == hg.KEEP_ARRAY + 1
+    assert info.array_lengths["x.big"] == header.KEEP_ARRAY + 1
     assert info.array_lengths["x.nested"] == 2 and info.array_lengths["x.strings"] == 3
     assert info.vocab_size is None
     assert info.bytes_by_type() == {"Q4_0": 64 * 256 // 32 * 18, "Q8_0": 32 * 256 // 32 * 34,
@@ -271,7 +272,7 @@ def test_quantised_tensors_and_every_value_type(gguf: Any, tmp_path: Path) -> No
 
 def test_type_tables_agree_with_the_gguf_package(gguf: Any) -> None:
     for t in gguf.GGMLQuantizationType:
-        name, block, size = hg.GGML_TYPES[t.value]
+        name, block, size = header.GGML_TYPES[t.value]
         assert (name, (block, size)) == (t.name, gguf.GGML_QUANT_SIZES[t]), t
     for ft in gguf.LlamaFileType:
         if ft.name != "GUESSED":
@@ -280,12 +281,12 @@ def test_type_tables_agree_with_the_gguf_package(gguf: Any) -> None:
 
 
 def test_row_size() -> None:
-    assert hg.row_size("f16", 1024) == 2048
-    assert hg.row_size("F32", 3) == 12
-    assert hg.row_size("q8_0", 128) == 4 * 34
-    assert hg.row_size("q4_0", 128) == 4 * 18
+    assert header.row_size("f16", 1024) == 2048
+    assert header.row_size("F32", 3) == 12
+    assert header.row_size("q8_0", 128) == 4 * 34
+    assert header.row_size("q4_0", 128) == 4 * 18
     with pytest.raises(ValueError):
-        hg.row_size("f8", 1)
+        header.row_size("f8", 1)
 
 
 def test_gguf_v2_is_read(gguf: Any, models: dict[str, Path], tmp_path: Path) -> None:
@@ -322,7 +323,7 @@ def test_large_vocabulary_is_counted_not_kept(gguf: Any, tmp_path: Path, reads: 
     assert info.n_params == 0 and info.tensors == () and info.quantisation == "none"
     # walked once through the read-ahead buffer: no byte read twice, no read(2) a token
     assert 0 < reads.bytes <= size, f"read {reads.bytes} bytes of a {size}-byte file"
-    assert reads.calls <= size // hg._CHUNK + 2, f"{reads.calls} reads of {size} bytes"
+    assert reads.calls <= size // header._CHUNK + 2, f"{reads.calls} reads of {size} bytes"
 
 
 # -- only the header is read ---------------------------------------------------------------
@@ -485,14 +486,14 @@ def test_hostile_headers_fail_on_what_the_file_holds_in_little_memory(
     path = tmp_path / "hostile.gguf"
     path.write_bytes(build())
     size = path.stat().st_size
-    readers: list[hg._Reader] = []
-    fail = hg._Reader.fail
+    readers: list[header.Reader] = []
+    fail = header.Reader.fail
 
-    def failing(self: hg._Reader, message: str) -> GGUFError:
+    def failing(self: header.Reader, message: str) -> GGUFError:
         readers.append(self)
         return fail(self, message)
 
-    monkeypatch.setattr(hg._Reader, "fail", failing)
+    monkeypatch.setattr(header.Reader, "fail", failing)
     tracemalloc.start()
     try:
         with pytest.raises(GGUFError, match=message) as err:
@@ -513,7 +514,7 @@ def test_walked_elements_have_a_budget_for_the_whole_header(
     path = tmp_path / "walk.gguf"
     path.write_bytes(encode([*MODEL_KVS, s("a") + strings, s("b") + strings]))
     assert read_info(path).array_lengths == {"a": 60, "b": 60}
-    monkeypatch.setattr(hg, "MAX_WALKED_TOTAL", 100)
+    monkeypatch.setattr(header, "MAX_WALKED_TOTAL", 100)
     with pytest.raises(GGUFError, match="in all"):
         read_info(path)
 
