@@ -24,7 +24,7 @@ model that loads, and `--list-devices` shows only what the driver reports at tha
 which for some drivers (lavapipe, many Vulkan drivers without VK_EXT_memory_budget) is
 always the total. So hoshikage takes a device's free memory as its total minus what
 hoshikage's own loaded models are estimated to use there (`available()`, with the per-device
-estimates of hoshikage_sd.memory.device_estimate()); other processes' use of the device is
+estimates of hoshikage_sd.offload.device_estimate()); other processes' use of the device is
 not seen. NVML or sysfs (amdgpu's mem_info_vram_used) could see it, per vendor; they are not
 used: nothing here has measured them to be better for hoshikage's own models.
 """

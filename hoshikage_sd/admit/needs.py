@@ -18,7 +18,8 @@ from hoshikage_sd.runtime import Runtime, estimate_key
 if TYPE_CHECKING:
     from hoshikage_sd.devices import Device
     from hoshikage_sd.gguf import GGUFInfo
-    from hoshikage_sd.memory import DeviceEstimate, LoadParams, Offload
+    from hoshikage_sd.memory import LoadParams
+    from hoshikage_sd.offload import DeviceEstimate, Offload
 
 logger = logging.getLogger("hoshikage")
 
@@ -27,7 +28,7 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
     """Bytes the model will hold once serving: from its GGUF header, else its file size.
 
     With a runtime, the figure is remembered until the file or its arguments change. A model
-    on GPU devices is counted as if it ran on the CPU (memory.DeviceEstimate): too high for
+    on GPU devices is counted as if it ran on the CPU (offload.DeviceEstimate): too high for
     one offloaded, never too low, also where a device's memory is the host's (lavapipe, an
     integrated GPU).
     """
@@ -131,16 +132,16 @@ def listed_use(config: Config, model: Model, runtime: Runtime, up: Collection[st
 
 def placed_use(config: Config, model: Model, listed: Sequence[Device], up: Collection[str]
                ) -> tuple[dict[str, int], bool]:
-    """Bytes the model puts on each of the `listed` devices it uses (memory.device_estimate,
+    """Bytes the model puts on each of the `listed` devices it uses (offload.device_estimate,
     head_share), and whether every layer is on one; nothing where its header cannot be
     read (that must not block admission)."""
-    from hoshikage_sd import gguf, memory
+    from hoshikage_sd import gguf, memory, offload
 
     try:
         info = gguf.read_model_info((model.path, *model.shards))
         params = memory.load_params(info, model.server_args)
-        offload = memory.offload_params(model.server_args)
-        placed = head_share(config, model, info, params, offload, listed, up)
+        placed = head_share(config, model, info, params,
+                            offload.offload_params(model.server_args), listed, up)
     except Exception as exc:
         logger.warning("cannot estimate %s's GPU memory (%s): not counted", model.name, exc)
         return {}, False
@@ -154,12 +155,11 @@ def head_share(config: Config, model: Model, info: GGUFInfo, params: LoadParams,
     """What `model` puts on the head's own devices (`listed`): split over RPC workers, the
     layers llama.cpp leaves the head (split_share); else, or where that is not known, every
     offloaded layer (too high for a split model, never too low)."""
-    from hoshikage_sd import memory
+    from hoshikage_sd.offload import device_estimate
 
     split = split_share(config, model, info, params, offload, listed, up) if model.rpc \
         else None
-    return split if split is not None else memory.device_estimate(info, params, offload,
-                                                                  listed)
+    return split if split is not None else device_estimate(info, params, offload, listed)
 
 
 def split_share(config: Config, model: Model, info: GGUFInfo, params: LoadParams,

@@ -26,7 +26,8 @@ from hoshikage_sd.manifest.model import Config, Model, Worker
 if TYPE_CHECKING:
     from hoshikage_sd.devices import Device
     from hoshikage_sd.gguf import GGUFInfo
-    from hoshikage_sd.memory import DeviceEstimate, LoadParams, Offload
+    from hoshikage_sd.memory import LoadParams
+    from hoshikage_sd.offload import DeviceEstimate, Offload
     from hoshikage_sd.rpc.wire import Answer
 
 
@@ -72,9 +73,10 @@ def device_list(workers: Sequence[Worker], counts: Sequence[int],
 def local_devices(config: Config, model: Model) -> list[str]:
     """The head's own devices for `model`: its own --device list ('none': none), else
     every device llama-server lists with the model's environment (devices.json's cache)."""
-    from hoshikage_sd import devices, memory, proc
+    from hoshikage_sd import devices, proc
+    from hoshikage_sd.offload import offload_params
 
-    chosen = memory.offload_params(model.server_args).devices
+    chosen = offload_params(model.server_args).devices
     if chosen is not None:
         return list(chosen)
     env = proc.server_env(model.environment)
@@ -120,7 +122,7 @@ def head_estimate(info: GGUFInfo, params: LoadParams, offload: Offload,
     the head's alike (llama.cpp: the workers' first, split by free memory or -ts), and
     only the head's share is kept. Without this the head's devices would be counted as
     holding every offloaded layer. Pure: `answers` are the workers' (wire.ask)."""
-    from hoshikage_sd.memory import device_estimate
+    from hoshikage_sd.offload import device_estimate
 
     remote = rpc_devices(workers, answers)
     mine = [d.name for d in local] if offload.devices is None else list(offload.devices)

@@ -3,7 +3,7 @@
 Without a GPU that device is Mesa's lavapipe (mesa-vulkan-drivers, tools/bootstrap.sh): a
 software Vulkan device of 2048 MiB that llama.cpp lists only when GGML_VK_VISIBLE_DEVICES
 names it. Each case generates a model, starts llama-server with the case's arguments until
-/health answers, and compares memory.device_estimate() with what llama-server's log says it
+/health answers, and compares offload.device_estimate() with what llama-server's log says it
 allocated on each device ("Vulkan0 model buffer size", "... KV ...", "... compute ...") and
 with how many layers it offloaded. Tolerance: the product's ±10 % or ±64 MiB, and, so that a
 wrong term fails here, ±10 % or ±8 MiB; weights and KV cache must be exact.
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from hoshikage_sd import devices, gguf, memory
+from hoshikage_sd import devices, gguf, memory, offload
 from testbed.estimate import within
 from tests.support import eventually, unavailable
 
@@ -111,8 +111,8 @@ def test_device_estimate_matches_what_llama_server_allocates(
     shape, args = CASES[case]
     path = models["wide" if shape is WIDE else "narrow"]
     info = gguf.read_info(path)
-    est = memory.device_estimate(info, memory.load_params(info, args),
-                                 memory.offload_params(args), vulkan)
+    est = offload.device_estimate(info, memory.load_params(info, args),
+                                  offload.offload_params(args), vulkan)
     for key, value in VULKAN_ENV.items():
         monkeypatch.setenv(key, value)
     with server(llama_server_bin, path, args, tmp_path) as (_, _, log_path):
@@ -123,7 +123,7 @@ def test_device_estimate_matches_what_llama_server_allocates(
     rows = []
     for name in sorted(set(measured) | set(est.devices)):
         got = measured.get(name, {})
-        use = est.devices.get(name, memory.DeviceUse())
+        use = est.devices.get(name, offload.DeviceUse())
         total = int(sum(got.values()) * MiB)
         rows.append(f"{case:19} {' '.join(args):30} {name:7} {offloaded:>2}/{n_layers:<2} "
                     f"{use.total / MiB:7.1f} = {use.weights / MiB:.2f} + "

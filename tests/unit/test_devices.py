@@ -1,4 +1,4 @@
-"""hoshikage_sd.devices (llama-server's device list, cached) and memory.device_estimate.
+"""hoshikage_sd.devices (llama-server's device list, cached) and offload.device_estimate.
 
 The list-devices texts are llama-server b10068's real output. The per-device figures are what
 llama-server b10068 logged on lavapipe (and on lavapipe plus an RPC server) for models of the
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import devices, memory
+from hoshikage_sd import devices, memory, offload
 from hoshikage_sd.devices import Device, parse_list_devices
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.gguf import GGUFInfo, TensorInfo
-from hoshikage_sd.memory import DeviceUse, Offload, device_estimate, load_params, offload_params
+from hoshikage_sd.memory import load_params
+from hoshikage_sd.offload import DeviceUse, Offload, device_estimate, offload_params
 
 MiB = 1 << 20
 
@@ -198,7 +199,7 @@ TWO = parse_list_devices(WITH_RPC)
 
 
 def est(info: GGUFInfo, args: list[str], devs: list[Device] = VULKAN,
-        free: dict[str, int] | None = None) -> memory.DeviceEstimate:
+        free: dict[str, int] | None = None) -> offload.DeviceEstimate:
     return device_estimate(info, load_params(info, args), offload_params(args), devs, free)
 
 
@@ -210,8 +211,8 @@ def mib(use: DeviceUse) -> tuple[float, float, float]:
 @pytest.mark.parametrize(("args", "expected"), [
     ([], Offload()),
     (["-ngl", "99"], Offload(gpu_layers=99)),
-    (["--n-gpu-layers=all"], Offload(gpu_layers=memory.GPU_LAYERS_ALL)),
-    (["--gpu-layers", "auto"], Offload(gpu_layers=memory.GPU_LAYERS_AUTO)),
+    (["--n-gpu-layers=all"], Offload(gpu_layers=offload.GPU_LAYERS_ALL)),
+    (["--gpu-layers", "auto"], Offload(gpu_layers=offload.GPU_LAYERS_AUTO)),
     (["-dev", "none"], Offload(devices=())),
     (["--device", "CUDA0,CUDA1", "-ts", "3/1", "-sm", "row", "-mg", "1"],
      Offload(devices=("CUDA0", "CUDA1"), tensor_split=(3.0, 1.0), split_mode="row",

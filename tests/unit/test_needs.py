@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd import gguf, memory
+from hoshikage_sd import gguf, memory, offload
 from hoshikage_sd.admit import gather, needs
 from hoshikage_sd.devices import parse_list_devices
 from hoshikage_sd.manifest.model import Config
@@ -99,7 +99,7 @@ def test_a_split_models_head_holds_its_share_not_every_layer(config: Config,
     answer = wire.Answer((4, 0, 3), (wire.Device(1 << 30, 8 << 30),
                                      wire.Device(2 << 30, 8 << 30)))
     expected = placement.head_estimate(info, memory.load_params(info, args),
-                                       memory.offload_params(args),
+                                       offload.offload_params(args),
                                        parse_list_devices(LAVAPIPE),
                                        [config.workers["box2"]], [answer])
     assert split == expected.used["Vulkan0"]

@@ -13,7 +13,8 @@ from hoshikage_sd.manifest import Files, Worker
 from hoshikage_sd.manifest.codec import decode, encode
 from hoshikage_sd.manifest.model import Config
 from hoshikage_sd.manifest.parse import parse
-from hoshikage_sd.memory import device_estimate, load_params, offload_params
+from hoshikage_sd.memory import load_params
+from hoshikage_sd.offload import device_estimate, offload_params
 from hoshikage_sd.rpc import placement
 from hoshikage_sd.rpc.placement import UnknownDevice
 from hoshikage_sd.rpc.wire import Answer
