@@ -188,9 +188,9 @@ def run(args: argparse.Namespace, early: FirstRequest | None = None) -> int:
 
     path = Path(args.config) if args.config else None
     if args.command == "check":  # a manifest that does not parse is check's finding
-        from hoshikage_sd.commands import status
+        from hoshikage_sd.commands import check
 
-        return status.check_source(path, args.json)
+        return check.check_source(path, args.json)
     if args.command == "router":
         return router(path, args.listen, early)
     if args.command == "reload":

@@ -48,7 +48,7 @@ def paint(text: str, code: str, colour: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if colour else text
 
 
-#: a model's phase (commands/status.phase_of) as `status` and `ps` colour it: green serves,
+#: a model's phase (commands/facts.phase_of) as `status` and `ps` colour it: green serves,
 #: yellow is on its way, red failed; the rest plain
 PHASE_COLOURS = {"serving": "32", "staging": "33", "loading": "33", "stopping": "2",
                  "kept": "2", "failed": "31", "active": "32", "running": "32",

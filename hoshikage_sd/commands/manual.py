@@ -103,14 +103,14 @@ def step_of(config: Config, model: Model, unit: str, copied: bool = False) -> pr
     """Where the load is: staging (its RAM-disk temporary's bytes of the source's size),
     waiting (for room, for another copy: the unit's STATUS=), or loading (`copied`: a copy
     was seen being made, so none in the making now means it is done)."""
-    from hoshikage_sd.commands import status
+    from hoshikage_sd.commands import facts
 
     shown = units.show(unit, "StatusText", "MemoryCurrent")
     text, memory = shown.get("StatusText", ""), shown.get("MemoryCurrent", "")
-    copying = status.copying_bytes(config, model.name)
+    copying = facts.copying_bytes(config, model.name)
     if copying is not None:
         return progress.Step("staging", copying,
-                             status_total(text) or status.source_size(model))
+                             status_total(text) or facts.source_size(model))
     if text.startswith(("waiting", "stopping")):
         return progress.Step("waiting", detail=text)
     if copied or text.startswith("loading") or Store(config.ramdisk).has_copy(model.name):

@@ -1,4 +1,4 @@
-"""`hoshikage ps [--json]`: the loaded models only (their units up), from status.gather:
+"""`hoshikage ps [--json]`: the loaded models only (their units up), from facts.gather:
 one model of state with `status`, `status --json` and the panel."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from hoshikage_sd import fmt
 from hoshikage_sd.commands import status
+from hoshikage_sd.commands.facts import gather
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd.units import UP_STATES
@@ -73,7 +74,7 @@ def router_in_flight(config: Config, router: Mapping[str, Any]) -> dict[str, int
 
 
 def ps(config: Config, as_json: bool = False) -> int:
-    facts = status.gather(config)
+    facts = gather(config)
     rows = loaded(facts)
     counts = router_in_flight(config, facts["router"]) if rows else None
     runtime = Runtime(config.runtime_dir)

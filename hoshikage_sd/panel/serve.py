@@ -119,7 +119,7 @@ def may_act(router: RouterFace, request: Request) -> bool:
 
 
 async def state(router: RouterFace, request: Request) -> Response:
-    from hoshikage_sd.commands import status
+    from hoshikage_sd.commands import facts
     from hoshikage_sd.sd import units
 
     config = router.config
@@ -130,7 +130,7 @@ async def state(router: RouterFace, request: Request) -> Response:
         return refuse(router, request, guard.Refusal(
             503, f"cannot ask systemd which models are up: {err.message}", "systemd"))
     shown = dataclasses.replace(config, models=models)
-    data = await asyncio.to_thread(status.gather, shown, active & set(models),
+    data = await asyncio.to_thread(facts.gather, shown, active & set(models),
                                    dict(router.in_flight), await own_state())
     if len(models) != len(config.models):
         data.pop("counters", None)  # they name the other models
@@ -142,14 +142,14 @@ async def state(router: RouterFace, request: Request) -> Response:
 
 
 async def own_state() -> dict[str, Any]:
-    """The router's facts for the state (status.router_state's fields): it answers, so it
+    """The router's facts for the state (facts.router_state's fields): it answers, so it
     runs, with this PID; where its socket listens systemd says, asked once in this router's
     life (a systemctl: not a process on each poll)."""
     global _socket_seen
     if _socket_seen is None:
-        from hoshikage_sd.commands import status
+        from hoshikage_sd.commands import facts
 
-        seen = await asyncio.to_thread(status.router_state)
+        seen = await asyncio.to_thread(facts.router_state)
         _socket_seen = {"socket_state": seen["socket_state"], "listen": seen["listen"]}
     return {"state": "active", "running": True, "pid": os.getpid(), **_socket_seen}
 

@@ -79,11 +79,11 @@ models:
 @pytest.fixture
 def no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     """check's looks at systemd and the service user, none here."""
-    from hoshikage_sd.commands import access, environment, status
+    from hoshikage_sd.commands import access, check, environment
 
     monkeypatch.setattr(access, "service_user", lambda name="hoshikage": None)
     monkeypatch.setattr(environment, "unit_environment", lambda: {})
-    monkeypatch.setattr(status, "device_report", lambda config: [])
+    monkeypatch.setattr(check, "device_report", lambda config: [])
 
 
 @pytest.mark.parametrize(("server", "missing", "code"), [
@@ -131,17 +131,17 @@ MainPID=812
 
 
 def test_router_state_from_systemctl_show(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hoshikage_sd.commands import status
+    from hoshikage_sd.commands import facts, status
 
-    units = status.parse_show(SHOW)
+    units = facts.parse_show(SHOW)
     assert units["hoshikage.service"]["MainPID"] == "812"
-    assert status.listen_addresses(units["hoshikage.socket"]["Listen"]) == [
+    assert facts.listen_addresses(units["hoshikage.socket"]["Listen"]) == [
         "127.0.0.1:8080", "[::1]:8080"]
-    monkeypatch.setattr(status.units, "systemctl", lambda *a, **k: SHOW)
-    assert status.router_state() == {"state": "active", "running": True, "pid": 812,
+    monkeypatch.setattr(facts.units, "systemctl", lambda *a, **k: SHOW)
+    assert facts.router_state() == {"state": "active", "running": True, "pid": 812,
                                      "socket_state": "active",
                                      "listen": ["127.0.0.1:8080", "[::1]:8080"]}
-    line = status.router_line(status.router_state(), False)
+    line = status.router_line(facts.router_state(), False)
     assert line == "router: running (pid 812), listening on 127.0.0.1:8080, [::1]:8080"
     idle = {"state": "inactive", "running": False, "pid": None, "socket_state": "active",
             "listen": ["127.0.0.1:8080"]}
@@ -154,18 +154,18 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     import io
 
     from hoshikage_sd import fmt, manifest
-    from hoshikage_sd.commands import ps, status
+    from hoshikage_sd.commands import facts, ps, status
     from hoshikage_sd.runtime import Activity, Running, Runtime
 
     config = manifest.load(write_manifest(tmp_path, "/bin/true"))
     runtime = Runtime(config.runtime_dir)
     runtime.set_running("tiny", Running(os.getpid(), "/rd/tiny.gguf", time.time() - 300))
     runtime.set_activity("tiny", Activity(0, time.time() - 60, 0))
-    monkeypatch.setattr(status.units, "active_model_units", lambda *a: ["tiny"])
-    monkeypatch.setattr(status, "unit_props", lambda unit: {
+    monkeypatch.setattr(facts.units, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(facts, "unit_props", lambda unit: {
         "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": str(5 << 20),
         "StatusText": "serving tiny"})
-    monkeypatch.setattr(status.units, "systemctl", lambda *a, **k: SHOW)
+    monkeypatch.setattr(facts.units, "systemctl", lambda *a, **k: SHOW)
     assert status.status(config) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("tiny "))
@@ -360,16 +360,16 @@ def test_status_says_a_pinned_model_has_no_idle_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from hoshikage_sd import manifest
-    from hoshikage_sd.commands import status
+    from hoshikage_sd.commands import facts, status
     from hoshikage_sd.runtime import Running, Runtime
 
     path = write_manifest(tmp_path, "/bin/true")
     path.write_text(path.read_text() + "    pinned: true\n")
     config = manifest.load(path)
     Runtime(config.runtime_dir).set_running("tiny", Running(os.getpid(), "/x", time.time()))
-    monkeypatch.setattr(status.units, "active_model_units", lambda *a: ["tiny"])
-    monkeypatch.setattr(status, "unit_props", lambda unit: {"ActiveState": "active"})
-    monkeypatch.setattr(status, "router_state", lambda: {
+    monkeypatch.setattr(facts.units, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(facts, "unit_props", lambda unit: {"ActiveState": "active"})
+    monkeypatch.setattr(facts, "router_state", lambda: {
         "state": None, "running": False, "pid": None, "socket_state": None, "listen": []})
     status.status(config)
     row = next(line for line in capsys.readouterr().out.splitlines()

@@ -422,7 +422,7 @@ def test_check_lists_devices_as_the_service_user_with_the_units_environment(
     import grp
 
     from hoshikage_sd import manifest
-    from hoshikage_sd.commands import access, environment, status
+    from hoshikage_sd.commands import access, check, environment
 
     server = fake_server(tmp_path / "llama-server", NONE)
     for name in ("a", "b"):
@@ -452,10 +452,10 @@ models:
                                                              frozenset({990})))
     monkeypatch.setattr(environment, "unit_environment",
                         lambda: {"CUDA_VISIBLE_DEVICES": "1", "FOO": "bar"})
-    monkeypatch.setattr(status.units, "show", lambda unit, *props: {
+    monkeypatch.setattr(check.units, "show", lambda unit, *props: {
         "SupplementaryGroups": f"{video.gr_name} no-such-group"})
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    lines = status.device_report(manifest.load(config))
+    lines = check.device_report(manifest.load(config))
     assert [env for env, _ in calls] == [
         {"CUDA_VISIBLE_DEVICES": "1", "GGML_VK_VISIBLE_DEVICES": "0"},   # FOO is not passed
         {"CUDA_VISIBLE_DEVICES": "1"}]
@@ -468,6 +468,6 @@ models:
         f"warning: hoshikage 990 {gids}"]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     calls.clear()
-    lines = status.device_report(manifest.load(config))
+    lines = check.device_report(manifest.load(config))
     assert lines[0].startswith("note: devices are listed as this user, not hoshikage")
     assert calls[0][1] == []

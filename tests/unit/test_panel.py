@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hoshikage_sd.commands import status
+from hoshikage_sd.commands import facts
 from hoshikage_sd.manifest import names
 from hoshikage_sd.panel import guard, journal
 from hoshikage_sd.router import routes, server
@@ -141,8 +141,8 @@ def test_journal_lines() -> None:
 ])
 def test_phase(state: str, serving: bool, copying: bool, staged: bool, error: str | None,
                phase: str) -> None:
-    assert status.phase_of(state, serving, copying, staged, error) == phase
-    assert phase in status.PHASES
+    assert facts.phase_of(state, serving, copying, staged, error) == phase
+    assert phase in facts.PHASES
 
 
 def test_journal_records_are_parsed_bytes_and_all() -> None:
@@ -209,7 +209,7 @@ def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -
 
 def test_the_state_is_status_json_with_the_panels_facts(tmp_path: Path) -> None:
     router = router_for(tmp_path)
-    data = status.gather(router.config, set(), {"tiny": 2})
+    data = facts.gather(router.config, set(), {"tiny": 2})
     assert [m["name"] for m in data["models"]] == ["tiny", "other"]
     tiny, other = data["models"]
     assert tiny["phase"] == "not-loaded" and tiny["aliases"] == ["small"]
@@ -225,9 +225,9 @@ def test_a_copy_being_made_is_staging_with_its_bytes(tmp_path: Path,
     ramdisk = router.config.ramdisk
     ramdisk.mkdir()
     (ramdisk / ".tiny.gguf.tmp-123-0").write_bytes(bytes(40))
-    monkeypatch.setattr(status, "unit_props", lambda unit: {
+    monkeypatch.setattr(facts, "unit_props", lambda unit: {
         "ActiveState": "activating", "MainPID": "77", "MemoryCurrent": "4096"})
-    tiny = status.gather(router.config, {"tiny"})["models"][0]
+    tiny = facts.gather(router.config, {"tiny"})["models"][0]
     assert (tiny["phase"], tiny["copying_bytes"], tiny["pid"]) == ("staging", 40, 77)
     assert tiny["memory_bytes"] == 4096 and tiny["llama_server_pid"] is None
 

@@ -1,0 +1,174 @@
+"""`hoshikage check`: what is wrong or missing in the manifest and around it (llama-server,
+the service user's access, encryption keys, the RAM disk's mount, RPC workers, the router's
+keys and limits), and the GPU devices as the model units see them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from hoshikage_sd import fmt
+from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest import Config
+from hoshikage_sd.sd import units
+
+
+def service_user_problems(config: Config) -> list[str]:
+    """What the units' user (not the caller, often root) cannot run or read."""
+    from hoshikage_sd.commands import access
+
+    user = access.service_user()
+    if user is None:
+        return []
+    problems = []
+    if os.access(config.llama_server, os.X_OK):
+        why = access.refusal(user, config.llama_server, 5)
+        if why:
+            problems.append(f"llama_server: {why} (the units run as {user.name})")
+    for model in config.models.values():
+        if model.path.exists():
+            why = access.refusal(user, model.path, 4)
+            if why:
+                problems.append(f"model {model.name}: {why} (give it the group: chgrp "
+                                f"{user.name} FILE and chmod g+r FILE, g+x on directories)")
+    return problems
+
+
+def check(config: Config, as_json: bool = False) -> int:
+    """The manifest parsed already (errors raised: check_source); report what is wrong or
+    missing. Exit 1 on any problem, a warning too (a missing llama-server or model file
+    fails every load that needs it); notes are facts, not problems."""
+    found = findings(config)
+    if as_json:
+        print(json.dumps({"config": str(config.source), "ok": not found["warnings"],
+                          "models": list(config.models), **found}, indent=2))
+        return 1 if found["warnings"] else 0
+    colour = fmt.use_colour(sys.stdout)
+    for line in found["warnings"]:
+        print(fmt.paint("warning:", "33", colour), line)
+    print(f"{config.source}: {len(config.models)} model(s): "
+          + ", ".join(m.name + (f" ({', '.join(m.aliases)})" if m.aliases else "")
+                      for m in config.models.values()))
+    for line in found["notes"]:
+        print(f"note: {line}")
+    for line in found["devices"]:
+        print(line)
+    if found["warnings"]:
+        print(f"{len(found['warnings'])} problem(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_source(path: Path | None, as_json: bool) -> int:
+    """`hoshikage check [--json]`: a manifest that does not parse is its one problem (as
+    JSON too, with --json: a script reads the reason, not a traceback)."""
+    from hoshikage_sd import manifest
+    from hoshikage_sd.manifest import names
+
+    try:
+        config = names.effective(manifest.load(path))
+    except HoshikageError as err:
+        if not as_json:
+            raise
+        print(json.dumps({"config": str(path or manifest.config_path()), "ok": False,
+                          "models": [], "errors": [err.message], "warnings": [],
+                          "notes": [], "devices": []}, indent=2))
+        return err.code
+    return check(config, as_json)
+
+
+def findings(config: Config) -> dict[str, list[str]]:
+    """check's findings: "warnings" (problems: the exit status), "notes", and "devices"
+    (device_report's lines, its warnings also among the warnings)."""
+    problems = list(config.warnings)
+    if not os.access(config.llama_server, os.X_OK):
+        problems.append(f"{config.source}: llama_server {config.llama_server} is not an "
+                        "executable file")
+    problems += service_user_problems(config)
+    from hoshikage_sd import encryption
+
+    problems += encryption.check_problems(config)
+    from hoshikage_sd.commands import mounts
+
+    problems += mounts.problems(config)  # the model unit waits for the ramdisk's mount
+    from hoshikage_sd.rpc import check as rpc_check
+
+    problems += rpc_check.problems(config)  # RPC workers down or out of the units' reach
+    from hoshikage_sd.router import checks
+
+    problems += checks.problems(config)  # API keys, models' own keys, limits, preload
+    notes = []
+    if not os.path.ismount(config.ramdisk):
+        notes.append(f"RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "
+                     "mounts it on first use)")
+    from hoshikage_sd.commands import environment
+
+    notes += environment.report(config, environment.unit_environment())
+    devices = device_report(config)
+    problems += [line.removeprefix("warning: ") for line in devices
+                 if line.startswith("warning: ")]
+    return {"errors": [], "warnings": problems, "notes": notes,
+            "devices": [line for line in devices if not line.startswith("warning: ")]}
+
+
+def device_report(config: Config) -> list[str]:
+    """`check`'s lines on the devices llama-server can offload to: `llama-server
+    --list-devices` run as the model units' user (uid, Group=, its groups and the unit's
+    SupplementaryGroups=) with the environment the units give it (the model unit's passed
+    variables and each model's env:); where it sees none but the machine has GPU device
+    nodes, what keeps that user from them and the fix."""
+    import grp
+
+    from hoshikage_sd import devices
+    from hoshikage_sd.commands import access, environment
+    from hoshikage_sd.protocol import passed_env
+
+    if not os.access(config.llama_server, os.X_OK):
+        return []
+    try:
+        shown = units.show(environment.PROBE_UNIT, "SupplementaryGroups")
+        unit_env = environment.unit_environment() or {}
+    except HoshikageError:  # no systemctl here
+        shown, unit_env = {}, {}
+    base = {k: v for k, v in unit_env.items() if passed_env(k)}
+    envs: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for model in config.models.values():
+        envs.setdefault(tuple(sorted({**base, **model.environment}.items())),
+                        []).append(model.name)
+    user = access.service_user()
+    gids = set(user.gids) if user else set()
+    for name in shown.get("SupplementaryGroups", "").split():
+        with contextlib.suppress(KeyError):
+            gids.add(grp.getgrnam(name).gr_gid)
+    runner: list[str] = []
+    lines = []
+    if user is not None and os.geteuid() == 0:
+        try:
+            gid = grp.getgrnam(access.SERVICE_USER).gr_gid  # the units' Group=
+        except KeyError:
+            gid = min(user.gids)
+        runner, who = devices.as_user(user.uid, gid, gids), user.name
+    else:
+        who = "this user"
+        if user is not None:
+            lines.append(f"note: devices are listed as this user, not {user.name}: run "
+                         "`hoshikage check` as root to see what the model units see")
+    for env, names in (envs or {tuple(sorted(base.items())): []}).items():
+        label = f" for {', '.join(names)}" if len(envs) > 1 else ""
+        try:
+            found = devices.list_devices(config.llama_server, dict(env), runner=runner)
+        except HoshikageError as err:
+            lines.append(f"warning: llama-server --list-devices{label}: {err.message}")
+            continue
+        lines += [f"device {d.name}{label}: {d.description}, {fmt.size(d.total)} "
+                  f"({fmt.size(d.free)} free)" for d in found]
+        if found:
+            continue
+        lines.append(f"note: llama-server (as {who}) sees no GPU{label}: its models run on "
+                     "the CPU")
+        if user is not None and devices.has_nodes():
+            lines += [f"warning: {p}" for p in devices.node_problems(user.name, user.uid, gids)]
+    return lines
