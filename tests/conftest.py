@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 from collections.abc import Generator
 from pathlib import Path
@@ -43,6 +44,16 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.gguf"
     make_gguf.write_model(path)
     return path
+
+
+@pytest.fixture
+def tiny_models(tmp_path: Path, tiny_gguf: Path) -> Path:
+    """A models directory of the test's own (tmp_path/models) holding the tiny GGUF as
+    tiny.gguf; a test adds its other files."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
+    return directory
 
 
 @pytest.hookimpl(hookwrapper=True)

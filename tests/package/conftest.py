@@ -170,11 +170,3 @@ def processes(c: Container) -> dict[int, tuple[str, str]]:
 
 def listening(hk: Deployment) -> bool:
     return f":{hk.port}" in hk.container.exec("ss", "-Hltn").stdout
-
-
-@pytest.fixture
-def models(tmp_path: Path, tiny_gguf: Path) -> Path:
-    directory = tmp_path / "models"
-    directory.mkdir()
-    shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
-    return directory

@@ -28,9 +28,9 @@ from tests.unit.test_security import BOUNDS
 pytestmark = pytest.mark.package
 
 
-def test_install_serve_remove_purge(boot: Boot, deb: Path, models: Path,
+def test_install_serve_remove_purge(boot: Boot, deb: Path, tiny_models: Path,
                                     llama_server_bin: Path) -> None:
-    hk = install(boot, deb, models, llama_server_bin)
+    hk = install(boot, deb, tiny_models, llama_server_bin)
     c = hk.container
     files = c.exec("dpkg", "-L", "hoshikage").stdout.split()
 

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.package
 
 
 def test_upgrade_keeps_a_loaded_model_and_serves_again(
-        boot: Boot, deb: Path, models: Path, llama_server_bin: Path,
+        boot: Boot, deb: Path, tiny_models: Path, llama_server_bin: Path,
         tmp_path_factory: pytest.TempPathFactory) -> None:
     next_deb = build_deb(tmp_path_factory.mktemp("deb-next"), revision="2")
-    hk = install(boot, deb, models, llama_server_bin)
+    hk = install(boot, deb, tiny_models, llama_server_bin)
     c = hk.container
     (c.root / "etc/hoshikage/models.yaml").write_text(MANIFEST.replace("ttl: 3s", "ttl: 10m"))
     status, body = hk.chat("tiny")

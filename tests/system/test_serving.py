@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,20 +21,12 @@ UNIT = "hoshikage-model@tiny.service"
 
 
 @pytest.fixture
-def models_dir(tmp_path: Path, tiny_gguf: Path) -> Path:
-    directory = tmp_path / "models"
-    directory.mkdir()
-    shutil.copyfile(tiny_gguf, directory / "tiny.gguf")
-    return directory
-
-
-@pytest.fixture
-def hk(container_factory: ContainerFactory, models_dir: Path,
+def hk(container_factory: ContainerFactory, tiny_models: Path,
        llama_server_bin: Path) -> Deployment:
     text = manifest(llama_server_bin, {"tiny": "aliases: [small]\nttl: 3s",
                                        "ghost": "ttl: 1h"},
                     router_idle_exit="2s")
-    return deploy(container_factory, models_dir, text)
+    return deploy(container_factory, tiny_models, text)
 
 
 def test_socket_listens_and_nothing_runs(hk: Deployment) -> None:
@@ -49,7 +40,7 @@ def test_socket_listens_and_nothing_runs(hk: Deployment) -> None:
 
 
 def test_first_request_is_served_from_the_source_and_staged_alongside(
-        hk: Deployment, models_dir: Path) -> None:
+        hk: Deployment, tiny_models: Path) -> None:
     """The first start reads the file once: llama-server loads from the source and the
     RAM-disk copy is made alongside (from the page cache the load filled), for later starts."""
     status, body = hk.chat("small")
@@ -66,7 +57,7 @@ def test_first_request_is_served_from_the_source_and_staged_alongside(
     assert len(ready) == 1 and ready[0]["HOSHIKAGE_SERVED_FROM"] == "/srv/models/tiny.gguf"
     hk.wait_for("the copy alongside", lambda: bool(hk.events("staged", "tiny")))
     staged = hk.container.root / "mnt/hoshikage/tiny.gguf"
-    assert staged.read_bytes() == (models_dir / "tiny.gguf").read_bytes()
+    assert staged.read_bytes() == (tiny_models / "tiny.gguf").read_bytes()
     assert ready[0]["HOSHIKAGE_LAUNCHED"] == "0"  # nothing staged: the activator did it all
     # The router queued the model unit's start for the request that woke it before its own
     # imports were done, i.e. before it sent READY=1.
@@ -79,13 +70,13 @@ def test_first_request_is_served_from_the_source_and_staged_alongside(
     assert len(head_start) == 1 and head_start[0] < router_ready, (head_start, router_ready)
 
 
-def test_status_shows_the_loaded_model(hk: Deployment, models_dir: Path) -> None:
+def test_status_shows_the_loaded_model(hk: Deployment, tiny_models: Path) -> None:
     status, _ = hk.chat("tiny")
     assert status == 200
     hk.wait_for("the copy alongside", lambda: bool(hk.events("staged", "tiny")))
     out = hk.hoshikage("status")
     row = next(line for line in out.splitlines() if line.startswith("tiny "))
-    size = fmt.size((models_dir / "tiny.gguf").stat().st_size)
+    size = fmt.size((tiny_models / "tiny.gguf").stat().st_size)
     assert " serving " in row and size in row, out
     assert "RAM disk /mnt/hoshikage:" in out and "MemAvailable:" in out
 
@@ -100,7 +91,7 @@ def test_twenty_concurrent_first_requests_load_once(hk: Deployment) -> None:
     assert len(hk.processes("llama-server")) == 1
 
 
-def test_idle_stop_releases_and_next_request_works(hk: Deployment, models_dir: Path) -> None:
+def test_idle_stop_releases_and_next_request_works(hk: Deployment, tiny_models: Path) -> None:
     status, _ = hk.chat("tiny")
     assert status == 200
     hk.wait_for("the idle stop", lambda: hk.state(UNIT) == "inactive", timeout=30)
@@ -112,7 +103,7 @@ def test_idle_stop_releases_and_next_request_works(hk: Deployment, models_dir: P
     assert released["MESSAGE_ID"] == MESSAGE_IDS["released"]
     assert released["HOSHIKAGE_REASON"] == "idle"
     # Freed: the tmpfs pages the copy and its record held (2 MiB pages: huge=always).
-    size = (models_dir / "tiny.gguf").stat().st_size
+    size = (tiny_models / "tiny.gguf").stat().st_size
     assert size <= int(released["HOSHIKAGE_BYTES_FREED"]) <= size + 2 * TMPFS_PAGE
     assert int(released["HOSHIKAGE_PID"]) > 0
     assert released["HOSHIKAGE_SERVICE_RESULT"] == "success"
@@ -128,10 +119,10 @@ def test_idle_stop_releases_and_next_request_works(hk: Deployment, models_dir: P
 
 
 def test_a_short_ttl_is_kept_with_the_shipped_one_minute_timer(
-        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+        container_factory: ContainerFactory, tiny_models: Path, llama_server_bin: Path) -> None:
     """The idle timer ticks once a minute, but a model with a 3 s TTL stops after about 3 s
     (the watch waits for the next model due before its next tick), not after 60-90 s."""
-    hk = deploy(container_factory, models_dir,
+    hk = deploy(container_factory, tiny_models,
                 manifest(llama_server_bin, {"tiny": "ttl: 3s"}), timer_every=None)
     status, _ = hk.chat("tiny")
     assert status == 200
@@ -151,12 +142,12 @@ def stage_inside(hk: Deployment, source: Path, data: bytes) -> Path:
     return staged
 
 
-def test_staged_model_starts_from_the_routers_ticket(hk: Deployment, models_dir: Path) -> None:
+def test_staged_model_starts_from_the_routers_ticket(hk: Deployment, tiny_models: Path) -> None:
     """Router up, copy staged: the router admits the model and the unit's launcher starts
     llama-server before any of the activator is imported; the activator adopts it."""
     status, _ = hk.chat("ghost")  # brings the router up without loading anything
     assert status == 503
-    source = models_dir / "tiny.gguf"
+    source = tiny_models / "tiny.gguf"
     stage_inside(hk, source, source.read_bytes())
     status, body = hk.chat("tiny")
     assert status == 200, body
@@ -179,8 +170,8 @@ def test_staged_model_starts_from_the_routers_ticket(hk: Deployment, models_dir:
 
 
 def test_corrupted_staged_copy_is_detected_and_restaged(hk: Deployment,
-                                                        models_dir: Path) -> None:
-    source = models_dir / "tiny.gguf"
+                                                        tiny_models: Path) -> None:
+    source = tiny_models / "tiny.gguf"
     data = bytearray(source.read_bytes())
     data[0:4] = b"XXXX"  # a same-size copy that no longer loads
     staged = stage_inside(hk, source, bytes(data))
