@@ -154,7 +154,9 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, tiny_models: Path,
     assert int(released["_UID"]) == int(passwd[2])  # ExecStopPost ran as the user too
     hk.wait_for("no hoshikage process", lambda: processes(c) == {})
 
-    # apt remove: everything stops (a model loaded again first), config and state stay.
+    # apt remove: everything stops (a model loaded again first, pinned so that its 3 s TTL
+    # cannot stop it before prerm does), config and state stay.
+    c.exec("hoshikage", "pin", "tiny")
     status, body = hk.chat("tiny")
     assert status == 200, body
     c.systemctl("enable", "hoshikage-preload.service")  # the admin's choice: purge forgets it
