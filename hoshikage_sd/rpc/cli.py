@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from hoshikage_sd.rpc import setup
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("rpc-worker", help="several machines: set up a llama.cpp RPC worker "
-                                          "here, or let this head's models reach its workers")
+def arguments(p: argparse.ArgumentParser) -> None:
+    """`hoshikage rpc-worker`'s arguments (commands/verbs.py has its help line)."""
     p.add_argument("action", choices=("setup", "head-setup"),
                    help="setup: this machine is a worker (hoshikage-rpc.socket); head-setup: "
                         "the model units may reach the manifest's workers")
