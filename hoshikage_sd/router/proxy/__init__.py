@@ -24,8 +24,8 @@ from __future__ import annotations
 from hoshikage_sd.router.proxy.exchange import (
     Exchange,
 )
-from hoshikage_sd.router.proxy.front import (
-    ClientConnection,
+from hoshikage_sd.router.proxy.front import ClientConnection
+from hoshikage_sd.router.proxy.listener import (
     Proxy,
     bench_serve,
     loop_factory,
