@@ -244,7 +244,7 @@ class Router:
 
     def record_early_admission(self, name: str, estimate: int, available: int) -> None:
         """The journal's admission record (and its count) for the model the head start
-        admitted with nothing else up (early_admission): the decision the policy makes."""
+        admitted with nothing else up (headstart/admit.py): the decision the policy makes."""
         from hoshikage_sd.admit import act
         from hoshikage_sd.policy import admission
 
@@ -683,7 +683,8 @@ class Router:
         self._begin(model)
         return Forward(pool, unreachable=unreachable, done=call.done,
                        request=call.upstream_request,
-                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform)
+                       headers=call.headers(), drop=CORS_HEADERS, transform=call.transform,
+                       broken=call.broken)
 
     # listings
     async def loaded(self) -> set[str]:
