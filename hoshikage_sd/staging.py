@@ -31,7 +31,8 @@ from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.files import write_atomic
 from hoshikage_sd.manifest.model import Files
 
-CHUNK = 64 << 20
+#: bytes per sendfile: also how often a copy looks whether it should give way (giveway.py)
+CHUNK = 16 << 20
 #: what follows NAME in a staged shard's name
 SHARD_RE = re.compile(r"-\d{5}-of-\d{5}\.gguf")
 # Progress callback: (bytes done, bytes total). Also called while waiting for another copy.
@@ -149,9 +150,9 @@ class Store:
         return st.f_bavail * st.f_frsize
 
     def stage(self, name: str, source: Files | Path, progress: Progress | None = None,
-              force: bool = False) -> Staged:
+              force: bool = False, drop_behind: bool = True) -> Staged:
         """Make the store's copy of the model an exact copy of `source`; reuse one that
-        already is."""
+        already is. `drop_behind`: see copy_file."""
         start = time.monotonic()
         source = Files.one(source)
         idents = []
@@ -189,7 +190,7 @@ class Store:
                     if self.plaintext and encryption.is_encrypted(src):
                         encryption.decrypt(src, tmp, size, part if progress else None)
                     else:
-                        copy_file(src, tmp, size, part if progress else None)
+                        copy_file(src, tmp, size, part if progress else None, drop_behind)
                     done += size
                 for tmp, dest in zip(temporaries, staged.paths, strict=True):
                     os.rename(tmp, dest)
@@ -261,8 +262,13 @@ def record(idents: Sequence[Identity], staged: Sequence[Path]) -> str:
     return json.dumps({"files": [asdict(i) for i in idents], "staged": [p.name for p in staged]})
 
 
-def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = None) -> None:
-    """In-kernel copy (copy_file_range, else sendfile) with progress every CHUNK bytes."""
+def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = None,
+              drop_behind: bool = True) -> None:
+    """In-kernel copy (copy_file_range, else sendfile) with progress every CHUNK bytes.
+
+    `drop_behind`: drop the source's pages from the page cache behind the copy. Not for a
+    copy made in the background (giveway.py): one given up half-way for a request that
+    waits for the model would have dropped the pages that request's load then reads."""
     with open(source, "rb") as src, \
             open(dest, "xb") as dst:
         os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -287,7 +293,8 @@ def copy_file(source: Path, dest: Path, size: int, progress: Progress | None = N
                 die(f"{source} shrank while it was being copied ({done} of {size} bytes)")
             # The copy is the cache now: holding the source's pages too would cost the model's
             # size twice in RAM (and time, on a VM that charges for touching fresh memory).
-            os.posix_fadvise(src.fileno(), done, n, os.POSIX_FADV_DONTNEED)
+            if drop_behind:
+                os.posix_fadvise(src.fileno(), done, n, os.POSIX_FADV_DONTNEED)
             done += n
             if progress:
                 progress(done, size)

@@ -26,13 +26,13 @@ from hoshikage_sd import cache, encryption, fmt, host, log, metrics, proc, proto
 from hoshikage_sd.admit import act, gather, needs
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Files, Model
-from hoshikage_sd.model_unit import launch
+from hoshikage_sd.model_unit import giveway, launch
 from hoshikage_sd.policy import admission
 from hoshikage_sd.policy.kept import Kept, to_release
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
 from hoshikage_sd.sd import units as systemd
-from hoshikage_sd.staging import Identity, Staged, Store, log_staged
+from hoshikage_sd.staging import Identity, Progress, Staged, Store, log_staged
 from hoshikage_sd.stats import StatsFile
 
 EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every few seconds
@@ -171,13 +171,18 @@ class Activator:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
 
     # -- steps ----------------------------------------------------------------------------
-    def stage(self, force: bool = False) -> Staged:
+    def stage(self, force: bool = False, pace: Progress | None = None) -> Staged:
+        """Copy the model into the RAM disk (reusing a current copy). `pace`: a copy in the
+        background's (giveway.GiveWay, which waits there), called between its chunks; it
+        leaves the source's pages in the page cache (staging.copy_file)."""
         name = self.model.name
         verb = "decrypting" if self.encrypted else "staging"
         # an encrypted model's first request waits for all of it: the journal says how far
         logged = [time.monotonic()] if self.encrypted else None
 
         def progress(done: int, total: int) -> None:
+            if pace is not None and total:
+                pace(done, total)
             if total == 0:
                 self.heartbeat(f"waiting for another copy of {name}")
                 return
@@ -194,7 +199,8 @@ class Activator:
                 "decrypting %s from %s into the RAM disk (%s)", name, self.source.main,
                 fmt.size(self.source.size()))
         with self.phase("staging"):
-            staged = self.store.stage(name, self.source, progress, force=force)
+            staged = self.store.stage(name, self.source, progress, force=force,
+                                      drop_behind=pace is None)
         log_staged(name, staged, self.source, " (decrypted)" if self.encrypted else "")
         self.last_staged = staged
         return staged
@@ -235,13 +241,14 @@ class Activator:
 
     def copy_alongside(self) -> threading.Thread:
         """Stage the model into the RAM disk at the lowest CPU priority while it serves from
-        its source: the next start of this model starts from RAM."""
+        its source: the next start of this model starts from RAM. The copy waits while
+        another model loads (giveway.py), here and when it is finished at the stop."""
         def copy() -> None:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            giveway.lowest_priority()
             try:
                 self.make_room(self.source.size())
-                self.stage()
+                self.stage(pace=giveway.GiveWay(self.runtime, self.model.name,
+                                                lambda: self.runtime.wanted(self.model.name)))
             except (OSError, HoshikageError) as exc:  # it serves either way
                 logging.getLogger("hoshikage").warning(
                     "%s serves from %s; no RAM-disk copy: %s", self.model.name, self.source.main,

@@ -20,6 +20,7 @@ from hoshikage_sd import fmt, log, metrics, protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config
+from hoshikage_sd.model_unit import giveway
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store, log_staged
@@ -34,11 +35,18 @@ def reason_for(stop_reason: str | None, result: str | None, code: str | None,
     return stop_reason or "manual stop"
 
 
+#: the states of another model unit in which this one's copy is worth keeping: one going
+#: down (deactivating) is not, or two units stopped together (`systemctl stop` of both,
+#: `apt remove`) would each keep its copy for the other, and the RAM disk would hold both
+#: with no model up
+OTHERS_STATES = ("active", "activating", "reloading")
+
+
 def others_up(name: str) -> list[str] | None:
-    """The other model units that are up (asked once per release), None when systemd
-    cannot say."""
+    """The other model units that are up and not going down (asked once per release), None
+    when systemd cannot say."""
     try:
-        return [n for n in systemd.active_model_units() if n != name]
+        return [n for n in systemd.active_model_units(OTHERS_STATES) if n != name]
     except HoshikageError:
         return None
 
@@ -81,11 +89,16 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
         return False
     from hoshikage_sd import cache
 
+    if runtime.wanted(name):
+        log.log.info("%s keeps no copy: a request for it waits for this stop", name)
+        return False
     deadline = time.monotonic() + COPY_BY
-    with contextlib.suppress(OSError):  # beside the next model's load, as a copy alongside
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    giveway.lowest_priority()  # beside the next model's load, as a copy alongside
+    give_way = giveway.GiveWay(runtime, name, lambda: runtime.wanted(name) or
+                               time.monotonic() > deadline)
 
-    def in_time(_done: int, _total: int) -> None:
+    def in_time(done: int, total: int) -> None:
+        give_way(done, total)  # waits while the model that replaced it loads
         if time.monotonic() > deadline:
             raise TimeoutError(f"not done within {COPY_BY:.0f} s")
         if runtime.wanted(name):
@@ -93,7 +106,8 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
 
     source = cache.source_for(config, model)
     try:
-        log_staged(name, store.stage(name, source, in_time), source, " (at its stop, to keep)")
+        log_staged(name, store.stage(name, source, in_time, drop_behind=False), source,
+                   " (at its stop, to keep)")
     except (OSError, HoshikageError) as exc:  # TimeoutError is an OSError
         log.log.warning("%s keeps no copy: %s", name, getattr(exc, "message", exc))
         return False
@@ -138,7 +152,13 @@ def main(config: Config, name: str) -> int:
         model = config.models.get(name)
         ttl = model.ttl if model else config.idle_ttl
         runtime.set_kept(name, (activity.last_end if activity else time.time()) + ttl)
-    elif ramdisk:
+        if copied:
+            # The copy took seconds: the models up before it may be going down now, and
+            # their releases may have looked for kept copies before this one was (drop_kept).
+            # Asked after set_kept, so that one of the two sees the other either way.
+            others = others_up(name)
+            kept = bool(others)
+    if not kept and ramdisk:
         freed = store.remove(name)
         runtime.clear("kept", name)
     with contextlib.suppress(FileNotFoundError):

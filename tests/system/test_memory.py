@@ -75,6 +75,14 @@ def test_three_models_two_fit_interleaved_burst(container_factory: ContainerFact
     # (the router starts it again); a swap per request would be 12.
     loads = len(hk.events("ready"))
     assert loads <= len(order) * 2 // 3, loads
+    # Both stopped by hand at once: each sees the other going down, and neither keeps its
+    # copy for it (release.others_up), or the RAM disk would hold both with no model up
+    up = sorted(loaded(hk))
+    hk.container.systemctl("stop", *(f"hoshikage-model@{n}.service" for n in up))
+    ramdisk = hk.container.root / "mnt/hoshikage"
+    left = eventually(lambda: sorted(p.name for p in ramdisk.glob("*.gguf")),
+                      lambda names: not names)
+    assert left == [], f"copies left after stopping {up} together: {left}"
 
 
 def test_pinned_model_survives(container_factory: ContainerFactory, models_dir: Path,

@@ -273,11 +273,12 @@ def test_a_copy_that_fails_half_way_leaves_no_shard_and_no_record(
     real = staging.copy_file
     calls = []
 
-    def failing(src: Path, dest: Path, size: int, progress: object = None) -> None:
+    def failing(src: Path, dest: Path, size: int, progress: object = None,
+                drop_behind: bool = True) -> None:
         calls.append(src)
         if len(calls) == 3:
             raise OSError(5, "I/O error")
-        real(src, dest, size, None)
+        real(src, dest, size, None, drop_behind)
 
     monkeypatch.setattr(staging, "copy_file", failing)
     with pytest.raises(OSError):

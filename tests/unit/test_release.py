@@ -91,6 +91,43 @@ def test_a_copy_at_the_stop_is_given_up_for_a_request_that_waits_for_the_stop(
     runtime = Runtime(config.runtime_dir)
     runtime.set_wanted("m")
     assert release.copy_to_keep(config, runtime, Store(config.ramdisk), "m") is False
-    assert [p.name for p in config.ramdisk.iterdir()] == [".m.lock"]
+    assert list(config.ramdisk.iterdir()) == []  # not begun: no lock taken, nothing copied
     runtime.set_wanted("m", False)
     assert release.copy_to_keep(config, runtime, Store(config.ramdisk), "m") is True
+
+
+def test_a_unit_going_down_is_no_reason_to_keep_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models stopped together: each sees the other deactivating, and neither may keep
+    its copy for it (the RAM disk would hold both with no model up)."""
+    units = {"a": "deactivating", "b": "deactivating", "c": "activating", "d": "active"}
+    monkeypatch.setattr("hoshikage_sd.sd.units.active_model_units",
+                        lambda states: [n for n, state in units.items() if state in states])
+    assert release.others_up("a") == ["c", "d"]
+    units.update(c="deactivating", d="deactivating")
+    assert release.others_up("a") == []
+
+
+def test_a_copy_made_at_the_stop_is_not_kept_once_the_others_went_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The others stopped while the copy was made (their releases found no kept copy to
+    drop yet): the copy goes, or it would stay with no model up."""
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + bytes(4096))
+    (tmp_path / "ram").mkdir()
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "ram", state_dir=tmp_path / "state",
+                    models={"m": Model("m", source)})
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_stop_reason("m", "evicted for b")
+    runtime.set_keep_copy("m")
+    answers = [["b"], []]  # b up when the release began, going down once the copy was made
+    monkeypatch.setattr(release, "others_up", lambda name: answers.pop(0))
+    monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
+    assert release.main(config, "m") == 0
+    assert answers == []  # asked again after the copy
+    assert not Store(config.ramdisk).has_copy("m")
+    assert runtime.kept_until("m") is None
+    assert [p.name for p in config.ramdisk.glob("*.gguf")] == []

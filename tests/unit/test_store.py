@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import time
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -64,6 +65,30 @@ def test_stage_copies_byte_identical_and_leaves_source_untouched(tmp_path: Path,
     assert source.read_bytes() == content
     assert sorted(p.name for p in source.parent.iterdir()) == [source.name]
     assert leftovers(ramdisk) == [f".{NAME}.source.json", f"{NAME}.gguf"]
+
+
+def cached_bytes(path: Path) -> int:
+    """The file's bytes in the page cache (util-linux fincore)."""
+    import subprocess
+
+    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                               str(path)], check=True, capture_output=True, text=True).stdout)
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="needs util-linux's fincore")
+@pytest.mark.parametrize("drop_behind", [True, False])
+def test_a_copy_in_the_background_leaves_the_source_in_the_page_cache(
+        tmp_path: Path, ramdisk: Path, drop_behind: bool) -> None:
+    """A copy given up half-way (giveway.py) must not have dropped the pages that the load
+    of the request waiting for it reads; a staging before a load drops them behind it."""
+    source = make_source(tmp_path, 4 << 20)
+    with open(source, "rb") as f:
+        os.fsync(f.fileno())  # clean pages: dirty ones cannot be dropped
+        f.read()
+    if cached_bytes(source) < 4 << 20:
+        pytest.skip(f"{tmp_path}'s file system does not keep pages cached")
+    Store(ramdisk).stage(NAME, source, drop_behind=drop_behind)
+    assert cached_bytes(source) == (0 if drop_behind else 4 << 20)
 
 
 def test_second_stage_reuses_without_rewriting(tmp_path: Path, ramdisk: Path) -> None:

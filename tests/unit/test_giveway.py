@@ -1,0 +1,114 @@
+"""model_unit/giveway.py: a copy made beside other models waits while another one loads."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hoshikage_sd.manifest import Config, Model
+from hoshikage_sd.model_unit import giveway, release
+from hoshikage_sd.runtime import Running, Runtime
+from hoshikage_sd.staging import Store
+
+
+def test_loading_is_admitted_not_serving_not_stopping_and_not_itself(tmp_path: Path) -> None:
+    runtime = Runtime(tmp_path)
+    assert giveway.loading(runtime, "a") == []
+    runtime.set_admitted("a", 1)  # itself
+    runtime.set_admitted("b", 1)
+    runtime.set_admitted("c", 1)
+    runtime.set_admitted("d", 1)
+    assert giveway.loading(runtime, "a") == ["b", "c", "d"]
+    runtime.set_running("c", Running(os.getpid(), "/mnt/hoshikage/c.gguf", time.time()))
+    runtime.set_stop_reason("d", "evicted for a")  # stopped before its activator took over
+    assert giveway.loading(runtime, "a") == ["b"]
+    runtime.clear("admitted", "b")
+    assert giveway.loading(runtime, "a") == []
+
+
+def test_a_copy_waits_while_another_model_loads_and_goes_on_once_it_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(giveway, "POLL", 0.01)
+    runtime = Runtime(tmp_path)
+    pace = giveway.GiveWay(runtime, "a")
+    pace(0, 10)
+    assert pace.waited == 0.0  # nothing loading: no wait at all
+    runtime.set_admitted("b", 1)
+    serves = threading.Timer(0.3, lambda: runtime.set_running(
+        "b", Running(os.getpid(), "/mnt/hoshikage/b.gguf", time.time())))
+    serves.start()
+    began = time.monotonic()
+    pace(1, 10)
+    assert 0.25 < time.monotonic() - began < 5
+    assert pace.waited >= 0.25
+    serves.join()
+
+
+def test_the_wait_is_bounded_and_ended_by_give_up(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(giveway, "POLL", 0.01)
+    runtime = Runtime(tmp_path)
+    runtime.set_admitted("b", 1)  # a start that never comes: a stale record
+    pace = giveway.GiveWay(runtime, "a", limit=0.2)
+    began = time.monotonic()
+    pace(1, 10)
+    pace(2, 10)  # the limit is for the whole copy, not each chunk
+    assert 0.2 <= time.monotonic() - began < 2
+    wanted = threading.Event()
+    quits = giveway.GiveWay(runtime, "a", give_up=wanted.is_set, limit=30)
+    threading.Timer(0.2, wanted.set).start()
+    began = time.monotonic()
+    quits(1, 10)
+    assert 0.15 < time.monotonic() - began < 5
+
+
+def test_a_copy_to_keep_at_the_stop_waits_for_the_load_that_replaced_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(giveway, "POLL", 0.01)
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + bytes(4096))
+    (tmp_path / "ram").mkdir()
+    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "ram", models={"m": Model("m", source)})
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_admitted("b", 1)  # b loads; m was stopped for it
+    copied_at: list[float] = []
+    serves_at: list[float] = []
+
+    def serves() -> None:
+        serves_at.append(time.monotonic())
+        runtime.set_running("b", Running(os.getpid(), "/mnt/hoshikage/b.gguf", time.time()))
+
+    stage = Store.stage
+
+    def watched(self: Store, *args: object, **kwargs: object) -> object:
+        staged = stage(self, *args, **kwargs)  # type: ignore[arg-type]
+        copied_at.append(time.monotonic())
+        return staged
+
+    monkeypatch.setattr(Store, "stage", watched)
+    monkeypatch.setattr(giveway, "lowest_priority", lambda: None)  # not this test's process
+    timer = threading.Timer(0.3, serves)
+    timer.start()
+    assert release.copy_to_keep(config, runtime, Store(config.ramdisk), "m") is True
+    timer.join()
+    assert serves_at and copied_at and copied_at[0] >= serves_at[0]
+    assert Store(config.ramdisk).reusable("m", source)
+
+
+def test_lowest_priority_is_sched_idle_for_the_calling_thread_only() -> None:
+    seen: list[int] = []
+
+    def copy() -> None:
+        giveway.lowest_priority()
+        seen.append(os.sched_getscheduler(0))
+
+    thread = threading.Thread(target=copy)
+    thread.start()
+    thread.join()
+    assert seen == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the test's own thread is untouched
