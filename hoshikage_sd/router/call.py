@@ -14,6 +14,8 @@ from hoshikage_sd import metrics
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router import proxy
+from hoshikage_sd.router.answers import Answers
+from hoshikage_sd.router.lifecycle import Lifecycle
 from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
 from hoshikage_sd.runtime import Runtime
 
@@ -29,22 +31,18 @@ class Router(Protocol):
     runtime: Runtime
     metrics: metrics.Metrics
     in_flight: dict[str, int]
-    _ttl: dict[str, float | None]
+    lifecycle: Lifecycle
+    answers: Answers
 
-    def _end(self, name: str) -> None: ...
-    def cors(self, request: Request) -> list[tuple[str, str]]: ...
     def reply(self, request: Request, status: int, data: object,
               **headers: str) -> Response: ...
     def fail(self, request: Request, err: api.ApiError, **extra: str) -> Response: ...
     def model_for(self, request: Request, name: str | None) -> Model | api.ApiError: ...
-    def effective_ttl(self, model: Model) -> float: ...
     async def unload(self, model: Model, reason: str) -> None: ...
     async def started(self, request: Request, model: Model) -> Response | None: ...
     def may_start(self, request: Request, model: Model) -> Response | None: ...
     async def exchange(self, request: Request, model: Model, call: Call,
                        retried: bool = False) -> Response | Forward: ...
-    async def loaded(self) -> set[str]: ...
-    async def up(self) -> set[str]: ...
 
 
 class Call:
@@ -77,7 +75,8 @@ class Call:
     def headers(self) -> list[tuple[bytes, bytes]]:
         rid = self.request.id.encode()
         out = [(b"x-request-id", rid), (b"request-id", rid)]
-        out += [(k.encode(), v.encode("latin-1")) for k, v in self.router.cors(self.request)]
+        cors = self.router.answers.cors(self.request)
+        out += [(k.encode(), v.encode("latin-1")) for k, v in cors]
         return out
 
     def _errors_as(self, which: api.Api) -> Callable[[int, list[tuple[bytes, bytes]]],
@@ -113,7 +112,7 @@ class Call:
         return cut.sse_event(which, cut.error(message), request.id)
 
     def done(self, outcome: Outcome) -> None:
-        self.router._end(self.model.name)
+        self.router.lifecycle.request_ended(self.model.name)
         if outcome.status:  # else a retry follows, or the proxy answered (and counts) it
             now, began = time.monotonic(), self.began_ns / 1e9
             self.router.metrics.request(

@@ -1,9 +1,11 @@
 """The manifest as the router reads it, at start (before its HTTP front is imported) and on
-every reload."""
+every reload, and whether it changed (Changes)."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from hoshikage_sd import lastgood
@@ -32,3 +34,39 @@ def refresh_index(config: Config) -> None:
     """The name index of `config` written again (lastgood.refresh): a model's estimate,
     remembered once it started, lets the next head start admit it."""
     lastgood.refresh(config, index.build)
+
+
+class Changes:
+    """Has the manifest, the CLI's names file or the API keys file changed? Their identity
+    (inode, size, mtime) against what it was when last looked at, at most once a second
+    unless forced: a change in any reloads. `paths`: those files now (a reload may move
+    them)."""
+
+    def __init__(self, paths: Callable[[], Iterable[Path | None]]) -> None:
+        self._paths = paths
+        self._seen = self._identity()
+        self.checked = time.monotonic()
+
+    def _identity(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out: list[tuple[int, int, int] | None] = []
+        for path in self._paths():
+            if path is None:
+                continue
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def changed(self, force: bool = False) -> bool:
+        """Time to reload: forced, or (looked at once a second at most) a file changed."""
+        now = time.monotonic()
+        if not force and now - self.checked < 1.0:
+            return False
+        self.checked = now
+        current = self._identity()
+        if current == self._seen and not force:
+            return False
+        self._seen = current
+        return True

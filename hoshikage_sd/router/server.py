@@ -13,58 +13,44 @@ error bodies are in each API's shape (router/errors.py); Ollama's API is transla
 and served by router/ollama/ (routes.py); one forwarded request is a
 router/call.py Call; API keys are router/auth.py's (a model's own --api-key:
 router/model_keys.py); loading and unloading over HTTP is router/control.py, the loading word
-to streaming clients router/progress.py, preload at boot router/preload.py; the busy locks
-and activity records are router/activity.py's. A manifest that cannot be read never stops
-the router: it answers every model request with a 503 that says what is wrong until the
-file is fixed.
-
-Over the house's ~400 lines on purpose: what is left is the Router's one state (ready,
-starting, in flight, pools, TTLs, the manifest and keys in use) and the methods that read and
-change it together (reload, start, forward, the idle exit); split further, each part would
-reach into the others' state, as router/ollama/routes.py already has to.
+to streaming clients router/progress.py, preload at boot router/preload.py. The Router
+holds its parts: the models' lifecycle (starts, stops, pools, requests in flight:
+router/lifecycle.py) and its own answers (replies in the API's shape, CORS, listings:
+router/answers.py). A manifest that cannot be read never stops the router: it answers every
+model request with a 503 that says what is wrong until the file is fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import unquote
 
-from hoshikage_sd import log, metrics, proc, protocol
+from hoshikage_sd import log, metrics
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import AmbiguousModel, Config, Model, names
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.router import auth, model_keys, progress, proxy, routes
 from hoshikage_sd.router import errors as api
-from hoshikage_sd.router.activity import ActivityRecords, BusyLocks
 from hoshikage_sd.router.announcements import Announcements
+from hoshikage_sd.router.answers import Answers
 from hoshikage_sd.router.call import Call
-from hoshikage_sd.router.config import load_config, refresh_index
+from hoshikage_sd.router.config import Changes, load_config
 from hoshikage_sd.router.errors import StartFailed
 from hoshikage_sd.router.headstart.request import model_name_of
 from hoshikage_sd.router.headstart.take import FirstRequest
+from hoshikage_sd.router.lifecycle import Lifecycle
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import daemon, units
+from hoshikage_sd.sd import daemon
 
 logger = logging.getLogger("hoshikage.router")
 
-START_POLL = 0.005  # while a model starts and nobody will say when it serves: probe this often
-UNIT_POLL = 0.25  # ... and how often to ask systemd whether its unit failed
-PROBE_TIMEOUT = 2.0
-#: seconds after start-up during which a start of the model the head start started is that
-#: start (its request comes at once; one whose client went away must not block a later one)
-EARLY_START_VALID = 30.0
-#: seconds an unload (Ollama's keep_alive 0) waits for the unit to leave "active"
-UNLOAD_WAIT = 5.0
 #: upstream response headers the router never passes on: CORS is the router's to grant
 CORS_HEADERS = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
                           b"access-control-allow-methods", b"access-control-allow-headers",
@@ -74,65 +60,39 @@ KEYLESS = frozenset({Route.HEALTH, Route.OPTIONS})
 
 
 class Router:
+    """What each request gets: the manifest in use (reloaded when it changes), the API keys,
+    and the request handled: the router's own answers (Answers) or its model started
+    (Lifecycle) and the request forwarded to it."""
+
     def __init__(self, config: Config, started: str | None = None,
                  broken: str | None = None) -> None:
         self.config = config
         #: why the manifest cannot be used (it never could since this router started): every
         #: model request gets a 503 saying so, until it can
         self.broken = broken
-        #: the model whose unit the head start started before this router could read requests
-        self.started_early = started
-        self._created = time.monotonic()
         self.runtime = Runtime(config.runtime_dir)
         self.announcements = Announcements(config.runtime_dir, self.reload_now)
-        self.pools: dict[str, proxy.Upstream] = {}
-        self._pools_for = config
-        self.starting: dict[str, asyncio.Task[None]] = {}
-        self.ready: set[str] = set()
-        self.in_flight: dict[str, int] = {}
-        self.last_activity = time.monotonic()
         self.done = asyncio.Event()
-        self.pid = os.getpid()
-        #: each model's busy lock while requests are in flight: the activity record is
-        #: written once per request, at its end
-        self.busy = BusyLocks(self.runtime)
-        self.activity = ActivityRecords(self.runtime, self.pid)
         self.metrics = metrics.Metrics(config.runtime_dir, config.ramdisk)
-        #: each loaded model's TTL override (keep_alive), as last read or written
-        self._ttl: dict[str, float | None] = {}
+        self.lifecycle = Lifecycle(lambda: self.config, self.runtime, self.announcements,
+                                   self.metrics, started)
+        # the lifecycle's state, as the panel, control and the Ollama routes read it
+        self.ready, self.starting = self.lifecycle.ready, self.lifecycle.starting
+        self.in_flight = self.lifecycle.in_flight
+        self.answers = Answers(self)
         self.gate = auth.Gate()
         #: the HTTP front (serve()): a reload gives it the manifest's client limits
         self.front: proxy.Proxy | None = None
         self._load_keys()
-        self._manifest_id = self._stat_manifest()
-        self._checked = time.monotonic()
+        self.changes = Changes(
+            lambda: (self.config.source, names.path(self.config), self.gate.path()))
 
     # -- manifest reload ------------------------------------------------------------------
-    def _stat_manifest(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """Identity of the manifest, the CLI's names file and the API keys file: a change in
-        any reloads."""
-        out: list[tuple[int, int, int] | None] = []
-        for path in (self.config.source, names.path(self.config), self.gate.path()):
-            if path is None:
-                continue
-            try:
-                st = os.stat(path)
-                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                out.append(None)
-        return tuple(out)
-
     def maybe_reload(self, force: bool = False) -> None:
         """Pick up an edited manifest (checked at most once a second, or now when `force`);
         keep the last good one."""
-        now = time.monotonic()
-        if not force and now - self._checked < 1.0:
+        if not self.changes.changed(force):
             return
-        self._checked = now
-        current = self._stat_manifest()
-        if current == self._manifest_id and not force:
-            return
-        self._manifest_id = current
         try:
             config = load_config(self.config.source)
         except HoshikageError as err:
@@ -170,254 +130,25 @@ class Router:
         logger.info("reloading the manifest on request")
         self.maybe_reload(force=True)
 
-    # -- model lifecycle ------------------------------------------------------------------
+    # -- what the panel, control, calls and the Ollama routes ask (face.py, call.py) -------
     async def serving(self, model: Model) -> bool:
-        """Does the model's llama-server answer its health route with 200 (not 503
-        'loading')? Raw HTTP/1.0 on a fresh connection: without Announcements it is asked
-        every START_POLL while the model loads."""
-        path = self.config.socket_path(model.name)
-        if not path.exists():
-            return False
-        writer = None
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                reader, writer = await asyncio.open_unix_connection(str(path))
-                writer.write(protocol.probe_request(model.health))
-                return protocol.status_of(await reader.readline()) == 200
-        except (OSError, TimeoutError, ValueError):
-            return False
-        finally:
-            if writer is not None:
-                writer.close()
-
-    def prepare(self, model: Model, start: Callable[[], None]) -> list[str] | None:
-        """The fast path of a cold start: when the model fits now, or once others stop for
-        max_loaded_models only (their memory is not needed: they stop while it loads), admit
-        it here, leave the unit's launcher a ticket (so that llama-server starts as the
-        unit's first act) and `start` the unit, then stop the others. Returns the models
-        stopped for it, or None (not started): anything else (memory to free, a wait) is
-        the activator's to do.
-
-        The start goes before the stops and the records: a stop queued first kept PID 1
-        and polkit busy while the start waited (a swap step's request -> unit starting
-        later when the stop was queued first: bench/peers.py's breakdown, docs/performance.md)."""
-        from hoshikage_sd import cache, encryption
-        from hoshikage_sd.admit import act, gather, needs
-        from hoshikage_sd.policy.admission import Verdict, decide
-        from hoshikage_sd.staging import Store
-
-        config, name = self.config, model.name
-        store = Store(config.ramdisk)
-        started = False
-        try:
-            # A current staged copy, else the source: its RAM-disk copy is made alongside
-            # once it serves (model_unit/activate.py copy_alongside).
-            source = cache.source_for(config, model)
-            files = store.current(name, source) or source
-            if files is source and any(map(encryption.named_or_encrypted, source.paths)):
-                return None  # its unit decrypts it into the RAM disk first
-            with self.runtime.locked("admission"):
-                snapshot, request = gather.inputs(config, model, self.runtime, listing=False)
-                decision = decide(snapshot, request)
-                if decision.verdict is not Verdict.LOAD and not decision.by_count:
-                    return None
-                self.runtime.set_admitted(name, request.estimate)
-                protocol.write_ticket(str(config.runtime_dir), name,
-                                      str(config.socket_path(name)), model.health,
-                                      proc.minimal_env(model.environment),
-                                      config.server_argv(model, files))
-                start()
-                started = True
-                act.record(name, decision, counts=self.metrics)
-                act.evict(name, decision, self.runtime, self.metrics, wait=False)
-                act.workers(config, model, request.estimate, decision, snapshot)
-        except needs.DevicesUnknown:
-            return None  # its first start: the unit lists the devices and judges
-        except (OSError, HoshikageError) as exc:
-            if started:
-                logger.warning("%s started, but stopping the models it replaces failed: %s",
-                               name, exc)
-                return []
-            logger.warning("starting %s the slow way: %s", name, exc)
-            return None
-        return [victim.name for victim in decision.victims]
-
-    def record_early_admission(self, name: str, estimate: int, available: int) -> None:
-        """The journal's admission record (and its count) for the model the head start
-        admitted with nothing else up (headstart/admit.py): the decision the policy makes."""
-        from hoshikage_sd.admit import act
-        from hoshikage_sd.policy import admission
-
-        model = self.config.models.get(name)
-        if model is None:
-            return
-        # nothing else up: the machine is its MemAvailable within memory_budget (available)
-        limits = admission.Limits(self.config.safety_margin, self.config.max_loaded_models)
-        decision = admission.decide(admission.Snapshot(mem_available=available, limits=limits),
-                                    admission.Request(name, estimate))
-        act.record(name, decision, counts=self.metrics)
-
-    async def _start(self, model: Model) -> None:
-        early = self.early_start(model.name)
-        # A router started afresh finds a model still loaded: no systemd round trip. Not one
-        # whose stop is under way (evicted, idle): it answers until its unit is down.
-        if self.runtime.stop_reason(model.name) is None and await self.serving(model):
-            self.ready.add(model.name)
-            return
-        unit = units.model_unit(model.name)
-        began = time.monotonic()
-        self._ttl.pop(model.name, None)
-        announced = self.announcements.expect(model.name)
-        try:
-            evicted = [] if early else await asyncio.to_thread(self.begin, model, unit)
-        except HoshikageError as err:
-            raise StartFailed(err.message) from None
-        for name in evicted:
-            self.gone(name)
-        # Forward once the unit says it serves (before its READY=1 and the job's end); probe
-        # only now and then, in case nobody says so (a unit started before this router).
-        poll = UNIT_POLL if self.announcements.listening else START_POLL
-        checked = time.monotonic()
-        while not await self.serving(model):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(announced.wait(), poll)
-                break
-            if time.monotonic() - checked >= UNIT_POLL:
-                checked = time.monotonic()
-                state, pending = await asyncio.to_thread(units.unit_state, unit)
-                if state == "failed" or (state == "inactive" and not pending):
-                    reason = self.runtime.error(model.name)
-                    # the activator recorded why; only "no room yet" can change by itself
-                    if reason is None:
-                        raise StartFailed(f"{unit} failed to start")
-                    raise StartFailed(reason, permanent=not reason.startswith("no room for"))
-        logger.info("%s serves after %.3f s (%s)", model.name, time.monotonic() - began,
-                    "announced by its unit" if announced.is_set() else "probed")
-        self.ready.add(model.name)
-        # its estimate is remembered now: the next router's head start may admit it
-        await asyncio.to_thread(refresh_index, self.config)
-
-    def early_start(self, name: str) -> bool:
-        """Is the model's unit the head start's, on its way? For this router's first start
-        of the model only, whether it serves already or not: a later one (after a stop)
-        needs a start of its own."""
-        if name != self.started_early:
-            return False
-        self.started_early = None
-        return time.monotonic() - self._created < EARLY_START_VALID
-
-    def begin(self, model: Model, unit: str) -> list[str]:
-        """Admit the model if it can go the fast way, and queue its unit's start. Returns
-        the models stopped to make room for it. (Not for the head start's unit: it is on
-        its way already, or has failed, which _start reports; a ticket now would be left
-        unused, a second start would fail twice.)"""
-        # A unit still stopping (evicted a moment ago) goes down first: its release removes
-        # the ticket and the admission record of a start prepared before. A copy it is
-        # making to keep is given up: this request waits for it (Runtime.wanted).
-        waited: list[bool] = []
-
-        def wanted() -> None:
-            self.runtime.set_wanted(model.name)
-            waited.append(True)
-
-        state = units.wait_down(unit, wanted)
-        if waited:
-            self.runtime.set_wanted(model.name, False)
-        started: list[bool] = []
-
-        def start() -> None:
-            try:
-                units.start_unit(unit, state)
-            except HoshikageError as err:  # the start's failure, not the fast path's
-                raise StartFailed(err.message) from None
-            started.append(True)
-
-        evicted = self.prepare(model, start)
-        if not started:  # the activator's start
-            start()
-        return evicted or []
+        return await self.lifecycle.serving(model)
 
     async def ensure(self, model: Model) -> None:
-        """Return once the model serves; concurrent callers share one start."""
-        if model.name in self.ready:
-            return
-        task = self.starting.get(model.name)
-        if task is None:
-            task = asyncio.create_task(self._start(model))
-            self.starting[model.name] = task
-            task.add_done_callback(lambda _t: self.starting.pop(model.name, None))
-        await asyncio.shield(task)
-
-    def pool(self, model: Model) -> proxy.Upstream:
-        pool = self.pools.get(model.name)
-        if pool is not None and self._pools_for is self.config:
-            return pool
-        if self._pools_for is not self.config:  # a reload may have moved or resized them
-            self._pools_for = self.config
-            for name in [n for n in self.pools if n != model.name]:
-                self.pools.pop(name).close()
-        path, size = str(self.config.socket_path(model.name)), model.upstream_pool
-        if pool is None or pool.path != path or pool.size != size:
-            if pool is not None:
-                pool.close()
-            pool = self.pools[model.name] = proxy.Upstream(path, size)
-        return pool
+        await self.lifecycle.ensure(model)
 
     def gone(self, name: str) -> None:
-        """The model's llama-server went away (stopped, or being stopped)."""
-        self.ready.discard(name)
-        self._ttl.pop(name, None)  # its release clears the override
-        pool = self.pools.pop(name, None)
-        if pool is not None:
-            pool.close()
+        self.lifecycle.gone(name)
 
     async def unload(self, model: Model, reason: str) -> None:
-        """Stop the model's unit now (Ollama's keep_alive 0) and return once it is no
-        longer "active" (so /api/ps no longer lists it)."""
-        unit = units.model_unit(model.name)
-        self.gone(model.name)
-        self.runtime.set_stop_reason(model.name, reason)
-        try:
-            await asyncio.to_thread(units.stop_unit, unit)
-        except HoshikageError as err:
-            logger.warning("cannot unload %s: %s", model.name, err.message)
-            return
-        deadline = time.monotonic() + UNLOAD_WAIT
-        while time.monotonic() < deadline:
-            state, _ = await asyncio.to_thread(units.unit_state, unit)
-            if state != "active":
-                return
-            await asyncio.sleep(0.02)
+        await self.lifecycle.unload(model, reason)
 
-    # -- activity -------------------------------------------------------------------------
-    def effective_ttl(self, model: Model) -> float:
-        """The model's TTL for this load: a request's keep_alive, else the manifest's."""
-        if model.name not in self._ttl:
-            self._ttl[model.name] = self.runtime.ttl(model.name)
-        return self._ttl[model.name] or model.ttl
+    def reply(self, request: Request, status: int, data: object,
+              **headers: str) -> Response:
+        return self.answers.reply(request, status, data, **headers)
 
-    def _begin(self, model: Model) -> None:
-        """A request to the model starts: from the first in flight, it is busy (no idle
-        stop, no eviction) for the idle watch and admission."""
-        name = model.name
-        count = self.in_flight.get(name, 0) + 1
-        self.in_flight[name] = count
-        self.last_activity = time.monotonic()
-        self.metrics.in_flight(name, +1)
-        if count == 1 and not self.busy.hold(name):
-            # no lock to be had (a reader holds it this very moment, or no runtime
-            # directory): say so in the record, as the router always did
-            self.activity.write(name, count, time.time())
-
-    def _end(self, name: str) -> None:
-        count = self.in_flight.get(name, 0) - 1
-        self.in_flight[name] = max(0, count)
-        self.last_activity = time.monotonic()
-        self.metrics.in_flight(name, -1)
-        if count > 0:
-            return
-        self.activity.write(name, 0, time.time())
-        self.busy.release(name)  # after the record: never idle with an old last_end
+    def fail(self, request: Request, err: api.ApiError, **extra: str) -> Response:
+        return self.answers.fail(request, err, **extra)
 
     # -- HTTP -----------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response | Forward | Early:
@@ -447,7 +178,7 @@ class Router:
             return Response(200, await asyncio.to_thread(self.metrics.render),
                             [("Content-Type", metrics.CONTENT_TYPE),
                              *api.request_id_headers(request.id).items()])
-        self.last_activity = started
+        self.lifecycle.last_activity = started
         result = await self.dispatch(request, route)
         if isinstance(result, Response):
             seconds = time.monotonic() - started
@@ -460,7 +191,7 @@ class Router:
         its key as `request.grant`, whose allow-list model_for applies)."""
         if self.broken is not None:
             # a manifest never read: whether it asks for keys is unknown, so nothing passes
-            return self.fail(request, self.broken_error())
+            return self.fail(request, self.answers.broken_error())
         grant = self.gate.check(request.header)
         if isinstance(grant, api.ApiError):
             extra = {"WWW-Authenticate": "Bearer"} if grant.status == 401 else {}
@@ -473,10 +204,10 @@ class Router:
         if route == Route.FORWARD:
             return await self.forward(request, rid)
         if route == Route.OPTIONS:
-            return self.options(request, rid)
+            return self.answers.options(request, rid)
         if route == Route.HEALTH:
             if self.broken is not None:
-                return self.fail(request, self.broken_error())
+                return self.fail(request, self.answers.broken_error())
             return self.reply(request, 200, {"status": "ok"})
         if route == Route.NOT_FOUND:
             return self.fail(request, api.ApiError(
@@ -489,11 +220,11 @@ class Router:
         if route in (Route.OLLAMA_VERSION, Route.OLLAMA_UNMANAGED):  # a broken manifest too
             return await self.ollama(request, route, rid)
         if self.broken is not None:
-            return self.fail(request, self.broken_error())
+            return self.fail(request, self.answers.broken_error())
         if route == Route.MODELS:
-            return self.reply(request, 200, await self.list_models(request.grant))
+            return self.reply(request, 200, await self.answers.list_models(request.grant))
         if route == Route.MODEL:
-            return await self.show_model(request)
+            return await self.answers.show_model(request)
         if route == Route.CONTROL:
             from hoshikage_sd.router import control
 
@@ -503,76 +234,9 @@ class Router:
     async def ollama(self, request: Request, route: str, rid: str) -> Response | Forward:
         """Ollama's API, imported on its first request: imports (with gguf) that no router
         start pays, which from zero processes is on the waking request's path."""
-        from hoshikage_sd.router import ollama
         from hoshikage_sd.router.ollama import routes as ollama_routes
 
-        if route == Route.OLLAMA_VERSION:
-            return self.reply(request, 200, ollama.version_body())
-        if route == Route.OLLAMA_UNMANAGED:
-            err = ollama.unmanaged(request.path)
-            assert err is not None
-            return self.fail(request, api.ApiError(err.status, err.message, retry=False))
-        if route == Route.OLLAMA_TAGS:
-            return self.reply(request, 200, await asyncio.to_thread(
-                ollama_routes.tags, self, request.grant))
-        if route == Route.OLLAMA_PS:
-            return self.reply(request, 200, await ollama_routes.ps(self, request.grant))
-        if route == Route.OLLAMA_SHOW:
-            return ollama_routes.show(self, request)
-        return await ollama_routes.infer(self, request, rid)
-
-    # replies
-    def cors(self, request: Request) -> list[tuple[str, str]]:
-        """CORS headers for a request from a browser, if the manifest allows its origin."""
-        origins = self.config.cors_origins
-        if not origins:
-            return []
-        origin = request.header("origin")
-        if origin is None or ("*" not in origins and origin not in origins):
-            return []
-        return [("Access-Control-Allow-Origin", "*" if "*" in origins else origin),
-                ("Vary", "Origin")]
-
-    def reply(self, request: Request, status: int, data: object,
-              **headers: str) -> Response:
-        response = Response.json(status, data, **api.request_id_headers(request.id), **headers)
-        response.headers += self.cors(request)
-        return response
-
-    def fail(self, request: Request, err: api.ApiError, **extra: str) -> Response:
-        low = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        status, headers, body = api.render(request.path, err, request.id, low)
-        response = Response.json(status, body, **headers, **extra)
-        response.headers += self.cors(request)
-        return response
-
-    def render_error(self, request: Request | None, status: int, message: str,
-                     code: str) -> Response:
-        """The proxy's own errors (malformed requests, an upstream failing mid-way)."""
-        err = api.ApiError(status, message, code=code)
-        if request is None:
-            _, headers, body = api.render("/", err, api.new_request_id())
-            return Response.json(status, body, **headers)
-        return self.fail(request, err)
-
-    def broken_error(self) -> api.ApiError:
-        return api.ApiError(503, f"hoshikage cannot serve: {self.broken}; fix the file "
-                            "(the router picks it up within a second, or `hoshikage reload`)",
-                            code="manifest_invalid", retry=False)
-
-    def options(self, request: Request, rid: str) -> Response:
-        """OPTIONS: a CORS preflight (granted only for the manifest's cors_origins), or the
-        methods in general."""
-        response = Response(204, headers=[("Allow", "GET, HEAD, POST, OPTIONS"),
-                                          *api.request_id_headers(rid).items()])
-        granted = self.cors(request)
-        if granted:
-            asked = request.header("access-control-request-headers")
-            response.headers += [*granted,
-                                 ("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS"),
-                                 ("Access-Control-Allow-Headers", asked or "*"),
-                                 ("Access-Control-Max-Age", "600")]
-        return response
+        return await ollama_routes.answer(self, request, route, rid)
 
     # resolving
     def model_for(self, request: Request, name: str | None) -> Model | api.ApiError:
@@ -591,7 +255,7 @@ class Router:
     # forwarding
     async def forward(self, request: Request, rid: str) -> Response | Forward | Early:
         if self.broken is not None:
-            return self.fail(request, self.broken_error())
+            return self.fail(request, self.answers.broken_error())
         try:
             name = model_name_of(request.body, request.query)
         except ValueError as exc:
@@ -664,7 +328,7 @@ class Router:
         if failed is not None:
             return failed
         call.loaded()
-        pool = self.pool(model)
+        pool = self.lifecycle.pool(model)
 
         async def unreachable(exc: OSError) -> Response | Forward:
             # The unit was stopped (idle watch, eviction) or is restarting: start it once more.
@@ -680,59 +344,11 @@ class Router:
                                      result.status, seconds, seconds)
             return result
 
-        self._begin(model)
+        self.lifecycle.request_began(model)
         return Forward(pool, unreachable=unreachable, done=call.done,
                        request=call.upstream_request,
                        headers=call.headers(), drop=CORS_HEADERS, transform=call.transform,
                        broken=call.broken)
-
-    # listings
-    async def loaded(self) -> set[str]:
-        """Models whose llama-server runs, from the runtime records: the truth after a
-        router restart or an idle stop, which this router's own memory is not."""
-        return await asyncio.to_thread(
-            lambda: {name for name in self.config.models if self.runtime.serving(name)})
-
-    async def up(self) -> set[str]:
-        """Loaded models whose unit is not being stopped: what Ollama's /api/ps lists."""
-        loaded = await self.loaded()
-        try:
-            active = set(await asyncio.to_thread(units.active_model_units, ("active",)))
-        except HoshikageError as err:  # no systemd to ask (a test bed): the records
-            logger.debug("listing from the runtime records: %s", err.message)
-            return loaded
-        return loaded & active
-
-    def describe(self, model: Model, loaded: set[str]) -> dict[str, Any]:
-        """A model as OpenAI's models.retrieve returns it (and Anthropic's models API, whose
-        clients read type/id/display_name/created_at), plus hoshikage's own facts, and
-        llama.cpp's router's `status` (what its clients poll after /models/load)."""
-        name = model.name
-        value = "loaded" if name in loaded else "loading" if name in self.starting \
-            else "unloaded"
-        return {"id": name, "object": "model", "owned_by": "hoshikage", "created": 0,
-                "type": "model", "display_name": name,
-                "created_at": "1970-01-01T00:00:00Z",
-                "aliases": list(model.aliases), "loaded": name in loaded,
-                "status": {"value": value}}
-
-    async def list_models(self, grant: object = None) -> dict[str, Any]:
-        """GET /v1/models: the models the request's key may use (auth.visible)."""
-        loaded = await self.loaded()
-        data = [self.describe(model, loaded)
-                for model in auth.visible(self.config.models, grant).values()]
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None}
-
-    async def show_model(self, request: Request) -> Response:
-        """GET /v1/models/{id}: aliases and partial names resolve as in a request."""
-        name = unquote(request.path[len(routes.MODEL_PREFIX):])
-        found = self.model_for(request, name) if name else api.model_not_found(
-            name, list(self.config.models))
-        if isinstance(found, api.ApiError):
-            return self.fail(request, found)
-        return self.reply(request, 200, self.describe(found, await self.loaded()))
 
     # -- idle exit ------------------------------------------------------------------------
     async def watch_manifest(self) -> None:
@@ -744,32 +360,9 @@ class Router:
             await asyncio.sleep(1.0)
             self.maybe_reload()
 
-    async def watch_idle(self) -> None:
-        while True:
-            period = max(0.2, min(5.0, self.config.router_idle_exit / 4))
-            await asyncio.sleep(period)
-            if any(self.in_flight.values()):
-                continue
-            if time.monotonic() - self.last_activity < self.config.router_idle_exit:
-                continue
-            try:
-                loaded = set(await asyncio.to_thread(units.active_model_units))
-            except HoshikageError as err:  # no systemd to ask (a test bed): the records
-                logger.debug("asking the runtime records what is loaded: %s", err.message)
-                loaded = await self.loaded()
-            self.ready.intersection_update(loaded)
-            if loaded:
-                continue
-            log.event("router-exit", "", "router exits: nothing loaded and idle for "
-                      f"{self.config.router_idle_exit:.0f} s")
-            self.done.set()
-            return
-
     def close(self) -> None:
         self.announcements.close()
-        for pool in self.pools.values():
-            pool.close()
-        self.busy.close()
+        self.lifecycle.close()
 
 
 def limits(config: Config) -> proxy.Limits:
@@ -795,7 +388,7 @@ async def serve(config: Config, listen: str | None = None,
         logger.error("cannot serve until the manifest is fixed: %s", broken)
     router.announcements.open()
     front = router.front = proxy.Proxy(router.handle, limits(config),
-                                       error=router.render_error)
+                                       error=router.answers.render_error)
     servers = [await front.listen(sock) for sock in listening_sockets(first, listen)]
     if first.connection is not None:
         # The connection the head start took: its request is still unread.
@@ -805,7 +398,8 @@ async def serve(config: Config, listen: str | None = None,
         loop.add_signal_handler(sig, router.done.set)
     daemon.notify(READY=1, STATUS="routing" if broken is None else "manifest broken")
     after = asyncio.create_task(asyncio.to_thread(after_ready, router, first))
-    idle = asyncio.create_task(router.watch_idle())
+    idle = asyncio.create_task(router.lifecycle.watch_idle(router.done,
+                                                          router.answers.loaded))
     manifest = asyncio.create_task(router.watch_manifest())
     from hoshikage_sd.router import preload  # after READY=1: never on a request's path
 
@@ -837,7 +431,7 @@ def after_ready(router: Router, first: FirstRequest) -> None:
     log.release()
     if first.started and first.admitted:
         try:
-            router.record_early_admission(first.started, *first.admitted)
+            router.lifecycle.record_early_admission(first.started, *first.admitted)
         except Exception as exc:  # a record must never take the router down at its stop
             logger.warning("cannot record the head start's admission: %r", exc)
 

@@ -235,7 +235,7 @@ def exchange(router: server.Router, requests: list[bytes]) -> tuple[list[bytes],
 
     async def scenario() -> list[bytes]:
         front = Proxy(handler, server.limits(router.config),  # type: ignore[arg-type]
-                      error=router.render_error)
+                      error=router.answers.render_error)
         sock = socket.create_server(("127.0.0.1", 0))
         listening = await front.listen(sock)
         answers = []

@@ -253,7 +253,7 @@ def test_routes() -> None:
 
 def test_the_page_and_its_state_start_nothing_and_keep_nothing_alive(tmp_path: Path) -> None:
     router = router_for(tmp_path)
-    router.last_activity = 0.0
+    router.lifecycle.last_activity = 0.0
     code, headers, body = answer(router, request("GET", "/panel/"))
     assert code == 200 and headers["content-type"].startswith("text/html")
     assert "星影パネル" in body.decode() and "script-src 'self'" in headers[
@@ -276,7 +276,8 @@ def test_the_page_and_its_state_start_nothing_and_keep_nothing_alive(tmp_path: P
     assert answer(router, request("GET", "/panel/api/journal?model=a%2F..%2Fb"))[0] == 400
     assert answer(router, request("GET", "/panel/api/journal?lines=9999"))[0] == 400
     # no activity, no count: an open panel must not keep the router (or a model) up
-    assert router.last_activity == 0.0 and router.starting == {} and router.ready == set()
+    assert router.lifecycle.last_activity == 0.0
+    assert router.starting == {} and router.ready == set()
     assert "hoshikage_requests_total{" not in router.metrics.render().decode()
 
 

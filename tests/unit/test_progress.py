@@ -85,7 +85,8 @@ def run_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requests: list[by
     async def scenario() -> list[tuple[bytes, bytes]]:
         model_socket = await asyncio.start_unix_server(
             upstream, path=str(router.config.socket_path("tiny")))
-        front = Proxy(router.handle, server.limits(router.config), error=router.render_error)
+        front = Proxy(router.handle, server.limits(router.config),
+                      error=router.answers.render_error)
         sock = socket.create_server(("127.0.0.1", 0))
         listening = await front.listen(sock)
         answers = []

@@ -214,7 +214,7 @@ def test_reload_datagram_rereads_now_and_a_broken_edit_keeps_the_last_good(
         router.announcements.open()
         try:
             path.write_text(path.read_text().replace("aliases: [small]", "aliases: [wee]"))
-            router._checked = time.monotonic()  # the once-a-second check would not look yet
+            router.changes.checked = time.monotonic()  # the once-a-second check would not look yet
             assert protocol.send_datagram(protocol.router_socket(
                 str(router.config.runtime_dir)).encode(), protocol.RELOAD)
             for _ in range(100):
@@ -250,38 +250,39 @@ def test_one_activity_record_per_request_and_busy_seen_at_once(
     async def scenario() -> None:
         router = server.Router(config)
         runtime = router.runtime
-        write = router.activity.write
+        write = router.lifecycle.activity.write
 
         def counted(name: str, in_flight: int, last_end: float) -> None:
             writes.append(Activity(in_flight, last_end))
             write(name, in_flight, last_end)
 
-        monkeypatch.setattr(router.activity, "write", counted)
+        monkeypatch.setattr(router.lifecycle.activity, "write", counted)
         runtime.set_running("tiny", Running(os.getpid(), "/x", time.time() - 60))
         tiny = config.models["tiny"]
         for _ in range(3):
-            router._begin(tiny)
+            router.lifecycle.request_began(tiny)
             # what the idle watch and admission ask, from another process: busy now
             assert runtime.busy("tiny") and runtime.idle_seconds("tiny", time.time()) is None
-            router._end("tiny")
+            router.lifecycle.request_ended("tiny")
             assert not runtime.busy("tiny")
         assert [a.in_flight for a in writes] == [0, 0, 0]  # one record each, at its end
         assert runtime.activity("tiny") == Activity(0, writes[-1].last_end, os.getpid())
         idle = runtime.idle_seconds("tiny", time.time())
         assert idle is not None and idle < 5
         writes.clear()
-        router._begin(tiny)  # overlapping requests: one record when the last one ends
-        router._begin(tiny)
-        router._end("tiny")
+        # overlapping requests: one record when the last one ends
+        router.lifecycle.request_began(tiny)
+        router.lifecycle.request_began(tiny)
+        router.lifecycle.request_ended("tiny")
         assert runtime.busy("tiny")
-        router._end("tiny")
+        router.lifecycle.request_ended("tiny")
         assert [a.in_flight for a in writes] == [0] and not runtime.busy("tiny")
         router.close()
         router = server.Router(config)  # a router whose lock cannot be had says so in the record
-        monkeypatch.setattr(router.activity, "write", counted)
-        monkeypatch.setattr(router.busy, "hold", lambda _name: False)
+        monkeypatch.setattr(router.lifecycle.activity, "write", counted)
+        monkeypatch.setattr(router.lifecycle.busy, "hold", lambda _name: False)
         writes.clear()
-        router._begin(tiny)
+        router.lifecycle.request_began(tiny)
         assert [a.in_flight for a in writes] == [1]
         assert runtime.idle_seconds("tiny", time.time()) is None  # in_flight, router alive
 
@@ -303,10 +304,10 @@ def test_a_scrape_is_not_activity_and_counts_are_in_it(config: Config) -> None:
     async def scenario() -> None:
         router = server.Router(config)
         answer(await router.handle(request("POST", "/v1/chat/completions", {"model": "x"})))
-        router.last_activity = 0.0
+        router.lifecycle.last_activity = 0.0
         result = await router.handle(request("GET", "/metrics"))
         assert isinstance(result, Response) and result.status == 200
-        assert router.last_activity == 0.0  # the router's idle exit is not put off
+        assert router.lifecycle.last_activity == 0.0  # the router's idle exit is not put off
         text = result.body.decode()
         assert ('hoshikage_requests_total{model="",route="/v1/chat/completions",'
                 'status="404"} 1') in text

@@ -268,16 +268,17 @@ def test_router_does_not_start_again_what_first_request_started(
     import asyncio
 
     from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.router import lifecycle
     from hoshikage_sd.router import server as router_module
 
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
     router = router_module.Router(config, started="tiny")
-    assert not router.early_start("other")  # another model does not use up tiny's
-    assert router.early_start("tiny")  # tiny's request: its unit is on its way
-    assert not router.early_start("tiny")  # a later start is a start
+    assert not router.lifecycle.early_start("other")  # another model does not use up tiny's
+    assert router.lifecycle.early_start("tiny")  # tiny's request: its unit is on its way
+    assert not router.lifecycle.early_start("tiny")  # a later start is a start
     late = router_module.Router(config, started="tiny")
-    late._created -= router_module.EARLY_START_VALID  # its request never came
-    assert not late.early_start("tiny")
+    late.lifecycle._created -= lifecycle.EARLY_START_VALID  # its request never came
+    assert not late.lifecycle.early_start("tiny")
 
     # Served before the router looked (the launcher is quick): that uses it up too, so a
     # start after a stop within EARLY_START_VALID is a real start (it was not: a 503)
@@ -286,9 +287,9 @@ def test_router_does_not_start_again_what_first_request_started(
     async def serving(_model: Model) -> bool:
         return True
 
-    monkeypatch.setattr(quick, "serving", serving)
-    asyncio.run(quick._start(Model("tiny", tmp_path / "tiny.gguf")))
-    assert quick.started_early is None and "tiny" in quick.ready
+    monkeypatch.setattr(quick.lifecycle, "serving", serving)
+    asyncio.run(quick.lifecycle._start(Model("tiny", tmp_path / "tiny.gguf")))
+    assert quick.lifecycle.started_early is None and "tiny" in quick.ready
     quick.close()
 
 
@@ -297,12 +298,13 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
     """A unit still stopping (evicted a moment ago) removes the ticket and the admission
     record at its release: the start's ticket must come after that."""
     from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.router import lifecycle
     from hoshikage_sd.router import server as router_module
 
     calls: list[str] = []
-    monkeypatch.setattr(router_module.units, "wait_down",
+    monkeypatch.setattr(lifecycle.units, "wait_down",
                         lambda unit, waiting=None: calls.append(f"down {unit}") or "inactive")
-    monkeypatch.setattr(router_module.units, "start_unit",
+    monkeypatch.setattr(lifecycle.units, "start_unit",
                         lambda unit, state=None: calls.append(f"start {unit} {state}"))
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
     router = router_module.Router(config)
@@ -312,13 +314,13 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
         start()
         return ["b"]
 
-    monkeypatch.setattr(router, "prepare", prepare)
-    assert router.begin(Model("a", tmp_path / "a.gguf"), "u@a") == ["b"]
+    monkeypatch.setattr(router.lifecycle, "prepare", prepare)
+    assert router.lifecycle.begin(Model("a", tmp_path / "a.gguf"), "u@a") == ["b"]
     assert calls == ["down u@a", "ticket", "start u@a inactive"]
     # the activator's way (no ticket): begin starts the unit itself
     calls.clear()
-    monkeypatch.setattr(router, "prepare", lambda model, start: calls.append("no ticket"))
-    assert router.begin(Model("a", tmp_path / "a.gguf"), "u@a") == []
+    monkeypatch.setattr(router.lifecycle, "prepare", lambda model, start: calls.append("no ticket"))
+    assert router.lifecycle.begin(Model("a", tmp_path / "a.gguf"), "u@a") == []
     assert calls == ["down u@a", "no ticket", "start u@a inactive"]
     # a start that fails is the start's failure, tried once, not a reason for the slow way
 
@@ -327,10 +329,10 @@ def test_a_start_waits_for_its_unit_to_go_down_before_it_leaves_a_ticket(
         raise HoshikageError("cannot start u@a: access denied")
 
     calls.clear()
-    monkeypatch.setattr(router_module.units, "start_unit", refuse)
-    monkeypatch.setattr(router, "prepare", prepare)
+    monkeypatch.setattr(lifecycle.units, "start_unit", refuse)
+    monkeypatch.setattr(router.lifecycle, "prepare", prepare)
     with pytest.raises(router_module.StartFailed, match="access denied"):
-        router.begin(Model("a", tmp_path / "a.gguf"), "u@a")
+        router.lifecycle.begin(Model("a", tmp_path / "a.gguf"), "u@a")
     assert calls == ["down u@a", "ticket", "refused u@a"]
 
 
@@ -357,11 +359,11 @@ def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
     router = router_module.Router(config)
     monkeypatch.setattr(needs, "deviceless", lambda model: False)  # a GPU machine
     # its first start: the unit lists the devices and judges (the slow way)
-    assert router.prepare(models["a"], lambda: calls.append("start a")) is None
+    assert router.lifecycle.prepare(models["a"], lambda: calls.append("start a")) is None
     assert calls == []
     key = estimate_key(models["a"], models["a"].path.stat())
     runtime.set_devices("a", [key, "its unit's listing"], {}, {})  # on no device
-    assert router.prepare(models["a"], lambda: calls.append("start a")) == ["b"]
+    assert router.lifecycle.prepare(models["a"], lambda: calls.append("start a")) == ["b"]
     assert calls == ["start a", "stop hoshikage-model@b.service"]
     assert os.path.exists(protocol.ticket_path(str(config.runtime_dir), "a"))
 
@@ -392,6 +394,7 @@ def test_a_request_for_a_model_whose_unit_still_stops_says_it_is_wanted(
     """The stop may be making a copy to keep (release.copy_to_keep): the request waiting
     for it marks the model wanted, so that copy is given up; the mark goes once it is down."""
     from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.router import lifecycle
     from hoshikage_sd.router import server as router_module
 
     config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run")
@@ -404,8 +407,8 @@ def test_a_request_for_a_model_whose_unit_still_stops_says_it_is_wanted(
         seen.append(router.runtime.wanted("a"))
         return "inactive"
 
-    monkeypatch.setattr(router_module.units, "wait_down", wait_down)
-    monkeypatch.setattr(router_module.units, "start_unit", lambda unit, state=None: None)
-    monkeypatch.setattr(router, "prepare", lambda model, start: start())
-    router.begin(Model("a", tmp_path / "a.gguf"), "u@a")
+    monkeypatch.setattr(lifecycle.units, "wait_down", wait_down)
+    monkeypatch.setattr(lifecycle.units, "start_unit", lambda unit, state=None: None)
+    monkeypatch.setattr(router.lifecycle, "prepare", lambda model, start: start())
+    router.lifecycle.begin(Model("a", tmp_path / "a.gguf"), "u@a")
     assert seen == [True] and not router.runtime.wanted("a")

@@ -17,6 +17,7 @@ from hoshikage_sd.router import auth, ollama, proxy
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.call import JSON, Call, Router, Whole
 from hoshikage_sd.router.proxy import Forward, Outcome, Request, Response
+from hoshikage_sd.router.routes import Route
 
 NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
 
@@ -40,12 +41,12 @@ def tags(router: Router, grant: object = None) -> dict[str, Any]:
 
 
 async def ps(router: Router, grant: object = None) -> dict[str, Any]:
-    up = await router.up() & set(auth.visible(router.config.models, grant))
+    up = await router.answers.up() & set(auth.visible(router.config.models, grant))
     now = time.time()
     rows = []
     for name in sorted(up):
         model = router.config.models[name]
-        ttl = router.effective_ttl(model)
+        ttl = router.lifecycle.effective_ttl(model)
         if math.isinf(ttl):
             expires: int | None = None
         else:
@@ -96,10 +97,10 @@ async def infer(router: Router, request: Request, rid: str) -> Response | Forwar
             return denied
     if isinstance(action, ollama.LoadOnly):
         if keep.mode == "unload":
-            if found.name in await router.loaded():
+            if found.name in await router.answers.loaded():
                 await router.unload(found, "keep_alive 0")
             router.runtime.clear("ttl", found.name)
-            router._ttl.pop(found.name, None)
+            router.lifecycle.ttl_override.pop(found.name, None)
             response = router.reply(request, 200, ollama.load_only_response(action))
         else:
             failed = await router.started(request, found)
@@ -120,13 +121,13 @@ def keep_alive(router: Router, model: Model, keep: ollama.KeepAlive) -> None:
     name = model.name
     if keep.mode == "ttl" and keep.seconds is not None:
         router.runtime.set_ttl(name, keep.seconds)
-        router._ttl[name] = keep.seconds
+        router.lifecycle.ttl_override[name] = keep.seconds
     elif keep.mode == "forever":
         router.runtime.set_ttl(name, math.inf)
-        router._ttl[name] = math.inf
-    elif keep.mode == "default" and router.effective_ttl(model) != model.ttl:
+        router.lifecycle.ttl_override[name] = math.inf
+    elif keep.mode == "default" and router.lifecycle.effective_ttl(model) != model.ttl:
         router.runtime.clear("ttl", name)
-        router._ttl[name] = None
+        router.lifecycle.ttl_override[name] = None
 
 
 class OllamaCall(Call):
@@ -219,3 +220,20 @@ class Stream:
 
     def finish(self) -> bytes:
         return b"".join(self.translator.finish())
+
+
+async def answer(router: Router, request: Request, route: str, rid: str) -> Response | Forward:
+    """An Ollama route (router/routes.py's Route.OLLAMA_*) answered."""
+    if route == Route.OLLAMA_VERSION:
+        return router.reply(request, 200, ollama.version_body())
+    if route == Route.OLLAMA_UNMANAGED:
+        err = ollama.unmanaged(request.path)
+        assert err is not None
+        return router.fail(request, api.ApiError(err.status, err.message, retry=False))
+    if route == Route.OLLAMA_TAGS:
+        return router.reply(request, 200, await asyncio.to_thread(tags, router, request.grant))
+    if route == Route.OLLAMA_PS:
+        return router.reply(request, 200, await ps(router, request.grant))
+    if route == Route.OLLAMA_SHOW:
+        return show(router, request)
+    return await infer(router, request, rid)
