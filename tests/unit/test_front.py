@@ -406,3 +406,13 @@ def test_lastgood_writes_front_index_with_manifest_json(tmp_path: Path,
     assert lastgood._write({**value, "headstart": None})
     assert not (tmp_path / lastgood.FRONT).exists()
     assert json.loads((tmp_path / lastgood.NAME).read_text())["headstart"] is None
+
+
+def test_without_a_compiler_the_front_is_a_stub_that_runs_the_router(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-cc")
+    path = tmp_path / "hoshikage-front"
+    assert "shell stub" in install.install_front(str(path))
+    out = subprocess.run([str(path), "/bin/echo", "the router", "ran"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == "the router ran\n"
