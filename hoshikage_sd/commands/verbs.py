@@ -197,8 +197,9 @@ def activate(args: argparse.Namespace, config: Config) -> int:
     import time
 
     from hoshikage_sd.model_unit import activate
+    from hoshikage_sd.model_unit.child import Adopted
 
-    adopted = None if args.adopt is None else activate.Adopted(
+    adopted = None if args.adopt is None else Adopted(
         args.adopt, args.spawned or time.monotonic(), args.healthy)
     return activate.main(config, model_name(args.name), adopted)
 

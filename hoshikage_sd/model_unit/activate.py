@@ -19,19 +19,17 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import FrameType
 
-from hoshikage_sd import cache, encryption, fmt, host, log, metrics, proc, protocol
+from hoshikage_sd import cache, encryption, fmt, log, metrics, proc, protocol
 from hoshikage_sd.admit import act, gather, needs
 from hoshikage_sd.errors import HoshikageError, die
 from hoshikage_sd.manifest import Config, Files, Model
-from hoshikage_sd.model_unit import giveway, launch
+from hoshikage_sd.model_unit import encrypted, giveway, launch, release
+from hoshikage_sd.model_unit.child import Adopted, Child, Stopped, crash_hint, exit_reason
 from hoshikage_sd.policy import admission
-from hoshikage_sd.policy.kept import Kept, to_release
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.sd import daemon
-from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Identity, Progress, Staged, Store, log_staged
 from hoshikage_sd.stats import StatsFile
 
@@ -42,64 +40,6 @@ PROGRESS_EVERY = 5.0
 #: seconds after the stop's SIGTERM by which a copy alongside that is to be kept must be
 #: done: the unit's TimeoutStopSec= (30 s) less room for the release after it
 FINISH_COPY_BY = 24.0
-
-
-def exit_reason(code: int | None) -> str:
-    """llama-server's exit as a person reads it: a signal by name, and why SIGILL happens."""
-    if code is None or code >= 0:
-        return f"llama-server exited with status {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    if -code == signal.SIGILL:
-        return (f"llama-server died of {name}: its build uses CPU instructions this machine "
-                "lacks (e.g. AVX-512 or AVX-VNNI)")
-    return f"llama-server was killed by {name}"
-
-
-class Stopped(Exception):
-    """SIGTERM arrived before llama-server was running."""
-
-
-@dataclass(frozen=True)
-class Adopted:
-    """llama-server as hoshikage-launch started it: its PID, when (CLOCK_MONOTONIC), and
-    when its /health first said 200 if the launcher saw that."""
-
-    pid: int
-    spawned: float
-    healthy: float | None = None
-
-
-class Child:
-    """llama-server, by PID: one this process spawned, or one the launcher spawned before it
-    exec'ed into this (an adopted child is still our child; subprocess cannot take it)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 class Activator:
@@ -272,26 +212,12 @@ class Activator:
     def copy_is_kept(self) -> bool:
         """Will the release keep this model's copy (a stop by hand or by count, memory
         plentiful)? Then a copy under way is worth finishing."""
-        from hoshikage_sd.model_unit import release
-
         reason = self.runtime.stop_reason(self.model.name) or "manual stop"
         return release.keeps_copy(self.config, self.runtime, self.model.name, reason,
                                   release.others_up(self.model.name))
 
     def make_room(self, size: int) -> None:
-        """Kept copies of stopped models (model_unit/release.py) go first, lowest rank
-        first, when the RAM disk or the memory lacks `size` bytes (policy/kept.py)."""
-        names = self.runtime.names("kept")
-        if not names:
-            return  # the usual case: no stats to read, nothing to free
-        ranks = StatsFile(self.config.state_dir).ranks(w=self.config.weights)
-        copies = [Kept(n, self.store.held_bytes(n), ranks.get(n, 0.0)) for n in names]
-        for name in to_release(copies, self.store.free_bytes(), host.memory()[0], size):
-            freed = self.store.remove(name)
-            self.runtime.clear("kept", name)
-            log.event("released", name, f"released {name}'s kept copy: room for "
-                      f"{self.model.name}; freed {fmt.size(freed)} of RAM disk",
-                      reason=f"room for {self.model.name}", bytes_freed=freed)
+        release.make_room(self.config, self.runtime, self.store, self.model.name, size)
 
     def spawn(self, staged: Files) -> Child:
         with contextlib.suppress(FileNotFoundError):
@@ -307,16 +233,13 @@ class Activator:
         return self.child
 
     def rpc_devices(self) -> list[str]:
-        """llama-server's --device list when a worker of the model selects devices (its
-        `devices:`), from the device counts the workers gave admission; else []."""
+        """llama-server's --device list when a worker of the model selects devices."""
         if not self.model.rpc:
             return []
-        from hoshikage_sd.rpc import placement, workers
+        from hoshikage_sd.rpc import placement
 
-        counts = {s.worker: s.devices
-                  for s in workers.remembered(self.config.runtime_dir, self.model.name)}
         try:
-            return placement.for_model(self.config, self.model, counts)
+            return placement.for_unit(self.config, self.model)
         except placement.UnknownDevice as err:
             die(f"cannot load '{self.model.name}': {err}")
 
@@ -336,48 +259,21 @@ class Activator:
             self.heartbeat(f"loading {self.model.name}")
             time.sleep(protocol.POLL)
 
-    def crash_hint(self, code: int | None) -> str:
-        if code == -signal.SIGILL:
-            return (f"use a llama-server built for this CPU ('llama_server:' in the manifest; "
-                    f"{self.config.llama_server} is the one configured)")
-        return f"journalctl -u {systemd.shell_unit(self.model.name)}"
-
     @functools.cached_property
     def encrypted(self) -> bool:
         """Is a file of the model age-encrypted (or named so: *.age)?"""
         return any(encryption.named_or_encrypted(p) for p in self.source.paths)
 
     def check_encrypted(self) -> None:
-        """An encrypted model's load can succeed: its key opens it and swap cannot take its
-        plaintext to a disk. Checked before admission, so that nothing is evicted for a
-        load that would fail (a chunk damaged further in shows while it decrypts)."""
-        name = self.model.name
-        risk = encryption.swap_risk(
-            ramdisk_options=encryption.mount_options(self.config.ramdisk))
-        if risk and not self.config.allow_plaintext_swap:
-            die(f"model '{name}' is encrypted and swap on {risk} is not: its plaintext on "
-                "the RAM disk could be swapped out to a disk",
-                hint="encrypt the swap (or use zram), mount the RAM disk with noswap, or set "
-                     "'allow_plaintext_swap: true' in the manifest (README \"Encrypted models\")")
-        for path in self.source.paths:
-            if encryption.named_or_encrypted(path):
-                try:
-                    encryption.check_readable(path)
-                except HoshikageError as err:
-                    die(f"model '{name}': {err.message}", hint=err.hint)
+        """Checked before admission, so that nothing is evicted for a load that would fail
+        (encrypted.check)."""
+        encrypted.check(self.config, self.model.name, self.source.paths)
 
     def verify_encrypted(self) -> None:
-        """Authenticate every chunk of the model's encrypted files before models are
-        stopped for it: the check before admission reads only the first and last chunks,
-        and a load that fails on a chunk further in must not have evicted anyone."""
-        name = self.model.name
-        for path in self.source.paths:
-            if encryption.named_or_encrypted(path):
-                self.heartbeat(f"verifying {name} before stopping others for it", force=True)
-                try:
-                    encryption.verify(path, encryption.plaintext_size(path))
-                except HoshikageError as err:
-                    die(f"model '{name}': {err.message}", hint=err.hint)
+        """Before models are stopped for it (encrypted.verify)."""
+        self.heartbeat(f"verifying {self.model.name} before stopping others for it",
+                       force=True)
+        encrypted.verify(self.model.name, self.source.paths)
 
     def admit(self) -> None:
         """Make room before staging: evict idle models, wait for busy ones, or refuse. Kept
@@ -451,7 +347,7 @@ class Activator:
             if self.copy_later or not self.staged() or \
                     self.store.matches_source(name, self.source):
                 die(f"{exit_reason(code)} while loading '{name}' ({self.source.main})",
-                    hint=self.crash_hint(code))
+                    hint=crash_hint(self.config, self.model.name, code))
             log.event("restaged", name, f"staged copy of {name} does not match "
                       f"{self.source.main}; copying it again", level=logging.WARNING,
                       exit_status=code)
@@ -466,7 +362,7 @@ class Activator:
                 if self.stopping:
                     raise Stopped
                 die(f"{exit_reason(child.returncode)} while loading '{name}' even after a "
-                    "fresh copy", hint=self.crash_hint(child.returncode))
+                    "fresh copy", hint=crash_hint(self.config, self.model.name, child.returncode))
         load = (healthy_at or time.monotonic()) - load_start
         how = ("copied" if staged.copied else
                "from the source, copying alongside" if self.copy_later else "reused")

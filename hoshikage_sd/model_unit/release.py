@@ -21,6 +21,7 @@ from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.host import memory
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.model_unit import giveway
+from hoshikage_sd.policy.kept import Kept, to_release
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units as systemd
 from hoshikage_sd.staging import Store, log_staged
@@ -190,3 +191,19 @@ def main(config: Config, name: str) -> int:
               exit_code=code, exit_status=status,
               load_seconds=f"{launched[1]:.3f}" if launched else None)
     return 0
+
+
+def make_room(config: Config, runtime: Runtime, store: Store, name: str, size: int) -> None:
+    """For model `name`'s start: kept copies of stopped models go first, lowest rank first,
+    when the RAM disk or the memory lacks `size` bytes (policy/kept.py)."""
+    kept = runtime.names("kept")
+    if not kept:
+        return  # the usual case: no stats to read, nothing to free
+    ranks = StatsFile(config.state_dir).ranks(w=config.weights)
+    copies = [Kept(n, store.held_bytes(n), ranks.get(n, 0.0)) for n in kept]
+    for gone in to_release(copies, store.free_bytes(), memory()[0], size):
+        freed = store.remove(gone)
+        runtime.clear("kept", gone)
+        log.event("released", gone, f"released {gone}'s kept copy: room for {name}; freed "
+                  f"{fmt.size(freed)} of RAM disk", reason=f"room for {name}",
+                  bytes_freed=freed)

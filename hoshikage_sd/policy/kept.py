@@ -3,7 +3,7 @@
 A model stopped by hand or by count while memory was plentiful keeps its staged copy
 (model_unit/release.py), so that swapping back is a load from RAM. Such a copy is the first
 thing a start takes room from, before admission stops any model that runs
-(model_unit/activate.py make_room gathers these values and deletes what this names).
+(model_unit/release.py make_room gathers these values and deletes what this names).
 """
 
 from __future__ import annotations
