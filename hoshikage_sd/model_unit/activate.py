@@ -236,10 +236,10 @@ class Activator:
         """llama-server's --device list when a worker of the model selects devices."""
         if not self.model.rpc:
             return []
-        from hoshikage_sd.rpc import placement
+        from hoshikage_sd.rpc import placement, workers
 
         try:
-            return placement.for_unit(self.config, self.model)
+            return workers.devices_recorded(self.config, self.model)
         except placement.UnknownDevice as err:
             die(f"cannot load '{self.model.name}': {err}")
 

@@ -99,15 +99,6 @@ def for_model(config: Config, model: Model, counts: Mapping[str, int]) -> list[s
                        local_devices(config, model))
 
 
-def for_unit(config: Config, model: Model) -> list[str]:
-    """for_model with the device counts the workers gave this model's admission (its
-    runtime record)."""
-    from hoshikage_sd.rpc import workers
-
-    counts = {s.worker: s.devices for s in workers.remembered(config.runtime_dir, model.name)}
-    return for_model(config, model, counts)
-
-
 def rpc_devices(workers: Sequence[Worker], answers: Sequence[Answer]) -> list[Device]:
     """The workers' devices the model uses, as llama-server lists them with --rpc (`RPC<n>`,
     the worker's address, its memory as the worker said)."""

@@ -231,6 +231,15 @@ def remembered(runtime_dir: Path, name: str) -> list[Share]:
         return []
 
 
+def devices_recorded(config: Config, model: Model) -> list[str]:
+    """placement.for_model with the device counts the workers gave this model's admission
+    (its record); UnknownDevice as there."""
+    from hoshikage_sd.rpc import placement
+
+    counts = {s.worker: s.devices for s in remembered(config.runtime_dir, model.name)}
+    return placement.for_model(config, model, counts)
+
+
 def status(config: Config, loaded: Iterable[str]) -> list[dict[str, Any]]:
     """Each worker of the manifest: its address, the models split over it, the loaded ones
     among them and what each holds there (admission's share, without the margin's part)."""
