@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import giveway, release
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.staging import Store
+from tests.unit.conftest import one_model
 
 
 def test_loading_is_admitted_not_serving_not_stopping_and_not_itself(tmp_path: Path) -> None:
@@ -69,11 +69,8 @@ def test_the_wait_is_bounded_and_ended_by_give_up(tmp_path: Path,
 def test_a_copy_to_keep_at_the_stop_waits_for_the_load_that_replaced_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(giveway, "POLL", 0.01)
-    source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + bytes(4096))
-    (tmp_path / "ram").mkdir()
-    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
-                    ramdisk=tmp_path / "ram", models={"m": Model("m", source)})
+    config = one_model(tmp_path)
+    source = config.models["m"].path
     runtime = Runtime(config.runtime_dir)
     runtime.set_admitted("b", 1)  # b loads; m was stopped for it
     copied_at: list[float] = []

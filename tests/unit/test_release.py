@@ -11,6 +11,7 @@ from hoshikage_sd import metrics, protocol
 from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.model_unit import release
 from hoshikage_sd.stats import StatsFile
+from tests.unit.conftest import one_model
 
 
 def test_a_load_stopped_before_the_hand_over_is_counted_by_the_release(tmp_path: Path) -> None:
@@ -35,12 +36,8 @@ def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_at_the_stop
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.staging import Store
 
-    source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + bytes(4096))
-    (tmp_path / "ram").mkdir()
-    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
-                    ramdisk=tmp_path / "ram", state_dir=tmp_path / "state",
-                    models={"m": Model("m", source, stage=stage)})
+    config = one_model(tmp_path, stage=stage)
+    source = config.models["m"].path
     runtime = Runtime(config.runtime_dir)
     runtime.set_stop_reason("m", "evicted for b")
     runtime.set_keep_copy("m")
@@ -67,11 +64,7 @@ def test_a_copy_at_the_stop_that_takes_too_long_leaves_nothing(
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.staging import Store
 
-    source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + bytes(4096))
-    (tmp_path / "ram").mkdir()
-    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
-                    ramdisk=tmp_path / "ram", models={"m": Model("m", source)})
+    config = one_model(tmp_path)
     monkeypatch.setattr(release, "COPY_BY", -1.0)  # past its time at the first progress
     assert release.copy_to_keep(config, Runtime(config.runtime_dir), Store(config.ramdisk),
                                 "m") is False
@@ -83,11 +76,7 @@ def test_a_copy_at_the_stop_is_given_up_for_a_request_that_waits_for_the_stop(
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.staging import Store
 
-    source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + bytes(4096))
-    (tmp_path / "ram").mkdir()
-    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
-                    ramdisk=tmp_path / "ram", models={"m": Model("m", source)})
+    config = one_model(tmp_path)
     runtime = Runtime(config.runtime_dir)
     runtime.set_wanted("m")
     assert release.copy_to_keep(config, runtime, Store(config.ramdisk), "m") is False
@@ -114,12 +103,7 @@ def test_a_copy_made_at_the_stop_is_not_kept_once_the_others_went_down(
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.staging import Store
 
-    source = tmp_path / "m.gguf"
-    source.write_bytes(b"GGUF" + bytes(4096))
-    (tmp_path / "ram").mkdir()
-    config = Config(source=tmp_path / "models.yaml", runtime_dir=tmp_path / "run",
-                    ramdisk=tmp_path / "ram", state_dir=tmp_path / "state",
-                    models={"m": Model("m", source)})
+    config = one_model(tmp_path)
     runtime = Runtime(config.runtime_dir)
     runtime.set_stop_reason("m", "evicted for b")
     runtime.set_keep_copy("m")
