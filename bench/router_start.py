@@ -8,13 +8,11 @@ send one chat completion over loopback and read systemd's own CLOCK_MONOTONIC ti
 
   request -> router spawned        hoshikage.service's InactiveExitTimestamp
   router spawned -> unit starting  hoshikage-model@tiny.service's InactiveExitTimestamp
-                                   (the head start's: hoshikage-front's, or before the
-                                   router's imports, headstart/take.py's)
+                                   (first_request's head start: before the router's imports)
   request -> unit starting         the sum: the issue's "from zero processes" figure
   router spawned -> head start begins
-                                   the sandbox, then hoshikage-front's first instruction, or
-                                   the interpreter and the imports before take_early (the
-                                   journal entry's HOSHIKAGE_HEAD_START_USEC)
+                                   the interpreter and the imports before
+                                   first_request.take_early (its journal entry)
   router spawned -> its READY=1    the router's imports and set-up
   request -> response              the whole cold request (tiny model: mostly not the load)
 
@@ -71,7 +69,7 @@ def zero(hk: Deployment) -> None:
 
 
 def head_start(hk: Deployment, since: float) -> float | None:
-    """When this router's early head start began (hoshikage-front or take_early, logged with
+    """When this router's early head start began (first_request.take_early, logged with
     HOSHIKAGE_HEAD_START_USEC), and how it went, printed; None without one."""
     for entry in reversed(hk.container.journal("-u", ROUTER, "-n", "30")):
         usec = entry.get("HOSHIKAGE_HEAD_START_USEC")

@@ -25,9 +25,7 @@ that (hoshikage-reload.path, then `hoshikage reload`), so its parse is kept whol
 
 The file lives in the runtime directory every unit shares (protocol.runtime_dir): a broken
 manifest cannot say where its own runtime_dir is. It is trusted only from this user or root:
-it decides which program a unit runs. Beside it, front.index: the same head-start part (with
-the file identities and the source) in the lines hoshikage-front reads (front_lines), written
-with it, from the same value. Reading takes os, json and fileid only (the head
+it decides which program a unit runs. Reading takes os, json and fileid only (the head
 start's budget, tests/unit/test_launch.py); the rest is imported where used.
 """
 
@@ -50,9 +48,6 @@ if TYPE_CHECKING:
     Section = Callable[[Config], dict[str, Any]]
 
 NAME = "manifest.json"
-#: the head-start part as router/headstart/front.c reads it
-FRONT = "front.index"
-FRONT_MAGIC = b"hoshikage-front 1"
 VERSION = 2
 #: seconds: a file changed this close to the parse's start may have changed during it
 RACY = 0.02
@@ -213,61 +208,6 @@ def refresh(config: Config, section: Section) -> None:
     _write({**value, "headstart": part})
 
 
-def front_lines(value: dict[str, Any]) -> bytes | None:
-    """The head-start part of `value` as hoshikage-front (router/headstart/front.c) reads it:
-    one "KEY VALUE" line each (a model's lines after its "model" line; its ticket's fields
-    after the expiry, as protocol.write_ticket joins them, as "ticket LENGTH", the bytes and a
-    newline), and each name's and alias's str.lower(), which the front compares an ASCII
-    name with. None when there is nothing to read (no current part) or a text holds a line
-    end or a NUL: the front then hands every request over."""
-    index, files = value.get("headstart"), value.get("files")
-    if not isinstance(index, dict) or not files:
-        return None
-    enc = protocol._encode
-    try:
-        lines = [FRONT_MAGIC, b"manifest " + enc(value["source"])]
-        for where, known in files.items():
-            lines.append(b"file " + (b"- " if known is None
-                                     else " ".join(map(str, known)).encode() + b" ") + enc(where))
-        max_body = index.get("max_body")
-        lines += [b"api_keys %d" % bool(index["api_keys"]),
-                  b"max_body %d" % (max_body if isinstance(max_body, int) else -1),
-                  b"default " + (index["default"] or "").encode(),
-                  b"runtime " + enc(index["runtime"])]
-        lines += [f"route {','.join(methods)} {route}".encode()
-                  for route, methods in index["routes"].items()]
-        lines += [b"prefix " + p.encode() for p in index["prefixes"]]
-        lines += [b"named " + p.encode() for p in index["named"]]
-        tickets = []
-        for model, (own, aliases, tags) in zip(index["models"], index["names"], strict=True):
-            lines.append(b"model %d " % bool(model["keyed"]) + own.encode())
-            lines += [b"alias " + a.encode() for a in aliases]
-            lines += [b"tag " + t.encode() for t in tags]
-            lines += [b"lower " + n.lower().encode() for n in (own, *aliases)]
-            launch = model.get("launch")
-            if launch and type(launch.get("needed")) is int:
-                lines.append(b"launch %d %d %d %d" % (launch["estimate"], launch["needed"],
-                                                      *launch["file"]))
-                lines += [b"source " + enc(launch["source"]), b"staged " + enc(launch["staged"])]
-                ticket = b"\0".join([enc(model["socket"]), model["health"].encode(),
-                                     *(enc(f"{k}={v}") for k, v in launch["env"].items()), b"",
-                                     *map(enc, launch["argv"])])
-                tickets.append(ticket)
-                lines.append(b"ticket %d" % len(ticket))
-        if any(b"\n" in line or b"\0" in line for line in lines):
-            return None
-    except (UnicodeError, KeyError, TypeError, ValueError):
-        return None
-    # each ticket's bytes follow its "ticket" line
-    out, at = [], 0
-    for line in lines:
-        out.append(line + b"\n")
-        if line.startswith(b"ticket "):
-            out.append(tickets[at] + b"\n")
-            at += 1
-    return b"".join(out) + b"end\n"
-
-
 def _write(value: dict[str, Any]) -> bool:
     import json
     import logging
@@ -279,13 +219,8 @@ def _write(value: dict[str, Any]) -> bool:
     data = json.dumps(value, separators=(",", ":")).encode()
     if _on_disk.get(where) == data:
         return True
-    front = front_lines(value)
     try:
         write_atomic(Path(where), data, mode=0o640)
-        if front is not None:
-            write_atomic(Path(where).with_name(FRONT), front, mode=0o640)
-        else:
-            Path(where).with_name(FRONT).unlink(missing_ok=True)
     except OSError as exc:
         logging.getLogger("hoshikage").warning("cannot keep the last good manifest in %s: %s",
                                                where, exc.strerror)

@@ -42,8 +42,6 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
     assert os.access(launcher, os.X_OK), f"{launcher} is missing: run tools/bootstrap.sh"
     router = hoshikage_bin().with_name("hoshikage-router")
     assert os.access(router, os.X_OK), f"{router} is missing: run tools/bootstrap.sh"
-    front = hoshikage_bin().with_name("hoshikage-front")
-    assert os.access(front, os.X_OK), f"{front} is missing: run tools/bootstrap.sh"
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True, exist_ok=True)
     for unit in sorted((REPO_ROOT / "units").iterdir()):

@@ -10,8 +10,7 @@
 #      stamp .venv/.stamp matches pyproject.toml and this script)
 #   4. .venv/bin/hoshikage-launch, next to .venv/bin/hoshikage: compiled from hoshikage_sd/model_unit/launch.c,
 #      or a stub running hoshikage_sd/model_unit/launch.py where there is no C compiler
-#      (the model unit's ExecStart; tools/install writes the same stub into its bin/);
-#      .venv/bin/hoshikage-front, hoshikage.service's first process, from router/headstart/front.c
+#      (the model unit's ExecStart; tools/install writes the same stub into its bin/)
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -36,7 +35,6 @@ APT_PACKAGES=(
   debootstrap         # clean bookworm roots for package-install tests
   gcc                 # the compiled launcher (hoshikage_sd/model_unit/launch.c); tests build both forms
   libc6-dev
-  libsystemd-dev      # hoshikage-front (hoshikage_sd/router/headstart/front.c) is built on sd-bus
   dbus                # the units run as user hoshikage: it reaches PID 1 over the system bus
   polkitd             # ... where polkit/hoshikage.rules lets it start and stop model units
   # lavapipe, Mesa's software Vulkan device (2048 MiB, in host memory): the tests' GPU for
@@ -124,8 +122,5 @@ print(install_launcher(*sys.argv[1:]))' .venv/bin/hoshikage-launch .)"
 # The router's entry: the venv's Python without site until the head start is done.
 say "router: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_router
 print(install_router(*sys.argv[1:]))' "$PWD/.venv/bin/hoshikage-router")"
-# hoshikage.service's first process: the head start compiled (router/headstart/front.c).
-say "front: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_front
-print(install_front(*sys.argv[1:]))' "$PWD/.venv/bin/hoshikage-front")"
 .venv/bin/python -m compileall -q hoshikage_sd
 say "ready"

@@ -2,8 +2,7 @@
 there is a C compiler (sooner per cold start than Python's interpreter start:
 docs/performance.md), else a Python stub that imports model_unit/launch.py (whose bytecode
 Python caches; it would compile a script on every run). And hoshikage-router, the router's
-entry, which starts Python without site, and hoshikage-front, the compiled head start before
-it (router/headstart/front.c). The package build, tools/bootstrap.sh, tools/install
+entry, which starts Python without site. The package build, tools/bootstrap.sh, tools/install
 and tests call this.
 """
 
@@ -62,33 +61,18 @@ def write_stub(path: str, site: str) -> None:
     os.chmod(path, 0o755)
 
 
-#: the flags both C programs are built with here (the package adds dpkg's hardening flags)
-CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-fstack-protector-strong",
-          "-D_FORTIFY_SOURCE=2"]
-FRONT_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "router", "headstart", "front.c")
-#: hoshikage-front where it cannot be compiled: the router itself, as the unit's command
-#: line names it (the head start in Python then takes the connection, router/headstart)
-FRONT_STUB = """#!/bin/sh
-# hoshikage-front, written by hoshikage's installer where front.c could not be built: the
-# router runs as it would without a front (its Python head start takes the connection).
-exec "$@"
-"""
-
-
-def build_native(path: str, source: str | None = None, libs: tuple[str, ...] = ()
-                 ) -> str | None:
+def build_native(path: str) -> str | None:
     """Compile launch.c (the same launcher without an interpreter to start: less per
-    cold start), or `source` linked with `libs`, to `path`, atomically; None when done,
-    else why it could not be."""
-    source = source or os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.c")
+    cold start) to `path`, atomically; None when done, else why it could not be."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.c")
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return "no C compiler (cc)"
     if not os.path.exists(source):
         return f"{source} is missing"
     temporary = f"{path}.tmp-{os.getpid()}"
-    result = proc.run([compiler, *CFLAGS, "-o", temporary, source, *libs], check=False)
+    result = proc.run([compiler, "-O2", "-Wall", "-Wextra", "-o", temporary, source],
+                      check=False)
     if result.returncode != 0:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
@@ -107,14 +91,3 @@ def install_launcher(path: str, site: str) -> str:
     return f"{path}: Python stub ({why}; the compiled launcher starts sooner)"
 
 
-
-
-def install_front(path: str) -> str:
-    """hoshikage-front at `path`: front.c compiled (with libsystemd's sd-bus), else the stub
-    that runs the router as it is. Says which, for the installer to print."""
-    why = build_native(path, FRONT_SOURCE, ("-lsystemd",))
-    if why is None:
-        return f"{path}: compiled from front.c"
-    write_atomic(Path(path), FRONT_STUB.encode())
-    os.chmod(path, 0o755)
-    return f"{path}: shell stub ({why}; the compiled front starts the model's unit sooner)"

@@ -113,11 +113,6 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, tiny_models: Path,
     assert "llama-server" in commands, running
     assert "path=/usr/libexec/hoshikage/hoshikage-launch " in c.systemctl(
         "show", "-p", "ExecStart", UNIT)
-    # hoshikage.service's first process is the compiled front (router/headstart/front.c)
-    assert "path=/usr/libexec/hoshikage/hoshikage-front " in c.systemctl(
-        "show", "-p", "ExecStart", "hoshikage.service")
-    notes = [str(e.get("MESSAGE")) for e in c.journal("-u", "hoshikage.service")]
-    assert any("hoshikage-front" in n for n in notes), notes
     assert {user for user, _ in running.values()} == {"hoshikage"}, running
     for path in ("/mnt/hoshikage", "/run/hoshikage", "/var/lib/hoshikage"):
         owner = c.exec("stat", "-c", "%U:%G", path).stdout.strip()

@@ -32,8 +32,7 @@ def sections(unit: Path) -> configparser.RawConfigParser:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root with the host's targets and slices, our units, and executable hoshikage (in
-    /usr/bin), hoshikage-launch, hoshikage-front and hoshikage-router (in
-    /usr/libexec/hoshikage)."""
+    /usr/bin), hoshikage-launch and hoshikage-router (in /usr/libexec/hoshikage)."""
     root = tmp_path_factory.mktemp("root")
     lib = root / "usr/lib/systemd/system"
     lib.mkdir(parents=True)
@@ -45,7 +44,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy("/bin/true", root / "usr/bin/hoshikage")
     shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-launch")
     shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-router")
-    shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-front")
     shutil.copy("/bin/true", root / "usr/bin/systemctl")  # hoshikage-preload.service's
     # the RPC worker's units run systemd's proxy and /bin/sh
     (root / "bin").mkdir()

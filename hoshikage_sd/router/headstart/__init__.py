@@ -5,13 +5,6 @@ From zero processes, systemd starts the router for the connection waiting on
 hoshikage.socket. Before the router can read requests, its imports take a while; the head
 start uses that time. One module per step, in the order a cold request meets them:
 
-- front.c: hoshikage.service's first process, compiled: the same head start without an
-  interpreter to start (accept, peek, look the name up in the index's lines, admit, ticket,
-  StartUnit over sd-bus), then an exec of the router with the connection
-  (HOSHIKAGE_FRONT). It decides only what it decides as take.py would and hands the rest
-  over untouched; take.py's own accept and peek are then the fallback, for what the front
-  handed over and for installs without a compiler or libsystemd-dev (tools/install writes a
-  stub that runs the router as it is);
 - take: the two steps, take_early() (first thing in `hoshikage router`) and take() (once
   the manifest is parsed), and FirstRequest, what they hand the router;
 - request: the waiting connection, its request peeked at, the model names it asks for;

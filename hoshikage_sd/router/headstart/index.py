@@ -42,7 +42,6 @@ def build(config: Config) -> dict[str, Any]:
     from hoshikage_sd.admit import gather, needs
     from hoshikage_sd.manifest import Files
     from hoshikage_sd.policy import admission
-    from hoshikage_sd.router import routes
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.sd.units import model_unit
     from hoshikage_sd.staging import Store
@@ -85,11 +84,6 @@ def build(config: Config) -> dict[str, Any]:
         "max_body": config.max_body,
         "runtime": str(config.runtime_dir),
         "names": config.name_table(),  # models[i]'s names, as naming.matches reads them
-        # routes.classify's forwarded routes, for hoshikage-front (front.c), which has no
-        # routes.py of its own: path: methods; prefixes (POST); named only (with ?model=)
-        "routes": {path: sorted(methods) for path, methods in routes.MODEL_ROUTES.items()},
-        "prefixes": list(routes.MODEL_PREFIXES),
-        "named": sorted(routes.NAMED_ONLY),
         "models": [{"name": m.name, "socket": str(config.socket_path(m.name)), "health": m.health,
                     "unit": model_unit(m.name), "launch": launch(m),
                     # its own llama-server key: checked by the router before a start

@@ -60,48 +60,10 @@ class FirstRequest:
         self.admitted: tuple[int, int] | None = None
 
     def accept(self) -> None:
-        """Take the pending connection (if any) and peek at its request: from hoshikage-front
-        when it ran first (what it did is in HOSHIKAGE_FRONT: front()), else from the
-        listening socket."""
+        """Take the pending connection (if any) and peek at its request."""
         self.raw_sockets = [_socket.socket(fileno=fd) for fd in daemon.listen_fds()]
-        said = front(os.environ.pop("HOSHIKAGE_FRONT", None))
-        if said is not None:
-            self.from_front(said)
-            if self.raw_connection is None and "conn" in said:
-                return  # it took no request: nothing waits on the socket for this one
-        if self.decided:
-            return
-        if self.raw_connection is not None:
-            self.request = request.peek(self.raw_connection)
-        elif self.raw_sockets:
+        if self.raw_sockets:
             self.raw_connection, self.request = request.accept(self.raw_sockets[0])
-
-    def from_front(self, said: dict[str, str]) -> None:
-        """What hoshikage-front did: the connection it took, and the unit it started (then
-        the head start is done) or why it handed the request over."""
-        try:
-            fd = int(said["conn"]) if "conn" in said else None
-            if fd is not None:
-                os.set_inheritable(fd, False)
-                self.raw_connection = _socket.socket(fileno=fd)
-            self.began = int(said["began"]) / 1e6
-            if "started" in said:
-                at = [int(said[k]) / 1e6 for k in ("read", "bus", "listed", "ticket", "done")]
-                self.started = said["started"]
-                self.admitted = (int(said["estimate"]), int(said["available"]))
-                self.decided = True
-                ms = [f"{(b - a) * 1e3:.1f} ms"
-                      for a, b in zip([self.began, *at], at, strict=False)]
-                self.notes.append(
-                    f"started {self.started} for the request that woke the router, in "
-                    f"hoshikage-front ({ms[0]} to read the request and the index, {ms[1]} to "
-                    f"connect to the bus, {ms[2]} to list the model units, {ms[3]} to admit it "
-                    f"and leave its ticket, {ms[4]} to start the unit)")
-            else:
-                self.notes.append(f"hoshikage-front handed the request over: "
-                                  f"{said.get('handed', '?')}")
-        except (KeyError, ValueError, OSError) as exc:
-            self.notes.append(f"hoshikage-front said what this router cannot read: {exc!r}")
 
     def as_sockets(self) -> None:
         """take_early's raw sockets as the socket module's, for the router's HTTP front."""
@@ -112,13 +74,6 @@ class FirstRequest:
         if self.raw_connection is not None and self.raw_connection.fileno() >= 0:
             self.connection = socket.socket(fileno=self.raw_connection.detach())
         self.raw_sockets, self.raw_connection = [], None
-
-
-def front(text: str | None) -> dict[str, str] | None:
-    """HOSHIKAGE_FRONT's "KEY=VALUE ..." (front.c's front()), or None when it is not set."""
-    if text is None:
-        return None
-    return dict(item.partition("=")[::2] for item in text.split())
 
 
 def take_early() -> FirstRequest:
