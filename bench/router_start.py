@@ -26,8 +26,14 @@ hoshikage_sd is copied into the container with its own hoshikage-router, and a d
 switches hoshikage.service between the two. Only the router is REV's; the model unit runs
 the working tree's code.
 
+--dropin NAME=FILE (repeatable) alternates the shipped hoshikage.service with the unit plus
+FILE as a drop-in (hoshikage.service.d/zz-variant.conf), each NAME a variant, the order
+rotating every run: what a sandbox option costs at activation. Each variant's
+`systemd-analyze security` exposure is printed beside its times, and the medians of the
+paired differences (the variant's run minus the shipped run of the same round).
+
   sudo PYTHONPATH=. .venv/bin/python bench/router_start.py [--runs 10] [--against REV]
-      [--json FILE]
+      [--dropin NAME=FILE ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -122,15 +128,26 @@ def other_router(hk: Deployment, rev: str) -> Path:
     return inside / "hoshikage-router"
 
 
-def use(hk: Deployment, router: Path | None) -> None:
-    """hoshikage.service runs `router` (None: the working tree's)."""
-    dropin = hk.container.root / "etc/systemd/system/hoshikage.service.d/against.conf"
-    if router is None:
-        dropin.unlink(missing_ok=True)
-    else:
-        dropin.parent.mkdir(parents=True, exist_ok=True)
-        dropin.write_text(f"[Service]\nExecStart=\nExecStart={router}\n")
+def use(hk: Deployment, router: Path | None, variant: str | None = None) -> None:
+    """hoshikage.service runs `router` (None: the working tree's), with `variant` as a
+    drop-in (None: none)."""
+    d = hk.container.root / "etc/systemd/system/hoshikage.service.d"
+    for name, text in (("against.conf", router and f"[Service]\nExecStart=\nExecStart={router}\n"),
+                       ("zz-variant.conf", variant)):
+        if text is None:
+            (d / name).unlink(missing_ok=True)
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
     hk.container.systemctl("daemon-reload")
+
+
+def exposure(hk: Deployment) -> str:
+    """`systemd-analyze security hoshikage.service`'s overall line, as the unit is now."""
+    out = hk.container.exec("systemd-analyze", "security", "--no-pager", ROUTER,
+                            check=False).stdout
+    return next((line.split(":", 1)[1].strip() for line in reversed(out.splitlines())
+                 if "Overall exposure" in line), "?")
 
 
 def report(title: str, runs: list[dict[str, float]]) -> None:
@@ -147,8 +164,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--against", metavar="REV",
                     help="alternate with the router of this git revision")
+    ap.add_argument("--dropin", metavar="NAME=FILE", action="append", default=[],
+                    help="alternate the shipped unit with it plus FILE as a drop-in")
     ap.add_argument("--json")
     args = ap.parse_args()
+    variants = {name: Path(file).read_text() for name, _, file in
+                (d.partition("=") for d in args.dropin)}
+    if args.against and variants:
+        raise SystemExit("--against and --dropin: one at a time")
     against = None
     if args.against:
         against = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short",
@@ -171,16 +194,24 @@ def main() -> None:
             routers: dict[str, Path | None] = {"this": None}
             if against:
                 routers[against] = other_router(hk, against)
+            for name in variants:
+                routers[name] = None
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in routers}
+            exposures: dict[str, str] = {}
             for i in range(args.runs):
-                order = list(routers) if i % 2 == 0 else list(reversed(routers))
+                order = list(routers)
+                order = order[i % len(order):] + order[:i % len(order)]
+                if i % 2:
+                    order.reverse()
                 for name in order:
-                    if against:
-                        use(hk, routers[name])
-                    if i == 0 or against:
+                    if against or variants:
+                        use(hk, routers[name], variants.get(name))
+                    if variants and name not in exposures:
+                        exposures[name] = exposure(hk)
+                    if i == 0 or against or variants:
                         one(hk)  # warm-up: page cache, the journal, its bytecode
                     runs[name].append(one(hk))
-                    print(f"run {i + 1}{f' ({name})' if against else ''}: "
+                    print(f"run {i + 1}{f' ({name})' if against or variants else ''}: "
                           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in runs[name][-1].items()),
                           flush=True)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -197,10 +228,34 @@ def main() -> None:
             b = [r[key] * 1e3 for r in runs[against] if key in r]
             if a and b:
                 print(f"  {key:38} {statistics.median(a) - statistics.median(b):+7.1f}")
+    if variants:
+        keys = ("request -> unit starting", "router spawned -> head start begins")
+        print(f"\nshipped unit: exposure {exposures['this']}")
+        for key in keys:
+            values = [r[key] * 1e3 for r in runs["this"] if key in r]
+            if values:
+                print(f"  {key:38} {statistics.median(values):7.1f}  "
+                      f"[{min(values):.1f}-{max(values):.1f}]")
+        print("\neach variant: median of (variant - shipped) of the same run "
+              "[min-max], its own median, its exposure")
+        for name in variants:
+            print(f"{name}: exposure {exposures[name]}")
+            for key in keys:
+                diffs = [(v[key] - t[key]) * 1e3
+                         for v, t in zip(runs[name], runs["this"], strict=True)
+                         if key in v and key in t]
+                own = [r[key] * 1e3 for r in runs[name] if key in r]
+                if diffs:
+                    print(f"  {key:38} {statistics.median(diffs):+7.1f}  "
+                          f"[{min(diffs):+.1f} to {max(diffs):+.1f}]  "
+                          f"(own {statistics.median(own):.1f})")
     if args.json:
         Path(args.json).write_text(json.dumps({"commit": here, "runs": runs["this"],
                                                **({"against": {against: runs[against]}}
-                                                  if against else {})}, indent=1))
+                                                  if against else {}),
+                                               **({"variants": {n: runs[n] for n in variants},
+                                                   "exposure": exposures}
+                                                  if variants else {})}, indent=1))
     shutil.rmtree(Path(tmp), ignore_errors=True)
 
 
