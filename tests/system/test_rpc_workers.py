@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 from testbed import REPO_ROOT
 from testbed.container import Container, unavailable_reason
 from testbed.deploy import MODELS_IN_CONTAINER, hoshikage_bin, install_files, manifest
-from tests.support import in_ci, unavailable
+from tests.support import eventually, in_ci, unavailable
 from tests.system.netns import SUBNET, Lan
 
 pytestmark = pytest.mark.system
@@ -37,15 +36,6 @@ CGROUP2 = any(Path(p, "cgroup.controllers").exists()
               for p in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"))
 ASK = {"max_tokens": 8, "temperature": 0, "seed": 42,
        "messages": [{"role": "user", "content": "hello"}]}
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def chat(head: Container, model: str) -> tuple[int, Any]:
@@ -231,8 +221,9 @@ def test_a_model_split_over_two_workers(machines: Any) -> None:
         in ("inactive", "failed")
 
     # the head unloads it after its TTL (4 s); the workers stop IDLE later: no process
-    wait_for("the workers to idle to zero processes",
-             lambda: worker_processes(w2) == [] and worker_processes(w3) == [], timeout=30)
+    idle = eventually(lambda: (worker_processes(w2), worker_processes(w3)),
+                      lambda found: found == ([], []), timeout=30)
+    assert idle == ([], []), f"the workers did not idle to zero processes: {idle}"
     assert w2.exec("pgrep", "-f", "ggml-rpc-server", check=False).stdout == ""
 
 
@@ -290,7 +281,8 @@ def tasks(head: Container) -> int:
 
 
 def wait_for_task(head: Container, before: int) -> None:
-    wait_for("llama-server to take the request", lambda: tasks(head) > before)
+    taken = eventually(lambda: tasks(head), lambda n: n > before, timeout=20)
+    assert taken > before, "llama-server did not take the request"
 
 
 def test_a_worker_lost_mid_request(machines: Any) -> None:
