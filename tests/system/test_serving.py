@@ -207,6 +207,30 @@ def test_router_starts_again_and_again_without_tripping_a_limit(hk: Deployment) 
     assert hk.state("hoshikage.socket") == "active"
 
 
+def test_the_router_runs_without_any_privilege(hk: Deployment) -> None:
+    """What hoshikage.service leaves out (ProtectKernelTunables=: its unit file says why)
+    rests on this: the router runs as hoshikage with no capability in any set and
+    no_new_privs, so the kernel lets it write no tunable; and its file system is read-only
+    but for its own directories."""
+    assert hk.chat("tiny")[0] == 200
+    pid = hk.container.systemctl("show", "-P", "MainPID", "hoshikage.service").strip()
+    lines = hk.container.exec("cat", f"/proc/{pid}/status").stdout.splitlines()
+    status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    uid = hk.container.exec("id", "-u", "hoshikage").stdout.strip()
+    assert status["Uid"].split() == [uid] * 4, status["Uid"]
+    for kind in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[kind], 16) == 0, (kind, status[kind])
+    assert status["NoNewPrivs"].strip() == "1"
+    # in its mount namespace, as its user: the state directory takes a file, /etc does not
+    probe = hk.container.exec(
+        "nsenter", "-t", pid, "-m", "--", "setpriv", f"--reuid={uid}", f"--regid={uid}",
+        "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+        "sh", "-c", "touch /var/lib/hoshikage/.probe && rm /var/lib/hoshikage/.probe && "
+        "echo STATE-OK; touch /etc/hoshikage-probe /usr/hoshikage-probe", check=False)
+    assert "STATE-OK" in probe.stdout, probe.stdout + probe.stderr
+    assert probe.stderr.count("Read-only file system") == 2, probe.stderr
+
+
 def test_from_zero_a_model_started_before_is_admitted_by_the_head_start(
         hk: Deployment) -> None:
     """Once a model has started (its estimate remembered), the next router's head start
