@@ -124,6 +124,11 @@ def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | 
         raise
 
 
+#: what the router imports before READY=1 (take.import_beside_load)
+ROUTER_MODULES = ("hoshikage_sd.commands.verbs", "hoshikage_sd.router.config",
+                  "hoshikage_sd.router.server", "uvloop")
+
+
 def router_main(inserted: int = 0) -> int:
     """hoshikage-router (model_unit/install.py): `hoshikage router` started without site
     (python -IS; docs/performance.md): the head start first, then site-packages, then the rest.
@@ -136,6 +141,7 @@ def router_main(inserted: int = 0) -> int:
 
     del sys.path[:inserted]
     site.main()
+    take.import_beside_load(early, ROUTER_MODULES)
     from hoshikage_sd.commands.verbs import router
 
     # `hoshikage router` without argparse (before READY=1): the unit passes nothing

@@ -249,6 +249,12 @@ def test_from_zero_a_model_started_before_is_admitted_by_the_head_start(
     assert admission["HOSHIKAGE_VERDICT"] == "load"
     notes = [str(e.get("MESSAGE")) for e in hk.container.journal("-u", "hoshikage.service")]
     assert any("to admit it and leave its ticket" in n for n in notes), notes
+    # its imports gave way to the load (a thread at nice 10); it serves at nice 0
+    assert any("the router's imports ran at nice 10 beside the load of tiny" in n
+               for n in notes), notes
+    pid = hk.container.systemctl("show", "-P", "MainPID", "hoshikage.service").strip()
+    stat = hk.container.exec("cat", f"/proc/{pid}/stat").stdout
+    assert stat.rsplit(")", 1)[1].split()[16] == "0", stat  # field 19: nice
     # stopped by hand at once, with the same router up: the next request starts it again
     # (the head start's unit counted for the router's first start only: this was a 503)
     hk.container.systemctl("stop", UNIT)

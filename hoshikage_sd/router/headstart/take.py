@@ -26,6 +26,11 @@ from hoshikage_sd import protocol
 from hoshikage_sd.router.headstart import admit, index, request
 from hoshikage_sd.sd import daemon, units
 
+#: the nice of the thread that imports the router's modules beside a load the head start
+#: began: ~0.2 s of CPU that the load wants on a machine with few cores (docs/performance.md,
+#: "At ~2 GiB")
+BESIDE_LOAD_NICE = 10
+
 TYPE_CHECKING = False  # typing, dataclasses and logging would each cost the head start ms
 if TYPE_CHECKING:
     import socket
@@ -144,6 +149,33 @@ def take_early() -> FirstRequest:
     except Exception as exc:  # a head start must never keep the router from serving
         first.notes.append(f"no early head start: {exc!r}")
     return first
+
+
+def import_beside_load(first: FirstRequest, modules: tuple[str, ...]) -> None:
+    """Import `modules` in a thread of their own at BESIDE_LOAD_NICE, and wait for it, when
+    the head start began a load: the router's start then gives the CPU to the load, while
+    its main thread keeps its priority (Linux's nice is per thread), and so does everything
+    it runs afterwards. An import that fails there fails again where the router imports it,
+    and says so there."""
+    if not first.started:
+        return
+    import contextlib
+    import importlib
+    import threading
+
+    def run() -> None:
+        # a unit without setpriority in its filter: the imports as they always were
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, BESIDE_LOAD_NICE)
+        for module in modules:
+            with contextlib.suppress(Exception):  # the router's own import reports it
+                importlib.import_module(module)
+
+    thread = threading.Thread(target=run, name="imports")
+    thread.start()
+    thread.join()
+    first.notes.append(f"the router's imports ran at nice {BESIDE_LOAD_NICE} beside the "
+                       f"load of {first.started}")
 
 
 def start(unit: str, state: str | None, conn: bus.Connection) -> bool:
