@@ -33,6 +33,8 @@ PROBE_TIMEOUT = 2.0
 EARLY_START_VALID = 30.0
 #: seconds an unload (Ollama's keep_alive 0) waits for the unit to leave "active"
 UNLOAD_WAIT = 5.0
+#: seconds the name index's refresh after a start waits for the model's first answers
+INDEX_REFRESH_WAIT = 300.0
 
 
 class Lifecycle:
@@ -53,6 +55,8 @@ class Lifecycle:
         self.pools: dict[str, proxy.Upstream] = {}
         self._pools_for = config()
         self.starting: dict[str, asyncio.Task[None]] = {}
+        #: name index refreshes waiting for a started model's first answers
+        self.refreshing: set[asyncio.Task[None]] = set()
         self.ready: set[str] = set()
         self.in_flight: dict[str, int] = {}
         self.last_activity = time.monotonic()
@@ -190,7 +194,20 @@ class Lifecycle:
         logger.info("%s serves after %.3f s (%s)", model.name, time.monotonic() - began,
                     "announced by its unit" if announced.is_set() else "probed")
         self.ready.add(model.name)
-        # its estimate is remembered now: the next router's head start may admit it
+        refresh = asyncio.create_task(self.refresh_index_after(model.name))
+        self.refreshing.add(refresh)  # a reference, until it is done
+        refresh.add_done_callback(self.refreshing.discard)
+
+    async def refresh_index_after(self, name: str) -> None:
+        """The model's estimate is remembered now: the next router's head start may admit
+        it, once the name index is written again. Not before the requests that wait for
+        it are answered: building the index asks systemd for the model unit's environment
+        (a systemctl, PID 1, D-Bus), and that took a core from the first answer on a
+        2-core machine (docs/performance.md, "At ~2 GiB")."""
+        await asyncio.sleep(0.05)  # the request that started it is in flight by then
+        waited = time.monotonic()
+        while self.in_flight.get(name) and time.monotonic() - waited < INDEX_REFRESH_WAIT:
+            await asyncio.sleep(0.05)
         await asyncio.to_thread(refresh_index, self.config)
 
     def early_start(self, name: str) -> bool:

@@ -412,3 +412,32 @@ def test_a_request_for_a_model_whose_unit_still_stops_says_it_is_wanted(
     monkeypatch.setattr(router.lifecycle, "prepare", lambda model, start: start())
     router.lifecycle.begin(Model("a", tmp_path / "a.gguf"), "u@a")
     assert seen == [True] and not router.runtime.wanted("a")
+
+
+def test_the_name_index_is_refreshed_after_a_started_models_first_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the index asks systemd for the model unit's environment: not while the
+    request that started the model waits for its first answer."""
+    from hoshikage_sd.manifest import Config
+    from hoshikage_sd.metrics import Metrics
+    from hoshikage_sd.router import lifecycle
+
+    refreshed: list[float] = []
+    monkeypatch.setattr(lifecycle, "refresh_index", lambda _config: refreshed.append(
+        time.monotonic()))
+    config = Config(source=tmp_path / "models.yaml")
+    life = lifecycle.Lifecycle(lambda: config, Runtime(tmp_path), Announcements(tmp_path),
+                               Metrics(tmp_path))
+
+    async def scenario() -> float:
+        refresh = asyncio.create_task(life.refresh_index_after("tiny"))
+        life.in_flight["tiny"] = 1  # the request that started it, in flight
+        await asyncio.sleep(0.3)
+        assert not refreshed
+        answered = time.monotonic()
+        life.in_flight["tiny"] = 0
+        await asyncio.wait_for(refresh, 5)
+        return answered
+
+    answered = asyncio.run(scenario())
+    assert len(refreshed) == 1 and refreshed[0] >= answered
