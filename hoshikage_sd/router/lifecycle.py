@@ -55,8 +55,10 @@ class Lifecycle:
         self.pools: dict[str, proxy.Upstream] = {}
         self._pools_for = config()
         self.starting: dict[str, asyncio.Task[None]] = {}
-        #: name index refreshes waiting for a started model's first answers
+        #: name index refreshes waiting for a started model's first answers, and the events
+        #: that tell them (set when the model's last request in flight ends)
         self.refreshing: set[asyncio.Task[None]] = set()
+        self.answered: dict[str, asyncio.Event] = {}
         self.ready: set[str] = set()
         self.in_flight: dict[str, int] = {}
         self.last_activity = time.monotonic()
@@ -205,9 +207,10 @@ class Lifecycle:
         (a systemctl, PID 1, D-Bus), and that took a core from the first answer on a
         2-core machine (docs/performance.md, "At ~2 GiB")."""
         await asyncio.sleep(0.05)  # the request that started it is in flight by then
-        waited = time.monotonic()
-        while self.in_flight.get(name) and time.monotonic() - waited < INDEX_REFRESH_WAIT:
-            await asyncio.sleep(0.05)
+        if self.in_flight.get(name):
+            answered = self.answered.setdefault(name, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), INDEX_REFRESH_WAIT)
         await asyncio.to_thread(refresh_index, self.config)
 
     def early_start(self, name: str) -> bool:
@@ -331,6 +334,9 @@ class Lifecycle:
             return
         self.activity.write(name, 0, time.time())
         self.busy.release(name)  # after the record: never idle with an old last_end
+        answered = self.answered.pop(name, None)
+        if answered is not None:
+            answered.set()
 
     # -- idle exit ------------------------------------------------------------------------
     async def watch_idle(self, done: asyncio.Event,

@@ -435,8 +435,9 @@ def test_the_name_index_is_refreshed_after_a_started_models_first_answers(
         await asyncio.sleep(0.3)
         assert not refreshed
         answered = time.monotonic()
-        life.in_flight["tiny"] = 0
+        life.request_ended("tiny")  # its last request in flight
         await asyncio.wait_for(refresh, 5)
+        assert not life.answered
         return answered
 
     answered = asyncio.run(scenario())
