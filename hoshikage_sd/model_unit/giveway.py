@@ -27,8 +27,9 @@ from collections.abc import Callable
 
 from hoshikage_sd.runtime import Runtime
 
-#: seconds between two looks at the other models while waiting
-POLL = 0.05
+#: seconds between two looks at the other models (and at a request's mark, Runtime.wanted)
+#: while waiting: a swap back waits for this look (docs/performance.md, "At ~2 GiB")
+POLL = 0.01
 #: seconds a copy waits for other models' loads in all
 WAIT_LIMIT = 60.0
 

@@ -21,7 +21,7 @@ MODEL_UNIT_PREFIX = "hoshikage-model@"
 #: start is queued anyway (its release takes about 0.15 s; a hung llama-server that stays
 #: up costs a start this much, the router's head start included), and how often to look
 SETTLE_LIMIT = 3.0
-SETTLE_POLL = 0.02
+SETTLE_POLL = 0.01
 
 
 def escape(text: str) -> str:
