@@ -103,7 +103,7 @@ def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | 
     try:
         return load_or_last_good(path)
     except HoshikageError as err:
-        if args.command in ("idle-watch", "cache-sync"):
+        if args.command in ("idle-watch", "cache-sync", "keep"):
             # Exit cleanly: a failing oneshot would only add noise; the reason is the error.
             log.log.error("%s: nothing done: %s", args.command, err.message)
             return None
@@ -178,7 +178,8 @@ def complete(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 #: the unit helpers' command lines as their units give them (positional arguments only)
-HELPER_ARGV = {"release": ("name",), "idle-watch": (), "cache-sync": (), "journal-read": ()}
+HELPER_ARGV = {"release": ("name",), "keep": ("name",), "idle-watch": (), "cache-sync": (),
+               "journal-read": ()}
 
 
 def helper_args(argv: list[str]) -> Any:

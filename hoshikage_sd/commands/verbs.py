@@ -210,6 +210,12 @@ def release(args: argparse.Namespace, config: Config) -> int:
     return release.main(config, model_name(args.name))
 
 
+def keep(args: argparse.Namespace, config: Config) -> int:
+    from hoshikage_sd.model_unit import release
+
+    return release.keep(config, model_name(args.name))
+
+
 def idle_watch(args: argparse.Namespace, config: Config) -> int:
     from hoshikage_sd.watch import idle
 
@@ -345,6 +351,8 @@ COMMANDS: dict[str, Command] = {
                         activate_arguments),
     "release": Command("(unit helper) clean up after a model unit stopped", HELPER, release,
                        name_argument),
+    "keep": Command("(unit helper) make a stopped model's RAM-disk copy to keep", HELPER,
+                    keep, name_argument),
     "idle-watch": Command("(unit helper) stop models idle past their TTL", HELPER,
                           idle_watch),
     "journal-read": Command("(unit helper) answer one of the web panel's requests for "

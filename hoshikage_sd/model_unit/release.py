@@ -8,12 +8,19 @@ staged copy while RAM is plentiful (below pressure_warn) and another model runs:
 back is then a load from RAM, not a copy. The copy goes when its TTL runs out (the idle
 watch), when a start needs the room (kept copies go first, lowest rank first), or when the
 last model stops: an idle machine holds nothing in RAM.
+
+A model to keep that has no copy yet (stopped before its copy alongside was made) gets one
+from hoshikage-keep@NAME.service (`hoshikage keep NAME`, keep() below), not from its release:
+the model's stop then ends when llama-server has exited, and a request that wants it back
+starts it at once (which stops the copy: the model unit's Conflicts=) instead of waiting for
+the stop (docs/performance.md, "At ~2 GiB").
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 
 from hoshikage_sd import fmt, log, metrics, protocol
@@ -76,7 +83,8 @@ def drop_kept(runtime: Runtime, store: Store, others: list[str] | None) -> None:
                   f"{fmt.size(freed)} of RAM disk", reason="nothing loaded", bytes_freed=freed)
 
 
-#: seconds of the stop (TimeoutStopSec=30 s) a release may spend making a copy to keep
+#: seconds a copy to keep may take (hoshikage-keep@.service's TimeoutStartSec= is above it,
+#: with the time it may wait for other models' loads: giveway.WAIT_LIMIT)
 COPY_BY = 20.0
 
 
@@ -84,9 +92,10 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
     """Make the RAM-disk copy of a model stopped to be kept that has none: one stopped
     before its activator took over (the launcher's start) or before its copy alongside was
     done. Its load left the source in the page cache, so this is a copy from RAM; without it
-    the swap back would read the disk. Bounded by COPY_BY; True when the copy is there."""
+    the swap back would read the disk. Bounded by COPY_BY; True when the copy is there.
+    keep() runs it, in hoshikage-keep@NAME.service."""
     model = config.models.get(name)
-    if model is None or not model.staged(runtime.fully_offloaded(name)):
+    if model is None or not stageable(config, runtime, name):
         return False
     from hoshikage_sd import cache
 
@@ -146,19 +155,14 @@ def main(config: Config, name: str) -> int:
     ramdisk = config.ramdisk.is_dir()
     others = others_up(name) if ramdisk else None
     kept = ramdisk and keeps_copy(config, runtime, name, reason, others)
-    copied = kept and not store.has_copy(name)
-    kept = kept and (not copied or copy_to_keep(config, runtime, store, name))
+    copied = kept and not store.has_copy(name)  # to be made: by hoshikage-keep@NAME
     freed = 0
     if kept:
         model = config.models.get(name)
         ttl = model.ttl if model else config.idle_ttl
         runtime.set_kept(name, (activity.last_end if activity else time.time()) + ttl)
         if copied:
-            # The copy took seconds: the models up before it may be going down now, and
-            # their releases may have looked for kept copies before this one was (drop_kept).
-            # Asked after set_kept, so that one of the two sees the other either way.
-            others = others_up(name)
-            kept = bool(others)
+            kept = stageable(config, runtime, name) and start_keeping(name)
     if not kept and ramdisk:
         freed = store.remove(name)
         runtime.clear("kept", name)
@@ -181,7 +185,8 @@ def main(config: Config, name: str) -> int:
     log.event("released", name,
               f"released {name}: {reason}; "
               + (f"its staged copy stays in RAM until {until} (or until the room is needed)"
-                 + (" (copied now: its copy alongside was not done)" if copied else "")
+                 + (f" (made now by {systemd.keep_unit(name)}: its copy alongside was not "
+                    "done)" if copied else "")
                  if kept else f"freed {fmt.size(freed)} of RAM disk")
               + (f"; llama-server pid was {pid}" if pid else "")
               + (f" (launched, loaded in {launched[1]:.2f} s, stopped before its activator "
@@ -190,6 +195,56 @@ def main(config: Config, name: str) -> int:
               copied_at_stop=int(bool(copied and kept)), service_result=result,
               exit_code=code, exit_status=status,
               load_seconds=f"{launched[1]:.3f}" if launched else None)
+    return 0
+
+
+def stageable(config: Config, runtime: Runtime, name: str) -> bool:
+    """Does the model get a RAM-disk copy at all (`stage:`, its layers' place)?"""
+    model = config.models.get(name)
+    return model is not None and model.staged(runtime.fully_offloaded(name))
+
+
+def start_keeping(name: str) -> bool:
+    """Start hoshikage-keep@NAME.service, which makes the copy to keep; whether it was."""
+    try:
+        systemd.start_helper(systemd.keep_unit(name))
+    except HoshikageError as exc:
+        log.log.warning("%s keeps no copy: %s", name, exc.message)
+        return False
+    return True
+
+
+def keep(config: Config, name: str) -> int:
+    """`hoshikage keep NAME`, hoshikage-keep@NAME.service: the copy to keep that the model's
+    release asked for. Kept when it is made, the model's kept record is still there (the
+    idle watch, a start that needed the room or the last model's release did not drop it
+    meanwhile) and another model is still up. A start of the model stops this unit: the
+    copy is given up, its partial files removed, and nothing of the model's is touched (its
+    own start may be making its copy alongside by then)."""
+    runtime, store = Runtime(config.runtime_dir), Store(config.ramdisk)
+    if runtime.kept_until(name) is None or not config.ramdisk.is_dir():
+        return 0
+
+    def stopped(_signum: int, _frame: object) -> None:
+        raise InterruptedError("its model starts again")
+
+    signal.signal(signal.SIGTERM, stopped)
+    try:
+        made = copy_to_keep(config, runtime, store, name)
+        # The copy took seconds: the models up before it may be going down now, and their
+        # releases may have looked for kept copies before this one was (drop_kept). Asked
+        # after the copy, so that one of the two sees the other either way.
+        if made and runtime.kept_until(name) is not None and others_up(name):
+            return 0
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except InterruptedError:
+        return 0  # between the copy and the look at the others: the start has it now
+    freed = store.remove(name) if made else 0
+    runtime.clear("kept", name)
+    if made:
+        log.event("released", name, f"released {name}'s copy made to keep: no other model "
+                  f"is up, or it was dropped meanwhile; freed {fmt.size(freed)} of RAM disk",
+                  reason="nothing loaded", bytes_freed=freed)
     return 0
 
 

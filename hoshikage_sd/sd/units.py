@@ -42,6 +42,11 @@ def model_unit(name: str) -> str:
     return f"{MODEL_UNIT_PREFIX}{escape(name)}.service"
 
 
+def keep_unit(name: str) -> str:
+    """The unit that makes a stopped model's RAM-disk copy to keep (hoshikage-keep@.service)."""
+    return f"hoshikage-keep@{escape(name)}.service"
+
+
 def shell_unit(name: str) -> str:
     """The model's unit name as a person pastes it into a POSIX shell: quoted where its
     escapes need it (`Qwen3-8B` gives 'hoshikage-model@Qwen3\\x2d8B.service'; unquoted,
@@ -112,6 +117,21 @@ def start_unit(unit: str, state: str | None = None, conn: bus.Connection | None 
                 logging.getLogger("hoshikage").warning(
                     "cannot reset the failed state of %s: %s", unit, exc.message)
         bus.start_unit(unit, conn=conn)
+    except bus.BusUnavailable:
+        systemctl("start", "--no-block", "--no-ask-password", unit)
+    except bus.BusError as exc:
+        from hoshikage_sd.errors import die
+
+        die(f"cannot start {unit}: {exc.message}")
+
+
+def start_helper(unit: str) -> None:
+    """Queue a start job for a unit other than a model's (no settling: it is down or it
+    runs), without waiting for it."""
+    from hoshikage_sd.sd import bus
+
+    try:
+        bus.start_unit(unit)
     except bus.BusUnavailable:
         systemctl("start", "--no-block", "--no-ask-password", unit)
     except bus.BusError as exc:

@@ -266,3 +266,47 @@ def test_a_swap_right_after_a_launched_answer_goes_the_fast_way(
     admission = hk.events("admission", "a")[-1]
     assert admission["SYSLOG_IDENTIFIER"] == "hoshikage-router", admission["MESSAGE"]
     assert admission["HOSHIKAGE_VERDICT"] == "evict" and admission["HOSHIKAGE_VICTIMS"] == "b"
+
+
+def test_a_copy_to_keep_is_made_by_its_own_unit_and_given_up_by_a_start(
+        container_factory: ContainerFactory, models_dir: Path, llama_server_bin: Path) -> None:
+    """A model swapped out by count with no RAM-disk copy yet: its stop ends without one,
+    and hoshikage-keep@ makes the copy after it (as hoshikage: the release's start of that
+    unit goes through polkit). A start of the model while such a copy is under way stops
+    the copy (the model unit's Conflicts=) instead of waiting for it."""
+    text = manifest(llama_server_bin, {n: f"{ARGS}\nttl: 1h" for n in ("a", "b")},
+                    max_loaded_models="1")
+    hk = deploy(container_factory, models_dir, text)
+    c = hk.container
+    ramdisk = c.root / "mnt/hoshikage"
+    assert hk.chat("a")[0] == 200
+    hk.wait_for("a's copy alongside", lambda: bool(hk.events("staged", "a")))
+    # as if a had been swapped out before its copy alongside was made
+    (ramdisk / "a.gguf").unlink()
+    (ramdisk / ".a.source.json").unlink()
+    assert hk.chat("b")[0] == 200
+    hk.wait_for("a's copy made to keep", lambda: len(hk.events("staged", "a")) == 2)
+    (released,) = hk.events("released", "a")
+    assert released["HOSHIKAGE_KEPT"] == "1", released["MESSAGE"]
+    assert "made now by hoshikage-keep@a.service" in released["MESSAGE"], released["MESSAGE"]
+    kept = hk.events("staged", "a")[1]
+    assert kept["_SYSTEMD_UNIT"] == "hoshikage-keep@a.service", kept
+    assert kept["_UID"] == c.exec("id", "-u", "hoshikage").stdout.strip()
+    # the model's stop did not wait for the copy: its unit was down before the copy was
+    down = [int(e["__MONOTONIC_TIMESTAMP"]) for e in c.journal("-u", "hoshikage-model@a.service")
+            if str(e.get("MESSAGE", "")).startswith("Stopped hoshikage-model@a.service")]
+    assert len(down) == 1 and down[0] < int(kept["__MONOTONIC_TIMESTAMP"]), (down, kept)
+    assert (ramdisk / "a.gguf").read_bytes() == (models_dir / "a.gguf").read_bytes()
+
+    # A copy to keep under way (a drop-in's stand-in that takes its time) when the model
+    # is wanted again.
+    dropin = c.root / "etc/systemd/system/hoshikage-keep@.service.d"
+    dropin.mkdir(parents=True)
+    (dropin / "slow.conf").write_text("[Service]\nExecStart=\nExecStart=/bin/sleep 60\n")
+    c.systemctl("daemon-reload")
+    c.systemctl("start", "--no-block", "hoshikage-keep@b.service")
+    hk.wait_for("the copy under way", lambda: hk.state("hoshikage-keep@b.service")
+                == "activating")
+    assert hk.chat("b")[0] == 200  # a swap back to b: its start stops the copy
+    assert hk.state("hoshikage-keep@b.service") == "inactive", c.systemctl(
+        "status", "hoshikage-keep@b.service", check=False)

@@ -29,10 +29,11 @@ def test_a_load_stopped_before_the_hand_over_is_counted_by_the_release(tmp_path:
 
 
 @pytest.mark.parametrize("stage", ["always", "never"])
-def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_at_the_stop(
+def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_by_its_keep_unit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
     """Stopped by count while memory is plentiful before its activator took over (the
-    launcher's start): the release copies it, so the swap back is a load from RAM."""
+    launcher's start): the release asks hoshikage-keep@m for the copy and ends at once;
+    that unit's `hoshikage keep m` makes it, so the swap back is a load from RAM."""
     from hoshikage_sd.runtime import Runtime
     from hoshikage_sd.staging import Store
 
@@ -43,20 +44,83 @@ def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_at_the_stop
     runtime.set_keep_copy("m")
     monkeypatch.setattr(release, "others_up", lambda name: ["b"])
     monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
+    started: list[str] = []
+    monkeypatch.setattr(release.systemd, "start_helper", started.append)
     events: list[dict[str, object]] = []
     monkeypatch.setattr(release.log, "event",
                         lambda kind, name, message, **fields: events.append(
                             {"kind": kind, "message": message, **fields}))
     assert release.main(config, "m") == 0
     store = Store(config.ramdisk)
-    assert store.has_copy("m") is (stage == "always")
-    assert store.reusable("m", source) is (stage == "always")
-    staged = [e for e in events if e["kind"] == "staged"]
-    assert [e["bytes"] for e in staged] == ([4100] if stage == "always" else [])
+    assert not store.has_copy("m")  # not by the release
+    assert started == (["hoshikage-keep@m.service"] if stage == "always" else [])
     (record,) = [e for e in events if e["kind"] == "released"]
     assert record["kept"] == int(stage == "always")
     assert record["copied_at_stop"] == int(stage == "always")
     assert (runtime.kept_until("m") is not None) is (stage == "always")
+
+    assert release.keep(config, "m") == 0  # hoshikage-keep@m.service
+    assert store.has_copy("m") is (stage == "always")
+    assert store.reusable("m", source) is (stage == "always")
+    staged = [e for e in events if e["kind"] == "staged"]
+    assert [e["bytes"] for e in staged] == ([4100] if stage == "always" else [])
+    assert (runtime.kept_until("m") is not None) is (stage == "always")
+
+
+def test_a_keep_unit_that_cannot_start_leaves_nothing_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.errors import HoshikageError
+    from hoshikage_sd.runtime import Runtime
+
+    config = one_model(tmp_path)
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_stop_reason("m", "evicted for b")
+    runtime.set_keep_copy("m")
+    monkeypatch.setattr(release, "others_up", lambda name: ["b"])
+    monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
+
+    def refused(unit: str) -> None:
+        raise HoshikageError(f"cannot start {unit}: access denied")
+
+    monkeypatch.setattr(release.systemd, "start_helper", refused)
+    assert release.main(config, "m") == 0
+    assert runtime.kept_until("m") is None
+
+
+def test_a_copy_to_keep_stopped_by_the_models_start_leaves_the_ramdisk_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (the model unit's start stops hoshikage-keep@: Conflicts=) mid-copy: its
+    partial file goes, the rest of the RAM disk is the starting model's."""
+    import os
+    import signal
+
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    config = one_model(tmp_path)
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_kept("m", 1e12)
+    config.ramdisk.mkdir(parents=True, exist_ok=True)
+    theirs = config.ramdisk / "m.gguf"  # say, the starting model's own copy alongside
+    store = Store(config.ramdisk)
+    copy = release.copy_to_keep
+
+    def interrupted(*args: object) -> bool:
+        def at_progress(_done: int, _total: int) -> None:
+            theirs.write_bytes(b"theirs")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(release.giveway, "GiveWay", lambda *a, **k: at_progress)
+        return copy(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(release, "copy_to_keep", interrupted)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert release.keep(config, "m") == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not list(config.ramdisk.glob(".m.gguf.tmp-*"))
+    assert theirs.read_bytes() == b"theirs" and not store.has_copy("m")
 
 
 def test_a_copy_at_the_stop_that_takes_too_long_leaves_nothing(
@@ -96,7 +160,7 @@ def test_a_unit_going_down_is_no_reason_to_keep_a_copy(monkeypatch: pytest.Monke
     assert release.others_up("a") == []
 
 
-def test_a_copy_made_at_the_stop_is_not_kept_once_the_others_went_down(
+def test_a_copy_made_to_keep_is_not_kept_once_the_others_went_down(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The others stopped while the copy was made (their releases found no kept copy to
     drop yet): the copy goes, or it would stay with no model up."""
@@ -110,8 +174,18 @@ def test_a_copy_made_at_the_stop_is_not_kept_once_the_others_went_down(
     answers = [["b"], []]  # b up when the release began, going down once the copy was made
     monkeypatch.setattr(release, "others_up", lambda name: answers.pop(0))
     monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
+    monkeypatch.setattr(release.systemd, "start_helper", lambda unit: None)
     assert release.main(config, "m") == 0
+    assert release.keep(config, "m") == 0
     assert answers == []  # asked again after the copy
     assert not Store(config.ramdisk).has_copy("m")
     assert runtime.kept_until("m") is None
     assert [p.name for p in config.ramdisk.glob("*.gguf")] == []
+
+
+def test_a_copy_to_keep_that_was_dropped_meanwhile_is_not_made(tmp_path: Path) -> None:
+    """No kept record (the idle watch or another release dropped it before the unit ran):
+    nothing to copy."""
+    config = one_model(tmp_path)
+    assert release.keep(config, "m") == 0
+    assert not config.ramdisk.exists() or list(config.ramdisk.iterdir()) == []

@@ -22,6 +22,7 @@ BOUNDS = {
     "hoshikage.service": 3.0,
     "hoshikage-idle.service": 3.0,
     "hoshikage-cache.service": 3.0,
+    "hoshikage-keep@.service": 3.0,
     "hoshikage-model@.service": 4.5,
     "hoshikage-reload.service": 3.0,
     "hoshikage-preload.service": 3.0,
