@@ -2,13 +2,15 @@
 
 Two copies run while other models may be loading: a model's copy alongside (it serves from
 its source meanwhile: activate.Activator.copy_alongside, finished at its stop by
-Activator.finish_copy) and a stopped model's copy to keep (release.copy_to_keep). A
+Activator.finish_copy) and a stopped model's copy to keep (release.copy_to_keep, run by
+hoshikage-keep@.service). A
 swap's new model loads while the old one's copy runs: gigabytes moved through the kernel
 (sendfile) on the other core, which CPU priority does not reach (nice applies to the CPU
 only, and there are two of them), and which slowed the new model's load beside it
 (docs/performance.md, "At ~2 GiB"). So such a copy waits between its chunks while another
 model is loading (admitted and not serving yet: the router or an activator wrote its
-admitted record, no activator has written its running record) and goes on once it serves,
+admitted record, neither its activator's running record nor its launcher's record of
+/health 200 is there) and goes on once it serves,
 and runs at the lowest CPU priority the kernel has (SCHED_IDLE) meanwhile.
 
 A copy waits at most WAIT_LIMIT seconds in all: an admitted record whose start never came
@@ -25,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hoshikage_sd.protocol import LAUNCHED_DIR
 from hoshikage_sd.runtime import Runtime
 
 #: seconds between two looks at the other models (and at a request's mark, Runtime.wanted)
@@ -35,13 +38,19 @@ WAIT_LIMIT = 60.0
 
 
 def loading(runtime: Runtime, name: str) -> list[str]:
-    """The models other than `name` whose load is under way: admitted, not serving yet, and
-    not being stopped (one evicted before its activator took over keeps its admitted record
-    until its release)."""
+    """The models other than `name` whose load is under way: admitted, not serving yet (no
+    running record from its activator, nor the launcher's record that llama-server serves:
+    protocol.LAUNCHED_DIR, written at /health 200, long before the activator adopts it),
+    and not being stopped (one evicted before its activator took over keeps its admitted
+    record until its release)."""
     admitted = set(runtime.names("admitted")) - {name}
     if not admitted:
         return []  # the usual case: one glob
-    return sorted(admitted - set(runtime.names("running")) - set(runtime.names("stop")))
+    launched = set()
+    with contextlib.suppress(FileNotFoundError):
+        launched = set(os.listdir(runtime.dir / LAUNCHED_DIR))
+    return sorted(admitted - set(runtime.names("running")) - set(runtime.names("stop"))
+                  - launched)
 
 
 def lowest_priority() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hoshikage_sd import protocol
 from hoshikage_sd.model_unit import giveway, release
 from hoshikage_sd.runtime import Running, Runtime
 from hoshikage_sd.staging import Store
@@ -25,6 +26,11 @@ def test_loading_is_admitted_not_serving_not_stopping_and_not_itself(tmp_path: P
     assert giveway.loading(runtime, "a") == ["b", "c", "d"]
     runtime.set_running("c", Running(os.getpid(), "/mnt/hoshikage/c.gguf", time.time()))
     runtime.set_stop_reason("d", "evicted for a")  # stopped before its activator took over
+    assert giveway.loading(runtime, "a") == ["b"]
+    # the launcher's record that b's llama-server serves (its activator adopts it later)
+    protocol.write_launched(str(tmp_path), "b", os.getpid(), 10.0, 10.5)
+    assert giveway.loading(runtime, "a") == []
+    os.unlink(protocol.launched_path(str(tmp_path), "b"))
     assert giveway.loading(runtime, "a") == ["b"]
     runtime.clear("admitted", "b")
     assert giveway.loading(runtime, "a") == []
