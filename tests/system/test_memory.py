@@ -301,7 +301,7 @@ def test_a_copy_to_keep_is_made_by_its_own_unit_and_given_up_by_a_start(
     # A copy to keep under way (a drop-in's stand-in that takes its time) when the model
     # is wanted again.
     dropin = c.root / "etc/systemd/system/hoshikage-keep@.service.d"
-    dropin.mkdir(parents=True)
+    dropin.mkdir(parents=True, exist_ok=True)  # a checkout in /tmp has one (testbed/deploy.py)
     (dropin / "slow.conf").write_text("[Service]\nExecStart=\nExecStart=/bin/sleep 60\n")
     c.systemctl("daemon-reload")
     c.systemctl("start", "--no-block", "hoshikage-keep@b.service")
