@@ -16,6 +16,7 @@ from hoshikage_sd.sd import units
 
 #: any instance shows the template's settings and drop-ins
 PROBE_UNIT = "hoshikage-model@check.service"
+SERVICE = "org.freedesktop.systemd1.Service"
 
 
 def environment_file(path: Path) -> dict[str, str]:
@@ -39,18 +40,46 @@ def environment_file(path: Path) -> dict[str, str]:
 
 
 def unit_environment() -> dict[str, str] | None:
-    """The model unit's environment as systemd sets it; None when systemd cannot say."""
+    """The model unit's environment as systemd sets it; None when systemd cannot say. Over
+    D-Bus (admission asks this: no process), `systemctl show` where the bus is not there."""
+    from hoshikage_sd.sd import bus
+
+    try:
+        return bus_environment()
+    except (bus.BusUnavailable, bus.BusError):
+        return shown_environment()
+
+
+def bus_environment() -> dict[str, str]:
+    """unit_environment() over D-Bus (bus.BusUnavailable, bus.BusError when it cannot be)."""
+    from hoshikage_sd.sd import bus
+
+    with bus.Connection() as conn:
+        target = (bus.MANAGER[0], bus.unit_path(PROBE_UNIT), bus.PROPERTIES)
+        (words,) = conn.call("Get", "ss", (SERVICE, "Environment"), target)
+        (files,) = conn.call("Get", "ss", (SERVICE, "EnvironmentFiles"), target)
+    return environment(words, [str(path) for path, _optional in files])
+
+
+def shown_environment() -> dict[str, str] | None:
+    """unit_environment() from `systemctl show`."""
     shown = units.show(PROBE_UNIT, "Environment", "EnvironmentFiles")
     if not shown:
         return None
-    env: dict[str, str] = {}
-    for spec in shown.get("EnvironmentFiles", "").split("\n"):
-        if spec.strip():
-            env.update(environment_file(Path(spec.split(" (")[0].strip())))
     try:
         words = shlex.split(shown.get("Environment", ""))
     except ValueError:
         words = []
+    files = [spec.split(" (")[0].strip()
+             for spec in shown.get("EnvironmentFiles", "").split("\n") if spec.strip()]
+    return environment(words, files)
+
+
+def environment(words: list[str], files: list[str]) -> dict[str, str]:
+    """Environment= (KEY=VALUE words) over the EnvironmentFile=s, as systemd applies them."""
+    env: dict[str, str] = {}
+    for path in files:
+        env.update(environment_file(Path(path)))
     env.update(w.partition("=")[::2] for w in words if "=" in w)
     return env
 

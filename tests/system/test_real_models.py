@@ -8,6 +8,7 @@ import base64
 import importlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,17 @@ def test_a_split_multimodal_model_from_a_huggingface_cache(hk: Deployment) -> No
     hk.container.exec("sh", "-c", f"mkdir -p {os.path.dirname(DROP_IN)} && printf "
                       "'[Service]\\nEnvironment=CUDA_VISIBLE_DEVICES=0 NOT_FOR_LLAMA=1\\n' "
                       f"> {DROP_IN}")
+    (hk.container.root / "etc/default").mkdir(exist_ok=True)
+    (hk.container.root / "etc/default/hoshikage").write_text("GGML_FROM_FILE=1\n")
     hk.container.systemctl("daemon-reload")
+    # the unit's environment as admission reads it (D-Bus) and as systemctl shows it
+    both = hk.container.exec(sys.executable, "-c", (
+        "from hoshikage_sd.commands import environment as e; "
+        "print(e.bus_environment() == e.shown_environment(), sorted(e.bus_environment()))"
+    )).stdout
+    assert both.startswith("True ") and all(
+        k in both for k in ("CUDA_VISIBLE_DEVICES", "NOT_FOR_LLAMA", "GGML_FROM_FILE",
+                            "MESA_SHADER_CACHE_DIR")), both
     check = hk.hoshikage("check")
     (gets,) = [line for line in check.splitlines() if "gets from the model unit" in line]
     assert "CUDA_VISIBLE_DEVICES=0" in gets and "NOT_FOR_LLAMA" not in gets, check

@@ -364,6 +364,17 @@ def test_check_says_what_reaches_llama_server_and_what_does_not(tmp_path: Path) 
     assert environment_file(tmp_path / "missing") == {}
 
 
+def test_the_units_environment_is_its_files_then_its_words(tmp_path: Path) -> None:
+    """Environment= over EnvironmentFile=s, as systemd applies them (a missing optional file
+    adds nothing), whether systemd was asked over D-Bus or through `systemctl show`."""
+    from hoshikage_sd.commands.environment import environment
+
+    defaults = tmp_path / "default"
+    defaults.write_text("A=file\nB=file\n")
+    assert environment(["B=word", "C=word", "junk"], [str(defaults), str(tmp_path / "no")]) \
+        == {"A": "file", "B": "word", "C": "word"}
+
+
 # -- a swap while the copy alongside is under way keeps the copy ---------------------------
 
 @pytest.mark.parametrize("kept", [True, False])
