@@ -73,10 +73,11 @@ def keeps_copy(config: Config, runtime: Runtime, name: str, reason: str,
 
 def drop_kept(runtime: Runtime, store: Store, others: list[str] | None) -> None:
     """The last model stopped (none of `others` up, or systemd cannot say): no kept copy
-    outlives it."""
+    outlives it, and no copy to keep still being made (an idle machine runs nothing)."""
     if others:
         return
     for other in runtime.names("kept"):
+        stop_keeping(other)
         freed = store.remove(other)
         runtime.clear("kept", other)
         log.event("released", other, f"released {other}'s kept copy: no model runs; freed "
@@ -212,6 +213,27 @@ def start_keeping(name: str) -> bool:
         log.log.warning("%s keeps no copy: %s", name, exc.message)
         return False
     return True
+
+
+#: seconds a release waits for a copy to keep it stopped to end (it ends on its SIGTERM)
+STOP_KEEPING_BY = 5.0
+
+
+def stop_keeping(name: str) -> None:
+    """Stop hoshikage-keep@NAME.service if it runs, and wait for it to end: a copy it then
+    finishes is not left behind the caller's removal of the model's copy."""
+    from hoshikage_sd.sd import bus
+
+    unit = systemd.keep_unit(name)
+    try:
+        if systemd.unit_state(unit)[0] not in ("active", "activating", "deactivating"):
+            return
+        systemd.stop_unit(unit)
+        deadline = time.monotonic() + STOP_KEEPING_BY
+        while systemd.unit_state(unit)[0] != "inactive" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (HoshikageError, bus.BusError) as exc:
+        log.log.warning("cannot stop %s: %s", unit, getattr(exc, "message", exc))
 
 
 def keep(config: Config, name: str) -> int:

@@ -298,15 +298,25 @@ def test_a_copy_to_keep_is_made_by_its_own_unit_and_given_up_by_a_start(
     assert len(down) == 1 and down[0] < int(kept["__MONOTONIC_TIMESTAMP"]), (down, kept)
     assert (ramdisk / "a.gguf").read_bytes() == (models_dir / "a.gguf").read_bytes()
 
-    # A copy to keep under way (a drop-in's stand-in that takes its time) when the model
-    # is wanted again.
+    # A copy to keep under way (a drop-in's stand-in that takes its time; a's unit is down)
+    # when the model is wanted again.
     dropin = c.root / "etc/systemd/system/hoshikage-keep@.service.d"
     dropin.mkdir(parents=True, exist_ok=True)  # a checkout in /tmp has one (testbed/deploy.py)
     (dropin / "slow.conf").write_text("[Service]\nExecStart=\nExecStart=/bin/sleep 60\n")
     c.systemctl("daemon-reload")
-    c.systemctl("start", "--no-block", "hoshikage-keep@b.service")
-    hk.wait_for("the copy under way", lambda: hk.state("hoshikage-keep@b.service")
+    assert hk.state("hoshikage-model@a.service") == "inactive"
+    c.systemctl("start", "--no-block", "hoshikage-keep@a.service")
+    hk.wait_for("a's copy under way", lambda: hk.state("hoshikage-keep@a.service")
                 == "activating")
-    assert hk.chat("b")[0] == 200  # a swap back to b: its start stops the copy
-    assert hk.state("hoshikage-keep@b.service") == "inactive", c.systemctl(
-        "status", "hoshikage-keep@b.service", check=False)
+    assert hk.chat("a")[0] == 200  # the swap back to a: its start stops the copy
+    assert hk.state("hoshikage-keep@a.service") == "inactive", c.systemctl(
+        "status", "hoshikage-keep@a.service", check=False)
+    # b, swapped out by count, keeps its copy (its record); the last model's stop ends a copy
+    # of it still under way: an idle machine runs nothing
+    hk.wait_for("b's release", lambda: hk.state("hoshikage-model@b.service") == "inactive")
+    c.systemctl("start", "--no-block", "hoshikage-keep@b.service")
+    hk.wait_for("b's copy under way", lambda: hk.state("hoshikage-keep@b.service")
+                == "activating")
+    c.systemctl("stop", "hoshikage-model@a.service")
+    assert hk.state("hoshikage-keep@b.service") == "inactive"
+    assert hk.processes("sleep 60") == []

@@ -189,3 +189,25 @@ def test_a_copy_to_keep_that_was_dropped_meanwhile_is_not_made(tmp_path: Path) -
     config = one_model(tmp_path)
     assert release.keep(config, "m") == 0
     assert not config.ramdisk.exists() or list(config.ramdisk.iterdir()) == []
+
+
+def test_the_last_release_stops_a_copy_to_keep_still_being_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No model up: a kept record goes, and its copy still being made stops first (and is
+    waited for), so an idle machine runs nothing and no finished copy is left after it."""
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    config = one_model(tmp_path)
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_kept("other", 1e12)
+    states = {"hoshikage-keep@other.service": ["activating", "deactivating", "inactive"]}
+    stopped: list[str] = []
+    monkeypatch.setattr(release.systemd, "unit_state",
+                        lambda unit: (states[unit].pop(0) if len(states[unit]) > 1
+                                      else states[unit][0], False))
+    monkeypatch.setattr(release.systemd, "stop_unit", stopped.append)
+    release.drop_kept(runtime, Store(config.ramdisk), [])
+    assert stopped == ["hoshikage-keep@other.service"]
+    assert states["hoshikage-keep@other.service"] == ["inactive"]  # waited for its end
+    assert runtime.kept_until("other") is None
