@@ -166,7 +166,7 @@ class Runtime:
 
     def wanted(self, name: str) -> bool:
         """Is a request waiting for this model while its unit still stops? Then a copy its
-        stop is making to keep (release.copy_to_keep, Activator.finish_copy) is given up:
+        stop is making to keep (release.copy_to_keep) is given up:
         the request is waiting for that stop, and the source is in the page cache anyway."""
         return self._file("wanted", name).exists()
 

@@ -37,9 +37,6 @@ EXTEND_USEC = 30_000_000  # each heartbeat buys this much start time; sent every
 HEARTBEAT = 5.0
 #: seconds between the journal's lines on a decryption's progress
 PROGRESS_EVERY = 5.0
-#: seconds after the stop's SIGTERM by which a copy alongside that is to be kept must be
-#: done: the unit's TimeoutStopSec= (30 s) less room for the release after it
-FINISH_COPY_BY = 24.0
 
 
 class Activator:
@@ -197,24 +194,6 @@ class Activator:
         thread = threading.Thread(target=copy, name="stage", daemon=True)
         thread.start()
         return thread
-
-    def finish_copy(self, copying: threading.Thread | None) -> None:
-        """A model swapped out while memory is plentiful keeps its copy (release.keeps_copy):
-        a copy alongside still under way is finished (bounded by the stop's timeout), since
-        one dropped half-way would make the swap back a read of the disk."""
-        if copying is not None and copying.is_alive() and self.copy_is_kept():
-            until = (self.stop_began or time.monotonic()) + FINISH_COPY_BY
-            # a request for it waits for this stop: it gets the page cache, not the copy
-            while copying.is_alive() and time.monotonic() < until and \
-                    not self.runtime.wanted(self.model.name):
-                copying.join(min(0.05, max(0.0, until - time.monotonic())))
-
-    def copy_is_kept(self) -> bool:
-        """Will the release keep this model's copy (a stop by hand or by count, memory
-        plentiful)? Then a copy under way is worth finishing."""
-        reason = self.runtime.stop_reason(self.model.name) or "manual stop"
-        return release.keeps_copy(self.config, self.runtime, self.model.name, reason,
-                                  release.others_up(self.model.name))
 
     def make_room(self, size: int) -> None:
         release.make_room(self.config, self.runtime, self.store, self.model.name, size)
@@ -423,7 +402,11 @@ class Activator:
             metrics.commit(self.config.runtime_dir, self.counts)
         if adopted is not None:
             self.full_priority()
-        copying = self.copy_alongside() if self.copy_later else None
+        if self.copy_later:
+            # one still under way at the stop is left there: the release asks
+            # hoshikage-keep@ for the copy when it is to be kept (release.py), so that the
+            # stop, and a request waiting for it, never wait for a copy
+            self.copy_alongside()
         code = child.wait()
         if not self.stopping:
             # it died serving (a crash, the OOM killer, an RPC worker gone): the record says
@@ -432,7 +415,6 @@ class Activator:
             logging.getLogger("hoshikage").error("%s: %s", self.model.name, reason)
             with contextlib.suppress(OSError):  # the unit's exit status says it too
                 self.runtime.set_error(self.model.name, reason)
-        self.finish_copy(copying)
         if self.stopping and (code in (0, -signal.SIGTERM, -signal.SIGINT) or self._escalated):
             return 0  # a stop asked for; forced or not, nothing failed
         return 128 - code if code < 0 else code

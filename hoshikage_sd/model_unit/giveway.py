@@ -1,9 +1,8 @@
 """A RAM-disk copy made beside other models gives way to another model's load.
 
 Two copies run while other models may be loading: a model's copy alongside (it serves from
-its source meanwhile: activate.Activator.copy_alongside, finished at its stop by
-Activator.finish_copy) and a stopped model's copy to keep (release.copy_to_keep, run by
-hoshikage-keep@.service). A
+its source meanwhile: activate.Activator.copy_alongside) and a stopped model's copy to keep
+(release.copy_to_keep, run by hoshikage-keep@.service). A
 swap's new model loads while the old one's copy runs: gigabytes moved through the kernel
 (sendfile) on the other core, which CPU priority does not reach (nice applies to the CPU
 only, and there are two of them), and which slowed the new model's load beside it
@@ -15,8 +14,8 @@ and runs at the lowest CPU priority the kernel has (SCHED_IDLE) meanwhile.
 
 A copy waits at most WAIT_LIMIT seconds in all: an admitted record whose start never came
 (a unit that failed to start before its release could clear it) must not hold it for good.
-The stop's own bounds (release.COPY_BY, activate.FINISH_COPY_BY) still apply: a copy that
-waited past them is given up, as one that copied too slowly is.
+The copy to keep's own bound (release.COPY_BY) still applies: a copy that
+waited past it is given up, as one that copied too slowly is.
 """
 
 from __future__ import annotations

@@ -375,42 +375,6 @@ def test_the_units_environment_is_its_files_then_its_words(tmp_path: Path) -> No
         == {"A": "file", "B": "word", "C": "word"}
 
 
-# -- a swap while the copy alongside is under way keeps the copy ---------------------------
-
-@pytest.mark.parametrize("kept", [True, False])
-def test_a_copy_alongside_is_finished_when_the_stopped_model_keeps_its_copy(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: bool) -> None:
-    import threading
-    import time
-
-    from hoshikage_sd.model_unit import activate
-
-    touch(tmp_path / "m.gguf")
-    model = manifest.Model("m", tmp_path / "m.gguf")
-    config = manifest.Config(source=tmp_path / "x.yaml", runtime_dir=tmp_path / "run",
-                             ramdisk=tmp_path, models={"m": model})
-    activator = activate.Activator(config, model)
-    monkeypatch.setattr(activator, "copy_is_kept", lambda: kept)
-    done = threading.Event()
-    copying = threading.Thread(target=lambda: (time.sleep(0.3), done.set()), daemon=True)
-    copying.start()
-    activator.stop_began = time.monotonic()
-    activator.finish_copy(copying)
-    assert done.is_set() is kept
-    monkeypatch.setattr(activate, "FINISH_COPY_BY", 0.05)  # bounded by the stop's timeout
-    slow = threading.Thread(target=lambda: time.sleep(2), daemon=True)
-    slow.start()
-    activator.finish_copy(slow)
-    assert slow.is_alive()  # not waited for past the bound
-    if kept:  # a request for the model waits for this stop: the copy is given up
-        monkeypatch.setattr(activate, "FINISH_COPY_BY", 30.0)
-        activator.runtime.set_wanted("m")
-        wanted = threading.Thread(target=lambda: time.sleep(2), daemon=True)
-        wanted.start()
-        activator.finish_copy(wanted)
-        assert wanted.is_alive()
-
-
 # -- stage: always | never | auto -----------------------------------------------------------
 
 def test_stage_is_layered_like_args_and_checked(tmp_path: Path) -> None:

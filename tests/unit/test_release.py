@@ -211,3 +211,28 @@ def test_the_last_release_stops_a_copy_to_keep_still_being_made(
     assert stopped == ["hoshikage-keep@other.service"]
     assert states["hoshikage-keep@other.service"] == ["inactive"]  # waited for its end
     assert runtime.kept_until("other") is None
+
+
+def test_a_copy_alongside_cut_by_the_stop_is_made_again_by_the_keep_unit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The activator leaves its copy alongside where the stop found it (a partial file,
+    its process gone): the release asks hoshikage-keep@ for the copy, which replaces it."""
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    config = one_model(tmp_path)
+    runtime = Runtime(config.runtime_dir)
+    runtime.set_stop_reason("m", "evicted for b")
+    runtime.set_keep_copy("m")
+    config.ramdisk.mkdir(parents=True, exist_ok=True)
+    partial = config.ramdisk / ".m.gguf.tmp-4242-0"
+    partial.write_bytes(b"half")
+    monkeypatch.setattr(release, "others_up", lambda name: ["b"])
+    monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
+    started: list[str] = []
+    monkeypatch.setattr(release.systemd, "start_helper", started.append)
+    assert release.main(config, "m") == 0
+    assert started == ["hoshikage-keep@m.service"]
+    assert release.keep(config, "m") == 0
+    store = Store(config.ramdisk)
+    assert store.reusable("m", config.models["m"].path) and not partial.exists()
