@@ -52,8 +52,9 @@ def wants_sync(config: Config, model: Model) -> bool:
 
 
 def trigger() -> None:
-    """Start the cache sync in the background: never blocks the request that asked."""
-    units.systemctl("start", "--no-block", CACHE_UNIT, check=False)
+    """Start the cache sync in the background: never blocks the request that asked (the
+    caller logs a refusal)."""
+    units.start_helper(CACHE_UNIT)
 
 
 def state(config: Config, busy: set[str], now: float) -> CacheState:
