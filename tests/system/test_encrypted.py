@@ -134,6 +134,7 @@ def test_encrypted_models_decrypt_into_ram_only(hk: Deployment, tmp_path: Path) 
 
     # its idle release (TTL 3 s) deletes the plaintext
     hk.wait_for("the idle release", lambda: "secret.gguf" not in ramdisk(hk))
-    assert hk.events("released", "secret")
+    # the record comes after the file is gone: wait for it as well
+    hk.wait_for("the released record", lambda: bool(hk.events("released", "secret")))
     found = plaintext_at(hk)
     assert found == [], found
