@@ -75,14 +75,15 @@ def zero(hk: Deployment) -> None:
 
 
 def head_start(hk: Deployment, since: float) -> float | None:
-    """When this router's early head start began (first_request.take_early, logged with
-    HOSHIKAGE_HEAD_START_USEC), and how it went, printed; None without one."""
-    for entry in reversed(hk.container.journal("-u", ROUTER, "-n", "30")):
+    """When this router's early head start began (headstart.take_early, logged with
+    HOSHIKAGE_HEAD_START_USEC), and how it went (its notes), printed; None without one."""
+    began = None
+    for entry in hk.container.journal("-u", ROUTER, "-n", "30"):
         usec = entry.get("HOSHIKAGE_HEAD_START_USEC")
         if usec and int(usec) / 1e6 >= since:
             print(f"  {entry.get('MESSAGE')}")
-            return int(usec) / 1e6
-    return None
+            began = int(usec) / 1e6
+    return began
 
 
 def one(hk: Deployment) -> dict[str, float]:
@@ -132,7 +133,10 @@ def use(hk: Deployment, router: Path | None, variant: str | None = None) -> None
     """hoshikage.service runs `router` (None: the working tree's), with `variant` as a
     drop-in (None: none)."""
     d = hk.container.root / "etc/systemd/system/hoshikage.service.d"
-    for name, text in (("against.conf", router and f"[Service]\nExecStart=\nExecStart={router}\n"),
+    # confined as the working tree's (hoshikage-landlock), after any checkout-in-tmp.conf
+    landlock = f"{sys.executable.rpartition('/')[0]}/hoshikage-landlock --read {REPO}"
+    for name, text in (("zx-against.conf",
+                        router and f"[Service]\nExecStart=\nExecStart={landlock} {router}\n"),
                        ("zz-variant.conf", variant)):
         if text is None:
             (d / name).unlink(missing_ok=True)

@@ -40,22 +40,32 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
     """Write units, tmpfiles, the manifest and the test drop-ins into a root directory."""
     launcher = hoshikage_bin().with_name("hoshikage-launch")
     assert os.access(launcher, os.X_OK), f"{launcher} is missing: run tools/bootstrap.sh"
-    router = hoshikage_bin().with_name("hoshikage-router")
-    assert os.access(router, os.X_OK), f"{router} is missing: run tools/bootstrap.sh"
+    for helper in ("hoshikage-router", "hoshikage-landlock"):
+        path = hoshikage_bin().with_name(helper)
+        assert os.access(path, os.X_OK), f"{path} is missing: run tools/bootstrap.sh"
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True, exist_ok=True)
+    # a tmpfs root has no /mnt until the RAM disk's mount makes it, after the router's start:
+    # the router's Landlock rules cover the directories in / when it starts (router/landlock.c),
+    # and every installed system has /mnt (base-files)
+    (root / "mnt").mkdir(exist_ok=True)
     for unit in sorted((REPO_ROOT / "units").iterdir()):
         # the package's helpers (/usr/libexec/hoshikage) sit beside the venv's hoshikage here
         text = unit.read_text().replace("/usr/libexec/hoshikage/", f"{hoshikage_bin().parent}/")
         text = text.replace("/usr/bin/hoshikage", str(hoshikage_bin()))
         (unit_dir / unit.name).write_text(text)
     if REPO_ROOT.is_relative_to("/tmp") or REPO_ROOT.is_relative_to("/var/tmp"):
-        # PrivateTmp= would hide a checkout (and its .venv) that lives under /tmp; an
-        # installed hoshikage lives in /usr and keeps the units' hardening as shipped.
+        # PrivateTmp= would hide a checkout (and its .venv) that lives under /tmp, and so
+        # would the router's Landlock rules (router/landlock.c: --read lets it read the
+        # checkout); an installed hoshikage lives in /usr and keeps the units as shipped.
         for unit in unit_dir.glob("hoshikage*.service"):
             (unit_dir / f"{unit.name}.d").mkdir(exist_ok=True)
-            (unit_dir / f"{unit.name}.d" / "checkout-in-tmp.conf").write_text(
-                "[Service]\nPrivateTmp=no\n")
+            text = "[Service]\nPrivateTmp=no\n"
+            if unit.name == "hoshikage.service":
+                bin_dir = hoshikage_bin().parent
+                text += (f"ExecStart=\nExecStart={bin_dir}/hoshikage-landlock --read "
+                         f"{REPO_ROOT} {bin_dir}/hoshikage-router\n")
+            (unit_dir / f"{unit.name}.d" / "checkout-in-tmp.conf").write_text(text)
     dropin = unit_dir / "hoshikage.socket.d"
     dropin.mkdir(exist_ok=True)
     (dropin / "port.conf").write_text(f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")

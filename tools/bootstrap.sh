@@ -122,5 +122,8 @@ print(install_launcher(*sys.argv[1:]))' .venv/bin/hoshikage-launch .)"
 # The router's entry: the venv's Python without site until the head start is done.
 say "router: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_router
 print(install_router(*sys.argv[1:]))' "$PWD/.venv/bin/hoshikage-router")"
+# What confines the router's file system (router/landlock.c; a stub without a compiler).
+say "landlock: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_landlock
+print(install_landlock(*sys.argv[1:]))' .venv/bin/hoshikage-landlock)"
 .venv/bin/python -m compileall -q hoshikage_sd
 say "ready"

@@ -2,8 +2,8 @@
 there is a C compiler (sooner per cold start than Python's interpreter start:
 docs/performance.md), else a Python stub that imports model_unit/launch.py (whose bytecode
 Python caches; it would compile a script on every run). And hoshikage-router, the router's
-entry, which starts Python without site. The package build, tools/bootstrap.sh, tools/install
-and tests call this.
+entry, which starts Python without site, and hoshikage-landlock, which confines it
+(router/landlock.c). The package build, tools/bootstrap.sh, tools/install and tests call this.
 """
 
 import contextlib
@@ -36,6 +36,26 @@ raise SystemExit(router_main({count}))
 """
 
 
+LANDLOCK_STUB = """#!{python} -IS
+# hoshikage-landlock, written by hoshikage's installer without a C compiler: it runs the
+# router without the file-system confinement router/landlock.c gives it, and says so.
+import os, sys
+args = sys.argv[1:]
+while args[:1] == ["--read"]:
+    args = args[2:]
+if args == ["--probe"]:
+    print("none: hoshikage-landlock was installed without a C compiler")
+    raise SystemExit(1)
+print(f"hoshikage-landlock: installed without a C compiler: {{args[0]}} runs without its "
+      "file-system confinement", file=sys.stderr)
+os.execv(args[0], args)
+"""
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCH_C = os.path.join(HERE, "launch.c")
+LANDLOCK_C = os.path.join(os.path.dirname(HERE), "router", "landlock.c")
+
+
 def install_router(path: str, python: str | None = None, paths: list[str] | None = None,
                    root: str = "") -> str:
     """hoshikage-router at `path`: `python` (default: this interpreter) with the directory
@@ -61,10 +81,9 @@ def write_stub(path: str, site: str) -> None:
     os.chmod(path, 0o755)
 
 
-def build_native(path: str) -> str | None:
-    """Compile launch.c (the same launcher without an interpreter to start: less per
-    cold start) to `path`, atomically; None when done, else why it could not be."""
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.c")
+def build_native(path: str, source: str = LAUNCH_C) -> str | None:
+    """Compile `source` (launch.c: the same launcher without an interpreter to start, less
+    per cold start) to `path`, atomically; None when done, else why it could not be."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return "no C compiler (cc)"
@@ -91,3 +110,16 @@ def install_launcher(path: str, site: str) -> str:
     return f"{path}: Python stub ({why}; the compiled launcher starts sooner)"
 
 
+
+
+def install_landlock(path: str, python: str | None = None) -> str:
+    """hoshikage-landlock at `path`: compiled from router/landlock.c when a C compiler is
+    there, else a stub that confines nothing and says so at each start (`hoshikage check`
+    too). Says which, for the installer to print."""
+    why = build_native(path, LANDLOCK_C)
+    if why is None:
+        return f"{path}: compiled from router/landlock.c"
+    text = LANDLOCK_STUB.format(python=python or sys.executable)
+    write_atomic(Path(path), text.encode())
+    os.chmod(path, 0o755)
+    return f"{path}: a stub ({why}): the router runs without its file-system confinement"

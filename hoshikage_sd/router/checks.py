@@ -1,6 +1,7 @@
 """`hoshikage check`'s word on the router's side of the manifest: the API keys file, each
 model's own llama-server key, the client limits against hoshikage.service's own
-(LimitNOFILE=, MemoryMax=), and preload against hoshikage-preload.service.
+(LimitNOFILE=, MemoryMax=), preload against hoshikage-preload.service, and the router's
+file-system confinement (hoshikage-landlock, router/landlock.c) on this kernel.
 
 Each problem is a sentence saying what to change; none is said where systemd cannot be
 asked (no systemctl, not booted with systemd, the unit not installed): the file checks still
@@ -10,9 +11,10 @@ run.
 from __future__ import annotations
 
 import os
+import re
 from typing import Final
 
-from hoshikage_sd import fmt
+from hoshikage_sd import fmt, proc
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.router import auth, model_keys
@@ -36,7 +38,8 @@ def problems(config: Config) -> list[str]:
     for model in config.models.values():
         found += model_keys.problems(model)
     try:
-        router = units.show(ROUTER_UNIT, "LoadState", "LimitNOFILESoft", "MemoryMax")
+        router = units.show(ROUTER_UNIT, "LoadState", "LimitNOFILESoft", "MemoryMax",
+                            "ExecStart", "ProtectSystem")
         preload = units.show(PRELOAD_UNIT, "LoadState", "UnitFileState")
     except HoshikageError:
         return found
@@ -44,9 +47,32 @@ def problems(config: Config) -> list[str]:
         # the soft limit is the one the router meets (LimitNOFILE=N sets both)
         found += limit_problems(config, router.get("LimitNOFILESoft", ""),
                                 router.get("MemoryMax", ""))
+        found += confinement_problems(router.get("ExecStart", ""),
+                                      router.get("ProtectSystem", ""))
     if preload.get("LoadState") == "loaded" or any(m.preload for m in config.models.values()):
         found += preload_problems(config, preload.get("UnitFileState", ""))
     return found
+
+
+def confinement_problems(exec_start: str, protect_system: str = "no") -> list[str]:
+    """Whether the router runs confined: hoshikage.service's ExecStart= (systemctl show's
+    form) starts hoshikage-landlock, which says whether this kernel has Landlock; or a
+    drop-in gave it a mount namespace again (ProtectSystem=strict)."""
+    if protect_system == "strict":
+        return []
+    program = re.search(r"argv\[\]=(\S+)", exec_start)
+    if program is None or not program.group(1).endswith("/hoshikage-landlock"):
+        return [f"{ROUTER_UNIT}'s ExecStart= does not start hoshikage-landlock (a drop-in?): "
+                "the router runs without its file-system confinement"]
+    try:
+        probe = proc.run([program.group(1), "--probe"], check=False)
+    except HoshikageError as err:  # not there
+        return [f"the router cannot start: {err.message}"]
+    if probe.returncode == 0:
+        return []
+    return [f"the router runs without its file-system confinement: hoshikage-landlock says "
+            f"{(probe.stdout or probe.stderr).strip()!r} (README, \"The router's "
+            "confinement\": a kernel with Landlock, or a drop-in for a mount namespace)"]
 
 
 def keys_problems(config: Config, credentials: str | None = None) -> list[str]:

@@ -415,6 +415,8 @@ def test_failed_and_loading_states_show_with_the_reason(panel: Panel, hk: Deploy
 def test_the_router_reads_only_hoshikage_s_records(hk: Deployment) -> None:
     """The router is not in the group systemd-journal: hoshikage-journal.socket's reader
     is, and it answers only a request line it checks (panel/journal.py)."""
+    # an answer (401 without a key) means a router is up, whatever ran before
+    assert hk.request("GET", "/v1/models")[0] == 401
     pid = hk.container.systemctl("show", "--property=MainPID", "--value",
                                  "hoshikage.service").strip()
     groups = next(line.split()[1:] for line in hk.container.exec(

@@ -14,6 +14,7 @@ from hoshikage_sd.log import MESSAGE_IDS
 from hoshikage_sd.memory import TMPFS_PAGE
 from hoshikage_sd.staging import Identity, record
 from testbed.deploy import Deployment, deploy, manifest
+from tests.support import eventually
 from tests.system.conftest import ContainerFactory
 
 pytestmark = pytest.mark.system
@@ -208,10 +209,11 @@ def test_router_starts_again_and_again_without_tripping_a_limit(hk: Deployment) 
 
 
 def test_the_router_runs_without_any_privilege(hk: Deployment) -> None:
-    """What hoshikage.service leaves out (ProtectKernelTunables=: its unit file says why)
-    rests on this: the router runs as hoshikage with no capability in any set and
-    no_new_privs, so the kernel lets it write no tunable; and its file system is read-only
-    but for its own directories."""
+    """What hoshikage.service leaves out (the options that make a mount namespace: its unit
+    file says why) rests on this: the router runs as hoshikage with no capability in any set
+    and no_new_privs, so the kernel lets it write no tunable, load no module, read no kernel
+    log; and hoshikage-landlock confines its file system: writes only to its own
+    directories, no /tmp, no /dev but /dev/null."""
     assert hk.chat("tiny")[0] == 200
     pid = hk.container.systemctl("show", "-P", "MainPID", "hoshikage.service").strip()
     lines = hk.container.exec("cat", f"/proc/{pid}/status").stdout.splitlines()
@@ -221,14 +223,40 @@ def test_the_router_runs_without_any_privilege(hk: Deployment) -> None:
     for kind in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[kind], 16) == 0, (kind, status[kind])
     assert status["NoNewPrivs"].strip() == "1"
-    # in its mount namespace, as its user: the state directory takes a file, /etc does not
-    probe = hk.container.exec(
-        "nsenter", "-t", pid, "-m", "--", "setpriv", f"--reuid={uid}", f"--regid={uid}",
-        "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-        "sh", "-c", "touch /var/lib/hoshikage/.probe && rm /var/lib/hoshikage/.probe && "
-        "echo STATE-OK; touch /etc/hoshikage-probe /usr/hoshikage-probe", check=False)
-    assert "STATE-OK" in probe.stdout, probe.stdout + probe.stderr
-    assert probe.stderr.count("Read-only file system") == 2, probe.stderr
+    # the router runs confined: hoshikage-landlock first, the router its program ...
+    shown = hk.container.systemctl("show", "-p", "ExecStart", "hoshikage.service")
+    argv = shown.split("argv[]=", 1)[1].split(" ;", 1)[0].split()
+    assert argv[0].endswith("/hoshikage-landlock") and argv[-1].endswith("/hoshikage-router")
+    cmdline = hk.container.exec("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
+    assert argv[-1] in cmdline and not any("landlock" in a for a in cmdline), cmdline
+    # ... and the same unit with a probe for its program: what that confinement allows
+    script = ("touch /var/lib/hoshikage/.p && rm /var/lib/hoshikage/.p && echo STATE-OK; "
+              "touch /run/hoshikage/.p && rm /run/hoshikage/.p && echo RUN-OK; "
+              "for d in /etc /usr /srv/models /var/tmp /tmp /home; do "
+              "touch $$d/hoshikage-probe 2>/dev/null && echo WROTE-$$d; done; "
+              "ls /tmp >/dev/null 2>&1 && echo LISTED-tmp; "
+              "ls /dev >/dev/null 2>&1 && echo LISTED-dev; "
+              "head -c 4 /srv/models/tiny.gguf >/dev/null && echo READ-OK; "
+              "ls /mnt/hoshikage >/dev/null && echo RAMDISK-OK; "
+              "ls -la /mnt/hoshikage /mnt 1>&2; id 1>&2; echo PROBE-END")
+    dropin = hk.container.root / "etc/systemd/system/hoshikage.service.d/zz-probe.conf"
+    dropin.parent.mkdir(exist_ok=True)
+    dropin.write_text("[Service]\nType=exec\nExecStart=\nExecStart="
+                      + " ".join(argv[:-1]) + f' /bin/sh -c "{script}"\n')
+    try:
+        hk.container.systemctl("stop", "hoshikage.service")
+        hk.container.systemctl("daemon-reload")
+        since = hk.container.exec("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+        hk.container.systemctl("start", "hoshikage.service")
+        said = eventually(lambda: [str(e.get("MESSAGE")) for e in hk.container.journal(
+            "-u", "hoshikage.service", "--since", since)], lambda m: "PROBE-END" in m)
+    finally:
+        dropin.unlink()
+        hk.container.systemctl("daemon-reload")
+        hk.container.systemctl("stop", "hoshikage.service")
+    probe = [m for m in said if m.isupper() or m.startswith(("WROTE", "LISTED"))]
+    assert probe == ["STATE-OK", "RUN-OK", "READ-OK", "RAMDISK-OK", "PROBE-END"], said
+    assert hk.chat("tiny")[0] == 200  # the router as shipped again
 
 
 def test_from_zero_a_model_started_before_is_admitted_by_the_head_start(

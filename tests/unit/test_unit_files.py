@@ -32,7 +32,8 @@ def sections(unit: Path) -> configparser.RawConfigParser:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root with the host's targets and slices, our units, and executable hoshikage (in
-    /usr/bin), hoshikage-launch and hoshikage-router (in /usr/libexec/hoshikage)."""
+    /usr/bin), hoshikage-launch, hoshikage-router and hoshikage-landlock (in
+    /usr/libexec/hoshikage)."""
     root = tmp_path_factory.mktemp("root")
     lib = root / "usr/lib/systemd/system"
     lib.mkdir(parents=True)
@@ -42,8 +43,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "usr/bin").mkdir(parents=True)
     (root / "usr/libexec/hoshikage").mkdir(parents=True)
     shutil.copy("/bin/true", root / "usr/bin/hoshikage")
-    shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-launch")
-    shutil.copy("/bin/true", root / "usr/libexec/hoshikage/hoshikage-router")
+    for helper in ("hoshikage-launch", "hoshikage-router", "hoshikage-landlock"):
+        shutil.copy("/bin/true", root / "usr/libexec/hoshikage" / helper)
     shutil.copy("/bin/true", root / "usr/bin/systemctl")  # hoshikage-preload.service's
     # the RPC worker's units run systemd's proxy and /bin/sh
     (root / "bin").mkdir()
