@@ -65,11 +65,12 @@ static __u64 rights_of(int version) {
 }
 
 /* `path` with `access` (of those the kernel handles) beneath it; a path that is not there
- * is skipped (an unused directory variable, a machine without /srv). */
-static int allow(int ruleset, const char *path, __u64 access) {
+ * is skipped (an unused directory variable, a machine without /srv), and so is one that
+ * cannot be opened at all when `optional` (an entry of / such as a link into /root). */
+static int allow_path(int ruleset, const char *path, __u64 access, int optional) {
     struct landlock_path_beneath_attr rule = {.allowed_access = access & handled};
     rule.parent_fd = open(path, O_PATH | O_CLOEXEC);
-    if (rule.parent_fd < 0) return errno == ENOENT ? 0 : -1;
+    if (rule.parent_fd < 0) return errno == ENOENT || optional ? 0 : -1;
     struct stat st;
     if (fstat(rule.parent_fd, &st) == 0 && !S_ISDIR(st.st_mode))
         /* a file takes only the rights that act on files */
@@ -79,6 +80,10 @@ static int allow(int ruleset, const char *path, __u64 access) {
     close(rule.parent_fd);
     errno = saved;
     return r;
+}
+
+static int allow(int ruleset, const char *path, __u64 access) {
+    return allow_path(ruleset, path, access, 0);
 }
 
 static int is_hidden(const char *path) {
@@ -106,7 +111,8 @@ static int allow_reading(int ruleset, const char *dir) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= (int)sizeof path) continue;
         if (is_hidden(path)) continue;
-        r = holds_hidden(path) ? allow_reading(ruleset, path) : allow(ruleset, path, READ | EXEC);
+        r = holds_hidden(path) ? allow_reading(ruleset, path)
+                               : allow_path(ruleset, path, READ | EXEC, 1);
     }
     closedir(d);
     return r;
