@@ -25,17 +25,17 @@ that (hoshikage-reload.path, then `hoshikage reload`), so its parse is kept whol
 
 The file lives in the runtime directory every unit shares (protocol.runtime_dir): a broken
 manifest cannot say where its own runtime_dir is. It is trusted only from this user or root:
-it decides which program a unit runs. Reading takes os, json and fileid only (the head
+it decides which program a unit runs. Reading takes os, lightjson and fileid only (the head
 start's budget, tests/unit/test_launch.py); the rest is imported where used.
 """
 
 from __future__ import annotations
 
 import os
-from json import loads
 
 from hoshikage_sd import protocol
 from hoshikage_sd.fileid import identity
+from hoshikage_sd.lightjson import loads
 
 TYPE_CHECKING = False  # typing would be on the head start when nothing loaded it
 if TYPE_CHECKING:

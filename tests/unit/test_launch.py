@@ -476,9 +476,9 @@ def test_the_router_entry_starts_python_without_site_and_finds_its_imports(
          "assert sys.flags.no_site; print(' '.join(sorted(sys.modules)))"],
         capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr
-    # json (with re and enum) is in: json.loads against a hand-driven scanner measured
-    # within noise end to end (docs/performance.md, "Kept optimisations")
-    heavy = {"typing", "socket", "jeepney", "logging", "pathlib", "dataclasses", "yaml"}
+    # json is out too (with re and enum, ~6 ms: lightjson.py, docs/performance.md)
+    heavy = {"typing", "socket", "jeepney", "logging", "pathlib", "dataclasses", "yaml",
+             "json", "re", "enum"}
     assert not heavy & set(check.stdout.split()), heavy & set(check.stdout.split())
     # installed under a staging root (tools/install's DESTDIR): the paths as they will be
     install.install_router(str(entry), root=os.path.dirname(sys.executable))

@@ -15,7 +15,7 @@ Any doubt (nothing kept, another manifest path, a file changed since, another ve
 name with several partial matches, whose winner is the usage ranks' to pick) means no
 answer: the router then resolves the request the usual way, after its imports.
 
-Reading: os, json and naming only (the head start's budget). Building: the router, lazily
+Reading: os, lightjson and naming only (the head start's budget). Building: the router, lazily
 importing what it needs.
 """
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import _socket
 import select
 import time
-from json import loads
 
+from hoshikage_sd.lightjson import loads
 from hoshikage_sd.router import http1, routes
 
 #: how long to wait for the whole request (head and body) to arrive
