@@ -1,9 +1,8 @@
 """json.loads for the head start's path, without the json package's import.
 
-`import json` brings re and enum, and json compiles its regular expressions as it loads:
-~6 ms of every start from zero, before the head start can begin (docs/performance.md,
-"Kept optimisations": router spawned -> head start begins 7.4 ms sooner, every pair of 10).
-This takes the same C scanner the json package parses with (_json.make_scanner, set up as
+`import json` brings re and enum, and json compiles its regular expressions as it loads,
+on every start from zero before the head start can begin (docs/performance.md, "Kept
+optimisations", says what that costs). This takes the same C scanner the json package parses with (_json.make_scanner, set up as
 json.JSONDecoder sets it up by default), so the values are json.loads's. Whatever it does not
 take on itself goes to json.loads: bytes other than UTF-8, a byte-order mark, and any
 interpreter without the _json accelerator. Errors are ValueError, as json's are (its

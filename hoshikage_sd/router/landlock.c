@@ -1,10 +1,9 @@
-/* hoshikage-landlock [--read DIR]... PROGRAM [ARG...]: run PROGRAM confined by Landlock, in place of a
- * mount namespace (hoshikage.service: docs/security.md, "The router's file-system
- * confinement").
+/* hoshikage-landlock [--read DIR]... PROGRAM [ARG...]: run PROGRAM confined by Landlock, in
+ * place of a mount namespace (hoshikage.service; README, "The router's confinement").
  *
  * The confinement ProtectSystem=strict, ProtectHome=read-only, PrivateTmp= and
- * PrivateDevices= give, without a mount namespace: systemd builds one in every start, ~35
- * ms of each cold request (docs/performance.md), while Landlock is a few system calls.
+ * PrivateDevices= give, without a mount namespace: systemd builds one at every start, on
+ * each cold request's path (docs/performance.md), while Landlock is a few system calls.
  *   - read and execute beneath every directory in / but /dev and /tmp (and /var/tmp), as
  *     they are at its start: a mount beneath one is covered, a directory made in / later is
  *     not until the next start (the router exits when idle);
