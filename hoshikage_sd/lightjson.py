@@ -2,12 +2,12 @@
 
 `import json` brings re and enum, and json compiles its regular expressions as it loads,
 on every start from zero before the head start can begin (docs/performance.md, "Kept
-optimisations", says what that costs). This takes the same C scanner the json package parses with (_json.make_scanner, set up as
-json.JSONDecoder sets it up by default), so the values are json.loads's. Whatever it does not
-take on itself goes to json.loads: bytes other than UTF-8, a byte-order mark, and any
-interpreter without the _json accelerator. Errors are ValueError, as json's are (its
-JSONDecodeError is one), but only json.loads's say where: callers that show the message
-to a client parse with json.
+optimisations", says what that costs). This takes the same C scanner the json package
+parses with (_json.make_scanner, set up as json.JSONDecoder sets it up by default), so the
+values are json.loads's. Whatever it does not take on itself goes to json.loads: bytes
+other than UTF-8, a byte-order mark, and any interpreter without the _json accelerator.
+Errors are ValueError, as json's are (its JSONDecodeError is one), but only json.loads's
+say where: callers that show the message to a client parse with json.
 """
 
 from __future__ import annotations
