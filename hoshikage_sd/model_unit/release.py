@@ -30,7 +30,7 @@ from hoshikage_sd.manifest import Config
 from hoshikage_sd.model_unit import giveway
 from hoshikage_sd.policy.kept import Kept, to_release
 from hoshikage_sd.runtime import Runtime
-from hoshikage_sd.sd import units as systemd
+from hoshikage_sd.sd import units
 from hoshikage_sd.staging import Store, log_staged
 from hoshikage_sd.stats import StatsFile
 
@@ -54,7 +54,7 @@ def others_up(name: str) -> list[str] | None:
     """The other model units that are up and not going down (asked once per release), None
     when systemd cannot say."""
     try:
-        return [n for n in systemd.active_model_units(OTHERS_STATES) if n != name]
+        return [n for n in units.active_model_units(OTHERS_STATES) if n != name]
     except HoshikageError:
         return None
 
@@ -186,7 +186,7 @@ def main(config: Config, name: str) -> int:
     log.event("released", name,
               f"released {name}: {reason}; "
               + (f"its staged copy stays in RAM until {until} (or until the room is needed)"
-                 + (f" (made now by {systemd.keep_unit(name)}: its copy alongside was not "
+                 + (f" (made now by {units.keep_unit(name)}: its copy alongside was not "
                     "done)" if copied else "")
                  if kept else f"freed {fmt.size(freed)} of RAM disk")
               + (f"; llama-server pid was {pid}" if pid else "")
@@ -208,7 +208,7 @@ def stageable(config: Config, runtime: Runtime, name: str) -> bool:
 def start_keeping(name: str) -> bool:
     """Start hoshikage-keep@NAME.service, which makes the copy to keep; whether it was."""
     try:
-        systemd.start_helper(systemd.keep_unit(name))
+        units.start_helper(units.keep_unit(name))
     except HoshikageError as exc:
         log.log.warning("%s keeps no copy: %s", name, exc.message)
         return False
@@ -224,13 +224,13 @@ def stop_keeping(name: str) -> None:
     finishes is not left behind the caller's removal of the model's copy."""
     from hoshikage_sd.sd import bus
 
-    unit = systemd.keep_unit(name)
+    unit = units.keep_unit(name)
     try:
-        if systemd.unit_state(unit)[0] not in ("active", "activating", "deactivating"):
+        if units.unit_state(unit)[0] not in ("active", "activating", "deactivating"):
             return
-        systemd.stop_unit(unit)
+        units.stop_unit(unit)
         deadline = time.monotonic() + STOP_KEEPING_BY
-        while systemd.unit_state(unit)[0] != "inactive" and time.monotonic() < deadline:
+        while units.unit_state(unit)[0] != "inactive" and time.monotonic() < deadline:
             time.sleep(0.02)
     except (HoshikageError, bus.BusError) as exc:
         log.log.warning("cannot stop %s: %s", unit, getattr(exc, "message", exc))

@@ -45,7 +45,7 @@ def test_a_model_swapped_out_before_its_copy_was_made_keeps_one_made_by_its_keep
     monkeypatch.setattr(release, "others_up", lambda name: ["b"])
     monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
     started: list[str] = []
-    monkeypatch.setattr(release.systemd, "start_helper", started.append)
+    monkeypatch.setattr(release.units, "start_helper", started.append)
     events: list[dict[str, object]] = []
     monkeypatch.setattr(release.log, "event",
                         lambda kind, name, message, **fields: events.append(
@@ -82,7 +82,7 @@ def test_a_keep_unit_that_cannot_start_leaves_nothing_kept(
     def refused(unit: str) -> None:
         raise HoshikageError(f"cannot start {unit}: access denied")
 
-    monkeypatch.setattr(release.systemd, "start_helper", refused)
+    monkeypatch.setattr(release.units, "start_helper", refused)
     assert release.main(config, "m") == 0
     assert runtime.kept_until("m") is None
 
@@ -174,7 +174,7 @@ def test_a_copy_made_to_keep_is_not_kept_once_the_others_went_down(
     answers = [["b"], []]  # b up when the release began, going down once the copy was made
     monkeypatch.setattr(release, "others_up", lambda name: answers.pop(0))
     monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
-    monkeypatch.setattr(release.systemd, "start_helper", lambda unit: None)
+    monkeypatch.setattr(release.units, "start_helper", lambda unit: None)
     assert release.main(config, "m") == 0
     assert release.keep(config, "m") == 0
     assert answers == []  # asked again after the copy
@@ -203,10 +203,10 @@ def test_the_last_release_stops_a_copy_to_keep_still_being_made(
     runtime.set_kept("other", 1e12)
     states = {"hoshikage-keep@other.service": ["activating", "deactivating", "inactive"]}
     stopped: list[str] = []
-    monkeypatch.setattr(release.systemd, "unit_state",
+    monkeypatch.setattr(release.units, "unit_state",
                         lambda unit: (states[unit].pop(0) if len(states[unit]) > 1
                                       else states[unit][0], False))
-    monkeypatch.setattr(release.systemd, "stop_unit", stopped.append)
+    monkeypatch.setattr(release.units, "stop_unit", stopped.append)
     release.drop_kept(runtime, Store(config.ramdisk), [])
     assert stopped == ["hoshikage-keep@other.service"]
     assert states["hoshikage-keep@other.service"] == ["inactive"]  # waited for its end
@@ -230,7 +230,7 @@ def test_a_copy_alongside_cut_by_the_stop_is_made_again_by_the_keep_unit(
     monkeypatch.setattr(release, "others_up", lambda name: ["b"])
     monkeypatch.setattr(release, "memory", lambda: (20 << 30, 24 << 30))
     started: list[str] = []
-    monkeypatch.setattr(release.systemd, "start_helper", started.append)
+    monkeypatch.setattr(release.units, "start_helper", started.append)
     assert release.main(config, "m") == 0
     assert started == ["hoshikage-keep@m.service"]
     assert release.keep(config, "m") == 0
