@@ -72,7 +72,10 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, tiny_models: Path,
 
     assert completions(c, completion, "hoshikage sta") == ["status"]
     assert completions(c, completion, "hoshikage load ti") == ["tiny"]  # the manifest's names
-    assert "1 model(s): tiny" in c.exec("hoshikage", "check").stdout
+    checked = c.exec("hoshikage", "check").stdout
+    assert "1 model(s): tiny" in checked
+    # the packaged hoshikage-landlock confines the router on this kernel (router/checks.py)
+    assert "confinement" not in checked and "hoshikage-landlock" not in checked, checked
     # check runs as root but answers for the service user: a model it cannot read is named.
     c.exec("install", "-d", "-m", "0700", "/var/private-models")
     c.exec("cp", "/srv/models/tiny.gguf", "/var/private-models/hidden.gguf")
