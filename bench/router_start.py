@@ -32,8 +32,11 @@ rotating every run: what a sandbox option costs at activation. Each variant's
 `systemd-analyze security` exposure is printed beside its times, and the medians of the
 paired differences (the variant's run minus the shipped run of the same round).
 
+--drop-caches drops the page cache before each measured request, so that the interpreter
+and the router's modules come from the disk, as in bench/peers.py's runs.
+
   sudo PYTHONPATH=. .venv/bin/python bench/router_start.py [--runs 10] [--against REV]
-      [--dropin NAME=FILE ...] [--json FILE]
+      [--dropin NAME=FILE ...] [--drop-caches] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -86,9 +90,12 @@ def head_start(hk: Deployment, since: float) -> float | None:
     return began
 
 
-def one(hk: Deployment) -> dict[str, float]:
+def one(hk: Deployment, drop_caches: bool = False) -> dict[str, float]:
     zero(hk)
     time.sleep(0.5)  # let the stop's aftermath (journal, release) settle
+    if drop_caches:  # the router's files from the disk too, as bench/peers.py's runs have them
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     start = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=120)
     conn.request("POST", "/v1/chat/completions", BODY, {"Content-Type": "application/json"})
@@ -170,6 +177,8 @@ def main() -> None:
                     help="alternate with the router of this git revision")
     ap.add_argument("--dropin", metavar="NAME=FILE", action="append", default=[],
                     help="alternate the shipped unit with it plus FILE as a drop-in")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache before each measured request (cold files)")
     ap.add_argument("--json")
     args = ap.parse_args()
     variants = {name: Path(file).read_text() for name, _, file in
@@ -214,7 +223,7 @@ def main() -> None:
                         exposures[name] = exposure(hk)
                     if i == 0 or against or variants:
                         one(hk)  # warm-up: page cache, the journal, its bytecode
-                    runs[name].append(one(hk))
+                    runs[name].append(one(hk, args.drop_caches))
                     print(f"run {i + 1}{f' ({name})' if against or variants else ''}: "
                           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in runs[name][-1].items()),
                           flush=True)

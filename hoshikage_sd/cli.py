@@ -130,13 +130,17 @@ ROUTER_MODULES = ("hoshikage_sd.commands.verbs", "hoshikage_sd.router.config",
 
 
 def router_main(inserted: int = 0) -> int:
-    """hoshikage-router (model_unit/install.py): `hoshikage router`, the head start first.
-    `inserted`: how many directories the stub put first on the path, taken away again after
-    the head start (they would shadow the venv's own packages)."""
+    """hoshikage-router (model_unit/install.py): `hoshikage router` started without site
+    (python -IS; docs/performance.md): the head start first, then site-packages, then the rest.
+    `inserted`: how many directories the stub put first on the path, taken away again once
+    site has set the path up (they would shadow the venv's own packages)."""
     from hoshikage_sd.router.headstart import take
 
     early = take.take_early()
+    import site
+
     del sys.path[:inserted]
+    site.main()
     take.import_beside_load(early, ROUTER_MODULES)
     from hoshikage_sd.commands.verbs import router
 

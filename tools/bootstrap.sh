@@ -119,7 +119,7 @@ fi
 # hoshikage_sd/model_unit/launch.py from this checkout, its bytecode compiled now.
 say "launcher: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_launcher
 print(install_launcher(*sys.argv[1:]))' .venv/bin/hoshikage-launch .)"
-# The router's entry: the venv's Python, the head start before the router's imports.
+# The router's entry: the venv's Python without site until the head start is done.
 say "router: $(.venv/bin/python -c 'import sys; from hoshikage_sd.model_unit.install import install_router
 print(install_router(*sys.argv[1:]))' "$PWD/.venv/bin/hoshikage-router")"
 # What confines the router's file system (router/landlock.c; a stub without a compiler).

@@ -2,7 +2,7 @@
 there is a C compiler (sooner per cold start than Python's interpreter start:
 docs/performance.md), else a Python stub that imports model_unit/launch.py (whose bytecode
 Python caches; it would compile a script on every run). And hoshikage-router, the router's
-entry (the head start before the router's imports), and hoshikage-landlock, which confines it
+entry, which starts Python without site, and hoshikage-landlock, which confines it
 (router/landlock.c). The package build, tools/bootstrap.sh, tools/install and tests call this.
 """
 
@@ -25,10 +25,10 @@ main(sys.argv)
 """
 
 
-ROUTER_STUB = """#!{python} -I
+ROUTER_STUB = """#!{python} -IS
 # hoshikage-router, written by hoshikage's installer: `hoshikage router` as hoshikage.service
-# runs it, with the directory that holds hoshikage_sd first on the path (cli.router_main
-# takes it away again after the head start).
+# runs it. Without site (-S) the interpreter starts sooner: the head start (the waking
+# request's model unit started) comes first, site-packages after it (cli.router_main).
 import sys
 sys.path[:0] = {paths!r}
 from hoshikage_sd.cli import router_main
@@ -71,7 +71,7 @@ def install_router(path: str, python: str | None = None, paths: list[str] | None
     text = ROUTER_STUB.format(python=python, paths=paths, count=len(paths))
     write_atomic(Path(path), text.encode())
     os.chmod(path, 0o755)
-    return f"{path}: {python} -I"
+    return f"{path}: {python} -IS, site-packages after the head start"
 
 
 def write_stub(path: str, site: str) -> None:

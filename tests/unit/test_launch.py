@@ -461,16 +461,15 @@ def test_both_launchers_pass_a_stop_on_while_the_server_loads(
     assert not args.exists()  # and it did not go on to the activator
 
 
-def test_the_router_entry_starts_python_isolated_and_finds_its_imports(
+def test_the_router_entry_starts_python_without_site_and_finds_its_imports(
         tmp_path: Path) -> None:
     entry = tmp_path / "hoshikage-router"
     install.install_router(str(entry))
     text = entry.read_text()
-    assert text.startswith(f"#!{sys.executable} -I\n") and os.access(entry, os.X_OK)
+    assert text.startswith(f"#!{sys.executable} -IS\n") and os.access(entry, os.X_OK)
     # what the stub puts first on the path is enough for the head start's imports
     paths = text.split("sys.path[:0] = ")[1].split("\n")[0]
-    # ... and it keeps to its budget (its own imports, without site's): none of the modules
-    # whose imports cost it ~15 ms
+    # ... and it keeps to its budget: none of the modules whose imports cost it ~15 ms
     check = subprocess.run(
         [sys.executable, "-IS", "-c", f"import sys; sys.path[:0] = {paths}; "
          "import hoshikage_sd.router.headstart.take, hoshikage_sd.sd.bus; "
@@ -483,4 +482,4 @@ def test_the_router_entry_starts_python_isolated_and_finds_its_imports(
     assert not heavy & set(check.stdout.split()), heavy & set(check.stdout.split())
     # installed under a staging root (tools/install's DESTDIR): the paths as they will be
     install.install_router(str(entry), root=os.path.dirname(sys.executable))
-    assert entry.read_text().startswith(f"#!/{os.path.basename(sys.executable)} -I\n")
+    assert entry.read_text().startswith(f"#!/{os.path.basename(sys.executable)} -IS\n")
