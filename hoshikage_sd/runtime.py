@@ -165,9 +165,9 @@ class Runtime:
         self._write("keep", name, {})
 
     def wanted(self, name: str) -> bool:
-        """Is a request waiting for this model while its unit still stops? Then a copy its
-        stop is making to keep (release.copy_to_keep) is given up:
-        the request is waiting for that stop, and the source is in the page cache anyway."""
+        """Is a request waiting for this model while its unit still stops? Then the copy to
+        keep that its release asks hoshikage-keep@ for (release.copy_to_keep) is not made:
+        the model starts again at once, and its source is in the page cache anyway."""
         return self._file("wanted", name).exists()
 
     def set_wanted(self, name: str, wanted: bool = True) -> None:

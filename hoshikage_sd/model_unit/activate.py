@@ -49,7 +49,6 @@ class Activator:
         self.source = cache.source_for(config, model)  # the SSD cache copy, when current
         self.child: Child | None = None
         self.stopping = False
-        self.stop_began: float | None = None
         self._escalated = 0
         self.deadline = time.monotonic() + config.start_timeout
         self._last_beat = 0.0
@@ -73,8 +72,6 @@ class Activator:
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
         first = not self.stopping
         self.stopping = True
-        if first:
-            self.stop_began = time.monotonic()
         if self.child and self.child.poll() is None:
             self.child.send_signal(signum)
             if first:

@@ -101,7 +101,7 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
     from hoshikage_sd import cache
 
     if runtime.wanted(name):
-        log.log.info("%s keeps no copy: a request for it waits for this stop", name)
+        log.log.info("%s keeps no copy: a request for it waits for its stop", name)
         return False
     deadline = time.monotonic() + COPY_BY
     giveway.lowest_priority()  # beside the next model's load, as a copy alongside
@@ -113,12 +113,12 @@ def copy_to_keep(config: Config, runtime: Runtime, store: Store, name: str) -> b
         if time.monotonic() > deadline:
             raise TimeoutError(f"not done within {COPY_BY:.0f} s")
         if runtime.wanted(name):
-            raise InterruptedError("a request for it waits for this stop")
+            raise InterruptedError("a request for it waits for its stop")
 
     source = cache.source_for(config, model)
     try:
         log_staged(name, store.stage(name, source, in_time, drop_behind=False), source,
-                   " (at its stop, to keep)")
+                   " (after its stop, to keep)")
     except (OSError, HoshikageError) as exc:  # TimeoutError is an OSError
         log.log.warning("%s keeps no copy: %s", name, getattr(exc, "message", exc))
         return False
