@@ -62,9 +62,10 @@ def test_check_load_ps_and_status(hk: Deployment) -> None:
     lines = loaded.stdout.splitlines()
     # a first load: llama-server reads the source (the unit's memory grows), and the
     # RAM-disk copy is made once it serves
-    # (a line per phase seen: a tiny model may be loaded before a look finds it loading)
+    # (a line per phase seen: a tiny model may be loaded before a look finds it loading,
+    # and its copy alongside made before a look finds it staging: "staged tiny: SIZE")
     assert lines[0] == "starting tiny", lines
-    assert all(line.startswith(("loading tiny (llama-server)", "tiny: "))
+    assert all(line.startswith(("loading tiny (llama-server)", "tiny: ", "staged tiny: "))
                for line in lines[1:-1]), lines
     done = re.fullmatch(r"tiny loaded in [0-9.]+ s, llama-server pid (\d+) \(from its "
                         r"source; its RAM-disk copy is made alongside\)", lines[-1])
