@@ -3,6 +3,7 @@ asked. Hold the admission lock."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from hoshikage_sd import log, metrics
@@ -42,6 +43,16 @@ def evict(name: str, decision: Decision, runtime: Runtime, counts: metrics.Count
             units.systemctl("stop", unit, check=False)
         else:
             units.stop_unit(unit)
+
+
+def asking_workers_once(model: Model) -> contextlib.AbstractContextManager[None]:
+    """Around one admission of `model`: a model split over RPC workers asks each of them
+    once (rpc/workers.asked_once)."""
+    if not model.rpc:
+        return contextlib.nullcontext()
+    from hoshikage_sd.rpc import workers
+
+    return workers.asked_once()
 
 
 def workers(config: Config, model: Model, estimate: int, decision: Decision,

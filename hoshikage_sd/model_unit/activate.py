@@ -264,7 +264,7 @@ class Activator:
         wait_until = time.monotonic() + self.config.admission_wait
         announced, verified = False, not self.encrypted
         while True:
-            with self.runtime.locked("admission"):
+            with self.runtime.locked("admission"), act.asking_workers_once(self.model):
                 snapshot, request = gather.inputs(self.config, self.model, self.runtime)
                 decision = admission.decide(snapshot, request)
                 verdict = decision.verdict

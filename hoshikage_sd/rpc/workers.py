@@ -20,7 +20,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,9 +130,42 @@ def why_unreachable(exc: BaseException, connected: bool) -> str:
     return str(exc)
 
 
+#: answers of this admission (asked_once), or why there was none, by worker address;
+#: None outside one
+_asked: dict[str, wire.Answer | WorkerUnavailable] | None = None
+
+
+@contextlib.contextmanager
+def asked_once() -> Iterator[None]:
+    """Within: each worker is asked once and its answer reused. One admission asks twice
+    otherwise: for the head's share of the split (admit/needs.split_share), then for the
+    fit (admit), a few ms apart and under the admission lock; one that is down would be
+    waited for twice."""
+    global _asked
+    outer, _asked = _asked, {} if _asked is None else _asked
+    try:
+        yield
+    finally:
+        _asked = outer
+
+
 def ask(worker: Worker, timeout: float = TIMEOUT,
         answer_timeout: float = ANSWER_TIMEOUT) -> wire.Answer:
     """The worker's answer, or WorkerUnavailable saying why (by name and address)."""
+    answer = _asked.get(worker.address) if _asked is not None else None
+    if answer is None:
+        try:
+            answer = ask_anew(worker, timeout, answer_timeout)
+        except WorkerUnavailable as exc:
+            answer = exc  # a worker that is down is waited for once
+        if _asked is not None:
+            _asked[worker.address] = answer
+    if isinstance(answer, WorkerUnavailable):
+        raise answer
+    return answer
+
+
+def ask_anew(worker: Worker, timeout: float, answer_timeout: float) -> wire.Answer:
     import socket
     import time
 

@@ -120,13 +120,19 @@ def recv_exactly(conn: socket.socket, n: int) -> bytes:
     return data
 
 
+#: connections the fake servers took, by port
+ACCEPTED: dict[int, int] = {}
+
+
 def fake_server(listener: socket.socket, version: bytes, silent: bool) -> None:
     """Clients one after another, as ggml-rpc-server serves them, until the listener closes."""
+    port = listener.getsockname()[1]
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return
+        ACCEPTED[port] = ACCEPTED.get(port, 0) + 1
         serve(conn, version, silent)
 
 
@@ -207,6 +213,32 @@ def test_admit_asks_each_worker_and_remembers_the_split(server: int, tmp_path: P
     split = workers.admit(c, c.models["tiny"], 1 << 30)
     assert [(s.worker, s.free, s.version) for s in split] == [("box2", 3 << 30, "4.0.3")]
     assert workers.status(c, ["tiny"])[0]["held_bytes"] == {"tiny": 1 << 30}
+
+
+def test_one_admission_asks_each_worker_once(server: int, tmp_path: Path) -> None:
+    """The model unit's admission asks for the head's share of the split (needs.split_share),
+    then admit asks for the fit: one connection to the worker for both."""
+    from hoshikage_sd.admit import act
+
+    text = (f"runtime_dir: {tmp_path}\nworkers:\n  box2: 127.0.0.1:{server}\n"
+            "models:\n  tiny:\n    path: /srv/tiny.gguf\n    rpc: [box2]\n")
+    c = config(text)
+    with act.asking_workers_once(c.models["tiny"]):
+        first = workers.ask(c.workers["box2"])
+        (share,) = workers.admit(c, c.models["tiny"], 1 << 30)
+    assert (share.free, ACCEPTED[server]) == (first.free, 1)
+    workers.admit(c, c.models["tiny"], 1 << 30)  # the next admission asks anew
+    assert ACCEPTED[server] == 2
+
+
+@pytest.mark.parametrize("server", [(bytes([4, 0, 3]), True)], indirect=True)
+def test_one_admission_waits_for_a_silent_worker_once(server: int) -> None:
+    worker = Worker("box2", "127.0.0.1", server)
+    with workers.asked_once():
+        for _ in range(2):
+            with pytest.raises(workers.WorkerUnavailable, match="serves another client"):
+                workers.ask(worker, answer_timeout=0.3)
+    assert ACCEPTED[server] == 1
 
 
 def test_admit_counts_the_selected_devices_and_their_number(server: int,
