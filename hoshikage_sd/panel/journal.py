@@ -30,6 +30,9 @@ SOCKET = ".journal.sock"
 MAX_REQUEST = 256
 #: the most lines a request may ask (the panel's guard.lines allows fewer)
 MAX_LINES = 1000
+#: the reader's last line when journalctl failed: why, in a field no record can have (the
+#: journal keeps names beginning with "_" for its own)
+PROBLEM = "__HOSHIKAGE_PROBLEM"
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,10 @@ def text_of(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def parse(output: str) -> list[Record]:
-    """journalctl -o json's lines, as records (a line it cannot read is skipped)."""
-    records = []
+def parse(output: str) -> tuple[list[Record], str | None]:
+    """journalctl -o json's lines, as records (a line it cannot read is skipped), and the
+    reader's problem line, if any."""
+    records, problem = [], None
     for line in output.splitlines():
         try:
             entry = json.loads(line)
@@ -63,6 +67,9 @@ def parse(output: str) -> list[Record]:
             continue
         if not isinstance(entry, dict):
             continue
+        if PROBLEM in entry:
+            problem = text_of(entry[PROBLEM])
+            continue
         priority = text_of(entry.get("PRIORITY"))
         records.append(Record(
             stamp, text_of(entry.get("MESSAGE")),
@@ -70,7 +77,7 @@ def parse(output: str) -> list[Record]:
             text_of(entry.get("HOSHIKAGE_MODEL")) or None,
             int(priority) if priority.isdigit() else 6,
             text_of(entry.get("_SYSTEMD_UNIT")) or None))
-    return records
+    return records, problem
 
 
 def events_argv(model: str | None, lines: int) -> list[str]:
@@ -117,8 +124,9 @@ def argv_for(line: str) -> list[str] | None:
 
 def serve() -> int:
     """`hoshikage journal-read`, hoshikage-journal@.service's program: its connection is
-    stdin and stdout. One request line, checked; then journalctl in its place (its output
-    goes to the router; what it says on stderr, to the journal). Exit 2 for a bad line."""
+    stdin and stdout. One request line, checked; then journalctl, its records to the router,
+    and, when it fails (a journal this unit may not read: no records, and journalctl exits
+    1), a last line saying why, for the panel. Exit 2 for a bad line."""
     data = b""
     while b"\n" not in data and len(data) <= MAX_REQUEST:
         chunk = os.read(0, MAX_REQUEST)
@@ -129,7 +137,18 @@ def serve() -> int:
     if argv is None or len(data) > MAX_REQUEST:
         log.log.error("journal-read: not a request: %r", data[:80])
         return 2
-    os.execvp(argv[0], argv)
+    from hoshikage_sd import proc
+
+    result = proc.run(argv, check=False)
+    out = result.stdout.encode()
+    if result.returncode != 0:
+        said = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        log.log.error("journal-read: journalctl failed: %s", said)
+        out += json.dumps({PROBLEM: f"hoshikage-journal@.service cannot read the journal: "
+                                    f"{said}"}).encode() + b"\n"
+    while out:
+        out = out[os.write(1, out):]
+    return 0
 
 
 def read(runtime_dir: Path, kind: str, model: str | None, lines: int
@@ -149,4 +168,4 @@ def read(runtime_dir: Path, kind: str, model: str | None, lines: int
     except OSError as exc:
         return [], (f"cannot read the journal through {runtime_dir / SOCKET} "
                     f"(hoshikage-journal.socket): {exc.strerror or exc}")
-    return parse(b"".join(chunks).decode("utf-8", errors="replace")), None
+    return parse(b"".join(chunks).decode("utf-8", errors="replace"))

@@ -424,17 +424,43 @@ def test_the_router_reads_only_hoshikage_s_records(hk: Deployment) -> None:
     journal_gid = hk.container.exec("getent", "group", "systemd-journal").stdout.split(":")[2]
     assert journal_gid not in groups, groups
 
-    def ask(line: str) -> str:
-        return hk.container.exec(
-            "python3", "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); "
-            "s.connect('/run/hoshikage/.journal.sock'); s.sendall(sys.argv[1].encode()); "
-            "s.shutdown(socket.SHUT_WR); print(s.makefile('rb').read().decode())",
-            line).stdout
-
-    assert '"HOSHIKAGE_MODEL":"broken"' in ask("events 5 broken\n").replace(" ", "")
+    assert '"HOSHIKAGE_MODEL":"broken"' in ask_reader(hk, "events 5 broken\n").replace(" ", "")
     for bad in ("events 5 _SYSTEMD_UNIT=sshd.service\n", "everything 5\n", "unit 5\n",
                 "events 99999\n"):
-        assert ask(bad).strip() == "", bad
+        assert ask_reader(hk, bad).strip() == "", bad
+
+
+def ask_reader(hk: Deployment, line: str) -> str:
+    """hoshikage-journal.socket's answer to `line`, asked as the router asks it."""
+    return hk.container.exec(
+        "python3", "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+        "s.connect('/run/hoshikage/.journal.sock'); s.sendall(sys.argv[1].encode()); "
+        "s.shutdown(socket.SHUT_WR); print(s.makefile('rb').read().decode())",
+        line).stdout
+
+
+def test_a_reader_that_may_not_read_the_journal_says_so(hk: Deployment) -> None:
+    """Without the group systemd-journal the reader finds no journal file it may open: the
+    panel says why, rather than showing an empty list."""
+    dropin = hk.container.root / "run/systemd/system/hoshikage-journal@.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "no-group.conf").write_text("[Service]\nSupplementaryGroups=\n")
+    hk.container.systemctl("daemon-reload")
+    try:
+        answer = ask_reader(hk, "events 5\n")
+        conn = http.client.HTTPConnection("127.0.0.1", hk.port, timeout=60)
+        conn.request("GET", "/panel/api/journal?lines=5",
+                     headers={"Authorization": f"Bearer {ANY_KEY}"})
+        response = conn.getresponse()
+        status, body = response.status, json.loads(response.read())
+        conn.close()
+    finally:
+        (dropin / "no-group.conf").unlink()
+        hk.container.systemctl("daemon-reload")
+    assert "insufficient permissions" in answer, answer
+    assert status == 200 and body["records"] == [], body
+    assert body["problem"].startswith("hoshikage-journal@.service cannot read the journal: "), body
+    assert ask_reader(hk, "events 5 broken\n").strip(), "the group back, records again"
 
 
 def test_the_idle_release_comes_on_time_with_the_panel_open(panel: Panel,

@@ -154,7 +154,8 @@ def test_journal_records_are_parsed_bytes_and_all() -> None:
                     "PRIORITY": "4"}),
         "not json", json.dumps([1, 2]),
     ]
-    first, second = journal.parse("\n".join(lines))
+    (first, second), problem = journal.parse("\n".join(lines))
+    assert problem is None
     assert first == journal.Record(1700000000.5, "tiny released", "released", "tiny", 6,
                                    "hoshikage-model@tiny.service")
     assert second.message == "hi\ufffd" and second.event is None and second.priority == 4
@@ -162,6 +163,13 @@ def test_journal_records_are_parsed_bytes_and_all() -> None:
     assert "--lines=20" in argv and "HOSHIKAGE_MODEL=tiny" in argv
     assert sum(a.startswith("MESSAGE_ID=") for a in argv) >= 10
     assert "HOSHIKAGE_MODEL=tiny" in journal.unit_argv("tiny", 5)
+
+
+def test_the_reader_s_problem_line_is_the_problem_not_a_record() -> None:
+    said = {journal.PROBLEM: "hoshikage-journal@.service cannot read the journal: No "
+                             "journal files were opened due to insufficient permissions."}
+    records, problem = journal.parse(json.dumps(said) + "\n")
+    assert records == [] and problem == said[journal.PROBLEM]
 
 
 def test_the_journal_reader_takes_only_a_request_line() -> None:
