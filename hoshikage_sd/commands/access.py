@@ -48,8 +48,16 @@ def _allowed(st: os.stat_result, user: User, bits: int) -> bool:
 
 
 def refusal(user: User, path: Path, bits: int) -> str | None:
-    """Why `user` cannot open `path` with `bits` (4 read, 1 execute), or None when it can."""
+    """Why `user` cannot open `path` with `bits` (4 read, 1 execute), or None when it can:
+    through the directories above it, and, for a symlink (a Hugging Face snapshot's, into
+    blobs/), above its target too."""
     path = Path(os.path.abspath(path))
+    why = _walk(user, path, bits)
+    target = Path(os.path.realpath(path))
+    return why if why is not None or target == path else _walk(user, target, bits)
+
+
+def _walk(user: User, path: Path, bits: int) -> str | None:
     for parent in reversed(path.parents):  # search permission on every directory above
         try:
             st = os.stat(parent)

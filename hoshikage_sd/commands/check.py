@@ -28,12 +28,15 @@ def service_user_problems(config: Config) -> list[str]:
         why = access.refusal(user, config.llama_server, 5)
         if why:
             problems.append(f"llama_server: {why} (the units run as {user.name})")
+    from hoshikage_sd.manifest import model_files
+
     for model in config.models.values():
-        if model.path.exists():
-            why = access.refusal(user, model.path, 4)
+        for path in model_files(model):
+            why = access.refusal(user, path, 4) if path.exists() else None
             if why:
                 problems.append(f"model {model.name}: {why} (give it the group: chgrp "
                                 f"{user.name} FILE and chmod g+r FILE, g+x on directories)")
+                break
     return problems
 
 

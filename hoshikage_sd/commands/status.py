@@ -139,6 +139,9 @@ class Listing:
     rank: float = 0.0
     cached: bool = False
     error: str | None = None
+    #: a split model's other shards, and its projector (llama-server's --mmproj)
+    shards: list[str] = dataclasses.field(default_factory=list)
+    mmproj: str | None = None
 
 
 def describe(config: Config, model: Model, active: set[str],
@@ -155,9 +158,11 @@ def describe(config: Config, model: Model, active: set[str],
                    "staged" if Store(config.ramdisk).has_copy(model.name) else "-",
                    last_used=last_used,
                    rank=round(ranks.get(model.name, 0.0), 1),
-                   cached=cache.cached_copy(config, model) is not None)
+                   cached=cache.cached_copy(config, model) is not None,
+                   shards=[str(p) for p in model.shards],
+                   mmproj=str(model.mmproj) if model.mmproj else None)
     try:
-        info = gguf.read_info(model.path)
+        info = gguf.read_model_info((model.path, *model.shards))
     except (OSError, HoshikageError) as exc:
         return dataclasses.replace(base, error=str(exc).splitlines()[0])
     return dataclasses.replace(

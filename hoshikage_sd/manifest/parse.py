@@ -38,6 +38,15 @@ def _path(r: NodeReader, n: yaml.Node, what: str) -> Path:
     return r.abspath(n, what)
 
 
+def _mmproj(r: NodeReader, n: yaml.Node, what: str) -> Path | None:
+    """A projector's path, or `false`: none (not the one `sources:` found beside it)."""
+    if isinstance(n, yaml.ScalarNode) and n.tag == "tag:yaml.org,2002:bool":
+        if r.boolean(n, what):
+            raise r.fail(n, f"{what} must be a projector's absolute path, or false for none")
+        return None
+    return r.abspath(n, what)
+
+
 def _duration(r: NodeReader, n: yaml.Node, what: str) -> float:
     return r.duration(n, what)
 
@@ -230,7 +239,7 @@ TOP_RENAMED = {"rank": "weights"}
 MODEL_FIELDS: dict[str, FieldReader] = {
     "ttl": _duration, "args": _strings, "pinned": _boolean, "preload": _boolean,
     "health": _health,
-    "backend": _backend, "command": _command, "env": _env, "mmproj": _path,
+    "backend": _backend, "command": _command, "env": _env, "mmproj": _mmproj,
     "stage": _stage, "rpc": _strings,
 }
 SOURCE_FIELDS: dict[str, FieldReader] = {
@@ -345,7 +354,11 @@ class _Parser(NodeReader):
                 tag_owner[tag] = name
             models[name] = model
         for name, f in found.items():
-            if name not in models and name not in owner:
+            if name in owner:
+                self.warnings.append(f"sources: {f.path} is named '{name}', an alias of "
+                                     f"'{owner[name]}': left out (another alias, or a "
+                                     "models: entry with its own path:)")
+            elif name not in models:
                 models[name] = Model(name=name, path=f.path, ttl=idle_ttl, shards=f.shards,
                                      mmproj=f.mmproj, **self.inherited(f.source, {}))
         return models
@@ -389,7 +402,7 @@ class _Parser(NodeReader):
         kw: dict[str, Any] = {"ttl": idle_ttl, "shards": shards, "mmproj": mmproj,
                               **self.fields(items, MODEL_FIELDS, f"{what}: ")}
         kw.update(self.inherited(source, kw))
-        if "mmproj" in items and (problem := self.missing(kw["mmproj"])):
+        if "mmproj" in items and kw["mmproj"] and (problem := self.missing(kw["mmproj"])):
             self.warnings.append(f"{self.path}:{items['mmproj'][1].start_mark.line + 1}: "
                                  f"{what}: mmproj {problem}")
         kw["aliases"] = tuple(self.name(a, f"{what}: alias") for a in alias_nodes)
@@ -427,6 +440,8 @@ class _Parser(NodeReader):
         """What is wrong with a file the manifest names, if anything (a warning: the disk
         may be mounted later)."""
         try:
+            if path.is_dir():
+                return f"{path} is a directory, not a file"
             return None if path.is_file() else f"{path} does not exist (yet)"
         except OSError as exc:  # a directory this user may not search: say so, go on
             return f"{path} cannot be looked at: {exc.strerror}"

@@ -3,6 +3,7 @@ every reload, and whether it changed (Changes)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -12,6 +13,8 @@ from hoshikage_sd import lastgood
 from hoshikage_sd.manifest import Config, load, names
 from hoshikage_sd.router.headstart import index
 
+logger = logging.getLogger("hoshikage")
+
 
 def load_config(source: Path) -> Config:
     """The manifest with the CLI's names over it; HoshikageError (file:line, what is wrong)
@@ -20,13 +23,16 @@ def load_config(source: Path) -> Config:
     the next router read instead of parsing while its files are as they were, and the name
     index that the next router's head start resolves the waking request with
     (headstart/index.py). A names.json of the wrong shape is reported and what is usable of
-    it applies (names.effective): it never stops the router."""
+    it applies (names.effective): it never stops the router. The router that parses logs
+    the manifest's warnings: once for its files as they are, not at each start."""
     config = lastgood.load(source)
     if config is not None:
         return config  # what a parse of these same files would give, kept whole
     began = time.time()
     config = names.effective(load(source))
     lastgood.save(config, began, index.build)
+    for warning in config.warnings:
+        logger.warning("%s", warning)
     return config
 
 

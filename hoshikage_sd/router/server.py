@@ -107,8 +107,6 @@ class Router:
             logger.info("manifest %s usable again", config.source)
         self.broken = None
         logger.info("manifest %s reloaded: %d model(s)", config.source, len(config.models))
-        for warning in config.warnings:
-            logger.warning("%s", warning)
         self.config = config
         if self.front is not None:
             # new connections and requests get them (an open connection keeps its body

@@ -55,3 +55,18 @@ def test_owner_bits_decide_for_the_owner(directory: Path) -> None:
         os.chown(server, owner.uid, -1)
     assert refusal(owner, server, 5) == f"hoshikage may not run {server}"
     assert refusal(OTHER, server, 5) is None
+
+
+def test_a_snapshot_link_is_judged_through_its_target_too(directory: Path) -> None:
+    """A Hugging Face snapshot's file is a symlink into blobs/: a blobs/ the user may not
+    enter keeps it out, though the snapshot's folders are open."""
+    blobs, snapshot = directory / "blobs", directory / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    (blobs / "0a1b").write_bytes(b"GGUF")
+    (blobs / "0a1b").chmod(0o644)
+    link = snapshot / "m.gguf"
+    link.symlink_to("../../blobs/0a1b")
+    assert refusal(OTHER, link, 4) is None
+    blobs.chmod(0o700)
+    assert refusal(OTHER, link, 4) == f"hoshikage may not enter {blobs}"

@@ -180,6 +180,20 @@ def test_a_file_another_user_wrote_is_not_trusted(manifest: Path) -> None:
         lastgood.load_or_last_good(manifest)
 
 
+def test_the_router_that_parses_logs_the_warnings_once(
+        manifest: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal has them from the first router after a change (sources: that cannot be
+    read, a missing file), not again from each router that takes the kept parse."""
+    with caplog.at_level(logging.WARNING, logger="hoshikage"):
+        config = load_config(manifest)
+        said = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        load_config(manifest)
+    assert config.warnings and said == list(config.warnings)
+    assert any("gone.gguf does not exist" in w for w in said)
+    assert caplog.records == []
+
+
 def test_the_router_keeps_it_and_a_unit_helper_reads_it_without_yaml(manifest: Path) -> None:
     config = load_config(manifest)
     assert lastgood.load(manifest) == config

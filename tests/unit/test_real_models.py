@@ -182,6 +182,93 @@ def test_recursive_sources_and_split_models_and_projectors(tmp_path: Path) -> No
     assert models / "deep" / "a" / "b" in deep.scanned  # lastgood.py watches each
 
 
+def test_a_projector_goes_only_to_the_models_it_names(tmp_path: Path) -> None:
+    """llama-server refuses a model with another model's projector (their widths differ):
+    in a folder of several models a projector goes to the one its name names; one that
+    names none, only where every model beside it is of one family."""
+    shared, hub = tmp_path / "shared", tmp_path / "hub"
+    touch(shared / "llava-7b-Q4_K_M.gguf", shared / "llava-7b-mmproj-f16.gguf",
+          shared / "qwen-Q4_K_M.gguf", shared / "mmproj-model-f16.gguf")
+    hf_repo(hub, "org/Vis-GGUF", ["Vis-Q4_K_M.gguf", "Vis-Q8_0.gguf", "mmproj-Vis-q8_0.gguf",
+                                  "mmproj/mmproj-Vis-f16.gguf"])
+    hf_repo(hub, "org/Two-GGUF", ["Two-A-Q4_K_M.gguf", "Two-B-Q4_K_M.gguf",
+                                  "mmproj-Two-B-f16.gguf"])
+    hf_repo(hub, "unsloth/gemma-3-4b-it-GGUF", ["gemma-3-4b-it-Q4_K_M.gguf",
+                                                "gemma-3-4b-it-Q8_0.gguf", "mmproj-F16.gguf"])
+    hf_repo(hub, "bartowski/google_gemma-3-12b-it-GGUF",
+            ["google_gemma-3-12b-it-Q4_K_M.gguf", "mmproj-gemma-3-12b-it-f16.gguf"])
+    config = manifest.load(write(tmp_path, f"sources: [{shared}, {hub}]\n"))
+    mmproj = {name: m.mmproj.name if m.mmproj else None for name, m in config.models.items()}
+    assert mmproj == {
+        "llava-7b-Q4_K_M": "llava-7b-mmproj-f16.gguf",
+        "qwen-Q4_K_M": None,  # llava's is not its, nor is the generic one beside two models
+        "Vis-Q4_K_M": "mmproj-Vis-f16.gguf",  # f16 first, from a folder of the snapshot
+        "Vis-Q8_0": "mmproj-Vis-f16.gguf",
+        "Two-A-Q4_K_M": None, "Two-B-Q4_K_M": "mmproj-Two-B-f16.gguf",
+        "gemma-3-4b-it-Q4_K_M": "mmproj-F16.gguf", "gemma-3-4b-it-Q8_0": "mmproj-F16.gguf",
+        "google_gemma-3-12b-it-Q4_K_M": "mmproj-gemma-3-12b-it-f16.gguf",
+    }
+
+
+def test_quantisations_in_folders_of_one_file_name_are_models_of_their_own(
+        tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    hf_repo(hub, "org/Gen-GGUF", [f"{q}/model-{i:05d}-of-00002.gguf"
+                                  for q in ("Q4_K_M", "Q8_0") for i in (1, 2)])
+    hf_repo(hub, "org/Gen2-GGUF", ["Q4_K_M/model.gguf", "Q8_0/model.gguf"])
+    config = manifest.load(write(tmp_path, f"sources: [{hub}]\n"))
+    assert sorted(config.models) == ["Gen-Q4_K_M", "Gen-Q8_0", "Gen2-Q4_K_M", "Gen2-Q8_0"]
+    assert config.models["Gen-Q8_0"].path.parent.name == "Q8_0"
+    assert not config.warnings
+
+
+def test_what_the_sources_leave_out_is_said(tmp_path: Path) -> None:
+    """Two files of one name, a split model without its first shard, a link to nothing (a
+    download not finished), a repository that cannot be read: each a warning."""
+    hub, plain = tmp_path / "hub", tmp_path / "plain"
+    hf_repo(hub, "Qwen/Qwen3-8B-GGUF", ["Qwen3-8B-Q4_K_M.gguf"])
+    hf_repo(hub, "unsloth/Qwen3-8B-GGUF", ["Qwen3-8B-Q4_K_M.gguf", "Qwen3-8B-Q8_0.gguf"])
+    (hub / "models--unsloth--Qwen3-8B-GGUF" / "blobs" / f"{1:040x}").unlink()
+    broken = hub / "models--org--Broken-GGUF"
+    (broken / "refs").mkdir(parents=True)
+    (broken / "snapshots").write_text("not a directory")
+    touch(plain / "dup name.gguf", plain / "dup-name.gguf",
+          plain / "orphan-00002-of-00003.gguf", plain / "orphan-00003-of-00003.gguf")
+    config = manifest.load(write(tmp_path, f"sources: [{hub}, {plain}]\n"))
+    assert sorted(config.models) == ["Qwen3-8B-Q4_K_M", "dup-name"]
+    assert config.models["Qwen3-8B-Q4_K_M"].path.parts[-4] == "models--Qwen--Qwen3-8B-GGUF"
+    said = "\n".join(config.warnings)
+    assert "unsloth--Qwen3-8B-GGUF/snapshots/0123abc/Qwen3-8B-Q4_K_M.gguf is named " \
+           "'Qwen3-8B-Q4_K_M' as " in said
+    assert "Qwen3-8B-Q8_0.gguf is a link to nothing" in said
+    assert f"{broken} cannot be read" in said
+    assert "dup name.gguf is named 'dup-name'" in said or "dup-name.gguf is named" in said
+    assert said.count("first shard orphan-00001-of-00003.gguf is missing") == 2, said
+
+
+def test_a_found_model_named_as_an_alias_is_said(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    touch(models / "Foo-Q4_K_M.gguf", tmp_path / "mine.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        sources: [{models}]
+        models:
+          mine: {{path: {tmp_path}/mine.gguf, aliases: [Foo-Q4_K_M]}}
+    """))
+    assert list(config.models) == ["mine"]
+    assert any("Foo-Q4_K_M.gguf is named 'Foo-Q4_K_M', an alias of 'mine'" in w
+               for w in config.warnings), config.warnings
+
+
+def test_the_kept_parse_sees_a_new_revision_and_a_directory_opened(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    repo = hf_repo(hub, "org/Upd-GGUF", ["Upd-Q4_K_M.gguf"])
+    closed = tmp_path / "plain" / "closed"
+    config = manifest.load(write(tmp_path, f"sources: [{hub}, {closed}]\n"))
+    watched = lastgood.inputs(config)
+    for path in (repo / "refs" / "main", repo / "snapshots", closed):
+        assert str(path) in watched, path
+
+
 def test_unreadable_source_directory_is_a_warning_not_silence(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     config = manifest.load(write(tmp_path, f"sources: [{missing}]\nmodels: {{}}\n"))
@@ -337,6 +424,59 @@ def test_the_estimate_reads_every_shard_and_counts_the_projector(tmp_path: Path)
     assert with_proj - without == memory.projector_bytes(proj.stat().st_size)
     assert abs(without - needs.estimate(manifest.Model("s", tmp_path / "single.gguf"))) \
         <= memory.TMPFS_PAGE * count  # the same model, in pages of several files
+
+
+def test_a_split_model_is_listed_whole_and_its_projector_takes_images(
+        tmp_path: Path) -> None:
+    """`hoshikage list` and Ollama's /api/tags, /api/show: size and parameters over every
+    shard; a projector from the manifest (mmproj:, or found beside it) takes images."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    import make_gguf
+
+    from hoshikage_sd.commands import status
+    from hoshikage_sd.router import ollama
+
+    count = make_gguf.split_count(2, 8)
+    first = tmp_path / "m" / f"Big-Q4_K_M-00001-of-{count:05d}.gguf"
+    first.parent.mkdir()
+    make_gguf.write_model(first, split_max_tensors=8)
+    make_gguf.write_model(tmp_path / "single.gguf")
+    make_gguf.write_projector(first.parent / "mmproj-Big-f16.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        runtime_dir: {tmp_path}/run
+        ramdisk: {tmp_path}/ram
+        state_dir: {tmp_path}/state
+        sources: [{first.parent}]
+    """))
+    big = config.models["Big-Q4_K_M"]
+    files = (big.path, *big.shards)
+    single = ollama.model_facts("single", tmp_path / "single.gguf")
+    facts = ollama.model_facts(big.name, big.path, shards=big.shards,
+                               projector=big.mmproj is not None)
+    assert facts.size == sum(p.stat().st_size for p in files) and facts.accepts_images
+    assert ollama.details(facts)["parameter_size"] == ollama.details(single)["parameter_size"]
+    listing = status.describe(config, big, set(), {}, {})
+    assert listing.size == facts.size and listing.parameters == single.info.n_params  # type: ignore[union-attr]
+    assert listing.mmproj == str(first.parent / "mmproj-Big-f16.gguf")
+    assert listing.shards == [str(p) for p in big.shards]
+
+
+def test_mmproj_false_gives_a_found_model_none(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    touch(models / "vis-Q4_K_M.gguf", models / "mmproj-vis-f16.gguf")
+    config = manifest.load(write(tmp_path, f"""
+        sources: [{models}]
+        models:
+          vis-Q4_K_M: {{mmproj: false}}
+          dir: {{path: {models}/vis-Q4_K_M.gguf, mmproj: {models}}}
+    """))
+    assert config.models["vis-Q4_K_M"].mmproj is None
+    assert any(f"mmproj {models} is a directory, not a file" in w for w in config.warnings)
+    with pytest.raises(ConfigError, match="must be a projector's absolute path, or false"):
+        manifest.load(write(tmp_path, f"models:\n  v: {{path: {models}/v.gguf, mmproj: "
+                                      "yes}\n"))
 
 
 # -- `hoshikage check` on llama-server's environment ----------------------------------------

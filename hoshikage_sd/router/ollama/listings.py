@@ -60,34 +60,39 @@ def identity_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _header(path: str, size: int, mtime_ns: int) -> gguf.GGUFInfo | None:
-    # keyed by identity: a replaced file is read again, an unchanged one never
+def _header(files: tuple[tuple[str, int, int], ...]) -> gguf.GGUFInfo | None:
+    # keyed by the files' identities: a replaced file is read again, an unchanged one never
     try:
-        return gguf.read_info(path)
+        return gguf.read_model_info([path for path, _, _ in files])
     except HoshikageError as err:  # not a GGUF, or an encrypted one this router cannot open
-        logger.warning("listing %s without details: %s", path, err.message)
+        logger.warning("listing %s without details: %s", files[0][0], err.message)
         return None
 
 
 def model_facts(name: str, path: str | os.PathLike[str], *,
+                shards: Sequence[str | os.PathLike[str]] = (), projector: bool = False,
                 args: Sequence[str] = (), aliases: Sequence[str] = ()) -> ModelFacts:
-    """Facts about a manifest model from its source file (stat + cached header read).
-    `args`: its llama-server arguments, for the served context and the projector. A missing
-    file gives size 0 and no details rather than an error: a listing names every model."""
+    """Facts about a manifest model from its source files (stat + cached header read): a
+    split model's over all its shards. `projector`: the manifest gives it one (mmproj:);
+    `args`: its llama-server arguments, for the served context and a projector named there.
+    A missing file gives size 0 and no details rather than an error: a listing names every
+    model."""
     spath = os.fspath(path)
     try:
-        st = os.stat(spath)
+        files = tuple((p, st.st_size, st.st_mtime_ns)
+                      for p in (spath, *(str(s) for s in shards)) for st in (os.stat(p),))
     except OSError:
         return ModelFacts(name, spath, 0, 0, aliases=tuple(aliases))
-    info = _header(spath, st.st_size, st.st_mtime_ns)
+    info = _header(files)
     ctx = (served_context(info, args) if info is not None else None)
     if ctx is None and info is not None:
         ctx = info.context_length
-    projector = any(a.split("=")[0] in ("-mm", "--mmproj", "-mmu", "--mmproj-url")
-                    for a in args)
+    projector = projector or any(a.split("=")[0] in ("-mm", "--mmproj", "-mmu", "--mmproj-url")
+                                 for a in args)
     params: dict[str, Any] = {"num_ctx": ctx} if ctx else {}
-    return ModelFacts(name, spath, st.st_size, st.st_mtime_ns, info, ctx, projector,
-                      tuple(aliases), params)
+    return ModelFacts(name, spath, sum(f[1] for f in files), max(f[2] for f in files), info,
+                      ctx, projector, tuple(aliases), params)
+
 
 def served_context(info: gguf.GGUFInfo, args: Sequence[str]) -> int | None:
     """The context one request gets from llama-server with these args: -c split over -np

@@ -95,7 +95,7 @@ def _content(text: object, images: object, accepts_images: bool | None) -> Any:
         raise _bad("images must be a list of base64 strings")
     if accepts_images is False:
         raise _bad("this model does not take images (llama-server serves it without a "
-                   "multimodal projector: add --mmproj FILE to its args in the manifest)")
+                   "multimodal projector: give it one with mmproj: FILE in the manifest)")
     parts: list[dict[str, Any]] = [_image_part(i) for i in images]
     if text:
         parts.insert(0, {"type": "text", "text": text})
