@@ -115,10 +115,9 @@ def unit_helper_config(args: argparse.Namespace, path: Path | None) -> Config | 
         from pathlib import Path
 
         from hoshikage_sd import protocol
-        from hoshikage_sd.manifest import NAME_RE
         from hoshikage_sd.runtime import Runtime
 
-        if NAME_RE.match(args.name):  # the router reads this as the reason of the failure
+        if protocol.valid_name(args.name):  # the router reads this as the reason of the failure
             shared = protocol.runtime_dir(os.environ.get("RUNTIME_DIRECTORY"))
             Runtime(Path(shared)).set_error(args.name, err.message)
         raise

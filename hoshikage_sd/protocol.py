@@ -49,6 +49,9 @@ NAME_MAX = 100
 _NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_REST = _NAME_FIRST | frozenset("._:-")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+#: ... and no longer, escaped, than a unit name leaves it: hoshikage-model@NAME.service in
+#: systemd's 255 characters, where each '-' escapes to 4 (\x2d)
+ESCAPED_NAME_MAX = 255 - len("hoshikage-model@.service")
 #: the launcher's CPU priority while llama-server loads and answers first
 NICE = 19
 #: /health polling while llama-server loads: every ms spent here is cold-start latency
@@ -99,9 +102,10 @@ def with_unit_env(env: dict[bytes, bytes], own: dict[bytes, bytes]) -> dict[byte
 
 
 def valid_name(name: str) -> bool:
-    """NAME_PATTERN without importing re."""
+    """NAME_PATTERN without importing re, and ESCAPED_NAME_MAX."""
     return (0 < len(name) <= NAME_MAX and name[0] in _NAME_FIRST
-            and all(ch in _NAME_REST for ch in name))
+            and all(ch in _NAME_REST for ch in name)
+            and len(name) + 3 * name.count("-") <= ESCAPED_NAME_MAX)
 
 
 def runtime_dir(variable: str | None) -> str:

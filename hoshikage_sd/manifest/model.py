@@ -18,6 +18,8 @@ from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.protocol import DEFAULT_MANIFEST, DEFAULT_RUNTIME, NAME_PATTERN
 
 NAME_RE = re.compile(NAME_PATTERN)
+#: sockaddr_un's sun_path, its terminating NUL included
+SUN_PATH_MAX = 108
 DEFAULT_PATH = Path(DEFAULT_MANIFEST)
 
 
@@ -325,7 +327,14 @@ class Config:
         return [models[i] for i in naming.matches(name, self.name_table())]
 
     def socket_path(self, name: str) -> Path:
-        return self.runtime_dir / f"{name}.sock"
+        """NAME.sock in the runtime directory; where that would not fit a unix socket's
+        address (108 bytes), a hash of the name ('_' first: no name begins so)."""
+        path = self.runtime_dir / f"{name}.sock"
+        if len(os.fsencode(path)) < SUN_PATH_MAX:
+            return path
+        import hashlib
+
+        return self.runtime_dir / f"_{hashlib.sha256(name.encode()).hexdigest()[:32]}.sock"
 
     def server_argv(self, model: Model, files: Files,
                     devices: Sequence[str] = ()) -> list[str]:

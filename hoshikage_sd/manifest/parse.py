@@ -30,6 +30,7 @@ from hoshikage_sd.manifest.model import (
 )
 from hoshikage_sd.manifest.nodes import FieldReader, NodeReader
 from hoshikage_sd.manifest.sources import Found, scan, shards_of
+from hoshikage_sd.protocol import ESCAPED_NAME_MAX, valid_name
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -300,9 +301,11 @@ class _Parser(NodeReader):
 
     def name(self, node: yaml.Node, what: str) -> str:
         value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
-        if not NAME_RE.match(value):
+        if not valid_name(value):
             raise self.fail(node, f"{what} '{value}' is not a valid name "
-                                  "(letters, digits, '.', '_', ':', '-'; at most 100)")
+                                  "(letters, digits, '.', '_', ':', '-'; at most 100, and at "
+                                  f"most {ESCAPED_NAME_MAX} with each '-' counted 4 times, as "
+                                  "in its unit's name)")
         return value
 
     def config(self, node: yaml.Node | None) -> Config:

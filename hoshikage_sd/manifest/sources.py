@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hoshikage_sd.manifest.model import NAME_RE, Source
+from hoshikage_sd.manifest.model import Source
+from hoshikage_sd.protocol import NAME_MAX, valid_name
 
 #: a split GGUF's shard, as llama.cpp's llama_split_path writes it
 SPLIT_RE = re.compile(
@@ -60,8 +61,10 @@ def model_name_for(path: Path) -> str | None:
     split = SPLIT_RE.match(path.name)
     stem = split["prefix"] if split else \
         path.name.removesuffix(".gguf.age") if path.name.endswith(".gguf.age") else path.stem
-    name = re.sub(r"[^A-Za-z0-9._:-]+", "-", stem).strip("-._:")[:100]
-    return name if NAME_RE.match(name) else None
+    name = re.sub(r"[^A-Za-z0-9._:-]+", "-", stem).strip("-._:")[:NAME_MAX]
+    while name and not valid_name(name):  # too long once escaped: shorter
+        name = name[:-1].rstrip("-._:")
+    return name or None
 
 
 def is_projector(path: Path) -> bool:

@@ -16,11 +16,14 @@ pytestmark = pytest.mark.system
 
 QWEN = "Qwen3-8B-Q4_K_M"
 OTHER = "tiny-1"
+#: 96 characters: /run/hoshikage/NAME.sock would not fit a unix socket's address
+LONG = ("DeepSeek-R1-Distill-Qwen-32B-abliterated-uncensored-instruct-"
+        "reasoning-long-context-v2-it-Q4_K_M")
 
 
 @pytest.fixture
 def hk(deploy_tiny: TinyDeployer) -> Deployment:
-    return deploy_tiny({QWEN: "aliases: [qwen]\nttl: 2s", OTHER: "ttl: 1h"})
+    return deploy_tiny({QWEN: "aliases: [qwen]\nttl: 2s", OTHER: "ttl: 1h", LONG: "ttl: 1h"})
 
 
 def cursors(entries: list[dict[str, Any]]) -> set[str]:
@@ -73,3 +76,12 @@ def test_logs_of_a_name_with_a_dash_and_readme_s_stop(hk: Deployment) -> None:
 
     unknown = hk.container.exec(cli, "logs", "nope", check=False)
     assert unknown.returncode == 1 and "no model named 'nope'" in unknown.stderr
+
+
+def test_a_name_too_long_for_a_socket_path_serves(hk: Deployment) -> None:
+    assert len(LONG) == 96 and len(f"/run/hoshikage/{LONG}.sock") >= 108
+    status, body = hk.chat(LONG)
+    assert status == 200, body
+    sockets = hk.container.exec("sh", "-c", "ls /run/hoshikage/*.sock").stdout.split()
+    assert [s for s in sockets if "/_" in s], sockets  # a hash of the name
+    hk.container.systemctl("stop", model_unit(LONG))

@@ -189,3 +189,32 @@ def test_the_cli_and_the_router_resolve_a_name_alike(tmp_path: Path) -> None:
     StatsFile(tmp_path).record_load("qwen-a")
     assert manual.find(c, "qwen").name == "qwen-a"
     assert resolve(c, "qwen").name == "qwen-a"  # type: ignore[union-attr]
+
+
+def test_a_name_must_fit_its_unit_name_once_escaped() -> None:
+    """hoshikage-model@NAME.service is at most 255 characters, and each '-' escapes to
+    \\x2d: a name of 100 characters with many dashes would make no unit."""
+    from hoshikage_sd import protocol
+    from hoshikage_sd.manifest.sources import model_name_for
+    from hoshikage_sd.sd.units import model_unit
+
+    dashed = "Q-" * 50
+    assert not protocol.valid_name(dashed) and len(model_unit(dashed)) > 255
+    fits = "Q-" * 43 + "Q"
+    assert protocol.valid_name(fits) and len(model_unit(fits)) <= 255
+    with pytest.raises(ConfigError, match="at most 231 with each '-' counted 4 times"):
+        parse(f"models:\n  {dashed}: {{path: /srv/m.gguf}}\n", Path("/etc/m.yaml"))
+    found = model_name_for(Path(f"/srv/{dashed}.gguf"))
+    assert found is not None and protocol.valid_name(found) and dashed.startswith(found)
+
+
+def test_a_long_name_s_socket_fits_a_unix_address() -> None:
+    """/run/hoshikage/NAME.sock must fit sun_path (108 bytes with its NUL): a longer one
+    is a hash of the name, which no name can be (names begin with a letter or a digit)."""
+    config = parse("models:\n  a: {path: /srv/a.gguf}\n", Path("/etc/m.yaml"))
+    assert config.socket_path("Qwen3-8B-Q4_K_M") == config.runtime_dir / "Qwen3-8B-Q4_K_M.sock"
+    longs = ["B" * 88, "B" * 99 + "C", "B" * 99 + "D"]
+    paths = [config.socket_path(n) for n in longs]
+    assert all(len(bytes(p)) < 108 and p.name.startswith("_") for p in paths)
+    assert len(set(paths)) == 3 and paths == [config.socket_path(n) for n in longs]
+    assert config.socket_path("B" * 87) == config.runtime_dir / f"{'B' * 87}.sock"
