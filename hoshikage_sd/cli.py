@@ -203,7 +203,15 @@ def guarded(command: str, debug: bool, body: Callable[[], int]) -> int:
 
     log.setup(f"hoshikage-{command}", debug)
     try:
-        return body()
+        try:
+            return body()
+        except PermissionError as exc:  # a command run as a user without the right
+            if debug:
+                raise
+            raise HoshikageError(
+                f"{command}: {exc.filename or 'a file'}: {exc.strerror or exc}",
+                hint="run it as root (sudo hoshikage ...), or as a member of group "
+                     "hoshikage where the files allow it") from None
     except HoshikageError as err:
         if debug:
             raise

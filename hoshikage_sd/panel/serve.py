@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from hoshikage_sd import __version__
 from hoshikage_sd.errors import HoshikageError
@@ -160,7 +159,7 @@ def query_model(request: Request, models: dict[str, Model], required: bool
     if raw is None:
         return guard.Refusal(400, "?model=NAME is required", "invalid_model") \
             if required else None
-    name = guard.model_name(unquote(raw))
+    name = guard.model_name(raw)  # percent-decoded as every query value is (http1.query_of)
     if isinstance(name, guard.Refusal):
         return name
     if name not in models:

@@ -120,3 +120,31 @@ def content_length(value: bytes, previous: bytes | None) -> int:
     # past 18 digits it is past any body limit (the caller's 413): TOO_LARGE stands for it.
     # int() itself would raise past 4300 digits (sys.int_max_str_digits).
     return int(digits or b"0") if len(digits) <= 18 else TOO_LARGE
+
+
+HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def query_of(target: str) -> dict[str, str]:
+    """A request target's query (the target as read, latin-1), each key's first value,
+    percent-decoded as UTF-8 with '+' a space, as a form or urlencode writes it."""
+    out: dict[str, str] = {}
+    for pair in filter(None, target.partition("?")[2].split("&")):
+        key, _, value = pair.partition("=")
+        out.setdefault(unquote(key), unquote(value))
+    return out
+
+
+def unquote(text: str) -> str:
+    """urllib.parse.unquote_plus without its import; a '%' without two hex digits stays."""
+    if "%" not in text and "+" not in text:
+        return text
+    first, *rest = text.replace("+", " ").split("%")
+    out = bytearray(first.encode("latin-1"))
+    for part in rest:
+        if len(part) >= 2 and part[0] in HEX and part[1] in HEX:
+            out.append(int(part[:2], 16))
+            out += part[2:].encode("latin-1")
+        else:
+            out += b"%" + part.encode("latin-1")
+    return out.decode("utf-8", errors="replace")

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import time
 from collections.abc import Awaitable, Callable
 
@@ -191,7 +192,8 @@ class Lifecycle:
                     reason = self.runtime.error(model.name)
                     # the activator recorded why; only "no room yet" can change by itself
                     if reason is None:
-                        raise StartFailed(f"{unit} failed to start")
+                        raise StartFailed(f"{shlex.quote(unit)} failed to start (journalctl "
+                                          f"-u {shlex.quote(unit)})")
                     raise StartFailed(reason, permanent=not reason.startswith("no room for"))
         logger.info("%s serves after %.3f s (%s)", model.name, time.monotonic() - began,
                     "announced by its unit" if announced.is_set() else "probed")

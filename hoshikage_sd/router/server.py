@@ -43,6 +43,7 @@ from hoshikage_sd.router.config import Changes, load_config
 from hoshikage_sd.router.errors import StartFailed
 from hoshikage_sd.router.headstart.request import model_name_of
 from hoshikage_sd.router.headstart.take import FirstRequest
+from hoshikage_sd.router.jsonscan import NotAName
 from hoshikage_sd.router.lifecycle import Lifecycle
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route
@@ -256,6 +257,9 @@ class Router:
             return self.fail(request, self.answers.broken_error())
         try:
             name = model_name_of(request.body, request.query)
+        except NotAName as exc:
+            return self.fail(request, api.ApiError(400, str(exc), code="invalid_type",
+                                                   param="model"))
         except ValueError as exc:
             return self.fail(request, api.bad_json(str(exc)))
         found = self.model_for(request, name)

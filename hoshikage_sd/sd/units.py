@@ -13,6 +13,7 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import NoReturn
 
     from hoshikage_sd.sd import bus
 
@@ -120,9 +121,16 @@ def start_unit(unit: str, state: str | None = None, conn: bus.Connection | None 
     except bus.BusUnavailable:
         systemctl("start", "--no-block", "--no-ask-password", unit)
     except bus.BusError as exc:
-        from hoshikage_sd.errors import die
+        cannot_start(unit, exc.message)
 
-        die(f"cannot start {unit}: {exc.message}")
+
+def cannot_start(unit: str, why: str) -> NoReturn:
+    """die() with the unit's name as a shell takes it (its escapes quoted: shell_unit)."""
+    import shlex
+
+    from hoshikage_sd.errors import die
+
+    die(f"cannot start {shlex.quote(unit)}: {why}")
 
 
 def start_helper(unit: str) -> None:
@@ -135,9 +143,7 @@ def start_helper(unit: str) -> None:
     except bus.BusUnavailable:
         systemctl("start", "--no-block", "--no-ask-password", unit)
     except bus.BusError as exc:
-        from hoshikage_sd.errors import die
-
-        die(f"cannot start {unit}: {exc.message}")
+        cannot_start(unit, exc.message)
 
 
 def stop_unit(unit: str) -> None:

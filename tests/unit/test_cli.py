@@ -392,3 +392,31 @@ def test_pin_and_unpin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert not names.effective(manifest.load(path)).models["tiny"].pinned
     assert cli.main(["pin", "nope", "--config", str(path)]) == 1
     assert "no model named 'nope'" in capsys.readouterr().err
+
+
+def test_a_user_without_the_right_gets_a_sentence_not_a_traceback() -> None:
+    """`hoshikage pin` (alias, tag, unload...) as a user who may not write the state
+    directory: what it could not write, and the way out."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the CLI as another user")
+    root = Path(tempfile.mkdtemp(prefix="hoshikage-cli-"))
+    try:
+        root.chmod(0o755)
+        (root / "state").mkdir()
+        manifest = root / "models.yaml"
+        manifest.write_text(f"state_dir: {root}/state\nruntime_dir: {root}/run\n"
+                            f"models:\n  tiny: {{path: {root}/tiny.gguf}}\n")
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-m", "hoshikage_sd", "--config", str(manifest), "pin", "tiny"],
+            capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    finally:
+        shutil.rmtree(root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"hoshikage: pin: {root}/state/" in result.stderr
+    assert "Permission denied" in result.stderr and "run it as root" in result.stderr

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hoshikage_sd import protocol
 from hoshikage_sd.router import server
@@ -371,3 +373,17 @@ def test_an_upstream_content_length_is_digits_only(value: bytes) -> None:
     two = ResponseParser(_Collect())
     with pytest.raises(ValueError, match="two different"):
         two.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=12), max_size=4))
+def test_a_query_is_read_as_urlencode_wrote_it(query: dict[str, str]) -> None:
+    """?model=gemma3%3A1b is the model gemma3:1b, as the panel and /v1/models/{id} read
+    their names: every query value is percent-decoded once, as UTF-8, '+' a space."""
+    from urllib.parse import urlencode
+
+    from hoshikage_sd.router.http1 import query_of
+
+    target = "/health?" + urlencode(query)
+    assert query_of(target.encode().decode("latin-1")) == query
+    assert query_of("/x?model=a%zz&model=second&b=%41%") == {"model": "a%zz", "b": "A%"}

@@ -161,3 +161,11 @@ def test_hoshikage_logs_through_main(tmp_path: Path, execs: list[list[str]]) -> 
         cli.main(["--config", str(manifest), "logs", "q", "-n", "5"])
     assert execs == [logs.logs_argv("Qwen3-8B-Q4_K_M", lines="5")]
     assert cli.main(["--config", str(manifest), "logs", "nope"]) == 1
+
+
+def test_a_start_refused_names_the_unit_as_it_pastes() -> None:
+    unit = units.model_unit("Qwen3-8B-Q4_K_M")
+    with pytest.raises(HoshikageError) as err:
+        units.cannot_start(unit, "Interactive authentication required.")
+    said = err.value.message.removeprefix("cannot start ")
+    assert shlex.split(said)[0] == unit + ":"

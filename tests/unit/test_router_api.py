@@ -157,6 +157,27 @@ def test_errors_are_in_each_apis_shape_and_start_nothing(config: Config) -> None
     run(scenario)
 
 
+def test_a_model_that_is_not_a_string_is_a_400_not_the_default(tmp_path: Path) -> None:
+    """With a default model, a "model" of another type (a client's mistake) must not mean
+    it, as a missing or null one does; and ?model= is taken as a URL encodes it."""
+    config = server.load_config(write(tmp_path, "default_model: tiny"))
+
+    async def scenario() -> None:
+        router = server.Router(config)
+        for bad in (123, ["tiny"], {"name": "tiny"}, True):
+            for path in ("/v1/chat/completions", "/v1/messages"):
+                status, _, body = answer(await router.handle(
+                    request("POST", path, {"model": bad, "messages": []})))
+                assert status == 400, (path, bad, body)
+                assert "Invalid type for 'model': expected a string" in body["error"]["message"]
+        assert router.starting == {}
+
+    run(scenario)
+    assert waking.model_name_of(b'{"model": null}', {"model": "tiny"}) == "tiny"
+    with pytest.raises(ValueError, match="got an integer"):
+        waking.model_name_of(b'{"model": 3}', {})
+
+
 def test_cors_is_off_unless_the_manifest_allows_an_origin(tmp_path: Path) -> None:
     async def scenario() -> None:
         preflight = request("OPTIONS", "/v1/chat/completions", headers={

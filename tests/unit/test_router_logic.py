@@ -17,6 +17,7 @@ from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.model_unit.release import reason_for
 from hoshikage_sd.router.headstart import request as waking
 from hoshikage_sd.router.headstart.request import model_name_of
+from hoshikage_sd.router.jsonscan import NotAName
 from hoshikage_sd.router.server import Announcements
 from hoshikage_sd.runtime import Activity, Running, Runtime, estimate_key, write_atomic
 
@@ -34,13 +35,18 @@ def test_json_body_wins_over_query() -> None:
 
 def test_query_fallback_when_body_names_no_model() -> None:
     assert model_name_of(b'{"prompt": "hi"}', {"model": "qwen"}) == "qwen"
-    assert model_name_of(b'{"model": 5}', {"model": "qwen"}) == "qwen"
     assert model_name_of(b'{"model": null}', {"model": "qwen"}) == "qwen"
 
 
 def test_no_model_anywhere() -> None:
     assert model_name_of(b'{"prompt": "hi"}', {}) is None
-    assert model_name_of(b'{"model": ["a"]}', {}) is None
+
+
+@pytest.mark.parametrize("body", [b'{"model": 5}', b'{"model": ["a"]}', b'{"model": true}'])
+def test_a_model_of_another_type_is_the_client_s_mistake(body: bytes) -> None:
+    """Not the query's model, nor the default: a 400 (router/server.forward)."""
+    with pytest.raises(NotAName):
+        model_name_of(body, {"model": "qwen"})
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"\n\t \r\n"])

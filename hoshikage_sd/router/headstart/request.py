@@ -25,7 +25,8 @@ Request = tuple[str, str, dict[str, str], bytes]  # method, path, query, body
 
 
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
-    """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON."""
+    """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON,
+    jsonscan.NotAName (a ValueError) if its "model" is neither a string nor null."""
     if len(body) > LARGE_JSON:
         from hoshikage_sd.router import jsonscan  # large bodies only: not a start's cost
 
@@ -33,8 +34,12 @@ def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
         return name if name is not None else query.get("model")
     if body.strip():
         data = loads(body)
-        if isinstance(data, dict) and isinstance(data.get("model"), str):
-            return str(data["model"])
+        if isinstance(data, dict) and data.get("model") is not None:
+            if isinstance(data["model"], str):
+                return str(data["model"])
+            from hoshikage_sd.router import jsonscan  # a client's mistake: not a start's cost
+
+            raise jsonscan.NotAName(data["model"])
     return query.get("model")
 
 
@@ -86,12 +91,8 @@ def parse(data: bytes) -> Request | None:
     length = length or 0
     if len(rest) < length:
         return None
-    path, _, query_string = target.decode("latin-1").partition("?")
-    query: dict[str, str] = {}
-    for pair in filter(None, query_string.split("&")):
-        key, _, value = pair.partition("=")
-        query.setdefault(key, value)
-    return method.decode("ascii"), path, query, rest[:length]
+    text = target.decode("latin-1")
+    return method.decode("ascii"), text.partition("?")[0], http1.query_of(text), rest[:length]
 
 
 def peek(connection: _socket.socket, wait: float = PEEK_WAIT) -> Request | None:

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from hoshikage_sd.router.http1 import query_of
+
 logger = logging.getLogger("hoshikage.proxy")
 
 
@@ -91,12 +93,8 @@ class Request:
 
     @property
     def query(self) -> dict[str, str]:
-        """The query string's first value per key (as the router has always read it)."""
-        out: dict[str, str] = {}
-        for pair in filter(None, self.target.partition("?")[2].split("&")):
-            key, _, value = pair.partition("=")
-            out.setdefault(key, value)
-        return out
+        """The query string's first value per key, percent-decoded (http1.query_of)."""
+        return query_of(self.target)
 
     def header(self, name: str) -> str | None:
         key = name.lower().encode("latin-1")
