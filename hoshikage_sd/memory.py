@@ -109,12 +109,16 @@ def _pad(n: int, to: int = KV_PAD) -> int:
 
 
 def int_arg(flag: str, value: str | None) -> int:
+    """An integer argument as llama-server reads it (std::stoi: leading blanks, a sign, the
+    digits, and whatever follows ignored: -ngl 99.5 is 99)."""
     if value is None:
         die(f"llama-server argument {flag} needs a number")
-    try:
-        return int(value)
-    except ValueError:
+    text = value.lstrip(" \t\n\v\f\r")
+    sign = text[:1] if text[:1] in ("+", "-") else ""
+    digits = len(text) - len(sign) - len(text[len(sign):].lstrip("0123456789"))
+    if not digits:
         die(f"llama-server argument {flag} needs a number, not {value!r}")
+    return int(text[:len(sign) + digits])
 
 
 def _cache_type(flag: str, value: str | None) -> str:

@@ -411,10 +411,12 @@ def device_estimate(info: GGUFInfo, params: LoadParams, offload: Offload,
 
     excess = over(est)
     if excess and not offload.ctx_given and params.n_ctx > offload.fit_ctx:
-        # a shorter context, by what it saves per token; not below --fit-ctx
-        shorter = _estimate_at(info, replace(params, n_ctx=max(1, params.n_ctx - KV_PAD)),
+        # a shorter context, by what it saves per token; not below --fit-ctx. The step is
+        # one padding of every stream's cache: a smaller one saves nothing with -np 4
+        step = KV_PAD * (1 if params.kv_unified else params.n_parallel)
+        shorter = _estimate_at(info, replace(params, n_ctx=max(1, params.n_ctx - step)),
                                offload, chosen, splits, ngl)
-        per_ctx = max(1, (est.device_total - shorter.device_total) // KV_PAD)
+        per_ctx = max(1, (est.device_total - shorter.device_total) // step)
         params = replace(params, n_ctx=max(offload.fit_ctx,
                                            params.n_ctx - -(-excess // per_ctx)))
         est = _estimate_at(info, params, offload, chosen, splits, ngl)

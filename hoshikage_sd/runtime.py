@@ -329,4 +329,4 @@ def estimate_key(model: Model, st: os.stat_result) -> list[Any]:
     first's), and the arguments. OSError when another of its files is gone."""
     others = [[s.st_size, s.st_mtime_ns] for s in
               (p.stat() for p in (*model.shards, *((model.mmproj,) if model.mmproj else ())))]
-    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.server_args), *others]
+    return [str(model.path), st.st_size, st.st_mtime_ns, list(model.effective_args), *others]

@@ -45,7 +45,7 @@ def estimate(model: Model, runtime: Runtime | None = None) -> int:
 
     try:
         info = gguf.read_model_info((model.path, *model.shards))
-        value = memory.estimate(info, memory.load_params(info, model.server_args)).worst_case
+        value = memory.estimate(info, memory.load_params(info, model.effective_args)).worst_case
         if model.mmproj is not None:
             value += memory.projector_bytes(model.mmproj.stat().st_size)
     except Exception as exc:  # a header we cannot read must not block admission
@@ -139,9 +139,9 @@ def placed_use(config: Config, model: Model, listed: Sequence[Device], up: Colle
 
     try:
         info = gguf.read_model_info((model.path, *model.shards))
-        params = memory.load_params(info, model.server_args)
+        params = memory.load_params(info, model.effective_args)
         placed = head_share(config, model, info, params,
-                            offload.offload_params(model.server_args), listed, up)
+                            offload.offload_params(model.effective_args), listed, up)
     except Exception as exc:
         logger.warning("cannot estimate %s's GPU memory (%s): not counted", model.name, exc)
         return {}, False
@@ -197,7 +197,7 @@ def deviceless(model: Model) -> bool:
     global _unit_env
     from hoshikage_sd import devices
 
-    if devices.has_nodes() or any(a.startswith("--rpc") for a in model.args):
+    if devices.has_nodes() or any(a.startswith("--rpc") for a in model.effective_args):
         return False
     if time.monotonic() - _unit_env[0] > UNIT_ENV_FOR:
         from hoshikage_sd.commands.environment import unit_environment

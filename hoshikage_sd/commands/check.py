@@ -4,7 +4,6 @@ keys and limits), and the GPU devices as the model units see them."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -14,6 +13,10 @@ from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.sd import units
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from hoshikage_sd.devices import Device
 
 
 def service_user_problems(config: Config) -> list[str]:
@@ -110,19 +113,50 @@ def findings(config: Config) -> dict[str, list[str]]:
     from hoshikage_sd.commands import environment
 
     notes += environment.report(config, environment.unit_environment())
-    devices = device_report(config)
+    seen: dict[str, list[Device]] = {}
+    devices = device_report(config, seen)
     problems += [line.removeprefix("warning: ") for line in devices
                  if line.startswith("warning: ")]
+    problems += argument_problems(config, seen)
     return {"errors": [], "warnings": problems, "notes": notes,
             "devices": [line for line in devices if not line.startswith("warning: ")]}
 
 
-def device_report(config: Config) -> list[str]:
+def argument_problems(config: Config, seen: dict[str, list[Device]]) -> list[str]:
+    """What llama-server would refuse in each model's file and arguments, found as the
+    estimates read them: a file that is no GGUF, a bad number, a device `--device` names
+    that llama-server does not list for it (`seen`: the devices listed for each model), a
+    bad `--tensor-split`. Encrypted models are encryption.check_problems'."""
+    from hoshikage_sd import gguf, memory, offload
+    from hoshikage_sd.encryption import named_or_encrypted
+    from hoshikage_sd.manifest import model_files
+
+    problems = []
+    for model in config.models.values():
+        files = (model.path, *model.shards)
+        if model.backend != "llama-server" or named_or_encrypted(model.path) \
+                or not all(p.is_file() for p in model_files(model)):
+            continue  # a missing file is the manifest's warning already
+        try:
+            info = gguf.read_model_info(files)
+            if model.mmproj is not None:
+                gguf.read_info(model.mmproj)
+            params = memory.load_params(info, model.effective_args)
+            placed = offload.offload_params(model.effective_args)
+            if model.name in seen:
+                offload.device_estimate(info, params, placed, seen[model.name])
+        except HoshikageError as err:
+            problems.append(f"model {model.name}: {err.message}")
+    return problems
+
+
+def device_report(config: Config, seen: dict[str, list[Device]] | None = None) -> list[str]:
     """`check`'s lines on the devices llama-server can offload to: `llama-server
     --list-devices` run as the model units' user (uid, Group=, its groups and the unit's
     SupplementaryGroups=) with the environment the units give it (the model unit's passed
     variables and each model's env:); where it sees none but the machine has GPU device
-    nodes, what keeps that user from them and the fix."""
+    nodes, what keeps that user from them and the fix. `seen`: filled with the devices
+    listed for each model."""
     import grp
 
     from hoshikage_sd import devices
@@ -143,11 +177,16 @@ def device_report(config: Config) -> list[str]:
                         []).append(model.name)
     user = access.service_user()
     gids = set(user.gids) if user else set()
-    for name in shown.get("SupplementaryGroups", "").split():
-        with contextlib.suppress(KeyError):
-            gids.add(grp.getgrnam(name).gr_gid)
-    runner: list[str] = []
     lines = []
+    for name in shown.get("SupplementaryGroups", "").split():
+        try:
+            gids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            lines.append(f"warning: {environment.PROBE_UNIT}'s SupplementaryGroups= names "
+                         f"group '{name}', which this machine does not have: every model "
+                         "unit fails to start (status=216/GROUP); create it, or take it out "
+                         "of the drop-in (systemctl edit hoshikage-model@.service)")
+    runner: list[str] = []
     if user is not None and os.geteuid() == 0:
         try:
             gid = grp.getgrnam(access.SERVICE_USER).gr_gid  # the units' Group=
@@ -168,6 +207,8 @@ def device_report(config: Config) -> list[str]:
             continue
         lines += [f"device {d.name}{label}: {d.description}, {fmt.size(d.total)} "
                   f"({fmt.size(d.free)} free)" for d in found]
+        if seen is not None:
+            seen.update((name, found) for name in names)
         if found:
             continue
         lines.append(f"note: llama-server (as {who}) sees no GPU{label}: its models run on "

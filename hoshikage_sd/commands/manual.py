@@ -69,8 +69,11 @@ def load(config: Config, name: str) -> int:
     running = runtime.running(model.name)
     pid = f", llama-server pid {running.pid}" if running else ""
     if running and not Path(running.staged).is_relative_to(config.ramdisk):
-        # a first load serves from the source at once and copies it meanwhile
-        pid += " (from its source; its RAM-disk copy is made alongside)"
+        # a first load serves from the source at once and copies it meanwhile, unless its
+        # stage: says it gets no copy (never, or auto with every layer on GPU devices)
+        pid += " (from its source; its RAM-disk copy is made alongside)" \
+            if model.staged(runtime.fully_offloaded(model.name)) else \
+            f" (from its source; stage: {model.stage}, no RAM-disk copy)"
     display.finish(f"{model.name} loaded in {time.monotonic() - began:.1f} s{pid}")
     return 0
 

@@ -167,7 +167,8 @@ def describe(config: Config, model: Model, active: set[str],
         return dataclasses.replace(base, error=str(exc).splitlines()[0])
     return dataclasses.replace(
         base, size=info.file_size, architecture=info.architecture, parameters=info.n_params,
-        quantisation=info.quantisation, context=memory.load_params(info, model.server_args).n_ctx,
+        quantisation=info.quantisation,
+        context=memory.load_params(info, model.effective_args).n_ctx,
         estimate=estimate(model))
 
 

@@ -76,7 +76,7 @@ def local_devices(config: Config, model: Model) -> list[str]:
     from hoshikage_sd import devices, proc
     from hoshikage_sd.offload import offload_params
 
-    chosen = offload_params(model.server_args).devices
+    chosen = offload_params(model.effective_args).devices
     if chosen is not None:
         return list(chosen)
     env = proc.server_env(model.environment)

@@ -229,7 +229,7 @@ def admit(config: Config, model: Model, estimate: int, up: Iterable[str] = ()) -
     answers = [ask(w) for w in workers]
     free = [free_of(w, a) for w, a in zip(workers, answers, strict=True)]
     split = shares(estimate, config.safety_margin, workers, free,
-                   tensor_split(model.server_args),
+                   tensor_split(model.effective_args),
                    [".".join(map(str, a.version)) for a in answers],
                    [len(a.devices) for a in answers])
     problem = short(model.name, estimate, config.safety_margin, split)

@@ -121,3 +121,19 @@ def test_check_load_ps_and_status(hk: Deployment) -> None:
     plain = hk.container.exec("script", "-qec", f"NO_COLOR=1 {hoshikage_bin()} ps",
                               "/dev/null").stdout
     assert "\033[" not in plain and "serving" in plain, repr(plain)
+
+
+def test_load_of_a_model_that_gets_no_ram_disk_copy_says_so(
+        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "plain.gguf")
+    text = manifest(llama_server_bin, {"plain": "ttl: 1h\nstage: never"})
+    hk = deploy(container_factory, models, text)
+    loaded = run(hk, "load", "plain")
+    assert loaded.returncode == 0, loaded
+    assert re.fullmatch(r"plain loaded in [0-9.]+ s, llama-server pid \d+ \(from its source; "
+                        r"stage: never, no RAM-disk copy\)", loaded.stdout.splitlines()[-1]), \
+        loaded.stdout
+    assert hk.container.exec("sh", "-c", "ls /mnt/hoshikage").stdout.split() == []

@@ -83,7 +83,7 @@ def no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(access, "service_user", lambda name="hoshikage": None)
     monkeypatch.setattr(environment, "unit_environment", lambda: {})
-    monkeypatch.setattr(check, "device_report", lambda config: [])
+    monkeypatch.setattr(check, "device_report", lambda config, seen=None: [])
 
 
 @pytest.mark.parametrize(("server", "missing", "code"), [
@@ -91,7 +91,13 @@ def no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_check_exits_non_zero_on_any_problem(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_systemd: None,
         server: str, missing: bool, code: int) -> None:
+    import sys
+
     path = write_manifest(tmp_path, server, missing)
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    import make_gguf
+
+    make_gguf.write_model(tmp_path / "tiny.gguf")  # check reads its header
     assert cli.main(["check", "--config", str(path)]) == code
     out = capsys.readouterr()
     assert ("warning:" in out.out) == bool(code)

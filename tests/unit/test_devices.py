@@ -360,6 +360,16 @@ def test_fit_shortens_the_context_first_when_c_is_not_given() -> None:
     assert est(G2048, ["-c", "16384"]).n_ctx == 16384
 
 
+def test_fit_shortens_the_context_of_several_slots_as_of_one() -> None:
+    """-np 4 without -c: a context 256 tokens shorter saves nothing in four streams padded
+    to 256 each, which took the estimate down to --fit-ctx (266.7 MiB); llama-server cut
+    65536 to 52224 and held 1030.4 MiB on lavapipe (181.17 + 816 + 33.26)."""
+    m3 = llama(1024, 2816, 8, 8, 4, context_length=65536)
+    e = est(m3, ["-np", "4"])
+    assert abs(e.n_ctx - 52224) < 0.02 * 52224
+    assert abs(e.device_total - 1030.4 * MiB) < 0.10 * 1030.4 * MiB
+
+
 def test_used_and_fits() -> None:
     e = est(D2048, ["-ngl", "99", "-c", "4096"])
     assert e.used == {"Vulkan0": e.devices["Vulkan0"].total} == {"Vulkan0": e.device_total}
@@ -463,11 +473,60 @@ models:
     assert calls[0][1] == ["setpriv", "--reuid=990", "--regid=990",
                            f"--groups={','.join(map(str, gids))}", "--"]
     assert lines == [
+        "warning: hoshikage-model@check.service's SupplementaryGroups= names group "
+        "'no-such-group', which this machine does not have: every model unit fails to start "
+        "(status=216/GROUP); create it, or take it out of the drop-in (systemctl edit "
+        "hoshikage-model@.service)",
         "device Vulkan0 for a: llvmpipe (LLVM 15.0.6, 256 bits), 2.0 GiB (2.0 GiB free)",
         "note: llama-server (as hoshikage) sees no GPU for b: its models run on the CPU",
         f"warning: hoshikage 990 {gids}"]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     calls.clear()
     lines = check.device_report(manifest.load(config))
-    assert lines[0].startswith("note: devices are listed as this user, not hoshikage")
+    assert lines[1].startswith("note: devices are listed as this user, not hoshikage")
     assert calls[0][1] == []
+
+
+def test_numbers_are_read_as_llama_server_reads_them() -> None:
+    """std::stoi: -ngl 99.5 is 99 (llama-server offloads every layer), not an error that
+    leaves the device uncounted; no digits at all is still one."""
+    from hoshikage_sd.memory import int_arg
+    from hoshikage_sd.offload import offload_params
+
+    assert offload_params(["-ngl", "99.5"]).gpu_layers == 99
+    assert (int_arg("-c", " 4096"), int_arg("-c", "+12k"), int_arg("-mg", "-1")) == (4096, 12, -1)
+    for bad in ("abc", "", "-", ".5"):
+        with pytest.raises(HoshikageError, match="needs a number"):
+            int_arg("-ngl", bad)
+
+
+def test_check_names_what_llama_server_would_refuse(tmp_path: Path) -> None:
+    """A file that is no GGUF, a number that is none, a device it does not list, a bad
+    tensor split: each a check warning naming the model (llama-server would exit 1)."""
+    import sys
+
+    from hoshikage_sd import manifest
+    from hoshikage_sd.commands import check
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    import make_gguf
+
+    make_gguf.write_model(tmp_path / "m.gguf")
+    (tmp_path / "hello.gguf").write_text("hello")
+    path = tmp_path / "models.yaml"
+    path.write_text(f"""models:
+  good: {{path: {tmp_path}/m.gguf, args: [-ngl, "99", -dev, Vulkan0]}}
+  ngl: {{path: {tmp_path}/m.gguf, args: [-ngl, abc]}}
+  dev: {{path: {tmp_path}/m.gguf, args: [--device, Vulkan9]}}
+  ts: {{path: {tmp_path}/m.gguf, args: [-ngl, "99", -ts, "3,,x"]}}
+  env: {{path: {tmp_path}/m.gguf, env: {{LLAMA_ARG_CTX_SIZE: lots}}}}
+  text: {{path: {tmp_path}/hello.gguf}}
+""")
+    config = manifest.load(path)
+    said = check.argument_problems(config, {name: VULKAN for name in config.models})
+    by_model = {line.split(":")[0]: line for line in said}
+    assert sorted(by_model) == ["model dev", "model env", "model ngl", "model text",
+                                "model ts"], said
+    assert "-ngl needs a number, not 'abc'" in by_model["model ngl"]
+    assert "Vulkan9" in by_model["model dev"] and "3,,x" in by_model["model ts"]
+    assert "needs a number, not 'lots'" in by_model["model env"]

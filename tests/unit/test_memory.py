@@ -81,7 +81,7 @@ def test_arguments(args: list[str], expected: dict[str, Any]) -> None:
         assert getattr(p, key) == value, key
 
 
-@pytest.mark.parametrize("args", [["-c", "lots"], ["-np"], ["-ctk", "f8"], ["-ub", "1.5"]])
+@pytest.mark.parametrize("args", [["-c", "lots"], ["-np"], ["-ctk", "f8"], ["-ub", "x1"]])
 def test_bad_arguments_are_operator_errors(args: list[str]) -> None:
     with pytest.raises(HoshikageError, match=args[0]):
         load_params(M46, args)

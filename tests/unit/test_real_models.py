@@ -479,6 +479,29 @@ def test_mmproj_false_gives_a_found_model_none(tmp_path: Path) -> None:
                                       "yes}\n"))
 
 
+def test_llama_arg_variables_in_env_count_as_their_options(tmp_path: Path) -> None:
+    """LLAMA_ARG_CTX_SIZE=131072 in a model's env: is llama-server's -c 131072 (README
+    "GPUs"): every estimate reads it so, and an argument still wins over its variable."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    import make_gguf
+
+    from hoshikage_sd.admit import needs
+
+    path = tmp_path / "m.gguf"
+    make_gguf.write_model(path)
+    by_env = manifest.Model("e", path, env=("LLAMA_ARG_CTX_SIZE=8192",
+                                            "LLAMA_ARG_KV_OFFLOAD=off", "LLAMA_ARG_CACHE_RAM=64"))
+    by_args = manifest.Model("a", path, args=("-c", "8192", "-nkvo", "-cram", "64"))
+    plain = manifest.Model("p", path)
+    assert needs.estimate(by_env) == needs.estimate(by_args) != needs.estimate(plain)
+    assert by_env.effective_args[:6] == ("-c", "8192", "-nkvo", "-cram", "64", "--threads-http")
+    assert "--cache-ram" not in by_env.server_args  # the variable's 64 MiB, not ours
+    over = manifest.Model("o", path, env=("LLAMA_ARG_CTX_SIZE=8192",), args=("-c", "1024"))
+    assert needs.estimate(over) == needs.estimate(manifest.Model("c", path, args=("-c", "1024")))
+
+
 # -- `hoshikage check` on llama-server's environment ----------------------------------------
 
 def test_check_says_what_reaches_llama_server_and_what_does_not(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ NDJSON = [(b"Content-Type", ollama.NDJSON.encode())]
 
 def model_facts(model: Model) -> ollama.ModelFacts:
     return ollama.model_facts(model.name, model.path, shards=model.shards,
-                              projector=model.mmproj is not None, args=model.server_args,
+                              projector=model.mmproj is not None, args=model.effective_args,
                               aliases=model.aliases)
 
 
