@@ -335,7 +335,8 @@ COMMANDS: dict[str, Command] = {
     "metrics": Command("the Prometheus metrics as text (what GET /metrics answers; e.g. for "
                        "node_exporter's textfile collector)", MANIFEST, metrics),
     "check": Command("validate the manifest and what it needs without starting anything "
-                     "(exit 1 on any problem)", PATH, check, json_flag),
+                     "(exit 1 on any problem, 2 when the manifest does not parse)", PATH,
+                     check, json_flag),
     "list": Command("the models: names, size, architecture, estimate, state", MANIFEST,
                     list_models, json_flag),
     "alias": Command("add or remove an alias (kept in /var/lib/hoshikage)", MANIFEST,

@@ -153,11 +153,33 @@ def _valid(kind: str, name: str) -> None:
         die(f"'{name}' is not a valid {kind} (letters, digits, '.', '_', ':', '-')")
 
 
+def taken(config: Config, word: str, but: Model | None = None) -> str | None:
+    """What `word` names already, but for case (a name or an alias of a model other than
+    `but`, or a tag), as a sentence's end; None when nothing. A request is resolved by name,
+    then alias, then tag, then in part and in any case: a word that is one of these already
+    would take a request from it, or never be reached."""
+    low = word.lower()
+    for model in config.models.values():
+        if model is but:
+            continue
+        if model.name.lower() == low:
+            return f"the name of model '{model.name}'"
+        alias = next((a for a in model.aliases if a.lower() == low), None)
+        if alias is not None:
+            return f"an alias ('{alias}') of '{model.name}'"
+    for model in config.models.values():
+        tag = next((t for t in model.tags if t.lower() == low), None)
+        if tag is not None:
+            return f"the tag '{tag}' (on '{model.name}')"
+    return None
+
+
 def add_alias(config: Config, model_name: str, alias: str) -> str:
     _valid("alias", alias)
     model = _model(config, model_name)
-    if alias in config.models or any(alias in m.aliases for m in config.models.values()):
-        die(f"'{alias}' already names a model")
+    if (what := taken(config, alias, but=model)) is not None or alias == model.name:
+        die(f"'{alias}' is already {what or 'its name'}",
+            hint="an alias that names another model, or a tag, would take its requests")
     names = load(config)
     names.aliases[alias] = model.name
     if alias in names.removed:
@@ -180,6 +202,10 @@ def remove_alias(config: Config, alias: str) -> str:
 def set_tag(config: Config, tag: str, model_name: str) -> str:
     _valid("tag", tag)
     model = _model(config, model_name)
+    what = taken(config, tag)
+    if what is not None and not what.startswith("the tag "):  # a tag moves; a name stays
+        die(f"'{tag}' is already {what}",
+            hint="a name or an alias comes before a tag: a tag of that name would never apply")
     names = load(config)
     names.tags[tag] = model.name  # one write: the tag moves atomically
     save(config, names)

@@ -249,6 +249,28 @@ SOURCE_FIELDS: dict[str, FieldReader] = {
 MODEL_SPECIAL = ("path", "aliases", "tags")
 
 
+#: a negative number: an option's value, not an option (-ngl -1)
+_NUMBER = re.compile(r"^-\d")
+
+
+def layered(layers: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Each layer's arguments over those before it: an option a later layer gives takes
+    the earlier layers' place (llama-server takes the last value, and warns of an option
+    given twice: "DEPRECATED: argument specified multiple times"). llama-server has no
+    positional arguments, so what follows an option up to the next one is its value."""
+    kept: list[list[str]] = []
+    for args in layers:
+        groups: list[list[str]] = []
+        for arg in args:
+            if not groups or (arg.startswith("-") and not _NUMBER.match(arg)):
+                groups.append([arg])
+            else:
+                groups[-1].append(arg)
+        given = {g[0].split("=")[0] for g in groups}
+        kept = [g for g in kept if g[0].split("=")[0] not in given] + groups
+    return tuple(arg for group in kept for arg in group)
+
+
 class ConfigError(HoshikageError):
     def __init__(self, path: Path, line: int | None, message: str) -> None:
         where = f"{path}:{line}" if line else str(path)
@@ -370,7 +392,7 @@ class _Parser(NodeReader):
         """A model's args and env: the top level's, its source's, its own, in that order
         (llama-server takes an option's last value; a variable's last setting wins)."""
         layers = [self.defaults, *([source] if source else [])]
-        args = tuple(a for layer in layers for a in layer.args) + tuple(own.get("args", ()))
+        args = layered([*(layer.args for layer in layers), tuple(own.get("args", ()))])
         env = {k: v for layer in layers for k, v in environment(layer.env).items()}
         env.update(environment(own.get("env", ())))
         stage = own.get("stage") or next(

@@ -54,14 +54,28 @@ def test_remove_manifest_alias_and_cli_alias(config: Config) -> None:
 
 @pytest.mark.parametrize(("model", "alias", "message"), [
     ("nope", "x", "no model named 'nope'"),
-    ("gemma", "q", "'q' already names a model"),
-    ("gemma", "qwen", "'qwen' already names a model"),
+    ("gemma", "q", "'q' is already an alias \\('q'\\) of 'qwen'"),
+    ("gemma", "qwen", "'qwen' is already the name of model 'qwen'"),
+    ("gemma", "QWEN", "'QWEN' is already the name of model 'qwen'"),  # partial, any case
+    ("gemma", "tool", "'tool' is already the tag 'tool' \\(on 'qwen'\\)"),
+    ("gemma", "gemma", "'gemma' is already its name"),
     ("gemma", "../x", "is not a valid alias"),
 ])
 def test_bad_aliases_are_refused(config: Config, model: str, alias: str, message: str) -> None:
     with pytest.raises(HoshikageError, match=message):
         names.add_alias(config, model, alias)
     assert not names.path(config).exists()  # nothing written
+
+
+@pytest.mark.parametrize(("tag", "message"), [
+    ("qwen", "'qwen' is already the name of model 'qwen'"),
+    ("Q", "'Q' is already an alias \\('q'\\) of 'qwen'"),
+])
+def test_a_tag_that_would_never_apply_is_refused(config: Config, tag: str, message: str) -> None:
+    """A name or an alias comes before a tag in a request's resolution."""
+    with pytest.raises(HoshikageError, match=message):
+        names.set_tag(config, tag, "gemma")
+    assert not names.path(config).exists()
 
 
 def test_clash_after_manifest_edit_is_a_warning(config: Config, tmp_path: Path) -> None:

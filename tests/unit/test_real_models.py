@@ -48,15 +48,23 @@ def test_args_and_env_layer_top_then_source_then_model(tmp_path: Path) -> None:
     assert big.args == ("-ngl", "99", "-c", "4096", "--device", "Vulkan0")
     assert big.environment == {"GGML_VK_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "4",
                                "CUDA_VISIBLE_DEVICES": "0,1"}
-    # found in a source and named in models: the source's settings, then its own
-    assert small.args == ("-ngl", "99", "-c", "4096", "--device", "Vulkan0", "-ngl", "0")
+    # found in a source and named in models: the source's settings, then its own; an
+    # option a later layer gives takes the earlier one's place (llama-server warns of one
+    # given twice)
+    assert small.args == ("-c", "4096", "--device", "Vulkan0", "-ngl", "0")
     assert small.environment["CUDA_VISIBLE_DEVICES"] == "1"
     assert small.environment["LLAMA_ARG_FLASH_ATTN"] == "on"
     assert cpu.args == ("-ngl", "99", "-c", "4096")
     assert "CUDA_VISIBLE_DEVICES" not in cpu.environment
-    # the command line llama-server gets carries them, the last -ngl winning in llama.cpp
+    # the command line llama-server gets carries them, each option once
     argv = config.server_argv(small, Files.of(small))
     assert argv[argv.index("--device") + 1] == "Vulkan0" and argv[-6:-4] == ["-ngl", "0"]
+    assert argv.count("-ngl") == 1
+    from hoshikage_sd.manifest.parse import layered
+
+    assert layered([("-ngl", "99", "--jinja", "-mg", "-1", "-c=4096"),
+                    ("--jinja", "-c", "512", "-mg", "1"), ("-ngl", "-1")]) == \
+        ("--jinja", "-c", "512", "-mg", "1", "-ngl", "-1")
 
 
 def test_an_explicit_path_gets_the_top_levels_defaults_only(tmp_path: Path) -> None:
