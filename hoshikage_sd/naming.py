@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 def matches(name: str, table: Sequence[Entry]) -> list[int]:
     """The positions in `table` of the models `name` can mean, by the first rule that
     matches any: exact name, alias, tag, then partial matches of a name or an alias,
-    case-insensitive (several only in that last case; resolve.py decides between them)."""
+    case-insensitive, by a part with a letter or a digit in it (several only in that last
+    case; resolve.py decides between them)."""
     for i, (own, _, _) in enumerate(table):
         if own == name:
             return [i]
@@ -27,5 +28,7 @@ def matches(name: str, table: Sequence[Entry]) -> list[int]:
             if name in entry[field]:
                 return [i]
     needle = name.lower()
+    if not any(ch.isalnum() for ch in needle):
+        return []  # "-" or "." is in most names: a part of one says which
     return [i for i, (own, aliases, _) in enumerate(table)
             if any(needle in n.lower() for n in (own, *aliases))]

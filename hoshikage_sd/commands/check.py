@@ -78,6 +78,8 @@ def check_source(path: Path | None, as_json: bool) -> int:
         config = names.effective(manifest.load(path))
     except HoshikageError as err:
         if not as_json:
+            if isinstance(err, manifest.ConfigError):
+                err.hint = None  # "run 'hoshikage check' after editing": this is it
             raise
         print(json.dumps({"config": str(path or manifest.config_path()), "ok": False,
                           "models": [], "errors": [err.message], "warnings": [],

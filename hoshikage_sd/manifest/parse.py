@@ -419,8 +419,9 @@ class _Parser(NodeReader):
             path, source = found[name].path, found[name].source
             shards, mmproj = found[name].shards, found[name].mmproj
         else:
-            raise self.fail(key, f"{what} has no 'path:' and no {name}.gguf is in "
-                                  "the sources: directories")
+            raise self.fail(key, f"{what} has no 'path:', and the sources: found no model "
+                                  f"of that name (a {name}.gguf, or a Hugging Face repository's "
+                                  "file named so)")
         alias_nodes = self.seq(items["aliases"][1], f"{what}: aliases") \
             if "aliases" in items else []
         tag_nodes = self.seq(items["tags"][1], f"{what}: tags") if "tags" in items else []

@@ -83,6 +83,7 @@ def test_resolution_order_name_alias_tag_partial() -> None:
     assert resolve(c, "GEM").name == "gemma"  # type: ignore[union-attr]  # unique partial
     assert resolve(c, "32").name == "qwen3-32b"  # type: ignore[union-attr]
     assert resolve(c, "llama") is None
+    assert resolve(c, "-") is None and resolve(c, ".") is None  # in names, naming none
 
 
 def test_several_partial_matches_highest_rank_from_the_stats_file_or_409(
