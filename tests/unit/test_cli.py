@@ -91,11 +91,9 @@ def no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_check_exits_non_zero_on_any_problem(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_systemd: None,
         server: str, missing: bool, code: int) -> None:
-    import sys
+    import make_gguf  # tools/, on the path by tests/conftest.py
 
     path = write_manifest(tmp_path, server, missing)
-    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
-    import make_gguf
 
     make_gguf.write_model(tmp_path / "tiny.gguf")  # check reads its header
     assert cli.main(["check", "--config", str(path)]) == code

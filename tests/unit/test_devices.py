@@ -503,13 +503,11 @@ def test_numbers_are_read_as_llama_server_reads_them() -> None:
 def test_check_names_what_llama_server_would_refuse(tmp_path: Path) -> None:
     """A file that is no GGUF, a number that is none, a device it does not list, a bad
     tensor split: each a check warning naming the model (llama-server would exit 1)."""
-    import sys
+
+    import make_gguf  # tools/, on the path by tests/conftest.py
 
     from hoshikage_sd import manifest
     from hoshikage_sd.commands import check
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
-    import make_gguf
 
     make_gguf.write_model(tmp_path / "m.gguf")
     (tmp_path / "hello.gguf").write_text("hello")

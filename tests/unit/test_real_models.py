@@ -406,10 +406,8 @@ def test_argv_names_the_first_shard_and_the_projector(tmp_path: Path) -> None:
 
 
 def test_the_estimate_reads_every_shard_and_counts_the_projector(tmp_path: Path) -> None:
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
-    import make_gguf
+    import make_gguf  # tools/, on the path by tests/conftest.py
 
     from hoshikage_sd import gguf, memory
     from hoshikage_sd.admit import needs
@@ -438,10 +436,8 @@ def test_a_split_model_is_listed_whole_and_its_projector_takes_images(
         tmp_path: Path) -> None:
     """`hoshikage list` and Ollama's /api/tags, /api/show: size and parameters over every
     shard; a projector from the manifest (mmproj:, or found beside it) takes images."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
-    import make_gguf
+    import make_gguf  # tools/, on the path by tests/conftest.py
 
     from hoshikage_sd.commands import status
     from hoshikage_sd.router import ollama
@@ -490,10 +486,8 @@ def test_mmproj_false_gives_a_found_model_none(tmp_path: Path) -> None:
 def test_llama_arg_variables_in_env_count_as_their_options(tmp_path: Path) -> None:
     """LLAMA_ARG_CTX_SIZE=131072 in a model's env: is llama-server's -c 131072 (README
     "GPUs"): every estimate reads it so, and an argument still wins over its variable."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
-    import make_gguf
+    import make_gguf  # tools/, on the path by tests/conftest.py
 
     from hoshikage_sd.admit import needs
 
