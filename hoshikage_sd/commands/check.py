@@ -141,8 +141,10 @@ def argument_problems(config: Config, seen: dict[str, list[Device]]) -> list[str
             continue  # a missing file is the manifest's warning already
         try:
             info = gguf.read_model_info(files)
-            if model.mmproj is not None:
-                gguf.read_info(model.mmproj)
+            if model.mmproj is not None and \
+                    (arch := gguf.read_info(model.mmproj).architecture) != "clip":
+                problems.append(f"model {model.name}: mmproj {model.mmproj} is a model "
+                                f"({arch}), not a projector (clip)")
             params = memory.load_params(info, model.effective_args)
             placed = offload.offload_params(model.effective_args)
             if model.name in seen:

@@ -519,12 +519,14 @@ def test_check_names_what_llama_server_would_refuse(tmp_path: Path) -> None:
   ts: {{path: {tmp_path}/m.gguf, args: [-ngl, "99", -ts, "3,,x"]}}
   env: {{path: {tmp_path}/m.gguf, env: {{LLAMA_ARG_CTX_SIZE: lots}}}}
   text: {{path: {tmp_path}/hello.gguf}}
+  proj: {{path: {tmp_path}/m.gguf, mmproj: {tmp_path}/m.gguf}}
 """)
     config = manifest.load(path)
     said = check.argument_problems(config, {name: VULKAN for name in config.models})
     by_model = {line.split(":")[0]: line for line in said}
-    assert sorted(by_model) == ["model dev", "model env", "model ngl", "model text",
-                                "model ts"], said
+    assert sorted(by_model) == ["model dev", "model env", "model ngl", "model proj",
+                                "model text", "model ts"], said
+    assert "is a model (llama), not a projector (clip)" in by_model["model proj"]
     assert "-ngl needs a number, not 'abc'" in by_model["model ngl"]
     assert "Vulkan9" in by_model["model dev"] and "3,,x" in by_model["model ts"]
     assert "needs a number, not 'lots'" in by_model["model env"]
