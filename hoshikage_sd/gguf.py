@@ -99,6 +99,17 @@ def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
         return _parse(r)
 
 
+def architecture(path: str | os.PathLike[str]) -> str:
+    """A GGUF file's general.architecture ("clip" for a projector: read_info reads models
+    only); GGUFError if it is no GGUF or has none."""
+    with opened(os.fspath(path)) as r:
+        _, _, n_kv = read_counts(r)
+        arch = read_metadata(r, n_kv)[0].get("general.architecture")
+        if not isinstance(arch, str):
+            raise r.fail("no general.architecture")
+        return arch
+
+
 def read_model_info(paths: Sequence[str | os.PathLike[str]]) -> GGUFInfo:
     """A model's header over all its files: the first shard's (or the only file's), with the
     other shards' tensors, sizes and tensor data added (split GGUFs carry the metadata in

@@ -142,7 +142,7 @@ def argument_problems(config: Config, seen: dict[str, list[Device]]) -> list[str
         try:
             info = gguf.read_model_info(files)
             if model.mmproj is not None and \
-                    (arch := gguf.read_info(model.mmproj).architecture) != "clip":
+                    (arch := gguf.architecture(model.mmproj)) != "clip":
                 problems.append(f"model {model.name}: mmproj {model.mmproj} is a model "
                                 f"({arch}), not a projector (clip)")
             params = memory.load_params(info, model.effective_args)
