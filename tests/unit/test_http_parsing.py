@@ -231,6 +231,8 @@ def exchange(router: server.Router, requests: list[bytes]) -> tuple[list[bytes],
 
     async def handler(request: Request) -> object:
         handled.append(request)
+        if request.header("x-boom"):
+            raise RuntimeError("a bug in a handler")
         if request.path == "/v1/chat/completions":  # would start tiny: the test says so
             return Response(299)
         return await router.handle(request)
@@ -267,6 +269,20 @@ def test_the_router_answers_each_vector_400_and_its_handler_sees_none(
     answers, handled = exchange(router, [field(b"Connection: close"),
                                           chunked(b"11").replace(b"Host: x", b"Connection: close")])
     assert handled == 2 and all(a.startswith(b"HTTP/1.1 299 ") for a in answers)
+
+
+def test_a_handler_s_bug_is_a_500_in_the_request_s_api_shape(router: server.Router) -> None:
+    body = b'{"model": "tiny"}'
+    requests = [b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nX-Boom: 1\r\nContent-Length: %d"
+                b"\r\n\r\n" % len(body) + body for path in (b"/api/chat", b"/v1/messages",
+                                                             b"/v1/chat/completions")]
+    answers, handled = exchange(router, requests)
+    assert handled == 3
+    bodies = [json.loads(a.partition(b"\r\n\r\n")[2]) for a in answers]
+    assert all(a.startswith(b"HTTP/1.1 500 ") for a in answers), answers
+    assert bodies[0] == {"error": "internal error in the router"}  # Ollama's
+    assert bodies[1]["type"] == "error" and bodies[1]["error"]["type"] == "api_error"
+    assert bodies[2]["error"]["type"] == "server_error"
 
 
 def test_no_head_start_for_a_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -214,7 +214,18 @@ class ClientConnection(asyncio.Protocol):
             self._disarm()
             self.task = asyncio.get_running_loop().create_task(self._serve())
 
+    def internal_error(self, request: Request | None) -> Response:
+        """The 500 for a request whose handling failed: in its API's shape (an Ollama
+        client reads {"error": "..."}), or the default one should that fail too."""
+        message = "internal error in the router"
+        try:
+            return self.proxy.error(request, 500, message, "server_error")
+        except Exception:
+            logger.exception("proxy: the 500 in the request's shape failed")
+            return self.proxy.error(None, 500, message, "server_error")
+
     async def _serve(self) -> None:
+        request: Request | None = None
         try:
             while self.queue and not self.lost:
                 request = self.current = self.queue.popleft()
@@ -233,8 +244,7 @@ class ClientConnection(asyncio.Protocol):
             return
         except Exception:
             logger.exception("proxy: request failed")
-            self.write(response_bytes(self.proxy.error(None, 500, "internal error in the "
-                                                       "router", "server_error"), False))
+            self.write(response_bytes(self.internal_error(request), False))
             self.close()
             return
         finally:
