@@ -113,28 +113,12 @@ def _value_end(buf: Buffer, i: int) -> int:
     return match.end()
 
 
-class NotAName(ValueError):
-    """The body's "model" is there, and neither a string nor null (a client's mistake,
-    which must not mean the default model as null does)."""
-
-    def __init__(self, value: object) -> None:
-        kind = {bool: "a boolean", int: "an integer", float: "a number", list: "an array",
-                dict: "an object"}.get(type(value), type(value).__name__)
-        super().__init__(f"Invalid type for 'model': expected a string, but got {kind} "
-                         "instead.")
-
-
-def model_of(buf: Buffer) -> str | None:
-    """json.loads(buf).get("model") when that is a string, None when there is none or it
-    is null (a body that is not an object names none); NotAName for any other value,
-    ValueError where the walk finds the JSON malformed."""
+def model_of(buf: Buffer) -> object:
+    """json.loads(buf).get("model"): None when there is none (a body that is not an object
+    names none); ValueError where the walk finds the JSON malformed."""
     if len(buf) >= 2 and (not buf[0] or not buf[1] or buf[:2] in (b"\xff\xfe", b"\xfe\xff")):
         data = loads(buf)  # UTF-16 or UTF-32 (json.loads takes them): parsed, rare
-        if not isinstance(data, dict) or "model" not in data:
-            return None
-        if data["model"] is not None and not isinstance(data["model"], str):
-            raise NotAName(data["model"])
-        return data["model"]
+        return data.get("model") if isinstance(data, dict) else None
     i = _space(buf, 3 if buf[:3] == b"\xef\xbb\xbf" else 0)  # UTF-8's BOM, as json.loads
     if i >= len(buf):
         return None
@@ -142,7 +126,6 @@ def model_of(buf: Buffer) -> str | None:
         _value_end(buf, i)  # a top-level array or scalar: checked, names no model
         return None
     found: object = None
-    named = False
     i = _space(buf, i + 1)
     if i < len(buf) and buf[i] == ord("}"):
         i += 1
@@ -158,7 +141,7 @@ def model_of(buf: Buffer) -> str | None:
             i = _space(buf, i + 1)
             end = _value_end(buf, i)
             if key == "model":  # the last one, as json.loads takes it
-                found, named = loads(bytes(buf[i:end])), True
+                found = loads(bytes(buf[i:end]))
             i = _space(buf, end)
             if i < len(buf) and buf[i] == ord(","):
                 i = _space(buf, i + 1)
@@ -169,6 +152,4 @@ def model_of(buf: Buffer) -> str | None:
             raise ValueError(f"expecting ',' or '}}' at byte {i}")
     if _space(buf, i) != len(buf):
         raise ValueError(f"extra data at byte {i}")
-    if named and found is not None and not isinstance(found, str):
-        raise NotAName(found)
-    return found if isinstance(found, str) else None
+    return found

@@ -41,9 +41,8 @@ from hoshikage_sd.router.answers import Answers
 from hoshikage_sd.router.call import Call
 from hoshikage_sd.router.config import Changes, load_config
 from hoshikage_sd.router.errors import StartFailed
-from hoshikage_sd.router.headstart.request import model_name_of
+from hoshikage_sd.router.headstart.request import NotAName, model_name_of
 from hoshikage_sd.router.headstart.take import FirstRequest
-from hoshikage_sd.router.jsonscan import NotAName
 from hoshikage_sd.router.lifecycle import Lifecycle
 from hoshikage_sd.router.proxy import Early, Forward, Request, Response
 from hoshikage_sd.router.routes import Route

@@ -36,14 +36,15 @@ def test_it_finds_what_json_loads_finds(body: object, indent: int | None) -> Non
 
 
 def assert_names_as_json_loads(raw: bytes) -> None:
-    """The model json.loads finds: a string, None for none or null; any other value is
-    NotAName (the router answers 400: not the default model)."""
+    """The "model" json.loads finds, of any type (model_name_of judges it), and the same
+    from the small body's path."""
     model = json.loads(raw).get("model")
+    assert jsonscan.model_of(raw) == model
     if model is None or isinstance(model, str):
-        assert jsonscan.model_of(raw) == model
+        assert waking.model_name_of(raw, {}) == model
     else:
-        with pytest.raises(jsonscan.NotAName, match="expected a string, but got"):
-            jsonscan.model_of(raw)
+        with pytest.raises(waking.NotAName, match="expected a string, but got"):
+            waking.model_name_of(raw, {})
 
 
 @pytest.mark.parametrize("depth", range(1, 12))

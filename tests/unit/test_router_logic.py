@@ -16,8 +16,7 @@ from hoshikage_sd import protocol
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.model_unit.release import reason_for
 from hoshikage_sd.router.headstart import request as waking
-from hoshikage_sd.router.headstart.request import model_name_of
-from hoshikage_sd.router.jsonscan import NotAName
+from hoshikage_sd.router.headstart.request import NotAName, model_name_of
 from hoshikage_sd.router.server import Announcements
 from hoshikage_sd.runtime import Activity, Running, Runtime, estimate_key, write_atomic
 

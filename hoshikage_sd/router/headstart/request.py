@@ -24,23 +24,34 @@ LARGE_JSON = 1 << 20
 Request = tuple[str, str, dict[str, str], bytes]  # method, path, query, body
 
 
+class NotAName(ValueError):
+    """The body's "model" is there, and neither a string nor null (a client's mistake,
+    which must not mean the default model as null does)."""
+
+    def __init__(self, value: object) -> None:
+        kind = {bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+                dict: "an object"}.get(type(value), type(value).__name__)
+        super().__init__(f"Invalid type for 'model': expected a string, but got {kind} "
+                         "instead.")
+
+
 def model_name_of(body: bytes, query: dict[str, str]) -> str | None:
     """The model a request names: JSON body's "model", else ?model=. ValueError if not JSON,
-    jsonscan.NotAName (a ValueError) if its "model" is neither a string nor null."""
+    NotAName (a ValueError) if its "model" is neither a string nor null."""
     if len(body) > LARGE_JSON:
         from hoshikage_sd.router import jsonscan  # large bodies only: not a start's cost
 
-        name = jsonscan.model_of(body)
-        return name if name is not None else query.get("model")
-    if body.strip():
+        model = jsonscan.model_of(body)
+    elif body.strip():
         data = loads(body)
-        if isinstance(data, dict) and data.get("model") is not None:
-            if isinstance(data["model"], str):
-                return str(data["model"])
-            from hoshikage_sd.router import jsonscan  # a client's mistake: not a start's cost
-
-            raise jsonscan.NotAName(data["model"])
-    return query.get("model")
+        model = data.get("model") if isinstance(data, dict) else None
+    else:
+        model = None
+    if model is None:
+        return query.get("model")
+    if not isinstance(model, str):
+        raise NotAName(model)
+    return model
 
 
 def forwarded(method: str, path: str, query: dict[str, str]) -> bool:
