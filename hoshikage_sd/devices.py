@@ -230,10 +230,11 @@ def node_problems(user: str, uid: int, gids: Collection[int],
                 f"the group: systemctl edit hoshikage-model@.service, then [Service] "
                 f"SupplementaryGroups={group}" for group, nodes in refused.items()]
     if any(dev.glob("nvidia[0-9]*")) and not (dev / "nvidia-uvm").exists():
-        problems.append(f"{dev / 'nvidia-uvm'} is missing (CUDA needs it): the nvidia-uvm "
-                        "module makes it when loaded, which the units (NoNewPrivileges=) "
-                        "cannot do: load it at boot (echo nvidia-uvm > "
-                        "/etc/modules-load.d/nvidia-uvm.conf) or run nvidia-modprobe -u -c=0")
+        problems.append(f"{dev / 'nvidia-uvm'} is missing (CUDA needs it): the CUDA library "
+                        "makes it with the setuid nvidia-modprobe, which the units "
+                        "(NoNewPrivileges=) cannot run: make it as root before the models, "
+                        "with README's nvidia-uvm.service (nvidia-modprobe -u -c=0; "
+                        "Wants= and After= it in hoshikage-model@.service)")
     return problems
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError
@@ -83,12 +84,12 @@ def check_source(path: Path | None, as_json: bool) -> int:
             raise
         print(json.dumps({"config": str(path or manifest.config_path()), "ok": False,
                           "models": [], "errors": [err.message], "warnings": [],
-                          "notes": [], "devices": []}, indent=2))
+                          "notes": [], "devices": [], "gpus": []}, indent=2))
         return err.code
     return check(config, as_json)
 
 
-def findings(config: Config) -> dict[str, list[str]]:
+def findings(config: Config) -> dict[str, list[Any]]:
     """check's findings: "warnings" (problems: the exit status), "notes", and "devices"
     (device_report's lines, its warnings also among the warnings)."""
     problems = list(config.warnings)
@@ -120,8 +121,16 @@ def findings(config: Config) -> dict[str, list[str]]:
     problems += [line.removeprefix("warning: ") for line in devices
                  if line.startswith("warning: ")]
     problems += argument_problems(config, seen)
+    listed: dict[str, dict[str, Any]] = {}
+    for name, found in seen.items():
+        for d in found:
+            entry = listed.setdefault(d.name, {"name": d.name, "description": d.description,
+                                               "total_bytes": d.total, "free_bytes": d.free,
+                                               "models": []})
+            entry["models"].append(name)
     return {"errors": [], "warnings": problems, "notes": notes,
-            "devices": [line for line in devices if not line.startswith("warning: ")]}
+            "devices": [line for line in devices if not line.startswith("warning: ")],
+            "gpus": list(listed.values())}
 
 
 def argument_problems(config: Config, seen: dict[str, list[Device]]) -> list[str]:
@@ -199,9 +208,11 @@ def device_report(config: Config, seen: dict[str, list[Device]] | None = None) -
         runner, who = devices.as_user(user.uid, gid, gids), user.name
     else:
         who = "this user"
-        if user is not None:
-            lines.append(f"note: devices are listed as this user, not {user.name}: run "
-                         "`hoshikage check` as root to see what the model units see")
+        lines.append(f"note: devices are listed as this user, not {user.name}: run "
+                     "`hoshikage check` as root to see what the model units see"
+                     if user is not None else
+                     f"note: there is no user {access.SERVICE_USER} here (the package makes "
+                     "it): devices are listed as this user, not as the model units' user")
     for env, names in (envs or {tuple(sorted(base.items())): []}).items():
         label = f" for {', '.join(names)}" if len(envs) > 1 else ""
         try:

@@ -107,6 +107,32 @@ def test_check_exits_non_zero_on_any_problem(
         assert "is not an executable file" in facts["warnings"][0]
 
 
+def test_check_json_lists_each_gpu_with_its_numbers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_systemd: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import make_gguf  # tools/, on the path by tests/conftest.py
+
+    from hoshikage_sd.commands import check
+    from hoshikage_sd.devices import parse_list_devices
+
+    listed = parse_list_devices("Available devices:\n  Vulkan0: llvmpipe (LLVM 15.0.6, 256 "
+                                "bits) (2048 MiB, 2000 MiB free)\n")
+
+    def device_report(config: object, seen: dict[str, object] | None = None) -> list[str]:
+        assert seen is not None
+        seen["tiny"] = listed
+        return ["device Vulkan0: llvmpipe"]
+
+    monkeypatch.setattr(check, "device_report", device_report)
+    path = write_manifest(tmp_path, "/bin/true")
+    make_gguf.write_model(tmp_path / "tiny.gguf")
+    assert cli.main(["check", "--json", "--config", str(path)]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["gpus"] == [{"name": "Vulkan0", "description": "llvmpipe (LLVM 15.0.6, 256 bits)",
+                              "total_bytes": 2048 << 20, "free_bytes": 2000 << 20,
+                              "models": ["tiny"]}]
+
+
 def test_check_json_of_a_manifest_that_does_not_parse(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "models.yaml"

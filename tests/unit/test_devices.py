@@ -485,6 +485,9 @@ models:
     lines = check.device_report(manifest.load(config))
     assert lines[1].startswith("note: devices are listed as this user, not hoshikage")
     assert calls[0][1] == []
+    monkeypatch.setattr(access, "service_user", lambda name="hoshikage": None)
+    lines = check.device_report(manifest.load(config))
+    assert "note: there is no user hoshikage here (the package makes it)" in lines[1]
 
 
 def test_numbers_are_read_as_llama_server_reads_them() -> None:
