@@ -114,12 +114,13 @@ ROUTES = frozenset((
     "/health", "/props", "/slots", "/metrics",
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/tags", "/api/ps",
     "/api/show", "/api/version", "/api/pull", "/api/push", "/api/create", "/api/delete",
-    "/api/copy",
+    "/api/copy", "/models/load", "/models/unload",
 ))
 
 
 def route_label(path: str) -> str:
-    """A request path as a bounded label: a known route, /v1/models/{id}, or "other"."""
+    """A request path as a bounded label: a known route, /v1/models/{id}, the panel's
+    page or API, or "other"."""
     path = path.split("?", 1)[0]
     if len(path) > 1:
         path = path.rstrip("/")
@@ -127,6 +128,8 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path == "/panel" or path.startswith("/panel/"):
+        return "/panel/api/*" if path.startswith("/panel/api/") else "/panel"
     return "other"
 
 
