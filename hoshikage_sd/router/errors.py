@@ -157,6 +157,8 @@ class ApiError:
 
     @property
     def anthropic_type(self) -> str:
+        if self.status == 503 and self.retry is False:
+            return "api_error"  # overloaded_error says "try later"; this one will not mend
         if self.status in _ANTHROPIC_TYPE:
             return _ANTHROPIC_TYPE[self.status]
         # Anthropic: "We may also use [invalid_request_error] for other 4XX status codes"

@@ -59,7 +59,7 @@ def test_api_for(path: str, headers: dict[str, str] | None, api: Api) -> None:
     (api_errors.not_answering("tiny", "reset"), "server_error", "model_unavailable",
      "api_error", None),
     (api_errors.start_failed("tiny", "no file", permanent=True), "server_error",
-     "model_unavailable", "overloaded_error", "false"),
+     "model_unavailable", "api_error", "false"),  # not "overloaded": it will not mend
     (api_errors.start_failed("tiny", "busy", permanent=False), "server_error",
      "model_unavailable", "overloaded_error", None),
 ])
@@ -162,7 +162,7 @@ def test_anthropic_client_reads_them() -> None:
                                messages=[{"role": "user", "content": "x"}])
     exc = info.value
     assert exc.status_code == 503 and exc.request_id == "req_abc"
-    assert exc.body["error"] == {"type": "overloaded_error", "message": err.message}
+    assert exc.body["error"] == {"type": "api_error", "message": err.message}
     assert exc.body["type"] == "error"
     assert calls == ["/v1/messages"]  # x-should-retry: false
 
