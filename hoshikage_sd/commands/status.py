@@ -175,7 +175,11 @@ def describe(config: Config, model: Model, active: set[str],
 def list_models(config: Config, as_json: bool) -> int:
     from hoshikage_sd.stats import StatsFile
 
-    active = set(loaded_units())
+    try:
+        active = set(loaded_units())
+    except HoshikageError as err:  # a machine being prepared: the models, states unknown
+        print(f"warning: no states: {err.message}", file=sys.stderr)
+        active = set()
     usage = StatsFile(config.state_dir)
     ranks = usage.ranks(w=config.weights, running=active)
     stats = usage.read()

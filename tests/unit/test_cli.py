@@ -450,3 +450,23 @@ def test_a_user_without_the_right_gets_a_sentence_not_a_traceback() -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"hoshikage: pin: {root}/state/" in result.stderr
     assert "Permission denied" in result.stderr and "run it as root" in result.stderr
+
+
+def test_list_without_systemd_lists_the_models_states_unknown(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine being prepared (a chroot, a container without systemd): `list` still shows
+    the models, and says why their states are missing."""
+    from hoshikage_sd.commands import status
+    from hoshikage_sd.errors import HoshikageError
+
+    def no_bus() -> list[str]:
+        raise HoshikageError("cannot ask systemd which models are loaded: Failed to connect "
+                             "to bus")
+
+    monkeypatch.setattr(status, "loaded_units", no_bus)
+    path = write_manifest(tmp_path, "/bin/true")
+    assert cli.main(["list", "--config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[1].startswith("tiny ")
+    assert "warning: no states: cannot ask systemd" in out.err
