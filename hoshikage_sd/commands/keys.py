@@ -10,6 +10,7 @@ drop-ins written here. Its public key goes to /etc/hoshikage/age-recipients, whi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -114,6 +115,9 @@ def encrypt(source: Path, dest: Path | None, recipients: Path | None,
         die(f"{source} is encrypted already")
     gguf.read_model_info([source])  # a clear error for what is not a model
     dest = dest or source.with_name(source.name + ".age")
+    if os.path.realpath(dest) == os.path.realpath(source):
+        die(f"{dest} is the model itself: the encrypted copy goes beside it",
+            hint="name another file, or none (SOURCE.age)")
     if dest.exists() and not force:
         die(f"{dest} exists", hint="--force replaces it")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -126,16 +130,22 @@ def encrypt(source: Path, dest: Path | None, recipients: Path | None,
     try:
         with open(source, "rb") as f:
             while block := f.read(READ_BLOCK):
-                child.stdin.write(block)
+                try:
+                    child.stdin.write(block)
+                except BrokenPipeError:
+                    break  # age stopped (a bad recipient, no room, no such directory)
                 done += len(block)
                 if time.monotonic() - shown >= REDRAW_EVERY or done == size:
                     shown = time.monotonic()
                     show(done, size, start)
-        child.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.close()
         if child.wait() != 0:
-            why = child.stderr.read().decode(errors="replace").strip().splitlines()
-            die(f"age could not encrypt {source}: {why[0] if why else 'it failed'}",
-                hint=f"is every line of {recipients} an age recipient (age1...)?")
+            said = child.stderr.read().decode(errors="replace").strip().splitlines()
+            why = said[0] if said else "it failed"
+            die(f"age could not encrypt {source}: {why}",
+                hint=f"is every line of {recipients} an age recipient (age1...)?"
+                if "recipient" in why.lower() else None)
         os.rename(tmp, dest)
     except BaseException:
         child.kill()

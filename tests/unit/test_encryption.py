@@ -236,6 +236,29 @@ def test_keys_setup_then_encrypt_then_read(tmp_path: Path, plain: bool,
     assert not list(tmp_path.glob(".*.tmp-*"))
 
 
+def test_encrypt_never_replaces_its_model_and_says_what_age_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--force onto the model itself turned it into ciphertext; age stopping (a directory
+    that is not there, a full disk, a bad recipient) broke the pipe into a traceback."""
+    model = make_model(tmp_path / "m.gguf")
+    before = model.read_bytes()
+    recipients = tmp_path / "recipients"
+    recipients.write_text(keygen(tmp_path / "identity") + "\n")
+    with pytest.raises(HoshikageError, match="is the model itself"):
+        keys.encrypt(model, model, recipients, force=True)
+    with pytest.raises(HoshikageError, match="is the model itself"):
+        keys.encrypt(model, tmp_path / "." / "m.gguf", recipients, force=True)
+    assert model.read_bytes() == before
+    with pytest.raises(HoshikageError, match=r"age could not encrypt .*m\.gguf: ") as err:
+        keys.encrypt(model, tmp_path / "nowhere" / "m.gguf.age", recipients)
+    assert err.value.hint is None  # not the recipients' fault
+    recipients.write_text("not a recipient\n")
+    with pytest.raises(HoshikageError, match="age could not encrypt") as err:
+        keys.encrypt(model, None, recipients)
+    assert err.value.hint is not None and "age recipient" in err.value.hint
+    assert not list(tmp_path.rglob(".*.tmp-*")) and model.read_bytes() == before
+
+
 def test_files_of_an_encrypted_model(tmp_path: Path, key: str) -> None:
     sealed = seal(make_model(tmp_path / "m.gguf"), key)
     assert Files.one(sealed).main == sealed
