@@ -155,10 +155,14 @@ def main(config: Config, name: str) -> int:
     reason = reason_for(runtime.stop_reason(name), result, code, status)
     ramdisk = config.ramdisk.is_dir()
     others = others_up(name) if ramdisk else None
-    kept = ramdisk and keeps_copy(config, runtime, name, reason, others)
+    # a start refused at admission (or given up waiting for room) served nothing: the copy
+    # an earlier stop kept stays as it was
+    refused = running is None and launched is None and runtime.admitted(name) is None \
+        and runtime.kept_until(name) is not None and store.has_copy(name)
+    kept = ramdisk and (refused or keeps_copy(config, runtime, name, reason, others))
     copied = kept and not store.has_copy(name)  # to be made: by hoshikage-keep@NAME
     freed = 0
-    if kept:
+    if kept and not refused:
         model = config.models.get(name)
         ttl = model.ttl if model else config.idle_ttl
         runtime.set_kept(name, (activity.last_end if activity else time.time()) + ttl)

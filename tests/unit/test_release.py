@@ -236,3 +236,28 @@ def test_a_copy_alongside_cut_by_the_stop_is_made_again_by_the_keep_unit(
     assert release.keep(config, "m") == 0
     store = Store(config.ramdisk)
     assert store.reusable("m", config.models["m"].path) and not partial.exists()
+
+
+@pytest.mark.parametrize("admitted", [False, True])
+def test_a_start_refused_at_admission_leaves_the_kept_copy_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, admitted: bool) -> None:
+    """A start refused for room (or given up waiting for it) served nothing: the copy an
+    earlier stop kept stays, until when it was kept. One admitted that failed later (its
+    llama-server did not load) may have failed on that copy: it goes."""
+    from hoshikage_sd.manifest import Files
+    from hoshikage_sd.runtime import Runtime
+    from hoshikage_sd.staging import Store
+
+    config = one_model(tmp_path)
+    runtime, store = Runtime(config.runtime_dir), Store(config.ramdisk)
+    store.stage("m", Files.of(config.models["m"]))
+    runtime.set_kept("m", 1e12)
+    if admitted:
+        runtime.set_admitted("m", 4100)
+    monkeypatch.setattr(release, "others_up", lambda name: ["b"])
+    for key, value in (("SERVICE_RESULT", "exit-code"), ("EXIT_CODE", "exited"),
+                       ("EXIT_STATUS", "1")):
+        monkeypatch.setenv(key, value)
+    assert release.main(config, "m") == 0
+    assert store.has_copy("m") is not admitted
+    assert runtime.kept_until("m") == (None if admitted else 1e12)
