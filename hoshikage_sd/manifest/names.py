@@ -99,7 +99,6 @@ def apply(config: Config, names: Names) -> Config:
     """The manifest with the CLI's names laid over it."""
     models = dict(config.models)
     warnings = list(config.warnings)
-    taken = {a for m in models.values() for a in m.aliases} | set(models)
 
     def update(name: str, **changes: tuple[str, ...]) -> None:
         models[name] = dataclasses.replace(models[name], **changes)  # type: ignore[arg-type]
@@ -108,6 +107,7 @@ def apply(config: Config, names: Names) -> Config:
         for model in list(models.values()):
             if alias in model.aliases:
                 update(model.name, aliases=tuple(a for a in model.aliases if a != alias))
+    taken = {a for m in models.values() for a in m.aliases} | set(models)
     for alias, target in names.aliases.items():
         if target not in models or alias in taken:
             warnings.append(f"{path(config)}: alias '{alias}' for '{target}' skipped: "
@@ -180,12 +180,23 @@ def add_alias(config: Config, model_name: str, alias: str) -> str:
     if (what := taken(config, alias, but=model)) is not None or alias == model.name:
         die(f"'{alias}' is already {what or 'its name'}",
             hint="an alias that names another model, or a tag, would take its requests")
+    if alias in model.aliases:
+        return f"alias '{alias}' → {model.name} (already)"
     names = load(config)
-    names.aliases[alias] = model.name
-    if alias in names.removed:
-        names.removed.remove(alias)
+    if alias in names.removed and _manifest_owner(config, alias) == model.name:
+        names.removed.remove(alias)  # the manifest's own, given back
+    else:
+        names.aliases[alias] = model.name
     save(config, names)
     return f"alias '{alias}' → {model.name}"
+
+
+def _manifest_owner(config: Config, alias: str) -> str | None:
+    """The model the manifest itself gives `alias` (names.json's removals aside)."""
+    from hoshikage_sd.manifest import load as load_manifest
+
+    return next((m.name for m in load_manifest(config.source).models.values()
+                 if alias in m.aliases), None)
 
 
 def remove_alias(config: Config, alias: str) -> str:

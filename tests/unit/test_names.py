@@ -16,7 +16,7 @@ from hoshikage_sd.resolve import resolve
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return parse(textwrap.dedent(f"""
+    text = textwrap.dedent(f"""
         state_dir: {tmp_path / 'state'}
         models:
           qwen:
@@ -25,7 +25,9 @@ def config(tmp_path: Path) -> Config:
             tags: [tool]
           gemma:
             path: /m/g.gguf
-    """), tmp_path / "models.yaml")
+    """)
+    (tmp_path / "models.yaml").write_text(text)
+    return parse(text, tmp_path / "models.yaml")
 
 
 def test_add_alias_and_move_a_tag(config: Config) -> None:
@@ -50,6 +52,21 @@ def test_remove_manifest_alias_and_cli_alias(config: Config) -> None:
     assert effective.models["qwen"].aliases == ()
     names.add_alias(effective, "qwen", "q")  # giving it back undoes the removal
     assert names.effective(config).models["qwen"].aliases == ("q",)
+    assert not skipped(config)
+    # already its alias (the manifest's): nothing written, nothing for check to warn of
+    assert names.add_alias(names.effective(config), "qwen", "q").endswith("(already)")
+    assert not skipped(config)
+    # a manifest alias taken away, then given to another model
+    names.remove_alias(names.effective(config), "q")
+    names.add_alias(names.effective(config), "gemma", "q")
+    effective = names.effective(config)
+    assert (effective.models["gemma"].aliases, effective.models["qwen"].aliases) == (("q",), ())
+    assert not skipped(config)
+
+
+def skipped(config: Config) -> list[str]:
+    """names.json's entries that do not apply (check warns of each)."""
+    return [w for w in names.effective(config).warnings if "names.json" in w]
 
 
 @pytest.mark.parametrize(("model", "alias", "message"), [
