@@ -235,9 +235,14 @@ class Runtime:
 
     def serving(self, name: str) -> bool:
         """Is the model loaded: its llama-server's record is there and that process lives?
-        (The record outlives a router restart and goes with the unit's ExecStopPost.)"""
+        (The record outlives a router restart and goes with the unit's ExecStopPost.) The
+        launcher's record counts too: its llama-server serves before the activator adopts
+        it and writes the running record, ~0.2 s later."""
         running = self.running(name)
-        return running is not None and pid_exists(running.pid)
+        if running is None:
+            launched = protocol.read_launched(str(self.dir), name)
+            return launched is not None and pid_exists(launched[0])
+        return pid_exists(running.pid)
 
     def set_running(self, name: str, running: Running) -> None:
         self._write("running", name, asdict(running))

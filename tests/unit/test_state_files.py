@@ -303,3 +303,19 @@ def test_the_runtime_directory_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lastgood.path() == "/run/hoshikage/manifest.json"
     assert protocol.DEFAULT_RUNTIME == "/run/hoshikage"
     assert protocol.runtime_dir(None) == protocol.runtime_dir("") == protocol.DEFAULT_RUNTIME
+
+
+def test_a_model_its_launcher_started_serves_before_its_activator_adopts_it(
+        tmp_path: Path) -> None:
+    """/v1/models and /api/ps right after a first answer: the launcher's record says its
+    llama-server serves; the running record comes ~0.2 s later, with the adoption."""
+    import os
+
+    from hoshikage_sd import protocol
+
+    runtime = Runtime(tmp_path)
+    assert not runtime.serving("m")
+    protocol.write_launched(str(tmp_path), "m", os.getpid(), 1.0, 1.5)
+    assert runtime.serving("m")
+    protocol.write_launched(str(tmp_path), "m", 2**22 + 1, 1.0, 1.5)  # no such process
+    assert not runtime.serving("m")
