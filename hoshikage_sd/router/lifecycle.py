@@ -32,7 +32,7 @@ PROBE_TIMEOUT = 2.0
 #: seconds after start-up during which a start of the model the head start started is that
 #: start (its request comes at once; one whose client went away must not block a later one)
 EARLY_START_VALID = 30.0
-#: seconds an unload (Ollama's keep_alive 0) waits for the unit to leave "active"
+#: seconds an unload (Ollama's keep_alive 0, /models/unload) waits for the unit to be down
 UNLOAD_WAIT = 5.0
 #: seconds the name index's refresh after a start waits for the model's first answers
 INDEX_REFRESH_WAIT = 300.0
@@ -290,8 +290,9 @@ class Lifecycle:
             pool.close()
 
     async def unload(self, model: Model, reason: str) -> None:
-        """Stop the model's unit now (Ollama's keep_alive 0) and return once it is no
-        longer "active" (so /api/ps no longer lists it)."""
+        """Stop the model's unit now (Ollama's keep_alive 0, /models/unload) and return
+        once it is down (its memory free: README, "An unload answers once the unit is
+        down"), or UNLOAD_WAIT has passed."""
         unit = units.model_unit(model.name)
         self.gone(model.name)
         self.runtime.set_stop_reason(model.name, reason)
@@ -303,7 +304,7 @@ class Lifecycle:
         deadline = time.monotonic() + UNLOAD_WAIT
         while time.monotonic() < deadline:
             state, _ = await asyncio.to_thread(units.unit_state, unit)
-            if state != "active":
+            if state in ("inactive", "failed"):
                 return
             await asyncio.sleep(0.02)
 
