@@ -49,8 +49,9 @@ def record(runtime: Runtime, name: str, since: float,
     """What the model unit says of its end: the stop hoshikage asked for (the idle watch,
     an eviction, an unload), or the activator's record of llama-server's exit written after
     `since`; waiting up to `wait` seconds for either, since the activator writes its record
-    a moment after the router sees the connection break. None: nobody said (a stop by
-    hand, a llama-server that is alive but closed the connection)."""
+    a moment after the router sees the connection break. Nobody said: a unit going down
+    was stopped by hand (systemctl stop); else None (a llama-server that is alive but
+    closed the connection)."""
     deadline = time.monotonic() + wait
     while True:
         stop = runtime.stop_reason(name)
@@ -60,8 +61,22 @@ def record(runtime: Runtime, name: str, since: float,
         if reason is not None and _written_since(runtime, name, since):
             return f"its unit failed: {reason}"
         if time.monotonic() >= deadline:
-            return None
+            return stopped_by_hand(name)
         time.sleep(RECORD_POLL)
+
+
+def stopped_by_hand(name: str) -> str | None:
+    from hoshikage_sd.errors import HoshikageError
+    from hoshikage_sd.sd import units
+
+    unit = units.model_unit(name)
+    try:
+        state, _ = units.unit_state(unit)
+    except HoshikageError:
+        return None
+    if state in ("deactivating", "inactive"):
+        return f"its unit was stopped (not by hoshikage: systemctl stop {units.shell_unit(name)}?)"
+    return None
 
 
 def _written_since(runtime: Runtime, name: str, since: float) -> bool:

@@ -99,7 +99,10 @@ def test_a_body_that_cannot_say_why_is_cut_without_its_end(
     assert PIECE in got and not got.endswith(b"0\r\n\r\n"), got
 
 
-def test_the_unit_s_record_says_why(tmp_path: Path) -> None:
+def test_the_unit_s_record_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoshikage_sd.sd import units
+
+    monkeypatch.setattr(units, "unit_state", lambda unit: ("active", False))  # alive, closed
     runtime = Runtime(tmp_path)
     began = time.time()
     assert cut.record(runtime, "tiny", began, wait=0.1) is None  # nobody said
@@ -111,6 +114,22 @@ def test_the_unit_s_record_says_why(tmp_path: Path) -> None:
     assert cut.record(runtime, "tiny", began, wait=0.1) is None
     runtime.set_stop_reason("tiny", "idle")
     assert cut.record(runtime, "tiny", began, wait=0.1) == "its unit was stopped (idle)"
+
+
+@pytest.mark.parametrize(("state", "said"), [
+    ("deactivating", "its unit was stopped (not by hoshikage: systemctl stop "
+                     "'hoshikage-model@tiny\\x2d1.service'?)"),
+    ("inactive", "its unit was stopped (not by hoshikage: systemctl stop "
+                 "'hoshikage-model@tiny\\x2d1.service'?)"),
+    ("active", None),
+])
+def test_a_unit_stopped_by_hand_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           state: str, said: str | None) -> None:
+    """No record says why (systemctl stop by hand sets none): the unit's state does."""
+    from hoshikage_sd.sd import units
+
+    monkeypatch.setattr(units, "unit_state", lambda unit: (state, False))
+    assert cut.record(Runtime(tmp_path), "tiny-1", time.time(), wait=0.05) == said
 
 
 def test_a_worker_down_is_named_as_admission_names_it() -> None:
