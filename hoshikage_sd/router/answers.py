@@ -69,6 +69,8 @@ class Answers:
         if request is None:
             _, headers, body = api.render("/", err, api.new_request_id())
             return Response.json(status, body, **headers)
+        if not request.id:  # refused before the router's handler gave it one (a 413)
+            request.id = api.request_id(request.header("x-request-id"))
         return self.fail(request, err)
 
     def broken_error(self) -> api.ApiError:

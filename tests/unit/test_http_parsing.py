@@ -271,6 +271,20 @@ def test_the_router_answers_each_vector_400_and_its_handler_sees_none(
     assert handled == 2 and all(a.startswith(b"HTTP/1.1 299 ") for a in answers)
 
 
+def test_a_body_too_large_is_answered_with_a_request_id(router: server.Router) -> None:
+    """Refused before the router's handler (which gives every request its id): the 413
+    carries one too, the client's own where it sent one."""
+    requests = [b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nX-Request-Id: mine-1\r\n"
+                b"Content-Length: 10000000000\r\n\r\n" for path in (b"/v1/messages",
+                                                                  b"/v1/chat/completions")]
+    answers, handled = exchange(router, requests)
+    assert handled == 0
+    for answer in answers:
+        head = answer.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 413 ") and b"\r\nx-request-id: mine-1" in head.lower()
+    assert json.loads(answers[0].partition(b"\r\n\r\n")[2])["request_id"] == "mine-1"
+
+
 def test_a_handler_s_bug_is_a_500_in_the_request_s_api_shape(router: server.Router) -> None:
     body = b'{"model": "tiny"}'
     requests = [b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nX-Boom: 1\r\nContent-Length: %d"
