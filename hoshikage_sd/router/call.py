@@ -86,8 +86,11 @@ class Call:
         def transform(status: int, headers: list[tuple[bytes, bytes]]) -> proxy.Transform | None:
             if status < 400:
                 return None
-            return Whole(status, JSON, lambda raw: (status, json.dumps(api.body(
-                which, api.from_upstream(status, _json_or_text(raw)), rid)).encode()))
+
+            def retold(raw: bytes) -> tuple[int, bytes]:
+                err = api.from_upstream(status, _json_or_text(raw))
+                return err.status, json.dumps(api.body(which, err, rid)).encode()
+            return Whole(status, JSON, retold)
         return transform
 
     async def broken(self, error: BaseException) -> bytes | None:

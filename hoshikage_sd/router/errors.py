@@ -244,4 +244,11 @@ def from_upstream(status: int, data: object) -> ApiError:
             message = inner
     elif isinstance(data, str) and data.strip():
         message = data.strip()
+    if status == 500 and any(words in message for words in CLIENT_WORDS):
+        status = 400  # a request it could not read: a client retries a 500 (anthropic's thrice)
     return ApiError(status, message, code=code)
+
+
+#: what llama-server says, with a 500, of a request it could not read ("'messages' is
+#: required" on /v1/messages): the client's mistake
+CLIENT_WORDS = ("is required", "must be ")

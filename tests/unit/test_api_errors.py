@@ -202,3 +202,12 @@ def test_ollama_client_reads_them() -> None:
                              stream=True):
             pass
     assert streamed.value.status_code == 404 and streamed.value.error == err.message
+
+
+def test_a_request_llama_server_could_not_read_is_the_client_s_400() -> None:
+    """llama-server answers /v1/messages without 'messages' with a 500, which anthropic's
+    SDK sent three times: retold as a 400, other 500s as they are."""
+    said = {"error": {"code": 500, "message": "'messages' is required", "type": "server_error"}}
+    assert api_errors.from_upstream(500, said).status == 400
+    crash = {"error": {"code": 500, "message": "failed to decode", "type": "server_error"}}
+    assert api_errors.from_upstream(500, crash).status == 500
