@@ -114,7 +114,8 @@ ROUTES = frozenset((
     "/health", "/props", "/slots", "/metrics",
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/tags", "/api/ps",
     "/api/show", "/api/version", "/api/pull", "/api/push", "/api/create", "/api/delete",
-    "/api/copy", "/models/load", "/models/unload",
+    "/api/copy", "/models/load", "/models/unload", "/models", "/v1/health", "/responses",
+    "/v1/reranking", "/lora-adapters",
 ))
 
 
@@ -128,6 +129,10 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/slots/"):
+        return "/slots/{id}"
+    if path.startswith("/api/blobs/"):
+        return "/api/blobs/{digest}"
     if path == "/panel" or path.startswith("/panel/"):
         return "/panel/api/*" if path.startswith("/panel/api/") else "/panel"
     return "other"

@@ -178,6 +178,32 @@ def test_a_model_that_is_not_a_string_is_a_400_not_the_default(tmp_path: Path) -
         waking.model_name_of(b'{"model": 3}', {})
 
 
+def test_a_page_on_another_site_starts_nothing_without_cors(tmp_path: Path) -> None:
+    """A text/plain POST from another site needs no preflight: it would start a model and
+    make it work for a page that cannot even read the answer. JSON (preflighted), a client
+    with no Origin, the router's own origin and an allowed one pass."""
+    config = server.load_config(write(tmp_path, 'cors_origins: ["http://app.example"]'))
+    body = {"model": "tiny", "messages": []}
+
+    async def scenario() -> None:
+        router = server.Router(config)
+        for path in ("/v1/chat/completions", "/v1/messages", "/api/chat"):
+            status, _, reply = answer(await router.handle(request(
+                "POST", path, body, {"Origin": "https://evil.example",
+                                     "Content-Type": "text/plain;charset=UTF-8"})))
+            assert status == 415, (path, reply)
+        assert router.starting == {}
+        for headers in ({"Origin": "https://evil.example", "Content-Type": "application/json"},
+                        {"Content-Type": "text/plain"},
+                        {"Origin": "http://app.example", "Content-Type": "text/plain"},
+                        {"Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080",
+                         "Content-Type": "text/plain"}):
+            assert not router.cross_site_simple(request("POST", "/v1/chat/completions",
+                                                        body, headers)), headers
+
+    run(scenario)
+
+
 def test_cors_is_off_unless_the_manifest_allows_an_origin(tmp_path: Path) -> None:
     async def scenario() -> None:
         preflight = request("OPTIONS", "/v1/chat/completions", headers={
