@@ -153,6 +153,25 @@ def test_router_writes_at_most_once_per_interval(tmp_path: Path,
         ("a", "/v1/completions", "200")] == 2
 
 
+def test_an_idle_router_s_counts_reach_the_file_within_a_flush_interval(
+        tmp_path: Path) -> None:
+    """`hoshikage metrics` reads the file: a router that answered one request and then
+    none (an idle one, up to router_idle_exit) wrote it at its exit only."""
+    m = Metrics(tmp_path)
+    m.flush()
+    m.request("a", "/v1/models", 200, 0.01, 0.01)
+
+    def in_file() -> float | None:
+        return metrics.read(tmp_path).counters.get("hoshikage_requests_total", {}).get(
+            ("a", "/v1/models", "200"))
+
+    assert in_file() is None  # batched
+    deadline = time.monotonic() + 10 * metrics.FLUSH_INTERVAL
+    while in_file() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_file() == 1
+
+
 def test_a_failed_flush_keeps_the_counts(tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("")
