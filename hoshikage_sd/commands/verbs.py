@@ -305,7 +305,9 @@ def reload(args: argparse.Namespace, source: Path | None, early: FirstRequest | 
     path = source or manifest.config_path()
     try:
         runtime_dir = manifest.load(path).runtime_dir
-    except HoshikageError:  # the router says what is wrong; the default place is its
+    except HoshikageError as err:  # the default place is the router's
+        print(f"warning: {err.message}: the router keeps serving its last good manifest",
+              file=sys.stderr)
         runtime_dir = Config(source=path).runtime_dir
     if protocol.send_datagram(protocol.router_socket(str(runtime_dir)).encode(),
                               protocol.RELOAD):

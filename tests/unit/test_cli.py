@@ -470,3 +470,31 @@ def test_list_without_systemd_lists_the_models_states_unknown(
     out = capsys.readouterr()
     assert out.out.splitlines()[1].startswith("tiny ")
     assert "warning: no states: cannot ask systemd" in out.err
+
+
+def test_a_broken_manifest_shows_what_the_router_serves(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit that breaks the manifest: the router keeps its last good one, and list,
+    status, ps and unload look at that (with a warning), rather than refuse to."""
+    import time
+
+    from hoshikage_sd import lastgood, manifest
+    from hoshikage_sd.commands import status
+    from hoshikage_sd.errors import HoshikageError
+
+    def no_bus() -> list[str]:
+        raise HoshikageError("no systemd here")
+
+    monkeypatch.setattr(status, "loaded_units", no_bus)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
+    path = write_manifest(tmp_path, "/bin/true")
+    began = time.time() - 1
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    lastgood.save(manifest.load(path), began)  # the router's, at its start
+    path.write_text(path.read_text() + "  broken: [\n")
+    assert cli.main(["list", "--config", str(path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[1].startswith("tiny ")
+    assert "using the router's last good copy of it" in out.err
