@@ -8,7 +8,8 @@ import argparse
 from pathlib import Path
 
 #: command -> the dest of its argument that names a model (as `hoshikage load` takes one)
-MODEL_ARGUMENTS = {"load": "name", "unload": "name", "logs": "name", "tag": "model"}
+MODEL_ARGUMENTS = {"load": "name", "unload": "name", "logs": "name", "tag": "model",
+                   "pin": "model", "unpin": "model", "alias": "names"}
 
 
 def model_names(config: str | None = None) -> list[str]:

@@ -141,11 +141,15 @@ def effective(config: Config) -> Config:
 
 
 def _model(config: Config, name: str) -> Model:
-    model = config.models.get(name) or next(
-        (m for m in config.models.values() if name in m.aliases), None)
-    if model is None:
+    """The model `name` means, as a request's name is matched (name, alias, tag, a part of
+    one); a part that several share is refused: a change that stays must name one."""
+    found = config.matches(name)
+    if not found:
         die(f"no model named '{name}'", hint="hoshikage list shows the names")
-    return model
+    if len(found) > 1:
+        die(f"'{name}' is a part of several names: {', '.join(m.name for m in found)}",
+            hint="name one of them")
+    return found[0]
 
 
 def _valid(kind: str, name: str) -> None:

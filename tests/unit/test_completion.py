@@ -58,5 +58,7 @@ models:
     assert candidates("hoshikage load t", {"HOSHIKAGE_CONFIG": str(manifest)}) \
         == ["tea", "tiny"]
     assert candidates(f"hoshikage logs --config {manifest} ", {}) == ["small", "tea", "tiny"]
+    for line in ("hoshikage pin t", "hoshikage unpin t", "hoshikage alias add t"):
+        assert candidates(line, {"HOSHIKAGE_CONFIG": str(manifest)}) == ["tea", "tiny"], line
     # no manifest to read: no candidates, and no error on the line being typed
     assert candidates("hoshikage unload ", {"HOSHIKAGE_CONFIG": str(tmp_path / "no")}) == []

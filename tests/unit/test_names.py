@@ -95,6 +95,15 @@ def test_a_tag_that_would_never_apply_is_refused(config: Config, tag: str, messa
     assert not names.path(config).exists()
 
 
+def test_pin_takes_a_name_as_requests_do(config: Config) -> None:
+    """A part of one name (as `load` and requests take it); a part of several, refused."""
+    assert names.set_pinned(config, "gem", True) == "gemma pinned"
+    assert names.set_pinned(config, "tool", False) == "qwen unpinned"  # a tag
+    assert names.effective(config).models["gemma"].pinned
+    with pytest.raises(HoshikageError, match="'e' is a part of several names: qwen, gemma"):
+        names.set_pinned(config, "e", True)
+
+
 def test_clash_after_manifest_edit_is_a_warning(config: Config, tmp_path: Path) -> None:
     names.add_alias(config, "gemma", "g")
     edited = parse(textwrap.dedent(f"""
