@@ -254,6 +254,9 @@ def cannot_fit(need: Need, short: Sequence[str], after: Room, busy: Sequence[Res
     elif RAM not in short and WORKER in after.lacking(need, None):
         holders = ", ".join(f"worker '{w}' serves '{n}' now" for n, w in after.holding.items())
         return f"{need.name} cannot load: {holders}{because}"
+    elif RAM not in short and COUNT in short:  # a place, not memory, is what is lacking
+        return (f"{need.name} cannot load: max_loaded_models is reached by models that stay"
+                f"{because}")
     else:
         at_most = after.ram + sum(r.memory for r in busy)
         where = need.says()

@@ -200,8 +200,10 @@ def test_only_a_place_lacking_evicts_by_count() -> None:
 def test_a_refusal_says_why_in_one_word() -> None:
     assert decide("huge", gib(40.0), gib(18.0)).refusal == "memory"
     pinned = Resident("p", gib(1.0), idle=60, pinned=True)
-    assert decide("c", gib(1.0), gib(100.0), [pinned], max_loaded=1).refusal == \
-        "max_loaded_models"
+    by_count = decide("c", gib(1.0), gib(100.0), [pinned], max_loaded=1)
+    assert by_count.refusal == "max_loaded_models"
+    assert by_count.message == ("c cannot load: max_loaded_models is reached by models that "
+                                "stay (p pinned or below evict_floor)")  # not "cannot fit"
     assert decide("c", gib(1.0), gib(100.0)).refusal is None
 
 
