@@ -53,17 +53,21 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
         model = config.models.get(name)
         if model is not None and model.pinned:
             continue  # pinned (manifest or names.json): no TTL, not even a keep_alive's
-        ttl = runtime.ttl(name) or (model.ttl if model else config.idle_ttl)
+        # one the manifest no longer has (removed, renamed): nothing can ask for it, nor
+        # show or unload it by name; it goes once no request is in flight
+        ttl = 0.0 if model is None else runtime.ttl(name) or model.ttl
         idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
         if not should_stop(idle, ttl):
             due = ttl - (idle or 0.0)
-            soonest = due if soonest is None else min(soonest, due)
+            soonest = max(due, MIN_WAIT) if soonest is None else min(soonest, max(due, MIN_WAIT))
             continue
         assert idle is not None
-        runtime.set_stop_reason(name, "idle")
+        reason = "idle" if model is not None else "removed"
+        runtime.set_stop_reason(name, "idle" if model is not None else "not in the manifest")
         metrics.count(config.runtime_dir, "hoshikage_evictions_total", model=name,
-                      reason="idle")
-        log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s",
+                      reason=reason)
+        log.event("idle-stop", name, f"stopping {name}: idle {idle:.0f} s >= ttl {ttl:.0f} s"
+                  if model is not None else f"stopping {name}: no longer in the manifest",
                   idle_seconds=f"{idle:.1f}", ttl_seconds=f"{ttl:.1f}")
         units.systemctl("stop", "--no-block", units.model_unit(name), check=False)
     expire_kept(config, runtime, now)

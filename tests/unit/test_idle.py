@@ -115,3 +115,35 @@ def test_the_idle_watch_never_stops_a_pinned_model(tmp_path: Path,
                         lambda *a, **k: stopped.append(a[-1]))
     assert idle.sweep(config, runtime) is None  # nothing left to wait for
     assert stopped == [idle.units.model_unit("free")]
+
+
+def test_a_model_gone_from_the_manifest_is_stopped_once_it_is_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removed or renamed while loaded: nothing can ask for it, show it or unload it by
+    name, so its 1 h idle_ttl would hold its memory unseen. It goes at the next sweep, but
+    never with a request in flight."""
+    import fcntl
+    import time
+
+    from hoshikage_sd.manifest import Config, Model
+    from hoshikage_sd.watch import idle
+
+    config = Config(source=tmp_path / "m.yaml", runtime_dir=tmp_path / "run",
+                    ramdisk=tmp_path / "rd", models={
+                        "stays": Model("stays", tmp_path / "a.gguf", ttl=3600.0)})
+    runtime = Runtime(config.runtime_dir)
+    now = time.time()
+    for name in ("stays", "gone", "streaming"):
+        runtime.set_running(name, Running(pid=1, staged="/x", started=now - 5))
+    busy = runtime.busy_path("streaming")
+    busy.parent.mkdir(parents=True, exist_ok=True)
+    stopped: list[str] = []
+    monkeypatch.setattr(idle.units, "active_model_units",
+                        lambda *a: ["stays", "gone", "streaming"])
+    monkeypatch.setattr(idle.units, "systemctl", lambda *a, **k: stopped.append(a[-1]))
+    with open(busy, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # the router's, while a request is in flight
+        wait = idle.sweep(config, runtime)
+    assert stopped == [idle.units.model_unit("gone")]
+    assert runtime.stop_reason("gone") == "not in the manifest"
+    assert wait is not None and wait <= idle.MIN_WAIT  # the streaming one: looked at again
