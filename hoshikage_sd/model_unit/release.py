@@ -190,7 +190,7 @@ def main(config: Config, name: str) -> int:
     log.event("released", name,
               f"released {name}: {reason}; "
               + (f"its staged copy stays in RAM until {until} (or until the room is needed)"
-                 + (f" (made now by {units.keep_unit(name)}: its copy alongside was not "
+                 + (f" (to be made by {units.keep_unit(name)}: its copy alongside was not "
                     "done)" if copied else "")
                  if kept else f"freed {fmt.size(freed)} of RAM disk")
               + (f"; llama-server pid was {pid}" if pid else "")

@@ -191,6 +191,9 @@ class Lifecycle:
                 if state == "failed" or (state == "inactive" and not pending):
                     reason = self.runtime.error(model.name)
                     # the activator recorded why; only "no room yet" can change by itself
+                    if reason is None and state == "inactive":  # stopped, not failed
+                        raise StartFailed(f"{shlex.quote(unit)} was stopped before it "
+                                          "served (a stop while it loaded)")
                     if reason is None:
                         raise StartFailed(f"{shlex.quote(unit)} failed to start (journalctl "
                                           f"-u {shlex.quote(unit)})")

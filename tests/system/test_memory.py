@@ -288,7 +288,7 @@ def test_a_copy_to_keep_is_made_by_its_own_unit_and_given_up_by_a_start(
     hk.wait_for("a's copy made to keep", lambda: len(hk.events("staged", "a")) == 2)
     (released,) = hk.events("released", "a")
     assert released["HOSHIKAGE_KEPT"] == "1", released["MESSAGE"]
-    assert "made now by hoshikage-keep@a.service" in released["MESSAGE"], released["MESSAGE"]
+    assert "to be made by hoshikage-keep@a.service" in released["MESSAGE"], released["MESSAGE"]
     kept = hk.events("staged", "a")[1]
     assert kept["_SYSTEMD_UNIT"] == "hoshikage-keep@a.service", kept
     assert kept["_UID"] == c.exec("id", "-u", "hoshikage").stdout.strip()
