@@ -137,3 +137,28 @@ def test_load_of_a_model_that_gets_no_ram_disk_copy_says_so(
                         r"stage: never, no RAM-disk copy\)", loaded.stdout.splitlines()[-1]), \
         loaded.stdout
     assert hk.container.exec("sh", "-c", "ls /mnt/hoshikage").stdout.split() == []
+
+
+def test_a_start_stopped_while_it_loads_is_said_so(
+        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    """The request waiting for a model whose unit is stopped by hand before it serves: a
+    503 that says so, not 'failed to start'."""
+    import threading
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "slow.gguf")
+    text = manifest(llama_server_bin, {  # a server that never says it serves
+        "slow": 'backend: command\ncommand: [/bin/sleep, "300"]\nttl: 1h'})
+    hk = deploy(container_factory, models, text)
+    answer: list[tuple[int, object]] = []
+    waiting = threading.Thread(target=lambda: answer.append(hk.chat("slow")))
+    waiting.start()
+    unit = "hoshikage-model@slow.service"
+    hk.wait_for("the unit to start", lambda: hk.state(unit) == "activating")
+    hk.container.systemctl("stop", unit)
+    waiting.join(60)
+    ((status, body),) = answer
+    assert status == 503, body
+    assert "was stopped before it served" in body["error"]["message"], body  # type: ignore[index]
