@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,13 +75,18 @@ def phase_of(state: str, serving: bool, copying: bool, staged: bool,
 
 
 def model_status(config: Config, model: Model, runtime: Runtime, active: set[str],
-                 now: float, in_flight: Mapping[str, int] | None = None) -> ModelStatus:
+                 now: float, in_flight: Mapping[str, int] | None = None,
+                 failed: Collection[str] = ()) -> ModelStatus:
+    """`failed`: the model units systemd has in "failed" (one without a record of why:
+    its activator killed, by a memory limit say)."""
     import psutil
 
     unit = units.model_unit(model.name)
     props = unit_props(unit) if model.name in active else {}
     state = props.get("ActiveState", "inactive")
-    if not props and runtime.error(model.name) is not None:
+    if model.name in failed:
+        state = "failed"
+    elif not props and runtime.error(model.name) is not None:
         # not up: failed (a unit in "failed" is listed as loaded, so not here) or never
         # started since its failure was recorded
         state = units.unit_state(unit)[0] or "inactive"
@@ -101,6 +106,9 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         with contextlib.suppress(psutil.Error):
             rss = psutil.Process(running.pid).memory_info().rss
     error = runtime.error(model.name) if state in ("failed", "inactive") else None
+    if state == "failed" and error is None:
+        error = ("its unit failed, saying nothing of why (systemctl status "
+                 f"{units.shell_unit(model.name)})")
     return ModelStatus(
         model.name, state, int(pid) if pid.isdigit() and pid != "0" else None,
         running.pid if serving and running else None,
@@ -179,9 +187,13 @@ def gather(config: Config, active: set[str] | None = None,
     runtime = Runtime(config.runtime_dir)
     now = time.time()
     active = set(loaded_units()) if active is None else active
+    try:
+        failed = set(units.active_model_units(("failed",)))
+    except HoshikageError:
+        failed = set()
     ranks = usage_ranks(config, active)
     models = [dataclasses.replace(
-        model_status(config, m, runtime, active, now, in_flight),
+        model_status(config, m, runtime, active, now, in_flight, failed),
         rank=round(ranks.get(m.name, 0.0), 1), estimate_bytes=estimate_of(m, runtime),
         source_bytes=source_size(m), cached=cached(config, m))
         for m in config.models.values()]

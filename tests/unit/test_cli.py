@@ -191,7 +191,8 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     runtime = Runtime(config.runtime_dir)
     runtime.set_running("tiny", Running(os.getpid(), "/rd/tiny.gguf", time.time() - 300))
     runtime.set_activity("tiny", Activity(0, time.time() - 60, 0))
-    monkeypatch.setattr(facts.units, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(facts.units, "active_model_units",
+                        lambda states=("active",): [] if states == ("failed",) else ["tiny"])
     monkeypatch.setattr(facts, "unit_props", lambda unit: {
         "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": str(5 << 20),
         "StatusText": "serving tiny"})
@@ -397,7 +398,8 @@ def test_status_says_a_pinned_model_has_no_idle_stop(
     path.write_text(path.read_text() + "    pinned: true\n")
     config = manifest.load(path)
     Runtime(config.runtime_dir).set_running("tiny", Running(os.getpid(), "/x", time.time()))
-    monkeypatch.setattr(facts.units, "active_model_units", lambda *a: ["tiny"])
+    monkeypatch.setattr(facts.units, "active_model_units",
+                        lambda states=("active",): [] if states == ("failed",) else ["tiny"])
     monkeypatch.setattr(facts, "unit_props", lambda unit: {"ActiveState": "active"})
     monkeypatch.setattr(facts, "router_state", lambda: {
         "state": None, "running": False, "pid": None, "socket_state": None, "listen": []})

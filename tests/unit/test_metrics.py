@@ -348,7 +348,8 @@ def test_status_json_has_the_same_facts(tmp_path: Path, monkeypatch: pytest.Monk
     runtime.set_activity("a", Activity(0, time.time() - 60, os.getpid()))
     metrics.count(config.runtime_dir, "hoshikage_loads_total", model="a", path="activator")
     # systemd is the system tier's to bring: here its two answers stand in
-    monkeypatch.setattr(units, "active_model_units", lambda *_a: ["a"])
+    monkeypatch.setattr(units, "active_model_units",
+                        lambda states=("active",): [] if states == ("failed",) else ["a"])
     monkeypatch.setattr(units, "show", lambda _unit, *_p: {
         "ActiveState": "active", "MainPID": "4242", "MemoryCurrent": "1048576"})
     assert status.status(config, as_json=True) == 0

@@ -240,6 +240,20 @@ def test_a_copy_being_made_is_staging_with_its_bytes(tmp_path: Path,
     assert tiny["memory_bytes"] == 4096 and tiny["llama_server_pid"] is None
 
 
+def test_a_unit_failed_without_a_record_is_failed(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its activator killed (a cgroup memory limit, say) before it could say why: systemd
+    has the unit failed, and so do status and the panel (they said not-loaded)."""
+    from hoshikage_sd.sd import units
+
+    router = router_for(tmp_path)
+    monkeypatch.setattr(units, "active_model_units",
+                        lambda states=units.UP_STATES: ["tiny"] if states == ("failed",) else [])
+    tiny, other = facts.gather(router.config, set())["models"]
+    assert (tiny["phase"], other["phase"]) == ("failed", "not-loaded")
+    assert tiny["error"].startswith("its unit failed, saying nothing of why (systemctl status")
+
+
 def test_a_pin_lies_over_the_manifest(tmp_path: Path) -> None:
     router = router_for(tmp_path)
     config = router.config
