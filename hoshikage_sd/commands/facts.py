@@ -76,9 +76,11 @@ def phase_of(state: str, serving: bool, copying: bool, staged: bool,
 
 def model_status(config: Config, model: Model, runtime: Runtime, active: set[str],
                  now: float, in_flight: Mapping[str, int] | None = None,
-                 failed: Collection[str] = ()) -> ModelStatus:
+                 failed: Collection[str] = (), used: Mapping[str, float] | None = None
+                 ) -> ModelStatus:
     """`failed`: the model units systemd has in "failed" (one without a record of why:
-    its activator killed, by a memory limit say)."""
+    its activator killed, by a memory limit say); `used`: when each model's last request
+    ended, from the usage file, for a model stopped since (its activity record went)."""
     import psutil
 
     unit = units.model_unit(model.name)
@@ -113,7 +115,8 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         model.name, state, int(pid) if pid.isdigit() and pid != "0" else None,
         running.pid if serving and running else None,
         int(mem) if mem.isdigit() else None, rss, size,
-        activity.last_end if activity else None, idle, serving and idle is None,
+        activity.last_end if activity else (used or {}).get(model.name), idle,
+        serving and idle is None,
         model.ttl, left,
         on_devices(runtime, model.name) if state not in ("inactive", "failed") else None,
         phase=phase_of(state, serving, copying is not None, size is not None, error),
@@ -191,9 +194,9 @@ def gather(config: Config, active: set[str] | None = None,
         failed = set(units.active_model_units(("failed",)))
     except HoshikageError:
         failed = set()
-    ranks = usage_ranks(config, active)
+    ranks, used = usage_ranks(config, active), last_used(config)
     models = [dataclasses.replace(
-        model_status(config, m, runtime, active, now, in_flight, failed),
+        model_status(config, m, runtime, active, now, in_flight, failed, used),
         rank=round(ranks.get(m.name, 0.0), 1), estimate_bytes=estimate_of(m, runtime),
         source_bytes=source_size(m), cached=cached(config, m))
         for m in config.models.values()]
@@ -287,6 +290,18 @@ def listen_addresses(listen: str) -> list[str]:
         if address and kind == "(Stream)":
             out.append(address)
     return out
+
+
+def last_used(config: Config) -> dict[str, float]:
+    """When each model's last request ended, from the usage file ({} where it cannot be
+    read)."""
+    from hoshikage_sd.stats import StatsFile
+
+    try:
+        stats = StatsFile(config.state_dir).read()
+    except OSError:
+        return {}
+    return {name: at for name, s in stats.items() if (at := s.last_used) is not None}
 
 
 def usage_ranks(config: Config, active: set[str]) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,21 @@ def test_a_unit_failed_without_a_record_is_failed(tmp_path: Path,
     tiny, other = facts.gather(router.config, set())["models"]
     assert (tiny["phase"], other["phase"]) == ("failed", "not-loaded")
     assert tiny["error"].startswith("its unit failed, saying nothing of why (systemctl status")
+
+
+def test_a_stopped_model_s_last_request_is_from_the_usage_file(tmp_path: Path) -> None:
+    """Its activity record went with its stop; the usage file keeps when it was used (status
+    said LAST REQUEST never)."""
+    from hoshikage_sd.stats import StatsFile
+
+    router = router_for(tmp_path)
+    usage = StatsFile(router.config.state_dir)
+    usage.record_load("tiny")
+    ended = time.time() + 5
+    usage.record_stop("tiny", ended)
+    tiny, other = facts.gather(router.config, set())["models"]
+    assert tiny["last_request_end"] == pytest.approx(ended)
+    assert other["last_request_end"] is None
 
 
 def test_a_pin_lies_over_the_manifest(tmp_path: Path) -> None:
