@@ -187,6 +187,8 @@ class Activator:
                 logging.getLogger("hoshikage").warning(
                     "%s serves from %s; no RAM-disk copy: %s", self.model.name, self.source.main,
                     getattr(exc, "message", exc))
+            finally:  # the copy's progress was the unit's status: it serves, as before
+                daemon.notify(STATUS=f"serving {self.model.name} on {self.socket}")
 
         thread = threading.Thread(target=copy, name="stage", daemon=True)
         thread.start()

@@ -45,6 +45,9 @@ def test_ready_only_after_health_200(setup: Setup, notify_socket: NotifyListener
         store = Store(setup.ramdisk)
         assert eventually(lambda: store.has_copy("tiny"))
         assert file_digest(setup.ramdisk / "tiny.gguf") == file_digest(setup.source)
+        # the copy's progress was the unit's status meanwhile; it serves, and says so again
+        statuses = [m["STATUS"] for m in notify_socket.drain() if "STATUS" in m]
+        assert statuses[-1].startswith("serving tiny on "), statuses
         os.kill(llama_pid, 0)
     finally:
         code = stop(activator)
