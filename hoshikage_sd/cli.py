@@ -209,8 +209,12 @@ def guarded(command: str, debug: bool, body: Callable[[], int]) -> int:
         except PermissionError as exc:  # a command run as a user without the right
             if debug:
                 raise
+            import re
+
+            # files.write_atomic's temporary name (.NAME.tmp-PID) as the file it stands for
+            name = re.sub(r"/\.([^/]+)\.tmp-\d+$", r"/\1", str(exc.filename or "a file"))
             raise HoshikageError(
-                f"{command}: {exc.filename or 'a file'}: {exc.strerror or exc}",
+                f"{command}: {name}: {exc.strerror or exc}",
                 hint="run it as root (sudo hoshikage ...), or as a member of group "
                      "hoshikage where the files allow it") from None
     except HoshikageError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
             die("setup needs --listen ADDR:PORT", hint="the worker's private address")
         listen = setup.listen_address(args.listen)
         allow = setup.allowed(args.allow)
+        if not os.access(args.server, os.X_OK):
+            print(f"hoshikage: warning: {args.server} is not an executable file here: the "
+                  "worker's unit will fail until it is (--server PATH)", file=sys.stderr)
         setup.write(setup.UNIT_DIR / setup.SOCKET_DROPIN, setup.socket_dropin(listen, allow))
         setup.write(setup.WORKER_CONF, setup.worker_conf(args.server, args.server_args,
                                                          args.idle))
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if not config.workers:
             from hoshikage_sd.errors import die
 
-            die(f"{config.source} names no workers:", hint="README \"Several machines\"")
+            die(f"{config.source} names no workers (its workers: section)",
+                hint="README \"Several machines\"")
         addresses = setup.resolve(config.workers.values())
         setup.write(setup.UNIT_DIR / setup.HEAD_DROPIN, setup.head_dropin(addresses))
         if not args.no_start:

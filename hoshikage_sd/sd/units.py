@@ -130,7 +130,9 @@ def cannot_start(unit: str, why: str) -> NoReturn:
 
     from hoshikage_sd.errors import die
 
-    die(f"cannot start {shlex.quote(unit)}: {why}")
+    die(f"cannot start {shlex.quote(unit)}: {why}",
+        hint="run it as root (sudo hoshikage ...): systemd lets root, and the router, start "
+             "model units" if "authentication" in why.lower() else None)
 
 
 def start_helper(unit: str) -> None:

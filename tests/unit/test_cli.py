@@ -450,7 +450,7 @@ def test_a_user_without_the_right_gets_a_sentence_not_a_traceback() -> None:
     finally:
         shutil.rmtree(root)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"hoshikage: pin: {root}/state/" in result.stderr
+    assert f"hoshikage: pin: {root}/state/names.json: Permission denied" in result.stderr
     assert "Permission denied" in result.stderr and "run it as root" in result.stderr
 
 

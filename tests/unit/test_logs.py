@@ -169,3 +169,7 @@ def test_a_start_refused_names_the_unit_as_it_pastes() -> None:
         units.cannot_start(unit, "Interactive authentication required.")
     said = err.value.message.removeprefix("cannot start ")
     assert shlex.split(said)[0] == unit + ":"
+    assert err.value.hint is not None and "as root" in err.value.hint  # polkit's no
+    with pytest.raises(HoshikageError) as err:
+        units.cannot_start(unit, "Unit hoshikage-model@x.service not found.")
+    assert err.value.hint is None
