@@ -44,6 +44,7 @@ FILES = (
 )
 ENVIRONMENT = (
     ("HOSHIKAGE_CONFIG", "the manifest when --config is not given"),
+    ("NO_COLOR", "set (to anything): no colour, even on a terminal"),
 )
 SEE_ALSO = ("systemctl(1)", "journalctl(1)", "systemd.unit(5)", "systemd.exec(5)")
 
@@ -87,11 +88,11 @@ def usage(parser: argparse.ArgumentParser, common: frozenset[str] = frozenset())
 def arguments(parser: argparse.ArgumentParser,
               common: frozenset[str] = frozenset()) -> Iterator[tuple[str, str]]:
     """(how it is written, its help) for each argument of `parser` that --help lists, less
-    -h, the `common` options, --version and the subcommands (those have their own part)."""
+    -h, the `common` options and the subcommands (those have their own part)."""
     f = formatter(parser)
     for action in parser._actions:
         if action.help == argparse.SUPPRESS or shared(action, common) or isinstance(
-                action, argparse._VersionAction | argparse._SubParsersAction):
+                action, argparse._SubParsersAction):
             continue
         yield f._format_action_invocation(action), f._expand_help(action) if action.help else ""
 

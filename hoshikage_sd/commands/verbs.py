@@ -54,8 +54,8 @@ def alias_arguments(p: argparse.ArgumentParser) -> None:
 
 def tag_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("set",))
-    p.add_argument("tag")
-    p.add_argument("model")
+    p.add_argument("tag", help="the tag (a name that means one model at a time)")
+    p.add_argument("model", help="the model it points at now (a name, alias or part of one)")
 
 
 def model_argument(p: argparse.ArgumentParser) -> None:

@@ -75,6 +75,7 @@ def test_hoshikage_page_lists_every_command_and_man_reads_it_cleanly(tmp_path: P
         if isinstance(action, argparse._SubParsersAction):
             for name in action.choices:
                 assert f'.SS "hoshikage {name.replace("-", chr(92) + "-")}' in page, name
+    assert "\\fB\\-\\-version\\fR" in page and "\\fBNO_COLOR\\fR" in page
     man = shutil.which("man")
     if man is None:
         unavailable("man is missing (Debian package man-db)")
