@@ -169,3 +169,23 @@ def read(runtime_dir: Path, kind: str, model: str | None, lines: int
         return [], (f"cannot read the journal through {runtime_dir / SOCKET} "
                     f"(hoshikage-journal.socket): {exc.strerror or exc}")
     return parse(b"".join(chunks).decode("utf-8", errors="replace"))
+
+
+#: how many of a model unit's newest journal lines are looked through for llama-server's
+#: own words on a failed load
+SAID_LINES = 60
+
+
+def errors_said(runtime_dir: Path, model: str, since: float) -> str | None:
+    """What llama-server said of an error in the model's unit since `since` (Unix time):
+    its last error lines, newest last ("error: invalid argument: --no-such-flag"), or None.
+    For a failed load's answer, which else says only that it exited."""
+    from hoshikage_sd.sd import units
+
+    found, _ = read(runtime_dir, "unit", model, SAID_LINES)
+    unit = units.model_unit(model)
+    lines = [r.message.strip() for r in found
+             if r.unit == unit and r.event is None and r.time >= since
+             and "error" in r.message.lower()]
+    said = list(dict.fromkeys(reversed(lines[:2])))  # records come newest first
+    return "; ".join(said)[:400] or None

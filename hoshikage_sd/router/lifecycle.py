@@ -197,6 +197,13 @@ class Lifecycle:
                     if reason is None:
                         raise StartFailed(f"{shlex.quote(unit)} failed to start (journalctl "
                                           f"-u {shlex.quote(unit)})")
+                    if reason.startswith("llama-server "):  # it exited: its own words
+                        from hoshikage_sd.panel import journal  # a failure's path only
+
+                        said = await asyncio.to_thread(
+                            journal.errors_said, self.config.runtime_dir, model.name,
+                            time.time() - (time.monotonic() - began) - 1.0)
+                        reason += f" (llama-server said: {said})" if said else ""
                     raise StartFailed(reason, permanent=not reason.startswith("no room for"))
         logger.info("%s serves after %.3f s (%s)", model.name, time.monotonic() - began,
                     "announced by its unit" if announced.is_set() else "probed")

@@ -162,3 +162,21 @@ def test_a_start_stopped_while_it_loads_is_said_so(
     ((status, body),) = answer
     assert status == 503, body
     assert "was stopped before it served" in body["error"]["message"], body  # type: ignore[index]
+
+
+def test_a_failed_load_says_what_llama_server_said(
+        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    """A model whose llama-server exits at its start (an argument it does not know): the
+    503 carries llama-server's own error line, which the router asks of the journal's
+    reader (it may not read the journal itself)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "bad.gguf")
+    text = manifest(llama_server_bin, {"bad": 'ttl: 1h\nargs: ["--no-such-flag"]'})
+    hk = deploy(container_factory, models, text)
+    status, body = hk.chat("bad")
+    assert status == 503, body
+    message = body["error"]["message"]
+    assert "llama-server exited with status 1" in message, message
+    assert "(llama-server said: " in message and "--no-such-flag" in message, message

@@ -214,6 +214,41 @@ def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -
     assert found == [] and problem is not None and "hoshikage-journal.socket" in problem
 
 
+def test_a_failed_load_is_told_with_llama_server_s_own_error_lines(tmp_path: Path) -> None:
+    """The unit's lines since the start, through the journal's reader: llama-server's
+    errors, newest last; not an earlier start's, not hoshikage's own records."""
+    import socket
+    import threading
+
+    unit = "hoshikage-model@tiny.service"
+
+    def line(at: float, message: str, event: str | None = None) -> bytes:
+        entry = {"__REALTIME_TIMESTAMP": str(int(at * 1e6)), "MESSAGE": message,
+                 "_SYSTEMD_UNIT": unit, **({"HOSHIKAGE_EVENT": event} if event else {})}
+        return json.dumps(entry).encode() + b"\n"
+
+    newest_first = [line(1010, "tiny failed to start: llama-server exited", "start-failed"),
+                    line(1009, "error: invalid argument: --no-such-flag"),
+                    line(1008, "build: 1 (571d0d5)"),
+                    line(1007, "main: error while handling argument"),
+                    line(900, "error: an earlier start's")]
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / journal.SOCKET))
+        listener.listen(1)
+
+        def reader() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.makefile("rb").readline()
+                conn.sendall(b"".join(newest_first))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        said = journal.errors_said(tmp_path, "tiny", since=1000)
+        thread.join(5)
+    assert said == "main: error while handling argument; error: invalid argument: --no-such-flag"
+
+
 # -- the state value ---------------------------------------------------------------------------
 
 def test_the_state_is_status_json_with_the_panels_facts(tmp_path: Path) -> None:
