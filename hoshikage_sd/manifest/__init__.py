@@ -30,16 +30,12 @@ from hoshikage_sd.manifest.model import (
 
 if TYPE_CHECKING:
     from hoshikage_sd.manifest.nodes import parse_duration, parse_size
-    from hoshikage_sd.manifest.parse import (
-        ConfigError,
-        load,
-        scan_sources,
-    )
-    from hoshikage_sd.manifest.sources import model_name_for
+    from hoshikage_sd.manifest.parse import ConfigError, load
+    from hoshikage_sd.manifest.sources import model_name_for, scan_sources
 
 _LAZY = {"parse_duration": "nodes", "parse_size": "nodes", "ConfigError": "parse",
          "load": "parse", "model_name_for": "sources",
-         "scan_sources": "parse"}
+         "scan_sources": "sources"}
 
 __all__ = [
     "DEFAULT_PATH", "NAME_RE", "AmbiguousModel", "Cache", "CachePolicy", "Config",

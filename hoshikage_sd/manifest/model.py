@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hoshikage_sd import naming
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest.llamaargs import env_args
 from hoshikage_sd.protocol import DEFAULT_MANIFEST, DEFAULT_RUNTIME, NAME_PATTERN
 
 NAME_RE = re.compile(NAME_PATTERN)
@@ -59,40 +60,6 @@ def _int_flag(args: tuple[str, ...], flags: tuple[str, ...]) -> int | None:
 def environment(entries: tuple[str, ...]) -> dict[str, str]:
     """An `env:` as the manifest keeps it ("KEY=VALUE" entries) as a mapping."""
     return dict(entry.split("=", 1) for entry in entries)
-
-
-#: llama-server's options that its LLAMA_ARG_* variables stand for (`llama-server --help`:
-#: "(env: ...)"), those an estimate or hoshikage's own defaults read
-ENV_OPTIONS = {
-    "LLAMA_ARG_CTX_SIZE": "-c", "LLAMA_ARG_N_PARALLEL": "-np", "LLAMA_ARG_BATCH": "-b",
-    "LLAMA_ARG_UBATCH": "-ub", "LLAMA_ARG_FLASH_ATTN": "-fa", "LLAMA_ARG_CACHE_TYPE_K": "-ctk",
-    "LLAMA_ARG_CACHE_TYPE_V": "-ctv", "LLAMA_ARG_N_GPU_LAYERS": "-ngl",
-    "LLAMA_ARG_DEVICE": "-dev", "LLAMA_ARG_SPLIT_MODE": "-sm", "LLAMA_ARG_TENSOR_SPLIT": "-ts",
-    "LLAMA_ARG_MAIN_GPU": "-mg", "LLAMA_ARG_FIT": "-fit", "LLAMA_ARG_FIT_TARGET": "-fitt",
-    "LLAMA_ARG_FIT_CTX": "-fitc", "LLAMA_ARG_N_CPU_MOE": "-ncmoe",
-    "LLAMA_ARG_OVERRIDE_TENSOR": "-ot", "LLAMA_ARG_CACHE_RAM": "-cram",
-    "LLAMA_ARG_THREADS_HTTP": "--threads-http", "LLAMA_ARG_RPC": "--rpc",
-}
-#: ... and the flags, on and off by their variable's value (llama.cpp's is_truthy, is_falsey)
-ENV_FLAGS = {
-    "LLAMA_ARG_KV_OFFLOAD": ("-kvo", "-nkvo"), "LLAMA_ARG_KV_UNIFIED": ("-kvu", "-no-kvu"),
-    "LLAMA_ARG_MMAP": ("--mmap", "--no-mmap"), "LLAMA_ARG_SWA_FULL": ("--swa-full", None),
-    "LLAMA_ARG_CPU_MOE": ("-cmoe", None),
-}
-_TRUTHY, _FALSEY = ("on", "enabled", "true", "1"), ("off", "disabled", "false", "0")
-
-
-def env_args(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The options an environment's LLAMA_ARG_* variables stand for, as arguments."""
-    out: list[str] = []
-    for key, value in env.items():
-        if key in ENV_OPTIONS:
-            out += [ENV_OPTIONS[key], value]
-        elif key in ENV_FLAGS:
-            on, off = ENV_FLAGS[key]
-            flag = on if value in _TRUTHY else off if value in _FALSEY else None
-            out += [flag] if flag else []
-    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from hoshikage_sd.errors import HoshikageError
+from hoshikage_sd.manifest.llamaargs import layered
 from hoshikage_sd.manifest.model import (
     BACKENDS,
     COMMAND_FIELDS,
@@ -249,28 +250,6 @@ SOURCE_FIELDS: dict[str, FieldReader] = {
 MODEL_SPECIAL = ("path", "aliases", "tags")
 
 
-#: a negative number: an option's value, not an option (-ngl -1)
-_NUMBER = re.compile(r"^-\d")
-
-
-def layered(layers: list[tuple[str, ...]]) -> tuple[str, ...]:
-    """Each layer's arguments over those before it: an option a later layer gives takes
-    the earlier layers' place (llama-server takes the last value, and warns of an option
-    given twice: "DEPRECATED: argument specified multiple times"). llama-server has no
-    positional arguments, so what follows an option up to the next one is its value."""
-    kept: list[list[str]] = []
-    for args in layers:
-        groups: list[list[str]] = []
-        for arg in args:
-            if not groups or (arg.startswith("-") and not _NUMBER.match(arg)):
-                groups.append([arg])
-            else:
-                groups[-1].append(arg)
-        given = {g[0].split("=")[0] for g in groups}
-        kept = [g for g in kept if g[0].split("=")[0] not in given] + groups
-    return tuple(arg for group in kept for arg in group)
-
-
 class ConfigError(HoshikageError):
     def __init__(self, path: Path, line: int | None, message: str) -> None:
         where = f"{path}:{line}" if line else str(path)
@@ -304,11 +283,6 @@ def parse(text: str, path: Path) -> Config:
     except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
         raise ConfigError(path, None, f"not valid YAML: {exc}") from None
     return _Parser(path).config(node)
-
-
-def scan_sources(sources: tuple[Source, ...]) -> dict[str, Path]:
-    """The files the `sources:` entries give, by model name (what `check` lists)."""
-    return {name: found.path for name, found in scan(sources).found.items()}
 
 
 class _Parser(NodeReader):

@@ -307,3 +307,8 @@ def scan(sources: tuple[Source, ...]) -> Scan:
             continue
         scanner.walk(source, source.dir, 0)
     return scanner.scan
+
+
+def scan_sources(sources: tuple[Source, ...]) -> dict[str, Path]:
+    """The files the `sources:` entries give, by model name (what `check` lists)."""
+    return {name: found.path for name, found in scan(sources).found.items()}

@@ -49,6 +49,21 @@ class Answers:
         return [("Access-Control-Allow-Origin", "*" if "*" in origins else origin),
                 ("Vary", "Origin")]
 
+    def cross_site_simple(self, request: Request) -> bool:
+        """A POST a page on another site sends without a CORS preflight (a form's or
+        text/plain body): it cannot read the answer, but would start a model and make it
+        work. Browsers send Origin with it; other clients seldom do, and send JSON."""
+        origin = request.header("origin")
+        if origin is None or request.method != "POST":
+            return False
+        host = request.header("host") or ""
+        origins = self.router.config.cors_origins
+        if origin in (f"http://{host}", f"https://{host}") or "*" in origins \
+                or origin in origins:
+            return False
+        media = (request.header("content-type") or "").partition(";")[0].strip().lower()
+        return media != "application/json"
+
     def reply(self, request: Request, status: int, data: object,
               **headers: str) -> Response:
         response = Response.json(status, data, **api.request_id_headers(request.id), **headers)

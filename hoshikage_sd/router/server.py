@@ -194,28 +194,13 @@ class Router:
         if isinstance(grant, api.ApiError):
             extra = {"WWW-Authenticate": "Bearer"} if grant.status == 401 else {}
             return self.fail(request, grant, **extra)
-        if self.cross_site_simple(request):
+        if self.answers.cross_site_simple(request):
             return self.fail(request, api.ApiError(
                 415, "a request from a page on another site must be JSON "
                 "('Content-Type: application/json', which asks the browser for CORS: "
                 "cors_origins in the manifest)", code="unsupported_media_type", retry=False))
         request.grant = grant
         return None
-
-    def cross_site_simple(self, request: Request) -> bool:
-        """A POST a page on another site sends without a CORS preflight (a form's or
-        text/plain body): it cannot read the answer, but would start a model and make it
-        work. Browsers send Origin with it; other clients seldom do, and send JSON."""
-        origin = request.header("origin")
-        if origin is None or request.method != "POST":
-            return False
-        host = request.header("host") or ""
-        origins = self.config.cors_origins
-        if origin in (f"http://{host}", f"https://{host}") or "*" in origins \
-                or origin in origins:
-            return False
-        media = (request.header("content-type") or "").partition(";")[0].strip().lower()
-        return media != "application/json"
 
     async def dispatch(self, request: Request, route: str) -> Response | Forward | Early:
         rid = request.id

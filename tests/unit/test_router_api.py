@@ -198,7 +198,7 @@ def test_a_page_on_another_site_starts_nothing_without_cors(tmp_path: Path) -> N
                         {"Origin": "http://app.example", "Content-Type": "text/plain"},
                         {"Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080",
                          "Content-Type": "text/plain"}):
-            assert not router.cross_site_simple(request("POST", "/v1/chat/completions",
+            assert not router.answers.cross_site_simple(request("POST", "/v1/chat/completions",
                                                         body, headers)), headers
 
     run(scenario)
