@@ -159,11 +159,15 @@ def failure(runtime: Runtime, name: str, unit: str, before: float | None) -> str
 
 
 def unload(config: Config, name: str) -> int:
-    model = find(config, name)
-    if model.name not in units.active_model_units():
-        print(f"{model.name} is not loaded")
+    up = units.active_model_units()
+    exact = any(name in (m.name, *m.aliases, *m.tags) for m in config.models.values())
+    # a model taken out of the manifest while loaded is named by its unit's name, before
+    # any model of the manifest a part of whose name it is
+    found = name if not exact and name in up else find(config, name).name
+    if found not in up:
+        print(f"{found} is not loaded")
         return 0
-    Runtime(config.runtime_dir).set_stop_reason(model.name, "manual unload")
-    units.systemctl("stop", units.model_unit(model.name))
-    print(f"{model.name} unloaded")
+    Runtime(config.runtime_dir).set_stop_reason(found, "manual unload")
+    units.systemctl("stop", units.model_unit(found))
+    print(f"{found} unloaded")
     return 0

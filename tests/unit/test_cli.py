@@ -500,3 +500,23 @@ def test_a_broken_manifest_shows_what_the_router_serves(
     out = capsys.readouterr()
     assert out.out.splitlines()[1].startswith("tiny ")
     assert "using the router's last good copy of it" in out.err
+
+
+def test_unload_names_a_unit_whose_model_left_the_manifest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken out of the manifest while loaded: `unload` stops it by its unit's name, not a
+    model of the manifest a part of whose name it is (tiny is a part of tiny2)."""
+    from hoshikage_sd import manifest
+    from hoshikage_sd.commands import manual
+
+    path = write_manifest(tmp_path, "/bin/true")
+    path.write_text(path.read_text().replace("  tiny:\n", "  tiny2:\n"))
+    stopped: list[str] = []
+    monkeypatch.setattr(manual.units, "active_model_units", lambda *a: ["tiny", "tiny2"])
+    monkeypatch.setattr(manual.units, "systemctl", lambda *a, **k: stopped.append(a[-1]))
+    config = manifest.load(path)
+    assert manual.unload(config, "tiny") == 0
+    assert stopped == ["hoshikage-model@tiny.service"]
+    assert manual.unload(config, "tiny2") == 0 and stopped[-1] == "hoshikage-model@tiny2.service"
+    assert capsys.readouterr().out == "tiny unloaded\ntiny2 unloaded\n"
