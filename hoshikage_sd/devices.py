@@ -88,8 +88,9 @@ def _run_list(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> li
     result = proc.run(argv, check=False, timeout=timeout, env=env)
     if result.returncode != 0 or "Available devices" not in result.stdout:
         detail = (result.stderr or "").strip().splitlines()
-        die(f"{' '.join(argv)} failed (exit {result.returncode})"
-            + (f": {detail[-1]}" if detail else ""),
+        what = f"failed (exit {result.returncode})" if result.returncode else \
+            "printed no device list"
+        die(f"{' '.join(argv)} {what}" + (f": {detail[-1]}" if detail else ""),
             hint="is it a llama-server build with --list-devices (llama.cpp b4000 or later)?")
     return parse_list_devices(result.stdout)
 

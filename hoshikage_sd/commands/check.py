@@ -218,7 +218,8 @@ def device_report(config: Config, seen: dict[str, list[Device]] | None = None) -
         try:
             found = devices.list_devices(config.llama_server, dict(env), runner=runner)
         except HoshikageError as err:
-            lines.append(f"warning: llama-server --list-devices{label}: {err.message}")
+            lines.append(f"warning: llama-server --list-devices{label}: {err.message}"
+                         + (f" ({err.hint})" if err.hint else ""))
             continue
         lines += [f"device {d.name}{label}: {d.description}, {fmt.size(d.total)} "
                   f"({fmt.size(d.free)} free)" for d in found]

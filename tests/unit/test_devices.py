@@ -533,3 +533,17 @@ def test_check_names_what_llama_server_would_refuse(tmp_path: Path) -> None:
     assert "-ngl needs a number, not 'abc'" in by_model["model ngl"]
     assert "Vulkan9" in by_model["model dev"] and "3,,x" in by_model["model ts"]
     assert "needs a number, not 'lots'" in by_model["model env"]
+
+
+def test_a_program_that_lists_no_devices_is_said_so_with_the_hint(tmp_path: Path) -> None:
+    """llama_server: /bin/true in a manifest: it exits 0 and prints nothing."""
+    from hoshikage_sd import manifest
+    from hoshikage_sd.commands import check
+
+    with pytest.raises(HoshikageError, match=r"/bin/true --list-devices printed no device list\n"):
+        devices.list_devices(Path("/bin/true"), {})
+    path = tmp_path / "models.yaml"
+    path.write_text(f"llama_server: /bin/true\nmodels:\n  m: {{path: {tmp_path}/m.gguf}}\n")
+    lines = check.device_report(manifest.load(path))
+    assert any("printed no device list (is it a llama-server build with --list-devices"
+               in line for line in lines), lines
