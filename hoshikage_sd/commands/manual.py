@@ -21,7 +21,7 @@ from hoshikage_sd.stats import StatsFile
 def find(config: Config, name: str) -> Model:
     model = resolve(config, name)
     if model is None:
-        die(f"no model named '{name}'", hint="hoshikage list shows the names")
+        die(f"no model named {name!r}", hint="hoshikage list shows the names")
     return model
 
 

@@ -145,7 +145,7 @@ def _model(config: Config, name: str) -> Model:
     one); a part that several share is refused: a change that stays must name one."""
     found = config.matches(name)
     if not found:
-        die(f"no model named '{name}'", hint="hoshikage list shows the names")
+        die(f"no model named {name!r}", hint="hoshikage list shows the names")
     if len(found) > 1:
         die(f"'{name}' is a part of several names: {', '.join(m.name for m in found)}",
             hint="name one of them")

@@ -100,6 +100,8 @@ def test_pin_takes_a_name_as_requests_do(config: Config) -> None:
     assert names.set_pinned(config, "gem", True) == "gemma pinned"
     assert names.set_pinned(config, "tool", False) == "qwen unpinned"  # a tag
     assert names.effective(config).models["gemma"].pinned
+    with pytest.raises(HoshikageError, match=r"no model named 'a\\nb'\n"):
+        names.set_pinned(config, "a\nb", True)  # a name pasted with a newline: shown as one
     with pytest.raises(HoshikageError, match="'e' is a part of several names: qwen, gemma"):
         names.set_pinned(config, "e", True)
 
