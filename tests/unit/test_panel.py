@@ -5,8 +5,10 @@ the router's /panel answers (which start nothing and keep nothing alive)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +189,14 @@ def test_the_journal_reader_takes_only_a_request_line() -> None:
         assert journal.argv_for(bad) is None, bad
 
 
-def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def journal_reader(tmp_path: Path, answer: bytes) -> Iterator[list[bytes]]:
+    """hoshikage-journal.socket's reader, once: the request lines it was asked, `answer`
+    its answer."""
     import socket
     import threading
 
-    record = {"__REALTIME_TIMESTAMP": "1700000000000000", "MESSAGE": "tiny released",
-              "HOSHIKAGE_EVENT": "released", "HOSHIKAGE_MODEL": "tiny"}
-    asked = []
+    asked: list[bytes] = []
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(tmp_path / journal.SOCKET))
         listener.listen(1)
@@ -202,12 +205,19 @@ def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -
             conn, _ = listener.accept()
             with conn:
                 asked.append(conn.makefile("rb").readline())
-                conn.sendall(json.dumps(record).encode() + b"\n")
+                conn.sendall(answer)
 
         thread = threading.Thread(target=reader)
         thread.start()
-        found, problem = journal.read(tmp_path, "unit", "tiny", 7)
+        yield asked
         thread.join(5)
+
+
+def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -> None:
+    record = {"__REALTIME_TIMESTAMP": "1700000000000000", "MESSAGE": "tiny released",
+              "HOSHIKAGE_EVENT": "released", "HOSHIKAGE_MODEL": "tiny"}
+    with journal_reader(tmp_path, json.dumps(record).encode() + b"\n") as asked:
+        found, problem = journal.read(tmp_path, "unit", "tiny", 7)
     assert asked == [b"unit 7 tiny\n"] and problem is None
     assert [(r.event, r.model) for r in found] == [("released", "tiny")]
     found, problem = journal.read(tmp_path, "events", None, 7)  # nobody listens now
@@ -217,9 +227,6 @@ def test_the_router_reads_the_records_from_the_reader_s_socket(tmp_path: Path) -
 def test_a_failed_load_is_told_with_llama_server_s_own_error_lines(tmp_path: Path) -> None:
     """The unit's lines since the start, through the journal's reader: llama-server's
     errors, newest last; not an earlier start's, not hoshikage's own records."""
-    import socket
-    import threading
-
     unit = "hoshikage-model@tiny.service"
 
     def line(at: float, message: str, event: str | None = None) -> bytes:
@@ -232,20 +239,8 @@ def test_a_failed_load_is_told_with_llama_server_s_own_error_lines(tmp_path: Pat
                     line(1008, "build: 1 (571d0d5)"),
                     line(1007, "main: error while handling argument"),
                     line(900, "error: an earlier start's")]
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(tmp_path / journal.SOCKET))
-        listener.listen(1)
-
-        def reader() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.makefile("rb").readline()
-                conn.sendall(b"".join(newest_first))
-
-        thread = threading.Thread(target=reader)
-        thread.start()
+    with journal_reader(tmp_path, b"".join(newest_first)):
         said = journal.errors_said(tmp_path, "tiny", since=1000)
-        thread.join(5)
     assert said == "main: error while handling argument; error: invalid argument: --no-such-flag"
 
 
