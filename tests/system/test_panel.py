@@ -266,6 +266,8 @@ def test_the_empty_panel_matches_status(panel: Panel, hk: Deployment) -> None:
         assert panel.phase(name) == truth[name]["phase"] == "not-loaded"
     assert "small" in panel.page.inner_text('tr[data-model="tiny"]')
     assert "#chat" in panel.page.inner_text('tr[data-model="other"]')
+    # MemAvailable before anything mounted the RAM disk (it was blank)
+    assert " available of " in panel.page.inner_text("#memory-text")
     panel.shot("empty")
     assert not hk.processes("llama-server")
     assert panel.errors == []
@@ -329,6 +331,9 @@ def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: 
     page.click('button[aria-label="load other"]')
     panel.wait_phase("other", {"serving"}, 30)
     assert hk.state("hoshikage-model@other.service") == "active"
+    # the action's line follows the load to its end (it stayed "other: loading")
+    page.wait_for_function("""() => document.getElementById("action-status").innerText
+        === "other: serving" """, timeout=5_000)
     # pin from the page: the manifest's model is pinned for every reader (status --json)
     page.click('button[aria-label="pin other"]')
     page.wait_for_selector('tr[data-model="other"] .chip.pin')

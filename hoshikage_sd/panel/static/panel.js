@@ -19,6 +19,7 @@ const view = {
   copying: {},           // model -> [time, bytes] of the last poll, for a staging rate
   rates: {},
   busy: new Set(),       // models with an action under way from this page
+  loading: null,         // the model a Load from this page left loading: its end is told
 };
 
 const $ = (id) => document.getElementById(id);
@@ -122,6 +123,9 @@ function clearModels() {
   view.data = null;
   $("model-rows").replaceChildren();
   $("chat-model").replaceChildren();
+  $("journal").replaceChildren();  // nothing a refused key may not see stays on screen
+  for (const id of ["ramdisk-bar", "ramdisk-legend", "memory-bar", "devices"]) $(id).replaceChildren();
+  for (const id of ["ramdisk-text", "memory-text"]) $(id).textContent = "";
 }
 
 function render(data) {
@@ -130,6 +134,12 @@ function render(data) {
   renderMemory(data);
   renderModels(data);
   renderChoices(data);
+  const loaded = data.models.find((m) => m.name === view.loading);
+  if (loaded && (loaded.phase === "serving" || loaded.phase === "failed")) {
+    $("action-status").textContent = loaded.name + (loaded.phase === "serving" ? ": serving"
+      : ": failed" + (loaded.error ? ": " + loaded.error : ""));
+    view.loading = null;
+  }
   const phases = data.models.map((m) => m.name + ":" + m.phase).join(",");
   if (phases !== view.phases || Date.now() - view.journalAt > EVENTS_EVERY_MS) {
     view.phases = phases;
@@ -143,6 +153,11 @@ function segment(cls, bytes, total, title) {
 }
 
 function renderMemory(data) {
+  renderRamdisk(data);
+  renderHost(data);  // MemAvailable, GPUs, workers: whether the RAM disk is mounted or not
+}
+
+function renderRamdisk(data) {
   const disk = data.ramdisk;
   $("ramdisk-path").textContent = "RAM disk " + disk.path;
   const bar = $("ramdisk-bar");
@@ -186,6 +201,9 @@ function renderMemory(data) {
     item("seg-copying", "copies being made " + size(parts.copying)),
     item("seg-other", "other " + size(other)),
   );
+}
+
+function renderHost(data) {
   const mem = data.memory;
   const usedMem = mem.total_bytes - mem.available_bytes;
   $("memory-text").textContent = size(mem.available_bytes) + " available of " + size(mem.total_bytes);
@@ -314,6 +332,7 @@ async function act(kind, model, extra) {
     });
     if (r.ok) {
       const body = await r.json();
+      view.loading = kind === "load" && body.loading ? model : view.loading;
       status.textContent = kind === "load" ? (body.loading ? model + ": loading" : model + " is loaded already")
         : kind === "unload" ? (body.unloaded ? model + " unloaded" : model + " was not loaded")
         : model + (body.pinned ? " pinned" : " unpinned");
@@ -359,6 +378,7 @@ async function readJournal() {
 // --- chat -----------------------------------------------------------------------------
 async function chat(event) {
   event.preventDefault();
+  if ($("chat-send").disabled) return;  // one reply at a time (Ctrl+Enter too)
   const model = $("chat-model").value;
   const input = $("chat-input");
   const text = input.value.trim();
@@ -368,6 +388,7 @@ async function chat(event) {
   log.append(el("div", { class: "msg user", text }));
   const reply = el("div", { class: "msg assistant", "data-model": model });
   log.append(reply);
+  log.scrollTop = log.scrollHeight;  // the question in view, then its answer or error
   $("chat-send").disabled = true;
   try {
     const r = await fetch("/v1/chat/completions", {
@@ -405,6 +426,7 @@ async function chat(event) {
     reply.dataset.done = "1";
   } finally {
     $("chat-send").disabled = false;
+    log.scrollTop = log.scrollHeight;
   }
 }
 
@@ -418,12 +440,14 @@ function start() {
       view.key = typed;
       sessionStorage.setItem(KEY_ITEM, typed);
       $("key").value = "••••••••";
+      schedule(0);  // what the key may see, now: not after the 5 s wait of a refusal
     }
   });
   $("key-forget").addEventListener("click", () => {
     view.key = "";
     sessionStorage.removeItem(KEY_ITEM);
     $("key").value = "";
+    schedule(0);
   });
   $("chat-form").addEventListener("submit", chat);
   $("chat-input").addEventListener("keydown", (e) => {
