@@ -93,6 +93,12 @@ class Activator:
         if self._escalated == 1:
             signal.alarm(protocol.STOP_GRACE)
 
+    @property
+    def program(self) -> str:
+        """What serves the model, as its exit is told: llama-server, or a command's program."""
+        return "llama-server" if self.model.backend == "llama-server" else \
+            f"its command ({os.path.basename(self.model.command[0])})"
+
     def heartbeat(self, status: str, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last_beat >= HEARTBEAT:
@@ -324,7 +330,8 @@ class Activator:
             self.child = None
             if self.copy_later or not self.staged() or \
                     self.store.matches_source(name, self.source):
-                die(f"{exit_reason(code)} while loading '{name}' ({self.source.main})",
+                die(f"{exit_reason(code, self.program)} while loading '{name}' "
+                    f"({self.source.main})",
                     hint=crash_hint(self.config, self.model.name, code))
             log.event("restaged", name, f"staged copy of {name} does not match "
                       f"{self.source.main}; copying it again", level=logging.WARNING,
@@ -339,8 +346,9 @@ class Activator:
             if not self.wait_healthy(child):
                 if self.stopping:
                     raise Stopped
-                die(f"{exit_reason(child.returncode)} while loading '{name}' even after a "
-                    "fresh copy", hint=crash_hint(self.config, self.model.name, child.returncode))
+                die(f"{exit_reason(child.returncode, self.program)} while loading '{name}' "
+                    "even after a fresh copy",
+                    hint=crash_hint(self.config, self.model.name, child.returncode))
         load = (healthy_at or time.monotonic()) - load_start
         how = ("copied" if staged.copied else
                "from the source, copying alongside" if self.copy_later else "reused")
@@ -410,7 +418,7 @@ class Activator:
         if not self.stopping:
             # it died serving (a crash, the OOM killer, an RPC worker gone): the record says
             # why, to the router for a reply it cut short (router/cut.py) and to status
-            reason = f"{exit_reason(code)} while serving"
+            reason = f"{exit_reason(code, self.program)} while serving"
             logging.getLogger("hoshikage").error("%s: %s", self.model.name, reason)
             with contextlib.suppress(OSError):  # the unit's exit status says it too
                 self.runtime.set_error(self.model.name, reason)

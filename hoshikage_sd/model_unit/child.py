@@ -13,18 +13,19 @@ from hoshikage_sd.manifest import Config
 from hoshikage_sd.sd import units
 
 
-def exit_reason(code: int | None) -> str:
-    """llama-server's exit as a person reads it: a signal by name, and why SIGILL happens."""
+def exit_reason(code: int | None, program: str = "llama-server") -> str:
+    """The server's exit as a person reads it: a signal by name, and why SIGILL happens.
+    `program`: what it is ("llama-server", or a command backend's program)."""
     if code is None or code >= 0:
-        return f"llama-server exited with status {code}"
+        return f"{program} exited with status {code}"
     try:
         name = signal.Signals(-code).name
     except ValueError:
         name = f"signal {-code}"
     if -code == signal.SIGILL:
-        return (f"llama-server died of {name}: its build uses CPU instructions this machine "
+        return (f"{program} died of {name}: its build uses CPU instructions this machine "
                 "lacks (e.g. AVX-512 or AVX-VNNI)")
-    return f"llama-server was killed by {name}"
+    return f"{program} was killed by {name}"
 
 
 def crash_hint(config: Config, name: str, code: int | None) -> str:

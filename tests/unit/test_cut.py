@@ -161,3 +161,11 @@ def test_each_api_s_last_words() -> None:
     ollama = StreamTranslator(chat, started_ns=0)
     ollama.feed(PIECE)
     assert json.loads(ollama.finish("why")[-1]) == {"error": "why"}
+
+
+def test_a_server_s_exit_is_told_by_what_it_was() -> None:
+    """A command backend's program exiting is not told as llama-server's."""
+    from hoshikage_sd.model_unit.child import exit_reason
+
+    assert exit_reason(1) == "llama-server exited with status 1"
+    assert exit_reason(-9, "its command (sh)") == "its command (sh) was killed by SIGKILL"
