@@ -97,7 +97,9 @@ def setup(plain: bool = False, force: bool = False, root: Path = Path("/")) -> i
           f"units:        {', '.join(encryption.UNITS)} get it as the credential "
           f"'{encryption.CREDENTIAL}'\n"
           "next:         hoshikage encrypt MODEL.gguf   (then point the manifest at "
-          "MODEL.gguf.age)")
+          "MODEL.gguf.age)\n"
+          "a router running now has no key yet (its listings of encrypted models lack "
+          "details): systemctl restart hoshikage.service")
     return 0
 
 
@@ -113,7 +115,11 @@ def encrypt(source: Path, dest: Path | None, recipients: Path | None,
             hint="run `hoshikage keys setup` (as root), or name one with --recipients")
     if encryption.is_encrypted(source):
         die(f"{source} is encrypted already")
-    gguf.read_model_info([source])  # a clear error for what is not a model
+    from hoshikage_sd.manifest.sources import SPLIT_RE
+
+    split = SPLIT_RE.match(source.name)
+    if not split or int(split["no"]) == 1:  # a later shard has no header of its own
+        gguf.read_model_info([source])  # a clear error for what is not a model
     dest = dest or source.with_name(source.name + ".age")
     if os.path.realpath(dest) == os.path.realpath(source):
         die(f"{dest} is the model itself: the encrypted copy goes beside it",
@@ -150,7 +156,8 @@ def encrypt(source: Path, dest: Path | None, recipients: Path | None,
     except BaseException:
         child.kill()
         child.wait()
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # age may have made none (a read-only directory)
+            tmp.unlink(missing_ok=True)
         raise
     seconds = time.monotonic() - start
     redraw = "\r\033[K" if sys.stderr.isatty() else ""  # over the progress line

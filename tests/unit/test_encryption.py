@@ -259,6 +259,21 @@ def test_encrypt_never_replaces_its_model_and_says_what_age_said(
     assert not list(tmp_path.rglob(".*.tmp-*")) and model.read_bytes() == before
 
 
+def test_every_shard_of_a_split_model_encrypts(tmp_path: Path) -> None:
+    """A later shard has no header of its own: it was refused as 'not a model file'."""
+    import make_gguf  # tools/, on the path by tests/conftest.py
+
+    count = make_gguf.split_count(2, 8)
+    first = tmp_path / f"s-00001-of-{count:05d}.gguf"
+    make_gguf.write_model(first, split_max_tensors=8)
+    recipients = tmp_path / "recipients"
+    recipients.write_text(keygen(tmp_path / "identity") + "\n")
+    for no in range(1, count + 1):
+        shard = tmp_path / f"s-{no:05d}-of-{count:05d}.gguf"
+        assert keys.encrypt(shard, None, recipients) == 0
+        assert encryption.is_encrypted(shard.with_name(shard.name + ".age"))
+
+
 def test_files_of_an_encrypted_model(tmp_path: Path, key: str) -> None:
     sealed = seal(make_model(tmp_path / "m.gguf"), key)
     assert Files.one(sealed).main == sealed
