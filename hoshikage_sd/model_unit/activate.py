@@ -399,6 +399,7 @@ class Activator:
         except Stopped:
             return 0
         except HoshikageError as err:
+            self.drop_cache_copy(err)
             self.counts.count("hoshikage_load_failures_total", model=self.model.name)
             self.runtime.set_error(self.model.name, err.message)
             daemon.notify(STATUS=f"failed: {err.message}")
@@ -425,6 +426,18 @@ class Activator:
         if self.stopping and (code in (0, -signal.SIGTERM, -signal.SIGINT) or self._escalated):
             return 0  # a stop asked for; forced or not, nothing failed
         return 128 - code if code < 0 else code
+
+
+    def drop_cache_copy(self, err: HoshikageError) -> None:
+        """A start from the SSD cache's copy that failed after its admission: the copy may
+        be what is bad (bit rot, failing every start): the next start reads the source."""
+        if self.config.cache is None or self.source == Files.of(self.model) \
+                or self.runtime.admitted(self.model.name) is None:
+            return
+        freed = Store(self.config.cache.dir, plaintext=False).remove(self.model.name)
+        logging.getLogger("hoshikage").warning("%s: its start from the SSD cache's copy "
+                                               "failed (%s): the copy is dropped (%s)",
+                                               self.model.name, err.message, fmt.size(freed))
 
 
 def main(config: Config, name: str, adopted: Adopted | None = None) -> int:

@@ -101,3 +101,26 @@ def test_load_refuses_to_flap(container_factory: ContainerFactory, hdd: Path,
     again = hk.container.exec(cli, "load", "new", check=False)
     assert again.returncode == 3 and "too soon, wait" in again.stderr, again.stderr
     assert hk.state("hoshikage-model@new.service") == "inactive"
+
+
+def test_a_bad_cache_copy_fails_one_start_not_every_one(
+        container_factory: ContainerFactory, hdd: Path, llama_server_bin: Path) -> None:
+    """The SSD cache's copy rotted (its record still current): the start that read it fails,
+    and drops it; the next start reads the source and serves."""
+    text = manifest(llama_server_bin, {"new": "ttl: 1h"}, min_reload_seconds="0s")
+    text = text.replace("models:\n", f"cache:\n  dir: {CACHE}\nmodels:\n", 1)
+    hk = deploy(container_factory, hdd, text)
+    cache = hk.container.root / CACHE.lstrip("/")
+    cache.mkdir(parents=True)
+    rotten = bytearray((hdd / "new.gguf").read_bytes())
+    rotten[:4] = b"XXXX"  # not a GGUF any more, the same size
+    (cache / "new.gguf").write_bytes(rotten)
+    ident = Identity.of(hdd / "new.gguf")
+    (cache / ".new.source.json").write_text(record(
+        [replace(ident, path="/srv/models/new.gguf")], [cache / "new.gguf"]))
+    hk.container.exec("chown", "-R", "hoshikage:hoshikage", CACHE)
+    status, body = hk.chat("new")
+    assert status == 503, body
+    assert not (cache / "new.gguf").exists()  # dropped by the start that failed on it
+    status, body = hk.chat("new")
+    assert status == 200, body
