@@ -119,7 +119,8 @@ def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decis
                     Action.SKIP, c.name, c.rank, c.size,
                     f"no room: needs {fmt.size(c.size)}, {fmt.size(max(room, 0))} free, and no "
                     f"lower-ranked cached model has been unused for "
-                    f"{policy.expire_after / DAY:g} days"))
+                    + (f"{policy.expire_after / DAY:.3g} days" if policy.expire_after >= DAY
+                       else fmt.ago(policy.expire_after))))
                 continue
             for old in victims:
                 expire(old, f"makes room for {c.name} (rank {c.rank:.1f})")

@@ -169,3 +169,13 @@ def test_min_free_on_the_disk_is_respected_and_fast_tier_is_left_alone() -> None
     state = CacheState(0, 25 * GB, [cand("a", 10, 50), cand("ssd", 1, 90, fast=True)])
     assert actions(plan_cache(state, CachePolicy(min_free=20 * GB), NOW)) == {"a": "skip"}
     assert actions(plan_cache(state, CachePolicy(min_free=10 * GB), NOW)) == {"a": "copy"}
+
+
+@pytest.mark.parametrize(("expire_after", "said"), [(7 * 86400.0, "7 days"), (2.0, "2 s")])
+def test_a_skip_says_expire_after_as_people_read_it(expire_after: float, said: str) -> None:
+    state = CacheState(10 * GB, 100 * GB, [cand("recent", 10, 5, days=0.0, cached=True),
+                                           cand("hot", 10, 60, days=0.1)])
+    (skip,) = [d for d in plan_cache(state, CachePolicy(max_size=10 * GB,
+                                                        expire_after=expire_after), NOW)
+               if d.action.value == "skip"]
+    assert skip.reason.endswith(f"has been unused for {said}"), skip.reason
