@@ -44,13 +44,21 @@ def test_a_copy_waits_while_another_model_loads_and_goes_on_once_it_serves(
     pace(0, 10)
     assert pace.waited == 0.0  # nothing loading: no wait at all
     runtime.set_admitted("b", 1)
-    serves = threading.Timer(0.3, lambda: runtime.set_running(
-        "b", Running(os.getpid(), "/mnt/hoshikage/b.gguf", time.time())))
-    serves.start()
+    served = threading.Event()
+
+    def serve() -> None:
+        served.set()  # before the record: pace cannot return between the two
+        runtime.set_running("b", Running(os.getpid(), "/mnt/hoshikage/b.gguf", time.time()))
+
+    # what is asserted is the order (the copy goes on only after b serves), not a duration:
+    # on a loaded machine the timer's thread may run long before or after this one looks
+    serves = threading.Timer(0.3, serve)
     began = time.monotonic()
+    serves.start()
     pace(1, 10)
-    assert 0.25 < time.monotonic() - began < 5
-    assert pace.waited >= 0.25
+    assert served.is_set()
+    assert time.monotonic() - began < 5
+    assert pace.waited > 0
     serves.join()
 
 
@@ -66,10 +74,11 @@ def test_the_wait_is_bounded_and_ended_by_give_up(tmp_path: Path,
     assert 0.2 <= time.monotonic() - began < 2
     wanted = threading.Event()
     quits = giveway.GiveWay(runtime, "a", give_up=wanted.is_set, limit=30)
-    threading.Timer(0.2, wanted.set).start()
     began = time.monotonic()
+    threading.Timer(0.2, wanted.set).start()
     quits(1, 10)
-    assert 0.15 < time.monotonic() - began < 5
+    assert wanted.is_set()  # it waited for give_up, not for its limit
+    assert time.monotonic() - began < 5
 
 
 def test_a_copy_to_keep_at_the_stop_waits_for_the_load_that_replaced_it(
