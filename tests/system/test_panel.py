@@ -327,9 +327,18 @@ def test_a_request_from_outside_shows_within_a_second(panel: Panel, hk: Deployme
 def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: Any,
                                          shots: Path) -> None:
     page = panel.page
-    # load from the page
-    page.click('button[aria-label="load other"]')
+    # load from the page, with a double click: one load asked for
+    loads: list[str] = []
+
+    def seen(request: Any) -> None:
+        if request.method == "POST" and request.url.endswith("/api/load"):
+            loads.append(request.url)
+
+    page.on("request", seen)
+    page.dblclick('button[aria-label="load other"]')
     panel.wait_phase("other", {"serving"}, 30)
+    page.remove_listener("request", seen)
+    assert len(loads) == 1, loads
     assert hk.state("hoshikage-model@other.service") == "active"
     # the action's line follows the load to its end (it stayed "other: loading")
     page.wait_for_function("""() => document.getElementById("action-status").innerText
@@ -384,7 +393,7 @@ def test_a_key_limited_to_one_model_sees_only_it(browser: Any, hk: Deployment,
         limited.close()
 
 
-def test_the_chat_box_streams_a_reply(panel: Panel) -> None:
+def test_the_chat_box_streams_a_reply_and_stops_one(panel: Panel, hk: Deployment) -> None:
     page = panel.page
     page.select_option("#chat-model", "tiny")
     page.fill("#chat-input", "hello there")
@@ -394,14 +403,43 @@ def test_the_chat_box_streams_a_reply(panel: Panel) -> None:
     assert reply.strip() and "error" not in (page.get_attribute(
         ".msg.assistant", "class") or "")
     assert panel.errors == []
+    assert page.is_hidden("#chat-stop")
+    # a reply the reader stops: here, one whose model never comes up
+    page.select_option("#chat-model", "slow")
+    page.fill("#chat-input", "are you there")
+    page.click("#chat-send")
+    page.click("#chat-stop")
+    stopped = '.msg.assistant[data-model="slow"][data-done="1"]'
+    page.wait_for_selector(stopped, timeout=10_000)
+    assert page.inner_text(stopped).strip() == "(stopped)"
+    assert "error" not in (page.get_attribute(stopped, "class") or "")
+    assert page.is_hidden("#chat-stop") and page.is_enabled("#chat-send")
+    # the browser's own record of the request it gave up is the only one
+    assert [e for e in panel.errors if "/v1/chat/completions" not in e] == [], panel.errors
+    panel.errors.clear()
+    hk.container.systemctl("stop", "hoshikage-model@slow.service")
 
 
-def test_failed_and_loading_states_show_with_the_reason(panel: Panel, hk: Deployment) -> None:
+def test_failed_and_loading_states_show_with_the_reason(panel: Panel, hk: Deployment,
+                                                        browser: Any, shots: Path) -> None:
     status, body = chat(hk, "broken")
     assert status >= 500, body
     panel.wait_phase("broken", {"failed"}, 10)
     reason = panel.page.inner_text('tr[data-model="broken"] .detail.error')
     assert reason.strip()
+    # at a phone's width, the failed badge stays one line high beside its reason's lines
+    phone = Panel(browser, hk, ANY_KEY, shots, phone=True)
+    try:
+        phone.wait_phase("broken", {"failed"}, 10)
+        heights = phone.page.evaluate("""() => Object.fromEntries([...document
+            .querySelectorAll('#model-rows tr')].map(tr => [tr.dataset.model,
+            tr.querySelector('.badge').getBoundingClientRect().height]))""")
+        reason_height = phone.page.evaluate("""() => document.querySelector(
+            'tr[data-model="broken"] .detail.error').getBoundingClientRect().height""")
+        assert heights["broken"] <= heights["other"] + 3 < reason_height, (heights,
+                                                                           reason_height)
+    finally:
+        phone.close()
     assert {m["name"]: m["phase"] for m in status_json(hk)["models"]}["broken"] == "failed"
     # its unit's own lines on demand (what `hoshikage logs broken` shows)
     page = panel.page

@@ -226,7 +226,9 @@ function renderHost(data) {
 }
 
 function stateCell(m) {
-  const cell = el("td", { "data-label": "State" },
+  // one box in the cell: at phone width a cell is a flex row (its label, then this), where a
+  // badge beside its reason would stretch to the reason's height
+  const cell = el("div", { class: "state" },
     el("span", { class: "badge " + m.phase, text: PHASE_LABEL[m.phase] || m.phase }));
   let detail = "";
   if (m.phase === "serving") {
@@ -246,7 +248,7 @@ function stateCell(m) {
   }
   if (m.phase === "failed" && m.error) cell.append(el("div", { class: "detail error", text: m.error }));
   else if (detail) cell.append(el("div", { class: "detail", text: detail }));
-  return cell;
+  return el("td", { "data-label": "State" }, cell);
 }
 
 function trackRates(data) {
@@ -321,6 +323,8 @@ function renderChoices(data) {
 
 // --- actions --------------------------------------------------------------------------
 async function act(kind, model, extra) {
+  // a double click's second click comes before the rows are drawn again with the buttons off
+  if (view.busy.has(model)) return;
   const status = $("action-status");
   view.busy.add(model);
   status.textContent = kind + " " + model + "…";
@@ -390,9 +394,13 @@ async function chat(event) {
   log.append(reply);
   log.scrollTop = log.scrollHeight;  // the question in view, then its answer or error
   $("chat-send").disabled = true;
+  const stop = new AbortController();
+  const stopButton = $("chat-stop");
+  stopButton.onclick = () => stop.abort();
+  stopButton.hidden = false;
   try {
     const r = await fetch("/v1/chat/completions", {
-      method: "POST",
+      method: "POST", signal: stop.signal,
       headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify({ model, stream: true, max_tokens: 128,
                              messages: [{ role: "user", content: text }] }),
@@ -421,10 +429,16 @@ async function chat(event) {
     }
     reply.dataset.done = "1";
   } catch (e) {
-    reply.classList.add("error");
-    reply.textContent = String(e.message || e);
+    if (stop.signal.aborted) {  // the reader's own choice: what came so far stays
+      reply.append(el("span", { class: "stopped", text: " (stopped)" }));
+    } else {
+      reply.classList.add("error");
+      reply.textContent = String(e.message || e);
+    }
     reply.dataset.done = "1";
   } finally {
+    stopButton.hidden = true;
+    stopButton.onclick = null;
     $("chat-send").disabled = false;
     log.scrollTop = log.scrollHeight;
   }
