@@ -57,6 +57,7 @@ CORS_HEADERS = frozenset({b"access-control-allow-origin", b"access-control-allow
                           b"access-control-expose-headers", b"access-control-max-age"})
 #: routes that need no API key: a load balancer's health check, a browser's preflight
 KEYLESS = frozenset({Route.HEALTH, Route.OPTIONS})
+STOP_AFTER_GRACE = 15.0  #: seconds a stopping router gets past stop_grace (cut streams end)
 
 
 class Router:
@@ -415,7 +416,8 @@ async def serve(config: Config, listen: str | None = None,
     idle.cancel()
     manifest.cancel()
     preloading.cancel()
-    daemon.notify(STOPPING=1)
+    daemon.notify(STOPPING=1, EXTEND_TIMEOUT_USEC=int(  # the grace rules, not TimeoutStopSec=
+        (router.config.stop_grace + STOP_AFTER_GRACE) * 1e6))
     began = time.monotonic()
     for server in servers:  # systemd's socket holds what comes now, for the next router
         server.close()

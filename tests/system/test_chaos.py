@@ -551,10 +551,18 @@ def test_a_client_that_goes_away_stops_its_generation_upstream(
 def test_stopping_the_router_lets_a_stream_finish_within_its_grace_and_stops_soon(
         deploy_with: Callable[..., Deployment]) -> None:
     # a stream that ends by itself within the grace: it is let finish, and the router stops
-    # once it has, not when the grace is over (1500 tokens: ~1 s here, 15 s on a busy machine)
-    grace = 60
+    # once it has, not when the grace is over (1500 tokens: ~1 s here, 15 s on a busy
+    # machine; llama-server at 30% of a CPU makes it over 3 s). The grace, not the unit's
+    # TimeoutStopSec= (1 s here), is how long systemd waits for the router.
+    grace = 90
     hk = deploy_with(stop_grace=f"{grace}s")
+    dropin = hk.container.root / "etc/systemd/system/hoshikage.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "short-stop.conf").write_text("[Service]\nTimeoutStopSec=1s\n")
+    hk.container.systemctl("daemon-reload")
     chat_ok(hk)
+    hk.container.systemctl("set-property", "--runtime", "hoshikage-model@tiny.service",
+                           "CPUQuota=30%")
     since = cursor(hk)
     conn, response = stream_until_first_token(hk, "a short story")
     stopper = threading.Thread(target=hk.container.systemctl, args=("stop", "hoshikage.service"))

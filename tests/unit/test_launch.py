@@ -208,20 +208,31 @@ def test_launch_tells_router_and_systemd_then_waits_for_the_first_answer(
     router = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     router.bind(str(tmp_path / protocol.ROUTER_SOCKET))
     router.settimeout(0)
-    protocol.write_ticket(str(tmp_path), "tiny", str(sock), "/health", {},
-                        [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0.6"])
-    started = launch.launch("tiny", str(tmp_path))
-    assert started is not None
-    pid, spawned, healthy = started
+    # The launcher tells a busy server from a quiet one by the CPU time it gets: on a machine
+    # loaded enough, the busy one may get too little for a moment and look quiet. So the
+    # wait is tried up to three times; a launcher that does not wait fails all three.
+    waited = []
     try:
-        assert healthy is not None and spawned < healthy
-        assert router.recv(4096) == b"tiny"  # the router forwards on this, not on READY=1
-        assert notify.recv(4096) == b"READY=1\nSTATUS=serving tiny"
-        # it answered /health, spun 0.6 s as if answering, and only then was handed over
-        assert time.monotonic() - healthy >= 0.45
+        for _ in range(3):
+            protocol.write_ticket(str(tmp_path), "tiny", str(sock), "/health", {},
+                                  [sys.executable, "-c", HEALTHY_SERVER, str(sock), "0.6"])
+            started = launch.launch("tiny", str(tmp_path))
+            assert started is not None
+            pid, spawned, healthy = started
+            try:
+                assert healthy is not None and spawned < healthy
+                assert router.recv(4096) == b"tiny"  # the router forwards on this, not READY
+                assert notify.recv(4096) == b"READY=1\nSTATUS=serving tiny"
+                # it answered /health, spun 0.6 s as if answering, and only then was handed
+                # over
+                waited.append(time.monotonic() - healthy)
+            finally:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            if waited[-1] >= 0.45:
+                break
+        assert max(waited) >= 0.45, waited
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
         notify.close()
         router.close()
 
