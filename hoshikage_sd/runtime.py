@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,7 +217,7 @@ class Runtime:
         this), or None while it is busy: a request in flight, or not serving yet. A model
         the launcher started serves before its activator writes the running record (after
         the first answer): a request it answered (its activity record) says so too."""
-        running = self.running(name)
+        running = self.serving_record(name)
         activity = self.activity(name)
         if (running is None and activity is None) or self.busy(name):
             return None
@@ -235,14 +236,22 @@ class Runtime:
 
     def serving(self, name: str) -> bool:
         """Is the model loaded: its llama-server's record is there and that process lives?
-        (The record outlives a router restart and goes with the unit's ExecStopPost.) The
-        launcher's record counts too: its llama-server serves before the activator adopts
-        it and writes the running record, ~0.2 s later."""
+        (The record outlives a router restart and goes with the unit's ExecStopPost.)"""
+        running = self.serving_record(name)
+        return running is not None and pid_exists(running.pid)
+
+    def serving_record(self, name: str) -> Running | None:
+        """The running record, else one made of the launcher's: its llama-server serves
+        from /health 200 on, before the activator adopts it and writes the running record
+        (~0.2 s later; seconds later while its first answer streams: launch.py)."""
         running = self.running(name)
-        if running is None:
-            launched = protocol.read_launched(str(self.dir), name)
-            return launched is not None and pid_exists(launched[0])
-        return pid_exists(running.pid)
+        if running is not None:
+            return running
+        launched = protocol.read_launched(str(self.dir), name)
+        if launched is None or not pid_exists(launched[0]):
+            return None
+        pid, _spawned, healthy = launched  # on the monotonic clock
+        return Running(pid, "", time.time() - (time.monotonic() - healthy))
 
     def set_running(self, name: str, running: Running) -> None:
         self._write("running", name, asdict(running))

@@ -97,7 +97,7 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
     copying = copying_bytes(config, model.name)
     mem = props.get("MemoryCurrent", "")
     pid = props.get("MainPID", "")
-    running = runtime.running(model.name)
+    running = runtime.serving_record(model.name)
     activity = runtime.activity(model.name)
     idle = left = rss = None
     serving = running is not None and state == "active"

@@ -37,7 +37,7 @@ def loaded_models(runtime_dir: Path, now: float | None = None) -> list[LoadedMod
     now = time.time() if now is None else now
     out = []
     for name in runtime.recorded():
-        running = runtime.running(name)
+        running = runtime.serving_record(name)
         if running is None:
             continue
         try:

@@ -218,6 +218,17 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     assert header.split()[:3] == ["MODEL", "STATE", "PID"]
     assert line.split()[:4] == ["tiny", "serving", str(os.getpid()), "5.0"]
     assert "5 min" in line and "60 s ago" in line and line.endswith(" 0")
+    # started by its launcher, not adopted by its activator yet (its first answer streams):
+    # serving already, on the launcher's record
+    from hoshikage_sd import protocol
+
+    runtime.clear("running", "tiny")
+    protocol.write_launched(str(config.runtime_dir), "tiny", os.getpid(), 1.0,
+                            time.monotonic() - 2)
+    ps.ps(config, as_json=True)
+    (row_json,) = json.loads(capsys.readouterr().out)
+    assert row_json["pid"] == os.getpid() and row_json["state"] == "serving"
+    assert row_json["since"] == pytest.approx(time.time() - 2, abs=1)
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

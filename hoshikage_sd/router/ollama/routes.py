@@ -52,7 +52,7 @@ async def ps(router: Router, grant: object = None) -> dict[str, Any]:
             expires: int | None = None
         else:
             activity = router.runtime.activity(name)
-            running = router.runtime.running(name)
+            running = router.runtime.serving_record(name)
             since = now if activity is not None and activity.in_flight else max(
                 activity.last_end if activity else 0.0,
                 running.started if running else now)
