@@ -108,9 +108,10 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         with contextlib.suppress(psutil.Error):
             rss = psutil.Process(running.pid).memory_info().rss
     error = runtime.error(model.name) if state in ("failed", "inactive") else None
-    if state == "failed" and error is None:
-        error = ("its unit failed, saying nothing of why (systemctl status "
-                 f"{units.shell_unit(model.name)})")
+    if state == "failed" and error is None:  # before the activator could say why
+        from hoshikage_sd.sd import failure
+
+        error = failure.why_failed(unit)
     return ModelStatus(
         model.name, state, int(pid) if pid.isdigit() and pid != "0" else None,
         running.pid if serving and running else None,

@@ -14,6 +14,7 @@ from hoshikage_sd.manifest import Config, Model
 from hoshikage_sd.resolve import resolve
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units
+from hoshikage_sd.sd.failure import why_failed
 from hoshikage_sd.staging import Store
 from hoshikage_sd.stats import StatsFile
 
@@ -153,8 +154,7 @@ def failure(runtime: Runtime, name: str, unit: str, before: float | None) -> str
     text = shown.get("StatusText", "")
     if text.startswith("failed: "):
         return text.removeprefix("failed: ")
-    result = shown.get("Result") or "unknown"
-    return f"its unit failed ({result})" if result != "success" else \
+    return why_failed(unit) if shown.get("Result", "success") != "success" else \
         "its unit stopped before it served"
 
 

@@ -194,9 +194,11 @@ class Lifecycle:
                     if reason is None and state == "inactive":  # stopped, not failed
                         raise StartFailed(f"{shlex.quote(unit)} was stopped before it "
                                           "served (a stop while it loaded)")
-                    if reason is None:
-                        raise StartFailed(f"{shlex.quote(unit)} failed to start (journalctl "
-                                          f"-u {shlex.quote(unit)})")
+                    if reason is None:  # before the activator could say why
+                        from hoshikage_sd.sd import failure
+
+                        why = await asyncio.to_thread(failure.why_failed, unit)
+                        raise StartFailed(f"{shlex.quote(unit)} failed to start: {why}")
                     if reason.startswith("llama-server "):  # it exited: its own words
                         from hoshikage_sd.panel import journal  # a failure's path only
 

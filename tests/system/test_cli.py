@@ -180,3 +180,25 @@ def test_a_failed_load_says_what_llama_server_said(
     message = body["error"]["message"]
     assert "llama-server exited with status 1" in message, message
     assert "(llama-server said: " in message and "--no-such-flag" in message, message
+
+
+def test_a_unit_systemd_could_not_set_up_says_which_step(
+        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    """A model unit that fails before hoshikage's own code runs (its CacheDirectory= is a
+    file: systemd cannot set it up): the 503, `status` and `load` name systemd's step, not
+    just "failed"."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
+    hk = deploy(container_factory, models, manifest(llama_server_bin, {"tiny": "ttl: 1h"}))
+    hk.container.exec("sh", "-c", "rm -rf /var/cache/hoshikage && touch /var/cache/hoshikage")
+    step = "systemd could not set up its process: status 239/CACHE_DIRECTORY"
+    status, body = hk.chat("tiny")
+    assert status == 503, body
+    assert step in body["error"]["message"], body
+    shown = {m["name"]: m for m in json.loads(hk.hoshikage("status", "--json"))["models"]}
+    assert shown["tiny"]["phase"] == "failed"
+    assert shown["tiny"]["error"] == f"{step} (journalctl -u hoshikage-model@tiny.service)"
+    loaded = run(hk, "load", "tiny")
+    assert loaded.returncode == 1 and f"tiny did not start: {step}" in loaded.stderr, loaded

@@ -381,11 +381,28 @@ def test_a_failed_load_exits_1_with_this_start_s_reason(
     assert "tiny did not start: cannot read /srv/tiny.gguf" in err
     assert "hint: hoshikage logs tiny" in err
     # a failure before the activator ran: the older record is not this start's reason
+    # (here, systemd could not make its CacheDirectory=: its own exit status)
     fake_unit(monkeypatch, [("inactive", False), ("failed", False)],
-              shown={"StatusText": "", "Result": "exit-code"})
+              shown={"StatusText": "", "Result": "exit-code", "ExecMainCode": "1",
+                     "ExecMainStatus": "239"})
     os.utime(runtime.error_path("tiny"), (1.0, 1.0))
     assert cli.main(["load", "tiny", "--config", str(path)]) == 1
-    assert "tiny did not start: its unit failed (exit-code)" in capsys.readouterr().err
+    assert ("tiny did not start: systemd could not set up its process: status "
+            "239/CACHE_DIRECTORY (journalctl -u hoshikage-model@tiny.service)"
+            ) in capsys.readouterr().err
+
+
+def test_a_unit_s_failure_in_words() -> None:
+    from hoshikage_sd.sd.failure import words
+
+    assert words("exit-code", "1", "203") == \
+        "systemd could not set up its process: status 203/EXEC"
+    assert words("exit-code", "1", "1") == "its process exited with status 1"
+    assert words("exit-code", "1", "234") == "its process exited with status 234"
+    assert words("signal", "2", "9") == "its process was killed by a signal (SIGKILL)"
+    assert words("core-dump", "3", "11") == "its process crashed (core dumped) (SIGSEGV)"
+    assert words("oom-kill", "", "") == "the kernel's out-of-memory killer stopped it"
+    assert words("", "", "") == "its unit failed (unknown)"
 
 
 def test_status_shows_a_copy_being_made_with_its_progress() -> None:

@@ -280,9 +280,12 @@ def test_a_unit_failed_without_a_record_is_failed(tmp_path: Path,
     router = router_for(tmp_path)
     monkeypatch.setattr(units, "active_model_units",
                         lambda states=units.UP_STATES: ["tiny"] if states == ("failed",) else [])
+    monkeypatch.setattr(units, "show", lambda unit, *props: {
+        "Result": "signal", "ExecMainCode": "2", "ExecMainStatus": "9"})
     tiny, other = facts.gather(router.config, set())["models"]
     assert (tiny["phase"], other["phase"]) == ("failed", "not-loaded")
-    assert tiny["error"].startswith("its unit failed, saying nothing of why (systemctl status")
+    assert tiny["error"] == ("its process was killed by a signal (SIGKILL) "
+                             "(journalctl -u hoshikage-model@tiny.service)")
 
 
 def test_a_stopped_model_s_last_request_is_from_the_usage_file(tmp_path: Path) -> None:
