@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 from hoshikage_sd import fmt, log
 from hoshikage_sd.manifest import Config, Files, Model
@@ -35,6 +37,39 @@ def cached_copy(config: Config, model: Model) -> Files | None:
 def source_for(config: Config, model: Model) -> Files:
     """Where staging reads from: the SSD cache copy when it is current, else the source."""
     return cached_copy(config, model) or Files.of(model)
+
+
+#: where hoshikage-cache.service cannot keep copies: its PrivateTmp=yes, ProtectSystem=full
+UNIT_CANNOT_USE = (
+    *((Path(p), f"is in {p}, which the cache unit has its own of") for p in ("/tmp",
+                                                                           "/var/tmp")),
+    *((Path(p), "is read-only to the cache unit (ProtectSystem=full)")
+      for p in ("/usr", "/etc", "/boot")))
+
+
+def check_problems(config: Config) -> list[str]:
+    """`hoshikage check`'s word on the cache's directory as hoshikage-cache.service (user
+    hoshikage, ProtectSystem=full, PrivateTmp=yes) finds it: every run fails otherwise."""
+    if config.cache is None:
+        return []
+    directory = config.cache.dir
+    where = f"cache: dir {directory}"
+    made = f"install -d -o hoshikage -g hoshikage {directory}"
+    if not directory.exists():
+        return [f"{where} does not exist: make it on the SSD ({made})"]
+    if not directory.is_dir():
+        return [f"{where} is not a directory"]
+    real = directory.resolve()
+    for inside, why in ((config.ramdisk, "is on the RAM disk: the cache belongs on an SSD"),
+                        *UNIT_CANNOT_USE):
+        if real.is_relative_to(inside):
+            return [f"{where} {why}"]
+    from hoshikage_sd.commands import access
+
+    user = access.service_user()
+    refused = access.refusal(user, real, 3) if user is not None else None
+    return [f"{where}: {refused} ({made}, or chown "
+            f"{user.name if user else 'hoshikage'} it)"] if refused else []
 
 
 def on_cache_disk(config: Config, model: Model) -> bool:
@@ -80,6 +115,9 @@ def sync(config: Config) -> int:
         return 1
     runtime = Runtime(config.runtime_dir)
     store = Store(config.cache.dir, plaintext=False)
+    failed = 0
+    # a stop mid-copy (a shutdown, apt remove): the copy's partial file goes (Store.stage)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     with runtime.locked("cache"):
         busy = set(units.active_model_units())
         now = time.time()
@@ -94,13 +132,15 @@ def sync(config: Config) -> int:
                           level=logging.WARNING,
                           rank=f"{d.rank:.1f}", bytes_freed=freed)
             elif d.action is Action.COPY:
-                copy(config, runtime, store, model, d.rank)
+                failed += not copy(config, runtime, store, model, d.rank)
             elif d.action is Action.SKIP:
                 log.log.info("not caching %s (rank %.1f): %s", d.name, d.rank, d.reason)
-    return 0
+    return 1 if failed else 0
 
 
-def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: float) -> None:
+def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: float) -> bool:
+    """Copy the model to the cache; False (the failure recorded) when it cannot be: the
+    run goes on with the other models."""
     last, quarter = 0.0, 0
 
     def progress(done: int, total: int) -> None:
@@ -119,9 +159,17 @@ def copy(config: Config, runtime: Runtime, store: Store, model: Model, rank: flo
               rank=f"{rank:.1f}", source=model.path, phase="start")
     try:
         staged = store.stage(model.name, Files.of(model), progress)
+    except OSError as exc:  # the cache's directory read-only or full, the source gone
+        why = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        hint = " (the cache's directory must be writable by user hoshikage: hoshikage " \
+            "check)" if isinstance(exc, PermissionError) else ""
+        log.event("cache-copy", model.name, f"cannot cache {model.name}: {why}{hint}",
+                  level=logging.ERROR, rank=f"{rank:.1f}", phase="failed")
+        return False
     finally:
         runtime.clear("caching", model.name)
     rate = staged.size / max(staged.seconds, 1e-6)
     log.event("cache-copy", model.name, f"cached {model.name}: {fmt.size(staged.size)} in "
               f"{staged.seconds:.1f} s ({fmt.size(rate)}/s)", rank=f"{rank:.1f}",
               bytes=staged.size, seconds=f"{staged.seconds:.3f}", phase="done")
+    return True

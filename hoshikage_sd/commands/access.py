@@ -48,9 +48,9 @@ def _allowed(st: os.stat_result, user: User, bits: int) -> bool:
 
 
 def refusal(user: User, path: Path, bits: int) -> str | None:
-    """Why `user` cannot open `path` with `bits` (4 read, 1 execute), or None when it can:
-    through the directories above it, and, for a symlink (a Hugging Face snapshot's, into
-    blobs/), above its target too."""
+    """Why `user` cannot open `path` with `bits` (4 read, 2 write, 1 execute), or None when
+    it can: through the directories above it, and, for a symlink (a Hugging Face
+    snapshot's, into blobs/), above its target too."""
     path = Path(os.path.abspath(path))
     why = _walk(user, path, bits)
     target = Path(os.path.realpath(path))
@@ -70,6 +70,6 @@ def _walk(user: User, path: Path, bits: int) -> str | None:
     except OSError as exc:
         return f"{path}: {exc.strerror}"
     if not _allowed(st, user, bits):
-        what = "run" if bits & 1 else "read"
+        what = "write to" if bits & 2 else "run" if bits & 1 else "read"
         return f"{user.name} may not {what} {path}"
     return None

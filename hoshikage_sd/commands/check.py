@@ -109,6 +109,10 @@ def findings(config: Config) -> dict[str, list[Any]]:
     from hoshikage_sd.router import checks
 
     problems += checks.problems(config)  # API keys, models' own keys, limits, preload
+    from hoshikage_sd import cache
+    from hoshikage_sd.commands import fits
+
+    problems += cache.check_problems(config) + fits.problems(config)
     notes = []
     if not os.path.ismount(config.ramdisk):
         notes.append(f"RAM disk {config.ramdisk} is not mounted now (mnt-hoshikage.mount "

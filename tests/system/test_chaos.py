@@ -762,3 +762,19 @@ def test_three_200_mb_bodies_at_once_keep_the_routers_memory_bounded(
     assert peak < before + 4 * size, peak
     quick_chat(hk)
     assert_no_errors_but(hk, since)
+
+
+def test_a_stop_while_the_idle_watch_waits_is_no_failure(
+        container_factory: ContainerFactory, tiny_models: Path,
+        llama_server_bin: Path) -> None:
+    """The idle watch waits for a model due within its minute (a 30 s TTL); a stop then (apt
+    remove, a shutdown) leaves no failed unit behind (it did: Result=signal)."""
+    hk = deploy(container_factory, tiny_models,
+                manifest(llama_server_bin, {"tiny": "ttl: 30s"}), timer_every="2s")
+    chat_ok(hk)
+    hk.wait_for("the idle watch to wait for tiny",
+                lambda: hk.state("hoshikage-idle.service") == "activating", timeout=20)
+    hk.container.systemctl("stop", "hoshikage-idle.service")
+    assert hk.container.systemctl("show", "-P", "Result", "hoshikage-idle.service").strip() \
+        == "success"
+    assert hk.state("hoshikage-idle.service") == "inactive"
