@@ -41,7 +41,15 @@ except (ImportError, AttributeError, TypeError):  # no accelerator: json.loads
 
 
 def loads(data: str | bytes | bytearray) -> Any:
-    """json.loads(data)."""
+    """json.loads(data); a ValueError, not a RecursionError, for arrays or objects nested
+    past the interpreter's recursion limit (a client's body: a 400, not a 500)."""
+    try:
+        return _loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _loads(data: str | bytes | bytearray) -> Any:
     if isinstance(data, (bytes, bytearray)):
         # json.loads guesses UTF-16 and UTF-32 from zero bytes, and refuses a BOM
         if _scan is None or len(data) < 2 or not data[0] or not data[1] \

@@ -11,11 +11,11 @@ still does not let another origin act).
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from hoshikage_sd import lightjson
 from hoshikage_sd.manifest import NAME_RE
 
 #: the header the panel's script sends with every action
@@ -93,7 +93,7 @@ def action(kind: str, body: bytes) -> Action | Refusal:
     if kind not in ACTIONS:
         return Refusal(404, f"no panel action '{kind}' (load, unload, pin)", "not_found")
     try:
-        data = json.loads(body or b"null")
+        data = lightjson.loads(body or b"null")
     except (ValueError, UnicodeDecodeError):
         return Refusal(400, "the body is not JSON", "invalid_json")
     if not isinstance(data, dict):

@@ -19,12 +19,12 @@ not grant unless `cors_origins:` names that site. Bad input is a 4xx that starts
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hoshikage_sd import lightjson
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Model
 from hoshikage_sd.panel.guard import loopback  # the panel's actions' rule, the same
@@ -57,7 +57,7 @@ def parse(request: Request) -> Asked | api.ApiError:
                             "'Content-Type: application/json': {\"model\": \"NAME\"}",
                             code="unsupported_media_type", retry=False)
     try:
-        data = json.loads(request.body or b"null")
+        data = lightjson.loads(request.body or b"null")
     except (ValueError, UnicodeDecodeError):
         return api.bad_json("the body is not JSON")
     if not isinstance(data, dict):

@@ -75,6 +75,17 @@ def test_models_unknown_and_malformed(served: Served) -> None:
     assert status == 404 and "tiny" in str(body["error"]), body
     status, body = request(port, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and "not valid JSON" in str(body["error"]), body
+    # nested past the interpreter's recursion limit: bad JSON too, not the router's 500
+    deep = b'{"model": "tiny", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/api/chat", "/models/load"):
+        status, body = request(port, "POST", path, deep)
+        assert status == 400 and "JSON" in str(body), (path, body)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/panel/api/load", body=deep, headers={
+        "Content-Type": "application/json", "X-Hoshikage-Panel": "1"})
+    response = conn.getresponse()
+    assert response.status == 400, response.read()
+    conn.close()
     assert not (setup.runtime / "activity" / "tiny.json").exists()  # no request reached tiny
 
 

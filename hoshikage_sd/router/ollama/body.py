@@ -26,6 +26,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Any, Final
 
+from hoshikage_sd import lightjson
 from hoshikage_sd.router.jsonscan import Buffer, string_end
 from hoshikage_sd.router.ollama.base import _bad
 
@@ -136,7 +137,7 @@ def read_json(raw: Buffer) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return lightjson.loads(raw)
     except ValueError as exc:
         raise _bad(f"invalid JSON: {exc}") from None
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from hoshikage_sd import lightjson
 from hoshikage_sd.router.proxy.front import ClientConnection
 from hoshikage_sd.router.proxy.messages import (
     ErrorRenderer,
@@ -154,7 +154,7 @@ def bench_serve(port: int, upstream_path: str, size: int) -> None:
         async def handler(request: Request) -> Response | Forward:
             if request.body.strip():
                 try:
-                    json.loads(request.body)
+                    lightjson.loads(request.body)
                 except ValueError as exc:
                     return Response.error(400, f"request body is not valid JSON: {exc}",
                                           "invalid_request_error")
