@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
     if serving and running is not None:
         idle = runtime.idle_seconds(model.name, now)
         # a pinned model has no TTL: the idle watch never stops it
-        left = None if idle is None or model.pinned else max(0.0, model.ttl - idle)
+        ttl = runtime.ttl(model.name) or model.ttl  # a request's keep_alive, as the watch
+        left = None if idle is None or model.pinned or math.isinf(ttl) else max(0.0, ttl - idle)
         with contextlib.suppress(psutil.Error):
             rss = psutil.Process(running.pid).memory_info().rss
     error = runtime.error(model.name) if state in ("failed", "inactive") else None

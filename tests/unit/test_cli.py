@@ -229,6 +229,14 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     (row_json,) = json.loads(capsys.readouterr().out)
     assert row_json["pid"] == os.getpid() and row_json["state"] == "serving"
     assert row_json["since"] == pytest.approx(time.time() - 2, abs=1)
+    # a request's keep_alive is the TTL the idle watch keeps, so it is what is left
+    runtime.set_ttl("tiny", 3600.0)
+    ps.ps(config, as_json=True)
+    (row_json,) = json.loads(capsys.readouterr().out)
+    assert row_json["ttl_left_seconds"] == pytest.approx(3600 - 2, abs=1)  # served 2 s ago
+    runtime.set_ttl("tiny", float("inf"))
+    ps.ps(config, as_json=True)
+    assert json.loads(capsys.readouterr().out)[0]["ttl_left_seconds"] is None
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

@@ -57,6 +57,12 @@ def types() -> Any:
     ("-1", KeepAlive("forever")),
     ("-1m", KeepAlive("forever")),
     ("-0.5s", KeepAlive("forever")),
+    # past Go's longest duration (~292 years): forever, not a number no clock holds
+    (1e308, KeepAlive("forever")),
+    (10**400, KeepAlive("forever")),
+    ("99999999999999h", KeepAlive("forever")),
+    ("inf", KeepAlive("forever")),
+    (9e9, KeepAlive("ttl", 9e9)),
 ])
 def test_keep_alive(value: object, expected: KeepAlive) -> None:
     assert ollama.parse_keep_alive(value) == expected

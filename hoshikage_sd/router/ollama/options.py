@@ -51,6 +51,11 @@ def _go_duration(text: str) -> float:
     return sign * total
 
 
+#: seconds past which a keep_alive is "forever": Go's longest time.Duration (~292 years),
+#: which Ollama's own durations are
+MAX_KEEP_ALIVE = (2**63 - 1) / 1e9
+
+
 def parse_keep_alive(value: object) -> KeepAlive:
     """Ollama's keep_alive: a number of seconds or a Go duration string; negative means
     forever, zero unload now. Also a bare number in a string ("300"), as OLLAMA_KEEP_ALIVE
@@ -59,18 +64,21 @@ def parse_keep_alive(value: object) -> KeepAlive:
         return KeepAlive()
     if isinstance(value, bool):
         raise ValueError(f"keep_alive: a duration, not {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
             seconds = float(value)
-        except ValueError:
-            seconds = _go_duration(value)
-    else:
-        raise ValueError(f"keep_alive: a duration, not {type(value).__name__}")
+        elif isinstance(value, str):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = _go_duration(value)
+        else:
+            raise ValueError(f"keep_alive: a duration, not {type(value).__name__}")
+    except OverflowError:  # an integer past a float's range
+        seconds = math.inf
     if math.isnan(seconds):
         raise ValueError("keep_alive: a duration, not NaN")
-    if seconds < 0:
+    if seconds < 0 or seconds > MAX_KEEP_ALIVE:
         return KeepAlive("forever")
     if seconds == 0:
         return KeepAlive("unload", 0.0)
