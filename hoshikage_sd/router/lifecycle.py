@@ -171,12 +171,8 @@ class Lifecycle:
         began = time.monotonic()
         self.ttl_override.pop(model.name, None)
         announced = self.announcements.expect(model.name)
-        try:
-            evicted = [] if early else await asyncio.to_thread(self.begin, model, unit)
-        except HoshikageError as err:
-            raise StartFailed(err.message) from None
-        for name in evicted:
-            self.gone(name)
+        if not early:
+            await self.queue(model, unit)
         # Forward once the unit says it serves (before its READY=1 and the job's end); probe
         # only now and then, in case nobody says so (a unit started before this router).
         poll = UNIT_POLL if self.announcements.listening else START_POLL
@@ -191,6 +187,12 @@ class Lifecycle:
                 if state == "failed" or (state == "inactive" and not pending):
                     reason = self.runtime.error(model.name)
                     # the activator recorded why; only "no room yet" can change by itself
+                    if reason is None and state == "inactive" and early:
+                        # the head start's unit came and went (its client gone, then an
+                        # idle stop, say): this request's own start
+                        early = False
+                        await self.queue(model, unit)
+                        continue
                     if reason is None and state == "inactive":  # stopped, not failed
                         raise StartFailed(f"{shlex.quote(unit)} was stopped before it "
                                           "served (a stop while it loaded)")
@@ -226,6 +228,15 @@ class Lifecycle:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(answered.wait(), INDEX_REFRESH_WAIT)
         await asyncio.to_thread(refresh_index, self.config)
+
+    async def queue(self, model: Model, unit: str) -> None:
+        """Admit the model and queue its unit's start (begin), the models it evicted gone."""
+        try:
+            evicted = await asyncio.to_thread(self.begin, model, unit)
+        except HoshikageError as err:
+            raise StartFailed(err.message) from None
+        for name in evicted:
+            self.gone(name)
 
     def early_start(self, name: str) -> bool:
         """Is the model's unit the head start's, on its way? For this router's first start

@@ -287,3 +287,26 @@ def test_from_zero_a_model_started_before_is_admitted_by_the_head_start(
     hk.container.systemctl("stop", UNIT)
     status, body = hk.chat("tiny")
     assert status == 200, body
+
+
+def test_a_start_after_the_waking_clients_model_came_and_went_is_its_own(
+        container_factory: ContainerFactory, tiny_models: Path,
+        llama_server_bin: Path) -> None:
+    """The request that woke the router goes away while its model loads; the model loads,
+    serves nobody and stops at its TTL, all within the router's first 30 s: the next request
+    starts the model again (it got a 503, 'stopped before it served', taken for the head
+    start's own start)."""
+    import socket
+
+    hk = deploy(container_factory, tiny_models,
+                manifest(llama_server_bin, {"tiny": "ttl: 2s"}, router_idle_exit="1h"))
+    body = b'{"model": "tiny", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    with socket.create_connection(("127.0.0.1", hk.port)) as gone:
+        gone.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nX-Hoshikage-Progress: 1\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.15)
+    hk.wait_for("the idle stop", lambda: hk.events("released", "tiny") != [], timeout=30)
+    assert hk.state("hoshikage.service") == "active"  # the same router, within its 30 s
+    status, answer = hk.chat("tiny")
+    assert status == 200, answer
