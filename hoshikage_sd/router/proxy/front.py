@@ -78,6 +78,10 @@ class ClientConnection(asyncio.Protocol):
         #: bytes still to drop before closing (a last answer sent, see finish())
         self.lingering = 0
         self.peer = ""
+        #: cleared while the transport's write buffer is full (pause_writing): the next
+        #: request waits, so a client that sends and never reads holds a bounded buffer
+        self.writable = asyncio.Event()
+        self.writable.set()
 
     # transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,10 +144,12 @@ class ClientConnection(asyncio.Protocol):
             self.task.cancel()  # still in the handler (a model starting) or waiting its turn
 
     def pause_writing(self) -> None:
+        self.writable.clear()
         if self.upstream is not None:
             self.upstream.pause()
 
     def resume_writing(self) -> None:
+        self.writable.set()
         if self.upstream is not None:
             self.upstream.resume()
 
@@ -228,6 +234,10 @@ class ClientConnection(asyncio.Protocol):
         request: Request | None = None
         try:
             while self.queue and not self.lost:
+                if not self.writable.is_set():  # the answers before it are not read yet
+                    await self.writable.wait()
+                    if self.lost:
+                        break
                 request = self.current = self.queue.popleft()
                 if not self.reading and self.transport is not None:
                     self.reading = True
