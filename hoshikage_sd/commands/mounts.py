@@ -43,4 +43,22 @@ def problems(config: Config) -> list[str]:
     if shown.get("LoadState") != "loaded":
         return []
     found = problem(Path(config.ramdisk), shown.get("RequiresMountsFor", "").split())
-    return [found] if found else []
+    return ([found] if found else []) + idle_watch_problems(Path(config.ramdisk))
+
+
+IDLE_UNIT = "hoshikage-idle.service"
+
+
+def idle_watch_problems(ramdisk: Path) -> list[str]:
+    """The idle watch deletes kept copies whose TTL ran out: under its ProtectSystem=strict
+    only where a ReadWritePaths= covers the ramdisk (the shipped unit's /mnt/hoshikage)."""
+    try:
+        shown = units.show(IDLE_UNIT, "LoadState", "ReadWritePaths")
+    except HoshikageError:
+        return []
+    if shown.get("LoadState") != "loaded" or covered(
+            ramdisk, [p.lstrip("-") for p in shown.get("ReadWritePaths", "").split()]):
+        return []
+    return [f"ramdisk {ramdisk}: {IDLE_UNIT} may not write to it (no ReadWritePaths= covers "
+            "it), so kept copies never expire; `systemctl edit hoshikage-idle.service` and "
+            f"add [Service] ReadWritePaths={ramdisk}"]

@@ -81,7 +81,12 @@ def expire_kept(config: Config, runtime: Runtime, now: float) -> None:
         until = runtime.kept_until(name)
         if until is not None and until > now:
             continue
-        freed = store.remove(name)
+        try:
+            freed = store.remove(name)
+        except OSError as exc:  # the rest of the watch (other copies, pressure) goes on
+            log.log.error("cannot release %s's kept copy: %s (hoshikage-idle.service needs "
+                          "ReadWritePaths=%s: hoshikage check)", name, exc, config.ramdisk)
+            continue
         runtime.clear("kept", name)
         log.event("released", name, f"released {name}'s kept copy: its TTL ran out; freed "
                   f"{fmt.size(freed)} of RAM disk", reason="idle", bytes_freed=freed)

@@ -13,7 +13,7 @@ from hoshikage_sd import fmt
 from hoshikage_sd.log import MESSAGE_IDS
 from hoshikage_sd.memory import TMPFS_PAGE
 from hoshikage_sd.staging import Identity, record
-from testbed.deploy import Deployment, deploy, manifest
+from testbed.deploy import Deployment, deploy, hoshikage_bin, manifest
 from tests.support import eventually
 from tests.system.conftest import ContainerFactory
 
@@ -310,3 +310,31 @@ def test_a_start_after_the_waking_clients_model_came_and_went_is_its_own(
     assert hk.state("hoshikage.service") == "active"  # the same router, within its 30 s
     status, answer = hk.chat("tiny")
     assert status == 200, answer
+
+
+def test_a_kept_copy_goes_when_its_ttl_runs_out(
+        container_factory: ContainerFactory, tiny_models: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    """A model unloaded by hand keeps its RAM-disk copy for its TTL; the idle watch (its
+    unit as shipped: ProtectSystem=strict) deletes it then, and stays well (it failed on
+    the read-only RAM disk, every run, and the copy stayed)."""
+    import shutil
+
+    shutil.copyfile(tiny_gguf, tiny_models / "other.gguf")
+    hk = deploy(container_factory, tiny_models,
+                manifest(llama_server_bin, {"tiny": "ttl: 1h", "other": "ttl: 3s"},
+                         router_idle_exit="1h"))
+    for name in ("tiny", "other"):
+        status, body = hk.chat(name)
+        assert status == 200, body
+    hk.wait_for("other's copy", lambda: hk.events("staged", "other") != [], timeout=30)
+    hk.hoshikage("unload", "other")
+    copy = hk.container.root / "mnt/hoshikage/other.gguf"
+    assert copy.exists()
+    hk.wait_for("the kept copy's release", lambda: any(
+        "kept copy: its TTL ran out" in e["MESSAGE"] for e in hk.events("released", "other")),
+        timeout=30)
+    assert not copy.exists()
+    assert hk.state("hoshikage-idle.service") != "failed"
+    assert "ReadWritePaths" not in hk.container.exec(
+        str(hoshikage_bin()), "check", check=False).stdout

@@ -45,7 +45,12 @@ def test_problems_as_systemd_shows_the_unit(monkeypatch: pytest.MonkeyPatch) -> 
     config = Config(source=Path("m.yaml"), ramdisk=Path("/dev/shm/hk"))
     shown: dict[str, str] = {"LoadState": "loaded", "RequiresMountsFor": "/mnt/hoshikage"}
 
+    writable = {"LoadState": "loaded", "ReadWritePaths": "-/mnt/hoshikage -/dev/shm/hk"}
+
     def show(unit: str, *props: str) -> dict[str, str]:
+        if unit == "hoshikage-idle.service":
+            assert set(props) == {"LoadState", "ReadWritePaths"}
+            return writable
         assert unit == "hoshikage-model@check.service"
         assert set(props) == {"LoadState", "RequiresMountsFor"}
         return shown
@@ -54,6 +59,15 @@ def test_problems_as_systemd_shows_the_unit(monkeypatch: pytest.MonkeyPatch) -> 
     (warning,) = mounts.problems(config)
     assert warning.startswith("ramdisk /dev/shm/hk: ")
     shown["RequiresMountsFor"] = "/mnt/hoshikage /dev/shm/hk"  # with the drop-in
+    assert mounts.problems(config) == []
+    # the idle watch, which deletes kept copies, may write only to the shipped ramdisk
+    writable["ReadWritePaths"] = "-/mnt/hoshikage"
+    (warning,) = mounts.problems(config)
+    assert warning == ("ramdisk /dev/shm/hk: hoshikage-idle.service may not write to it (no "
+                       "ReadWritePaths= covers it), so kept copies never expire; `systemctl "
+                       "edit hoshikage-idle.service` and add [Service] "
+                       "ReadWritePaths=/dev/shm/hk")
+    writable["ReadWritePaths"] = "-/mnt/hoshikage /dev/shm"
     assert mounts.problems(config) == []
     shown.update(LoadState="not-found", RequiresMountsFor="")  # not installed: no opinion
     assert mounts.problems(config) == []
