@@ -24,8 +24,9 @@ then only the last good manifest is kept. An edit reaches the router's reload la
 that (hoshikage-reload.path, then `hoshikage reload`), so its parse is kept whole as a rule.
 
 The file lives in the runtime directory every unit shares (protocol.runtime_dir): a broken
-manifest cannot say where its own runtime_dir is. It is trusted only from this user or root:
-it decides which program a unit runs. Reading takes os, lightjson and fileid only (the head
+manifest cannot say where its own runtime_dir is. It is trusted only from this user, root or
+the user the runtime directory is for (the units' user, whose router writes it): it decides
+which program a unit runs. Reading takes os, lightjson and fileid only (the head
 start's budget, tests/unit/test_launch.py); the rest is imported where used.
 """
 
@@ -80,7 +81,8 @@ def inputs(config: Config) -> list[str]:
 def _open() -> tuple[dict[str, Any], bytes]:
     """The file's value and bytes; OSError, or ValueError saying why it is not usable."""
     with open(path(), "rb") as f:
-        if os.fstat(f.fileno()).st_uid not in (os.geteuid(), 0):
+        owner = os.fstat(f.fileno()).st_uid
+        if owner not in (os.geteuid(), 0) and owner != os.stat(os.path.dirname(path())).st_uid:
             raise ValueError("written by another user")
         data = f.read()
     value = loads(data)
