@@ -884,7 +884,7 @@ class ClientConn(asyncio.Protocol):
         return await self.waiter
 
 
-REQ = (b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+REQ = (b"POST /tokenize HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
        b"Content-Length: %d\r\n\r\n%b" % (len(TOKENIZE), TOKENIZE))
 
 

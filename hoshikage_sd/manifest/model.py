@@ -295,6 +295,8 @@ class Config:
     cache: Cache | None = None
     #: origins a browser may call the API from (CORS; "*": any); none by default
     cors_origins: tuple[str, ...] = ()
+    #: names besides localhost and this machine's a loopback request may give (router/hosts)
+    allowed_hosts: tuple[str, ...] = ()
     #: what clients may hold of the router (router/proxy.py Limits; README "Operating")
     max_connections: int = 1000
     client_header_timeout: float = 30.0

@@ -228,7 +228,7 @@ TOP_FIELDS: dict[str, FieldReader] = {
     "pressure_critical": _number(0.001, 1), "max_loaded_models": _integer(1, 1000),
     "strict_names": _boolean, "sources": _sources,
     "args": _strings, "env": _env, "stage": _stage, "cache": _cache, "rank": _weights,
-    "cors_origins": _strings, "max_connections": _integer(1, 1_000_000),
+    "cors_origins": _strings, "allowed_hosts": _strings, "max_connections": _integer(1, 10**6),
     "client_header_timeout": _duration, "client_idle_timeout": _duration,
     "max_body": _size, "large_body": _size, "body_memory": _size,
     "stop_grace": _duration, "api_keys": _api_keys, "allow_plaintext_swap": _boolean,

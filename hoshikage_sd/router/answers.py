@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import Config, Model
-from hoshikage_sd.router import auth, routes
+from hoshikage_sd.router import auth, hosts, routes
 from hoshikage_sd.router import errors as api
 from hoshikage_sd.router.proxy import Request, Response
 from hoshikage_sd.runtime import Runtime
@@ -48,6 +48,25 @@ class Answers:
             return []
         return [("Access-Control-Allow-Origin", "*" if "*" in origins else origin),
                 ("Vary", "Origin")]
+
+    def host_refused(self, request: Request) -> api.ApiError | None:
+        """A request that reached a loopback address by a name not this machine's: a DNS
+        rebinding (router/hosts.py)."""
+        host = request.header("host")
+        if hosts.allowed(host, request.local, self.router.config.allowed_hosts):
+            return None
+        return api.ApiError(403, f"the name {host!r} is not this machine's: a request that "
+                            "reached a loopback address by another name is refused (DNS "
+                            "rebinding); allowed_hosts: in the manifest adds a name",
+                            code="host_refused", retry=False)
+
+    def cross_site_refused(self, request: Request) -> api.ApiError | None:
+        if not self.cross_site_simple(request):
+            return None
+        return api.ApiError(415, "a request from a page on another site must be JSON "
+                            "('Content-Type: application/json', which asks the browser for "
+                            "CORS: cors_origins in the manifest)",
+                            code="unsupported_media_type", retry=False)
 
     def cross_site_simple(self, request: Request) -> bool:
         """A POST a page on another site sends without a CORS preflight (a form's or

@@ -155,6 +155,9 @@ class Router:
         request.id = api.request_id(request.header("x-request-id"))
         route = routes.classify(request.method, request.path, request.query)
         self.maybe_reload()
+        refused = self.answers.host_refused(request)  # every route, the panel's too
+        if refused is not None:
+            return self.fail(request, refused)
         if route == Route.PANEL:
             # the web panel starts nothing by looking and keeps nothing alive: neither the
             # idle clock nor the request counters see it (it checks keys itself: its page
@@ -195,11 +198,9 @@ class Router:
         if isinstance(grant, api.ApiError):
             extra = {"WWW-Authenticate": "Bearer"} if grant.status == 401 else {}
             return self.fail(request, grant, **extra)
-        if self.answers.cross_site_simple(request):
-            return self.fail(request, api.ApiError(
-                415, "a request from a page on another site must be JSON "
-                "('Content-Type: application/json', which asks the browser for CORS: "
-                "cors_origins in the manifest)", code="unsupported_media_type", retry=False))
+        refused = self.answers.cross_site_refused(request)
+        if refused is not None:
+            return self.fail(request, refused)
         request.grant = grant
         return None
 

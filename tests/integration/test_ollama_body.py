@@ -33,7 +33,8 @@ def post(port: int, path: str, head: bytes, filler: int, tail: bytes) -> tuple[i
     sock = socket.create_connection(("127.0.0.1", port), timeout=300)
     size = len(head) + filler + len(tail)
     try:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\n"
+                     "Content-Type: application/json\r\n"
                      f"Content-Length: {size}\r\n\r\n".encode() + head)
         chunk = b"a" * (1 << 20)
         left = filler

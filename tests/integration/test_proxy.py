@@ -97,7 +97,7 @@ async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -
 def post(path: str, body: bytes | dict[str, Any], **headers: str) -> bytes:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(data)}\r\n\r\n").encode() + data
 
 
@@ -174,7 +174,7 @@ def test_chunked_request_body(llama: str) -> None:
         body = json.dumps({"content": "the model server hello world " * 20}).encode()
         want = (await direct(llama, post("/tokenize", body))).json()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        writer.write(b"POST /tokenize HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: application/json\r\n\r\n")
         for i in range(0, len(body), 100):
             piece = body[i:i + 100]
@@ -213,7 +213,7 @@ def test_client_gone_mid_stream_closes_upstream(llama: str) -> None:
 
 
 def test_upstream_errors_pass_through(llama: str) -> None:
-    requests = [b"GET /no-such-route HTTP/1.1\r\nHost: x\r\n\r\n",
+    requests = [b"GET /no-such-route HTTP/1.1\r\nHost: localhost\r\n\r\n",
                 post("/completion", b"{not json"),
                 post("/embeddings", {"content": "hello"})]
 
@@ -264,7 +264,7 @@ def test_local_answers_and_json_errors(llama: str, tmp_path: Path) -> None:
 
     async def scenario(port: int, upstream: Upstream) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /local?model=a&model=b&x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /local?model=a&model=b&x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         got = await read_response(reader)
         assert (got.status, got.json()) == (200, {"query": {"model": "a", "x": "1"}})
         writer.write(post("/v1/chat/completions", {"model": "x"}))
@@ -311,7 +311,7 @@ def test_pool_bounds_upstream_connections(llama: str) -> None:
 def test_request_parser_pipelining_and_refusals() -> None:
     got: list[Request] = []
     parser = fastproxy.RequestParser(got.append, max_body=100)
-    parser.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b?q=1 HTTP/1.0\r\nContent-Len")
+    parser.feed(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPOST /b?q=1 HTTP/1.0\r\nContent-Len")
     parser.feed(b"gth: 3\r\nConnection: keep-alive\r\n\r\nab")
     parser.feed(b"cGET /c HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert [(r.method, r.target, r.body, r.keep_alive) for r in got] == [
@@ -484,11 +484,11 @@ def test_a_client_that_sends_and_never_reads_holds_a_bounded_buffer() -> None:
             client = socket.socket()
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             client.connect(listener.getsockname())
-            pipelined = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * count
+            pipelined = b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n" * count
             await loop.run_in_executor(None, client.sendall, pipelined)
             await asyncio.sleep(1.0)  # the router's time to answer all it would
             held = len(answered)
-            client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             client.settimeout(30)
             data = await loop.run_in_executor(None, read_all, client)
             client.close()

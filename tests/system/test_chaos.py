@@ -502,7 +502,8 @@ def generating(hk: Deployment) -> bool:
 def raw_request(hk: Deployment, method: str, path: str, body: bytes,
                 extra: str = "") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", hk.port), timeout=30)
-    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
+                 "Content-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
     return sock
 
@@ -689,7 +690,7 @@ def test_connections_past_max_connections_with_none_idle_get_a_clear_503(
     try:
         for _ in range(20):  # each sending a body, slowly: none idle
             sock = socket.create_connection(("127.0.0.1", hk.port), timeout=10)
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Length: 1000\r\n\r\n{\"model\": ")
             busy.append(sock)
         hk.wait_for("the router to read the 20", lambda: read_by_router(hk) >= 20, timeout=10)
@@ -738,8 +739,8 @@ def test_three_200_mb_bodies_at_once_keep_the_routers_memory_bounded(
     def send() -> None:
         sock = socket.create_connection(("127.0.0.1", hk.port), timeout=60)
         try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                         + str(size).encode() + b"\r\n\r\n" + prefix)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Length: " + str(size).encode() + b"\r\n\r\n" + prefix)
             left = size - len(prefix) - len(suffix)
             while left > 0:
                 left -= sock.send(filler[:left])

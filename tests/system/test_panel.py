@@ -374,6 +374,13 @@ def test_actions_with_a_key_and_refusals(panel: Panel, hk: Deployment, browser: 
         [f"http://127.0.0.1:{hk.port}/panel/api/load", ANY_KEY])
     other.close()
     assert outcome == "refused"
+    # a page whose own name now resolves to 127.0.0.1 (DNS rebinding): same-origin to the
+    # browser, refused here by its name
+    status, body = post(hk, "/panel/api/load", load, {
+        **panel_headers, "Authorization": f"Bearer {ANY_KEY}",
+        "Host": f"evil.example:{hk.port}", "Origin": f"http://evil.example:{hk.port}",
+        "Sec-Fetch-Site": "same-origin"})
+    assert status == 403 and body["error"]["code"] == "host_refused", body
     time.sleep(0.5)
     assert hk.state("hoshikage-model@other.service") == "inactive"
 

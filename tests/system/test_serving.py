@@ -302,7 +302,7 @@ def test_a_start_after_the_waking_clients_model_came_and_went_is_its_own(
                 manifest(llama_server_bin, {"tiny": "ttl: 2s"}, router_idle_exit="1h"))
     body = b'{"model": "tiny", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
     with socket.create_connection(("127.0.0.1", hk.port)) as gone:
-        gone.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        gone.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nX-Hoshikage-Progress: 1\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(0.15)

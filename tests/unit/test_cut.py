@@ -26,7 +26,7 @@ from hoshikage_sd.rpc import workers
 from hoshikage_sd.runtime import Runtime
 
 PIECE = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
-ASK = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+ASK = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}")
 
 
 def front(tmp_path: Path, content_type: bytes, ends: bool,

@@ -169,7 +169,7 @@ def test_a_broken_manifest_leaves_a_stale_index(setup: Path) -> None:
     assert name_index.read() is None
 
 
-CHAT = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n"
+CHAT = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 16\r\n\r\n"
         b'{"model": "big"}')
 
 

@@ -24,7 +24,7 @@ from hoshikage_sd.router.headstart import take
 from hoshikage_sd.router.proxy import BadRequest, Proxy, Request, RequestParser, Response
 from hoshikage_sd.sd import units
 
-HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
 BODY = b'{"model": "tiny"}'
 CHUNKED = HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
 
@@ -122,17 +122,17 @@ VECTORS: dict[str, tuple[bytes, int]] = {
     "Host twice": (field(b"Host: y"), 400),
     # the request line: method SP target SP HTTP/1.x, one SP each
     "request line leading CRLF": (b"\r\n" + field(b"X-A: a"), 400),
-    "request line two SP": (b"POST  /x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line HTAB": (b"POST\t/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line trailing SP": (b"POST /x HTTP/1.1 \r\nHost: x\r\n\r\n", 400),
-    "request line bare LF in target": (b"POST /x\nA: b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line NUL in target": (b"POST /x\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line VT in target": (b"GET /x\x0by HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line method separator": (b"GE(T /x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line lower version": (b"GET /x http/1.1\r\nHost: x\r\n\r\n", 400),
-    "request line HTTP/1.2": (b"GET /x HTTP/1.2\r\nHost: x\r\n\r\n", 400),
-    "request line HTTP/2": (b"GET /x HTTP/2\r\nHost: x\r\n\r\n", 400),
-    "request line no version": (b"GET /x\r\nHost: x\r\n\r\n", 400),
+    "request line two SP": (b"POST  /x HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line HTAB": (b"POST\t/x HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line trailing SP": (b"POST /x HTTP/1.1 \r\nHost: localhost\r\n\r\n", 400),
+    "request line bare LF in target": (b"POST /x\nA: b HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line NUL in target": (b"POST /x\x00 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line VT in target": (b"GET /x\x0by HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line method separator": (b"GE(T /x HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line lower version": (b"GET /x http/1.1\r\nHost: localhost\r\n\r\n", 400),
+    "request line HTTP/1.2": (b"GET /x HTTP/1.2\r\nHost: localhost\r\n\r\n", 400),
+    "request line HTTP/2": (b"GET /x HTTP/2\r\nHost: localhost\r\n\r\n", 400),
+    "request line no version": (b"GET /x\r\nHost: localhost\r\n\r\n", 400),
 }
 
 
@@ -165,7 +165,7 @@ def test_the_parser_refuses(name: str) -> None:
     (field(b"X-A: caf\xe9 \t au lait"), BODY),  # obs-text, SP and HTAB inside a value
     (field(b"X-A:"), BODY),
     (field(b"!#$%&'*+-.^_`|~09azAZ: a"), BODY),
-    (b"GET /?model=caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", b""),  # raw UTF-8 target
+    (b"GET /?model=caf\xc3\xa9 HTTP/1.1\r\nHost: localhost\r\n\r\n", b""),  # raw UTF-8 target
     (b"GET /x HTTP/1.1\r\n\r\n", b""),  # no Host: taken (http1.Framing says why)
 ])
 def test_the_parser_takes(data: bytes, body: bytes) -> None:
@@ -189,7 +189,7 @@ def test_trailers_are_bounded() -> None:
 
 def test_a_request_split_anywhere_is_read_the_same() -> None:
     data = (chunked(b'11;a="b"', b"X-T: c\r\n") + field(b"X-A: b")
-            + b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            + b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
     whole = [(r.method, r.target, r.headers, r.body) for r in feed(data)]
     assert len(whole) == 3
     for at in range(1, len(data)):
@@ -266,15 +266,15 @@ def test_the_router_answers_each_vector_400_and_its_handler_sees_none(
         assert head.startswith(b"HTTP/1.1 400 "), (name, answer)
         assert json.loads(body)["error"]["code"] == "invalid_request", (name, answer)
     # the same front takes a well-formed one
-    answers, handled = exchange(router, [field(b"Connection: close"),
-                                          chunked(b"11").replace(b"Host: x", b"Connection: close")])
+    answers, handled = exchange(router, [field(b"Connection: close"), chunked(b"11").replace(
+        b"Host: localhost", b"Connection: close")])
     assert handled == 2 and all(a.startswith(b"HTTP/1.1 299 ") for a in answers)
 
 
 def test_a_body_too_large_is_answered_with_a_request_id(router: server.Router) -> None:
     """Refused before the router's handler (which gives every request its id): the 413
     carries one too, the client's own where it sent one."""
-    requests = [b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nX-Request-Id: mine-1\r\n"
+    requests = [b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: mine-1\r\n"
                 b"Content-Length: 10000000000\r\n\r\n" for path in (b"/v1/messages",
                                                                   b"/v1/chat/completions")]
     answers, handled = exchange(router, requests)
@@ -287,7 +287,7 @@ def test_a_body_too_large_is_answered_with_a_request_id(router: server.Router) -
 
 def test_a_handler_s_bug_is_a_500_in_the_request_s_api_shape(router: server.Router) -> None:
     body = b'{"model": "tiny"}'
-    requests = [b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nX-Boom: 1\r\nContent-Length: %d"
+    requests = [b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nX-Boom: 1\r\nContent-Length: %d"
                 b"\r\n\r\n" % len(body) + body for path in (b"/api/chat", b"/v1/messages",
                                                              b"/v1/chat/completions")]
     answers, handled = exchange(router, requests)
@@ -352,7 +352,7 @@ def test_no_head_start_for_a_vector(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (b"Connection: x, keep-alive\r\n", b"1.0", True),
 ])
 def test_close_in_any_connection_field_wins(fields: bytes, version: bytes, keep: bool) -> None:
-    (request,) = feed(b"GET / HTTP/" + version + b"\r\nHost: x\r\n" + fields + b"\r\n")
+    (request,) = feed(b"GET / HTTP/" + version + b"\r\nHost: localhost\r\n" + fields + b"\r\n")
     assert request.keep_alive is keep
 
 

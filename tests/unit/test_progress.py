@@ -38,7 +38,7 @@ def dechunk(raw: bytes) -> tuple[bytes, bytes]:
 def ask(body: dict[str, object], progress_header: bool) -> bytes:
     data = json.dumps(body).encode()
     extra = b"X-Hoshikage-Progress: 1\r\n" if progress_header else b""
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\n" + extra
             + b"Content-Length: %d\r\n\r\n" % len(data) + data)
 

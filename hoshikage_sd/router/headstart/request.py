@@ -13,7 +13,7 @@ import select
 import time
 
 from hoshikage_sd.lightjson import loads
-from hoshikage_sd.router import http1, routes
+from hoshikage_sd.router import hosts, http1, routes
 
 #: how long to wait for the whole request (head and body) to arrive
 PEEK_WAIT = 0.05
@@ -85,10 +85,11 @@ def wanted(request: Request) -> list[str | None] | None:
     return None if name is None else [name, name.removesuffix(":latest")]
 
 
-def parse(data: bytes) -> Request | None:
+def parse(data: bytes, local: str = "") -> Request | None:
     """(method, path, query, body) of a complete HTTP/1.x request in `data`, or None while
     it is incomplete or for anything this small parser does not take (chunked bodies), or
-    the router's parser would refuse (http1.split_head)."""
+    the router would refuse (http1.split_head; a Host that is a DNS rebinding to `local`,
+    the address it came to, without the manifest's allowed_hosts: the router decides)."""
     head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep:
         return None
@@ -97,7 +98,8 @@ def parse(data: bytes) -> Request | None:
         length, chunked, _, _ = http1.framing(fields, version)
     except ValueError:
         return None
-    if chunked:
+    host = next((v.decode("latin-1") for n, v in fields if n.lower() == b"host"), None)
+    if chunked or not hosts.allowed(host, local):
         return None
     length = length or 0
     if len(rest) < length:
@@ -109,6 +111,8 @@ def parse(data: bytes) -> Request | None:
 def peek(connection: _socket.socket, wait: float = PEEK_WAIT) -> Request | None:
     """The whole request waiting on `connection`, left unread, or None by `wait` seconds."""
     deadline = time.monotonic() + wait
+    local = connection.getsockname()
+    local = local[0] if isinstance(local, tuple) else ""
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([connection], [], [], left)[0]:
@@ -116,7 +120,7 @@ def peek(connection: _socket.socket, wait: float = PEEK_WAIT) -> Request | None:
         data = connection.recv(MAX_PEEK, _socket.MSG_PEEK)
         if not data or len(data) >= MAX_PEEK:  # closed, or more than a peek should hold
             return None
-        request = parse(data)
+        request = parse(data, local)
         if request is not None:
             return request
         time.sleep(0.001)  # the rest is on its way (select says "readable" while a byte waits)

@@ -77,7 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.timing = ""
         #: bytes still to drop before closing (a last answer sent, see finish())
         self.lingering = 0
-        self.peer = ""
+        self.peer = self.local = ""
         #: cleared while the transport's write buffer is full (pause_writing): the next
         #: request waits, so a client that sends and never reads holds a bounded buffer
         self.writable = asyncio.Event()
@@ -89,6 +89,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        local = transport.get_extra_info("sockname")
+        self.local = str(local[0]) if isinstance(local, tuple) and local else ""
         if not self.proxy.admit(self):
             return
         self._arm("head", self.proxy.limits.header_timeout)
@@ -273,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
     async def _answer(self, request: Request) -> bool:
         """Answer one request; False when the connection must close after it."""
         head_only = request.method == "HEAD"
-        request.peer = self.peer
+        request.peer, request.local = self.peer, self.local
         answer = await self.proxy.handler(request)
         continued = isinstance(answer, Early)
         if isinstance(answer, Early):

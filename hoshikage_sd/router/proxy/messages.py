@@ -87,6 +87,8 @@ class Request:
     grant: object = None
     #: the client's address ("" for a unix socket or unknown): the panel's loopback check
     peer: str = ""
+    #: the address it connected to (router/hosts.py: DNS rebinding)
+    local: str = ""
 
     @property
     def path(self) -> str:
