@@ -97,7 +97,8 @@ def framing(fields: Fields, version: bytes) -> tuple[int | None, bool, bool, boo
             close = close or b"close" in tokens
             keep = keep or b"keep-alive" in tokens
         elif key == b"expect":
-            expect = value.lower() == b"100-continue"
+            # an HTTP/1.0 request's is ignored (RFC 9110 §10.1.1): no 1.1 interim answer
+            expect = value.lower() == b"100-continue" and version != b"HTTP/1.0"
         elif key == b"host":
             # RFC 9112 §3.2: two are a 400 (which one would a check of it read?). None
             # is taken, against the RFC's 400 for HTTP/1.1: the router sends its own Host

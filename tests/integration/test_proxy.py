@@ -499,3 +499,45 @@ def test_a_client_that_sends_and_never_reads_holds_a_bounded_buffer() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_pipelined_100_continue_comes_after_the_answers_before_it() -> None:
+    """A head asking for 100-continue behind a request still being answered: its 100 goes
+    out once that answer has (it went out at once, into the middle of a streamed answer);
+    an HTTP/1.0 request's Expect gets none (RFC 9110 §10.1.1)."""
+    async def handler(request: Request) -> Response | Forward:
+        if request.path == "/slow":
+            await asyncio.sleep(0.3)
+        return Response.json(200, {"path": request.path, "body": request.body.decode()})
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        server = await Proxy(handler).listen(listener)
+        try:
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                         b"POST /next HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 5\r\n\r\n")
+            await asyncio.sleep(0.8)
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            first, interim = data.split(b"HTTP/1.1 100 Continue\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 200 ") and b'"/slow"' in first, data
+            assert interim == b"", data
+            writer.write(b"hello")
+            second = await read_response(reader)
+            assert second.json() == {"path": "/next", "body": "hello"}
+            writer.close()
+            # HTTP/1.0: no interim answer, the body is simply read
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"POST /old HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+                         b"\r\n")
+            await asyncio.sleep(0.2)
+            writer.write(b"ok")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+            assert b"100 Continue" not in answer
+            writer.close()
+        finally:
+            server.close()
+
+    asyncio.run(main())

@@ -117,7 +117,12 @@ class ClientConnection(asyncio.Protocol):
                 self._arm("body", self.proxy.limits.header_timeout)
             elif self.timing == "idle" and self.parser.buf:
                 self._arm("head", self.proxy.limits.header_timeout)
-        if self.parser.expects_continue:
+        self._continue()
+
+    def _continue(self) -> None:
+        """The 100 Continue a request's head asked for, once its turn has come: the answers
+        to the requests before it go out first, whole (RFC 9112 §9.3.2)."""
+        if self.parser.expects_continue and self.task is None and not self.queue:
             self.parser.expects_continue = False
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -214,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def _parsed(self, request: Request) -> None:
+        self.parser.expects_continue = False  # its body came: no 100 is owed any more
         self.queue.append(request)
         if len(self.queue) > MAX_QUEUED and self.transport is not None:
             self.reading = False
@@ -265,6 +271,7 @@ class ClientConnection(asyncio.Protocol):
         if self.eof:
             self.close()
         elif not self.lost:
+            self._continue()  # a pipelined head waiting for it behind the answers
             if not self.parser.idle:
                 self._arm("body", self.proxy.limits.header_timeout)
             elif self.parser.buf:
