@@ -111,6 +111,19 @@ def framing(fields: Fields, version: bytes) -> tuple[int | None, bool, bool, boo
     return length, chunked, not close and (keep or version == b"HTTP/1.1"), expect
 
 
+def origin_form(target: bytes, fields: Fields) -> tuple[bytes, Fields]:
+    """A target in absolute form (`http://host:port/path?q`, as a proxy sends it) as the
+    origin form the routes know, its authority as the Host (RFC 9112 §3.2.2: a server
+    takes both forms and then ignores the Host field sent)."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return target, fields
+    cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return (path if path.startswith(b"/") else b"/" + path,
+            [f for f in fields if f[0].lower() != b"host"] + [(b"Host", rest[:cut])])
+
+
 def content_length(value: bytes, previous: bytes | None) -> int:
     """A Content-Length's value: 1*DIGIT, nothing else (int() would take '+5', ' 5', '5_0'
     and '٥'). A second one must be the same bytes: Refused otherwise."""

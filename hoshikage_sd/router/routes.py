@@ -86,7 +86,7 @@ def classify(method: str, path: str, query: dict[str, str]) -> str:
     if path in NAMED_ONLY and "model" in query:
         return Route.FORWARD
     if path in HEALTH:
-        return Route.HEALTH
+        return Route.HEALTH if method in ("GET", "HEAD") else Route.NOT_ALLOWED
     if path == "/metrics":
         return Route.METRICS if method in ("GET", "HEAD") else Route.NOT_ALLOWED
     if path in CONTROL:

@@ -173,6 +173,24 @@ def test_the_parser_takes(data: bytes, body: bytes) -> None:
     assert len(got) == 1 and got[0].body == body
 
 
+@pytest.mark.parametrize(("target", "path", "host"), [
+    (b"http://127.0.0.1:8080/v1/chat/completions?x=1", "/v1/chat/completions?x=1",
+     b"127.0.0.1:8080"),
+    (b"HTTPS://localhost/health", "/health", b"localhost"),
+    (b"http://localhost", "/", b"localhost"),
+    (b"http://localhost?model=a", "/?model=a", b"localhost"),
+    (b"/v1/models", "/v1/models", b"evil.example"),  # origin form: as it came
+])
+def test_an_absolute_target_is_taken_with_its_authority_as_the_host(
+        target: bytes, path: str, host: bytes) -> None:
+    """RFC 9112 §3.2.2: a server takes the absolute form, and then its authority is the
+    Host, whatever the field said (it was a 404: no route 'http://...')."""
+    (request,) = feed(b"GET " + target + b" HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    assert request.target == path
+    assert request.header("host") == host.decode()
+    assert [n for n, _ in request.headers].count(b"Host") == 1
+
+
 def test_values_lose_only_sp_and_htab() -> None:
     (request,) = feed(field(b"X-A: \t a b \t"))
     assert (b"X-A", b"a b") in request.headers

@@ -95,6 +95,10 @@ def answer(result: Response | Forward) -> tuple[int, dict[str, str], Any]:
     ("HEAD", "/api/blobs/sha256:00", {}, Route.OLLAMA_UNMANAGED),
     ("GET", "/api/chat", {}, Route.NOT_ALLOWED),
     ("POST", "/api/nothing", {}, Route.NOT_FOUND),
+    ("GET", "/health", {}, Route.HEALTH),
+    ("HEAD", "/", {}, Route.HEALTH),
+    ("DELETE", "/health", {}, Route.NOT_ALLOWED),  # not a health check that says ok
+    ("TRACE", "/", {}, Route.NOT_ALLOWED),
 ])
 def test_only_model_routes_are_forwarded(method: str, path: str, query: dict[str, str],
                                          route: str) -> None:

@@ -14,6 +14,7 @@ from hoshikage_sd.router.http1 import (
     Refused,
     content_length,
     framing,
+    origin_form,
     split_head,
 )
 from hoshikage_sd.router.proxy.messages import HOP_BY_HOP, MAX_BODY, MAX_HEAD, BadRequest, Request
@@ -118,6 +119,7 @@ class RequestParser:
             length, chunked, keep_alive, expect = framing(fields, version)
         except Refused as exc:
             raise BadRequest(str(exc), exc.status) from None
+        target, fields = origin_form(target, fields)
         request = Request(method.decode("ascii"), target.decode("latin-1"),
                           version[5:].decode("ascii"), fields, keep_alive=keep_alive)
         if length is not None and length > self.max_body:
