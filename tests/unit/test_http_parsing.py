@@ -283,6 +283,11 @@ def test_the_router_answers_each_vector_400_and_its_handler_sees_none(
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400 "), (name, answer)
         assert json.loads(body)["error"]["code"] == "invalid_request", (name, answer)
+    # a framing it does not implement: a 501 that says so
+    (answer,), handled = exchange(router, [VECTORS["TE chunked, identity"][0]])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 ") and handled == 0, answer
+    assert json.loads(body)["error"]["code"] == "not_implemented", answer
     # the same front takes a well-formed one
     answers, handled = exchange(router, [field(b"Connection: close"), chunked(b"11").replace(
         b"Host: localhost", b"Connection: close")])

@@ -105,9 +105,9 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed(data)
         except BadRequest as exc:
             self.queue.clear()
-            response = self.proxy.error(exc.request, exc.status, str(exc),
-                                        "model_unavailable" if exc.status == 503
-                                        else "invalid_request")
+            response = self.proxy.error(exc.request, exc.status, str(exc), {
+                503: "model_unavailable", 501: "not_implemented"}.get(exc.status,
+                                                                      "invalid_request"))
             response.headers += list(exc.headers.items())
             self.finish(response_bytes(response, False))
             return
