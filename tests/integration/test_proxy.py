@@ -541,3 +541,32 @@ def test_a_pipelined_100_continue_comes_after_the_answers_before_it() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_minimum_rate() -> None:
+    """A byte every 0.3 s restarts no clock for good: past the header timeout (1 s here)
+    a body must come at MIN_BODY_RATE, so this one gets a 408 (it held its connection as
+    long as it trickled: enough of them locked everyone out)."""
+    async def handler(request: Request) -> Response | Forward:
+        return Response.json(200, {"ok": True})
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        server = await Proxy(handler, fastproxy.Limits(header_timeout=1.0)).listen(listener)
+        try:
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+            began = time.monotonic()
+            for _ in range(20):
+                await asyncio.sleep(0.3)
+                if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
+                    break
+                writer.write(b"x")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert time.monotonic() - began < 3
+            writer.close()
+        finally:
+            server.close()
+
+    asyncio.run(main())

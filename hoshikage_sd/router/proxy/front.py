@@ -28,6 +28,9 @@ from hoshikage_sd.router.proxy.upstream import Forward, Handler, UpstreamConnect
 
 logger = logging.getLogger("hoshikage.proxy")
 
+#: bytes a second a body must come at, after the header timeout's grace (as Apache's
+#: mod_reqtimeout MinRate): a body sent a byte at a time holds its connection for good else
+MIN_BODY_RATE = 500
 #: how long, and how many bytes at most, a connection closed with a last answer keeps
 #: reading (and dropping) what its client still sends
 LINGER_SECONDS = 2.0
@@ -78,6 +81,9 @@ class ClientConnection(asyncio.Protocol):
         #: bytes still to drop before closing (a last answer sent, see finish())
         self.lingering = 0
         self.peer = self.local = ""
+        #: when the body being read began to come, and its bytes so far (MIN_BODY_RATE)
+        self.body_began: float | None = None
+        self.body_bytes = 0
         #: cleared while the transport's write buffer is full (pause_writing): the next
         #: request waits, so a client that sends and never reads holds a bounded buffer
         self.writable = asyncio.Event()
@@ -111,10 +117,19 @@ class ClientConnection(asyncio.Protocol):
             response.headers += list(exc.headers.items())
             self.finish(response_bytes(response, False))
             return
+        if self.parser.idle:
+            self.body_began = None
+        elif self.body_began is None:
+            self.body_began, self.body_bytes = asyncio.get_running_loop().time(), 0
+        else:
+            self.body_bytes += len(data)
         if self.task is None:
-            # a head on its way, or a body: either must come within the header timeout
+            # a head on its way, or a body: either must come within the header timeout, a
+            # body at MIN_BODY_RATE after it
             if not self.parser.idle:
-                self._arm("body", self.proxy.limits.header_timeout)
+                assert self.body_began is not None
+                self._arm("body", self.body_began + self.proxy.limits.header_timeout
+                          + self.body_bytes / MIN_BODY_RATE - asyncio.get_running_loop().time())
             elif self.timing == "idle" and self.parser.buf:
                 self._arm("head", self.proxy.limits.header_timeout)
         self._continue()
@@ -220,6 +235,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _parsed(self, request: Request) -> None:
         self.parser.expects_continue = False  # its body came: no 100 is owed any more
+        self.body_began = None  # the next one's clock starts with its first bytes
         self.queue.append(request)
         if len(self.queue) > MAX_QUEUED and self.transport is not None:
             self.reading = False

@@ -51,7 +51,8 @@ class Limits:
     Connections past `max_connections` first close the longest idle one (a keep-alive
     connection, or one that has not sent a whole request head); with none idle, the new one
     gets a 503. A request head must be in within `header_timeout`, and a body must not stall
-    for longer; a connection waits `idle_timeout` for its next request. Bodies are read
+    for longer nor, past it, come slower than front.MIN_BODY_RATE; a connection waits
+    `idle_timeout` for its next request. Bodies are read
     whole (the router needs the JSON's model), so at most `large_bodies` requests with more
     than `large_body` bytes count against `body_memory`, the bytes of such bodies being
     read or answered at once: one that does not fit gets a 503 before its body is read (the
