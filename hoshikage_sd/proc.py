@@ -10,6 +10,9 @@ from hoshikage_sd.errors import die
 
 # What a child may inherit. Everything else (LISTEN_FDS, NOTIFY_SOCKET, ...) is ours alone.
 _KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "SYSTEMD_LOG_LEVEL")
+#: the Debian package of a program hoshikage runs that a system may lack (the hint)
+PACKAGES = {"age": "age", "age-keygen": "age", "systemd-creds": "systemd",
+            "journalctl": "systemd", "systemctl": "systemd"}
 
 
 def minimal_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -53,7 +56,9 @@ def run(
             env=minimal_env(env),
         )
     except FileNotFoundError:
-        die(f"{argv[0]} is not installed or not on PATH")
+        package = PACKAGES.get(os.path.basename(argv[0]))
+        die(f"{argv[0]} is not installed or not on PATH",
+            hint=f"apt install {package}" if package else None)
     except subprocess.TimeoutExpired:
         die(f"{' '.join(argv)} did not finish within {timeout} s")
     if check and result.returncode != 0:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from hoshikage_sd import fmt
 from hoshikage_sd.errors import HoshikageError
 from hoshikage_sd.manifest import (
     NAME_RE,
@@ -54,6 +55,9 @@ from hoshikage_sd.policy.cacheplan import Action
 
 # disk_free when a scenario gives none: never the limit, and still an int for CacheState.
 UNLIMITED = 1 << 60
+#: the largest model size or disk a scenario may give: well below UNLIMITED, which stands
+#: for a disk without a limit
+MAX_SIZE = 1 << 50
 DEFAULT_RUNTIME = 60.0
 ACTIONS = tuple(a.value for a in Action)
 TOP_KEYS = ("description", "cache", "disk_free", "rank", "models", "steps", "expect")
@@ -185,6 +189,10 @@ class _Reader(NodeReader):
         weights = self.weights(top["rank"][1]) if "rank" in top else Weights()
         disk_free = (self.convert(top["disk_free"][1], "disk_free", parse_size)
                      if "disk_free" in top else UNLIMITED)
+        if "disk_free" in top and disk_free > MAX_SIZE:
+            raise self.fail(top["disk_free"][1], f"disk_free {fmt.size(disk_free)} is more "
+                                                 f"than {fmt.size(MAX_SIZE)}: leave it out for "
+                                                 "a disk without a limit")
         models = tuple(self.model(knode, vnode) for _, (knode, vnode)
                        in self.mapping(top["models"][1], "models").items())
         steps = self.steps(top["steps"][1]) if "steps" in top else (Step("0s", 0.0),)
@@ -209,6 +217,9 @@ class _Reader(NodeReader):
         if "size" not in items:
             raise self.fail(knode, f"{what} needs 'size:' (e.g. 8G)")
         size = self.convert(items["size"][1], f"{what}: size", parse_size)
+        if size > MAX_SIZE:  # past it, sizes stand for nothing a disk holds
+            raise self.fail(items["size"][1], f"{what}: size {fmt.size(size)} is more than "
+                                              f"{fmt.size(MAX_SIZE)}")
         runtime = (self.convert(items["runtime"][1], f"{what}: runtime", parse_duration)
                    if "runtime" in items else DEFAULT_RUNTIME)
         flags = {key: self.boolean(items[key][1], f"{what}: {key}")

@@ -104,9 +104,10 @@ def router_line(router: Mapping[str, Any], colour: bool) -> str:
     else:
         what = "not running (the socket starts it on the first request)" \
             if router["socket_state"] == "active" else fmt.state(router["state"], colour)
-    socket = "" if router["socket_state"] == "active" else \
-        f"; {SOCKET_UNIT} is {fmt.state(router['socket_state'] or '?', colour, 'failed')}"
-    return f"router: {what}, listening on {listen}{socket}"
+    if router["socket_state"] == "active":
+        return f"router: {what}, listening on {listen}"
+    state = fmt.state(router["socket_state"] or "?", colour, "failed")
+    return f"router: {what}, {SOCKET_UNIT} is {state} (nothing listens on {listen})"
 
 
 def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]],

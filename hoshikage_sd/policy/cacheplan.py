@@ -73,6 +73,11 @@ def cache_state(models: Iterable[Holding], stats: Mapping[str, ModelStats],
     return CacheState(used, free, candidates)
 
 
+def span(seconds: float) -> str:
+    """A stretch of time as people read it: "3.5 days", else "2 s", "40 min"."""
+    return f"{seconds / DAY:.3g} days" if seconds >= DAY else fmt.ago(seconds)
+
+
 def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decision]:
     """Copy the highest-ranked slow-tier models that earn a place; make room by expiring the
     lowest-ranked cached models unused for `expire_after`; keep everything else."""
@@ -89,9 +94,8 @@ def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decis
                 and unused >= policy.expire_after)
 
     def expire(old: Candidate, why: str) -> None:
-        days = (now - (old.last_used or 0.0)) / DAY
         expired[old.name] = Decision(Action.EXPIRE, old.name, old.rank, old.size,
-                                     f"{why}; unused {days:.0f} days")
+                                     f"{why}; unused {span(now - (old.last_used or 0.0))}")
         decisions.append(expired[old.name])
 
     # Over its limits already (max_size lowered, the disk filled up): shrink first.
@@ -119,8 +123,7 @@ def plan_cache(state: CacheState, policy: CachePolicy, now: float) -> list[Decis
                     Action.SKIP, c.name, c.rank, c.size,
                     f"no room: needs {fmt.size(c.size)}, {fmt.size(max(room, 0))} free, and no "
                     f"lower-ranked cached model has been unused for "
-                    + (f"{policy.expire_after / DAY:.3g} days" if policy.expire_after >= DAY
-                       else fmt.ago(policy.expire_after))))
+                    f"{span(policy.expire_after)}"))
                 continue
             for old in victims:
                 expire(old, f"makes room for {c.name} (rank {c.rank:.1f})")

@@ -116,9 +116,10 @@ def short(model: str, estimate: int, margin: float, split: Iterable[Share]) -> s
 def why_unreachable(exc: BaseException, connected: bool) -> str:
     if isinstance(exc, TimeoutError):
         if connected:
-            return (f"accepted the connection but did not answer within {ANSWER_TIMEOUT:g} s: it "
-                    "serves another client (a ggml-rpc-server serves one llama-server at a "
-                    "time)")
+            return (f"accepted the connection but did not answer within {ANSWER_TIMEOUT:g} s: "
+                    "it may serve another llama-server (a ggml-rpc-server serves one at a "
+                    "time), or hang (its journal on that machine: journalctl -u "
+                    "hoshikage-rpc-server.service)")
         return (f"did not answer within {TIMEOUT:g} s (down, or a firewall or its "
                 "IPAddressAllow= drops this machine's packets)")
     if isinstance(exc, ConnectionRefusedError):

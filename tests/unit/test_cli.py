@@ -176,6 +176,9 @@ def test_router_state_from_systemctl_show(monkeypatch: pytest.MonkeyPatch) -> No
     idle = {"state": "inactive", "running": False, "pid": None, "socket_state": "active",
             "listen": ["127.0.0.1:8080"]}
     assert "not running (the socket starts it" in status.router_line(idle, False)
+    # the socket stopped: nothing listens, and the line does not say it does
+    assert status.router_line({**idle, "socket_state": "inactive"}, False) == (
+        "router: inactive, hoshikage.socket is inactive (nothing listens on 127.0.0.1:8080)")
 
 
 def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(

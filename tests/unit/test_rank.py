@@ -146,7 +146,14 @@ def test_expire_lowest_ranked_unused_for_a_week_to_make_room() -> None:
         cand("new", 10, 60, days=0.1)])
     decisions = plan_cache(state, CachePolicy(max_size=20 * GB), NOW)
     assert actions(decisions) == {"old-lower": "expire", "new": "copy", "old-low": "keep"}
-    assert "makes room for new" in next(d.reason for d in decisions if d.name == "old-lower")
+    assert next(d.reason for d in decisions if d.name == "old-lower").endswith(
+        "makes room for new (rank 60.0); unused 40 days")
+    # unused for less than a day: said in its own unit (it read "unused 0 days")
+    state = CacheState(20 * GB, 100 * GB, [cand("old", 10, -40, days=2 / 86400, cached=True),
+                                           cand("new", 10, 60, days=0.1)])
+    (old,) = [d for d in plan_cache(state, CachePolicy(max_size=20 * GB, expire_after=1),
+                                    NOW) if d.name == "old"]
+    assert old.reason.endswith("; unused 2 s"), old.reason
 
 
 @pytest.mark.parametrize("protect", ["busy", "pinned"])

@@ -192,7 +192,7 @@ def test_another_protocol_is_named(server: int) -> None:
 
 @pytest.mark.parametrize("server", [(bytes([4, 0, 3]), True)], indirect=True)
 def test_a_busy_worker_is_a_refusal_not_a_hang(server: int) -> None:
-    with pytest.raises(workers.WorkerUnavailable, match="serves another client"):
+    with pytest.raises(workers.WorkerUnavailable, match="may serve another llama-server"):
         workers.ask(Worker("box2", "127.0.0.1", server), answer_timeout=0.3)
 
 
@@ -236,7 +236,7 @@ def test_one_admission_waits_for_a_silent_worker_once(server: int) -> None:
     worker = Worker("box2", "127.0.0.1", server)
     with workers.asked_once():
         for _ in range(2):
-            with pytest.raises(workers.WorkerUnavailable, match="serves another client"):
+            with pytest.raises(workers.WorkerUnavailable, match="may serve another llama-server"):
                 workers.ask(worker, answer_timeout=0.3)
     assert ACCEPTED[server] == 1
 

@@ -189,6 +189,24 @@ def test_an_error_names_the_line(tmp_path: Path) -> None:
         simulate.load(str(path))
 
 
+def test_sizes_past_any_disk_are_refused(tmp_path: Path) -> None:
+    """(One of 10**29 GB read as a disk without a limit's sentinel in a reason.)"""
+    path = write(tmp_path, """
+        models:
+          a: {size: 99999999999999999999999999999G, uses: [-1d]}
+        """)
+    with pytest.raises(ScenarioError, match=rf"{path}:2: model 'a': size .* is more than "
+                                            "1024.0 TiB"):
+        simulate.load(str(path))
+    path = write(tmp_path, """
+        disk_free: 2000T
+        models:
+          a: {size: 1G}
+        """)
+    with pytest.raises(ScenarioError, match="leave it out for a disk without a limit"):
+        simulate.load(str(path))
+
+
 def test_an_unknown_scenario_says_so() -> None:
     with pytest.raises(ScenarioError, match="no built-in scenario of that name"):
         simulate.load("no-such-scenario")
