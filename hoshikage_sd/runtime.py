@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,6 +36,7 @@ class Activity:
     in_flight: int
     last_end: float
     router_pid: int = 0
+    last_end_boot: float = 0.0  # the same moment on boot_clock() (0: an older writer's)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class Running:
     pid: int
     staged: str
     started: float
+    started_boot: float = 0.0  # the same moment on boot_clock() (0: an older writer's)
+
+    @classmethod
+    def now(cls, pid: int, staged: str) -> Running:
+        """A llama-server serving from now on."""
+        return cls(pid, staged, time.time(), boot_clock())
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class _Devices:
 @dataclass(frozen=True)
 class _Kept:
     until: float
+    until_boot: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,13 @@ class _Ttl:
 class _Caching:
     done: int
     total: int
+
+
+def boot_clock() -> float:
+    """CLOCK_BOOTTIME: seconds since boot, a suspend's included, which no step of the wall
+    clock moves (date -s, NTP): what idle times and TTLs are measured on. The records keep
+    wall times too, for people (ago, since)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def idle_seconds(now: float, ready_since: float, activity: Activity | None,
@@ -150,12 +165,16 @@ class Runtime:
         return []
 
     def kept_until(self, name: str) -> float | None:
-        """A stopped model's staged copy kept in RAM: until when (wall clock), else None."""
+        """A stopped model's staged copy kept in RAM: until when (wall clock, as the boot
+        clock counts from now: a step of the wall clock moves it too), else None."""
         kept = self._read("kept", name, _Kept)
-        return kept.until if kept else None
+        if kept is None:
+            return None
+        return time.time() + kept.until_boot - boot_clock() if kept.until_boot else kept.until
 
     def set_kept(self, name: str, until: float) -> None:
-        self._write("kept", name, {"until": until})
+        self._write("kept", name, {"until": until,
+                                   "until_boot": boot_clock() + until - time.time()})
 
     def keep_copy(self, name: str) -> bool:
         """Did whoever stopped the model ask to keep its staged copy (a stop to make room by
@@ -222,6 +241,15 @@ class Runtime:
         if (running is None and activity is None) or self.busy(name):
             return None
         alive = activity is not None and pid_exists(activity.router_pid)
+        if (running is None or running.started_boot) and \
+                (activity is None or activity.last_end_boot):
+            # on the boot clock; `now`'s distance from the wall clock's now is a caller's
+            # look ahead (a test's), kept
+            on_boot = None if activity is None else replace(
+                activity, last_end=activity.last_end_boot)
+            return idle_seconds(boot_clock() + now - time.time(),
+                                running.started_boot if running is not None else 0.0,
+                                on_boot, alive)
         since = running.started if running is not None else 0.0
         return idle_seconds(now, since, activity, alive)
 
@@ -251,7 +279,8 @@ class Runtime:
         if launched is None or not pid_exists(launched[0]):
             return None
         pid, _spawned, healthy = launched  # on the monotonic clock
-        return Running(pid, "", time.time() - (time.monotonic() - healthy))
+        ago = time.monotonic() - healthy
+        return Running(pid, "", time.time() - ago, boot_clock() - ago)
 
     def set_running(self, name: str, running: Running) -> None:
         self._write("running", name, asdict(running))

@@ -9,8 +9,9 @@ import fcntl
 import json
 import logging
 import os
+import time
 
-from hoshikage_sd.runtime import Activity, Runtime
+from hoshikage_sd.runtime import Activity, Runtime, boot_clock
 
 logger = logging.getLogger("hoshikage.router")
 
@@ -30,12 +31,13 @@ class ActivityRecords:
         if paths is None:
             final = str(self.runtime.activity_path(name))
             paths = self.paths[name] = (f"{final}.tmp-{self.pid}", final)
+        boot = boot_clock() - (time.time() - last_end)  # last_end is now, as a rule
         data = json.dumps({"in_flight": in_flight, "last_end": last_end,
-                           "router_pid": self.pid}).encode()
+                           "router_pid": self.pid, "last_end_boot": boot}).encode()
         try:
             fd = os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:  # the first record: its directory too
-            self.runtime.set_activity(name, Activity(in_flight, last_end, self.pid))
+            self.runtime.set_activity(name, Activity(in_flight, last_end, self.pid, boot))
             return
         try:
             os.write(fd, data)

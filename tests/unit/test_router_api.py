@@ -22,7 +22,7 @@ from hoshikage_sd.router import routes, server
 from hoshikage_sd.router.headstart import request as waking
 from hoshikage_sd.router.proxy import Forward, Request, Response
 from hoshikage_sd.router.routes import Route
-from hoshikage_sd.runtime import Activity, Running
+from hoshikage_sd.runtime import Activity, Running, boot_clock
 
 MANIFEST = """\
 ramdisk: {tmp}/rd
@@ -317,7 +317,11 @@ def test_one_activity_record_per_request_and_busy_seen_at_once(
             router.lifecycle.request_ended("tiny")
             assert not runtime.busy("tiny")
         assert [a.in_flight for a in writes] == [0, 0, 0]  # one record each, at its end
-        assert runtime.activity("tiny") == Activity(0, writes[-1].last_end, os.getpid())
+        record = runtime.activity("tiny")
+        assert record == Activity(0, writes[-1].last_end, os.getpid(), record.last_end_boot)
+        # the same moment on the boot clock, which no step of the wall clock moves
+        assert record.last_end_boot == pytest.approx(
+            boot_clock() - (time.time() - record.last_end), abs=0.5)
         idle = runtime.idle_seconds("tiny", time.time())
         assert idle is not None and idle < 5
         writes.clear()

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,32 @@ def test_a_model_its_launcher_started_serves_before_its_activator_adopts_it(
     assert runtime.serving("m")
     protocol.write_launched(str(tmp_path), "m", 2**22 + 1, 1.0, 1.5)  # no such process
     assert not runtime.serving("m")
+
+
+@pytest.mark.parametrize("step", [+7200.0, -7200.0])
+def test_idle_times_and_kept_copies_do_not_move_with_a_step_of_the_wall_clock(
+        tmp_path: Path, step: float) -> None:
+    """Records keep both clocks; what is measured (idle, a kept copy's end) is on the boot
+    clock. A step of the wall clock (date -s, NTP) after they were written: a forward one
+    stopped every model at once, a backward one kept them for as long as the step."""
+    import os
+
+    from hoshikage_sd.runtime import boot_clock
+
+    runtime = Runtime(tmp_path)
+    now, boot = time.time(), boot_clock()
+    # written 5 s ago, before the wall clock stepped by `step`
+    runtime.set_running("m", Running(os.getpid(), "/rd/m.gguf", now - step - 30, boot - 30))
+    runtime.set_activity("m", Activity(0, now - step - 5, os.getpid(), boot - 5))
+    assert runtime.idle_seconds("m", time.time()) == pytest.approx(5, abs=0.5)
+    assert runtime.idle_seconds("m", time.time() + 60) == pytest.approx(65, abs=0.5)
+    # an older writer's records (no boot clock): the wall clock, as before
+    runtime.set_activity("m", Activity(0, time.time() - 5, os.getpid()))
+    runtime.set_running("m", Running(os.getpid(), "/rd/m.gguf", time.time() - 30))
+    assert runtime.idle_seconds("m", time.time()) == pytest.approx(5, abs=0.5)
+    # a kept copy's end: 10 s from now on the boot clock, whatever its wall time says
+    runtime.set_kept("k", time.time() + 10)
+    record = runtime.dir / "kept" / "k.json"
+    kept = json.loads(record.read_text())
+    record.write_text(json.dumps({**kept, "until": kept["until"] - step}))
+    assert runtime.kept_until("k") == pytest.approx(time.time() + 10, abs=0.5)
