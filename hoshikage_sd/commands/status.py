@@ -129,7 +129,7 @@ class Listing:
     tags: list[str]
     path: str
     pinned: bool
-    state: str
+    state: str  # loaded, kept (its RAM-disk copy stays), not-loaded: as status says
     size: int | None = None
     architecture: str | None = None
     parameters: int | None = None
@@ -156,7 +156,7 @@ def describe(config: Config, model: Model, active: set[str],
                                  usage.last_used if usage else None) if t), default=None)
     base = Listing(model.name, list(model.aliases), list(model.tags), str(model.path),
                    model.pinned, "loaded" if model.name in active else
-                   "staged" if Store(config.ramdisk).has_copy(model.name) else "-",
+                   "kept" if Store(config.ramdisk).has_copy(model.name) else "not-loaded",
                    last_used=last_used,
                    rank=round(ranks.get(model.name, 0.0), 1),
                    cached=cache.cached_copy(config, model) is not None,
@@ -201,7 +201,7 @@ def list_models(config: Config, as_json: bool) -> int:
             f"{e.rank:.1f}", fmt.ago(now - e.last_used) + " ago" if e.last_used else "never")
            for e in entries],
           {9: lambda text: fmt.state(text, colour, "running" if text.startswith("loaded")
-                                     else "kept" if text.startswith("staged") else None)})
+                                     else "kept" if text.startswith("kept") else None)})
     for e in entries:
         if e.error:
             print(fmt.paint("warning:", "33", colour), f"{e.name}: {e.error}")

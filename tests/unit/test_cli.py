@@ -559,3 +559,25 @@ def test_unload_names_a_unit_whose_model_left_the_manifest(
     assert stopped == ["hoshikage-model@tiny.service"]
     assert manual.unload(config, "tiny2") == 0 and stopped[-1] == "hoshikage-model@tiny2.service"
     assert capsys.readouterr().out == "tiny unloaded\ntiny2 unloaded\n"
+
+
+def test_list_says_each_state_in_status_s_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """not-loaded, kept, loaded (it said '-' and 'staged', and '- cached' in its table)."""
+    from hoshikage_sd.commands import status
+    from hoshikage_sd.staging import Store
+    from tests.unit.conftest import one_model
+
+    config = one_model(tmp_path)
+    up: list[str] = []
+    monkeypatch.setattr(status, "loaded_units", lambda: up)
+
+    def state() -> str:
+        status.list_models(config, as_json=True)
+        return str(json.loads(capsys.readouterr().out)[0]["state"])
+
+    assert state() == "not-loaded"
+    Store(config.ramdisk).stage("m", config.models["m"].path)
+    assert state() == "kept"
+    up.append("m")
+    assert state() == "loaded"
