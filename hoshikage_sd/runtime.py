@@ -47,11 +47,12 @@ class Running:
     staged: str
     started: float
     started_boot: float = 0.0  # the same moment on boot_clock() (0: an older writer's)
+    settings: str = ""  # manifest.Model.settings when it started ("": unknown)
 
     @classmethod
-    def now(cls, pid: int, staged: str) -> Running:
+    def now(cls, pid: int, staged: str | Path, settings: str = "") -> Running:
         """A llama-server serving from now on."""
-        return cls(pid, staged, time.time(), boot_clock())
+        return cls(pid, str(staged), time.time(), boot_clock(), settings)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class ModelStatus:
     # What `hoshikage status`, `ps` and `load` show besides (issue 23).
     status_text: str | None = None  # the unit's STATUS= (staging progress, the failure)
     since: float | None = None      # Unix time llama-server started serving it
+    #: serving with what the manifest said when it started, changed since (path, args, env)
+    outdated: bool = False
 
 
 #: the phases phase_of() names, in the order a start goes through them
@@ -128,7 +130,9 @@ def model_status(config: Config, model: Model, runtime: Runtime, active: set[str
         aliases=list(model.aliases), tags=list(model.tags), pinned=model.pinned,
         preload=model.preload,
         status_text=props.get("StatusText") or None,
-        since=running.started if serving and running else None)
+        since=running.started if serving and running else None,
+        outdated=bool(serving and running and running.settings
+                      and running.settings != model.settings))
 
 
 #: what status shows of a model unit that is up, and the interface of each

@@ -47,6 +47,9 @@ def status(config: Config, as_json: bool = False) -> int:
     for m in facts["models"]:
         if m["phase"] == "failed" and m["error"]:
             print(fmt.paint(f"{m['name']} failed: {m['error']}", "31", colour))
+        if m["outdated"]:
+            print(f"{m['name']} runs the settings it started with: the manifest has changed "
+                  f"them since (its next start applies them: hoshikage unload {m['name']})")
     for copying in facts["caching"]:
         done, total = copying["done_bytes"], copying["total_bytes"]
         print(f"caching {copying['model']} to {copying['cache_dir'] or '?'}: "

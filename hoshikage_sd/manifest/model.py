@@ -103,6 +103,17 @@ class Model:
     def environment(self) -> dict[str, str]:
         return environment(self.env)
 
+    @property
+    def settings(self) -> str:
+        """A digest of what its llama-server is started with (files, arguments, environment,
+        backend, stage, workers): a running model whose digest differs from its manifest's
+        runs older settings (status says so)."""
+        import hashlib
+
+        key = (str(self.path), *map(str, self.shards), str(self.mmproj), self.backend,
+               *self.command, self.health, *self.env, *self.args, self.stage, *self.rpc)
+        return hashlib.sha256("\0".join(key).encode(errors="surrogateescape")).hexdigest()[:16]
+
     def staged(self, fully_offloaded: bool) -> bool:
         """Does the model get a RAM-disk copy (`stage:`)? auto: unless all its layers are on
         GPU devices (`fully_offloaded`: its unit's last judgement)."""

@@ -202,3 +202,25 @@ def test_a_unit_systemd_could_not_set_up_says_which_step(
     assert shown["tiny"]["error"] == f"{step} (journalctl -u hoshikage-model@tiny.service)"
     loaded = run(hk, "load", "tiny")
     assert loaded.returncode == 1 and f"tiny did not start: {step}" in loaded.stderr, loaded
+
+
+def test_status_says_a_running_model_s_settings_changed_since_its_start(
+        container_factory: ContainerFactory, tmp_path: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    """The manifest edited under a serving model (its args here): it keeps serving as it
+    started, and status says so, with what applies the change."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(tiny_gguf, models / "tiny.gguf")
+    hk = deploy(container_factory, models, manifest(llama_server_bin, {"tiny": "ttl: 1h"}))
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    note = "tiny runs the settings it started with"
+    hk.wait_for("the running record", lambda: (
+        hk.container.root / "run/hoshikage/running/tiny.json").exists())
+    assert note not in run(hk, "status").stdout
+    path = hk.container.root / "etc/hoshikage/models.yaml"
+    path.write_text(path.read_text().replace("ttl: 1h", 'ttl: 1h\n    args: ["-c", "512"]'))
+    assert note in run(hk, "status").stdout
+    shown = {m["name"]: m for m in json.loads(hk.hoshikage("status", "--json"))["models"]}
+    assert shown["tiny"]["outdated"] is True

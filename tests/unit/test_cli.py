@@ -206,9 +206,18 @@ def test_status_and_ps_show_llama_server_s_pid_and_colour_on_a_terminal_only(
     assert f" serving  {os.getpid()} " in row and "4242" not in row
     assert "router: running (pid 812), listening on 127.0.0.1:8080" in out
     assert f"RAM disk {tmp_path}/rd: not mounted" in out
+    assert "runs the settings it started with" not in out  # no digest: an older writer's
     (tmp_path / "rd").mkdir()  # a directory is not a mount (after a reboot, say)
     status.status(config)
     assert "not mounted" in capsys.readouterr().out
+    # started with other settings than the manifest's now (its args changed since, say)
+    for settings, said in (("0123456789abcdef", True), (config.models["tiny"].settings, False)):
+        runtime.set_running("tiny", Running(os.getpid(), "/rd/tiny.gguf", time.time() - 300,
+                                            settings=settings))
+        status.status(config)
+        assert ("tiny runs the settings it started with: the manifest has changed them since "
+                "(its next start applies them: hoshikage unload tiny)" in
+                capsys.readouterr().out) is said
     assert "\033[" not in out
 
     assert ps.ps(config, as_json=True) == 0
