@@ -57,6 +57,8 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
         # show or unload it by name; it goes once no request is in flight
         ttl = 0.0 if model is None else runtime.ttl(name) or model.ttl
         idle = runtime.idle_seconds(name, now)  # None: busy, or not serving yet
+        if idle is None and not runtime.busy(name):
+            idle = unrecorded_idle(runtime, name)
         if not should_stop(idle, ttl):
             due = ttl - (idle or 0.0)
             soonest = max(due, MIN_WAIT) if soonest is None else min(soonest, max(due, MIN_WAIT))
@@ -72,6 +74,17 @@ def sweep(config: Config, runtime: Runtime) -> float | None:
         units.systemctl("stop", "--no-block", units.model_unit(name), check=False)
     expire_kept(config, runtime, now)
     return soonest
+
+
+def unrecorded_idle(runtime: Runtime, name: str) -> float | None:
+    """An active unit whose records are gone (deleted by hand under /run): idle since its
+    unit became active, as systemd says, so that its TTL still stops it. None otherwise."""
+    if runtime.serving_record(name) is not None or runtime.activity(name) is not None:
+        return None
+    shown = units.show(units.model_unit(name), "ActiveEnterTimestampMonotonic")
+    since = shown.get("ActiveEnterTimestampMonotonic", "")
+    return max(0.0, time.monotonic() - int(since) / 1e6) if since.isdigit() and int(since) \
+        else None
 
 
 def expire_kept(config: Config, runtime: Runtime, now: float) -> None:

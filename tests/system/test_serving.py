@@ -338,3 +338,22 @@ def test_a_kept_copy_goes_when_its_ttl_runs_out(
     assert hk.state("hoshikage-idle.service") != "failed"
     assert "ReadWritePaths" not in hk.container.exec(
         str(hoshikage_bin()), "check", check=False).stdout
+
+
+def test_a_model_whose_records_were_deleted_still_stops_at_its_ttl(
+        container_factory: ContainerFactory, tiny_models: Path,
+        llama_server_bin: Path) -> None:
+    """An admin deletes a loaded model's running and activity records under /run: the idle
+    watch measures it from its unit's start, as systemd says (it stayed loaded for good)."""
+    hk = deploy(container_factory, tiny_models,
+                manifest(llama_server_bin, {"tiny": "ttl: 3s"}, router_idle_exit="1h"))
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    run = hk.container.root / "run/hoshikage"
+    hk.wait_for("the records", lambda: (run / "running/tiny.json").exists()
+                and (run / "activity/tiny.json").exists())
+    (run / "running/tiny.json").unlink()
+    (run / "activity/tiny.json").unlink()
+    hk.wait_for("the idle stop", lambda: hk.state(UNIT) == "inactive", timeout=30)
+    (stopped,) = hk.events("idle-stop", "tiny")
+    assert float(stopped["HOSHIKAGE_IDLE_SECONDS"]) >= 3.0
