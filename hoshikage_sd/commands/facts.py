@@ -224,7 +224,11 @@ def gather(config: Config, active: set[str] | None = None,
         "loaded": [m.name for m in models if m.llama_server_pid is not None],
         "ramdisk": {"path": str(config.ramdisk), "mounted": usage is not None,
                     "used_bytes": usage[0] if usage else None,
-                    "size_bytes": usage[1] if usage else None},
+                    "size_bytes": usage[1] if usage else None,
+                    # kept copies of models the manifest no longer has (renamed, removed):
+                    # no row shows them; they go at their TTL
+                    "orphans": [{"name": n, "bytes": Store(config.ramdisk).held_bytes(n)}
+                                for n in runtime.names("kept") if n not in config.models]},
         "memory": {"available_bytes": available, "total_bytes": total},
         "devices": devices_in_use(runtime, [m.name for m in models
                                             if m.llama_server_pid is not None]),

@@ -60,6 +60,9 @@ def status(config: Config, as_json: bool = False) -> int:
     if disk["mounted"]:
         print(f"RAM disk {disk['path']}: {fmt.size(disk['used_bytes'])} used of "
               f"{fmt.size(disk['size_bytes'])}")
+        for orphan in disk["orphans"]:
+            print(f"  a kept copy of {orphan['name']!r}, no longer in the manifest: "
+                  f"{fmt.size(orphan['bytes'])} (it goes at its TTL)")
     else:
         print(f"RAM disk {disk['path']}: not mounted (mnt-hoshikage.mount mounts it on "
               "first use)")

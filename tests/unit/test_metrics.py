@@ -364,7 +364,14 @@ def test_status_json_has_the_same_facts(tmp_path: Path, monkeypatch: pytest.Monk
     assert b["state"] == "inactive" and b["llama_server_pid"] is None
     assert b["ttl_left_seconds"] is None
     assert facts["ramdisk"] == {"path": str(config.ramdisk), "mounted": False,
-                                "used_bytes": None, "size_bytes": None}
+                                "used_bytes": None, "size_bytes": None, "orphans": []}
+    # a kept copy of a model since taken out of the manifest: said, with what it holds
+    config.ramdisk.mkdir(parents=True, exist_ok=True)
+    (config.ramdisk / "gone.gguf").write_bytes(b"x" * 8192)
+    runtime.set_kept("gone", time.time() + 60)
+    status.status(config, as_json=True)
+    (orphan,) = json.loads(capsys.readouterr().out)["ramdisk"]["orphans"]
+    assert orphan["name"] == "gone" and orphan["bytes"] >= 8192
     assert facts["memory"]["available_bytes"] > 0
     assert facts["counters"]["hoshikage_loads_total"] == [
         {"labels": {"model": "a", "path": "activator"}, "value": 1.0}]
