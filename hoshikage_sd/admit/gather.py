@@ -29,7 +29,7 @@ def residents(config: Config, runtime: Runtime) -> list[Resident]:
     """
     now = time.time()
     try:
-        active = units.active_model_units()
+        active = units.active_model_units(queued=True)
     except HoshikageError as err:
         logger.warning("cannot ask systemd which models are up (%s): trusting the runtime "
                        "records", err.message)

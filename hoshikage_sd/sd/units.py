@@ -79,19 +79,24 @@ def systemctl(*args: str, check: bool = True, timeout: float | None = None) -> s
 UP_STATES = ("active", "activating", "deactivating", "reloading")
 
 
-def active_model_units(states: tuple[str, ...] = UP_STATES) -> list[str]:
-    """Instance names (unescaped) of model units in one of `states` (default: any but down)."""
+def active_model_units(states: tuple[str, ...] = UP_STATES, queued: bool = False
+                       ) -> list[str]:
+    """Instance names (unescaped) of model units in one of `states` (default: any but down);
+    with `queued`, also those down with a job queued: a start asked for that PID 1 has not
+    begun (admission counts what it admitted a moment ago: two starts at once each saw the
+    other's room free)."""
     from hoshikage_sd.sd import bus
 
     pattern = f"{MODEL_UNIT_PREFIX}*.service"
     try:
-        units = [(u.name, u.active) for u in bus.list_units([pattern], list(states))]
+        units = [(u.name, u.active, u.job) for u in bus.list_units(
+            [pattern], [*states, "inactive", "failed"] if queued else list(states))]
     except bus.BusUnavailable:
         out = systemctl("list-units", "--plain", "--no-legend", "--all", pattern)
-        units = [(p[0], p[2]) for p in (line.split() for line in out.splitlines())
+        units = [(p[0], p[2], 0) for p in (line.split() for line in out.splitlines())
                  if len(p) >= 3]
     return [unescape(unit[len(MODEL_UNIT_PREFIX) : -len(".service")])
-            for unit, active in units if active in states]
+            for unit, active, job in units if active in states or (queued and job)]
 
 
 def start_unit(unit: str, state: str | None = None, conn: bus.Connection | None = None

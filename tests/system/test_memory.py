@@ -320,3 +320,38 @@ def test_a_copy_to_keep_is_made_by_its_own_unit_and_given_up_by_a_start(
     c.systemctl("stop", "hoshikage-model@a.service")
     assert hk.state("hoshikage-keep@b.service") == "inactive"
     assert hk.processes("sleep 60") == []
+
+
+def test_two_models_started_at_once_beside_a_third_keep_the_budget(
+        container_factory: ContainerFactory, models_dir: Path,
+        llama_server_bin: Path) -> None:
+    """a is up; b and c are asked for at the same instant, room for one of them. Each
+    admission counts the other's start once admitted, queued with PID 1 or not (each saw
+    the other's room free while its start job waited: three models in room for two)."""
+    import threading
+
+    hk = setup(container_factory, models_dir, llama_server_bin)
+    over = []
+    for _ in range(4):
+        hk.container.systemctl("stop", "hoshikage-model@b.service", "hoshikage-model@c.service")
+        status, body = hk.chat("a")
+        assert status == 200, body
+        barrier = threading.Barrier(2)
+        answers: list[int] = []
+
+        def ask(name: str, barrier: threading.Barrier = barrier,
+                answers: list[int] = answers) -> None:
+            barrier.wait()
+            answers.append(hk.chat(name)[0])
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in ("b", "c")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(answers) == [200, 200], answers  # a, idle, makes room in turn
+        up = [n for n in ("a", "b", "c")
+              if hk.state(f"hoshikage-model@{n}.service") in ("active", "activating")]
+        if len(up) > 2:
+            over.append(up)
+    assert over == [], f"more models up than the budget holds: {over}"

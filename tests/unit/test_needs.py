@@ -124,12 +124,12 @@ def test_a_worker_another_model_holds_is_not_asked(config: Config, worker: Worke
     ask it for the split (the ask would wait out its timeout) and counts every layer."""
     runtime = Runtime(config.runtime_dir)
     runtime.set_running("other", Running(os.getpid(), "", time.time()))
-    monkeypatch.setattr(gather.units, "active_model_units", lambda: ["other"])
+    monkeypatch.setattr(gather.units, "active_model_units", lambda **_: ["other"])
     snapshot, request = gather.inputs(config, config.models["split"], runtime)
     assert [r.name for r in snapshot.residents] == ["other"]
     assert worker.asked == 0
     assert request.devices["Vulkan0"] == vulkan0(config, "solo")
-    monkeypatch.setattr(gather.units, "active_model_units", lambda: [])
+    monkeypatch.setattr(gather.units, "active_model_units", lambda **_: [])
     _, request = gather.inputs(config, config.models["split"], runtime)
     assert worker.asked == 1 and request.devices["Vulkan0"] < vulkan0(config, "solo")
 

@@ -358,7 +358,7 @@ def test_a_swap_by_count_starts_the_new_unit_before_it_stops_the_old(
     runtime.set_running("b", Running(os.getpid(), "", time.time() - 60))
     runtime.set_activity("b", Activity(0, time.time() - 30, os.getpid()))
     calls: list[str] = []
-    monkeypatch.setattr(gather.units, "active_model_units", lambda: ["b"])
+    monkeypatch.setattr(gather.units, "active_model_units", lambda **_: ["b"])
     monkeypatch.setattr(gather.units, "stop_unit",
                         lambda unit: calls.append(f"stop {unit}"))
     router = router_module.Router(config)
@@ -385,7 +385,7 @@ def test_a_model_that_answered_before_its_activator_adopted_it_is_idle_not_start
                     models={"b": Model("b", tmp_path / "b.gguf")})
     runtime = Runtime(config.runtime_dir)
     runtime.set_admitted("b", 1000)
-    monkeypatch.setattr(gather.units, "active_model_units", lambda: ["b"])
+    monkeypatch.setattr(gather.units, "active_model_units", lambda **_: ["b"])
     (starting,) = gather.residents(config, runtime)
     assert starting.starting and starting.idle is None  # admitted, nothing answered yet
     runtime.set_activity("b", Activity(0, time.time() - 5, os.getpid()))
