@@ -440,3 +440,17 @@ def test_a_query_is_read_as_urlencode_wrote_it(query: dict[str, str]) -> None:
     target = "/health?" + urlencode(query)
     assert query_of(target.encode().decode("latin-1")) == query
     assert query_of("/x?model=a%zz&model=second&b=%41%") == {"model": "a%zz", "b": "A%"}
+
+
+def test_every_status_the_router_sends_has_its_reason_phrase() -> None:
+    """(The panel's load answered "202 Unknown", its /panel redirect "308 Unknown".)"""
+    import http
+
+    from hoshikage_sd.router.proxy import REASONS
+    from hoshikage_sd.router.proxy.messages import response_bytes
+
+    for status in (202, 308):
+        head = response_bytes(Response(status), False).split(b"\r\n")[0]
+        assert head == f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()
+    assert all(http.HTTPStatus(code).phrase == phrase or code == 413
+               for code, phrase in REASONS.items())

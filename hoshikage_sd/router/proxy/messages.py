@@ -22,9 +22,10 @@ MAX_BODY = 256 << 20
 MAX_HEAD = 64 << 10
 #: pipelined requests parsed ahead of the one being answered before reading pauses
 MAX_QUEUED = 16
-REASONS = {100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
-           401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+REASONS = {100: "Continue", 200: "OK", 202: "Accepted", 204: "No Content",
+           308: "Permanent Redirect", 400: "Bad Request", 401: "Unauthorized",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 409: "Conflict",
            413: "Payload Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Entity", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
