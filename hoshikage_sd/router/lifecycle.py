@@ -187,8 +187,9 @@ class Lifecycle:
                 if state == "failed" or (state == "inactive" and not pending):
                     reason = self.runtime.error(model.name)
                     # the activator recorded why; only "no room yet" can change by itself
-                    if reason is None and state == "inactive" and early:
-                        # the head start's unit came and went (its client gone, then an
+                    if reason is None and state == "inactive" and early and \
+                            await asyncio.to_thread(self.came_and_went, model.name):
+                        # the head start's unit served and went (its client gone, then an
                         # idle stop, say): this request's own start
                         early = False
                         await self.queue(model, unit)
@@ -237,6 +238,17 @@ class Lifecycle:
             raise StartFailed(err.message) from None
         for name in evicted:
             self.gone(name)
+
+    def came_and_went(self, name: str) -> bool:
+        """Did the model serve and stop since this router began (its usage record: a load,
+        then its stop)? Not when it was stopped while it loaded: that start's request gets
+        that answer."""
+        from hoshikage_sd.stats import StatsFile
+
+        usage = StatsFile(self.config.state_dir).read().get(name)
+        last = usage.uses[-1] if usage and usage.uses else None
+        return last is not None and last.runtime is not None and \
+            last.at > time.time() - (time.monotonic() - self._created) - 1.0
 
     def early_start(self, name: str) -> bool:
         """Is the model's unit the head start's, on its way? For this router's first start
