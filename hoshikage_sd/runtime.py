@@ -50,9 +50,13 @@ class Running:
     settings: str = ""  # manifest.Model.settings when it started ("": unknown)
 
     @classmethod
-    def now(cls, pid: int, staged: str | Path, settings: str = "") -> Running:
-        """A llama-server serving from now on."""
-        return cls(pid, str(staged), time.time(), boot_clock(), settings)
+    def now(cls, pid: int, staged: str | Path, model: Model | None = None,
+            healthy: float | None = None) -> Running:
+        """A llama-server serving since `healthy` (its /health 200 on the monotonic clock:
+        the launcher's, for a start it adopts), else from now on; `model`'s settings."""
+        ago = time.monotonic() - healthy if healthy is not None else 0.0
+        return cls(pid, str(staged), time.time() - ago, boot_clock() - ago,
+                   model.settings if model is not None else "")
 
 
 @dataclass(frozen=True)

@@ -352,7 +352,7 @@ class Activator:
         load = (healthy_at or time.monotonic()) - load_start
         how = ("copied" if staged.copied else
                "from the source, copying alongside" if self.copy_later else "reused")
-        self.runtime.set_running(name, Running.now(child.pid, staged.path, self.model.settings))
+        self.runtime.set_running(name, Running.now(child.pid, staged.path, self.model, healthy_at))
         # adopted: this start's bookkeeping is ours now, not its release's (LAUNCHED_DIR)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(protocol.launched_path(str(self.config.runtime_dir), name))

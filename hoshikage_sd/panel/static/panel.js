@@ -19,6 +19,7 @@ const view = {
   copying: {},           // model -> [time, bytes] of the last poll, for a staging rate
   rates: {},
   busy: new Set(),       // models with an action under way from this page
+  settling: new Map(),   // model -> when its action ended: its buttons wait for a newer state
   loading: null,         // the model a Load from this page left loading: its end is told
 };
 
@@ -100,6 +101,8 @@ async function poll() {
     const r = await fetch("api/state", { headers: headers(), cache: "no-store" });
     if (r.ok) {
       const data = await r.json();
+      // an action that ended before this state was asked for shows in it
+      for (const [model, ended] of view.settling) if (ended <= began) view.settling.delete(model);
       wait = data.panel.poll_ms || wait;
       notice("");
       render(data);
@@ -281,7 +284,7 @@ function renderModels(data) {
       m.pinned ? el("span", { class: "chip pin", text: "pinned" }) : null);
     const measured = m.memory_bytes !== null ? size(m.memory_bytes) + " measured" : "";
     const upNow = ["staging", "loading", "serving"].includes(m.phase);
-    const acting = view.busy.has(m.name);
+    const acting = view.busy.has(m.name) || view.settling.has(m.name);
     const canAct = view.data.panel.may_act;
     const button = (text, cls, onclick, disabled, label) => el("button", {
       type: "button", class: cls, onclick, disabled: disabled || acting || !canAct,
@@ -324,7 +327,7 @@ function renderChoices(data) {
 // --- actions --------------------------------------------------------------------------
 async function act(kind, model, extra) {
   // a double click's second click comes before the rows are drawn again with the buttons off
-  if (view.busy.has(model)) return;
+  if (view.busy.has(model) || view.settling.has(model)) return;
   const status = $("action-status");
   view.busy.add(model);
   status.textContent = kind + " " + model + "…";
@@ -347,6 +350,9 @@ async function act(kind, model, extra) {
     status.textContent = kind + " " + model + ": " + e;
   } finally {
     view.busy.delete(model);
+    // until a state asked for after this shows it: a double click's second click, or one
+    // on a row drawn before the action, must not act again
+    view.settling.set(model, performance.now());
   }
 }
 
