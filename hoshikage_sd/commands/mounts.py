@@ -61,4 +61,4 @@ def idle_watch_problems(ramdisk: Path) -> list[str]:
         return []
     return [f"ramdisk {ramdisk}: {IDLE_UNIT} may not write to it (no ReadWritePaths= covers "
             "it), so kept copies never expire; `systemctl edit hoshikage-idle.service` and "
-            f"add [Service] ReadWritePaths={ramdisk}"]
+            f"add [Service] ReadWritePaths=-{ramdisk}"]

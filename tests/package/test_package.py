@@ -96,8 +96,18 @@ def test_install_serve_remove_purge(boot: Boot, deb: Path, tiny_models: Path,
     (dropin / "ramdisk.conf").write_text("[Unit]\nRequiresMountsFor=/dev/shm/hoshikage\n")
     c.systemctl("daemon-reload")
     checked = c.exec("hoshikage", "check", check=False)
+    # ... and the idle watch, which deletes kept copies there, may not write to it yet
+    assert "ramdisk /dev/shm/hoshikage: hoshikage-model" not in checked.stdout, checked
+    assert "ramdisk /dev/shm/hoshikage: hoshikage-idle.service may not write to it" \
+        in checked.stdout, checked
+    idle = c.root / "etc/systemd/system/hoshikage-idle.service.d"
+    idle.mkdir()
+    (idle / "ramdisk.conf").write_text("[Service]\nReadWritePaths=-/dev/shm/hoshikage\n")
+    c.systemctl("daemon-reload")
+    checked = c.exec("hoshikage", "check", check=False)
     assert "ramdisk /dev/shm" not in checked.stdout, checked
     shutil.rmtree(dropin)
+    shutil.rmtree(idle)
     c.systemctl("daemon-reload")
     manifest.write_text(MANIFEST)
     # systemd-analyze security on the installed units, rated by the container's systemd.

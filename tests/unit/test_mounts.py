@@ -66,7 +66,7 @@ def test_problems_as_systemd_shows_the_unit(monkeypatch: pytest.MonkeyPatch) -> 
     assert warning == ("ramdisk /dev/shm/hk: hoshikage-idle.service may not write to it (no "
                        "ReadWritePaths= covers it), so kept copies never expire; `systemctl "
                        "edit hoshikage-idle.service` and add [Service] "
-                       "ReadWritePaths=/dev/shm/hk")
+                       "ReadWritePaths=-/dev/shm/hk")
     writable["ReadWritePaths"] = "-/mnt/hoshikage /dev/shm"
     assert mounts.problems(config) == []
     shown.update(LoadState="not-found", RequiresMountsFor="")  # not installed: no opinion
