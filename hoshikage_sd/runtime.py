@@ -318,6 +318,9 @@ class Runtime:
     def set_estimate(self, name: str, key: list[Any], value: int) -> None:
         self._write("estimate", name, {"key": key, "bytes": value})
 
+    def devices_path(self, name: str) -> Path:
+        return self._file("devices", name)
+
     def devices(self, name: str) -> tuple[list[Any], dict[str, int], dict[str, int]] | None:
         """The model's remembered use of GPU devices (admit/needs.device_use): (what it
         was computed from, bytes by device, each device's total)."""

@@ -7,6 +7,7 @@ header slow to read, and this sits on every cold start)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
@@ -97,8 +98,33 @@ def remembered_use(model: Model, runtime: Runtime) -> DeviceUse | None:
         return {}, {}
     known = runtime.devices(model.name)
     if known and known[0][:1] == [key]:
-        return known[1], known[2]
+        # one from before an edit of the unit's environment: its unit lists them again
+        return None if unit_env_changed(runtime, model.name) else (known[1], known[2])
     return ({}, {}) if deviceless(model) else None
+
+
+#: where an admin changes the model unit's environment (README "GPUs"): a device it selects
+#: (GGML_VK_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES) is not in the record's key as the router
+#: reads it, which is the manifest's (the unit's keys it: listed_use)
+UNIT_ENV_SOURCES = ("/etc/default/hoshikage", "/etc/systemd/system/hoshikage-model@.service.d",
+                    "/run/systemd/system/hoshikage-model@.service.d")
+
+
+def unit_env_changed(runtime: Runtime, name: str) -> bool:
+    """Has the unit's environment been edited since the model's device record was written?
+    Then its unit lists the devices again and judges (it counted no GPU for a model started
+    on one after GGML_VK_VISIBLE_DEVICES was set: a few stat calls, no D-Bus)."""
+    try:
+        written = runtime.devices_path(name).stat().st_mtime
+    except OSError:
+        return True
+    for source in UNIT_ENV_SOURCES:
+        try:
+            if os.stat(source).st_mtime >= written:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def listed_use(config: Config, model: Model, runtime: Runtime, up: Collection[str]
@@ -117,6 +143,11 @@ def listed_use(config: Config, model: Model, runtime: Runtime, up: Collection[st
     full_key = [key, devices.cache_key(config.llama_server, env)]
     known = runtime.devices(model.name)
     if known and known[0] == full_key and not model.rpc:
+        if unit_env_changed(runtime, model.name):
+            # an edit that left its variables as they were: written again, so that the
+            # router takes the record as current (remembered_use)
+            runtime.set_devices(model.name, full_key, known[1], known[2],
+                                runtime.fully_offloaded(model.name))
         return known[1], known[2]
     try:
         listed = devices.list_devices(config.llama_server, env, cache_dir=config.runtime_dir)

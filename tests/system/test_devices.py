@@ -129,3 +129,23 @@ def test_a_model_that_does_not_fit_the_gpu_evicts_the_idle_one_there(hk: Deploym
     assert "on Vulkan0, which has 2.0 GiB in all" in reason, reason
     assert hk.state("hoshikage-model@b.service") == "active"  # nothing evicted for it
     assert not hk.events("released", "b")
+
+
+def test_a_device_selected_after_a_first_start_is_counted_at_the_next(hk: Deployment) -> None:
+    """The model ran once without the unit selecting lavapipe (no device: nothing on one);
+    then the admin sets GGML_VK_VISIBLE_DEVICES in /etc/default/hoshikage (README "GPUs"):
+    its next start runs on the device and admission counts it there (it counted nothing,
+    from the first start's record)."""
+    hk.container.exec("rm", "-f", DROP_IN)
+    hk.container.systemctl("daemon-reload")
+    status, body = tokenize(hk, "a")
+    assert status == 200, body
+    record = json.loads(hk.container.exec("cat", "/run/hoshikage/devices/a.json").stdout)
+    assert record["use"] == {}  # no device seen
+    hk.container.systemctl("stop", "hoshikage-model@a.service")
+    hk.container.exec("sh", "-c", "mkdir -p /etc/default && printf 'GGML_VK_VISIBLE_DEVICES=0\\n"
+                      "MESA_SHADER_CACHE_DIR=/var/tmp/mesa\\n' > /etc/default/hoshikage")
+    status, body = tokenize(hk, "a")
+    assert status == 200, body
+    assert 0.8 * GiB < on_device(hk, "a")["Vulkan0"] < 1.2 * GiB
+    assert "Vulkan0 free" in hk.events("admission", "a")[-1]["MESSAGE"]
