@@ -174,10 +174,13 @@ def forbidden(model: str) -> api.ApiError:
                         code="model_not_allowed", param="model", retry=False)
 
 
-def unusable(reason: str) -> api.ApiError:
+def unusable(reason: str, spec: str | None = None) -> api.ApiError:
+    """The 503 while the keys cannot be used. A credential is the router's copy, made at its
+    start (LoadCredential=): a fixed file reaches it with a restart, not a reload."""
+    again = "`systemctl restart hoshikage.service`: systemd gives it the credential at its " \
+        "start" if (spec or "").startswith("credential:") else "`hoshikage reload`"
     return api.ApiError(503, f"hoshikage cannot check API keys: {reason}; fix it (the router "
-                        "reads it again on `hoshikage reload`)", code="api_keys_unusable",
-                        retry=False)
+                        f"reads it again on {again})", code="api_keys_unusable", retry=False)
 
 
 class Gate:
@@ -214,7 +217,7 @@ class Gate:
         if self.spec is None:
             return None
         if self.problem is not None:
-            return unusable(self.problem)
+            return unusable(self.problem, self.spec)
         candidates = presented(header)
         key = match(self.keys, candidates)
         return key if key is not None else unauthorized(bool(candidates))

@@ -167,7 +167,7 @@ class Router:
             return await panel.handle(self, request)
         if route in KEYLESS:
             # a health check says the router cannot serve (keys file unusable)
-            denied = self.fail(request, auth.unusable(self.gate.problem)) \
+            denied = self.fail(request, auth.unusable(self.gate.problem, self.gate.spec)) \
                 if route == Route.HEALTH and self.gate.problem else None
         else:
             denied = self.admit(request)

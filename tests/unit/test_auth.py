@@ -187,6 +187,7 @@ def test_an_unusable_keys_file_closes_everything_until_fixed_and_reloaded(
             status, headers, body = await call(router, req)
             assert status == 503 and body["error"]["code"] == "api_keys_unusable", body
             assert f"{path}:1" in body["error"]["message"] and "oops" not in json.dumps(body)
+            assert "reads it again on `hoshikage reload`" in body["error"]["message"]
             assert headers["x-should-retry"] == "false"
         path.unlink()
         router.reload_now()
@@ -241,3 +242,13 @@ def test_the_listings_show_only_the_models_a_key_may_use(tmp_path: Path) -> None
         assert seen["gamma-secret-333"] == (["other"], ["other"], ["other"])
 
     asyncio.run(scenario())
+
+
+def test_an_unusable_credential_says_a_restart_applies_the_fix() -> None:
+    """A credential is the router's copy from its start: a reload reads the same copy."""
+    from hoshikage_sd.router import auth
+
+    said = auth.unusable("short key", "credential:api-keys").message
+    assert "reads it again on `systemctl restart hoshikage.service`" in said
+    assert "hoshikage reload" not in said
+    assert "`hoshikage reload`" in auth.unusable("short key", "/etc/hoshikage/keys").message
