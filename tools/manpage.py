@@ -159,7 +159,9 @@ def page(parser: argparse.ArgumentParser, version: str, date: str) -> str:
         for sub, sub_help, sub_parser in helpers:
             lines += command(f"{name} {sub}", sub_help, sub_parser, common)
     lines += [".SH EXIT STATUS", "0 when the command did what it was asked; otherwise "
-              "non-zero, with the reason on standard error."]
+              "non-zero, with the reason on standard error: 1 a failure (check: any problem), "
+              "2 a manifest that does not parse, 3 a load refused as too soon "
+              "(min_reload_seconds)."]
     lines += [".SH FILES"]
     for path, what in FILES:
         lines += [".TP", f"\\fI{escape(path)}\\fR", escape(what)]

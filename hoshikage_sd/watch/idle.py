@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from hoshikage_sd import fmt, log, metrics
+from hoshikage_sd import fmt, lastgood, log, metrics
 from hoshikage_sd.manifest import Config
 from hoshikage_sd.runtime import Runtime
 from hoshikage_sd.sd import units
@@ -33,13 +33,18 @@ def should_stop(idle: float | None, ttl: float) -> bool:
 LOOKAHEAD = 55.0
 #: never sweep more often than this while waiting
 MIN_WAIT = 0.5
+#: nor less often: a model taken out of the manifest meanwhile goes within this
+RECHECK = 5.0
 
 
 def main(config: Config) -> int:
     runtime = Runtime(config.runtime_dir)
     until = time.monotonic() + LOOKAHEAD
     while (wait := sweep(config, runtime)) is not None and time.monotonic() + wait < until:
-        time.sleep(max(wait, MIN_WAIT))
+        time.sleep(min(max(wait, MIN_WAIT), RECHECK))
+        # the manifest as the router kept it since, if it is current: a model taken out of
+        # it (or a TTL shortened) meanwhile counts at this sweep, not the next run's
+        config = lastgood.load(config.source) or config
     watch_pressure(config, runtime)
     return 0
 

@@ -357,3 +357,30 @@ def test_a_model_whose_records_were_deleted_still_stops_at_its_ttl(
     hk.wait_for("the idle stop", lambda: hk.state(UNIT) == "inactive", timeout=30)
     (stopped,) = hk.events("idle-stop", "tiny")
     assert float(stopped["HOSHIKAGE_IDLE_SECONDS"]) >= 3.0
+
+
+def test_a_model_taken_out_of_the_manifest_goes_within_seconds(
+        container_factory: ContainerFactory, tiny_models: Path, tiny_gguf: Path,
+        llama_server_bin: Path) -> None:
+    """The idle watch waiting for tiny (due in 20 s) reads the manifest again as it waits:
+    tiny, taken out meanwhile, goes as no longer in it (it went at its old TTL, as idle)."""
+    import shutil
+
+    shutil.copyfile(tiny_gguf, tiny_models / "other.gguf")
+    hk = deploy(container_factory, tiny_models,
+                manifest(llama_server_bin, {"tiny": "ttl: 20s", "other": "ttl: 1h"},
+                         router_idle_exit="1h"))
+    status, body = hk.chat("tiny")
+    assert status == 200, body
+    hk.wait_for("the idle watch to wait for tiny",
+                lambda: hk.state("hoshikage-idle.service") == "activating", timeout=20)
+    time.sleep(3)  # its manifest read, its first sweep made: it sleeps until tiny is due
+    assert hk.state("hoshikage-idle.service") == "activating"
+    path = hk.container.root / "etc/hoshikage/models.yaml"
+    path.write_text(manifest(llama_server_bin, {"other": "ttl: 1h"}, router_idle_exit="1h"))
+    hk.hoshikage("reload")
+    began = time.monotonic()
+    hk.wait_for("tiny's stop", lambda: hk.events("idle-stop", "tiny") != [], timeout=30)
+    (stopped,) = hk.events("idle-stop", "tiny")
+    assert "no longer in the manifest" in stopped["MESSAGE"], stopped["MESSAGE"]
+    assert time.monotonic() - began < 15
