@@ -343,6 +343,19 @@ class Lifecycle:
                 return
             await asyncio.sleep(0.02)
 
+    def unload_once_answered(self, model: Model, reason: str) -> None:
+        """Unload the model once no request is in flight to it, in the background (Ollama's
+        keep_alive 0 beside another client's request: that one is answered whole first, as
+        Ollama lets it; it was cut mid-reply)."""
+        async def drained() -> None:
+            while self.in_flight.get(model.name, 0) > 0:
+                await self.answered.setdefault(model.name, asyncio.Event()).wait()
+            await self.unload(model, reason)
+
+        task = asyncio.get_running_loop().create_task(drained())
+        self.refreshing.add(task)
+        task.add_done_callback(self.refreshing.discard)
+
     # -- requests in flight ---------------------------------------------------------------
     def effective_ttl(self, model: Model) -> float:
         """The model's TTL for this load: a request's keep_alive, else the manifest's."""

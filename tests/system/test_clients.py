@@ -233,3 +233,30 @@ def test_metrics_count_requests_and_a_scrape_keeps_nothing_alive(
     assert hk.events("idle-stop", "tiny")
     # the router's counts outlive it
     assert scrape(hk)[("hoshikage_requests_total", chat)] == 1
+
+
+def test_ollama_keep_alive_zero_lets_another_clients_stream_finish(hk: Deployment) -> None:
+    """One client streams; another asks for keep_alive 0 meanwhile: the stream ends whole
+    (it was cut mid-reply), and the model goes once it has (as Ollama does)."""
+    import threading
+
+    client = olla(hk)
+    parts: list[object] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        for part in client.generate(model="tiny", prompt="once upon a time", stream=True,
+                                    options={"num_predict": 400}):
+            parts.append(part)
+            first.set()
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    assert first.wait(60)
+    unloaded = olla(hk).generate(model="tiny", prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    streaming.join(120)
+    assert parts and parts[-1].done and parts[-1].done_reason == "length", parts[-1]
+    hk.wait_for("the unit to stop", lambda: hk.state(UNIT) == "inactive")
+    (released,) = hk.events("released", "tiny")
+    assert released["HOSHIKAGE_REASON"] == "keep_alive 0"

@@ -98,7 +98,9 @@ async def infer(router: Router, request: Request, rid: str) -> Response | Forwar
             return denied
     if isinstance(action, ollama.LoadOnly):
         if keep.mode == "unload":
-            if found.name in await router.answers.loaded():
+            if router.lifecycle.in_flight.get(found.name, 0):  # others' requests first
+                router.lifecycle.unload_once_answered(found, "keep_alive 0")
+            elif found.name in await router.answers.loaded():
                 await router.unload(found, "keep_alive 0")
             router.runtime.clear("ttl", found.name)
             router.lifecycle.ttl_override.pop(found.name, None)
