@@ -76,6 +76,11 @@ def install_files(root: Path, manifest: str, port: int, timer_every: str | None)
             # An empty assignment resets every trigger of the timer, so only one, first.
             f"[Timer]\nOnActiveSec=\nOnActiveSec={timer_every}\n"
             f"OnUnitActiveSec={timer_every}\nAccuracySec=100ms\n")
+        # a run a second is past systemd's default start limit (5 in 10 s): the watch's
+        # unit would be refused ("start-limit-hit") and a TTL's stop come late
+        service = unit_dir / "hoshikage-idle.service.d"
+        service.mkdir(exist_ok=True)
+        (service / "fast.conf").write_text("[Unit]\nStartLimitIntervalSec=0\n")
     (root / "etc/tmpfiles.d").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / "tmpfiles.d/hoshikage.conf", root / "etc/tmpfiles.d/hoshikage.conf")
     # The service user and what it may do, as the package installs them (its /usr paths are
