@@ -329,7 +329,7 @@ class Router:
         return None
 
     async def exchange(self, request: Request, model: Model, call: Call,
-                       retried: bool = False, emit: Callable[[bytes], None] | None = None
+                       tries: int = 0, emit: Callable[[bytes], None] | None = None
                        ) -> Response | Forward:
         """Make sure the model serves, then forward (a Forward whose `done` ends the call)."""
         failed = await self.started(request, model, emit)
@@ -339,13 +339,13 @@ class Router:
         pool = self.lifecycle.pool(model)
 
         async def unreachable(exc: OSError) -> Response | Forward:
-            # The unit was stopped (idle watch, eviction) or is restarting: start it once more.
+            # The unit was stopped (idle, evicted, unloaded) or restarts: again, twice at most
             self.gone(model.name)
-            if retried:
+            if tries >= 2:
                 result: Response | Forward = self.fail(
                     request, api.not_answering(model.name, str(exc)))
             else:
-                result = await self.exchange(request, model, call, retried=True, emit=emit)
+                result = await self.exchange(request, model, call, tries + 1, emit)
             if isinstance(result, Response):  # sent by the proxy, uncounted so far
                 seconds = (time.monotonic_ns() - call.began_ns) / 1e9
                 self.metrics.request(model.name, metrics.route_label(request.path),

@@ -369,3 +369,33 @@ def test_a_scrape_is_not_activity_and_counts_are_in_it(config: Config) -> None:
         assert router.starting == {}
 
     run(scenario)
+
+
+def test_a_request_caught_by_stops_in_a_row_is_tried_three_times(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each time its upstream is found gone (the unit stopped: idle, evicted, unloaded), the
+    request starts the model again, twice at most, then gets the 502 (one stop after the
+    first retry gave a 502: unloads in a row)."""
+    from hoshikage_sd.router.call import Call
+    from hoshikage_sd.router.proxy import Forward
+
+    async def scenario() -> None:
+        router = server.Router(config)
+        starts: list[str] = []
+
+        async def started(request: Request, model: Model, emit: object = None) -> None:
+            starts.append(model.name)
+
+        monkeypatch.setattr(router, "started", started)
+        tiny = config.models["tiny"]
+        req = request("POST", "/v1/chat/completions", {"model": "tiny"})
+        result = await router.exchange(req, tiny, Call(router, req, tiny))
+        hops = 0
+        while isinstance(result, Forward):
+            assert result.unreachable is not None
+            result = await result.unreachable(ConnectionResetError("gone"))
+            hops += 1
+        assert (hops, len(starts), result.status) == (3, 3, 502), (hops, starts, result)
+        router.close()
+
+    run(scenario)
