@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -41,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
             die("setup needs --listen ADDR:PORT", hint="the worker's private address")
         listen = setup.listen_address(args.listen)
         allow = setup.allowed(args.allow)
-        if not os.access(args.server, os.X_OK):
-            print(f"hoshikage: warning: {args.server} is not an executable file here: the "
-                  "worker's unit will fail until it is (--server PATH)", file=sys.stderr)
+        problem = setup.server_problem(args.server)
+        if problem:
+            print(f"hoshikage: warning: {problem}", file=sys.stderr)
         setup.write(setup.UNIT_DIR / setup.SOCKET_DROPIN, setup.socket_dropin(listen, allow))
         setup.write(setup.WORKER_CONF, setup.worker_conf(args.server, args.server_args,
                                                          args.idle))

@@ -13,6 +13,7 @@ exactly the manifest's workers' addresses (names resolved now), nothing else.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -61,6 +62,20 @@ def socket_dropin(listen: str, allow: Sequence[str]) -> str:
             "[Socket]\nListenStream=\n"
             f"ListenStream={listen}\n"
             + "".join(f"IPAddressAllow={a}\n" for a in allow))
+
+
+def server_problem(server: str) -> str | None:
+    """Why the worker's unit would not run `server`, or None: not an executable file, or in
+    a /tmp the unit does not see (DynamicUser= gives it a /tmp and /var/tmp of its own)."""
+    real = os.path.realpath(server)
+    for hidden in ("/tmp", "/var/tmp"):
+        if real == hidden or real.startswith(hidden + "/"):
+            return (f"{server} is in {hidden}, which hoshikage-rpc-server.service does not "
+                    "see (it has its own): put the server elsewhere (e.g. /usr/local/bin)")
+    if not os.access(server, os.X_OK):
+        return (f"{server} is not an executable file here: the worker's unit will fail until "
+                "it is (--server PATH)")
+    return None
 
 
 def worker_conf(server: str, args: str, idle: str) -> str:

@@ -344,3 +344,15 @@ def test_check_names_a_worker_that_does_not_answer(tmp_path: Path,
     (tmp_path / setup.HEAD_DROPIN).write_text(setup.head_dropin({"box2": ["127.0.0.1"]}))
     (problem,) = check.problems(check_config(tmp_path, port))
     assert problem.startswith(f"worker 'box2' (127.0.0.1:{port}) is unavailable: refused")
+
+
+def test_setup_warns_of_a_server_its_unit_cannot_see() -> None:
+    """DynamicUser= gives hoshikage-rpc-server.service a /tmp and /var/tmp of its own: a
+    server there was accepted, and the unit could not find it."""
+    from hoshikage_sd.rpc import setup
+
+    assert setup.server_problem("/bin/true") is None
+    hidden = setup.server_problem("/var/tmp/llama/ggml-rpc-server")
+    assert hidden is not None and "is in /var/tmp, which hoshikage-rpc-server.service does " \
+        "not see" in hidden
+    assert "is not an executable file here" in str(setup.server_problem("/nonexistent/x"))
