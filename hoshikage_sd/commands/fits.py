@@ -4,6 +4,8 @@ machine's RAM, is refused on every request ("cannot fit")."""
 
 from __future__ import annotations
 
+import math
+
 from hoshikage_sd import fmt
 from hoshikage_sd.manifest import Config
 
@@ -15,7 +17,7 @@ def problems(config: Config) -> list[str]:
     total = memory()[1]
     found = []
     for model in config.models.values():
-        need = int(needs.estimate(model) * config.safety_margin)
+        need = math.ceil(needs.estimate(model) * config.safety_margin)  # as admission
         if not need:
             continue  # no file to estimate from: said elsewhere
         said = f"model {model.name} needs {fmt.size(need)} (its estimate × safety_margin " \

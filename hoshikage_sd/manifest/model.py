@@ -110,8 +110,9 @@ class Model:
         runs older settings (status says so)."""
         import hashlib
 
+        env = (f"{k}={v}" for k, v in sorted(self.environment.items()))  # as it takes effect
         key = (str(self.path), *map(str, self.shards), str(self.mmproj), self.backend,
-               *self.command, self.health, *self.env, *self.args, self.stage, *self.rpc)
+               *self.command, self.health, *env, *self.args, self.stage, *self.rpc)
         return hashlib.sha256("\0".join(key).encode(errors="surrogateescape")).hexdigest()[:16]
 
     def staged(self, fully_offloaded: bool) -> bool:

@@ -260,3 +260,30 @@ def test_ollama_keep_alive_zero_lets_another_clients_stream_finish(hk: Deploymen
     hk.wait_for("the unit to stop", lambda: hk.state(UNIT) == "inactive")
     (released,) = hk.events("released", "tiny")
     assert released["HOSHIKAGE_REASON"] == "keep_alive 0"
+
+
+def test_ollama_keep_alive_zero_on_a_real_request_beside_another(hk: Deployment) -> None:
+    """keep_alive 0 on a request answered while another client's still streams: the model
+    goes once that one is answered (it was never unloaded)."""
+    import threading
+
+    client = olla(hk)
+    first = threading.Event()
+    ended: list[bool] = []
+
+    def stream() -> None:
+        for part in client.generate(model="tiny", prompt="once upon a time", stream=True,
+                                    options={"num_predict": 400}):
+            first.set()
+            if part.done:
+                ended.append(True)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    assert first.wait(60)
+    answer = olla(hk).generate(model="tiny", prompt="hi", keep_alive=0,
+                               options={"num_predict": 1})
+    assert answer.done
+    streaming.join(120)
+    assert ended == [True]
+    hk.wait_for("the unit to stop", lambda: hk.state(UNIT) == "inactive", timeout=15)

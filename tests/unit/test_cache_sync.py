@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -86,3 +87,9 @@ def test_check_names_a_model_that_can_never_fit(tmp_path: Path) -> None:
     (problem,) = fits.problems(small)
     assert problem.startswith("model a needs ") and problem.endswith(
         "more than memory_budget 4.0 KiB: it can never load"), problem
+    # a byte below estimate × margin, rounded up as admission rounds it: refused there too
+    from hoshikage_sd.admit.needs import estimate
+
+    need = math.ceil(estimate(config.models["a"]) * config.safety_margin)
+    assert fits.problems(dataclasses.replace(config, memory_budget=need - 1))
+    assert fits.problems(dataclasses.replace(config, memory_budget=need)) == []

@@ -590,3 +590,23 @@ def test_list_says_each_state_in_status_s_words(tmp_path: Path, monkeypatch: pyt
     assert state() == "kept"
     up.append("m")
     assert state() == "loaded"
+
+
+def test_a_model_s_settings_digest_follows_what_llama_server_gets() -> None:
+    """The same environment in another order is the same settings (it read as changed);
+    a changed value, argument or file is not."""
+    from pathlib import Path as P
+
+    from hoshikage_sd.manifest import Model
+
+    base = Model("m", P("/m.gguf"), env=("A=1", "B=2"), args=("-c", "256"))
+    assert Model("m", P("/m.gguf"), env=("B=2", "A=1"), args=("-c", "256")).settings == \
+        base.settings
+    assert Model("m", P("/m.gguf"), env=("A=1", "B=3"), args=("-c", "256")).settings != \
+        base.settings
+    assert Model("m", P("/m.gguf"), env=("A=1", "B=2"), args=("-c", "512")).settings != \
+        base.settings
+    assert Model("m", P("/n.gguf"), env=("A=1", "B=2"), args=("-c", "256")).settings != \
+        base.settings
+    assert Model("m", P("/m.gguf"), env=("A=1", "B=2"), args=("-c", "256"),
+                 ttl=5).settings == base.settings  # a TTL is not what it started with

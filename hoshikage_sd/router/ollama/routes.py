@@ -202,11 +202,9 @@ class OllamaCall(Call):
 
     def done(self, outcome: Outcome) -> None:
         super().done(outcome)
-        name = self.model.name
-        if (self.action.keep_alive.mode == "unload" and outcome.status
-                and not self.router.in_flight.get(name)):
-            asyncio.get_running_loop().create_task(
-                self.router.unload(self.model, "keep_alive 0"))
+        if self.action.keep_alive.mode == "unload" and outcome.status:
+            # once the other requests in flight to it are answered (none: at once)
+            self.router.lifecycle.unload_once_answered(self.model, "keep_alive 0")
 
 
 class Stream:
