@@ -49,5 +49,27 @@ def allowed(host: str | None, local: str, names: Sequence[str] = ()) -> bool:
     name = name_of(host)
     if not name or name == "localhost" or name.endswith(".localhost") or ip_literal(name):
         return True
-    machine = _socket.gethostname().lower()
-    return name in (machine, f"{machine}.local") or name in (n.lower() for n in names)
+    return name in machine_names() or name in (name_of(n) for n in names)
+
+
+_machine: frozenset[str] | None = None
+
+
+def machine_names() -> frozenset[str]:
+    """This machine's names: its hostname, NAME.local, and every name /etc/hosts gives a
+    loopback address (Debian's installer writes `127.0.1.1 box.example.com box`): read
+    once a process."""
+    global _machine
+    if _machine is None:
+        machine = _socket.gethostname().lower()
+        found = {machine, f"{machine}.local"}
+        try:
+            with open("/etc/hosts", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.partition("#")[0].split()
+                    if len(fields) > 1 and loopback(fields[0]):
+                        found.update(n.rstrip(".").lower() for n in fields[1:])
+        except OSError:
+            pass
+        _machine = frozenset(found)
+    return _machine

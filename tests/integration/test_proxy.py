@@ -564,7 +564,40 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_minimum_rate() -> None:
                 writer.write(b"x")
             answer = await asyncio.wait_for(reader.read(), 5)
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            assert b"came slower than 500 bytes a second" in answer, answer  # it came
             assert time.monotonic() - began < 3
+            writer.close()
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_body_sent_after_a_late_100_continue_has_its_own_clock() -> None:
+    """The answer before it took longer than the header timeout (1 s here): its body, sent
+    once the 100 came, is timed from the 100, not from its head (a 408 at once)."""
+    async def handler(request: Request) -> Response | Forward:
+        if request.path == "/slow":
+            await asyncio.sleep(1.5)
+        return Response.json(200, {"body": request.body.decode()})
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        server = await Proxy(handler, fastproxy.Limits(header_timeout=1.0)).listen(listener)
+        try:
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                         b"POST /next HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 200000\r\n\r\n")
+            data = b""
+            while b"100 Continue" not in data:
+                data += await asyncio.wait_for(reader.read(65536), 5)
+            writer.write(b"x" * 100)  # in two parts, as a large body comes
+            await asyncio.sleep(0.2)
+            writer.write(b"x" * 199_900)
+            second = await read_response(reader)
+            assert second.status == 200, second.body[:200]
+            assert second.json() == {"body": "x" * 200_000}
             writer.close()
         finally:
             server.close()

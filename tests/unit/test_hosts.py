@@ -66,3 +66,29 @@ def test_no_head_start_for_a_rebinding_name() -> None:
     assert headstart.parse(chat % b"localhost:8080", "127.0.0.1") is not None
     assert headstart.parse(chat % b"evil.example:8080", "127.0.0.1") is None
     assert headstart.parse(chat % b"evil.example:8080", "10.0.0.2") is not None
+
+
+def test_allowed_hosts_are_read_as_the_request_s_name_is(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """An entry with a trailing dot, a port or capitals matches (it never did)."""
+    for entry in ("Upper.Example.", "upper.example:443", "UPPER.EXAMPLE"):
+        assert hosts.allowed("upper.example", "127.0.0.1", [entry]), entry
+        assert hosts.allowed("Upper.Example.:8080", "127.0.0.1", [entry]), entry
+
+
+def test_the_names_etc_hosts_gives_a_loopback_address_are_this_machine_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's installer writes `127.0.1.1 box.example.com box`: the FQDN was refused."""
+    import builtins
+    import io
+
+    text = "127.0.0.1 localhost\n127.0.1.1 box.example.com box # the installer's\n" \
+           "10.0.0.5 evil.example\n::1 ip6-localhost\n"
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: io.StringIO(text)
+                        if path == "/etc/hosts" else real_open(path, *a, **k))
+    monkeypatch.setattr(hosts, "_machine", None)
+    assert hosts.allowed("box.example.com:8080", "127.0.1.1")
+    assert hosts.allowed("BOX", "127.0.0.1")
+    assert not hosts.allowed("evil.example", "127.0.0.1")  # not a loopback line
+    monkeypatch.setattr(hosts, "_machine", None)

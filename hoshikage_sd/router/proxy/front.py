@@ -139,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         to the requests before it go out first, whole (RFC 9112 §9.3.2)."""
         if self.parser.expects_continue and self.task is None and not self.queue:
             self.parser.expects_continue = False
+            self.body_began = None  # its body's clock starts now, not at its head
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def eof_received(self) -> bool:
@@ -227,9 +228,11 @@ class ClientConnection(asyncio.Protocol):
         if what != "idle" and (self.parser.buf or not self.parser.idle):
             logger.debug("closing a client connection: its request %s stalled",
                          "head" if what == "head" else "body")
-            self.finish(response_bytes(self.proxy.error(
-                None, 408, f"the request {what} did not come within "
-                f"{self.proxy.limits.header_timeout:g} s", "timeout"), False))
+            grace = f"{self.proxy.limits.header_timeout:g} s"
+            said = f"the request body came slower than {MIN_BODY_RATE} bytes a second after " \
+                f"{grace}" if what == "body" and self.body_bytes else \
+                f"the request {what} did not come within {grace}"
+            self.finish(response_bytes(self.proxy.error(None, 408, said, "timeout"), False))
             return
         self.close()
 
